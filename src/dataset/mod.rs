@@ -1,0 +1,221 @@
+//! Image datasets in memory (`Dataset`), their on-disk formats and their manifests.
+//!
+//! Pixels are kept as `u8` in height × width × channel order per image, images one after the
+//! other, which is the layout that BackdoorBox's triggers operate on (PIL/numpy HWC). Formats whose
+//! files are planar (CIFAR) are converted when read and written.
+
+pub mod cifar;
+mod error;
+pub mod folder;
+mod hash;
+pub mod idx;
+mod layout;
+mod manifest;
+
+pub use error::{DatasetError, ParseError};
+pub use hash::{dataset_sha256, image_sha256s};
+pub use layout::{Format, Layout, Loaded, Split, read, write_release};
+pub use manifest::{MANIFEST, ManifestEntry, RELEASE_JSON, ReleaseFile, ReleaseInfo, read_manifest, write_release_info};
+
+use serde::{Deserialize, Serialize};
+
+/// Height, width and channel count shared by every image of a dataset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ImageShape {
+    /// Rows.
+    pub height: usize,
+    /// Columns.
+    pub width: usize,
+    /// 1 (grey) or 3 (RGB).
+    pub channels: usize,
+}
+
+impl ImageShape {
+    /// Bytes of one image.
+    pub fn len(&self) -> usize {
+        self.height * self.width * self.channels
+    }
+
+    /// True when the shape holds no pixel at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl std::fmt::Display for ImageShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}×{}×{}", self.height, self.width, self.channels)
+    }
+}
+
+/// A labelled image dataset held in memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dataset {
+    shape: ImageShape,
+    pixels: Vec<u8>,
+    labels: Vec<u32>,
+    num_classes: usize,
+    class_names: Option<Vec<String>>,
+    coarse_labels: Option<Vec<u32>>,
+}
+
+impl Dataset {
+    /// Builds a dataset, checking that pixels, labels and classes agree.
+    pub fn new(
+        shape: ImageShape,
+        pixels: Vec<u8>,
+        labels: Vec<u32>,
+        num_classes: usize,
+    ) -> Result<Self, DatasetError> {
+        if shape.is_empty() {
+            return Err(DatasetError::Invalid(format!("image shape {shape} has no pixels")));
+        }
+        if shape.channels != 1 && shape.channels != 3 {
+            return Err(DatasetError::Invalid(format!(
+                "images have {} channels; only 1 (grey) and 3 (RGB) are supported",
+                shape.channels
+            )));
+        }
+        if pixels.len() != labels.len() * shape.len() {
+            return Err(DatasetError::Invalid(format!(
+                "{} labels need {} pixel bytes of shape {shape}, found {}",
+                labels.len(),
+                labels.len() * shape.len(),
+                pixels.len()
+            )));
+        }
+        if let Some((i, l)) = labels.iter().enumerate().find(|(_, l)| **l as usize >= num_classes) {
+            return Err(DatasetError::Invalid(format!(
+                "label {l} of sample {i} is not below the class count {num_classes}"
+            )));
+        }
+        Ok(Self { shape, pixels, labels, num_classes, class_names: None, coarse_labels: None })
+    }
+
+    /// Attaches class names (one per class, in label order).
+    pub fn with_class_names(mut self, names: Vec<String>) -> Result<Self, DatasetError> {
+        if names.len() != self.num_classes {
+            return Err(DatasetError::Invalid(format!(
+                "{} class names given for {} classes",
+                names.len(),
+                self.num_classes
+            )));
+        }
+        self.class_names = Some(names);
+        Ok(self)
+    }
+
+    /// Attaches CIFAR-100 coarse labels (kept through watermarking untouched).
+    pub fn with_coarse_labels(mut self, coarse: Vec<u32>) -> Result<Self, DatasetError> {
+        if coarse.len() != self.labels.len() {
+            return Err(DatasetError::Invalid(format!(
+                "{} coarse labels for {} samples",
+                coarse.len(),
+                self.labels.len()
+            )));
+        }
+        self.coarse_labels = Some(coarse);
+        Ok(self)
+    }
+
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// True when the dataset holds no sample.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Shape of every image.
+    pub fn shape(&self) -> ImageShape {
+        self.shape
+    }
+
+    /// Number of classes; every label is below it.
+    pub fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+
+    /// Class names, where the format has them.
+    pub fn class_names(&self) -> Option<&[String]> {
+        self.class_names.as_deref()
+    }
+
+    /// CIFAR-100 coarse labels, where present.
+    pub fn coarse_labels(&self) -> Option<&[u32]> {
+        self.coarse_labels.as_deref()
+    }
+
+    /// All pixels, image after image.
+    pub fn pixels(&self) -> &[u8] {
+        &self.pixels
+    }
+
+    /// All pixels, mutable, image after image (each chunk of `shape().len()` bytes is one image).
+    pub fn pixels_mut(&mut self) -> &mut [u8] {
+        &mut self.pixels
+    }
+
+    /// All labels.
+    pub fn labels(&self) -> &[u32] {
+        &self.labels
+    }
+
+    /// Pixels of image `i` (HWC).
+    pub fn image(&self, i: usize) -> &[u8] {
+        let n = self.shape.len();
+        &self.pixels[i * n..(i + 1) * n]
+    }
+
+    /// Mutable pixels of image `i` (HWC).
+    pub fn image_mut(&mut self, i: usize) -> &mut [u8] {
+        let n = self.shape.len();
+        &mut self.pixels[i * n..(i + 1) * n]
+    }
+
+    /// Label of sample `i`.
+    pub fn label(&self, i: usize) -> u32 {
+        self.labels[i]
+    }
+
+    /// Changes the label of sample `i`.
+    pub fn set_label(&mut self, i: usize, label: u32) -> Result<(), DatasetError> {
+        if label as usize >= self.num_classes {
+            return Err(DatasetError::Invalid(format!(
+                "label {label} is not below the class count {}",
+                self.num_classes
+            )));
+        }
+        self.labels[i] = label;
+        Ok(())
+    }
+
+    /// A new dataset made of the samples at `indices`, in that order.
+    pub fn subset(&self, indices: &[usize]) -> Result<Self, DatasetError> {
+        let n = self.shape.len();
+        let mut pixels = Vec::with_capacity(indices.len() * n);
+        let mut labels = Vec::with_capacity(indices.len());
+        for &i in indices {
+            if i >= self.len() {
+                return Err(DatasetError::Invalid(format!(
+                    "index {i} is out of range for {} samples",
+                    self.len()
+                )));
+            }
+            pixels.extend_from_slice(self.image(i));
+            labels.push(self.labels[i]);
+        }
+        let mut out = Self::new(self.shape, pixels, labels, self.num_classes)?;
+        out.class_names = self.class_names.clone();
+        out.coarse_labels =
+            self.coarse_labels.as_ref().map(|c| indices.iter().map(|&i| c[i]).collect());
+        Ok(out)
+    }
+
+    /// sha256 of the whole dataset in canonical order (see [`dataset_sha256`]).
+    pub fn sha256(&self) -> String {
+        dataset_sha256(self, &image_sha256s(self))
+    }
+}

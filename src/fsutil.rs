@@ -1,0 +1,149 @@
+//! File-system helpers that keep outputs whole: a folder or file is written under a temporary
+//! name beside its destination and renamed into place only once complete, so an interrupted run
+//! never leaves something that looks finished.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// A folder being written under a temporary name; removed on drop unless committed.
+#[derive(Debug)]
+pub struct AtomicDir {
+    tmp: PathBuf,
+    dest: PathBuf,
+    overwrite: bool,
+    committed: bool,
+}
+
+impl AtomicDir {
+    /// Starts writing `dest`; fails if it exists and `overwrite` is false.
+    pub fn create(dest: &Path, overwrite: bool) -> std::io::Result<Self> {
+        if dest.exists() && !overwrite {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists; pass --force to replace it", dest.display()),
+            ));
+        }
+        let tmp = sibling(dest, "partial");
+        fs::create_dir_all(&tmp)?;
+        Ok(Self { tmp, dest: dest.to_path_buf(), overwrite, committed: false })
+    }
+
+    /// The temporary folder to write into.
+    pub fn path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Moves the finished folder into place (replacing an old one when allowed).
+    pub fn commit(mut self) -> std::io::Result<()> {
+        sync_dir(&self.tmp)?;
+        if self.dest.exists() {
+            if !self.overwrite {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!("{} appeared while writing", self.dest.display()),
+                ));
+            }
+            let old = sibling(&self.dest, "old");
+            fs::rename(&self.dest, &old)?;
+            fs::rename(&self.tmp, &self.dest)?;
+            let _ = fs::remove_dir_all(&old);
+        } else {
+            fs::rename(&self.tmp, &self.dest)?;
+        }
+        if let Some(parent) = self.dest.parent() {
+            let _ = sync_dir(parent);
+        }
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for AtomicDir {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+/// Writes a whole file atomically, with the given Unix mode (e.g. 0o600 for secrets).
+pub fn write_file_atomic(dest: &Path, bytes: &[u8], mode: u32, overwrite: bool) -> std::io::Result<()> {
+    if dest.exists() && !overwrite {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!("{} exists; pass --force to replace it", dest.display()),
+        ));
+    }
+    let tmp = sibling(dest, "partial");
+    let result = (|| {
+        let mut opts = fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, mode);
+        let mut f = opts.open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, dest)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    result
+}
+
+fn sibling(dest: &Path, what: &str) -> PathBuf {
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let mut nonce = [0u8; 6];
+    let _ = getrandom::fill(&mut nonce);
+    dest.with_file_name(format!(".{name}.{what}-{}-{}", std::process::id(), hex::encode(nonce)))
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_uncommitted_folder_leaves_nothing_behind() {
+        let t = tempfile::tempdir().unwrap();
+        let dest = t.path().join("release");
+        {
+            let d = AtomicDir::create(&dest, false).unwrap();
+            fs::write(d.path().join("a"), b"x").unwrap();
+        }
+        assert!(!dest.exists());
+        assert_eq!(fs::read_dir(t.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn existing_output_is_kept_unless_overwrite_is_given() {
+        let t = tempfile::tempdir().unwrap();
+        let dest = t.path().join("release");
+        fs::create_dir(&dest).unwrap();
+        fs::write(dest.join("old"), b"1").unwrap();
+        assert!(AtomicDir::create(&dest, false).is_err());
+        let d = AtomicDir::create(&dest, true).unwrap();
+        fs::write(d.path().join("new"), b"2").unwrap();
+        d.commit().unwrap();
+        assert!(dest.join("new").exists() && !dest.join("old").exists());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn atomic_files_get_the_requested_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("secret.json");
+        write_file_atomic(&p, b"{}", 0o600, false).unwrap();
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(write_file_atomic(&p, b"{}", 0o600, false).is_err());
+    }
+}

@@ -1,0 +1,6 @@
+//! hallmark: secret, poison-only backdoor watermarks for image datasets, and black-box
+//! verification of whether a suspicious model was trained on a watermarked release.
+#![warn(missing_docs)]
+
+pub mod dataset;
+pub mod fsutil;
