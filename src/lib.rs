@@ -4,3 +4,4 @@
 
 pub mod dataset;
 pub mod fsutil;
+pub mod spec;

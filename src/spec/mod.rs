@@ -1,0 +1,588 @@
+//! Watermark specs: which trigger, how poisoned samples are labelled, how many, from which seed.
+//!
+//! A spec is written as TOML (see `watermark_specs/`), checked field by field when loaded, and
+//! embedded in the secret record as JSON with any external file (a blend pattern image) inlined,
+//! so the record alone can recreate every triggered image.
+
+use crate::dataset::{Dataset, ImageShape};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// A spec or one of its fields is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// The spec file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The TOML or JSON does not parse into a spec (unknown field, wrong type, missing field).
+    #[error("{origin}: {message}")]
+    Parse {
+        /// File name or "spec".
+        origin: String,
+        /// The parser's message, which names the field and line.
+        message: String,
+    },
+    /// A field has a value the spec cannot use.
+    #[error("{field}: {message}")]
+    Field {
+        /// Dotted path of the field, e.g. `trigger.alpha`.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+fn field(field: &str, message: impl Into<String>) -> SpecError {
+    SpecError::Field { field: field.into(), message: message.into() }
+}
+
+/// A validated watermark spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatermarkSpec {
+    /// Short name, for reports.
+    pub name: String,
+    /// Free text: what the spec reproduces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Fraction of the dataset's samples to poison: `round(rate × N)` samples.
+    pub rate: f64,
+    /// Seed for sample selection, random labels and seeded trigger patterns.
+    pub seed: u64,
+    /// Only samples of these classes may be poisoned (all classes when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_classes: Option<Vec<u32>>,
+    /// Image shape the spec is made for; checked against the dataset when present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageShape>,
+    /// How poisoned samples are labelled.
+    pub labelling: Labelling,
+    /// The trigger stamped on poisoned samples.
+    pub trigger: Trigger,
+}
+
+/// How poisoned samples are labelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Labelling {
+    /// Poison-label, all-to-one (BadNets, Blended, DVBW): every poisoned sample gets `target`.
+    Targeted {
+        /// The target class.
+        target: u32,
+    },
+    /// UBW-P (Li et al., NeurIPS 2022): each poisoned sample gets a label drawn uniformly from all
+    /// classes (which may equal its own, as in the UBW code).
+    Untargeted,
+    /// Clean-label: only samples of class `target` are triggered, labels are kept.
+    CleanLabel {
+        /// The target class.
+        target: u32,
+    },
+}
+
+impl Labelling {
+    /// The target class, for targeted kinds.
+    pub fn target(&self) -> Option<u32> {
+        match self {
+            Self::Targeted { target } | Self::CleanLabel { target } => Some(*target),
+            Self::Untargeted => None,
+        }
+    }
+}
+
+/// The trigger stamped on poisoned samples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Trigger {
+    /// A small pattern at a fixed position (BadNets; DVBW's "cross" and "line").
+    Patch(Patch),
+    /// A pattern blended with alpha over the whole image or a region (Blended).
+    Blend(Blend),
+    /// WaNet's smooth warping field (Nguyen & Tran, ICLR 2021).
+    Warp(Warp),
+}
+
+impl Trigger {
+    /// The kind's name as written in specs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Patch(_) => "patch",
+            Self::Blend(_) => "blend",
+            Self::Warp(_) => "warp",
+        }
+    }
+}
+
+/// A patch trigger.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Patch {
+    /// The pattern: a named preset or a matrix of grey values (applied to every channel).
+    pub pattern: PatchPattern,
+    /// Side of a `square` preset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<usize>,
+    /// Rows of a `line` preset (it spans the full width).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thickness: Option<usize>,
+    /// Fill value of `square`, `line` and `pixel` presets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<u8>,
+    /// Where the pattern's top-left corner goes.
+    #[serde(default = "Position::default_bottom_right")]
+    pub position: Position,
+    /// Blend weight of the pattern's pixels: 1 replaces them, 0.2 is "blended".
+    #[serde(default = "one")]
+    pub alpha: f32,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+/// A patch pattern.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PatchPattern {
+    /// `square` (size × size of `value`, default 3 and 255), `cross` (DVBW: 3×3, white corners,
+    /// black elsewhere), `line` (DVBW: `thickness` full-width rows of `value`, default 2 and 0),
+    /// `pixel` (one pixel of `value`, BackdoorBox's MNIST default), `ubw` (UBW-P's 3×3
+    /// `[[0,0,255],[0,255,0],[255,0,255]]`).
+    Preset(String),
+    /// Rows of grey values.
+    Matrix(Vec<Vec<u8>>),
+}
+
+/// Where a patch's top-left corner goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Position {
+    /// `top-left`, `top-right`, `bottom-left` or `bottom-right`.
+    Corner(Corner),
+    /// `[row, col]`; negative values count from the end, as in Python (`[-2, -2]`).
+    At([i64; 2]),
+}
+
+impl Position {
+    fn default_bottom_right() -> Self {
+        Self::Corner(Corner::BottomRight)
+    }
+}
+
+/// A corner of the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Corner {
+    /// Top left.
+    TopLeft,
+    /// Top right.
+    TopRight,
+    /// Bottom left.
+    BottomLeft,
+    /// Bottom right.
+    BottomRight,
+}
+
+/// A blend trigger: `x' = (1 − alpha)·x + alpha·p` over the image or a region.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Blend {
+    /// `noise` (uniform random pattern from the spec's seed) or `image` (from a file).
+    pub source: BlendSource,
+    /// Image file of the pattern, relative to the spec file (`source = "image"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The pattern's pixels, inlined from `image` when the spec is loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<EmbeddedImage>,
+    /// Blend weight in (0, 1].
+    pub alpha: f32,
+    /// Only this region is blended (the whole image when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<Region>,
+}
+
+/// Where a blend pattern comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlendSource {
+    /// Uniform random u8 pattern, seeded.
+    Noise,
+    /// A pattern image of the dataset's size.
+    Image,
+}
+
+/// Raw HWC pixels of a pattern image, base64 in JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedImage {
+    /// Shape of the pattern.
+    pub shape: ImageShape,
+    /// Pixels, base64 of HWC bytes.
+    pub pixels_b64: String,
+}
+
+impl EmbeddedImage {
+    /// Decoded pixels.
+    pub fn pixels(&self) -> Result<Vec<u8>, SpecError> {
+        let v = base64::engine::general_purpose::STANDARD
+            .decode(&self.pixels_b64)
+            .map_err(|e| field("trigger.pattern.pixels_b64", e.to_string()))?;
+        if v.len() != self.shape.len() {
+            return Err(field(
+                "trigger.pattern.pixels_b64",
+                format!("{} bytes for shape {}", v.len(), self.shape),
+            ));
+        }
+        Ok(v)
+    }
+}
+
+/// A rectangle of the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Region {
+    /// Top row.
+    pub row: usize,
+    /// Left column.
+    pub col: usize,
+    /// Rows.
+    pub height: usize,
+    /// Columns.
+    pub width: usize,
+}
+
+/// WaNet's warping trigger, with BackdoorBox's parameter names and defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Warp {
+    /// Control grid size.
+    #[serde(default = "default_k")]
+    pub k: usize,
+    /// Warping strength.
+    #[serde(default = "default_s")]
+    pub s: f32,
+    /// Scale of the final grid.
+    #[serde(default = "one")]
+    pub grid_rescale: f32,
+    /// Noise mode: also warp `cross_ratio × rate × N` other samples at random, labels kept.
+    #[serde(default = "yes")]
+    pub noise: bool,
+    /// Noise-mode samples per poisoned sample.
+    #[serde(default = "default_cross_ratio")]
+    pub cross_ratio: f64,
+    /// Amplitude of the random noise-mode grid offsets.
+    #[serde(default = "default_noise_rescale")]
+    pub noise_rescale: f32,
+}
+
+fn default_k() -> usize {
+    4
+}
+fn default_s() -> f32 {
+    0.5
+}
+fn yes() -> bool {
+    true
+}
+fn default_cross_ratio() -> f64 {
+    2.0
+}
+fn default_noise_rescale() -> f32 {
+    2.0
+}
+
+impl WatermarkSpec {
+    /// Loads and validates a TOML spec file; a blend image is read relative to it.
+    pub fn from_toml_file(path: &Path) -> Result<Self, SpecError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| SpecError::Io { path: path.into(), source })?;
+        Self::from_toml_str(&text, path.parent(), &path.display().to_string())
+    }
+
+    /// Parses and validates TOML; `base` is where relative file names are resolved.
+    pub fn from_toml_str(text: &str, base: Option<&Path>, origin: &str) -> Result<Self, SpecError> {
+        let mut spec: Self = toml::from_str(text)
+            .map_err(|e| SpecError::Parse { origin: origin.into(), message: e.to_string() })?;
+        spec.inline_files(base.unwrap_or(Path::new(".")))?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Parses and validates the JSON form kept in secret records.
+    pub fn from_json_value(v: serde_json::Value) -> Result<Self, SpecError> {
+        let spec: Self = serde_json::from_value(v)
+            .map_err(|e| SpecError::Parse { origin: "spec".into(), message: e.to_string() })?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    fn inline_files(&mut self, base: &Path) -> Result<(), SpecError> {
+        if let Trigger::Blend(b) = &mut self.trigger
+            && b.source == BlendSource::Image
+            && b.pattern.is_none()
+        {
+            let Some(name) = &b.image else {
+                return Err(field("trigger.image", "source = \"image\" needs an image file"));
+            };
+            let path = base.join(name);
+            let img = image::open(&path)
+                .map_err(|e| field("trigger.image", format!("{}: {e}", path.display())))?;
+            let (w, h) = (img.width() as usize, img.height() as usize);
+            let (channels, raw) = if img.color().has_color() {
+                (3, img.to_rgb8().into_raw())
+            } else {
+                (1, img.to_luma8().into_raw())
+            };
+            b.pattern = Some(EmbeddedImage {
+                shape: ImageShape { height: h, width: w, channels },
+                pixels_b64: base64::engine::general_purpose::STANDARD.encode(raw),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks every field on its own (fit to a dataset is [`WatermarkSpec::check_fits`]).
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.name.trim().is_empty() || self.name.len() > 128 {
+            return Err(field("name", "must be 1 to 128 characters"));
+        }
+        if !(self.rate.is_finite() && self.rate > 0.0 && self.rate <= 1.0) {
+            return Err(field("rate", format!("must be in (0, 1], got {}", self.rate)));
+        }
+        if let Some(src) = &self.source_classes {
+            if src.is_empty() {
+                return Err(field("source_classes", "must not be empty (leave it out for all classes)"));
+            }
+            let mut s = src.clone();
+            s.sort_unstable();
+            if s.windows(2).any(|w| w[0] == w[1]) {
+                return Err(field("source_classes", "lists a class twice"));
+            }
+            if matches!(self.labelling, Labelling::CleanLabel { .. }) {
+                return Err(field("source_classes", "clean-label specs poison the target class only"));
+            }
+        }
+        if let Some(s) = self.image
+            && (s.height == 0 || s.width == 0 || !(s.channels == 1 || s.channels == 3))
+        {
+            return Err(field("image", format!("{s} is not an image shape (channels 1 or 3)")));
+        }
+        let alpha_ok = |a: f32| a.is_finite() && a > 0.0 && a <= 1.0;
+        match &self.trigger {
+            Trigger::Patch(p) => {
+                if !alpha_ok(p.alpha) {
+                    return Err(field("trigger.alpha", format!("must be in (0, 1], got {}", p.alpha)));
+                }
+                p.rows(1)?;
+            }
+            Trigger::Blend(b) => {
+                if !alpha_ok(b.alpha) {
+                    return Err(field("trigger.alpha", format!("must be in (0, 1], got {}", b.alpha)));
+                }
+                match b.source {
+                    BlendSource::Noise if b.image.is_some() || b.pattern.is_some() => {
+                        return Err(field("trigger.image", "source = \"noise\" takes no image"));
+                    }
+                    BlendSource::Image => {
+                        let p = b.pattern.as_ref().ok_or_else(|| field("trigger.image", "missing pattern image"))?;
+                        p.pixels()?;
+                    }
+                    _ => {}
+                }
+                if let Some(r) = b.region
+                    && (r.height == 0 || r.width == 0)
+                {
+                    return Err(field("trigger.region", "height and width must be at least 1"));
+                }
+            }
+            Trigger::Warp(w) => {
+                if w.k < 2 {
+                    return Err(field("trigger.k", format!("grid size must be at least 2, got {}", w.k)));
+                }
+                if !(w.s.is_finite() && w.s > 0.0) {
+                    return Err(field("trigger.s", format!("must be positive, got {}", w.s)));
+                }
+                if !(w.grid_rescale.is_finite() && w.grid_rescale > 0.0) {
+                    return Err(field("trigger.grid_rescale", "must be positive"));
+                }
+                if !(w.noise_rescale.is_finite() && w.noise_rescale >= 0.0) {
+                    return Err(field("trigger.noise_rescale", "must be zero or positive"));
+                }
+                if !(w.cross_ratio.is_finite() && w.cross_ratio >= 0.0) {
+                    return Err(field("trigger.cross_ratio", "must be zero or positive"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that the spec can be applied to `dataset` (shape, classes, trigger fit).
+    pub fn check_fits(&self, dataset: &Dataset) -> Result<(), SpecError> {
+        let shape = dataset.shape();
+        if let Some(s) = self.image
+            && s != shape
+        {
+            return Err(field("image", format!("spec is for {s} images, the dataset's are {shape}")));
+        }
+        let k = dataset.num_classes() as u32;
+        if let Some(t) = self.labelling.target()
+            && t >= k
+        {
+            return Err(field("labelling.target", format!("class {t} does not exist: the dataset has {k} classes")));
+        }
+        if matches!(self.labelling, Labelling::Untargeted) && k < 2 {
+            return Err(field("labelling", "untargeted labels need at least 2 classes"));
+        }
+        if let Some(c) = self.source_classes.iter().flatten().find(|c| **c >= k) {
+            return Err(field("source_classes", format!("class {c} does not exist: the dataset has {k} classes")));
+        }
+        match &self.trigger {
+            Trigger::Patch(p) => p.grid(shape.height, shape.width).map(|_| ()),
+            Trigger::Blend(b) => {
+                if let Some(r) = b.region
+                    && (r.row + r.height > shape.height || r.col + r.width > shape.width)
+                {
+                    return Err(field("trigger.region", format!("{r:?} does not fit {shape} images")));
+                }
+                if let Some(p) = &b.pattern
+                    && (p.shape.height, p.shape.width) != (shape.height, shape.width)
+                {
+                    return Err(field(
+                        "trigger.image",
+                        format!("pattern is {}×{}, images are {}×{}", p.shape.height, p.shape.width, shape.height, shape.width),
+                    ));
+                }
+                Ok(())
+            }
+            Trigger::Warp(w) => {
+                if w.k > shape.height.min(shape.width) {
+                    return Err(field("trigger.k", format!("grid size {} exceeds the image size {shape}", w.k)));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// sha256 (hex) of the spec's JSON form.
+    pub fn sha256(&self) -> String {
+        sha256_hex(&canonical_json(self))
+    }
+}
+
+impl Patch {
+    /// The pattern as rows of grey values (`width` is the image width, which a line spans).
+    pub fn rows(&self, width: usize) -> Result<Vec<Vec<u8>>, SpecError> {
+        let w = width;
+        let value_or = |d: u8| self.value.unwrap_or(d);
+        let unused = |name: &str, v: bool| {
+            if v { Err(field(&format!("trigger.{name}"), "does not apply to this pattern")) } else { Ok(()) }
+        };
+        let rows: Vec<Vec<u8>> = match &self.pattern {
+            PatchPattern::Matrix(m) => {
+                unused("size", self.size.is_some())?;
+                unused("thickness", self.thickness.is_some())?;
+                unused("value", self.value.is_some())?;
+                if m.is_empty() || m[0].is_empty() {
+                    return Err(field("trigger.pattern", "matrix must have at least one row and column"));
+                }
+                if let Some(r) = m.iter().position(|r| r.len() != m[0].len()) {
+                    return Err(field("trigger.pattern", format!("row {r} has {} values, row 0 has {}", m[r].len(), m[0].len())));
+                }
+                m.clone()
+            }
+            PatchPattern::Preset(name) => {
+                match name.as_str() {
+                    "square" => unused("thickness", self.thickness.is_some())?,
+                    "line" => unused("size", self.size.is_some())?,
+                    _ => {
+                        unused("size", self.size.is_some())?;
+                        unused("thickness", self.thickness.is_some())?;
+                    }
+                }
+                match name.as_str() {
+                    "square" => {
+                        let n = self.size.unwrap_or(3);
+                        if n == 0 {
+                            return Err(field("trigger.size", "must be at least 1"));
+                        }
+                        vec![vec![value_or(255); n]; n]
+                    }
+                    "cross" => {
+                        unused("value", self.value.is_some())?;
+                        vec![vec![255, 0, 255], vec![0, 255, 0], vec![255, 0, 255]]
+                    }
+                    "ubw" => {
+                        unused("value", self.value.is_some())?;
+                        vec![vec![0, 0, 255], vec![0, 255, 0], vec![255, 0, 255]]
+                    }
+                    "pixel" => vec![vec![value_or(255)]],
+                    "line" => {
+                        let t = self.thickness.unwrap_or(2);
+                        if t == 0 {
+                            return Err(field("trigger.thickness", "must be at least 1"));
+                        }
+                        vec![vec![value_or(0); w]; t]
+                    }
+                    other => {
+                        return Err(field(
+                            "trigger.pattern",
+                            format!("unknown preset {other:?}: expected square, cross, line, pixel or ubw, or a matrix"),
+                        ));
+                    }
+                }
+            }
+        };
+        Ok(rows)
+    }
+
+    /// The pattern as rows of grey values and the (row, col) of its top-left corner in an image
+    /// of `h` × `w`.
+    pub fn grid(&self, h: usize, w: usize) -> Result<(Vec<Vec<u8>>, usize, usize), SpecError> {
+        let rows = self.rows(w)?;
+        let (ph, pw) = (rows.len(), rows[0].len());
+        if ph > h || pw > w {
+            return Err(field("trigger.pattern", format!("a {ph}×{pw} pattern does not fit {h}×{w} images")));
+        }
+        let place = |at: i64, len: usize, size: usize, axis: &str| -> Result<usize, SpecError> {
+            let start = if at < 0 { size as i64 + at } else { at };
+            if start < 0 || start as usize + len > size {
+                return Err(field(
+                    "trigger.position",
+                    format!("a {len}-pixel pattern at {axis} {at} does not fit in {size} pixels"),
+                ));
+            }
+            Ok(start as usize)
+        };
+        let (r, c) = match self.position {
+            Position::Corner(Corner::TopLeft) => (0, 0),
+            Position::Corner(Corner::TopRight) => (0, w - pw),
+            Position::Corner(Corner::BottomLeft) => (h - ph, 0),
+            Position::Corner(Corner::BottomRight) => (h - ph, w - pw),
+            Position::At([r, c]) => (place(r, ph, h, "row")?, place(c, pw, w, "column")?),
+        };
+        Ok((rows, r, c))
+    }
+}
+
+/// Compact JSON of a value, fields in declaration order: the canonical form hashed by
+/// commitments. Every hashed type is a struct or enum of fixed field order (no maps), so the
+/// same value always gives the same bytes.
+pub fn canonical_json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("specs and records serialise")
+}
+
+/// sha256 (hex) of a string.
+pub fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests;
