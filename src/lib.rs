@@ -5,3 +5,4 @@
 pub mod dataset;
 pub mod fsutil;
 pub mod spec;
+pub mod watermark;

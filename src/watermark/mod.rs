@@ -1,0 +1,162 @@
+//! Stamping a dataset with a watermark and recording the secret needed to verify it later.
+//!
+//! Deterministic from (spec, seed, dataset): the same inputs give the same poisoned indices, labels
+//! and pixels. Selection follows BackdoorBox (`core/attacks/BadNets.py`): shuffle the eligible
+//! indices and poison the first `round(rate × N)`, N being the dataset's size; samples of the
+//! target class may be chosen unless source classes restrict the choice. Untouched samples stay
+//! byte-identical.
+
+mod record;
+pub mod rng;
+mod trigger;
+mod warp;
+
+pub use record::{DatasetFacts, PoisonedSample, SecretRecord};
+pub use trigger::{Stamp, blend_byte};
+pub use warp::WarpField;
+
+use crate::dataset::{Dataset, DatasetError, dataset_sha256, image_sha256s};
+use crate::spec::{Labelling, SpecError, Trigger, WatermarkSpec};
+use rayon::prelude::*;
+use rng::{Rng, Stream};
+
+/// Why a watermark could not be applied or a record not used.
+#[derive(Debug, thiserror::Error)]
+pub enum WatermarkError {
+    /// The spec does not fit the dataset.
+    #[error("spec: {0}")]
+    Spec(#[from] SpecError),
+    /// The dataset is unusable.
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    /// Not enough eligible samples for the requested rate.
+    #[error("{0}")]
+    Selection(String),
+    /// A secret record is malformed.
+    #[error("{path}: {message}")]
+    Record {
+        /// The record file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Number of samples to poison: `round(rate × n)`, halves rounded away from zero.
+pub fn poison_count(rate: f64, n: usize) -> usize {
+    (rate * n as f64).round() as usize
+}
+
+/// Stamps `dataset` in place as `spec` says and returns the secret record.
+///
+/// `nonce` is 32 random bytes that make the published commitment hiding: without it, anyone could
+/// test guessed specs against the commitment.
+pub fn apply(dataset: &mut Dataset, spec: &WatermarkSpec, nonce: [u8; 32]) -> Result<SecretRecord, WatermarkError> {
+    spec.check_fits(dataset)?;
+    let n = dataset.len();
+    let mut hashes = image_sha256s(dataset);
+    let sha256_before = dataset_sha256(dataset, &hashes);
+
+    let mut eligible: Vec<usize> = match (&spec.labelling, &spec.source_classes) {
+        (Labelling::CleanLabel { target }, _) => (0..n).filter(|&i| dataset.label(i) == *target).collect(),
+        (_, Some(src)) => (0..n).filter(|&i| src.contains(&dataset.label(i))).collect(),
+        (_, None) => (0..n).collect(),
+    };
+    let k = poison_count(spec.rate, n);
+    if k == 0 {
+        return Err(WatermarkError::Selection(format!(
+            "rate {} of {n} samples rounds to no sample at all",
+            spec.rate
+        )));
+    }
+    if k > eligible.len() {
+        return Err(WatermarkError::Selection(format!(
+            "rate {} of {n} samples asks for {k} poisoned samples, but only {} are eligible{}",
+            spec.rate,
+            eligible.len(),
+            match spec.labelling {
+                Labelling::CleanLabel { target } => format!(" (clean-label: class {target} only)"),
+                _ if spec.source_classes.is_some() => " (source classes only)".to_string(),
+                _ => String::new(),
+            }
+        )));
+    }
+    Rng::new(spec.seed, Stream::Selection).choose_front(&mut eligible, k);
+    let mut chosen = eligible[..k].to_vec();
+    chosen.sort_unstable();
+
+    let mut label_rng = Rng::new(spec.seed, Stream::Labels);
+    let poisoned: Vec<PoisonedSample> = chosen
+        .iter()
+        .map(|&index| {
+            let original_label = dataset.label(index);
+            let new_label = match spec.labelling {
+                Labelling::Targeted { target } => target,
+                Labelling::Untargeted => label_rng.below(dataset.num_classes() as u64) as u32,
+                Labelling::CleanLabel { .. } => original_label,
+            };
+            PoisonedSample { index, original_label, new_label }
+        })
+        .collect();
+
+    let shape = dataset.shape();
+    let stamp = Stamp::new(&spec.trigger, spec.seed, shape)?;
+    let mut marked = vec![false; n];
+    chosen.iter().for_each(|&i| marked[i] = true);
+    dataset
+        .pixels_mut()
+        .par_chunks_mut(shape.len())
+        .zip(marked.par_iter())
+        .with_min_len(256)
+        .filter(|(_, m)| **m)
+        .for_each(|(img, _)| stamp.apply(img));
+
+    let noise_indices = match (&spec.trigger, &stamp) {
+        (Trigger::Warp(w), Stamp::Warp(field)) if w.noise => {
+            let mut rng = Rng::new(spec.seed, Stream::Noise);
+            let mut rest: Vec<usize> = (0..n).filter(|&i| !marked[i]).collect();
+            // BackdoorBox: num_cross = int(num_bd * cross_ratio).
+            let m = ((k as f64 * w.cross_ratio) as usize).min(rest.len());
+            rng.choose_front(&mut rest, m);
+            let mut noise = rest[..m].to_vec();
+            noise.sort_unstable();
+            for &i in &noise {
+                field.apply(dataset.image_mut(i), Some(&mut rng));
+            }
+            noise
+        }
+        _ => Vec::new(),
+    };
+
+    for p in &poisoned {
+        dataset.set_label(p.index, p.new_label)?;
+    }
+    for &i in chosen.iter().chain(&noise_indices) {
+        hashes[i] = sha2::Digest::finalize(sha2::Digest::chain_update(sha2::Sha256::default(), dataset.image(i))).into();
+    }
+    let sha256_after = dataset_sha256(dataset, &hashes);
+    Ok(SecretRecord {
+        version: record::VERSION,
+        nonce: hex::encode(nonce),
+        spec: spec.clone(),
+        dataset: DatasetFacts {
+            count: n,
+            shape,
+            num_classes: dataset.num_classes(),
+            sha256_before,
+            sha256_after,
+        },
+        poisoned,
+        noise_indices,
+    })
+}
+
+/// 32 bytes from the operating system's random source, for a record's nonce.
+pub fn random_nonce() -> [u8; 32] {
+    let mut n = [0u8; 32];
+    getrandom::fill(&mut n).expect("the operating system provides randomness");
+    n
+}
+
+#[cfg(test)]
+mod tests;

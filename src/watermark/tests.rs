@@ -1,0 +1,169 @@
+use super::*;
+use crate::dataset::{Dataset, ImageShape};
+use crate::spec::WatermarkSpec;
+use proptest::prelude::*;
+
+fn spec(trigger: &str, labelling: &str, rate: f64, seed: u64) -> WatermarkSpec {
+    let text = format!("name = \"t\"\nrate = {rate}\nseed = {seed}\n[labelling]\n{labelling}\n[trigger]\n{trigger}\n");
+    WatermarkSpec::from_toml_str(&text, None, "t").unwrap()
+}
+
+fn data(n: usize, shape: ImageShape, classes: u32, salt: u8) -> Dataset {
+    let pixels = (0..n * shape.len()).map(|i| (i as u8).wrapping_mul(31).wrapping_add(salt)).collect();
+    let labels = (0..n as u32).map(|i| i % classes).collect();
+    Dataset::new(shape, pixels, labels, classes as usize).unwrap()
+}
+
+const GREY: ImageShape = ImageShape { height: 8, width: 8, channels: 1 };
+const RGB: ImageShape = ImageShape { height: 8, width: 8, channels: 3 };
+const SQUARE: &str = "kind = \"patch\"\npattern = \"square\"\nsize = 3";
+const TARGETED: &str = "kind = \"targeted\"\ntarget = 1";
+
+#[test]
+fn patch_pixels_are_exactly_the_pattern_and_the_rest_is_untouched() {
+    let mut ds = data(50, RGB, 5, 0);
+    let before = ds.clone();
+    let rec = apply(&mut ds, &spec(SQUARE, TARGETED, 0.2, 3), [0; 32]).unwrap();
+    assert_eq!(rec.poisoned.len(), 10);
+    for p in &rec.poisoned {
+        let img = ds.image(p.index);
+        for r in 0..8 {
+            for c in 0..8 {
+                for ch in 0..3 {
+                    let o = (r * 8 + c) * 3 + ch;
+                    let want = if r >= 5 && c >= 5 { 255 } else { before.image(p.index)[o] };
+                    assert_eq!(img[o], want, "sample {} r{r} c{c}", p.index);
+                }
+            }
+        }
+        assert_eq!(ds.label(p.index), 1);
+    }
+}
+
+#[test]
+fn untargeted_labels_are_drawn_over_all_classes() {
+    let mut ds = data(2000, GREY, 10, 0);
+    let rec = apply(&mut ds, &spec(SQUARE, "kind = \"untargeted\"", 0.5, 9), [0; 32]).unwrap();
+    let mut counts = [0usize; 10];
+    rec.poisoned.iter().for_each(|p| counts[p.new_label as usize] += 1);
+    assert!(counts.iter().all(|&c| (60..140).contains(&c)), "{counts:?}");
+    assert!(rec.poisoned.iter().all(|p| ds.label(p.index) == p.new_label));
+}
+
+#[test]
+fn clean_label_triggers_only_the_target_class_and_keeps_labels() {
+    let mut ds = data(100, GREY, 4, 0);
+    let rec = apply(&mut ds, &spec(SQUARE, "kind = \"clean_label\"\ntarget = 2", 0.1, 1), [0; 32]).unwrap();
+    assert_eq!(rec.poisoned.len(), 10);
+    assert!(rec.poisoned.iter().all(|p| p.original_label == 2 && p.new_label == 2 && ds.label(p.index) == 2));
+    let e = apply(&mut data(100, GREY, 4, 0), &spec(SQUARE, "kind = \"clean_label\"\ntarget = 2", 0.3, 1), [0; 32]).unwrap_err();
+    assert!(e.to_string().contains("only 25 are eligible"), "{e}");
+}
+
+#[test]
+fn source_classes_restrict_the_choice() {
+    let mut s = spec(SQUARE, TARGETED, 0.1, 1);
+    s.source_classes = Some(vec![3]);
+    let mut ds = data(200, GREY, 5, 0);
+    let rec = apply(&mut ds, &s, [0; 32]).unwrap();
+    assert!(rec.poisoned.iter().all(|p| p.original_label == 3));
+}
+
+#[test]
+fn blend_noise_and_warp_change_exactly_the_recorded_samples() {
+    let blend = "kind = \"blend\"\nsource = \"noise\"\nalpha = 0.2";
+    let warp = "kind = \"warp\"";
+    for (trig, extra) in [(blend, 0usize), (warp, 2)] {
+        let mut ds = data(300, GREY, 3, 7);
+        let before = ds.clone();
+        let rec = apply(&mut ds, &spec(trig, TARGETED, 0.1, 5), [0; 32]).unwrap();
+        assert_eq!(rec.noise_indices.len(), extra * rec.poisoned.len());
+        let touched: std::collections::HashSet<usize> =
+            rec.poisoned.iter().map(|p| p.index).chain(rec.noise_indices.iter().copied()).collect();
+        for i in 0..ds.len() {
+            if !touched.contains(&i) {
+                assert_eq!(ds.image(i), before.image(i));
+                assert_eq!(ds.label(i), before.label(i));
+            }
+        }
+        let changed = rec.poisoned.iter().filter(|p| ds.image(p.index) != before.image(p.index)).count();
+        assert!(changed >= rec.poisoned.len() * 9 / 10, "{trig}: {changed}");
+        assert!(rec.noise_indices.iter().all(|&i| ds.label(i) == before.label(i)));
+    }
+}
+
+#[test]
+fn the_commitment_is_stable_and_binds_every_field() {
+    let mut ds = data(100, GREY, 4, 0);
+    let rec = apply(&mut ds, &spec(SQUARE, TARGETED, 0.1, 1), [5; 32]).unwrap();
+    let back = SecretRecord::from_json(&serde_json::to_string_pretty(&rec).unwrap()).unwrap();
+    assert_eq!(back.commitment(), rec.commitment());
+    let mut other = rec.clone();
+    other.poisoned[0].new_label = 0;
+    assert_ne!(other.commitment(), rec.commitment());
+    let mut other = rec.clone();
+    other.nonce = hex::encode([6u8; 32]);
+    assert_ne!(other.commitment(), rec.commitment());
+}
+
+#[test]
+fn records_that_do_not_add_up_are_refused() {
+    let mut ds = data(100, GREY, 4, 0);
+    let mut rec = apply(&mut ds, &spec(SQUARE, TARGETED, 0.1, 1), [0; 32]).unwrap();
+    rec.poisoned[1].index = 1000;
+    let e = SecretRecord::from_json(&serde_json::to_string(&rec).unwrap()).unwrap_err();
+    assert!(e.to_string().contains("out of order or out of range"), "{e}");
+    assert!(SecretRecord::from_json("{\"version\": 1}").is_err());
+}
+
+#[test]
+fn the_record_describes_the_dataset_before_and_after() {
+    let mut ds = data(100, GREY, 4, 0);
+    let before = ds.sha256();
+    let rec = apply(&mut ds, &spec(SQUARE, TARGETED, 0.1, 1), [0; 32]).unwrap();
+    assert_eq!(rec.dataset.sha256_before, before);
+    assert_eq!(rec.dataset.sha256_after, ds.sha256());
+    assert_ne!(before, ds.sha256());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn watermarking_is_deterministic_with_exact_counts(
+        n in 1usize..400, rate in 0.01f64..1.0, seed in any::<u64>(), rgb in any::<bool>(), salt in any::<u8>(),
+        kind in 0usize..4,
+    ) {
+        let shape = if rgb { RGB } else { GREY };
+        let k = poison_count(rate, n);
+        prop_assume!(k > 0);
+        let trig = ["kind = \"patch\"\npattern = \"cross\"", "kind = \"blend\"\nsource = \"noise\"\nalpha = 0.3",
+                    "kind = \"warp\"\nnoise = false", "kind = \"patch\"\npattern = [[9, 8], [7, 6]]\nposition = [1, 2]\nalpha = 0.5"][kind];
+        let s = spec(trig, "kind = \"untargeted\"", rate, seed);
+        let mut a = data(n, shape, 3, salt);
+        let mut b = a.clone();
+        let orig = a.clone();
+        let ra = apply(&mut a, &s, [1; 32]).unwrap();
+        let rb = apply(&mut b, &s, [1; 32]).unwrap();
+        prop_assert_eq!(&a, &b);
+        prop_assert_eq!(&ra, &rb);
+        prop_assert_eq!(ra.poisoned.len(), k);
+        prop_assert!(ra.poisoned.windows(2).all(|w| w[0].index < w[1].index));
+        let poisoned: std::collections::HashSet<usize> = ra.poisoned.iter().map(|p| p.index).collect();
+        for i in 0..n {
+            if !poisoned.contains(&i) {
+                prop_assert_eq!(a.image(i), orig.image(i));
+                prop_assert_eq!(a.label(i), orig.label(i));
+            }
+        }
+    }
+
+    #[test]
+    fn a_different_seed_chooses_differently(seed in any::<u64>()) {
+        let s1 = spec(SQUARE, TARGETED, 0.1, seed);
+        let s2 = spec(SQUARE, TARGETED, 0.1, seed.wrapping_add(1));
+        let r1 = apply(&mut data(1000, GREY, 4, 0), &s1, [0; 32]).unwrap();
+        let r2 = apply(&mut data(1000, GREY, 4, 0), &s2, [0; 32]).unwrap();
+        prop_assert_ne!(r1.poisoned, r2.poisoned);
+    }
+}
