@@ -26,7 +26,12 @@ impl AtomicDir {
         }
         let tmp = sibling(dest, "partial");
         fs::create_dir_all(&tmp)?;
-        Ok(Self { tmp, dest: dest.to_path_buf(), overwrite, committed: false })
+        Ok(Self {
+            tmp,
+            dest: dest.to_path_buf(),
+            overwrite,
+            committed: false,
+        })
     }
 
     /// The temporary folder to write into.
@@ -36,7 +41,8 @@ impl AtomicDir {
 
     /// Moves the finished folder into place (replacing an old one when allowed).
     pub fn commit(mut self) -> std::io::Result<()> {
-        sync_dir(&self.tmp)?;
+        // One syncfs flushes every file written below the folder before it becomes visible.
+        sync_filesystem(&self.tmp)?;
         if self.dest.exists() {
             if !self.overwrite {
                 return Err(std::io::Error::new(
@@ -68,7 +74,12 @@ impl Drop for AtomicDir {
 }
 
 /// Writes a whole file atomically, with the given Unix mode (e.g. 0o600 for secrets).
-pub fn write_file_atomic(dest: &Path, bytes: &[u8], mode: u32, overwrite: bool) -> std::io::Result<()> {
+pub fn write_file_atomic(
+    dest: &Path,
+    bytes: &[u8],
+    mode: u32,
+    overwrite: bool,
+) -> std::io::Result<()> {
     if dest.exists() && !overwrite {
         return Err(std::io::Error::new(
             std::io::ErrorKind::AlreadyExists,
@@ -95,10 +106,30 @@ pub fn write_file_atomic(dest: &Path, bytes: &[u8], mode: u32, overwrite: bool) 
 }
 
 fn sibling(dest: &Path, what: &str) -> PathBuf {
-    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
     let mut nonce = [0u8; 6];
     let _ = getrandom::fill(&mut nonce);
-    dest.with_file_name(format!(".{name}.{what}-{}-{}", std::process::id(), hex::encode(nonce)))
+    dest.with_file_name(format!(
+        ".{name}.{what}-{}-{}",
+        std::process::id(),
+        hex::encode(nonce)
+    ))
+}
+
+fn sync_filesystem(dir: &Path) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let f = fs::File::open(dir)?;
+        // SAFETY: syncfs takes a valid open descriptor, which `f` holds for the call.
+        if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    sync_dir(dir)
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -143,7 +174,10 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let p = t.path().join("secret.json");
         write_file_atomic(&p, b"{}", 0o600, false).unwrap();
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         assert!(write_file_atomic(&p, b"{}", 0o600, false).is_err());
     }
 }

@@ -2,6 +2,7 @@
 //! verification of whether a suspicious model was trained on a watermarked release.
 #![warn(missing_docs)]
 
+pub mod cli;
 pub mod dataset;
 pub mod fsutil;
 pub mod spec;

@@ -39,7 +39,10 @@ impl Variant {
 
     /// The variant whose record size divides `len`, when exactly one does.
     pub fn detect(len: usize) -> Option<Self> {
-        match (len % Self::Cifar10.record_len() == 0, len % Self::Cifar100.record_len() == 0) {
+        match (
+            len % Self::Cifar10.record_len() == 0,
+            len % Self::Cifar100.record_len() == 0,
+        ) {
             (true, false) => Some(Self::Cifar10),
             (false, true) => Some(Self::Cifar100),
             _ => None,
@@ -60,14 +63,21 @@ pub struct Batch {
 
 /// The image shape of every CIFAR image.
 pub fn shape() -> super::ImageShape {
-    super::ImageShape { height: SIDE, width: SIDE, channels: 3 }
+    super::ImageShape {
+        height: SIDE,
+        width: SIDE,
+        channels: 3,
+    }
 }
 
 /// Parses one batch file's bytes.
 pub fn parse(bytes: &[u8], variant: Variant) -> Result<Batch, ParseError> {
     let rec = variant.record_len();
     if bytes.is_empty() {
-        return Err(ParseError::new(Some(0), "empty file: a batch holds at least one record"));
+        return Err(ParseError::new(
+            Some(0),
+            "empty file: a batch holds at least one record",
+        ));
     }
     if bytes.len() % rec != 0 {
         let whole = bytes.len() / rec;
@@ -83,7 +93,11 @@ pub fn parse(bytes: &[u8], variant: Variant) -> Result<Batch, ParseError> {
     let mut pixels = vec![0u8; n * IMAGE];
     let mut labels = Vec::with_capacity(n);
     let mut coarse = (variant == Variant::Cifar100).then(|| Vec::with_capacity(n));
-    for (i, (record, out)) in bytes.chunks_exact(rec).zip(pixels.chunks_exact_mut(IMAGE)).enumerate() {
+    for (i, (record, out)) in bytes
+        .chunks_exact(rec)
+        .zip(pixels.chunks_exact_mut(IMAGE))
+        .enumerate()
+    {
         let offset = (i * rec) as u64;
         let (label, planes) = match variant {
             Variant::Cifar10 => (record[0], &record[1..]),
@@ -94,20 +108,30 @@ pub fn parse(bytes: &[u8], variant: Variant) -> Result<Batch, ParseError> {
                         format!("record {i}: coarse label {} is not below 20", record[0]),
                     ));
                 }
-                coarse.as_mut().expect("cifar100").push(u32::from(record[0]));
+                coarse
+                    .as_mut()
+                    .expect("cifar100")
+                    .push(u32::from(record[0]));
                 (record[1], &record[2..])
             }
         };
         if usize::from(label) >= variant.num_classes() {
             return Err(ParseError::new(
                 Some(offset),
-                format!("record {i}: label {label} is not below {}", variant.num_classes()),
+                format!(
+                    "record {i}: label {label} is not below {}",
+                    variant.num_classes()
+                ),
             ));
         }
         labels.push(u32::from(label));
         planar_to_hwc(planes, out);
     }
-    Ok(Batch { pixels, labels, coarse })
+    Ok(Batch {
+        pixels,
+        labels,
+        coarse,
+    })
 }
 
 fn planar_to_hwc(planes: &[u8], out: &mut [u8]) {
@@ -121,17 +145,28 @@ fn planar_to_hwc(planes: &[u8], out: &mut [u8]) {
 }
 
 /// Encodes records (HWC pixels in) into a batch file's bytes.
-pub fn encode(pixels: &[u8], labels: &[u32], coarse: Option<&[u32]>, variant: Variant) -> Result<Vec<u8>, ParseError> {
+pub fn encode(
+    pixels: &[u8],
+    labels: &[u32],
+    coarse: Option<&[u32]>,
+    variant: Variant,
+) -> Result<Vec<u8>, ParseError> {
     if pixels.len() != labels.len() * IMAGE {
         return Err(ParseError::new(None, "CIFAR images must be 32×32×3"));
     }
     let mut out = Vec::with_capacity(labels.len() * variant.record_len());
     for (i, (img, &label)) in pixels.chunks_exact(IMAGE).zip(labels).enumerate() {
         let byte = |l: u32, what: &str| {
-            u8::try_from(l).map_err(|_| ParseError::new(None, format!("sample {i}: {what} label {l} does not fit a byte")))
+            u8::try_from(l).map_err(|_| {
+                ParseError::new(
+                    None,
+                    format!("sample {i}: {what} label {l} does not fit a byte"),
+                )
+            })
         };
         if variant == Variant::Cifar100 {
-            let c = coarse.ok_or_else(|| ParseError::new(None, "CIFAR-100 needs coarse labels"))?[i];
+            let c =
+                coarse.ok_or_else(|| ParseError::new(None, "CIFAR-100 needs coarse labels"))?[i];
             out.push(byte(c, "coarse")?);
         }
         out.push(byte(label, "fine")?);
@@ -155,7 +190,10 @@ mod tests {
         let b = parse(&rec, Variant::Cifar10).unwrap();
         assert_eq!(b.labels, vec![7]);
         assert_eq!(&b.pixels[..6], &[1, 2, 3, 1, 2, 3]);
-        assert_eq!(encode(&b.pixels, &b.labels, None, Variant::Cifar10).unwrap(), rec);
+        assert_eq!(
+            encode(&b.pixels, &b.labels, None, Variant::Cifar10).unwrap(),
+            rec
+        );
     }
 
     #[test]
@@ -174,7 +212,12 @@ mod tests {
         assert!(e.message.contains("record 1: label 10"), "{e}");
         let mut bytes = vec![0u8; Variant::Cifar100.record_len()];
         bytes[0] = 20;
-        assert!(parse(&bytes, Variant::Cifar100).unwrap_err().message.contains("coarse label 20"));
+        assert!(
+            parse(&bytes, Variant::Cifar100)
+                .unwrap_err()
+                .message
+                .contains("coarse label 20")
+        );
     }
 
     #[test]
@@ -184,7 +227,10 @@ mod tests {
         bytes[1] = 99;
         let b = parse(&bytes, Variant::Cifar100).unwrap();
         assert_eq!((b.coarse.clone().unwrap()[0], b.labels[0]), (19, 99));
-        assert_eq!(encode(&b.pixels, &b.labels, b.coarse.as_deref(), Variant::Cifar100).unwrap(), bytes);
+        assert_eq!(
+            encode(&b.pixels, &b.labels, b.coarse.as_deref(), Variant::Cifar100).unwrap(),
+            bytes
+        );
     }
 
     #[test]

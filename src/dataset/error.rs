@@ -46,7 +46,10 @@ pub enum DatasetError {
 
 impl DatasetError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io { path: path.into(), source }
+        Self::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     pub(crate) fn malformed(
@@ -54,11 +57,18 @@ impl DatasetError {
         offset: Option<u64>,
         message: impl Into<String>,
     ) -> Self {
-        Self::Malformed { path: path.into(), offset, message: message.into() }
+        Self::Malformed {
+            path: path.into(),
+            offset,
+            message: message.into(),
+        }
     }
 
     pub(crate) fn input(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        Self::Input { path: path.into(), message: message.into() }
+        Self::Input {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -74,7 +84,10 @@ pub struct ParseError {
 
 impl ParseError {
     pub(crate) fn new(offset: Option<u64>, message: impl Into<String>) -> Self {
-        Self { offset, message: message.into() }
+        Self {
+            offset,
+            message: message.into(),
+        }
     }
 
     /// Attaches the file the bytes came from.

@@ -5,7 +5,7 @@
 //! sample came from (a relabelled, watermarked sample is not given away by an out-of-place name).
 
 use super::{Dataset, DatasetError, ImageShape};
-use image::{ColorType, DynamicImage, ImageEncoder};
+use image::{ColorType, ImageDecoder, ImageEncoder};
 use rayon::prelude::*;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -43,55 +43,93 @@ pub fn read(root: &Path, tick: &(dyn Fn() + Sync)) -> Result<Tree, DatasetError>
     }
     let mut files = Vec::new();
     let mut labels = Vec::new();
+    // An empty class folder keeps its class index (unlike torchvision, which refuses it), so
+    // labels survive a round trip through a release in which a class has no sample.
     for (label, (_, dir)) in classes.iter().enumerate() {
-        let before = files.len();
         collect_images(dir, &mut files)?;
         labels.resize(files.len(), label as u32);
-        if files.len() == before {
-            return Err(DatasetError::input(dir, "class folder holds no image"));
-        }
     }
-    let images: Vec<DynamicImage> = files
+    if files.is_empty() {
+        return Err(DatasetError::input(root, "no image in any class folder"));
+    }
+    // Pass 1 reads every file and its header; pass 2 decodes each straight into its slot of the
+    // dataset's buffer, so the decoded pixels exist once.
+    let headers: Vec<(Vec<u8>, (u32, u32), bool)> = files
         .par_iter()
         .map(|path| {
             let bytes = fs::read(path).map_err(|e| DatasetError::io(path, e))?;
-            let img = image::load_from_memory(&bytes).map_err(|source| DatasetError::Image {
-                path: path.clone(),
-                action: "decode",
-                source,
-            })?;
-            tick();
-            Ok(img)
+            let (dims, color) = {
+                let decoder = reader(&bytes)
+                    .and_then(|r| r.into_decoder())
+                    .map_err(|source| DatasetError::Image {
+                        path: path.clone(),
+                        action: "decode",
+                        source,
+                    })?;
+                (decoder.dimensions(), decoder.color_type().has_color())
+            };
+            Ok((bytes, dims, color))
         })
         .collect::<Result<_, DatasetError>>()?;
-    let (width, height) = (images[0].width() as usize, images[0].height() as usize);
-    if let Some((img, path)) =
-        images.iter().zip(&files).find(|(img, _)| (img.width() as usize, img.height() as usize) != (width, height))
+    let (width, height) = headers[0].1;
+    if let Some(((_, (w, h), _), path)) = headers
+        .iter()
+        .zip(&files)
+        .find(|((_, d, _), _)| *d != (width, height))
     {
         return Err(DatasetError::input(
             path,
             format!(
-                "image is {}×{} but {} is {width}×{height}; every image must have the same size",
-                img.width(),
-                img.height(),
+                "image is {w}×{h} but {} is {width}×{height}; every image must have the same size",
                 files[0].display()
             ),
         ));
     }
-    let channels = if images.iter().any(|i| i.color().has_color()) { 3 } else { 1 };
-    let shape = ImageShape { height, width, channels };
-    let mut pixels = vec![0u8; images.len() * shape.len()];
-    pixels.par_chunks_mut(shape.len()).zip(images.par_iter()).for_each(|(out, img)| {
-        if channels == 3 {
-            out.copy_from_slice(img.to_rgb8().as_raw());
-        } else {
-            out.copy_from_slice(img.to_luma8().as_raw());
-        }
-    });
+    let channels = if headers.iter().any(|(_, _, color)| *color) {
+        3
+    } else {
+        1
+    };
+    let shape = ImageShape {
+        height: height as usize,
+        width: width as usize,
+        channels,
+    };
+    let mut pixels = vec![0u8; headers.len() * shape.len()];
+    pixels
+        .par_chunks_mut(shape.len())
+        .zip(headers.into_par_iter())
+        .zip(files.par_iter())
+        .try_for_each(|((out, (bytes, _, _)), path)| {
+            let img =
+                reader(&bytes)
+                    .and_then(|r| r.decode())
+                    .map_err(|source| DatasetError::Image {
+                        path: path.clone(),
+                        action: "decode",
+                        source,
+                    })?;
+            if channels == 3 {
+                out.copy_from_slice(img.to_rgb8().as_raw());
+            } else {
+                out.copy_from_slice(img.to_luma8().as_raw());
+            }
+            tick();
+            Ok::<_, DatasetError>(())
+        })?;
     let names = classes.iter().map(|(n, _)| n.clone()).collect();
     let dataset = Dataset::new(shape, pixels, labels, classes.len())?.with_class_names(names)?;
-    let files = files.into_iter().map(|f| f.strip_prefix(root).map(Path::to_path_buf).unwrap_or(f)).collect();
+    let files = files
+        .into_iter()
+        .map(|f| f.strip_prefix(root).map(Path::to_path_buf).unwrap_or(f))
+        .collect();
     Ok(Tree { dataset, files })
+}
+
+fn reader(bytes: &[u8]) -> Result<image::ImageReader<std::io::Cursor<&[u8]>>, image::ImageError> {
+    image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(image::ImageError::IoError)
 }
 
 fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DatasetError> {
@@ -103,7 +141,10 @@ fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DatasetError
         if entry.is_dir() {
             collect_images(&entry, out)?;
         } else {
-            let ext = entry.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+            let ext = entry
+                .extension()
+                .map(|e| e.to_string_lossy().to_ascii_lowercase())
+                .unwrap_or_default();
             if !EXTENSIONS.contains(&ext.as_str()) {
                 return Err(DatasetError::input(
                     &entry,
@@ -126,14 +167,22 @@ fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
 }
 
 fn file_name(p: &Path) -> String {
-    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// The class folder names to write: the dataset's own, else the label numbers.
 pub fn class_dirs(dataset: &Dataset) -> Vec<String> {
     match dataset.class_names() {
         Some(names) => names.to_vec(),
-        None => (0..dataset.num_classes()).map(|c| c.to_string()).collect(),
+        // Zero-padded so that folder names sort in label order (torchvision sorts names).
+        None => {
+            let width = (dataset.num_classes().saturating_sub(1)).to_string().len();
+            (0..dataset.num_classes())
+                .map(|c| format!("{c:0width$}"))
+                .collect()
+        }
     }
 }
 
@@ -148,7 +197,11 @@ pub fn output_paths(dataset: &Dataset, image_hashes: &[[u8; 32]]) -> Vec<String>
             let dir = &dirs[dataset.label(i) as usize];
             let k = seen.entry((dir.clone(), stem.clone())).or_insert(0usize);
             *k += 1;
-            if *k == 1 { format!("{dir}/{stem}.png") } else { format!("{dir}/{stem}-{}.png", *k - 1) }
+            if *k == 1 {
+                format!("{dir}/{stem}.png")
+            } else {
+                format!("{dir}/{stem}-{}.png", *k - 1)
+            }
         })
         .collect()
 }
@@ -156,7 +209,11 @@ pub fn output_paths(dataset: &Dataset, image_hashes: &[[u8; 32]]) -> Vec<String>
 /// Encodes one image as PNG bytes.
 pub fn encode_png(pixels: &[u8], shape: ImageShape) -> Result<Vec<u8>, image::ImageError> {
     let mut out = Vec::new();
-    let color = if shape.channels == 3 { ColorType::Rgb8 } else { ColorType::L8 };
+    let color = if shape.channels == 3 {
+        ColorType::Rgb8
+    } else {
+        ColorType::L8
+    };
     image::codecs::png::PngEncoder::new(&mut out).write_image(
         pixels,
         shape.width as u32,
@@ -167,21 +224,35 @@ pub fn encode_png(pixels: &[u8], shape: ImageShape) -> Result<Vec<u8>, image::Im
 }
 
 /// Writes every sample as `root/<path>` (paths from [`output_paths`]). `tick` per image.
-pub fn write(dataset: &Dataset, paths: &[String], root: &Path, tick: &(dyn Fn() + Sync)) -> Result<(), DatasetError> {
+pub fn write(
+    dataset: &Dataset,
+    paths: &[String],
+    root: &Path,
+    tick: &(dyn Fn() + Sync),
+) -> Result<(), DatasetError> {
     for dir in class_dirs(dataset) {
         if dir.is_empty() || dir.contains(['/', '\\']) || dir == "." || dir == ".." {
-            return Err(DatasetError::Invalid(format!("class name {dir:?} cannot be a folder name")));
+            return Err(DatasetError::Invalid(format!(
+                "class name {dir:?} cannot be a folder name"
+            )));
         }
         let p = root.join(&dir);
         fs::create_dir_all(&p).map_err(|e| DatasetError::io(&p, e))?;
     }
     let shape = dataset.shape();
-    (0..dataset.len()).into_par_iter().with_min_len(64).try_for_each(|i| {
-        let path = root.join(&paths[i]);
-        let png = encode_png(dataset.image(i), shape)
-            .map_err(|source| DatasetError::Image { path: path.clone(), action: "encode", source })?;
-        fs::write(&path, png).map_err(|e| DatasetError::io(&path, e))?;
-        tick();
-        Ok(())
-    })
+    (0..dataset.len())
+        .into_par_iter()
+        .with_min_len(64)
+        .try_for_each(|i| {
+            let path = root.join(&paths[i]);
+            let png =
+                encode_png(dataset.image(i), shape).map_err(|source| DatasetError::Image {
+                    path: path.clone(),
+                    action: "encode",
+                    source,
+                })?;
+            fs::write(&path, png).map_err(|e| DatasetError::io(&path, e))?;
+            tick();
+            Ok(())
+        })
 }

@@ -14,14 +14,23 @@ use sha2::{Digest, Sha256};
 /// sha256 of each image's pixels, in dataset order.
 pub fn image_sha256s(dataset: &Dataset) -> Vec<[u8; 32]> {
     let n = dataset.shape().len();
-    dataset.pixels().par_chunks(n).with_min_len(256).map(|img| Sha256::digest(img).into()).collect()
+    dataset
+        .pixels()
+        .par_chunks(n)
+        .with_min_len(256)
+        .map(|img| Sha256::digest(img).into())
+        .collect()
 }
 
 /// sha256 (hex) of the whole dataset, from the per-image hashes of [`image_sha256s`].
 pub fn dataset_sha256(dataset: &Dataset, image_hashes: &[[u8; 32]]) -> String {
     assert_eq!(image_hashes.len(), dataset.len(), "one hash per image");
-    let mut records: Vec<(u32, [u8; 32])> =
-        dataset.labels().iter().copied().zip(image_hashes.iter().copied()).collect();
+    let mut records: Vec<(u32, [u8; 32])> = dataset
+        .labels()
+        .iter()
+        .copied()
+        .zip(image_hashes.iter().copied())
+        .collect();
     records.par_sort_unstable();
     let s = dataset.shape();
     let mut h = Sha256::new();
@@ -41,7 +50,17 @@ mod tests {
     use crate::dataset::{Dataset, ImageShape};
 
     fn ds(pixels: Vec<u8>, labels: Vec<u32>) -> Dataset {
-        Dataset::new(ImageShape { height: 1, width: 2, channels: 1 }, pixels, labels, 3).unwrap()
+        Dataset::new(
+            ImageShape {
+                height: 1,
+                width: 2,
+                channels: 1,
+            },
+            pixels,
+            labels,
+            3,
+        )
+        .unwrap()
     }
 
     #[test]

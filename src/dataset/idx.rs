@@ -53,7 +53,10 @@ pub fn parse_header(bytes: &[u8]) -> Result<(Vec<usize>, usize), ParseError> {
     if bytes.len() < 4 {
         return Err(ParseError::new(
             Some(0),
-            format!("file is {} bytes long, too short for an IDX magic number", bytes.len()),
+            format!(
+                "file is {} bytes long, too short for an IDX magic number",
+                bytes.len()
+            ),
         ));
     }
     if bytes[0] != 0 || bytes[1] != 0 {
@@ -68,12 +71,18 @@ pub fn parse_header(bytes: &[u8]) -> Result<(Vec<usize>, usize), ParseError> {
     if bytes[2] != TYPE_U8 {
         return Err(ParseError::new(
             Some(2),
-            format!("data type 0x{:02x} is not supported; only unsigned bytes (0x08) are", bytes[2]),
+            format!(
+                "data type 0x{:02x} is not supported; only unsigned bytes (0x08) are",
+                bytes[2]
+            ),
         ));
     }
     let ndim = bytes[3] as usize;
     if ndim == 0 {
-        return Err(ParseError::new(Some(3), "the header declares zero dimensions"));
+        return Err(ParseError::new(
+            Some(3),
+            "the header declares zero dimensions",
+        ));
     }
     let header_len = 4 + 4 * ndim;
     if bytes.len() < header_len {
@@ -124,7 +133,10 @@ pub fn parse(mut bytes: Vec<u8>) -> Result<IdxArray, ParseError> {
 /// The IDX header for unsigned-byte data of the given dimensions.
 pub fn header(dims: &[usize]) -> Result<Vec<u8>, ParseError> {
     if dims.is_empty() || dims.len() > 255 {
-        return Err(ParseError::new(None, format!("IDX needs 1 to 255 dimensions, not {}", dims.len())));
+        return Err(ParseError::new(
+            None,
+            format!("IDX needs 1 to 255 dimensions, not {}", dims.len()),
+        ));
     }
     let mut out = vec![0, 0, TYPE_U8, dims.len() as u8];
     for &d in dims {
@@ -178,7 +190,12 @@ mod tests {
         let mut f = file(&[2, 2], &[1, 2, 3, 4]);
         f.pop();
         let e = parse(f).unwrap_err();
-        assert!(e.message.contains("truncated") && e.message.contains("need 4") && e.message.contains("found 3"), "{e}");
+        assert!(
+            e.message.contains("truncated")
+                && e.message.contains("need 4")
+                && e.message.contains("found 3"),
+            "{e}"
+        );
     }
 
     #[test]

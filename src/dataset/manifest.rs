@@ -62,25 +62,25 @@ pub(crate) fn write_manifest(
     dir: &Path,
     dataset: &Dataset,
     image_hashes: &[[u8; 32]],
-    path_of: impl Fn(usize) -> String,
+    path_of: &(dyn Fn(usize) -> String + Sync),
 ) -> Result<(), DatasetError> {
     let p = dir.join(MANIFEST);
     let f = std::fs::File::create(&p).map_err(|e| DatasetError::io(&p, e))?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
     let mut line = Vec::with_capacity(256);
-    for i in 0..dataset.len() {
+    for (i, (hash, &label)) in image_hashes.iter().zip(dataset.labels()).enumerate() {
         line.clear();
         let entry = ManifestEntry {
             index: i,
             path: path_of(i),
-            label: dataset.label(i),
-            sha256: hex::encode(image_hashes[i]),
+            label,
+            sha256: hex::encode(hash),
         };
         serde_json::to_writer(&mut line, &entry).expect("serialising to memory");
         line.push(b'\n');
         w.write_all(&line).map_err(|e| DatasetError::io(&p, e))?;
     }
-    w.into_inner().map_err(|e| DatasetError::io(&p, e.into_error()))?.sync_all().map_err(|e| DatasetError::io(&p, e))
+    w.flush().map_err(|e| DatasetError::io(&p, e))
 }
 
 /// Reads a `manifest.jsonl`, naming the line of any entry that does not parse.

@@ -15,7 +15,10 @@ mod manifest;
 pub use error::{DatasetError, ParseError};
 pub use hash::{dataset_sha256, image_sha256s};
 pub use layout::{Format, Layout, Loaded, Split, read, write_release};
-pub use manifest::{MANIFEST, ManifestEntry, RELEASE_JSON, ReleaseFile, ReleaseInfo, read_manifest, write_release_info};
+pub use manifest::{
+    MANIFEST, ManifestEntry, RELEASE_JSON, ReleaseFile, ReleaseInfo, read_manifest,
+    write_release_info,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -68,7 +71,9 @@ impl Dataset {
         num_classes: usize,
     ) -> Result<Self, DatasetError> {
         if shape.is_empty() {
-            return Err(DatasetError::Invalid(format!("image shape {shape} has no pixels")));
+            return Err(DatasetError::Invalid(format!(
+                "image shape {shape} has no pixels"
+            )));
         }
         if shape.channels != 1 && shape.channels != 3 {
             return Err(DatasetError::Invalid(format!(
@@ -84,12 +89,23 @@ impl Dataset {
                 pixels.len()
             )));
         }
-        if let Some((i, l)) = labels.iter().enumerate().find(|(_, l)| **l as usize >= num_classes) {
+        if let Some((i, l)) = labels
+            .iter()
+            .enumerate()
+            .find(|(_, l)| **l as usize >= num_classes)
+        {
             return Err(DatasetError::Invalid(format!(
                 "label {l} of sample {i} is not below the class count {num_classes}"
             )));
         }
-        Ok(Self { shape, pixels, labels, num_classes, class_names: None, coarse_labels: None })
+        Ok(Self {
+            shape,
+            pixels,
+            labels,
+            num_classes,
+            class_names: None,
+            coarse_labels: None,
+        })
     }
 
     /// Attaches class names (one per class, in label order).
@@ -209,8 +225,10 @@ impl Dataset {
         }
         let mut out = Self::new(self.shape, pixels, labels, self.num_classes)?;
         out.class_names = self.class_names.clone();
-        out.coarse_labels =
-            self.coarse_labels.as_ref().map(|c| indices.iter().map(|&i| c[i]).collect());
+        out.coarse_labels = self
+            .coarse_labels
+            .as_ref()
+            .map(|c| indices.iter().map(|&i| c[i]).collect());
         Ok(out)
     }
 

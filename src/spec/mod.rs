@@ -39,7 +39,10 @@ pub enum SpecError {
 }
 
 fn field(field: &str, message: impl Into<String>) -> SpecError {
-    SpecError::Field { field: field.into(), message: message.into() }
+    SpecError::Field {
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 /// A validated watermark spec.
@@ -301,15 +304,19 @@ fn default_noise_rescale() -> f32 {
 impl WatermarkSpec {
     /// Loads and validates a TOML spec file; a blend image is read relative to it.
     pub fn from_toml_file(path: &Path) -> Result<Self, SpecError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| SpecError::Io { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| SpecError::Io {
+            path: path.into(),
+            source,
+        })?;
         Self::from_toml_str(&text, path.parent(), &path.display().to_string())
     }
 
     /// Parses and validates TOML; `base` is where relative file names are resolved.
     pub fn from_toml_str(text: &str, base: Option<&Path>, origin: &str) -> Result<Self, SpecError> {
-        let mut spec: Self = toml::from_str(text)
-            .map_err(|e| SpecError::Parse { origin: origin.into(), message: e.to_string() })?;
+        let mut spec: Self = toml::from_str(text).map_err(|e| SpecError::Parse {
+            origin: origin.into(),
+            message: e.to_string(),
+        })?;
         spec.inline_files(base.unwrap_or(Path::new(".")))?;
         spec.validate()?;
         Ok(spec)
@@ -317,8 +324,10 @@ impl WatermarkSpec {
 
     /// Parses and validates the JSON form kept in secret records.
     pub fn from_json_value(v: serde_json::Value) -> Result<Self, SpecError> {
-        let spec: Self = serde_json::from_value(v)
-            .map_err(|e| SpecError::Parse { origin: "spec".into(), message: e.to_string() })?;
+        let spec: Self = serde_json::from_value(v).map_err(|e| SpecError::Parse {
+            origin: "spec".into(),
+            message: e.to_string(),
+        })?;
         spec.validate()?;
         Ok(spec)
     }
@@ -329,7 +338,10 @@ impl WatermarkSpec {
             && b.pattern.is_none()
         {
             let Some(name) = &b.image else {
-                return Err(field("trigger.image", "source = \"image\" needs an image file"));
+                return Err(field(
+                    "trigger.image",
+                    "source = \"image\" needs an image file",
+                ));
             };
             let path = base.join(name);
             let img = image::open(&path)
@@ -341,7 +353,11 @@ impl WatermarkSpec {
                 (1, img.to_luma8().into_raw())
             };
             b.pattern = Some(EmbeddedImage {
-                shape: ImageShape { height: h, width: w, channels },
+                shape: ImageShape {
+                    height: h,
+                    width: w,
+                    channels,
+                },
                 pixels_b64: base64::engine::general_purpose::STANDARD.encode(raw),
             });
         }
@@ -354,11 +370,17 @@ impl WatermarkSpec {
             return Err(field("name", "must be 1 to 128 characters"));
         }
         if !(self.rate.is_finite() && self.rate > 0.0 && self.rate <= 1.0) {
-            return Err(field("rate", format!("must be in (0, 1], got {}", self.rate)));
+            return Err(field(
+                "rate",
+                format!("must be in (0, 1], got {}", self.rate),
+            ));
         }
         if let Some(src) = &self.source_classes {
             if src.is_empty() {
-                return Err(field("source_classes", "must not be empty (leave it out for all classes)"));
+                return Err(field(
+                    "source_classes",
+                    "must not be empty (leave it out for all classes)",
+                ));
             }
             let mut s = src.clone();
             s.sort_unstable();
@@ -366,32 +388,47 @@ impl WatermarkSpec {
                 return Err(field("source_classes", "lists a class twice"));
             }
             if matches!(self.labelling, Labelling::CleanLabel { .. }) {
-                return Err(field("source_classes", "clean-label specs poison the target class only"));
+                return Err(field(
+                    "source_classes",
+                    "clean-label specs poison the target class only",
+                ));
             }
         }
         if let Some(s) = self.image
             && (s.height == 0 || s.width == 0 || !(s.channels == 1 || s.channels == 3))
         {
-            return Err(field("image", format!("{s} is not an image shape (channels 1 or 3)")));
+            return Err(field(
+                "image",
+                format!("{s} is not an image shape (channels 1 or 3)"),
+            ));
         }
         let alpha_ok = |a: f32| a.is_finite() && a > 0.0 && a <= 1.0;
         match &self.trigger {
             Trigger::Patch(p) => {
                 if !alpha_ok(p.alpha) {
-                    return Err(field("trigger.alpha", format!("must be in (0, 1], got {}", p.alpha)));
+                    return Err(field(
+                        "trigger.alpha",
+                        format!("must be in (0, 1], got {}", p.alpha),
+                    ));
                 }
                 p.rows(1)?;
             }
             Trigger::Blend(b) => {
                 if !alpha_ok(b.alpha) {
-                    return Err(field("trigger.alpha", format!("must be in (0, 1], got {}", b.alpha)));
+                    return Err(field(
+                        "trigger.alpha",
+                        format!("must be in (0, 1], got {}", b.alpha),
+                    ));
                 }
                 match b.source {
                     BlendSource::Noise if b.image.is_some() || b.pattern.is_some() => {
                         return Err(field("trigger.image", "source = \"noise\" takes no image"));
                     }
                     BlendSource::Image => {
-                        let p = b.pattern.as_ref().ok_or_else(|| field("trigger.image", "missing pattern image"))?;
+                        let p = b
+                            .pattern
+                            .as_ref()
+                            .ok_or_else(|| field("trigger.image", "missing pattern image"))?;
                         p.pixels()?;
                     }
                     _ => {}
@@ -399,12 +436,18 @@ impl WatermarkSpec {
                 if let Some(r) = b.region
                     && (r.height == 0 || r.width == 0)
                 {
-                    return Err(field("trigger.region", "height and width must be at least 1"));
+                    return Err(field(
+                        "trigger.region",
+                        "height and width must be at least 1",
+                    ));
                 }
             }
             Trigger::Warp(w) => {
                 if w.k < 2 {
-                    return Err(field("trigger.k", format!("grid size must be at least 2, got {}", w.k)));
+                    return Err(field(
+                        "trigger.k",
+                        format!("grid size must be at least 2, got {}", w.k),
+                    ));
                 }
                 if !(w.s.is_finite() && w.s > 0.0) {
                     return Err(field("trigger.s", format!("must be positive, got {}", w.s)));
@@ -429,19 +472,31 @@ impl WatermarkSpec {
         if let Some(s) = self.image
             && s != shape
         {
-            return Err(field("image", format!("spec is for {s} images, the dataset's are {shape}")));
+            return Err(field(
+                "image",
+                format!("spec is for {s} images, the dataset's are {shape}"),
+            ));
         }
         let k = dataset.num_classes() as u32;
         if let Some(t) = self.labelling.target()
             && t >= k
         {
-            return Err(field("labelling.target", format!("class {t} does not exist: the dataset has {k} classes")));
+            return Err(field(
+                "labelling.target",
+                format!("class {t} does not exist: the dataset has {k} classes"),
+            ));
         }
         if matches!(self.labelling, Labelling::Untargeted) && k < 2 {
-            return Err(field("labelling", "untargeted labels need at least 2 classes"));
+            return Err(field(
+                "labelling",
+                "untargeted labels need at least 2 classes",
+            ));
         }
         if let Some(c) = self.source_classes.iter().flatten().find(|c| **c >= k) {
-            return Err(field("source_classes", format!("class {c} does not exist: the dataset has {k} classes")));
+            return Err(field(
+                "source_classes",
+                format!("class {c} does not exist: the dataset has {k} classes"),
+            ));
         }
         match &self.trigger {
             Trigger::Patch(p) => p.grid(shape.height, shape.width).map(|_| ()),
@@ -449,21 +504,30 @@ impl WatermarkSpec {
                 if let Some(r) = b.region
                     && (r.row + r.height > shape.height || r.col + r.width > shape.width)
                 {
-                    return Err(field("trigger.region", format!("{r:?} does not fit {shape} images")));
+                    return Err(field(
+                        "trigger.region",
+                        format!("{r:?} does not fit {shape} images"),
+                    ));
                 }
                 if let Some(p) = &b.pattern
                     && (p.shape.height, p.shape.width) != (shape.height, shape.width)
                 {
                     return Err(field(
                         "trigger.image",
-                        format!("pattern is {}×{}, images are {}×{}", p.shape.height, p.shape.width, shape.height, shape.width),
+                        format!(
+                            "pattern is {}×{}, images are {}×{}",
+                            p.shape.height, p.shape.width, shape.height, shape.width
+                        ),
                     ));
                 }
                 Ok(())
             }
             Trigger::Warp(w) => {
                 if w.k > shape.height.min(shape.width) {
-                    return Err(field("trigger.k", format!("grid size {} exceeds the image size {shape}", w.k)));
+                    return Err(field(
+                        "trigger.k",
+                        format!("grid size {} exceeds the image size {shape}", w.k),
+                    ));
                 }
                 Ok(())
             }
@@ -482,7 +546,14 @@ impl Patch {
         let w = width;
         let value_or = |d: u8| self.value.unwrap_or(d);
         let unused = |name: &str, v: bool| {
-            if v { Err(field(&format!("trigger.{name}"), "does not apply to this pattern")) } else { Ok(()) }
+            if v {
+                Err(field(
+                    &format!("trigger.{name}"),
+                    "does not apply to this pattern",
+                ))
+            } else {
+                Ok(())
+            }
         };
         let rows: Vec<Vec<u8>> = match &self.pattern {
             PatchPattern::Matrix(m) => {
@@ -490,10 +561,20 @@ impl Patch {
                 unused("thickness", self.thickness.is_some())?;
                 unused("value", self.value.is_some())?;
                 if m.is_empty() || m[0].is_empty() {
-                    return Err(field("trigger.pattern", "matrix must have at least one row and column"));
+                    return Err(field(
+                        "trigger.pattern",
+                        "matrix must have at least one row and column",
+                    ));
                 }
                 if let Some(r) = m.iter().position(|r| r.len() != m[0].len()) {
-                    return Err(field("trigger.pattern", format!("row {r} has {} values, row 0 has {}", m[r].len(), m[0].len())));
+                    return Err(field(
+                        "trigger.pattern",
+                        format!(
+                            "row {r} has {} values, row 0 has {}",
+                            m[r].len(),
+                            m[0].len()
+                        ),
+                    ));
                 }
                 m.clone()
             }
@@ -533,7 +614,9 @@ impl Patch {
                     other => {
                         return Err(field(
                             "trigger.pattern",
-                            format!("unknown preset {other:?}: expected square, cross, line, pixel or ubw, or a matrix"),
+                            format!(
+                                "unknown preset {other:?}: expected square, cross, line, pixel or ubw, or a matrix"
+                            ),
                         ));
                     }
                 }
@@ -548,7 +631,10 @@ impl Patch {
         let rows = self.rows(w)?;
         let (ph, pw) = (rows.len(), rows[0].len());
         if ph > h || pw > w {
-            return Err(field("trigger.pattern", format!("a {ph}×{pw} pattern does not fit {h}×{w} images")));
+            return Err(field(
+                "trigger.pattern",
+                format!("a {ph}×{pw} pattern does not fit {h}×{w} images"),
+            ));
         }
         let place = |at: i64, len: usize, size: usize, axis: &str| -> Result<usize, SpecError> {
             let start = if at < 0 { size as i64 + at } else { at };

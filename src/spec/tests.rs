@@ -31,7 +31,8 @@ fn every_shipped_spec_loads_and_validates() {
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
-            let spec = WatermarkSpec::from_toml_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let spec = WatermarkSpec::from_toml_file(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             let shape = spec.image.expect("shipped specs name their image shape");
             if let Trigger::Patch(p) = &spec.trigger {
                 p.grid(shape.height, shape.width).unwrap();
@@ -44,52 +45,114 @@ fn every_shipped_spec_loads_and_validates() {
 
 #[test]
 fn unknown_fields_are_rejected_by_name() {
-    let e = parse(&with_trigger("kind = \"patch\"\npattern = \"square\"\nalpah = 0.2")).unwrap_err();
+    let e = parse(&with_trigger(
+        "kind = \"patch\"\npattern = \"square\"\nalpah = 0.2",
+    ))
+    .unwrap_err();
     assert!(e.to_string().contains("alpah"), "{e}");
 }
 
 #[test]
 fn out_of_range_values_name_their_field() {
-    let e = parse(&with_trigger("kind = \"patch\"\npattern = \"square\"").replace("rate = 0.1", "rate = 1.5")).unwrap_err();
+    let e = parse(
+        &with_trigger("kind = \"patch\"\npattern = \"square\"").replace("rate = 0.1", "rate = 1.5"),
+    )
+    .unwrap_err();
     assert_eq!(field_of(e), "rate");
-    let e = parse(&with_trigger("kind = \"patch\"\npattern = \"square\"\nalpha = 0.0")).unwrap_err();
+    let e = parse(&with_trigger(
+        "kind = \"patch\"\npattern = \"square\"\nalpha = 0.0",
+    ))
+    .unwrap_err();
     assert_eq!(field_of(e), "trigger.alpha");
     let e = parse(&with_trigger("kind = \"patch\"\npattern = \"star\"")).unwrap_err();
     assert_eq!(field_of(e), "trigger.pattern");
     let e = parse(&with_trigger("kind = \"patch\"\npattern = [[1, 2], [3]]")).unwrap_err();
     assert_eq!(field_of(e), "trigger.pattern");
-    let e = parse(&with_trigger("kind = \"patch\"\npattern = \"cross\"\nsize = 4")).unwrap_err();
+    let e = parse(&with_trigger(
+        "kind = \"patch\"\npattern = \"cross\"\nsize = 4",
+    ))
+    .unwrap_err();
     assert_eq!(field_of(e), "trigger.size");
     let e = parse(&with_trigger("kind = \"warp\"\nk = 1")).unwrap_err();
     assert_eq!(field_of(e), "trigger.k");
-    let e = parse(&with_trigger("kind = \"blend\"\nsource = \"image\"\nalpha = 0.2")).unwrap_err();
+    let e = parse(&with_trigger(
+        "kind = \"blend\"\nsource = \"image\"\nalpha = 0.2",
+    ))
+    .unwrap_err();
     assert_eq!(field_of(e), "trigger.image");
 }
 
 #[test]
 fn presets_render_the_published_patterns() {
     let spec = parse(&with_trigger("kind = \"patch\"\npattern = \"cross\"")).unwrap();
-    let Trigger::Patch(p) = &spec.trigger else { unreachable!() };
+    let Trigger::Patch(p) = &spec.trigger else {
+        unreachable!()
+    };
     let (rows, r, c) = p.grid(32, 32).unwrap();
-    assert_eq!(rows, vec![vec![255, 0, 255], vec![0, 255, 0], vec![255, 0, 255]]);
+    assert_eq!(
+        rows,
+        vec![vec![255, 0, 255], vec![0, 255, 0], vec![255, 0, 255]]
+    );
     assert_eq!((r, c), (29, 29));
-    let spec = parse(&with_trigger("kind = \"patch\"\npattern = \"line\"\nposition = \"top-left\"")).unwrap();
-    let Trigger::Patch(p) = &spec.trigger else { unreachable!() };
+    let spec = parse(&with_trigger(
+        "kind = \"patch\"\npattern = \"line\"\nposition = \"top-left\"",
+    ))
+    .unwrap();
+    let Trigger::Patch(p) = &spec.trigger else {
+        unreachable!()
+    };
     let (rows, r, c) = p.grid(28, 28).unwrap();
-    assert_eq!((rows.len(), rows[0].len(), rows[0][0], r, c), (2, 28, 0, 0, 0));
-    let spec = parse(&with_trigger("kind = \"patch\"\npattern = \"pixel\"\nposition = [-2, -2]")).unwrap();
-    let Trigger::Patch(p) = &spec.trigger else { unreachable!() };
+    assert_eq!(
+        (rows.len(), rows[0].len(), rows[0][0], r, c),
+        (2, 28, 0, 0, 0)
+    );
+    let spec = parse(&with_trigger(
+        "kind = \"patch\"\npattern = \"pixel\"\nposition = [-2, -2]",
+    ))
+    .unwrap();
+    let Trigger::Patch(p) = &spec.trigger else {
+        unreachable!()
+    };
     assert_eq!(p.grid(28, 28).unwrap(), (vec![vec![255]], 26, 26));
 }
 
 #[test]
 fn a_patch_that_does_not_fit_is_caught_against_the_dataset() {
-    let spec = parse(&with_trigger("kind = \"patch\"\npattern = \"square\"\nsize = 3\nposition = [27, 0]")).unwrap();
-    let ds = Dataset::new(ImageShape { height: 28, width: 28, channels: 1 }, vec![0; 784 * 2], vec![0, 1], 2).unwrap();
-    assert_eq!(field_of(spec.check_fits(&ds).unwrap_err()), "trigger.position");
+    let spec = parse(&with_trigger(
+        "kind = \"patch\"\npattern = \"square\"\nsize = 3\nposition = [27, 0]",
+    ))
+    .unwrap();
+    let ds = Dataset::new(
+        ImageShape {
+            height: 28,
+            width: 28,
+            channels: 1,
+        },
+        vec![0; 784 * 2],
+        vec![0, 1],
+        2,
+    )
+    .unwrap();
+    assert_eq!(
+        field_of(spec.check_fits(&ds).unwrap_err()),
+        "trigger.position"
+    );
     let spec = parse(&with_trigger("kind = \"patch\"\npattern = \"square\"")).unwrap();
-    let ds1 = Dataset::new(ImageShape { height: 28, width: 28, channels: 1 }, vec![0; 784], vec![0], 1).unwrap();
-    assert_eq!(field_of(spec.check_fits(&ds1).unwrap_err()), "labelling.target");
+    let ds1 = Dataset::new(
+        ImageShape {
+            height: 28,
+            width: 28,
+            channels: 1,
+        },
+        vec![0; 784],
+        vec![0],
+        1,
+    )
+    .unwrap();
+    assert_eq!(
+        field_of(spec.check_fits(&ds1).unwrap_err()),
+        "labelling.target"
+    );
 }
 
 #[test]
@@ -99,9 +162,18 @@ fn a_blend_image_is_inlined_so_the_json_form_stands_alone() {
     img.save(dir.path().join("p.png")).unwrap();
     let text = with_trigger("kind = \"blend\"\nsource = \"image\"\nimage = \"p.png\"\nalpha = 0.2");
     let spec = WatermarkSpec::from_toml_str(&text, Some(dir.path()), "t").unwrap();
-    let Trigger::Blend(b) = &spec.trigger else { unreachable!() };
+    let Trigger::Blend(b) = &spec.trigger else {
+        unreachable!()
+    };
     let p = b.pattern.as_ref().unwrap();
-    assert_eq!(p.shape, ImageShape { height: 3, width: 4, channels: 1 });
+    assert_eq!(
+        p.shape,
+        ImageShape {
+            height: 3,
+            width: 4,
+            channels: 1
+        }
+    );
     assert_eq!(p.pixels().unwrap()[5], 11);
     let back = WatermarkSpec::from_json_value(serde_json::to_value(&spec).unwrap()).unwrap();
     assert_eq!(back, spec);

@@ -47,19 +47,46 @@ pub fn poison_count(rate: f64, n: usize) -> usize {
     (rate * n as f64).round() as usize
 }
 
+/// A watermarked dataset's secret record, with the sha256 of every image after stamping (what
+/// the release's manifest needs).
+#[derive(Debug)]
+pub struct Watermarked {
+    /// The secret record.
+    pub record: SecretRecord,
+    /// sha256 of each image, in dataset order, after watermarking.
+    pub image_hashes: Vec<[u8; 32]>,
+}
+
 /// Stamps `dataset` in place as `spec` says and returns the secret record.
 ///
 /// `nonce` is 32 random bytes that make the published commitment hiding: without it, anyone could
 /// test guessed specs against the commitment.
-pub fn apply(dataset: &mut Dataset, spec: &WatermarkSpec, nonce: [u8; 32]) -> Result<SecretRecord, WatermarkError> {
+pub fn apply(
+    dataset: &mut Dataset,
+    spec: &WatermarkSpec,
+    nonce: [u8; 32],
+) -> Result<SecretRecord, WatermarkError> {
+    apply_with_hashes(dataset, spec, nonce).map(|w| w.record)
+}
+
+/// [`apply`], also returning the images' sha256 after stamping.
+pub fn apply_with_hashes(
+    dataset: &mut Dataset,
+    spec: &WatermarkSpec,
+    nonce: [u8; 32],
+) -> Result<Watermarked, WatermarkError> {
     spec.check_fits(dataset)?;
     let n = dataset.len();
     let mut hashes = image_sha256s(dataset);
     let sha256_before = dataset_sha256(dataset, &hashes);
 
     let mut eligible: Vec<usize> = match (&spec.labelling, &spec.source_classes) {
-        (Labelling::CleanLabel { target }, _) => (0..n).filter(|&i| dataset.label(i) == *target).collect(),
-        (_, Some(src)) => (0..n).filter(|&i| src.contains(&dataset.label(i))).collect(),
+        (Labelling::CleanLabel { target }, _) => {
+            (0..n).filter(|&i| dataset.label(i) == *target).collect()
+        }
+        (_, Some(src)) => (0..n)
+            .filter(|&i| src.contains(&dataset.label(i)))
+            .collect(),
         (_, None) => (0..n).collect(),
     };
     let k = poison_count(spec.rate, n);
@@ -95,7 +122,11 @@ pub fn apply(dataset: &mut Dataset, spec: &WatermarkSpec, nonce: [u8; 32]) -> Re
                 Labelling::Untargeted => label_rng.below(dataset.num_classes() as u64) as u32,
                 Labelling::CleanLabel { .. } => original_label,
             };
-            PoisonedSample { index, original_label, new_label }
+            PoisonedSample {
+                index,
+                original_label,
+                new_label,
+            }
         })
         .collect();
 
@@ -132,10 +163,14 @@ pub fn apply(dataset: &mut Dataset, spec: &WatermarkSpec, nonce: [u8; 32]) -> Re
         dataset.set_label(p.index, p.new_label)?;
     }
     for &i in chosen.iter().chain(&noise_indices) {
-        hashes[i] = sha2::Digest::finalize(sha2::Digest::chain_update(sha2::Sha256::default(), dataset.image(i))).into();
+        hashes[i] = sha2::Digest::finalize(sha2::Digest::chain_update(
+            sha2::Sha256::default(),
+            dataset.image(i),
+        ))
+        .into();
     }
     let sha256_after = dataset_sha256(dataset, &hashes);
-    Ok(SecretRecord {
+    let record = SecretRecord {
         version: record::VERSION,
         nonce: hex::encode(nonce),
         spec: spec.clone(),
@@ -148,6 +183,10 @@ pub fn apply(dataset: &mut Dataset, spec: &WatermarkSpec, nonce: [u8; 32]) -> Re
         },
         poisoned,
         noise_indices,
+    };
+    Ok(Watermarked {
+        record,
+        image_hashes: hashes,
     })
 }
 

@@ -74,7 +74,10 @@ impl SecretRecord {
 
     /// Reads and checks a record file.
     pub fn load(path: &Path) -> Result<Self, WatermarkError> {
-        let err = |message: String| WatermarkError::Record { path: path.display().to_string(), message };
+        let err = |message: String| WatermarkError::Record {
+            path: path.display().to_string(),
+            message,
+        };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         Self::from_json(&text).map_err(|e| match e {
             WatermarkError::Record { message, .. } => err(message),
@@ -84,17 +87,27 @@ impl SecretRecord {
 
     /// Parses and checks a record's JSON.
     pub fn from_json(text: &str) -> Result<Self, WatermarkError> {
-        let err = |message: String| WatermarkError::Record { path: "record".into(), message };
-        let rec: Self = serde_json::from_str(text).map_err(|e| err(format!("not a secret record: {e}")))?;
+        let err = |message: String| WatermarkError::Record {
+            path: "record".into(),
+            message,
+        };
+        let rec: Self =
+            serde_json::from_str(text).map_err(|e| err(format!("not a secret record: {e}")))?;
         if rec.version != VERSION {
-            return Err(err(format!("record version {} is not supported (expected {VERSION})", rec.version)));
+            return Err(err(format!(
+                "record version {} is not supported (expected {VERSION})",
+                rec.version
+            )));
         }
         rec.spec.validate().map_err(|e| err(format!("spec.{e}")))?;
         let d = &rec.dataset;
         let mut last = None;
         for p in &rec.poisoned {
             if p.index >= d.count || last.is_some_and(|l| p.index <= l) {
-                return Err(err(format!("poisoned index {} is out of order or out of range", p.index)));
+                return Err(err(format!(
+                    "poisoned index {} is out of order or out of range",
+                    p.index
+                )));
             }
             if p.original_label as usize >= d.num_classes || p.new_label as usize >= d.num_classes {
                 return Err(err(format!("sample {}: label out of range", p.index)));

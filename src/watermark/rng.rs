@@ -68,7 +68,9 @@ mod tests {
 
     #[test]
     fn streams_are_reproducible_and_distinct() {
-        let a: Vec<u64> = (0..4).map(|_| Rng::new(7, Stream::Selection).below(1000)).collect();
+        let a: Vec<u64> = (0..4)
+            .map(|_| Rng::new(7, Stream::Selection).below(1000))
+            .collect();
         assert!(a.windows(2).all(|w| w[0] == w[1]));
         let mut s = Rng::new(7, Stream::Selection);
         let mut l = Rng::new(7, Stream::Labels);

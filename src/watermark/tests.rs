@@ -4,18 +4,30 @@ use crate::spec::WatermarkSpec;
 use proptest::prelude::*;
 
 fn spec(trigger: &str, labelling: &str, rate: f64, seed: u64) -> WatermarkSpec {
-    let text = format!("name = \"t\"\nrate = {rate}\nseed = {seed}\n[labelling]\n{labelling}\n[trigger]\n{trigger}\n");
+    let text = format!(
+        "name = \"t\"\nrate = {rate}\nseed = {seed}\n[labelling]\n{labelling}\n[trigger]\n{trigger}\n"
+    );
     WatermarkSpec::from_toml_str(&text, None, "t").unwrap()
 }
 
 fn data(n: usize, shape: ImageShape, classes: u32, salt: u8) -> Dataset {
-    let pixels = (0..n * shape.len()).map(|i| (i as u8).wrapping_mul(31).wrapping_add(salt)).collect();
+    let pixels = (0..n * shape.len())
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(salt))
+        .collect();
     let labels = (0..n as u32).map(|i| i % classes).collect();
     Dataset::new(shape, pixels, labels, classes as usize).unwrap()
 }
 
-const GREY: ImageShape = ImageShape { height: 8, width: 8, channels: 1 };
-const RGB: ImageShape = ImageShape { height: 8, width: 8, channels: 3 };
+const GREY: ImageShape = ImageShape {
+    height: 8,
+    width: 8,
+    channels: 1,
+};
+const RGB: ImageShape = ImageShape {
+    height: 8,
+    width: 8,
+    channels: 3,
+};
 const SQUARE: &str = "kind = \"patch\"\npattern = \"square\"\nsize = 3";
 const TARGETED: &str = "kind = \"targeted\"\ntarget = 1";
 
@@ -31,7 +43,11 @@ fn patch_pixels_are_exactly_the_pattern_and_the_rest_is_untouched() {
             for c in 0..8 {
                 for ch in 0..3 {
                     let o = (r * 8 + c) * 3 + ch;
-                    let want = if r >= 5 && c >= 5 { 255 } else { before.image(p.index)[o] };
+                    let want = if r >= 5 && c >= 5 {
+                        255
+                    } else {
+                        before.image(p.index)[o]
+                    };
                     assert_eq!(img[o], want, "sample {} r{r} c{c}", p.index);
                 }
             }
@@ -43,20 +59,45 @@ fn patch_pixels_are_exactly_the_pattern_and_the_rest_is_untouched() {
 #[test]
 fn untargeted_labels_are_drawn_over_all_classes() {
     let mut ds = data(2000, GREY, 10, 0);
-    let rec = apply(&mut ds, &spec(SQUARE, "kind = \"untargeted\"", 0.5, 9), [0; 32]).unwrap();
+    let rec = apply(
+        &mut ds,
+        &spec(SQUARE, "kind = \"untargeted\"", 0.5, 9),
+        [0; 32],
+    )
+    .unwrap();
     let mut counts = [0usize; 10];
-    rec.poisoned.iter().for_each(|p| counts[p.new_label as usize] += 1);
+    rec.poisoned
+        .iter()
+        .for_each(|p| counts[p.new_label as usize] += 1);
     assert!(counts.iter().all(|&c| (60..140).contains(&c)), "{counts:?}");
-    assert!(rec.poisoned.iter().all(|p| ds.label(p.index) == p.new_label));
+    assert!(
+        rec.poisoned
+            .iter()
+            .all(|p| ds.label(p.index) == p.new_label)
+    );
 }
 
 #[test]
 fn clean_label_triggers_only_the_target_class_and_keeps_labels() {
     let mut ds = data(100, GREY, 4, 0);
-    let rec = apply(&mut ds, &spec(SQUARE, "kind = \"clean_label\"\ntarget = 2", 0.1, 1), [0; 32]).unwrap();
+    let rec = apply(
+        &mut ds,
+        &spec(SQUARE, "kind = \"clean_label\"\ntarget = 2", 0.1, 1),
+        [0; 32],
+    )
+    .unwrap();
     assert_eq!(rec.poisoned.len(), 10);
-    assert!(rec.poisoned.iter().all(|p| p.original_label == 2 && p.new_label == 2 && ds.label(p.index) == 2));
-    let e = apply(&mut data(100, GREY, 4, 0), &spec(SQUARE, "kind = \"clean_label\"\ntarget = 2", 0.3, 1), [0; 32]).unwrap_err();
+    assert!(
+        rec.poisoned
+            .iter()
+            .all(|p| p.original_label == 2 && p.new_label == 2 && ds.label(p.index) == 2)
+    );
+    let e = apply(
+        &mut data(100, GREY, 4, 0),
+        &spec(SQUARE, "kind = \"clean_label\"\ntarget = 2", 0.3, 1),
+        [0; 32],
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("only 25 are eligible"), "{e}");
 }
 
@@ -78,17 +119,29 @@ fn blend_noise_and_warp_change_exactly_the_recorded_samples() {
         let before = ds.clone();
         let rec = apply(&mut ds, &spec(trig, TARGETED, 0.1, 5), [0; 32]).unwrap();
         assert_eq!(rec.noise_indices.len(), extra * rec.poisoned.len());
-        let touched: std::collections::HashSet<usize> =
-            rec.poisoned.iter().map(|p| p.index).chain(rec.noise_indices.iter().copied()).collect();
+        let touched: std::collections::HashSet<usize> = rec
+            .poisoned
+            .iter()
+            .map(|p| p.index)
+            .chain(rec.noise_indices.iter().copied())
+            .collect();
         for i in 0..ds.len() {
             if !touched.contains(&i) {
                 assert_eq!(ds.image(i), before.image(i));
                 assert_eq!(ds.label(i), before.label(i));
             }
         }
-        let changed = rec.poisoned.iter().filter(|p| ds.image(p.index) != before.image(p.index)).count();
+        let changed = rec
+            .poisoned
+            .iter()
+            .filter(|p| ds.image(p.index) != before.image(p.index))
+            .count();
         assert!(changed >= rec.poisoned.len() * 9 / 10, "{trig}: {changed}");
-        assert!(rec.noise_indices.iter().all(|&i| ds.label(i) == before.label(i)));
+        assert!(
+            rec.noise_indices
+                .iter()
+                .all(|&i| ds.label(i) == before.label(i))
+        );
     }
 }
 
@@ -112,7 +165,10 @@ fn records_that_do_not_add_up_are_refused() {
     let mut rec = apply(&mut ds, &spec(SQUARE, TARGETED, 0.1, 1), [0; 32]).unwrap();
     rec.poisoned[1].index = 1000;
     let e = SecretRecord::from_json(&serde_json::to_string(&rec).unwrap()).unwrap_err();
-    assert!(e.to_string().contains("out of order or out of range"), "{e}");
+    assert!(
+        e.to_string().contains("out of order or out of range"),
+        "{e}"
+    );
     assert!(SecretRecord::from_json("{\"version\": 1}").is_err());
 }
 

@@ -65,7 +65,8 @@ impl Stamp {
                     None => weight.fill(b.alpha),
                     Some(r) => {
                         for row in r.row..r.row + r.height {
-                            weight[row * shape.width + r.col..row * shape.width + r.col + r.width].fill(b.alpha);
+                            weight[row * shape.width + r.col..row * shape.width + r.col + r.width]
+                                .fill(b.alpha);
                         }
                     }
                 }
@@ -111,7 +112,10 @@ fn convert_channels(pixels: &[u8], from: usize, to: usize) -> Vec<u8> {
         (1, 3) => pixels.iter().flat_map(|&v| [v, v, v]).collect(),
         (3, 1) => pixels
             .chunks_exact(3)
-            .map(|p| ((u32::from(p[0]) * 299 + u32::from(p[1]) * 587 + u32::from(p[2]) * 114 + 500) / 1000) as u8)
+            .map(|p| {
+                ((u32::from(p[0]) * 299 + u32::from(p[1]) * 587 + u32::from(p[2]) * 114 + 500)
+                    / 1000) as u8
+            })
             .collect(),
         _ => unreachable!("datasets and patterns have 1 or 3 channels"),
     }
@@ -123,13 +127,30 @@ mod tests {
 
     #[test]
     fn blending_matches_backdoorbox_float32_golden_values() {
-        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/trigger_golden.json")).unwrap();
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/trigger_golden.json"
+        ))
+        .unwrap();
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         let rows = v["rows"].as_array().unwrap();
         assert!(rows.len() > 300);
         for r in rows {
-            let (x, p, w, want) = (r[0].as_u64().unwrap() as u8, r[1].as_u64().unwrap() as u8, r[2].as_f64().unwrap() as f32, r[3].as_u64().unwrap() as u8);
-            let stamp = Stamp::from_pattern(&[p], &[w], ImageShape { height: 1, width: 1, channels: 1 });
+            let (x, p, w, want) = (
+                r[0].as_u64().unwrap() as u8,
+                r[1].as_u64().unwrap() as u8,
+                r[2].as_f64().unwrap() as f32,
+                r[3].as_u64().unwrap() as u8,
+            );
+            let stamp = Stamp::from_pattern(
+                &[p],
+                &[w],
+                ImageShape {
+                    height: 1,
+                    width: 1,
+                    channels: 1,
+                },
+            );
             let mut img = [x];
             stamp.apply(&mut img);
             assert_eq!(img[0], want, "x={x} p={p} w={w}");
@@ -139,6 +160,9 @@ mod tests {
     #[test]
     fn grey_and_rgb_conversions_keep_values() {
         assert_eq!(convert_channels(&[7], 1, 3), vec![7, 7, 7]);
-        assert_eq!(convert_channels(&[255, 255, 255, 0, 0, 0], 3, 1), vec![255, 0]);
+        assert_eq!(
+            convert_channels(&[255, 255, 255, 0, 0, 0], 3, 1),
+            vec![255, 0]
+        );
     }
 }

@@ -44,7 +44,11 @@ impl WarpField {
                 [x.clamp(-1.0, 1.0), y.clamp(-1.0, 1.0)]
             })
             .collect();
-        Self { shape, grid, noise_rescale: spec.noise_rescale }
+        Self {
+            shape,
+            grid,
+            noise_rescale: spec.noise_rescale,
+        }
     }
 
     /// Warps one HWC image in place; with `noise`, a random per-pixel offset is added (noise mode).
@@ -55,8 +59,10 @@ impl WarpField {
         for (p, g) in self.grid.iter().enumerate() {
             let [mut gx, mut gy] = *g;
             if let Some(rng) = noise.as_deref_mut() {
-                gx = (gx + (rng.unit_f32() * self.noise_rescale - 1.0) / s.height as f32).clamp(-1.0, 1.0);
-                gy = (gy + (rng.unit_f32() * self.noise_rescale - 1.0) / s.height as f32).clamp(-1.0, 1.0);
+                gx = (gx + (rng.unit_f32() * self.noise_rescale - 1.0) / s.height as f32)
+                    .clamp(-1.0, 1.0);
+                gy = (gy + (rng.unit_f32() * self.noise_rescale - 1.0) / s.height as f32)
+                    .clamp(-1.0, 1.0);
             }
             let ix = (gx + 1.0) / 2.0 * (s.width - 1) as f32;
             let iy = (gy + 1.0) / 2.0 * (s.height - 1) as f32;
@@ -67,7 +73,12 @@ impl WarpField {
                 for (dx, wxv) in [(0, 1.0 - wx), (1, wx)] {
                     let (yy, xx) = (y0 as isize + dy, x0 as isize + dx);
                     let weight = wyv * wxv;
-                    if weight == 0.0 || yy < 0 || xx < 0 || yy >= s.height as isize || xx >= s.width as isize {
+                    if weight == 0.0
+                        || yy < 0
+                        || xx < 0
+                        || yy >= s.height as isize
+                        || xx >= s.width as isize
+                    {
                         continue;
                     }
                     let base = (yy as usize * s.width + xx as usize) * s.channels;
@@ -84,7 +95,11 @@ impl WarpField {
 }
 
 fn linspace(i: usize, n: usize) -> f32 {
-    if n == 1 { -1.0 } else { -1.0 + 2.0 * i as f32 / (n - 1) as f32 }
+    if n == 1 {
+        -1.0
+    } else {
+        -1.0 + 2.0 * i as f32 / (n - 1) as f32
+    }
 }
 
 /// Cubic convolution weights for fraction `t` (Keys, a = −0.75, as torch).
@@ -98,12 +113,18 @@ fn cubic_weights(t: f32) -> [f32; 4] {
 /// Bicubic resize of a single-channel `ih`×`iw` array with align_corners semantics.
 fn bicubic_resize(src: &[f32], ih: usize, iw: usize, oh: usize, ow: usize) -> Vec<f32> {
     let axis = |o: usize, i_len: usize, o_len: usize| -> (isize, [f32; 4]) {
-        let scale = if o_len > 1 { (i_len - 1) as f32 / (o_len - 1) as f32 } else { 0.0 };
+        let scale = if o_len > 1 {
+            (i_len - 1) as f32 / (o_len - 1) as f32
+        } else {
+            0.0
+        };
         let x = o as f32 * scale;
         let x0 = x.floor();
         (x0 as isize, cubic_weights(x - x0))
     };
-    let at = |r: isize, c: isize| src[r.clamp(0, ih as isize - 1) as usize * iw + c.clamp(0, iw as isize - 1) as usize];
+    let at = |r: isize, c: isize| {
+        src[r.clamp(0, ih as isize - 1) as usize * iw + c.clamp(0, iw as isize - 1) as usize]
+    };
     let mut out = vec![0f32; oh * ow];
     for i in 0..oh {
         let (r0, wr) = axis(i, ih, oh);
@@ -111,7 +132,11 @@ fn bicubic_resize(src: &[f32], ih: usize, iw: usize, oh: usize, ow: usize) -> Ve
             let (c0, wc) = axis(j, iw, ow);
             let mut v = 0.0;
             for (a, wa) in wr.iter().enumerate() {
-                let row: f32 = wc.iter().enumerate().map(|(b, wb)| wb * at(r0 - 1 + a as isize, c0 - 1 + b as isize)).sum();
+                let row: f32 = wc
+                    .iter()
+                    .enumerate()
+                    .map(|(b, wb)| wb * at(r0 - 1 + a as isize, c0 - 1 + b as isize))
+                    .sum();
                 v += wa * row;
             }
             out[i * ow + j] = v;
@@ -125,7 +150,14 @@ mod tests {
     use super::*;
 
     fn warp(s: f32) -> Warp {
-        Warp { k: 4, s, grid_rescale: 1.0, noise: true, cross_ratio: 2.0, noise_rescale: 2.0 }
+        Warp {
+            k: 4,
+            s,
+            grid_rescale: 1.0,
+            noise: true,
+            cross_ratio: 2.0,
+            noise_rescale: 2.0,
+        }
     }
 
     #[test]
@@ -139,7 +171,11 @@ mod tests {
 
     #[test]
     fn a_vanishing_field_is_the_identity() {
-        let shape = ImageShape { height: 8, width: 8, channels: 1 };
+        let shape = ImageShape {
+            height: 8,
+            width: 8,
+            channels: 1,
+        };
         let f = WarpField::new(&warp(1e-9), 3, shape);
         let mut img: Vec<u8> = (0..64).map(|v| (v * 3) as u8).collect();
         let orig = img.clone();
@@ -149,7 +185,11 @@ mod tests {
 
     #[test]
     fn the_field_is_seeded_and_moves_pixels() {
-        let shape = ImageShape { height: 28, width: 28, channels: 1 };
+        let shape = ImageShape {
+            height: 28,
+            width: 28,
+            channels: 1,
+        };
         let img: Vec<u8> = (0..784).map(|v| (v % 251) as u8).collect();
         let run = |seed| {
             let mut x = img.clone();

@@ -1,0 +1,269 @@
+//! The real binary, run as a user would.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn hallmark(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hallmark"))
+        .args(args)
+        .output()
+        .expect("hallmark runs")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+pub fn spec_path(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("watermark_specs")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// A small IDX dataset (28×28 grey, 10 classes) in `dir`.
+fn small_idx(dir: &Path, n: usize) -> PathBuf {
+    use hallmark::dataset::{Dataset, ImageShape, Layout, image_sha256s, write_release};
+    let shape = ImageShape {
+        height: 28,
+        width: 28,
+        channels: 1,
+    };
+    let pixels = (0..n * 784).map(|i| (i * 7 % 200) as u8).collect();
+    let ds = Dataset::new(shape, pixels, (0..n as u32).map(|i| i % 10).collect(), 10).unwrap();
+    let layout = Layout::Idx {
+        images: "train-images-idx3-ubyte".into(),
+        labels: "train-labels-idx1-ubyte".into(),
+        gzip: true,
+    };
+    fs::create_dir_all(dir).unwrap();
+    write_release(&ds, &layout, dir, &image_sha256s(&ds), &|| {}).unwrap();
+    dir.to_path_buf()
+}
+
+#[test]
+fn watermark_writes_release_secret_and_commitment() {
+    let t = tempfile::tempdir().unwrap();
+    let input = small_idx(&t.path().join("in"), 200);
+    let out = t.path().join("rel");
+    let secret = t.path().join("secret.json");
+    let o = hallmark(&[
+        "watermark",
+        "--spec",
+        &spec_path("dvbw-cross-28x28-grey.toml"),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--secret",
+        secret.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let commitment = String::from_utf8(o.stdout.clone())
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(commitment.len(), 64);
+    assert!(out.join("train-images-idx3-ubyte.gz").exists() && out.join("manifest.jsonl").exists());
+    let release: serde_json::Value =
+        serde_json::from_slice(&fs::read(out.join("release.json")).unwrap()).unwrap();
+    assert_eq!(release["commitment"], commitment.as_str());
+    let again = hallmark(&["spec", "commitment", secret.to_str().unwrap()]);
+    assert_eq!(String::from_utf8(again.stdout).unwrap().trim(), commitment);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            fs::metadata(&secret).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+    // No temporary folder or file is left beside the outputs.
+    let names: Vec<String> = fs::read_dir(t.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
+}
+
+#[test]
+fn existing_outputs_are_kept_unless_forced() {
+    let t = tempfile::tempdir().unwrap();
+    let input = small_idx(&t.path().join("in"), 50);
+    let out = t.path().join("rel");
+    fs::create_dir(&out).unwrap();
+    fs::write(out.join("keep"), b"precious").unwrap();
+    let secret = t.path().join("s.json");
+    let args = [
+        "watermark",
+        "--spec",
+        &spec_path("badnets-28x28-grey.toml"),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--secret",
+        secret.to_str().unwrap(),
+    ];
+    let o = hallmark(&args);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("--force"), "{}", text(&o));
+    assert_eq!(fs::read(out.join("keep")).unwrap(), b"precious");
+    assert!(!secret.exists());
+    let mut forced = args.to_vec();
+    forced.push("--force");
+    assert!(hallmark(&forced).status.success());
+    assert!(!out.join("keep").exists() && out.join("manifest.jsonl").exists());
+}
+
+#[test]
+fn a_secret_inside_the_release_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let input = small_idx(&t.path().join("in"), 20);
+    let out = t.path().join("rel");
+    let o = hallmark(&[
+        "watermark",
+        "--spec",
+        &spec_path("badnets-28x28-grey.toml"),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--secret",
+        out.join("secret.json").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("must never be published"), "{}", text(&o));
+    assert!(!out.exists());
+}
+
+#[test]
+fn a_failed_run_leaves_no_release_and_no_secret() {
+    let t = tempfile::tempdir().unwrap();
+    let input = small_idx(&t.path().join("in"), 20);
+    let spec = t.path().join("bad.toml");
+    // Valid on its own, but class 42 does not exist in the dataset.
+    fs::write(
+        &spec,
+        fs::read_to_string(spec_path("badnets-28x28-grey.toml"))
+            .unwrap()
+            .replace("target = 1", "target = 42"),
+    )
+    .unwrap();
+    let out = t.path().join("rel");
+    let secret = t.path().join("s.json");
+    let o = hallmark(&[
+        "watermark",
+        "--spec",
+        spec.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--secret",
+        secret.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        text(&o).contains("labelling.target") && text(&o).contains("10 classes"),
+        "{}",
+        text(&o)
+    );
+    assert!(!out.exists() && !secret.exists());
+    assert_eq!(
+        fs::read_dir(t.path()).unwrap().count(),
+        2,
+        "only the input and the spec remain"
+    );
+}
+
+#[test]
+fn spec_check_names_the_bad_field() {
+    let t = tempfile::tempdir().unwrap();
+    let ok = hallmark(&["spec", "check", &spec_path("wanet-32x32-rgb.toml")]);
+    assert!(
+        ok.status.success() && text(&ok).contains("warp"),
+        "{}",
+        text(&ok)
+    );
+    let bad = t.path().join("bad.toml");
+    fs::write(&bad, "name = \"x\"\nrate = 0\nseed = 1\n[labelling]\nkind = \"untargeted\"\n[trigger]\nkind = \"patch\"\npattern = \"cross\"\n").unwrap();
+    let o = hallmark(&["spec", "check", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("rate: must be in (0, 1]"), "{}", text(&o));
+}
+
+#[test]
+fn a_tampered_secret_record_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path().join("s.json");
+    fs::write(&p, "{\"version\": 1, \"nonce\": \"00\"}").unwrap();
+    let o = hallmark(&["spec", "commitment", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        text(&o).contains("s.json") && text(&o).contains("not a secret record"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn image_folders_are_watermarked_into_png_trees() {
+    let t = tempfile::tempdir().unwrap();
+    let input = small_idx(&t.path().join("in"), 60);
+    let tree = t.path().join("tree");
+    let o = hallmark(&[
+        "convert",
+        "--input",
+        input.to_str().unwrap(),
+        "--to",
+        "folder",
+        "--output",
+        tree.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    fs::remove_file(tree.join("manifest.jsonl")).unwrap();
+    fs::remove_file(tree.join("release.json")).unwrap();
+    let out = t.path().join("rel");
+    let o = hallmark(&[
+        "watermark",
+        "--spec",
+        &spec_path("blended-28x28-grey.toml"),
+        "--input",
+        tree.to_str().unwrap(),
+        "--format",
+        "folder",
+        "--output",
+        out.to_str().unwrap(),
+        "--secret",
+        t.path().join("s.json").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let pngs = walk(&out)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .count();
+    assert_eq!(pngs, 60);
+    let secret: serde_json::Value =
+        serde_json::from_slice(&fs::read(t.path().join("s.json")).unwrap()).unwrap();
+    assert_eq!(secret["poisoned"].as_array().unwrap().len(), 6);
+}
+
+fn walk(p: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(p).unwrap() {
+        let path = e.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path))
+        } else {
+            out.push(path)
+        }
+    }
+    out
+}

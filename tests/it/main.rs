@@ -1,0 +1,5 @@
+//! Integration tests: one binary, each test with its own temporary folder.
+
+mod cli;
+mod fashion_mnist;
+mod formats;
