@@ -6,4 +6,5 @@ pub mod cli;
 pub mod dataset;
 pub mod fsutil;
 pub mod spec;
+pub mod stats;
 pub mod watermark;

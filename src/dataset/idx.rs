@@ -3,7 +3,7 @@
 //! Files may be gzipped; gzip is recognised by its magic bytes, not by the file name.
 
 use super::ParseError;
-use std::io::{Read, Write};
+use std::io::Write;
 
 const TYPE_U8: u8 = 0x08;
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
@@ -22,29 +22,74 @@ pub fn is_gzip(bytes: &[u8]) -> bool {
     bytes.starts_with(&GZIP_MAGIC)
 }
 
-/// Decompresses gzip (one or several members); other bytes are returned as they are.
+/// Decompresses gzip (one or several concatenated members); other bytes are returned as they are.
 pub fn maybe_gunzip(raw: Vec<u8>) -> Result<Vec<u8>, ParseError> {
     if !is_gzip(&raw) {
         return Ok(raw);
     }
-    // Fast path: one gzip member whose trailer gives the decompressed size. A size that deflate
-    // could not reach (ratio above 1032:1) is not trusted and goes to the streaming decoder.
-    if raw.len() >= 18 {
-        let isize = u32::from_le_bytes(raw[raw.len() - 4..].try_into().expect("4 bytes")) as usize;
-        if isize <= raw.len().saturating_mul(1032) {
-            let mut out = vec![0u8; isize];
-            let mut d = libdeflater::Decompressor::new();
-            if let Ok(n) = d.gzip_decompress(&raw, &mut out)
-                && n == isize
-            {
-                return Ok(out);
-            }
-        }
+    gunzip_members(&raw).map_err(|at| {
+        ParseError::new(
+            Some(at as u64),
+            format!("corrupt gzip stream (member at compressed byte {at})"),
+        )
+    })
+}
+
+/// libdeflate, member by member: each call reports how much input it consumed, so concatenated
+/// members (which hallmark itself writes) are all decoded. The output buffer starts at the size
+/// the last trailer gives (exact for one member) and grows when a member needs more, up to
+/// deflate's largest possible ratio (1032:1), so a forged trailer cannot force a huge allocation.
+fn gunzip_members(raw: &[u8]) -> Result<Vec<u8>, usize> {
+    use libdeflate_sys::*;
+    let limit = raw.len().saturating_mul(1032).max(1 << 16);
+    let trailer = if raw.len() >= 18 {
+        u32::from_le_bytes(raw[raw.len() - 4..].try_into().expect("4 bytes")) as usize
+    } else {
+        0
+    };
+    let mut out: Vec<u8> = vec![0; trailer.min(limit).max(1024)];
+    let mut filled = 0usize;
+    let mut at = 0usize;
+    // SAFETY: the decompressor is allocated here, checked for null, used only by this thread
+    // and freed on every path below.
+    let d = unsafe { libdeflate_alloc_decompressor() };
+    if d.is_null() {
+        return Err(0);
     }
-    let mut out = Vec::new();
-    flate2::read::MultiGzDecoder::new(&raw[..])
-        .read_to_end(&mut out)
-        .map_err(|e| ParseError::new(None, format!("corrupt gzip stream: {e}")))?;
+    let result = loop {
+        if at == raw.len() {
+            break Ok(());
+        }
+        if !raw[at..].starts_with(&GZIP_MAGIC) {
+            break Err(at);
+        }
+        let (mut used_in, mut used_out) = (0usize, 0usize);
+        // SAFETY: input and output pointers and lengths describe live, correctly sized slices.
+        let ret = unsafe {
+            libdeflate_gzip_decompress_ex(
+                d,
+                raw[at..].as_ptr().cast(),
+                raw.len() - at,
+                out[filled..].as_mut_ptr().cast(),
+                out.len() - filled,
+                &mut used_in,
+                &mut used_out,
+            )
+        };
+        if ret == libdeflate_result_LIBDEFLATE_SUCCESS {
+            filled += used_out;
+            at += used_in;
+        } else if ret == libdeflate_result_LIBDEFLATE_INSUFFICIENT_SPACE && out.len() < limit {
+            let grown = (out.len() * 2).min(limit);
+            out.resize(grown, 0);
+        } else {
+            break Err(at);
+        }
+    };
+    // SAFETY: allocated above, not used after this.
+    unsafe { libdeflate_free_decompressor(d) };
+    result?;
+    out.truncate(filled);
     Ok(out)
 }
 
@@ -234,6 +279,39 @@ mod tests {
         }
         assert_eq!(maybe_gunzip(gz).unwrap(), plain);
         assert_eq!(maybe_gunzip(plain.clone()).unwrap(), plain);
+    }
+
+    #[test]
+    fn every_member_is_decoded_even_when_the_first_matches_the_trailer_size() {
+        use flate2::{Compression, write::GzEncoder};
+        let member = |b: &[u8]| {
+            let mut e = GzEncoder::new(Vec::new(), Compression::fast());
+            e.write_all(b).unwrap();
+            e.finish().unwrap()
+        };
+        let (a, b) = (vec![1u8; 8], vec![2u8; 8]);
+        let mut gz = member(&a);
+        gz.extend(member(&b));
+        gz.extend(member(&vec![3u8; 5000]));
+        gz.extend(member(&b));
+        let out = maybe_gunzip(gz).unwrap();
+        assert_eq!(out.len(), 8 + 8 + 5000 + 8);
+        assert_eq!((out[0], out[8], out[16], out[5016]), (1, 2, 3, 2));
+    }
+
+    #[test]
+    fn trailing_garbage_after_a_member_is_an_error() {
+        use flate2::{Compression, write::GzEncoder};
+        let mut e = GzEncoder::new(Vec::new(), Compression::fast());
+        e.write_all(b"abc").unwrap();
+        let mut gz = e.finish().unwrap();
+        gz.extend_from_slice(b"junk");
+        assert!(
+            maybe_gunzip(gz)
+                .unwrap_err()
+                .message
+                .contains("corrupt gzip")
+        );
     }
 
     #[test]
