@@ -134,9 +134,7 @@ pub fn paired_t(d: &[f64], tau: f64, alpha: f64) -> Result<TestResult, StatsErro
 pub fn binomial_sf(k: u64, n: u64, p: f64) -> f64 {
     if k == 0 {
         1.0
-    } else if k > n {
-        0.0
-    } else if p <= 0.0 {
+    } else if k > n || p <= 0.0 {
         0.0
     } else if p >= 1.0 {
         1.0
