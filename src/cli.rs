@@ -4,8 +4,10 @@
 //! "not shown".
 
 use crate::dataset::{self, Format, Layout, ReleaseInfo, Split};
+use crate::endpoint::{Datatype, EndpointConfig, HttpEndpoint, OutputKind, Protocol, TensorLayout};
 use crate::fsutil::AtomicDir;
 use crate::spec::WatermarkSpec;
+use crate::verify::{self, Decision, VerifyConfig};
 use crate::watermark::{self, SecretRecord};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -33,6 +35,9 @@ pub enum Command {
     Spec(SpecCommand),
     /// Read a dataset and write it in another format (with its manifest).
     Convert(ConvertArgs),
+    /// Test whether a model behind an HTTP endpoint was trained on a watermarked release.
+    /// Exit code 0: evidence it was; 1: not shown (or inconclusive); 2: error.
+    Verify(Box<VerifyArgs>),
 }
 
 /// Where a dataset is read from.
@@ -126,14 +131,126 @@ pub struct ConvertArgs {
     /// Gzip IDX output.
     #[arg(long)]
     pub gzip: bool,
+    /// Keep only the first N samples.
+    #[arg(long)]
+    pub limit: Option<usize>,
     /// Replace an existing output folder.
     #[arg(long)]
     pub force: bool,
 }
 
-/// Runs a parsed command line.
-pub fn run(cli: Cli) -> Result<()> {
+/// Arguments of `hallmark verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The secret record of the watermark.
+    #[arg(long)]
+    pub secret: PathBuf,
+    /// Held-out benign images (any dataset format; e.g. a folder with the test split's IDX files).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Format of --data (detected when left out).
+    #[arg(long, value_parser = parse_format)]
+    pub format: Option<Format>,
+    /// Split of --data, where it holds both.
+    #[arg(long, value_parser = parse_split)]
+    pub split: Option<Split>,
+    /// Base URL of the model server (the full URL for --protocol json).
+    #[arg(long)]
+    pub endpoint: String,
+    /// Wire protocol.
+    #[arg(long, value_enum)]
+    pub protocol: Protocol,
+    /// Model name.
+    #[arg(long, default_value = "")]
+    pub model: String,
+    /// Model version.
+    #[arg(long)]
+    pub model_version: Option<String>,
+    /// Use predicted labels only.
+    #[arg(long)]
+    pub label_only: bool,
+    /// Query in rounds and stop as soon as the anytime-valid test decides.
+    #[arg(long)]
+    pub sequential: bool,
+    /// Pairs of the fixed design (the most the sequential design may use).
+    #[arg(long, default_value_t = 100)]
+    pub m: usize,
+    /// Margin of the null hypothesis.
+    #[arg(long, default_value_t = 0.2)]
+    pub tau: f64,
+    /// Significance level.
+    #[arg(long, default_value_t = 0.01)]
+    pub alpha: f64,
+    /// Pairs per round in sequential mode.
+    #[arg(long, default_value_t = 4)]
+    pub round: usize,
+    /// Seed of the image draw and the control trigger (drawn at random and recorded when absent).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Where to write the full JSON report.
+    #[arg(long)]
+    pub report: PathBuf,
+    /// Allow private, loopback and link-local endpoint addresses.
+    #[arg(long)]
+    pub allow_private: bool,
+    /// Input tensor name (from V2 metadata when absent).
+    #[arg(long)]
+    pub input_name: Option<String>,
+    /// Input datatype (from V2 metadata when absent, else FP32).
+    #[arg(long, value_enum)]
+    pub datatype: Option<Datatype>,
+    /// Tensor layout (from V2 metadata when absent, else nchw).
+    #[arg(long, value_enum)]
+    pub layout: Option<TensorLayout>,
+    /// Pixels are multiplied by this before normalisation.
+    #[arg(long, default_value_t = 1.0 / 255.0)]
+    pub scale: f64,
+    /// Per-channel means subtracted after scaling (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub mean: Vec<f64>,
+    /// Per-channel standard deviations divided by (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub std: Vec<f64>,
+    /// Output tensor name or key.
+    #[arg(long)]
+    pub output_name: Option<String>,
+    /// What the output holds (labels are implied by --label-only).
+    #[arg(long, value_enum, default_value_t = OutputKind::Probabilities)]
+    pub output: OutputKind,
+    /// Images per request.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// Seconds before a request times out.
+    #[arg(long, default_value_t = 30.0)]
+    pub timeout: f64,
+    /// Retries after 5xx, 429, timeouts and connection errors.
+    #[arg(long, default_value_t = 3)]
+    pub retries: u32,
+    /// --protocol json: file holding the request body with "$INSTANCES" where the batch goes.
+    #[arg(long)]
+    pub template: Option<PathBuf>,
+    /// --protocol json: JSON pointer to the predictions in the response.
+    #[arg(long)]
+    pub output_pointer: Option<String>,
+    /// Replace an existing report.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Runs a parsed command line; returns the process exit code.
+pub fn run(cli: Cli) -> Result<u8> {
     match cli.command {
+        Command::Verify(a) => verify_cmd(*a),
+        other => run_plain(other).map(|()| 0),
+    }
+}
+
+fn run_plain(command: Command) -> Result<()> {
+    match command {
+        Command::Verify(_) => unreachable!("handled in run"),
         Command::Watermark(a) => watermark_cmd(a),
         Command::Spec(SpecCommand::Check { file }) => {
             let spec = WatermarkSpec::from_toml_file(&file)?;
@@ -293,7 +410,12 @@ fn watermark_cmd(a: WatermarkArgs) -> Result<()> {
 
 fn convert_cmd(a: ConvertArgs) -> Result<()> {
     check_writable(&a.output, a.force)?;
-    let loaded = read_input(&a.input)?;
+    let mut loaded = read_input(&a.input)?;
+    if let Some(n) = a.limit
+        && n < loaded.dataset.len()
+    {
+        loaded.dataset = loaded.dataset.subset(&(0..n).collect::<Vec<_>>())?;
+    }
     let mut layout = Layout::for_format(a.to, &loaded.dataset)?;
     if let Layout::Idx { gzip, .. } = &mut layout {
         *gzip = a.gzip;
@@ -338,4 +460,114 @@ fn absolute(p: &Path) -> PathBuf {
     let mut out = existing.canonicalize().unwrap_or(existing);
     out.extend(rest.into_iter().rev());
     out
+}
+
+fn verify_cmd(a: VerifyArgs) -> Result<u8> {
+    check_writable(&a.report, a.force)?;
+    let record = SecretRecord::load(&a.secret)?;
+    let pool = dataset::read(&a.data, a.format, a.split, &|| {})?.dataset;
+    let seed = a.seed.unwrap_or_else(|| {
+        u64::from_le_bytes(watermark::random_nonce()[..8].try_into().expect("8 bytes"))
+    });
+    let mut ep = EndpointConfig::new(a.endpoint.clone(), a.protocol, a.model.clone());
+    ep.version = a.model_version.clone();
+    ep.input_name = a.input_name.clone();
+    ep.datatype = a.datatype;
+    ep.layout = a.layout;
+    ep.scale = a.scale;
+    ep.mean = a.mean.clone();
+    ep.std = a.std.clone();
+    ep.output_name = a.output_name.clone();
+    ep.output = if a.label_only {
+        OutputKind::Labels
+    } else {
+        a.output
+    };
+    ep.batch_size = a.batch_size;
+    ep.concurrency = a.concurrency;
+    if !(a.timeout.is_finite() && a.timeout > 0.0) {
+        bail!("--timeout must be a positive number of seconds");
+    }
+    ep.timeout = Duration::from_secs_f64(a.timeout);
+    ep.retries = a.retries;
+    ep.allow_private = a.allow_private;
+    ep.class_names = pool.class_names().map(<[String]>::to_vec);
+    if let Some(t) = &a.template {
+        ep.template = Some(
+            std::fs::read_to_string(t).with_context(|| format!("cannot read {}", t.display()))?,
+        );
+    }
+    ep.output_pointer = a.output_pointer.clone();
+    let cfg = VerifyConfig {
+        m: a.m,
+        tau: a.tau,
+        alpha: a.alpha,
+        label_only: a.label_only,
+        sequential: a.sequential,
+        batch_pairs: a.round,
+        seed,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let pb = bar((3 * a.m) as u64, "querying");
+    let verdict = runtime.block_on(async {
+        let endpoint = HttpEndpoint::connect(ep, seed).await?;
+        let progress = |q: usize| pb.set_position(q as u64);
+        anyhow::Ok(verify::verify(&endpoint, &record, &pool, &cfg, &progress).await?)
+    });
+    pb.finish_and_clear();
+    let verdict = verdict?;
+    let mut json = serde_json::to_vec_pretty(&verdict)?;
+    json.push(b'\n');
+    crate::fsutil::write_file_atomic(&a.report, &json, 0o644, a.force)
+        .with_context(|| format!("cannot write {}", a.report.display()))?;
+    let p = &verdict.primary;
+    let c = &verdict.control.result;
+    println!(
+        "verdict: {}",
+        match verdict.decision {
+            Decision::Used =>
+                "USED: evidence that the model was trained on the watermarked release",
+            Decision::NotShown =>
+                "NOT SHOWN: no evidence that the model was trained on the release",
+            Decision::Inconclusive =>
+                "INCONCLUSIVE: the model reacts to a random trigger of the same kind as well",
+        }
+    );
+    println!("protocol: {}", verdict.protocol);
+    println!(
+        "test:     {}, {} pairs: p = {:.3e} (alpha {}), effect {:.4} (lower {:.0}% bound {:.4}, margin {})",
+        p.test,
+        p.n,
+        p.p_value,
+        a.alpha,
+        p.effect,
+        100.0 * p.ci_level,
+        p.ci_low,
+        p.tau
+    );
+    println!(
+        "control:  random {} trigger: p = {:.3e}, effect {:.4}: {}",
+        verdict.control.trigger.kind(),
+        c.p_value,
+        c.effect,
+        if verdict.control.rejected {
+            "FIRED"
+        } else {
+            "did not fire"
+        }
+    );
+    println!(
+        "queries:  {} images ({} pairs and {} control images), seed {seed}",
+        verdict.queries,
+        verdict.pairs,
+        verdict.control.trail.len()
+    );
+    println!("report:   {}", a.report.display());
+    Ok(if verdict.decision == Decision::Used {
+        0
+    } else {
+        1
+    })
 }

@@ -4,7 +4,9 @@
 
 pub mod cli;
 pub mod dataset;
+pub mod endpoint;
 pub mod fsutil;
 pub mod spec;
 pub mod stats;
+pub mod verify;
 pub mod watermark;

@@ -1,5 +1,7 @@
 //! Integration tests: one binary, each test with its own temporary folder.
 
 mod cli;
+mod endpoint;
 mod fashion_mnist;
 mod formats;
+mod mlserver;

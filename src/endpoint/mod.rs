@@ -1,0 +1,258 @@
+//! Clients for model servers: send a batch of images, get back per-image probabilities or labels.
+//!
+//! One [`ModelEndpoint`] trait, one [`HttpEndpoint`] speaking the protocol its [`EndpointConfig`]
+//! names: Open Inference Protocol V2 (KServe, Triton, MLServer), TensorFlow Serving `:predict`,
+//! KServe V1, TorchServe `/predictions` (PNG bodies, top-k answers) and a configurable JSON
+//! template. Responses are validated strictly: a response that fails (wrong shape, non-finite
+//! numbers, probabilities that do not sum to 1) is an error, never silently used.
+
+mod guard;
+mod http;
+mod protocol;
+
+pub use guard::{AddressPolicy, check_address};
+pub use http::HttpEndpoint;
+
+use crate::dataset::ImageShape;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// What a model answered for one image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Prediction {
+    /// A full probability vector.
+    Probs(Vec<f64>),
+    /// The k most probable classes with their probabilities, most probable first (TorchServe).
+    TopK(Vec<(u32, f64)>),
+    /// Only a label.
+    Label(u32),
+}
+
+impl Prediction {
+    /// The predicted label (arg max).
+    pub fn label(&self) -> Option<u32> {
+        match self {
+            Self::Probs(p) => p
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(i, _)| i as u32),
+            Self::TopK(v) => v.first().map(|(c, _)| *c),
+            Self::Label(l) => Some(*l),
+        }
+    }
+
+    /// Bounds on the probability of `class`: exact for a full vector; for a top-k answer that
+    /// does not list the class, between 0 and the smallest listed probability. `None` when the
+    /// answer carries no probability.
+    pub fn prob_bounds(&self, class: u32) -> Option<(f64, f64)> {
+        match self {
+            Self::Probs(p) => p.get(class as usize).map(|&v| (v, v)),
+            Self::TopK(v) => Some(match v.iter().find(|(c, _)| *c == class) {
+                Some((_, p)) => (*p, *p),
+                None => (0.0, v.iter().map(|(_, p)| *p).fold(1.0, f64::min)),
+            }),
+            Self::Label(_) => None,
+        }
+    }
+}
+
+/// Why a model endpoint could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    /// The configuration cannot work.
+    #[error("endpoint configuration: {0}")]
+    Config(String),
+    /// The address is private, loopback, link-local or a metadata service, and that is not allowed.
+    #[error("refused to contact {url}: {reason} (allow private addresses explicitly to use it)")]
+    Refused {
+        /// The URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The server answered with an error status.
+    #[error("{url}: HTTP {status}: {message}")]
+    Status {
+        /// The URL.
+        url: String,
+        /// The status code.
+        status: u16,
+        /// The server's message.
+        message: String,
+    },
+    /// The server could not be reached (after retries).
+    #[error("{url}: {message}")]
+    Transport {
+        /// The URL.
+        url: String,
+        /// What failed.
+        message: String,
+    },
+    /// The server answered something that is not a valid prediction.
+    #[error("{url}: invalid response: {message}")]
+    Invalid {
+        /// The URL.
+        url: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The wire protocol of a model server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// Open Inference Protocol V2 (KServe V2, Triton, MLServer).
+    V2,
+    /// TensorFlow Serving REST `:predict`.
+    Tfserving,
+    /// KServe V1 (`instances` / `predictions`).
+    KserveV1,
+    /// TorchServe `/predictions/{model}` with a PNG body.
+    Torchserve,
+    /// A JSON template with the batch in place of `"$INSTANCES"`.
+    Json,
+}
+
+/// How image tensors are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TensorLayout {
+    /// [N, C, H, W].
+    Nchw,
+    /// [N, H, W, C].
+    Nhwc,
+    /// [N, H, W] (grey images without a channel axis).
+    Nhw,
+    /// [N, H·W·C] in HWC order.
+    Flat,
+}
+
+/// Numeric type of the input tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum Datatype {
+    /// 32-bit float (scaled and normalised pixels).
+    #[value(name = "FP32")]
+    #[serde(rename = "FP32")]
+    Fp32,
+    /// 64-bit float.
+    #[value(name = "FP64")]
+    #[serde(rename = "FP64")]
+    Fp64,
+    /// Raw 0–255 bytes (no scaling).
+    #[value(name = "UINT8")]
+    #[serde(rename = "UINT8")]
+    Uint8,
+}
+
+impl Datatype {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Fp32 => "FP32",
+            Self::Fp64 => "FP64",
+            Self::Uint8 => "UINT8",
+        }
+    }
+}
+
+/// What the model's output holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputKind {
+    /// Probabilities (each row sums to 1 within 1e-3).
+    Probabilities,
+    /// Logits, turned into probabilities with a softmax.
+    Logits,
+    /// Labels only.
+    Labels,
+}
+
+/// Everything needed to talk to one model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EndpointConfig {
+    /// Base URL of the server (the full URL for `json`).
+    pub url: String,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Model name (not used by `json`).
+    pub model: String,
+    /// Model version.
+    pub version: Option<String>,
+    /// Input tensor name (V2; TF Serving / KServe V1 named instances). From metadata when absent.
+    pub input_name: Option<String>,
+    /// Input datatype.
+    pub datatype: Option<Datatype>,
+    /// Tensor layout. From metadata when absent, else NCHW.
+    pub layout: Option<TensorLayout>,
+    /// Pixels are multiplied by this (default 1/255).
+    pub scale: f64,
+    /// Per-channel mean subtracted after scaling.
+    pub mean: Vec<f64>,
+    /// Per-channel standard deviation divided by after the mean.
+    pub std: Vec<f64>,
+    /// Output tensor name (V2) or key (named predictions).
+    pub output_name: Option<String>,
+    /// What the output holds.
+    pub output: OutputKind,
+    /// Images per request.
+    pub batch_size: usize,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+    /// Time limit of one request.
+    pub timeout: Duration,
+    /// Retries after a 5xx, 429, timeout or connection error (never after another 4xx).
+    pub retries: u32,
+    /// Allow private, loopback, link-local and metadata addresses.
+    pub allow_private: bool,
+    /// Class names that a server may use instead of indices (TorchServe keys, BYTES labels).
+    pub class_names: Option<Vec<String>>,
+    /// `json` protocol: the request body, with the string `"$INSTANCES"` where the batch goes.
+    pub template: Option<String>,
+    /// `json` protocol: JSON pointer to the predictions array in the response.
+    pub output_pointer: Option<String>,
+}
+
+impl EndpointConfig {
+    /// A configuration with the defaults: FP32, pixels / 255, probabilities, batch 32, 4 in
+    /// flight, 30 s timeout, 3 retries, public addresses only.
+    pub fn new(url: impl Into<String>, protocol: Protocol, model: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            protocol,
+            model: model.into(),
+            version: None,
+            input_name: None,
+            datatype: None,
+            layout: None,
+            scale: 1.0 / 255.0,
+            mean: Vec::new(),
+            std: Vec::new(),
+            output_name: None,
+            output: OutputKind::Probabilities,
+            batch_size: 32,
+            concurrency: 4,
+            timeout: Duration::from_secs(30),
+            retries: 3,
+            allow_private: false,
+            class_names: None,
+            template: None,
+            output_pointer: None,
+        }
+    }
+}
+
+/// A model that answers batches of images.
+#[async_trait::async_trait]
+pub trait ModelEndpoint: Send + Sync {
+    /// A short description for reports (URL and model).
+    fn describe(&self) -> String;
+
+    /// Predictions for each image (HWC bytes of `shape`), in order.
+    async fn predict(
+        &self,
+        images: &[Vec<u8>],
+        shape: ImageShape,
+    ) -> Result<Vec<Prediction>, EndpointError>;
+}

@@ -1,0 +1,345 @@
+//! Faults a real server cannot be made to produce on demand, against wiremock: retries on 5xx,
+//! 429 and dropped connections, none on other 4xx, timeouts, garbage and invalid bodies, and
+//! each protocol's request and response shapes.
+
+use hallmark::dataset::ImageShape;
+use hallmark::endpoint::{
+    EndpointConfig, EndpointError, HttpEndpoint, ModelEndpoint, OutputKind, Prediction, Protocol,
+    TensorLayout,
+};
+use serde_json::json;
+use std::time::Duration;
+use wiremock::matchers::{body_partial_json, header, method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+const SHAPE: ImageShape = ImageShape {
+    height: 2,
+    width: 2,
+    channels: 1,
+};
+
+fn images(n: usize) -> Vec<Vec<u8>> {
+    (0..n).map(|i| vec![i as u8; 4]).collect()
+}
+
+fn cfg(server: &MockServer, protocol: Protocol) -> EndpointConfig {
+    let mut c = EndpointConfig::new(server.uri(), protocol, "m");
+    c.allow_private = true;
+    c.retries = 2;
+    c.timeout = Duration::from_millis(500);
+    c.layout = Some(TensorLayout::Flat);
+    c.input_name = Some("image".into());
+    c
+}
+
+fn v2_probs(n: usize) -> serde_json::Value {
+    json!({"model_name": "m", "outputs": [{"name": "predict_proba", "shape": [n, 2], "datatype": "FP64",
+           "data": (0..n).flat_map(|_| [0.25, 0.75]).collect::<Vec<_>>()}]})
+}
+
+async fn metadata_404(server: &MockServer) {
+    // No metadata: the configured defaults are used.
+    Mock::given(method("GET"))
+        .and(path("/v2/models/m"))
+        .respond_with(ResponseTemplate::new(500))
+        .mount(server)
+        .await;
+}
+
+#[tokio::test]
+async fn server_errors_are_retried_and_then_succeed() {
+    let server = MockServer::start().await;
+    metadata_404(&server).await;
+    Mock::given(method("POST"))
+        .and(path("/v2/models/m/infer"))
+        .respond_with(ResponseTemplate::new(503).set_body_string("overloaded"))
+        .up_to_n_times(2)
+        .expect(2)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v2/models/m/infer"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(v2_probs(3)))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let ep = HttpEndpoint::connect(cfg(&server, Protocol::V2), 1)
+        .await
+        .unwrap();
+    let p = ep.predict(&images(3), SHAPE).await.unwrap();
+    assert_eq!(p[2], Prediction::Probs(vec![0.25, 0.75]));
+}
+
+#[tokio::test]
+async fn rate_limits_are_retried_after_the_server_says() {
+    let server = MockServer::start().await;
+    metadata_404(&server).await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(429).insert_header("retry-after", "0"))
+        .up_to_n_times(1)
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(v2_probs(1)))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let ep = HttpEndpoint::connect(cfg(&server, Protocol::V2), 1)
+        .await
+        .unwrap();
+    assert!(ep.predict(&images(1), SHAPE).await.is_ok());
+}
+
+#[tokio::test]
+async fn client_errors_are_never_retried() {
+    let server = MockServer::start().await;
+    metadata_404(&server).await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(422)
+                .set_body_json(json!({"detail": [{"type": "missing", "msg": "Field required"}]})),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    let ep = HttpEndpoint::connect(cfg(&server, Protocol::V2), 1)
+        .await
+        .unwrap();
+    let e = ep.predict(&images(1), SHAPE).await.unwrap_err();
+    assert!(
+        matches!(&e, EndpointError::Status { status: 422, message, .. } if message == "Field required"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn persistent_plain_text_500s_fail_after_the_retries() {
+    let server = MockServer::start().await;
+    metadata_404(&server).await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(500).set_body_string("Internal Server Error"))
+        .expect(3)
+        .mount(&server)
+        .await;
+    let ep = HttpEndpoint::connect(cfg(&server, Protocol::V2), 1)
+        .await
+        .unwrap();
+    let e = ep.predict(&images(1), SHAPE).await.unwrap_err().to_string();
+    assert!(
+        e.contains("500") && e.contains("Internal Server Error") && e.contains("after 3 attempts"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn slow_answers_time_out_and_are_retried() {
+    let server = MockServer::start().await;
+    metadata_404(&server).await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(v2_probs(1))
+                .set_delay(Duration::from_secs(2)),
+        )
+        .expect(3)
+        .mount(&server)
+        .await;
+    let mut c = cfg(&server, Protocol::V2);
+    c.timeout = Duration::from_millis(150);
+    let ep = HttpEndpoint::connect(c, 1).await.unwrap();
+    let e = ep.predict(&images(1), SHAPE).await.unwrap_err().to_string();
+    assert!(e.contains("timed out"), "{e}");
+}
+
+#[tokio::test]
+async fn a_closed_port_is_a_transport_error() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut c = EndpointConfig::new(format!("http://127.0.0.1:{port}"), Protocol::KserveV1, "m");
+    c.allow_private = true;
+    c.retries = 1;
+    let ep = HttpEndpoint::connect(c, 1).await.unwrap();
+    let e = ep.predict(&images(1), SHAPE).await.unwrap_err();
+    assert!(matches!(e, EndpointError::Transport { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn garbage_and_invalid_probabilities_are_errors() {
+    for body in [ResponseTemplate::new(200).set_body_string("<html>oops</html>"),
+                 ResponseTemplate::new(200).set_body_json(json!({"outputs": [{"name": "p", "shape": [1, 2], "datatype": "FP32", "data": [0.9, 0.9]}]})),
+                 ResponseTemplate::new(200).set_body_json(json!({"outputs": [{"name": "p", "shape": [2, 2], "datatype": "FP32", "data": [0.5, 0.5, 0.5, 0.5]}]}))] {
+        let server = MockServer::start().await;
+        metadata_404(&server).await;
+        Mock::given(method("POST")).respond_with(body).expect(1).mount(&server).await;
+        let ep = HttpEndpoint::connect(cfg(&server, Protocol::V2), 1).await.unwrap();
+        let e = ep.predict(&images(1), SHAPE).await.unwrap_err();
+        assert!(matches!(e, EndpointError::Invalid { .. }), "{e}");
+    }
+}
+
+#[tokio::test]
+async fn v2_metadata_fills_in_input_layout_and_output() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET")).and(path("/v2/models/m")).respond_with(ResponseTemplate::new(200).set_body_json(json!({
+        "name": "m", "versions": null, "platform": "",
+        "inputs": [{"name": "pixels", "datatype": "FP64", "shape": [-1, 1, 2, 2]}],
+        "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1, 1]}, {"name": "probs", "datatype": "FP32", "shape": [-1, 2]}]})))
+        .mount(&server).await;
+    Mock::given(method("POST")).and(path("/v2/models/m/infer"))
+        .and(body_partial_json(json!({"inputs": [{"name": "pixels", "datatype": "FP64", "shape": [1, 1, 2, 2]}], "outputs": [{"name": "probs"}]})))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"outputs": [{"name": "probs", "shape": [1, 2], "datatype": "FP32", "data": [0.1, 0.9]}]})))
+        .expect(1).mount(&server).await;
+    let mut c = EndpointConfig::new(server.uri(), Protocol::V2, "m");
+    c.allow_private = true;
+    let ep = HttpEndpoint::connect(c, 1).await.unwrap();
+    assert_eq!(
+        ep.predict(&images(1), SHAPE).await.unwrap()[0].label(),
+        Some(1)
+    );
+    let eff = ep.effective_config();
+    assert_eq!(
+        (eff.input_name.as_deref(), eff.layout),
+        (Some("pixels"), Some(TensorLayout::Nchw))
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_v2_model_is_reported_at_connect() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(
+            ResponseTemplate::new(404)
+                .insert_header("content-type", "text/plain")
+                .set_body_string(r#"{"error":"Request for unknown model: 'm' is not found"}"#),
+        )
+        .mount(&server)
+        .await;
+    let e = HttpEndpoint::connect(cfg(&server, Protocol::V2), 1)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("404") && e.contains("unknown model"), "{e}");
+}
+
+#[tokio::test]
+async fn tf_serving_and_kserve_v1_use_instances_and_predictions() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/models/m:predict"))
+        .and(body_partial_json(
+            json!({"instances": [{"image": [0.0, 0.0, 0.0, 0.0]}]}),
+        ))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_string(r#"{"predictions": [[0.3, 0.7], [NaN, 1.0]]}"#),
+        )
+        .mount(&server)
+        .await;
+    let ep = HttpEndpoint::connect(cfg(&server, Protocol::Tfserving), 1)
+        .await
+        .unwrap();
+    let e = ep.predict(&images(2), SHAPE).await.unwrap_err().to_string();
+    assert!(e.contains("non-finite"), "{e}");
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/models/m:predict"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"predictions": [1, 0]})))
+        .mount(&server)
+        .await;
+    let mut c = cfg(&server, Protocol::KserveV1);
+    c.output = OutputKind::Labels;
+    let ep = HttpEndpoint::connect(c, 1).await.unwrap();
+    assert_eq!(
+        ep.predict(&images(2), SHAPE).await.unwrap(),
+        vec![Prediction::Label(1), Prediction::Label(0)]
+    );
+}
+
+#[tokio::test]
+async fn torchserve_gets_png_bodies_and_answers_top_k() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/predictions/m"))
+        .and(header("content-type", "application/octet-stream"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"3": 0.8, "1": 0.15, "0": 0.05})),
+        )
+        .expect(2)
+        .mount(&server)
+        .await;
+    let ep = HttpEndpoint::connect(cfg(&server, Protocol::Torchserve), 1)
+        .await
+        .unwrap();
+    let p = ep.predict(&images(2), SHAPE).await.unwrap();
+    assert_eq!(p[0].label(), Some(3));
+    assert_eq!(p[0].prob_bounds(7), Some((0.0, 0.05)));
+    let req = &server.received_requests().await.unwrap()[0];
+    assert!(req.body.starts_with(b"\x89PNG"), "the body is a PNG image");
+}
+
+#[tokio::test]
+async fn json_templates_put_the_batch_where_asked() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/score"))
+        .and(body_partial_json(
+            json!({"model": "x", "data": {"rows": [[0.0, 0.0, 0.0, 0.0]]}}),
+        ))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"result": {"scores": [[0.6, 0.4]]}})),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    let mut c = cfg(&server, Protocol::Json);
+    c.url = format!("{}/score", server.uri());
+    c.input_name = None;
+    c.template = Some(r#"{"model": "x", "data": {"rows": "$INSTANCES"}}"#.into());
+    c.output_pointer = Some("/result/scores".into());
+    let ep = HttpEndpoint::connect(c, 1).await.unwrap();
+    assert_eq!(
+        ep.predict(&images(1), SHAPE).await.unwrap()[0].label(),
+        Some(0)
+    );
+}
+
+#[tokio::test]
+async fn requests_are_batched_with_order_kept() {
+    let server = MockServer::start().await;
+    metadata_404(&server).await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(v2_probs(2)))
+        .expect(3)
+        .mount(&server)
+        .await;
+    let mut c = cfg(&server, Protocol::V2);
+    c.batch_size = 2;
+    let ep = HttpEndpoint::connect(c, 1).await.unwrap();
+    // 5 images in batches of 2, 2, 1: the last batch gets 2 answers and is refused.
+    let e = ep.predict(&images(5), SHAPE).await.unwrap_err().to_string();
+    assert!(e.contains("batch size 1"), "{e}");
+}
+
+#[tokio::test]
+async fn redirects_are_not_followed() {
+    let server = MockServer::start().await;
+    metadata_404(&server).await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(307).insert_header("location", "http://169.254.169.254/latest"),
+        )
+        .mount(&server)
+        .await;
+    let ep = HttpEndpoint::connect(cfg(&server, Protocol::V2), 1)
+        .await
+        .unwrap();
+    let e = ep.predict(&images(1), SHAPE).await.unwrap_err();
+    assert!(
+        matches!(e, EndpointError::Status { status: 307, .. }),
+        "{e}"
+    );
+}

@@ -1,0 +1,216 @@
+//! `hallmark verify` against a real MLServer 1.7.1 (installed by the test command) serving
+//! scikit-learn MLPs trained on (a) a BadNets release, (b) a UBW-P release and (c) the clean
+//! Fashion-MNIST subset (scripts/prepare-mlserver-models).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Server {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn start() -> Server {
+    let venv = root().join("target/mlserver-venv/bin/mlserver");
+    assert!(
+        venv.exists(),
+        "MLServer is missing: run scripts/test (it calls scripts/ensure-mlserver)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (http, grpc, metrics) = (free_port(), free_port(), free_port());
+    let status = Command::new(root().join("scripts/prepare-mlserver-models"))
+        .args([
+            dir.path().to_str().unwrap(),
+            &http.to_string(),
+            &grpc.to_string(),
+            &metrics.to_string(),
+        ])
+        .env("HALLMARK", env!("CARGO_BIN_EXE_hallmark"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "preparing the models failed");
+    let log = std::fs::File::create(dir.path().join("mlserver.log")).unwrap();
+    let child = Command::new(venv)
+        .args(["start", dir.path().join("repo").to_str().unwrap()])
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap();
+    let server = Server {
+        child,
+        port: http,
+        dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for model in ["badnets", "ubw", "clean"] {
+        let url = format!("http://127.0.0.1:{http}/v2/models/{model}/ready");
+        while !ureq_ok(&url) {
+            assert!(
+                Instant::now() < deadline,
+                "MLServer did not get ready: {}",
+                log_of(&server)
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+    server
+}
+
+fn ureq_ok(url: &str) -> bool {
+    Command::new("curl")
+        .args(["-sf", "-o", "/dev/null", url])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn log_of(s: &Server) -> String {
+    std::fs::read_to_string(s.dir.path().join("mlserver.log")).unwrap_or_default()
+}
+
+fn verify(
+    s: &Server,
+    secret: &str,
+    model: &str,
+    extra: &[&str],
+) -> (i32, serde_json::Value, String) {
+    let report = s
+        .dir
+        .path()
+        .join(format!("report-{model}-{secret}-{}.json", extra.join("")));
+    let secret = s.dir.path().join(format!("{secret}.secret.json"));
+    let endpoint = format!("http://127.0.0.1:{}", s.port);
+    let mut args = vec![
+        "verify",
+        "--secret",
+        secret.to_str().unwrap(),
+        "--data",
+        "/usr/share/datasets/fashion-mnist",
+        "--split",
+        "test",
+        "--endpoint",
+        &endpoint,
+        "--protocol",
+        "v2",
+        "--model",
+        model,
+        "--allow-private",
+        "--seed",
+        "1",
+        "--report",
+        report.to_str().unwrap(),
+        "--force",
+    ];
+    args.extend_from_slice(extra);
+    let o = Command::new(env!("CARGO_BIN_EXE_hallmark"))
+        .args(&args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let json = if Path::new(&report).exists() {
+        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap()
+    } else {
+        serde_json::Value::Null
+    };
+    (o.status.code().unwrap_or(-1), json, text)
+}
+
+fn summary(v: &serde_json::Value) -> String {
+    format!(
+        "{} p={:.3e} effect={:.4} pairs={} control p={:.3e}",
+        v["decision"],
+        v["primary"]["p_value"].as_f64().unwrap(),
+        v["primary"]["effect"].as_f64().unwrap(),
+        v["pairs"],
+        v["control"]["result"]["p_value"].as_f64().unwrap()
+    )
+}
+
+#[test]
+fn watermarked_models_are_detected_and_the_clean_one_is_not() {
+    let s = start();
+    for (model, secret, want) in [
+        ("badnets", "badnets", 0),
+        ("ubw", "ubw", 0),
+        ("clean", "badnets", 1),
+        ("clean", "ubw", 1),
+    ] {
+        for extra in [&[][..], &["--label-only"][..], &["--sequential"][..]] {
+            let (code, v, text) = verify(&s, secret, model, extra);
+            eprintln!(
+                "{model} with the {secret} secret {extra:?}: {}",
+                if v.is_null() {
+                    text.clone()
+                } else {
+                    summary(&v)
+                }
+            );
+            assert_eq!(code, want, "{model}/{secret} {extra:?}: {text}");
+            assert_eq!(v["control"]["rejected"], false, "the control fired: {text}");
+            if want == 0 && extra == ["--sequential"] {
+                assert!(
+                    v["pairs"].as_u64().unwrap() <= 25,
+                    "sequential used {} pairs",
+                    v["pairs"]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn loopback_endpoints_need_an_explicit_allowance() {
+    let s = start();
+    let secret = s.dir.path().join("badnets.secret.json");
+    let o = Command::new(env!("CARGO_BIN_EXE_hallmark"))
+        .args([
+            "verify",
+            "--secret",
+            secret.to_str().unwrap(),
+            "--data",
+            "/usr/share/datasets/fashion-mnist",
+            "--split",
+            "test",
+            "--endpoint",
+            &format!("http://127.0.0.1:{}", s.port),
+            "--protocol",
+            "v2",
+            "--model",
+            "badnets",
+            "--report",
+            s.dir.path().join("r.json").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("loopback"));
+    // An unknown model is a clear error, not a verdict.
+    let (code, _, text) = verify(&s, "badnets", "nope", &[]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("404") && text.contains("nope"), "{text}");
+}
