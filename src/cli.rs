@@ -464,8 +464,14 @@ fn absolute(p: &Path) -> PathBuf {
 
 fn verify_cmd(a: VerifyArgs) -> Result<u8> {
     check_writable(&a.report, a.force)?;
-    let record = SecretRecord::load(&a.secret)?;
-    let pool = dataset::read(&a.data, a.format, a.split, &|| {})?.dataset;
+    // The record and the held-out images load while the endpoint is contacted.
+    let (secret, data, format, split) = (a.secret.clone(), a.data.clone(), a.format, a.split);
+    let loading = std::thread::spawn(move || -> Result<(SecretRecord, dataset::Dataset)> {
+        Ok((
+            SecretRecord::load(&secret)?,
+            dataset::read(&data, format, split, &|| {})?.dataset,
+        ))
+    });
     let seed = a.seed.unwrap_or_else(|| {
         u64::from_le_bytes(watermark::random_nonce()[..8].try_into().expect("8 bytes"))
     });
@@ -491,7 +497,6 @@ fn verify_cmd(a: VerifyArgs) -> Result<u8> {
     ep.timeout = Duration::from_secs_f64(a.timeout);
     ep.retries = a.retries;
     ep.allow_private = a.allow_private;
-    ep.class_names = pool.class_names().map(<[String]>::to_vec);
     if let Some(t) = &a.template {
         ep.template = Some(
             std::fs::read_to_string(t).with_context(|| format!("cannot read {}", t.display()))?,
@@ -512,7 +517,13 @@ fn verify_cmd(a: VerifyArgs) -> Result<u8> {
         .build()?;
     let pb = bar((3 * a.m) as u64, "querying");
     let verdict = runtime.block_on(async {
-        let endpoint = HttpEndpoint::connect(ep, seed).await?;
+        let connecting = HttpEndpoint::connect(ep, seed);
+        let endpoint = connecting.await;
+        let (record, pool) = loading
+            .join()
+            .map_err(|_| anyhow::anyhow!("loading the inputs panicked"))??;
+        let mut endpoint = endpoint?;
+        endpoint.set_class_names(pool.class_names().map(<[String]>::to_vec));
         let progress = |q: usize| pb.set_position(q as u64);
         anyhow::Ok(verify::verify(&endpoint, &record, &pool, &cfg, &progress).await?)
     });

@@ -27,6 +27,8 @@ pub struct HttpEndpoint {
     output_name: Option<String>,
     requests: AtomicU64,
     jitter: Mutex<crate::watermark::rng::Rng>,
+    /// Requests in flight, over every caller of this endpoint.
+    in_flight: tokio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for HttpEndpoint {
@@ -112,6 +114,7 @@ impl HttpEndpoint {
                 seed,
                 crate::watermark::rng::Stream::Noise,
             )),
+            in_flight: tokio::sync::Semaphore::new(cfg.concurrency),
             cfg,
         };
         if ep.cfg.protocol == Protocol::V2 {
@@ -291,6 +294,13 @@ impl HttpEndpoint {
     }
 
     async fn post_json(&self, url: &url::Url, body: Vec<u8>) -> Result<Value, EndpointError> {
+        // Shared, so that a retry does not copy the body.
+        let body = bytes::Bytes::from(body);
+        let _permit = self
+            .in_flight
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
         let (status, bytes) = self
             .send(
                 || {
@@ -430,6 +440,11 @@ impl HttpEndpoint {
                 Ok(out)
             }
         }
+    }
+
+    /// Sets the class names the server may answer with (TorchServe keys, BYTES labels).
+    pub fn set_class_names(&mut self, names: Option<Vec<String>>) {
+        self.cfg.class_names = names;
     }
 
     /// The configuration with the values read from metadata filled in.

@@ -64,6 +64,95 @@ impl Encoding {
     }
 }
 
+impl Encoding {
+    /// The JSON text of every possible value, per channel: a pixel has 256 values, so encoding
+    /// an image is copying bytes rather than formatting floats.
+    pub fn table(&self, channels: usize) -> Vec<Vec<Vec<u8>>> {
+        (0..channels)
+            .map(|c| {
+                (0..=255u8)
+                    .map(|px| {
+                        let mut img = vec![0u8; channels];
+                        img[c] = px;
+                        let v = self.values(
+                            &img,
+                            ImageShape {
+                                height: 1,
+                                width: 1,
+                                channels,
+                            },
+                        )[c];
+                        serde_json::to_vec(&Nested {
+                            dims: &[],
+                            data: &[v],
+                            datatype: self.datatype,
+                        })
+                        .expect("memory")
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The (HWC byte offset, channel) of the k-th element in tensor order.
+    fn element(&self, k: usize, s: ImageShape) -> (usize, usize) {
+        match self.layout {
+            TensorLayout::Nchw => {
+                let plane = s.height * s.width;
+                let (c, p) = (k / plane, k % plane);
+                (p * s.channels + c, c)
+            }
+            _ => (k, k % s.channels),
+        }
+    }
+
+    /// Writes one image's values in tensor order, comma-separated, using `table`.
+    pub fn write_flat(&self, img: &[u8], s: ImageShape, table: &[Vec<Vec<u8>>], out: &mut Vec<u8>) {
+        for k in 0..s.len() {
+            if k > 0 {
+                out.push(b',');
+            }
+            let (off, c) = self.element(k, s);
+            out.extend_from_slice(&table[c][img[off] as usize]);
+        }
+    }
+
+    /// Writes one image as a nested JSON tensor (dims from [`Encoding::image_dims`]).
+    pub fn write_nested(
+        &self,
+        img: &[u8],
+        s: ImageShape,
+        table: &[Vec<Vec<u8>>],
+        out: &mut Vec<u8>,
+    ) {
+        fn level(
+            enc: &Encoding,
+            dims: &[usize],
+            k: &mut usize,
+            img: &[u8],
+            s: ImageShape,
+            table: &[Vec<Vec<u8>>],
+            out: &mut Vec<u8>,
+        ) {
+            out.push(b'[');
+            for i in 0..dims[0] {
+                if i > 0 {
+                    out.push(b',');
+                }
+                if dims.len() == 1 {
+                    let (off, c) = enc.element(*k, s);
+                    out.extend_from_slice(&table[c][img[off] as usize]);
+                    *k += 1;
+                } else {
+                    level(enc, &dims[1..], k, img, s, table, out);
+                }
+            }
+            out.push(b']');
+        }
+        level(self, &self.image_dims(s), &mut 0, img, s, table, out);
+    }
+}
+
 /// A tensor serialised as nested JSON arrays, numbers written in the tensor's datatype.
 pub struct Nested<'a> {
     pub dims: &'a [usize],
@@ -101,7 +190,7 @@ impl Serialize for Nested<'_> {
     }
 }
 
-/// The V2 inference request body for a batch.
+/// The V2 inference request body for a batch: `data` is flat, row-major.
 pub fn v2_request(
     images: &[Vec<u8>],
     shape: ImageShape,
@@ -112,44 +201,31 @@ pub fn v2_request(
 ) -> Vec<u8> {
     let mut dims = vec![images.len()];
     dims.extend(enc.image_dims(shape));
-    let data: Vec<f64> = images
-        .iter()
-        .flat_map(|img| enc.values(img, shape))
-        .collect();
-    let flat = [data.len()];
-    #[derive(Serialize)]
-    struct Input<'a> {
-        name: &'a str,
-        shape: &'a [usize],
-        datatype: &'static str,
-        data: Nested<'a>,
+    let table = enc.table(shape.channels);
+    let mut out = Vec::with_capacity(64 + images.len() * shape.len() * 12);
+    out.extend_from_slice(b"{\"id\":");
+    serde_json::to_writer(&mut out, id).expect("memory");
+    out.extend_from_slice(b",\"inputs\":[{\"name\":");
+    serde_json::to_writer(&mut out, input).expect("memory");
+    out.extend_from_slice(b",\"shape\":");
+    serde_json::to_writer(&mut out, &dims).expect("memory");
+    out.extend_from_slice(
+        format!(",\"datatype\":\"{}\",\"data\":[", enc.datatype.name()).as_bytes(),
+    );
+    for (i, img) in images.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        enc.write_flat(img, shape, &table, &mut out);
     }
-    #[derive(Serialize)]
-    struct Output<'a> {
-        name: &'a str,
+    out.extend_from_slice(b"]}]");
+    if let Some(name) = output {
+        out.extend_from_slice(b",\"outputs\":[{\"name\":");
+        serde_json::to_writer(&mut out, name).expect("memory");
+        out.extend_from_slice(b"}]");
     }
-    #[derive(Serialize)]
-    struct Body<'a> {
-        id: &'a str,
-        inputs: [Input<'a>; 1],
-        #[serde(skip_serializing_if = "Vec::is_empty")]
-        outputs: Vec<Output<'a>>,
-    }
-    let body = Body {
-        id,
-        inputs: [Input {
-            name: input,
-            shape: &dims,
-            datatype: enc.datatype.name(),
-            data: Nested {
-                dims: &flat,
-                data: &data,
-                datatype: enc.datatype,
-            },
-        }],
-        outputs: output.map(|name| vec![Output { name }]).unwrap_or_default(),
-    };
-    serde_json::to_vec(&body).expect("serialising to memory")
+    out.push(b'}');
+    out
 }
 
 /// The `instances` array (TF Serving, KServe V1, templates): one nested tensor per image, or
@@ -160,28 +236,22 @@ pub fn instances(
     enc: &Encoding,
     input: Option<&str>,
 ) -> Vec<u8> {
-    let dims = enc.image_dims(shape);
-    let values: Vec<Vec<f64>> = images.iter().map(|img| enc.values(img, shape)).collect();
-    let mut out = Vec::with_capacity(values.len() * shape.len() * 8);
+    let table = enc.table(shape.channels);
+    let mut out = Vec::with_capacity(images.len() * shape.len() * 12);
     out.push(b'[');
-    for (i, v) in values.iter().enumerate() {
+    for (i, img) in images.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        let t = Nested {
-            dims: &dims,
-            data: v,
-            datatype: enc.datatype,
-        };
         match input {
             Some(name) => {
                 out.push(b'{');
                 serde_json::to_writer(&mut out, name).expect("memory");
                 out.push(b':');
-                serde_json::to_writer(&mut out, &t).expect("memory");
+                enc.write_nested(img, shape, &table, &mut out);
                 out.push(b'}');
             }
-            None => serde_json::to_writer(&mut out, &t).expect("memory"),
+            None => enc.write_nested(img, shape, &table, &mut out),
         }
     }
     out.push(b']');
@@ -636,6 +706,41 @@ mod tests {
             e.values(&img, s)[..3],
             [(0.5 - 1.0) / 2.0, (1.0 - 2.0) / 2.0, (1.5 - 3.0) / 2.0]
         );
+    }
+
+    #[test]
+    fn table_encoding_writes_what_the_serialiser_writes() {
+        let s = ImageShape {
+            height: 2,
+            width: 3,
+            channels: 3,
+        };
+        let img: Vec<u8> = (0..18).map(|v| (v * 37 % 256) as u8).collect();
+        for layout in [TensorLayout::Nchw, TensorLayout::Nhwc, TensorLayout::Flat] {
+            for datatype in [Datatype::Fp32, Datatype::Fp64, Datatype::Uint8] {
+                let e = Encoding {
+                    layout,
+                    datatype,
+                    scale: 1.0 / 255.0,
+                    mean: vec![0.5, 0.4, 0.3],
+                    std: vec![0.2, 0.25, 0.3],
+                };
+                let dims = e.image_dims(s);
+                let want = serde_json::to_vec(&Nested {
+                    dims: &dims,
+                    data: &e.values(&img, s),
+                    datatype,
+                })
+                .unwrap();
+                let mut got = Vec::new();
+                e.write_nested(&img, s, &e.table(3), &mut got);
+                assert_eq!(
+                    String::from_utf8(got).unwrap(),
+                    String::from_utf8(want).unwrap(),
+                    "{layout:?} {datatype:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -106,12 +106,16 @@ fn hodges_lehmann(d: &[f64], alpha: f64) -> (f64, f64) {
             w.push((d[i] + d[j]) / 2.0);
         }
     }
-    w.sort_by(f64::total_cmp);
+    // Order statistics by selection: O(n²), where sorting the n(n+1)/2 averages is O(n² log n).
     let m = w.len();
+    let kth = |w: &mut Vec<f64>, k: usize| *w.select_nth_unstable_by(k, f64::total_cmp).1;
     let median = if m % 2 == 1 {
-        w[m / 2]
+        kth(&mut w, m / 2)
     } else {
-        (w[m / 2 - 1] + w[m / 2]) / 2.0
+        let hi = kth(&mut w, m / 2);
+        // After selecting m/2, everything before it is smaller: the lower middle is their max.
+        let lo = w[..m / 2].iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        (lo + hi) / 2.0
     };
     // c = the smallest k with P(R+ ≥ k) ≤ alpha.
     let c = if n <= EXACT_MAX {
@@ -133,7 +137,11 @@ fn hodges_lehmann(d: &[f64], alpha: f64) -> (f64, f64) {
         let sd = (nf * (nf + 1.0) * (2.0 * nf + 1.0) / 24.0).sqrt();
         ((mean + Normal::standard().inverse_cdf(1.0 - alpha) * sd + 0.5).ceil() as usize).min(m + 1)
     };
-    let low = if c > m { f64::NEG_INFINITY } else { w[m - c] };
+    let low = if c > m {
+        f64::NEG_INFINITY
+    } else {
+        kth(&mut w, m - c)
+    };
     (median, low)
 }
 
