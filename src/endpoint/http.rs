@@ -442,6 +442,27 @@ impl HttpEndpoint {
         }
     }
 
+    /// Whether the model is ready, from the status code alone: servers answer readiness with an
+    /// empty body (MLServer, Triton), `{"ready": true}` (KServe) or `{"status": "Healthy"}`
+    /// (TorchServe), and none of those bodies is needed.
+    pub async fn ready(&self) -> Result<bool, EndpointError> {
+        let path = match self.cfg.protocol {
+            Protocol::V2 => format!("{}/ready", self.model_path()),
+            Protocol::Tfserving | Protocol::KserveV1 => format!("v1/models/{}", self.cfg.model),
+            Protocol::Torchserve => "ping".into(),
+            Protocol::Json => return Ok(true),
+        };
+        let url = self.url(&path)?;
+        match self
+            .send_attempts(|| self.client.get(url.clone()), &url, 0)
+            .await
+        {
+            Ok((status, _)) => Ok((200..300).contains(&status)),
+            Err(EndpointError::Status { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Sets the class names the server may answer with (TorchServe keys, BYTES labels).
     pub fn set_class_names(&mut self, names: Option<Vec<String>>) {
         self.cfg.class_names = names;

@@ -175,6 +175,21 @@ fn fixed_tests_reject_at_about_alpha_under_a_simulated_null() {
     }
 }
 
+#[test]
+fn the_exact_binomial_test_never_rejects_more_often_than_alpha_under_the_null() {
+    use crate::watermark::rng::{Rng, Stream};
+    // Successes with probability exactly p0 = tau; an exact test of discrete data is
+    // conservative, so only the upper end of the 99.9% band applies.
+    let (runs, alpha, n) = (2000u64, 0.01, 60);
+    let mut rejections = 0;
+    for seed in 0..runs {
+        let mut rng = Rng::new(seed, Stream::Noise);
+        let k = (0..n).filter(|_| (rng.unit_f32() as f64) < 0.2).count() as u64;
+        rejections += binomial(k, n, 0.2, alpha).unwrap().rejects(alpha) as u32;
+    }
+    assert!(rejections <= 36, "{rejections} of {runs}");
+}
+
 proptest! {
     #[test]
     fn p_values_lie_in_the_unit_interval(d in proptest::collection::vec(-1.0f64..1.0, 2..60), tau in 0.0f64..0.5, k in 0u64..50, extra in 0u64..50) {

@@ -343,3 +343,64 @@ async fn redirects_are_not_followed() {
         "{e}"
     );
 }
+
+#[tokio::test]
+async fn readiness_is_read_from_the_status_code_whatever_the_body() {
+    let server = MockServer::start().await;
+    metadata_404(&server).await;
+    Mock::given(method("GET"))
+        .and(path("/v2/models/m/ready"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/models/m"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"name": "m", "ready": true})))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/ping"))
+        .respond_with(ResponseTemplate::new(503).set_body_json(json!({"status": "Unhealthy"})))
+        .mount(&server)
+        .await;
+    assert!(
+        HttpEndpoint::connect(cfg(&server, Protocol::V2), 1)
+            .await
+            .unwrap()
+            .ready()
+            .await
+            .unwrap()
+    );
+    assert!(
+        HttpEndpoint::connect(cfg(&server, Protocol::KserveV1), 1)
+            .await
+            .unwrap()
+            .ready()
+            .await
+            .unwrap()
+    );
+    assert!(
+        !HttpEndpoint::connect(cfg(&server, Protocol::Torchserve), 1)
+            .await
+            .unwrap()
+            .ready()
+            .await
+            .unwrap()
+    );
+}
+
+#[tokio::test]
+async fn one_dimensional_label_outputs_are_accepted() {
+    let server = MockServer::start().await;
+    metadata_404(&server).await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200)
+        .set_body_json(json!({"id": null, "outputs": [{"name": "label", "shape": [2], "datatype": "INT32", "data": [3, 1]}]})))
+        .mount(&server).await;
+    let mut c = cfg(&server, Protocol::V2);
+    c.output = OutputKind::Labels;
+    let ep = HttpEndpoint::connect(c, 1).await.unwrap();
+    assert_eq!(
+        ep.predict(&images(2), SHAPE).await.unwrap(),
+        vec![Prediction::Label(3), Prediction::Label(1)]
+    );
+}
