@@ -8,5 +8,7 @@ pub mod endpoint;
 pub mod fsutil;
 pub mod spec;
 pub mod stats;
+#[cfg(feature = "train")]
+pub mod train;
 pub mod verify;
 pub mod watermark;

@@ -1,0 +1,370 @@
+//! The training loop: SGD with momentum and weight decay (PyTorch's update, implemented here so
+//! that its state goes into checkpoints), step or cosine schedules, optional random crop with
+//! padding and horizontal flip applied to the (already triggered) images, as BackdoorBox does,
+//! seeded, with a checkpoint after every epoch from which an interrupted run resumes exactly.
+
+use super::model::{Arch, Net};
+use super::{TrainError, metrics};
+use crate::dataset::{Dataset, ImageShape};
+use crate::watermark::rng::{Rng, Stream};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor, nn};
+
+/// Learning-rate schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Schedule {
+    /// `lr · gamma^(number of milestones ≤ epoch)` (BackdoorBox's `adjust_learning_rate`).
+    Step {
+        /// Epochs (0-based) at which the rate is multiplied by gamma.
+        milestones: Vec<usize>,
+        /// Factor.
+        gamma: f64,
+    },
+    /// `lr · (1 + cos(π · epoch / epochs)) / 2`.
+    Cosine,
+}
+
+/// Settings of a training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Network.
+    pub arch: Arch,
+    /// Epochs.
+    pub epochs: usize,
+    /// Images per step.
+    pub batch_size: usize,
+    /// Initial learning rate.
+    pub lr: f64,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// L2 weight decay.
+    pub weight_decay: f64,
+    /// Learning-rate schedule.
+    pub schedule: Schedule,
+    /// Random crop after zero padding by this many pixels (0: none).
+    pub crop_padding: usize,
+    /// Random horizontal flip.
+    pub flip: bool,
+    /// Seed of initialisation, shuffling and augmentation.
+    pub seed: u64,
+}
+
+impl TrainConfig {
+    /// The learning rate during `epoch` (0-based).
+    pub fn lr_at(&self, epoch: usize) -> f64 {
+        match &self.schedule {
+            Schedule::Step { milestones, gamma } => {
+                self.lr * gamma.powi(milestones.iter().filter(|m| **m <= epoch).count() as i32)
+            }
+            Schedule::Cosine => {
+                self.lr
+                    * 0.5
+                    * (1.0 + (std::f64::consts::PI * epoch as f64 / self.epochs as f64).cos())
+            }
+        }
+    }
+
+    fn check(&self) -> Result<(), TrainError> {
+        if self.epochs == 0 || self.batch_size == 0 {
+            return Err(TrainError::Config(
+                "epochs and batch size must be at least 1".into(),
+            ));
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite())
+            || !(0.0..1.0).contains(&self.momentum)
+            || self.weight_decay < 0.0
+        {
+            return Err(TrainError::Config(
+                "need lr > 0, momentum in [0, 1), weight decay ≥ 0".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What one epoch gave.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochReport {
+    /// Epoch (1-based).
+    pub epoch: usize,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Mean training loss.
+    pub loss: f64,
+    /// Training images per second.
+    pub images_per_second: f64,
+    /// Metrics on the evaluation sets, where given.
+    pub metrics: Option<metrics::Metrics>,
+}
+
+/// Progress of a run, for bars and logs.
+#[derive(Debug, Clone, Copy)]
+pub struct Step {
+    /// Epoch (1-based).
+    pub epoch: usize,
+    /// Images done in this epoch.
+    pub images: usize,
+    /// Images per epoch.
+    pub of: usize,
+    /// Running mean loss of the epoch.
+    pub loss: f64,
+    /// Images per second so far in the epoch.
+    pub rate: f64,
+}
+
+/// A trained network with its variables.
+pub struct Trained {
+    /// Variables (weights, batch-norm statistics).
+    pub vs: nn::VarStore,
+    /// The network.
+    pub net: Net,
+    /// One report per epoch, resumed epochs included.
+    pub history: Vec<EpochReport>,
+}
+
+/// Pixels of images `indices` as a float tensor [n, C, H, W] in [0, 1] on `device`.
+pub fn to_tensor(ds: &Dataset, indices: &[usize], device: Device) -> Tensor {
+    let s = ds.shape();
+    let mut bytes = Vec::with_capacity(indices.len() * s.len());
+    for &i in indices {
+        bytes.extend_from_slice(ds.image(i));
+    }
+    Tensor::from_slice(&bytes)
+        .view([
+            indices.len() as i64,
+            s.height as i64,
+            s.width as i64,
+            s.channels as i64,
+        ])
+        .permute([0, 3, 1, 2])
+        .to_kind(Kind::Float)
+        .divide_scalar(255.0)
+        .contiguous()
+        .to_device(device)
+}
+
+/// Labels of `indices` as an int64 tensor.
+pub fn labels_tensor(ds: &Dataset, indices: &[usize], device: Device) -> Tensor {
+    let v: Vec<i64> = indices.iter().map(|&i| i64::from(ds.label(i))).collect();
+    Tensor::from_slice(&v).to_device(device)
+}
+
+fn augment(x: Tensor, cfg: &TrainConfig, rng: &mut Rng, shape: ImageShape) -> Tensor {
+    let mut x = x;
+    if cfg.crop_padding > 0 {
+        let p = cfg.crop_padding as i64;
+        let padded = x.constant_pad_nd([p, p, p, p]);
+        let n = x.size()[0];
+        let crops: Vec<Tensor> = (0..n)
+            .map(|i| {
+                let dy = rng.below(2 * cfg.crop_padding as u64 + 1) as i64;
+                let dx = rng.below(2 * cfg.crop_padding as u64 + 1) as i64;
+                padded
+                    .get(i)
+                    .narrow(1, dy, shape.height as i64)
+                    .narrow(2, dx, shape.width as i64)
+            })
+            .collect();
+        x = Tensor::stack(&crops, 0);
+    }
+    if cfg.flip {
+        let n = x.size()[0];
+        let mask: Vec<bool> = (0..n).map(|_| rng.below(2) == 1).collect();
+        let m = Tensor::from_slice(&mask)
+            .to_device(x.device())
+            .view([n, 1, 1, 1]);
+        x = x.flip([3]).where_self(&m, &x);
+    }
+    x
+}
+
+const CHECKPOINT: &str = "checkpoint.ot";
+const CHECKPOINT_META: &str = "checkpoint.json";
+
+#[cfg(test)]
+mod tests;
+
+#[derive(Serialize, Deserialize)]
+struct CheckpointMeta {
+    config: TrainConfig,
+    shape: ImageShape,
+    classes: usize,
+    train_sha256: String,
+    epochs_done: usize,
+    history: Vec<EpochReport>,
+}
+
+/// Trains on `train`; evaluates after every epoch with `eval` when given. With `checkpoints`, the
+/// state is saved there after every epoch and a run with the same settings and data resumes from
+/// it. `stop_after(epochs_done)` returning true interrupts the run (after its checkpoint).
+pub fn train(
+    train: &Dataset,
+    cfg: &TrainConfig,
+    device: Device,
+    eval: Option<&metrics::EvalSet>,
+    checkpoints: Option<&Path>,
+    progress: &dyn Fn(Step),
+    stop_after: &dyn Fn(usize) -> bool,
+) -> Result<Trained, TrainError> {
+    cfg.check()?;
+    if train.is_empty() {
+        return Err(TrainError::Config("the training set is empty".into()));
+    }
+    let shape = train.shape();
+    tch::manual_seed(cfg.seed as i64);
+    let mut vs = nn::VarStore::new(device);
+    let net = Net::new(&vs.root(), cfg.arch, shape, train.num_classes() as i64);
+    let trainable = vs.trainable_variables();
+    let mut momentum: Vec<Tensor> = trainable.iter().map(|t| t.zeros_like()).collect();
+    let mut history = Vec::new();
+    let mut start_epoch = 0;
+    let train_sha256 = train.sha256();
+
+    if let Some(dir) = checkpoints {
+        std::fs::create_dir_all(dir).map_err(|e| TrainError::Io(dir.display().to_string(), e))?;
+        let meta_path = dir.join(CHECKPOINT_META);
+        if meta_path.exists() {
+            let meta: CheckpointMeta = serde_json::from_slice(
+                &std::fs::read(&meta_path)
+                    .map_err(|e| TrainError::Io(meta_path.display().to_string(), e))?,
+            )
+            .map_err(|e| TrainError::Config(format!("{}: {e}", meta_path.display())))?;
+            if meta.config != *cfg || meta.train_sha256 != train_sha256 || meta.shape != shape {
+                return Err(TrainError::Config(format!(
+                    "{} holds a checkpoint of another run (settings or data differ); remove it or use another folder",
+                    dir.display()
+                )));
+            }
+            let named = Tensor::load_multi_with_device(dir.join(CHECKPOINT), device)
+                .map_err(TrainError::Torch)?;
+            let lookup: std::collections::HashMap<String, Tensor> = named.into_iter().collect();
+            tch::no_grad(|| -> Result<(), TrainError> {
+                for (name, var) in vs.variables() {
+                    let t = lookup
+                        .get(&name)
+                        .ok_or_else(|| TrainError::Config(format!("checkpoint lacks {name}")))?;
+                    var.shallow_clone().copy_(t);
+                }
+                for (i, m) in momentum.iter_mut().enumerate() {
+                    let t = lookup
+                        .get(&format!("momentum.{i}"))
+                        .ok_or_else(|| TrainError::Config("checkpoint lacks momentum".into()))?;
+                    m.copy_(t);
+                }
+                Ok(())
+            })?;
+            start_epoch = meta.epochs_done;
+            history = meta.history;
+        }
+    }
+
+    let n = train.len();
+    let x_all = to_tensor(train, &(0..n).collect::<Vec<_>>(), device);
+    let y_all = labels_tensor(train, &(0..n).collect::<Vec<_>>(), device);
+    for epoch in start_epoch..cfg.epochs {
+        let lr = cfg.lr_at(epoch);
+        // Shuffling and augmentation depend on (seed, epoch) only, so a resumed run draws the same.
+        let mut rng = Rng::new(
+            cfg.seed
+                .wrapping_add((epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+            Stream::Selection,
+        );
+        let mut order: Vec<i64> = (0..n as i64).collect();
+        rng.choose_front(&mut order, n);
+        let started = Instant::now();
+        let (mut loss_sum, mut seen) = (0.0, 0usize);
+        for chunk in order.chunks(cfg.batch_size) {
+            let idx = Tensor::from_slice(chunk).to_device(device);
+            let x = augment(x_all.index_select(0, &idx), cfg, &mut rng, shape);
+            let y = y_all.index_select(0, &idx);
+            let loss = net.forward_t(&x, true).cross_entropy_for_logits(&y);
+            for t in &trainable {
+                t.shallow_clone().zero_grad();
+            }
+            loss.backward();
+            tch::no_grad(|| {
+                for (p, buf) in trainable.iter().zip(momentum.iter_mut()) {
+                    let g = p.grad();
+                    if !g.defined() {
+                        continue;
+                    }
+                    // PyTorch SGD: d = g + wd·p; buf = momentum·buf + d (buf = d at the first
+                    // step, which zero-initialised buffers give too); p -= lr·buf.
+                    let d = &g + p * cfg.weight_decay;
+                    let _ = buf.g_mul_scalar_(cfg.momentum).g_add_(&d);
+                    let _ = p.shallow_clone().g_sub_(&(&*buf * lr));
+                }
+            });
+            let l = loss.double_value(&[]);
+            if !l.is_finite() {
+                return Err(TrainError::Diverged { epoch: epoch + 1 });
+            }
+            loss_sum += l * chunk.len() as f64;
+            seen += chunk.len();
+            progress(Step {
+                epoch: epoch + 1,
+                images: seen,
+                of: n,
+                loss: loss_sum / seen as f64,
+                rate: seen as f64 / started.elapsed().as_secs_f64(),
+            });
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let metrics = eval.map(|e| metrics::evaluate(&net, e, device));
+        history.push(EpochReport {
+            epoch: epoch + 1,
+            lr,
+            loss: loss_sum / n as f64,
+            images_per_second: n as f64 / secs,
+            metrics,
+        });
+        if let Some(dir) = checkpoints {
+            save_checkpoint(
+                dir,
+                &vs,
+                &momentum,
+                &CheckpointMeta {
+                    config: cfg.clone(),
+                    shape,
+                    classes: train.num_classes(),
+                    train_sha256: train_sha256.clone(),
+                    epochs_done: epoch + 1,
+                    history: history.clone(),
+                },
+            )?;
+        }
+        if epoch + 1 < cfg.epochs && stop_after(epoch + 1) {
+            return Err(TrainError::Interrupted {
+                epochs_done: epoch + 1,
+            });
+        }
+    }
+    vs.freeze();
+    Ok(Trained { vs, net, history })
+}
+
+fn save_checkpoint(
+    dir: &Path,
+    vs: &nn::VarStore,
+    momentum: &[Tensor],
+    meta: &CheckpointMeta,
+) -> Result<(), TrainError> {
+    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    named.extend(
+        momentum
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("momentum.{i}"), t.shallow_clone())),
+    );
+    // Weights first, then the metadata that says they are complete; both by rename.
+    let tmp = dir.join(format!("{CHECKPOINT}.partial"));
+    Tensor::save_multi(&named, &tmp).map_err(TrainError::Torch)?;
+    std::fs::rename(&tmp, dir.join(CHECKPOINT))
+        .map_err(|e| TrainError::Io(dir.display().to_string(), e))?;
+    let bytes = serde_json::to_vec_pretty(meta).expect("serialising to memory");
+    crate::fsutil::write_file_atomic(&dir.join(CHECKPOINT_META), &bytes, 0o644, true)
+        .map_err(|e| TrainError::Io(dir.display().to_string(), e))
+}

@@ -1,0 +1,139 @@
+use super::*;
+use crate::dataset::{Format, Split};
+use crate::train::metrics::{EvalSet, evaluate};
+
+fn fashion(split: Split, n: usize) -> Dataset {
+    let ds = crate::dataset::read(
+        Path::new("/usr/share/datasets/fashion-mnist"),
+        Some(Format::Idx),
+        Some(split),
+        &|| {},
+    )
+    .expect("Fashion-MNIST is installed by scripts/test")
+    .dataset;
+    ds.subset(&(0..n).collect::<Vec<_>>()).unwrap()
+}
+
+fn cfg(epochs: usize) -> TrainConfig {
+    TrainConfig {
+        arch: Arch::BaselineMnist,
+        epochs,
+        batch_size: 128,
+        lr: 0.05,
+        momentum: 0.9,
+        weight_decay: 5e-4,
+        schedule: Schedule::Step {
+            milestones: vec![1],
+            gamma: 0.1,
+        },
+        crop_padding: 2,
+        flip: true,
+        seed: 42,
+    }
+}
+
+fn weights(t: &Trained) -> Vec<(String, Vec<f32>)> {
+    let mut v: Vec<(String, Vec<f32>)> =
+        t.vs.variables()
+            .into_iter()
+            .map(|(n, t)| {
+                (
+                    n,
+                    Vec::<f32>::try_from(t.flatten(0, -1).to_kind(Kind::Float)).unwrap(),
+                )
+            })
+            .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn a_short_run_learns_fashion_mnist() {
+    tch::set_num_threads(2);
+    let train_set = fashion(Split::Train, 3000);
+    let eval = EvalSet::new(fashion(Split::Test, 1000), None).unwrap();
+    let t = train(
+        &train_set,
+        &cfg(2),
+        Device::Cpu,
+        Some(&eval),
+        None,
+        &|_| {},
+        &|_| false,
+    )
+    .unwrap();
+    assert_eq!(t.history.len(), 2);
+    assert!(t.history[1].loss < t.history[0].loss, "{:?}", t.history);
+    let acc = evaluate(&t.net, &eval, Device::Cpu).benign_accuracy;
+    assert!(acc > 0.65, "benign accuracy {acc}: {:?}", t.history);
+    assert!(
+        (t.history[1].lr - 0.005).abs() < 1e-15,
+        "the step schedule applies from epoch 2"
+    );
+}
+
+#[test]
+fn training_is_deterministic_from_the_seed_and_an_interrupted_run_resumes_exactly() {
+    tch::set_num_threads(2);
+    let data = fashion(Split::Train, 1200);
+    let a = train(&data, &cfg(2), Device::Cpu, None, None, &|_| {}, &|_| false).unwrap();
+    let b = train(&data, &cfg(2), Device::Cpu, None, None, &|_| {}, &|_| false).unwrap();
+    assert_eq!(weights(&a), weights(&b), "same seed, same weights");
+    let c = train(
+        &data,
+        &TrainConfig { seed: 43, ..cfg(2) },
+        Device::Cpu,
+        None,
+        None,
+        &|_| {},
+        &|_| false,
+    )
+    .unwrap();
+    assert_ne!(weights(&a), weights(&c));
+
+    let dir = tempfile::tempdir().unwrap();
+    let e = train(
+        &data,
+        &cfg(2),
+        Device::Cpu,
+        None,
+        Some(dir.path()),
+        &|_| {},
+        &|done| done == 1,
+    )
+    .err()
+    .unwrap();
+    assert!(
+        matches!(e, TrainError::Interrupted { epochs_done: 1 }),
+        "{e}"
+    );
+    let resumed = train(
+        &data,
+        &cfg(2),
+        Device::Cpu,
+        None,
+        Some(dir.path()),
+        &|_| {},
+        &|_| false,
+    )
+    .unwrap();
+    assert_eq!(resumed.history.len(), 2);
+    assert_eq!(
+        weights(&resumed),
+        weights(&a),
+        "resumed weights equal the uninterrupted run's"
+    );
+    // A checkpoint of other settings is refused, not silently mixed in.
+    let e = train(
+        &data,
+        &TrainConfig { lr: 0.02, ..cfg(2) },
+        Device::Cpu,
+        None,
+        Some(dir.path()),
+        &|_| {},
+        &|_| false,
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("another run"), "{e}");
+}

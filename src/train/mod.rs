@@ -1,0 +1,64 @@
+//! The trainer (feature `train`): BackdoorBox's models trained with libtorch through tch, so that
+//! every watermark kind can be calibrated end to end on real data.
+
+pub mod fit;
+pub mod metrics;
+pub mod model;
+
+pub use fit::{Schedule, TrainConfig, Trained, train};
+pub use model::{Arch, Net};
+
+/// Why training failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// Settings that cannot work.
+    #[error("{0}")]
+    Config(String),
+    /// A file could not be read or written.
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    /// libtorch failed.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    /// The loss became NaN or infinite.
+    #[error("training diverged in epoch {epoch} (the loss is not finite); lower the learning rate")]
+    Diverged {
+        /// Epoch (1-based).
+        epoch: usize,
+    },
+    /// Stopped on request after a checkpoint; running again resumes.
+    #[error("interrupted after {epochs_done} epochs; run again to resume")]
+    Interrupted {
+        /// Epochs completed.
+        epochs_done: usize,
+    },
+    /// The watermark could not be rendered.
+    #[error(transparent)]
+    Watermark(#[from] crate::watermark::WatermarkError),
+}
+
+/// The device to train on: CUDA when libtorch has it and `force_cpu` is not set.
+pub fn device(choice: DeviceChoice) -> Result<tch::Device, TrainError> {
+    match choice {
+        DeviceChoice::Cpu => Ok(tch::Device::Cpu),
+        DeviceChoice::Cuda if tch::Cuda::is_available() => Ok(tch::Device::Cuda(0)),
+        DeviceChoice::Cuda => Err(TrainError::Config(
+            "CUDA was asked for, but libtorch sees no CUDA device".into(),
+        )),
+        DeviceChoice::Auto => Ok(tch::Device::cuda_if_available()),
+    }
+}
+
+/// Which device to use.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// CUDA when available, else CPU.
+    Auto,
+    /// CPU.
+    Cpu,
+    /// CUDA (an error when there is none).
+    Cuda,
+}
