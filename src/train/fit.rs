@@ -73,8 +73,7 @@ impl TrainConfig {
                 "epochs and batch size must be at least 1".into(),
             ));
         }
-        if !(self.lr > 0.0 && self.lr.is_finite())
-            || !(0.0..1.0).contains(&self.momentum)
+        if !(self.lr > 0.0 && self.lr.is_finite() && (0.0..1.0).contains(&self.momentum))
             || self.weight_decay < 0.0
         {
             return Err(TrainError::Config(

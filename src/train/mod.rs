@@ -1,9 +1,11 @@
 //! The trainer (feature `train`): BackdoorBox's models trained with libtorch through tch, so that
 //! every watermark kind can be calibrated end to end on real data.
 
+pub mod calibrate;
 pub mod fit;
 pub mod metrics;
 pub mod model;
+pub mod serve;
 
 pub use fit::{Schedule, TrainConfig, Trained, train};
 pub use model::{Arch, Net};

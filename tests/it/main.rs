@@ -5,3 +5,5 @@ mod endpoint;
 mod fashion_mnist;
 mod formats;
 mod mlserver;
+#[cfg(feature = "train")]
+mod train;

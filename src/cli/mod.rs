@@ -3,6 +3,9 @@
 //! Exit codes: 0 success; 2 error (bad input, I/O). Later commands that give a verdict use 1 for
 //! "not shown".
 
+#[cfg(feature = "train")]
+mod train;
+
 use crate::dataset::{self, Format, Layout, ReleaseInfo, Split};
 use crate::endpoint::{Datatype, EndpointConfig, HttpEndpoint, OutputKind, Protocol, TensorLayout};
 use crate::fsutil::AtomicDir;
@@ -38,6 +41,16 @@ pub enum Command {
     /// Test whether a model behind an HTTP endpoint was trained on a watermarked release.
     /// Exit code 0: evidence it was; 1: not shown (or inconclusive); 2: error.
     Verify(Box<VerifyArgs>),
+    /// Train a model on a dataset or release (feature `train`).
+    #[cfg(feature = "train")]
+    Train(Box<train::TrainArgs>),
+    /// Serve a trained model over the Open Inference Protocol V2 (feature `train`).
+    #[cfg(feature = "train")]
+    ServeModel(train::ServeModelArgs),
+    /// Train watermarked and independent models, verify each over HTTP, report detection and
+    /// false-positive rates (feature `train`).
+    #[cfg(feature = "train")]
+    Calibrate(Box<train::CalibrateArgs>),
 }
 
 /// Where a dataset is read from.
@@ -251,6 +264,12 @@ pub fn run(cli: Cli) -> Result<u8> {
 fn run_plain(command: Command) -> Result<()> {
     match command {
         Command::Verify(_) => unreachable!("handled in run"),
+        #[cfg(feature = "train")]
+        Command::Train(a) => train::train_cmd(*a),
+        #[cfg(feature = "train")]
+        Command::ServeModel(a) => train::serve_model_cmd(a),
+        #[cfg(feature = "train")]
+        Command::Calibrate(a) => train::calibrate_cmd(*a),
         Command::Watermark(a) => watermark_cmd(a),
         Command::Spec(SpecCommand::Check { file }) => {
             let spec = WatermarkSpec::from_toml_file(&file)?;

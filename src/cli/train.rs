@@ -1,0 +1,469 @@
+//! The trainer's commands (feature `train`): `train`, `serve-model`, `calibrate`.
+
+use super::{bar, parse_format, parse_split, spinner};
+use crate::dataset::{self, Dataset, Format, Split};
+use crate::train::metrics::{EvalSet, Metrics};
+use crate::train::serve::{LoadedModel, ModelInfo, ModelServer};
+use crate::train::{self, Arch, DeviceChoice, Schedule, TrainConfig};
+use crate::watermark::SecretRecord;
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use std::path::{Path, PathBuf};
+
+/// Learning-rate schedule kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScheduleKind {
+    /// Multiply by --gamma at each of --milestones.
+    Step,
+    /// Cosine decay to 0 over the run.
+    Cosine,
+}
+
+/// Training settings shared by `train` and `calibrate`.
+#[derive(Debug, Clone, Args)]
+pub struct TrainSettings {
+    /// Network.
+    #[arg(long, value_enum, default_value_t = Arch::BaselineMnist)]
+    pub arch: Arch,
+    /// Epochs.
+    #[arg(long, default_value_t = 10)]
+    pub epochs: usize,
+    /// Images per step.
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    /// Initial learning rate.
+    #[arg(long, default_value_t = 0.05)]
+    pub lr: f64,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
+    /// Weight decay.
+    #[arg(long, default_value_t = 5e-4)]
+    pub weight_decay: f64,
+    /// Learning-rate schedule.
+    #[arg(long, value_enum, default_value_t = ScheduleKind::Step)]
+    pub schedule: ScheduleKind,
+    /// Step schedule: the rate drops after this many epochs (comma-separated, as MultiStepLR).
+    #[arg(long, value_delimiter = ',')]
+    pub milestones: Vec<usize>,
+    /// Step schedule: factor at each milestone.
+    #[arg(long, default_value_t = 0.1)]
+    pub gamma: f64,
+    /// Random crop after zero padding by this many pixels (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub crop_padding: usize,
+    /// Random horizontal flip.
+    #[arg(long)]
+    pub flip: bool,
+    /// Device.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+    /// CPU threads for libtorch (its default when absent).
+    #[arg(long)]
+    pub threads: Option<i32>,
+}
+
+impl TrainSettings {
+    fn config(&self, seed: u64) -> TrainConfig {
+        TrainConfig {
+            arch: self.arch,
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            momentum: self.momentum,
+            weight_decay: self.weight_decay,
+            schedule: match self.schedule {
+                // A milestone m lowers the rate after m epochs, as PyTorch's MultiStepLR.
+                ScheduleKind::Step => Schedule::Step {
+                    milestones: self.milestones.clone(),
+                    gamma: self.gamma,
+                },
+                ScheduleKind::Cosine => Schedule::Cosine,
+            },
+            crop_padding: self.crop_padding,
+            flip: self.flip,
+            seed,
+        }
+    }
+}
+
+/// Arguments of `hallmark train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Training data (a release or a clean dataset).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Format of --data.
+    #[arg(long, value_parser = parse_format)]
+    pub format: Option<Format>,
+    /// Split of --data.
+    #[arg(long, value_parser = parse_split)]
+    pub split: Option<Split>,
+    /// Keep only the first N training samples.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Test data for the metrics.
+    #[arg(long)]
+    pub test_data: Option<PathBuf>,
+    /// Split of --test-data.
+    #[arg(long, value_parser = parse_split)]
+    pub test_split: Option<Split>,
+    /// The watermark's secret record, for attack success rates.
+    #[arg(long)]
+    pub secret: Option<PathBuf>,
+    /// Seed of initialisation, shuffling and augmentation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Training settings.
+    #[command(flatten)]
+    pub settings: TrainSettings,
+    /// Output folder: model.ot, model.json, metrics.json; checkpoints in checkpoint/.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Arguments of `hallmark serve-model`.
+#[derive(Debug, Args)]
+pub struct ServeModelArgs {
+    /// Folder written by `hallmark train`.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8500")]
+    pub bind: String,
+    /// Model name in URLs (default: the folder's name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Device.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+}
+
+pub(super) fn load(
+    path: &Path,
+    format: Option<Format>,
+    split: Option<Split>,
+    limit: Option<usize>,
+) -> Result<Dataset> {
+    let mut ds = dataset::read(path, format, split, &|| {})?.dataset;
+    if let Some(n) = limit
+        && n < ds.len()
+    {
+        ds = ds.subset(&(0..n).collect::<Vec<_>>())?;
+    }
+    Ok(ds)
+}
+
+fn describe(m: &Metrics) -> String {
+    let mut s = format!("benign accuracy {:.4}", m.benign_accuracy);
+    if let Some(a) = m.asr {
+        s.push_str(&format!(", ASR {a:.4} (target-class images excluded)"));
+    }
+    if let (Some(a), Some(c), Some(d)) = (m.asr_a, m.asr_c, m.dispersibility) {
+        s.push_str(&format!(", ASR-A {a:.4}, ASR-C {c:.4}, D_p {d:.4}"));
+    }
+    s
+}
+
+/// Trains with a progress bar; returns the trained network.
+pub(super) fn train_with_progress(
+    data: &Dataset,
+    cfg: &TrainConfig,
+    device: tch::Device,
+    eval: Option<&EvalSet>,
+    checkpoints: Option<&Path>,
+    label: &str,
+) -> Result<train::Trained> {
+    let pb = bar((cfg.epochs * data.len()) as u64, "training");
+    let step = |s: train::fit::Step| {
+        pb.set_position(((s.epoch - 1) * s.of + s.images) as u64);
+        pb.set_message(format!(
+            "{label} epoch {}/{} loss {:.4} {:.0} img/s",
+            s.epoch, cfg.epochs, s.loss, s.rate
+        ));
+    };
+    let t = train::train(data, cfg, device, eval, checkpoints, &step, &|_| false);
+    pb.finish_and_clear();
+    Ok(t?)
+}
+
+/// Saves a trained model as model.ot + model.json in `dir`.
+pub(super) fn save_model(t: &train::Trained, info: &ModelInfo, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join("model.ot.partial");
+    t.vs.save(&tmp)?;
+    std::fs::rename(&tmp, dir.join("model.ot"))?;
+    crate::fsutil::write_file_atomic(
+        &dir.join("model.json"),
+        &serde_json::to_vec_pretty(info)?,
+        0o644,
+        true,
+    )?;
+    Ok(())
+}
+
+pub(super) fn train_cmd(a: TrainArgs) -> Result<()> {
+    if let Some(t) = a.settings.threads {
+        tch::set_num_threads(t);
+    }
+    let device = train::device(a.settings.device)?;
+    let data = load(&a.data, a.format, a.split, a.limit)?;
+    let record = a.secret.as_deref().map(SecretRecord::load).transpose()?;
+    let eval = match &a.test_data {
+        Some(p) => Some(EvalSet::new(
+            load(p, None, a.test_split, None)?,
+            record.as_ref(),
+        )?),
+        None if record.is_some() => {
+            bail!("--secret needs --test-data to measure the attack success rate")
+        }
+        None => None,
+    };
+    let cfg = a.settings.config(a.seed);
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create {}", a.out.display()))?;
+    let t = train_with_progress(
+        &data,
+        &cfg,
+        device,
+        eval.as_ref(),
+        Some(&a.out.join("checkpoint")),
+        "",
+    )?;
+    let last = t.history.last().cloned();
+    let info = ModelInfo {
+        arch: cfg.arch,
+        shape: data.shape(),
+        classes: data.num_classes(),
+        training: serde_json::json!({"config": cfg, "device": format!("{device:?}"), "train_samples": data.len(),
+                                     "train_sha256": data.sha256(), "history": t.history}),
+    };
+    save_model(&t, &info, &a.out)?;
+    crate::fsutil::write_file_atomic(
+        &a.out.join("metrics.json"),
+        &serde_json::to_vec_pretty(&t.history)?,
+        0o644,
+        true,
+    )?;
+    if let Some(e) = last {
+        eprintln!(
+            "trained {:?} for {} epochs on {} images ({:.0} img/s, {:?}): {}",
+            cfg.arch,
+            cfg.epochs,
+            data.len(),
+            e.images_per_second,
+            device,
+            e.metrics
+                .as_ref()
+                .map(describe)
+                .unwrap_or_else(|| format!("final loss {:.4}", e.loss))
+        );
+    }
+    println!("{}", a.out.display());
+    Ok(())
+}
+
+pub(super) fn serve_model_cmd(a: ServeModelArgs) -> Result<()> {
+    let device = train::device(a.device)?;
+    let model = LoadedModel::load(&a.model, device)?;
+    let name = a.name.clone().unwrap_or_else(|| {
+        a.model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let server = ModelServer::bind(&a.bind, &name, model)
+            .await
+            .with_context(|| format!("cannot listen on {}", a.bind))?;
+        eprintln!(
+            "serving {name} over the V2 protocol on http://{}:{} (Ctrl-C stops)",
+            a.bind.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h),
+            server.port()
+        );
+        server
+            .run_until_stopped(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
+        anyhow::Ok(())
+    })?;
+    let _ = spinner;
+    Ok(())
+}
+
+/// Arguments of `hallmark calibrate`.
+#[derive(Debug, Args)]
+pub struct CalibrateArgs {
+    /// The watermark spec to calibrate.
+    #[arg(long)]
+    pub spec: PathBuf,
+    /// Clean training data.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Format of --data.
+    #[arg(long, value_parser = parse_format)]
+    pub format: Option<Format>,
+    /// Split of --data.
+    #[arg(long, value_parser = parse_split)]
+    pub split: Option<Split>,
+    /// Keep only the first N training samples.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Held-out data: metrics and verification queries.
+    #[arg(long)]
+    pub test_data: PathBuf,
+    /// Split of --test-data.
+    #[arg(long, value_parser = parse_split)]
+    pub test_split: Option<Split>,
+    /// Watermarked models, and independent models of each kind.
+    #[arg(long, default_value_t = 3)]
+    pub models: usize,
+    /// Base seed of training.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Training settings.
+    #[command(flatten)]
+    pub settings: TrainSettings,
+    /// Verification pairs (the cap in sequential mode).
+    #[arg(long, default_value_t = 100)]
+    pub m: usize,
+    /// Margin.
+    #[arg(long, default_value_t = 0.2)]
+    pub tau: f64,
+    /// Significance level.
+    #[arg(long, default_value_t = 0.01)]
+    pub alpha: f64,
+    /// Use the sequential test.
+    #[arg(long)]
+    pub sequential: bool,
+    /// Use predicted labels only.
+    #[arg(long)]
+    pub label_only: bool,
+    /// Output folder: calibration.json, calibration.md, calibration.png, secrets/.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+fn serve_and_verify(
+    rt: &tokio::runtime::Runtime,
+    model: LoadedModel,
+    record: &SecretRecord,
+    test: &Dataset,
+    cfg: &crate::verify::VerifyConfig,
+) -> Result<crate::verify::Verdict> {
+    use crate::endpoint::{EndpointConfig, HttpEndpoint, Protocol};
+    rt.block_on(async {
+        let server = ModelServer::bind("127.0.0.1:0", "model", model).await?;
+        let port = server.port();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(server.run_until_stopped(async {
+            let _ = stopped.await;
+        }));
+        let mut ep = EndpointConfig::new(format!("http://127.0.0.1:{port}"), Protocol::V2, "model");
+        ep.allow_private = true;
+        if cfg.label_only {
+            ep.output = crate::endpoint::OutputKind::Labels;
+        }
+        let verdict = async {
+            let endpoint = HttpEndpoint::connect(ep, cfg.seed).await?;
+            anyhow::Ok(crate::verify::verify(&endpoint, record, test, cfg, &|_| {}).await?)
+        }
+        .await;
+        let _ = stop.send(());
+        handle.await??;
+        verdict
+    })
+}
+
+pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
+    use crate::train::calibrate::{Calibration, ModelKind, Row};
+    use crate::watermark;
+    if let Some(t) = a.settings.threads {
+        tch::set_num_threads(t);
+    }
+    let device = train::device(a.settings.device)?;
+    let spec = crate::spec::WatermarkSpec::from_toml_file(&a.spec)?;
+    let clean = load(&a.data, a.format, a.split, a.limit)?;
+    let test = load(&a.test_data, None, a.test_split, None)?;
+    std::fs::create_dir_all(a.out.join("secrets"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let vcfg = crate::verify::VerifyConfig {
+        m: a.m,
+        tau: a.tau,
+        alpha: a.alpha,
+        label_only: a.label_only,
+        sequential: a.sequential,
+        seed: a.seed,
+        ..Default::default()
+    };
+    let info = |cfg: &TrainConfig| ModelInfo {
+        arch: cfg.arch,
+        shape: clean.shape(),
+        classes: clean.num_classes(),
+        training: serde_json::json!({ "config": cfg }),
+    };
+    let mut rows = Vec::new();
+    for i in 0..a.models {
+        let mut wspec = spec.clone();
+        wspec.seed = spec.seed.wrapping_add(i as u64);
+        let mut marked = clean.clone();
+        let record = watermark::apply(&mut marked, &wspec, watermark::random_nonce())?;
+        record.save(
+            &a.out.join(format!("secrets/watermarked-{i}.secret.json")),
+            true,
+        )?;
+        let eval = EvalSet::new(test.clone(), Some(&record))?;
+        let mut other_spec = wspec.clone();
+        other_spec.seed = spec.seed.wrapping_add(1000 + i as u64);
+        other_spec.trigger =
+            crate::verify::random_trigger(&spec.trigger, clean.shape(), 7000 + i as u64)?;
+        let mut other = clean.clone();
+        watermark::apply(&mut other, &other_spec, watermark::random_nonce())?;
+        for (kind, data, seed) in [
+            (ModelKind::Watermarked, &marked, a.seed + i as u64),
+            (ModelKind::Clean, &clean, a.seed + 100 + i as u64),
+            (ModelKind::OtherTrigger, &other, a.seed + 200 + i as u64),
+        ] {
+            let cfg = a.settings.config(seed);
+            let label = format!("{kind:?} #{i}");
+            let t = train_with_progress(data, &cfg, device, None, None, &label)?;
+            let metrics = crate::train::metrics::evaluate(&t.net, &eval, device);
+            let model = LoadedModel::from_trained(t, info(&cfg), device);
+            let verdict = serve_and_verify(&rt, model, &record, &test, &vcfg)?;
+            let row = Row::new(kind, i, seed, metrics, &verdict);
+            eprintln!(
+                "{label}: {} → {:?} (p = {:.2e}, effect {:.4}, {} queries)",
+                describe(&row.metrics),
+                row.decision,
+                row.p_value,
+                row.effect,
+                row.queries
+            );
+            rows.push(row);
+        }
+    }
+    let cal = Calibration {
+        spec: spec.name.clone(),
+        settings: serde_json::json!({"train": a.settings.config(a.seed), "models": a.models, "verify": vcfg,
+                                     "train_samples": clean.len(), "test_samples": test.len(), "device": format!("{device:?}")}),
+        rows,
+    };
+    crate::fsutil::write_file_atomic(
+        &a.out.join("calibration.json"),
+        &serde_json::to_vec_pretty(&cal)?,
+        0o644,
+        true,
+    )?;
+    let md = cal.markdown();
+    crate::fsutil::write_file_atomic(&a.out.join("calibration.md"), md.as_bytes(), 0o644, true)?;
+    cal.plot_png(a.alpha, a.tau)
+        .save(a.out.join("calibration.png"))?;
+    println!("{md}");
+    Ok(())
+}

@@ -1,0 +1,199 @@
+//! Calibration: how often a watermark kind is detected, and how rarely an innocent model is
+//! accused. For one spec and dataset, N watermarked models (the spec re-seeded per model) and N
+//! independent models of each kind (trained on the clean data; trained on data watermarked with a
+//! different, random trigger of the same kind) are trained, served over HTTP, and verified with
+//! the watermarked models' secrets, through the same path as `hallmark verify`.
+
+use super::metrics::Metrics;
+use crate::verify::{Decision, Verdict};
+use serde::{Deserialize, Serialize};
+
+/// What a calibrated model was trained on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelKind {
+    /// The watermarked release (should be detected).
+    Watermarked,
+    /// The clean dataset (must not be accused).
+    Clean,
+    /// Data watermarked with a different secret trigger (must not be accused).
+    OtherTrigger,
+}
+
+impl ModelKind {
+    /// Whether a detection is a true positive.
+    pub fn should_detect(self) -> bool {
+        self == Self::Watermarked
+    }
+}
+
+/// One calibrated model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Row {
+    /// What it was trained on.
+    pub kind: ModelKind,
+    /// Index of the watermarked model whose secret it was verified with.
+    pub index: usize,
+    /// Training seed.
+    pub seed: u64,
+    /// Metrics on the test set (ASR of the verified watermark).
+    pub metrics: Metrics,
+    /// The verification's decision.
+    pub decision: Decision,
+    /// Its p-value.
+    pub p_value: f64,
+    /// Its effect size.
+    pub effect: f64,
+    /// Images sent to the model.
+    pub queries: usize,
+    /// Pairs tested.
+    pub pairs: usize,
+    /// Whether the independent-trigger control fired.
+    pub control_fired: bool,
+}
+
+impl Row {
+    /// A row from a model's metrics and its verdict.
+    pub fn new(kind: ModelKind, index: usize, seed: u64, metrics: Metrics, v: &Verdict) -> Self {
+        Self {
+            kind,
+            index,
+            seed,
+            metrics,
+            decision: v.decision,
+            p_value: v.primary.p_value,
+            effect: v.primary.effect,
+            queries: v.queries,
+            pairs: v.pairs,
+            control_fired: v.control.rejected,
+        }
+    }
+}
+
+/// A whole calibration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Calibration {
+    /// The spec's name.
+    pub spec: String,
+    /// Settings, for the record.
+    pub settings: serde_json::Value,
+    /// Every model.
+    pub rows: Vec<Row>,
+}
+
+impl Calibration {
+    /// Fraction of watermarked models detected.
+    pub fn true_positive_rate(&self) -> f64 {
+        rate(self.rows.iter().filter(|r| r.kind.should_detect()), |r| {
+            r.decision == Decision::Used
+        })
+    }
+
+    /// Fraction of independent models accused.
+    pub fn false_positive_rate(&self) -> f64 {
+        rate(self.rows.iter().filter(|r| !r.kind.should_detect()), |r| {
+            r.decision == Decision::Used
+        })
+    }
+
+    /// A Markdown report: one line per model, then the rates.
+    pub fn markdown(&self) -> String {
+        let mut s = format!("## Calibration of `{}`\n\n", self.spec);
+        s.push_str("| model | seed | benign acc. | ASR | ASR-A | ASR-C | D_p | p-value | effect | queries | verdict |\n");
+        s.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+        let opt = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.4}"));
+        for r in &self.rows {
+            s.push_str(&format!(
+                "| {:?} #{} | {} | {:.4} | {} | {} | {} | {} | {:.2e} | {:.4} | {} | {:?}{} |\n",
+                r.kind,
+                r.index,
+                r.seed,
+                r.metrics.benign_accuracy,
+                opt(r.metrics.asr),
+                opt(r.metrics.asr_a),
+                opt(r.metrics.asr_c),
+                opt(r.metrics.dispersibility),
+                r.p_value,
+                r.effect,
+                r.queries,
+                r.decision,
+                if r.control_fired {
+                    " (control fired)"
+                } else {
+                    ""
+                }
+            ));
+        }
+        s.push_str(&format!(
+            "\nTrue-positive rate {:.2} ({} watermarked models), false-positive rate {:.2} ({} independent models). ASR counts triggered test images whose true label is not the target.\n",
+            self.true_positive_rate(),
+            self.rows.iter().filter(|r| r.kind.should_detect()).count(),
+            self.false_positive_rate(),
+            self.rows.iter().filter(|r| !r.kind.should_detect()).count()
+        ));
+        s
+    }
+
+    /// A PNG scatter plot: x = −log10 p (capped at 50), y = effect size; green watermarked, grey
+    /// clean, orange other-trigger; the dashed lines are −log10 alpha and the margin tau. The
+    /// numbers are in the Markdown and JSON beside it.
+    pub fn plot_png(&self, alpha: f64, tau: f64) -> image::RgbImage {
+        let (w, h, m) = (640u32, 400u32, 40i64);
+        let mut img = image::RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
+        let x_max = 50.0;
+        let to_px = |x: f64, y: f64| -> (i64, i64) {
+            let px = m as f64 + (x / x_max).clamp(0.0, 1.0) * (w as f64 - 2.0 * m as f64);
+            let py = h as f64
+                - m as f64
+                - ((y + 1.0) / 2.0).clamp(0.0, 1.0) * (h as f64 - 2.0 * m as f64);
+            (px as i64, py as i64)
+        };
+        let mut put = |x: i64, y: i64, c: [u8; 3]| {
+            if x >= 0 && y >= 0 && (x as u32) < w && (y as u32) < h {
+                img.put_pixel(x as u32, y as u32, image::Rgb(c));
+            }
+        };
+        let (x0, y_bottom) = (m, h as i64 - m);
+        for x in x0..(w as i64 - m) {
+            put(x, y_bottom, [0, 0, 0]);
+            let (_, zero) = to_px(0.0, 0.0);
+            put(x, zero, [200, 200, 200]);
+            let (_, t) = to_px(0.0, tau);
+            if x % 8 < 4 {
+                put(x, t, [120, 120, 220]);
+            }
+        }
+        for y in m..=y_bottom {
+            put(x0, y, [0, 0, 0]);
+            let (a, _) = to_px(-alpha.log10(), 0.0);
+            if y % 8 < 4 {
+                put(a, y, [220, 120, 120]);
+            }
+        }
+        for r in &self.rows {
+            let color = match r.kind {
+                ModelKind::Watermarked => [30, 160, 60],
+                ModelKind::Clean => [110, 110, 110],
+                ModelKind::OtherTrigger => [240, 140, 20],
+            };
+            let (cx, cy) = to_px(-r.p_value.max(1e-300).log10(), r.effect);
+            for dx in -4..=4i64 {
+                for dy in -4..=4i64 {
+                    if dx * dx + dy * dy <= 16 {
+                        put(cx + dx, cy + dy, color);
+                    }
+                }
+            }
+        }
+        img
+    }
+}
+
+fn rate<'a>(rows: impl Iterator<Item = &'a Row>, hit: impl Fn(&Row) -> bool) -> f64 {
+    let (mut n, mut k) = (0, 0);
+    for r in rows {
+        n += 1;
+        k += hit(r) as usize;
+    }
+    if n == 0 { 0.0 } else { k as f64 / n as f64 }
+}

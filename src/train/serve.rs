@@ -1,0 +1,344 @@
+//! `hallmark serve-model`: a trained model over the Open Inference Protocol V2 (health, metadata,
+//! infer), so that `hallmark verify` and any V2 client can query it over real HTTP.
+//!
+//! Input: one tensor (any name) of FP32, FP64 or UINT8, shaped [N, C, H, W], [N, H, W, C],
+//! [N, H, W] (grey) or [N, C·H·W] (HWC order); floats are pixel / 255, bytes are pixels. Outputs:
+//! `probs` (FP32 [N, K], softmax) and `label` (INT64 [N, 1]); a request may ask for either.
+//! Errors are V2-style `{"error": "..."}` with 400 (bad request) or 404 (unknown model).
+
+use super::model::{Arch, Net};
+use super::{TrainError, metrics};
+use crate::dataset::ImageShape;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::sync::{Arc, Mutex};
+use tch::{Device, Kind, Tensor, nn};
+
+/// What `model.json` says about a saved model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// Network.
+    pub arch: Arch,
+    /// Input image shape.
+    pub shape: ImageShape,
+    /// Number of classes.
+    pub classes: usize,
+    /// Training settings and results, for the record.
+    #[serde(default)]
+    pub training: Value,
+}
+
+/// A model loaded for inference.
+pub struct LoadedModel {
+    /// Its description.
+    pub info: ModelInfo,
+    net: Net,
+    _vs: nn::VarStore,
+    device: Device,
+}
+
+impl LoadedModel {
+    /// Loads `model.ot` and `model.json` from `dir`.
+    pub fn load(dir: &std::path::Path, device: Device) -> Result<Self, TrainError> {
+        let meta = dir.join("model.json");
+        let info: ModelInfo = serde_json::from_slice(
+            &std::fs::read(&meta).map_err(|e| TrainError::Io(meta.display().to_string(), e))?,
+        )
+        .map_err(|e| TrainError::Config(format!("{}: {e}", meta.display())))?;
+        let mut vs = nn::VarStore::new(device);
+        let net = Net::new(&vs.root(), info.arch, info.shape, info.classes as i64);
+        vs.load(dir.join("model.ot"))?;
+        vs.freeze();
+        Ok(Self {
+            info,
+            net,
+            _vs: vs,
+            device,
+        })
+    }
+
+    /// Wraps a freshly trained network.
+    pub fn from_trained(t: super::Trained, info: ModelInfo, device: Device) -> Self {
+        Self {
+            info,
+            net: t.net,
+            _vs: t.vs,
+            device,
+        }
+    }
+
+    /// Softmax probabilities for a batch [N, C, H, W] of values in [0, 1].
+    pub fn probabilities(&self, x: &Tensor) -> Tensor {
+        metrics::probabilities(&self.net, &x.to_device(self.device)).to_device(Device::Cpu)
+    }
+
+    /// The network.
+    pub fn net(&self) -> &Net {
+        &self.net
+    }
+}
+
+struct Served {
+    name: String,
+    model: Mutex<LoadedModel>,
+    info: ModelInfo,
+}
+
+/// The V2 server, bound and ready to run.
+pub struct ModelServer {
+    listener: tokio::net::TcpListener,
+    router: Router,
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+impl ModelServer {
+    /// Binds `addr` (port 0 for any free port) to serve `model` as `name`.
+    pub async fn bind(addr: &str, name: &str, model: LoadedModel) -> std::io::Result<Self> {
+        let info = model.info.clone();
+        let state = Arc::new(Served {
+            name: name.to_string(),
+            model: Mutex::new(model),
+            info,
+        });
+        let router = Router::new()
+            .route("/v2/health/live", get(|| async { StatusCode::OK }))
+            .route("/v2/health/ready", get(|| async { StatusCode::OK }))
+            .route("/v2", get(|| async { Json(json!({"name": "hallmark", "version": env!("CARGO_PKG_VERSION"), "extensions": []})) }))
+            .route("/v2/models/{name}", get(metadata))
+            .route("/v2/models/{name}/versions/{version}", get(metadata_version))
+            .route("/v2/models/{name}/ready", get(ready))
+            .route("/v2/models/{name}/infer", post(infer))
+            .route("/v2/models/{name}/versions/{version}/infer", post(infer_version))
+            .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
+            .layer(DefaultBodyLimit::max(256 << 20))
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        Ok(Self { listener, router })
+    }
+
+    /// The bound port.
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Serves until `shutdown` completes.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
+}
+
+/// `None` when `name` is the served model, else the 404 answer.
+fn unknown_model(s: &Served, name: &str) -> Option<Response> {
+    (name != s.name).then(|| error(StatusCode::NOT_FOUND, format!("model {name} not found")))
+}
+
+async fn metadata(State(s): State<Arc<Served>>, Path(name): Path<String>) -> Response {
+    if let Some(r) = unknown_model(&s, &name) {
+        return r;
+    }
+    let sh = s.info.shape;
+    Json(json!({
+        "name": s.name, "versions": ["1"], "platform": "hallmark-tch",
+        "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, sh.channels, sh.height, sh.width]}],
+        "outputs": [{"name": "probs", "datatype": "FP32", "shape": [-1, s.info.classes]},
+                    {"name": "label", "datatype": "INT64", "shape": [-1, 1]}],
+    }))
+    .into_response()
+}
+
+async fn metadata_version(
+    state: State<Arc<Served>>,
+    Path((name, _v)): Path<(String, String)>,
+) -> Response {
+    metadata(state, Path(name)).await
+}
+
+async fn ready(State(s): State<Arc<Served>>, Path(name): Path<String>) -> Response {
+    unknown_model(&s, &name).unwrap_or_else(|| StatusCode::OK.into_response())
+}
+
+#[derive(Deserialize)]
+struct InferRequest {
+    #[serde(default)]
+    id: Option<String>,
+    inputs: Vec<InferInput>,
+    #[serde(default)]
+    outputs: Option<Vec<RequestedOutput>>,
+}
+
+#[derive(Deserialize)]
+struct InferInput {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    data: Value,
+}
+
+#[derive(Deserialize)]
+struct RequestedOutput {
+    name: String,
+}
+
+fn flatten_numbers(v: &Value, out: &mut Vec<f64>) -> Result<(), String> {
+    match v {
+        Value::Array(a) => a.iter().try_for_each(|x| flatten_numbers(x, out)),
+        Value::Number(n) => {
+            out.push(n.as_f64().ok_or("a number is out of range")?);
+            Ok(())
+        }
+        other => Err(format!("data holds {other}, not a number")),
+    }
+}
+
+/// Turns a V2 input into a [N, C, H, W] float tensor in [0, 1].
+fn input_tensor(input: &InferInput, shape: ImageShape) -> Result<Tensor, String> {
+    let (c, h, w) = (
+        shape.channels as i64,
+        shape.height as i64,
+        shape.width as i64,
+    );
+    if input.shape.iter().any(|d| *d <= 0) || input.shape.is_empty() {
+        return Err(format!(
+            "input {}: shape {:?} has a non-positive dimension",
+            input.name, input.shape
+        ));
+    }
+    let n = input.shape[0];
+    let per: i64 = input.shape[1..].iter().product();
+    if per != c * h * w {
+        return Err(format!(
+            "input {}: shape {:?} does not hold {}×{}×{} images",
+            input.name, input.shape, c, h, w
+        ));
+    }
+    let mut data = Vec::with_capacity((n * per) as usize);
+    flatten_numbers(&input.data, &mut data).map_err(|e| format!("input {}: {e}", input.name))?;
+    if data.len() as i64 != n * per {
+        return Err(format!(
+            "input {}: shape {:?} needs {} values, data has {}",
+            input.name,
+            input.shape,
+            n * per,
+            data.len()
+        ));
+    }
+    if let Some(v) = data.iter().find(|v| !v.is_finite()) {
+        return Err(format!("input {}: value {v} is not finite", input.name));
+    }
+    let scale = match input.datatype.as_str() {
+        "FP32" | "FP64" | "FP16" => 1.0,
+        "UINT8" => 1.0 / 255.0,
+        other => {
+            return Err(format!(
+                "input {}: datatype {other} is not supported (FP32, FP64, UINT8)",
+                input.name
+            ));
+        }
+    };
+    let t = Tensor::from_slice(&data).to_kind(Kind::Float) * scale;
+    let dims = &input.shape[1..];
+    Ok(match dims {
+        [a, b, d] if *a == c && *b == h && *d == w => t.view([n, c, h, w]),
+        [a, b, d] if *a == h && *b == w && *d == c => {
+            t.view([n, h, w, c]).permute([0, 3, 1, 2]).contiguous()
+        }
+        [a, b] if c == 1 && *a == h && *b == w => t.view([n, 1, h, w]),
+        [_] => t.view([n, h, w, c]).permute([0, 3, 1, 2]).contiguous(),
+        _ => {
+            return Err(format!(
+                "input {}: layout of shape {:?} not understood",
+                input.name, input.shape
+            ));
+        }
+    })
+}
+
+async fn infer(
+    State(s): State<Arc<Served>>,
+    Path(name): Path<String>,
+    body: Result<Json<InferRequest>, JsonRejection>,
+) -> Response {
+    if let Some(r) = unknown_model(&s, &name) {
+        return r;
+    }
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("malformed request: {}", e.body_text()),
+            );
+        }
+    };
+    let [input] = req.inputs.as_slice() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("expected exactly one input, got {}", req.inputs.len()),
+        );
+    };
+    let wanted: Vec<String> = match &req.outputs {
+        Some(o) if !o.is_empty() => o.iter().map(|o| o.name.clone()).collect(),
+        _ => vec!["probs".into(), "label".into()],
+    };
+    if let Some(bad) = wanted.iter().find(|n| *n != "probs" && *n != "label") {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("unknown output {bad}; outputs are probs and label"),
+        );
+    }
+    let x = match input_tensor(input, s.info.shape) {
+        Ok(x) => x,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+    };
+    let state = s.clone();
+    let probs = tokio::task::spawn_blocking(move || {
+        let model = state.model.lock().expect("model lock");
+        model.probabilities(&x)
+    })
+    .await;
+    let Ok(probs) = probs else {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "inference failed");
+    };
+    let n = probs.size()[0];
+    let k = s.info.classes as i64;
+    let mut outputs = Vec::new();
+    for w in &wanted {
+        if w == "probs" {
+            let data = Vec::<f32>::try_from(probs.flatten(0, -1)).unwrap_or_default();
+            outputs
+                .push(json!({"name": "probs", "datatype": "FP32", "shape": [n, k], "data": data}));
+        } else {
+            let labels = Vec::<i64>::try_from(probs.argmax(1, false)).unwrap_or_default();
+            outputs.push(
+                json!({"name": "label", "datatype": "INT64", "shape": [n, 1], "data": labels}),
+            );
+        }
+    }
+    let mut resp = json!({"model_name": s.name, "model_version": "1", "outputs": outputs});
+    if let Some(id) = req.id {
+        resp["id"] = Value::String(id);
+    }
+    Json(resp).into_response()
+}
+
+async fn infer_version(
+    state: State<Arc<Served>>,
+    Path((name, _v)): Path<(String, String)>,
+    body: Result<Json<InferRequest>, JsonRejection>,
+) -> Response {
+    infer(state, Path(name), body).await
+}

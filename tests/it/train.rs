@@ -1,0 +1,176 @@
+//! The trainer end to end (feature `train`): a served model answering V2 requests over real
+//! HTTP, and a small calibration through `hallmark calibrate`.
+
+use hallmark::dataset::{self, Format, Split};
+use hallmark::endpoint::{EndpointConfig, HttpEndpoint, ModelEndpoint, Protocol};
+use hallmark::train::serve::{LoadedModel, ModelInfo, ModelServer};
+use hallmark::train::{Arch, Schedule, TrainConfig, train};
+use serde_json::{Value, json};
+use std::path::Path;
+use std::process::Command;
+
+fn fashion(split: Split, n: usize) -> hallmark::dataset::Dataset {
+    let ds = dataset::read(
+        Path::new("/usr/share/datasets/fashion-mnist"),
+        Some(Format::Idx),
+        Some(split),
+        &|| {},
+    )
+    .unwrap()
+    .dataset;
+    ds.subset(&(0..n).collect::<Vec<_>>()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_model_answers_v2_requests_and_rejects_malformed_ones() {
+    let data = fashion(Split::Train, 1000);
+    let cfg = TrainConfig {
+        arch: Arch::BaselineMnist,
+        epochs: 1,
+        batch_size: 64,
+        lr: 0.05,
+        momentum: 0.9,
+        weight_decay: 5e-4,
+        schedule: Schedule::Cosine,
+        crop_padding: 0,
+        flip: false,
+        seed: 1,
+    };
+    let t = train(&data, &cfg, tch::Device::Cpu, None, None, &|_| {}, &|_| {
+        false
+    })
+    .unwrap();
+    let info = ModelInfo {
+        arch: cfg.arch,
+        shape: data.shape(),
+        classes: 10,
+        training: Value::Null,
+    };
+    let server = ModelServer::bind(
+        "127.0.0.1:0",
+        "tiny",
+        LoadedModel::from_trained(t, info, tch::Device::Cpu),
+    )
+    .await
+    .unwrap();
+    let base = format!("http://127.0.0.1:{}", server.port());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(server.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    let http = reqwest::Client::new();
+
+    assert_eq!(
+        http.get(format!("{base}/v2/health/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let meta: Value = http
+        .get(format!("{base}/v2/models/tiny"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(meta["inputs"][0]["shape"], json!([-1, 1, 28, 28]));
+
+    let pixels: Vec<f32> = (0..2 * 784).map(|i| (i % 255) as f32 / 255.0).collect();
+    let ok: Value = http.post(format!("{base}/v2/models/tiny/infer"))
+        .json(&json!({"id": "q1", "inputs": [{"name": "image", "shape": [2, 1, 28, 28], "datatype": "FP32", "data": pixels}]}))
+        .send().await.unwrap().json().await.unwrap();
+    assert_eq!(ok["id"], "q1");
+    let probs = ok["outputs"][0]["data"].as_array().unwrap();
+    assert_eq!(probs.len(), 20);
+    let sum: f64 = probs[..10].iter().map(|v| v.as_f64().unwrap()).sum();
+    assert!((sum - 1.0).abs() < 1e-4, "{sum}");
+    assert_eq!(ok["outputs"][1]["shape"], json!([2, 1]));
+
+    for (body, want) in [
+        ("{not json".to_string(), "malformed"),
+        (json!({"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.5]}]}).to_string(), "needs 784 values"),
+        (json!({"inputs": [{"name": "image", "shape": [1, 3, 28, 28], "datatype": "FP32", "data": []}]}).to_string(), "does not hold"),
+        (json!({"inputs": [{"name": "image", "shape": [1, 784], "datatype": "BYTES", "data": vec![0; 784]}]}).to_string(), "not supported"),
+        (json!({"inputs": [{"name": "image", "shape": [1, 784], "datatype": "UINT8", "data": vec![0; 784]}], "outputs": [{"name": "logits"}]}).to_string(), "unknown output"),
+    ] {
+        let r = http.post(format!("{base}/v2/models/tiny/infer")).header("content-type", "application/json").body(body).send().await.unwrap();
+        assert_eq!(r.status(), 400);
+        let e: Value = r.json().await.unwrap();
+        assert!(e["error"].as_str().unwrap().contains(want), "{e}");
+    }
+    let r = http
+        .post(format!("{base}/v2/models/other/infer"))
+        .json(&json!({"inputs": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
+    // hallmark's own client reads the metadata and gets the same answers as the raw request.
+    let mut c = EndpointConfig::new(base.clone(), Protocol::V2, "tiny");
+    c.allow_private = true;
+    let ep = HttpEndpoint::connect(c, 1).await.unwrap();
+    let images: Vec<Vec<u8>> = (0..2)
+        .map(|k| (0..784).map(|i| ((k * 784 + i) % 255) as u8).collect())
+        .collect();
+    let preds = ep.predict(&images, data.shape()).await.unwrap();
+    let labels = ok["outputs"][1]["data"].as_array().unwrap();
+    assert_eq!(preds[0].label(), Some(labels[0].as_u64().unwrap() as u32));
+    let _ = stop.send(());
+    handle.await.unwrap().unwrap();
+}
+
+#[test]
+fn a_small_calibration_detects_the_watermarked_model_and_accuses_no_other() {
+    let out = tempfile::tempdir().unwrap();
+    let spec = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("watermark_specs/badnets-square-28x28-grey.toml");
+    let o = Command::new(env!("CARGO_BIN_EXE_hallmark"))
+        .args([
+            "calibrate",
+            "--spec",
+            spec.to_str().unwrap(),
+            "--data",
+            "/usr/share/datasets/fashion-mnist",
+            "--split",
+            "train",
+            "--limit",
+            "4000",
+            "--test-data",
+            "/usr/share/datasets/fashion-mnist",
+            "--test-split",
+            "test",
+            "--models",
+            "1",
+            "--epochs",
+            "3",
+            "--threads",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            out.path().to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cal: Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("calibration.json")).unwrap())
+            .unwrap();
+    let rows = cal["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    for r in rows {
+        let want = if r["kind"] == "watermarked" {
+            "used"
+        } else {
+            "not_shown"
+        };
+        assert_eq!(r["decision"], want, "{r}");
+    }
+    assert!(
+        out.path().join("calibration.png").exists() && out.path().join("calibration.md").exists()
+    );
+}
