@@ -152,13 +152,10 @@ pub struct ConvertArgs {
     pub force: bool,
 }
 
-/// Arguments of `hallmark verify`.
-#[derive(Debug, Args)]
-pub struct VerifyArgs {
-    /// The secret record of the watermark.
-    #[arg(long)]
-    pub secret: PathBuf,
-    /// Held-out benign images (any dataset format; e.g. a folder with the test split's IDX files).
+/// A dataset given by `--data` (any format the dataset module reads).
+#[derive(Debug, Clone, Args)]
+pub struct DataArgs {
+    /// The dataset: a folder holding one split, or the images / batch file itself.
     #[arg(long)]
     pub data: PathBuf,
     /// Format of --data (detected when left out).
@@ -167,12 +164,42 @@ pub struct VerifyArgs {
     /// Split of --data, where it holds both.
     #[arg(long, value_parser = parse_split)]
     pub split: Option<Split>,
-    /// Base URL of the model server (the full URL for --protocol json).
+    /// Keep only the first N samples.
     #[arg(long)]
-    pub endpoint: String,
+    pub limit: Option<usize>,
+}
+
+impl DataArgs {
+    /// Reads the dataset (and keeps the first --limit samples).
+    pub fn load(&self) -> Result<dataset::Dataset> {
+        let mut ds = dataset::read(&self.data, self.format, self.split, &|| {})?.dataset;
+        if let Some(n) = self.limit
+            && n < ds.len()
+        {
+            ds = ds.subset(&(0..n).collect::<Vec<_>>())?;
+        }
+        Ok(ds)
+    }
+}
+
+/// Arguments of `hallmark verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The secret record of the watermark.
+    #[arg(long)]
+    pub secret: PathBuf,
+    /// Held-out benign images (never training images), e.g. the test split's IDX files.
+    #[command(flatten)]
+    pub held_out: DataArgs,
+    /// Base URL of the model server (the full URL for --protocol json).
+    #[arg(long, required_unless_present = "local_model", requires = "protocol")]
+    pub endpoint: Option<String>,
+    /// Verify a model folder written by `hallmark train` offline, in-process (feature `train`).
+    #[arg(long, conflicts_with = "endpoint")]
+    pub local_model: Option<PathBuf>,
     /// Wire protocol.
     #[arg(long, value_enum)]
-    pub protocol: Protocol,
+    pub protocol: Option<Protocol>,
     /// Model name.
     #[arg(long, default_value = "")]
     pub model: String,
@@ -481,20 +508,38 @@ fn absolute(p: &Path) -> PathBuf {
     out
 }
 
+#[cfg(feature = "train")]
+fn local_endpoint(dir: &Path) -> Result<Box<dyn crate::endpoint::ModelEndpoint>> {
+    let model = crate::train::serve::LoadedModel::load(
+        dir,
+        crate::train::device(crate::train::DeviceChoice::Auto)?,
+    )?;
+    Ok(Box::new(crate::train::serve::LocalEndpoint::new(
+        model,
+        dir.display().to_string(),
+    )))
+}
+
+#[cfg(not(feature = "train"))]
+fn local_endpoint(_: &Path) -> Result<Box<dyn crate::endpoint::ModelEndpoint>> {
+    bail!("--local-model needs hallmark built with the `train` feature")
+}
+
 fn verify_cmd(a: VerifyArgs) -> Result<u8> {
     check_writable(&a.report, a.force)?;
     // The record and the held-out images load while the endpoint is contacted.
-    let (secret, data, format, split) = (a.secret.clone(), a.data.clone(), a.format, a.split);
+    let (secret, held_out) = (a.secret.clone(), a.held_out.clone());
     let loading = std::thread::spawn(move || -> Result<(SecretRecord, dataset::Dataset)> {
-        Ok((
-            SecretRecord::load(&secret)?,
-            dataset::read(&data, format, split, &|| {})?.dataset,
-        ))
+        Ok((SecretRecord::load(&secret)?, held_out.load()?))
     });
     let seed = a.seed.unwrap_or_else(|| {
         u64::from_le_bytes(watermark::random_nonce()[..8].try_into().expect("8 bytes"))
     });
-    let mut ep = EndpointConfig::new(a.endpoint.clone(), a.protocol, a.model.clone());
+    let mut ep = EndpointConfig::new(
+        a.endpoint.clone().unwrap_or_default(),
+        a.protocol.unwrap_or(Protocol::V2),
+        a.model.clone(),
+    );
     ep.version = a.model_version.clone();
     ep.input_name = a.input_name.clone();
     ep.datatype = a.datatype;
@@ -535,15 +580,24 @@ fn verify_cmd(a: VerifyArgs) -> Result<u8> {
         .enable_all()
         .build()?;
     let pb = bar((3 * a.m) as u64, "querying");
+    let local = a.local_model.clone();
     let verdict = runtime.block_on(async {
-        let connecting = HttpEndpoint::connect(ep, seed);
-        let endpoint = connecting.await;
-        let (record, pool) = loading
-            .join()
-            .map_err(|_| anyhow::anyhow!("loading the inputs panicked"))??;
+        let progress = |q: usize| pb.set_position(q as u64);
+        let join = |l: std::thread::JoinHandle<Result<(SecretRecord, dataset::Dataset)>>| {
+            l.join()
+                .map_err(|_| anyhow::anyhow!("loading the inputs panicked"))?
+        };
+        if let Some(dir) = local {
+            let (record, pool) = join(loading)?;
+            let endpoint = local_endpoint(&dir)?;
+            return anyhow::Ok(
+                verify::verify(endpoint.as_ref(), &record, &pool, &cfg, &progress).await?,
+            );
+        }
+        let endpoint = HttpEndpoint::connect(ep, seed).await;
+        let (record, pool) = join(loading)?;
         let mut endpoint = endpoint?;
         endpoint.set_class_names(pool.class_names().map(<[String]>::to_vec));
-        let progress = |q: usize| pb.set_position(q as u64);
         anyhow::Ok(verify::verify(&endpoint, &record, &pool, &cfg, &progress).await?)
     });
     pb.finish_and_clear();

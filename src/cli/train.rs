@@ -1,7 +1,7 @@
 //! The trainer's commands (feature `train`): `train`, `serve-model`, `calibrate`.
 
-use super::{bar, parse_format, parse_split, spinner};
-use crate::dataset::{self, Dataset, Format, Split};
+use super::{DataArgs, bar, parse_split};
+use crate::dataset::{self, Dataset, Split};
 use crate::train::metrics::{EvalSet, Metrics};
 use crate::train::serve::{LoadedModel, ModelInfo, ModelServer};
 use crate::train::{self, Arch, DeviceChoice, Schedule, TrainConfig};
@@ -91,17 +91,8 @@ impl TrainSettings {
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     /// Training data (a release or a clean dataset).
-    #[arg(long)]
-    pub data: PathBuf,
-    /// Format of --data.
-    #[arg(long, value_parser = parse_format)]
-    pub format: Option<Format>,
-    /// Split of --data.
-    #[arg(long, value_parser = parse_split)]
-    pub split: Option<Split>,
-    /// Keep only the first N training samples.
-    #[arg(long)]
-    pub limit: Option<usize>,
+    #[command(flatten)]
+    pub train_data: DataArgs,
     /// Test data for the metrics.
     #[arg(long)]
     pub test_data: Option<PathBuf>,
@@ -139,19 +130,8 @@ pub struct ServeModelArgs {
     pub device: DeviceChoice,
 }
 
-pub(super) fn load(
-    path: &Path,
-    format: Option<Format>,
-    split: Option<Split>,
-    limit: Option<usize>,
-) -> Result<Dataset> {
-    let mut ds = dataset::read(path, format, split, &|| {})?.dataset;
-    if let Some(n) = limit
-        && n < ds.len()
-    {
-        ds = ds.subset(&(0..n).collect::<Vec<_>>())?;
-    }
-    Ok(ds)
+fn load_test(path: &Path, split: Option<Split>) -> Result<Dataset> {
+    Ok(dataset::read(path, None, split, &|| {})?.dataset)
 }
 
 fn describe(m: &Metrics) -> String {
@@ -207,13 +187,10 @@ pub(super) fn train_cmd(a: TrainArgs) -> Result<()> {
         tch::set_num_threads(t);
     }
     let device = train::device(a.settings.device)?;
-    let data = load(&a.data, a.format, a.split, a.limit)?;
+    let data = a.train_data.load()?;
     let record = a.secret.as_deref().map(SecretRecord::load).transpose()?;
     let eval = match &a.test_data {
-        Some(p) => Some(EvalSet::new(
-            load(p, None, a.test_split, None)?,
-            record.as_ref(),
-        )?),
+        Some(p) => Some(EvalSet::new(load_test(p, a.test_split)?, record.as_ref())?),
         None if record.is_some() => {
             bail!("--secret needs --test-data to measure the attack success rate")
         }
@@ -291,7 +268,6 @@ pub(super) fn serve_model_cmd(a: ServeModelArgs) -> Result<()> {
             .await?;
         anyhow::Ok(())
     })?;
-    let _ = spinner;
     Ok(())
 }
 
@@ -302,17 +278,8 @@ pub struct CalibrateArgs {
     #[arg(long)]
     pub spec: PathBuf,
     /// Clean training data.
-    #[arg(long)]
-    pub data: PathBuf,
-    /// Format of --data.
-    #[arg(long, value_parser = parse_format)]
-    pub format: Option<Format>,
-    /// Split of --data.
-    #[arg(long, value_parser = parse_split)]
-    pub split: Option<Split>,
-    /// Keep only the first N training samples.
-    #[arg(long)]
-    pub limit: Option<usize>,
+    #[command(flatten)]
+    pub train_data: DataArgs,
     /// Held-out data: metrics and verification queries.
     #[arg(long)]
     pub test_data: PathBuf,
@@ -387,8 +354,8 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
     }
     let device = train::device(a.settings.device)?;
     let spec = crate::spec::WatermarkSpec::from_toml_file(&a.spec)?;
-    let clean = load(&a.data, a.format, a.split, a.limit)?;
-    let test = load(&a.test_data, None, a.test_split, None)?;
+    let clean = a.train_data.load()?;
+    let test = load_test(&a.test_data, a.test_split)?;
     std::fs::create_dir_all(a.out.join("secrets"))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

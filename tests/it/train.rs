@@ -174,3 +174,96 @@ fn a_small_calibration_detects_the_watermarked_model_and_accuses_no_other() {
         out.path().join("calibration.png").exists() && out.path().join("calibration.md").exists()
     );
 }
+
+#[test]
+fn hallmark_train_then_offline_verify_of_the_local_model() {
+    let t = tempfile::tempdir().unwrap();
+    let p = |n: &str| t.path().join(n).display().to_string();
+    let hm = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_hallmark"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let fm = "/usr/share/datasets/fashion-mnist";
+    let o = hm(&[
+        "convert",
+        "--input",
+        fm,
+        "--split",
+        "train",
+        "--limit",
+        "4000",
+        "--to",
+        "idx",
+        "--output",
+        &p("clean"),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let spec = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("watermark_specs/badnets-square-28x28-grey.toml");
+    let o = hm(&[
+        "watermark",
+        "--spec",
+        spec.to_str().unwrap(),
+        "--input",
+        &p("clean"),
+        "--output",
+        &p("release"),
+        "--secret",
+        &p("s.json"),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for (data, out) in [("release", "marked"), ("clean", "plain")] {
+        let o = hm(&[
+            "train",
+            "--data",
+            &p(data),
+            "--test-data",
+            fm,
+            "--test-split",
+            "test",
+            "--secret",
+            &p("s.json"),
+            "--epochs",
+            "3",
+            "--threads",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            &p(out),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let history: Value = serde_json::from_slice(
+            &std::fs::read(t.path().join(out).join("metrics.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(history.as_array().unwrap().len(), 3);
+        assert!(history[2]["metrics"]["asr"].is_number());
+    }
+    for (model, want) in [("marked", 0), ("plain", 1)] {
+        let o = hm(&[
+            "verify",
+            "--secret",
+            &p("s.json"),
+            "--data",
+            fm,
+            "--split",
+            "test",
+            "--local-model",
+            &p(model),
+            "--seed",
+            "3",
+            "--report",
+            &p(&format!("{model}.json")),
+        ]);
+        assert_eq!(
+            o.status.code(),
+            Some(want),
+            "{model}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}

@@ -2,6 +2,16 @@ use super::*;
 use crate::dataset::{Format, Split};
 use crate::train::metrics::{EvalSet, evaluate};
 
+/// Trainings in one process share libtorch's OpenMP pool; two at once may get different thread
+/// teams, which changes float summation order. One at a time keeps results bit-exact.
+static ONE_TRAINING_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    ONE_TRAINING_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
 fn fashion(split: Split, n: usize) -> Dataset {
     let ds = crate::dataset::read(
         Path::new("/usr/share/datasets/fashion-mnist"),
@@ -49,6 +59,7 @@ fn weights(t: &Trained) -> Vec<(String, Vec<f32>)> {
 
 #[test]
 fn a_short_run_learns_fashion_mnist() {
+    let _one = exclusive();
     tch::set_num_threads(2);
     let train_set = fashion(Split::Train, 3000);
     let eval = EvalSet::new(fashion(Split::Test, 1000), None).unwrap();
@@ -74,6 +85,7 @@ fn a_short_run_learns_fashion_mnist() {
 
 #[test]
 fn training_is_deterministic_from_the_seed_and_an_interrupted_run_resumes_exactly() {
+    let _one = exclusive();
     tch::set_num_threads(2);
     let data = fashion(Split::Train, 1200);
     let a = train(&data, &cfg(2), Device::Cpu, None, None, &|_| {}, &|_| false).unwrap();
