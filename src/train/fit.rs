@@ -213,9 +213,13 @@ pub fn train(
         return Err(TrainError::Config("the training set is empty".into()));
     }
     let shape = train.shape();
-    tch::manual_seed(cfg.seed as i64);
-    let mut vs = nn::VarStore::new(device);
-    let net = Net::new(&vs.root(), cfg.arch, shape, train.num_classes() as i64);
+    let (mut vs, net) = {
+        let _rng = super::TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+        tch::manual_seed(cfg.seed as i64);
+        let vs = nn::VarStore::new(device);
+        let net = Net::new(&vs.root(), cfg.arch, shape, train.num_classes() as i64);
+        (vs, net)
+    };
     let trainable = vs.trainable_variables();
     let mut momentum: Vec<Tensor> = trainable.iter().map(|t| t.zeros_like()).collect();
     let mut history = Vec::new();

@@ -10,6 +10,18 @@ pub mod serve;
 pub use fit::{Schedule, TrainConfig, Trained, train};
 pub use model::{Arch, Net};
 
+/// libtorch's random generator is global to the process: seeding it and initialising a network
+/// from it must not interleave with another thread's draws, or the same seed gives other weights.
+pub(crate) static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Unit tests that use libtorch run one at a time: they share its generator and its OpenMP pool,
+/// and a concurrent one changes another's thread teams and so its float summation order.
+#[cfg(test)]
+pub(crate) fn exclusive_torch() -> std::sync::MutexGuard<'static, ()> {
+    static TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TESTS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Why training failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {

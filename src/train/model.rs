@@ -199,6 +199,7 @@ mod tests {
 
     #[test]
     fn every_model_gives_one_row_of_logits_per_image() {
+        let _one = crate::train::exclusive_torch();
         for (arch, shape) in [
             (
                 Arch::BaselineMnist,
@@ -242,6 +243,7 @@ mod tests {
 
     #[test]
     fn baseline_mnist_has_backdoorbox_parameter_count() {
+        let _one = crate::train::exclusive_torch();
         let vs = nn::VarStore::new(Device::Cpu);
         let _ = Net::new(
             &vs.root(),

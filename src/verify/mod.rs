@@ -19,7 +19,7 @@
 
 use crate::dataset::{Dataset, ImageShape};
 use crate::endpoint::{EndpointError, ModelEndpoint, Prediction};
-use crate::spec::{BlendSource, Labelling, Patch, PatchPattern, Position, Trigger, WatermarkSpec};
+use crate::spec::{BlendSource, Labelling, Patch, PatchPattern, Position, Trigger};
 use crate::stats::{self, Betting, StatsError, TestResult};
 use crate::watermark::rng::{Rng, Stream};
 use crate::watermark::{SecretRecord, Stamp, WatermarkError};
@@ -484,12 +484,6 @@ pub fn random_trigger(t: &Trigger, shape: ImageShape, seed: u64) -> Result<Trigg
     })
 }
 
-/// A spec with `trigger` in place of the original's (used to describe controls).
-pub fn with_trigger(spec: &WatermarkSpec, trigger: Trigger) -> WatermarkSpec {
-    WatermarkSpec {
-        trigger,
-        ..spec.clone()
-    }
 }
 
 #[cfg(test)]

@@ -2,15 +2,7 @@ use super::*;
 use crate::dataset::{Format, Split};
 use crate::train::metrics::{EvalSet, evaluate};
 
-/// Trainings in one process share libtorch's OpenMP pool; two at once may get different thread
-/// teams, which changes float summation order. One at a time keeps results bit-exact.
-static ONE_TRAINING_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn exclusive() -> std::sync::MutexGuard<'static, ()> {
-    ONE_TRAINING_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-}
+use crate::train::exclusive_torch as exclusive;
 
 fn fashion(split: Split, n: usize) -> Dataset {
     let ds = crate::dataset::read(
