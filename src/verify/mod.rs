@@ -484,7 +484,5 @@ pub fn random_trigger(t: &Trigger, shape: ImageShape, seed: u64) -> Result<Trigg
     })
 }
 
-}
-
 #[cfg(test)]
 mod tests;

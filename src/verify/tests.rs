@@ -1,5 +1,6 @@
 use super::*;
 use crate::endpoint::{EndpointError, ModelEndpoint, Prediction};
+use crate::spec::WatermarkSpec;
 use crate::watermark::apply;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
