@@ -3,11 +3,15 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod config;
 pub mod dataset;
 pub mod endpoint;
 pub mod fsutil;
+pub mod http;
+pub mod jobs;
 pub mod spec;
 pub mod stats;
+pub mod store;
 #[cfg(feature = "train")]
 pub mod train;
 pub mod verify;

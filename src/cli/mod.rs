@@ -3,6 +3,7 @@
 //! Exit codes: 0 success; 2 error (bad input, I/O). Later commands that give a verdict use 1 for
 //! "not shown".
 
+mod serve;
 #[cfg(feature = "train")]
 mod train;
 
@@ -30,6 +31,15 @@ pub struct Cli {
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the HTTP service (SQLite by default, PostgreSQL with --database-url).
+    Serve(serve::ServeArgs),
+    /// Manage API keys directly in the database.
+    #[command(subcommand)]
+    Keys(serve::KeysCommand),
+    /// Check that a running service is healthy (exit 0) or not (exit 2).
+    Health(serve::HealthArgs),
+    /// Print the service's OpenAPI document.
+    Openapi,
     /// Stamp a dataset with a secret watermark and write the release, its manifest and the secret
     /// record; prints the public commitment on stdout.
     Watermark(WatermarkArgs),
@@ -318,6 +328,17 @@ fn run_plain(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Convert(a) => convert_cmd(a),
+        Command::Serve(a) => serve::serve_cmd(a),
+        Command::Keys(c) => serve::keys_cmd(c),
+        Command::Health(a) => serve::health_cmd(a),
+        Command::Openapi => {
+            let cfg = crate::config::PartialConfig::default().resolve()?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&crate::http::openapi(&cfg))?
+            );
+            Ok(())
+        }
     }
 }
 

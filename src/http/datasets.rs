@@ -1,0 +1,296 @@
+//! `/v1/datasets`: datasets registered by a path under a configured root, or uploaded.
+
+use std::path::{Component, Path, PathBuf};
+
+use axum::extract::multipart::{Multipart, MultipartRejection};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::error::{ApiError, ApiJson, ApiPath, ErrorBody};
+use super::{AppState, Caller, owns};
+use crate::config::ServeConfig;
+use crate::dataset::{self, Format, Split};
+use crate::store::{DatasetInfo, NewDataset, Role};
+
+pub(super) fn router(cfg: &ServeConfig) -> OpenApiRouter<AppState> {
+    let upload = OpenApiRouter::new()
+        .routes(routes!(upload_dataset))
+        .layer(DefaultBodyLimit::max(cfg.upload_limit));
+    OpenApiRouter::new()
+        .routes(routes!(register_dataset, list_datasets))
+        .routes(routes!(get_dataset))
+        .merge(upload)
+}
+
+const ROLES: &[Role] = &[Role::Publisher, Role::Auditor, Role::Admin];
+
+/// A dataset already on the server, under one of the configured dataset roots.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterDatasetRequest {
+    /// Display name.
+    pub name: String,
+    /// A folder or file below a dataset root (`dataset_roots`).
+    pub path: String,
+    /// `idx`, `cifar`, `cifar10`, `cifar100` or `folder`; detected when absent.
+    pub format: Option<String>,
+    /// `train` or `test`, where the folder holds both.
+    pub split: Option<String>,
+}
+
+fn check_name(name: &str) -> Result<String, ApiError> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 200 {
+        return Err(ApiError::invalid("name: 1 to 200 characters"));
+    }
+    Ok(name.to_string())
+}
+
+fn parse_format(f: Option<&str>) -> Result<Option<Format>, ApiError> {
+    f.map(|f| {
+        f.parse::<Format>()
+            .map_err(|e| ApiError::invalid(format!("format: {e}")))
+    })
+    .transpose()
+}
+
+fn parse_split(s: Option<&str>) -> Result<Option<Split>, ApiError> {
+    s.map(|s| {
+        s.parse::<Split>()
+            .map_err(|e| ApiError::invalid(format!("split: {e}")))
+    })
+    .transpose()
+}
+
+fn format_name(f: Format) -> &'static str {
+    match f {
+        Format::Idx => "idx",
+        Format::Cifar => "cifar",
+        Format::Cifar10 => "cifar10",
+        Format::Cifar100 => "cifar100",
+        Format::Folder => "folder",
+    }
+}
+
+/// Reads the dataset (off the async threads) and describes it for the store.
+async fn describe(
+    owner: &str,
+    id: String,
+    name: String,
+    path: PathBuf,
+    format: Option<Format>,
+    split: Option<Split>,
+    uploaded: bool,
+) -> Result<NewDataset, ApiError> {
+    let owner = owner.to_string();
+    tokio::task::spawn_blocking(move || {
+        let loaded = dataset::read(&path, format, split, &|| {})
+            .map_err(|e| ApiError::invalid(format!("dataset: {e}")))?;
+        let format = match &loaded.layout {
+            dataset::Layout::Idx { .. } => Format::Idx,
+            dataset::Layout::Cifar { .. } => Format::Cifar,
+            dataset::Layout::Folder => Format::Folder,
+        };
+        let shape = loaded.dataset.shape();
+        Ok(NewDataset {
+            id,
+            owner_id: owner,
+            name,
+            path: path.to_string_lossy().into_owned(),
+            format: format_name(format).into(),
+            split: split.map(|s| match s {
+                Split::Train => "train".into(),
+                Split::Test => "test".into(),
+            }),
+            count: loaded.dataset.len() as i64,
+            num_classes: loaded.dataset.num_classes() as i64,
+            shape: format!("{}x{}x{}", shape.height, shape.width, shape.channels),
+            sha256: loaded.dataset.sha256(),
+            uploaded,
+        })
+    })
+    .await
+    .map_err(ApiError::internal)?
+}
+
+/// Resolves `path` and checks it lies below one of `roots` (after following links).
+fn inside_roots(path: &str, roots: &[PathBuf]) -> Result<PathBuf, ApiError> {
+    let refused = || {
+        ApiError::forbidden(
+            "path: not below a configured dataset root (dataset_roots); upload the files instead",
+        )
+    };
+    let p = Path::new(path);
+    if !p.is_absolute() {
+        return Err(ApiError::invalid("path: must be absolute"));
+    }
+    let real = p
+        .canonicalize()
+        .map_err(|_| ApiError::invalid("path: does not exist on the server"))?;
+    roots
+        .iter()
+        .filter_map(|r| r.canonicalize().ok())
+        .any(|r| real.starts_with(&r))
+        .then_some(real)
+        .ok_or_else(refused)
+}
+
+/// Registers a dataset already on the server.
+#[utoipa::path(post, path = "/v1/datasets", tag = "datasets", request_body = RegisterDatasetRequest,
+    responses((status = 201, body = DatasetInfo), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn register_dataset(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<RegisterDatasetRequest>,
+) -> Result<(StatusCode, ApiJson<DatasetInfo>), ApiError> {
+    caller.require(ROLES, "registering datasets")?;
+    let name = check_name(&req.name)?;
+    let format = parse_format(req.format.as_deref())?;
+    let split = parse_split(req.split.as_deref())?;
+    let path = inside_roots(&req.path, &s.cfg.dataset_roots)?;
+    let id = uuid::Uuid::new_v4().to_string();
+    let new = describe(caller.id(), id, name, path, format, split, false).await?;
+    let info = s.store.insert_dataset(new).await?;
+    Ok((StatusCode::CREATED, ApiJson(info)))
+}
+
+/// An upload: form fields `name`, optional `format` and `split`, then the files (`images` and
+/// `labels` IDX files, CIFAR batches, or `class/image.png` for a folder).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct UploadDatasetForm {
+    /// Display name.
+    name: String,
+    /// Format; detected when absent.
+    format: Option<String>,
+    /// `train` or `test`.
+    split: Option<String>,
+    /// The files, each with its file name.
+    #[schema(value_type = Vec<String>, format = Binary)]
+    files: Vec<Vec<u8>>,
+}
+
+/// A file name from an upload: one or two plain components (`class/file.png`).
+fn upload_name(name: &str) -> Result<PathBuf, ApiError> {
+    let p = Path::new(name);
+    let parts: Vec<_> = p.components().collect();
+    let plain = |c: &Component| match c {
+        Component::Normal(s) => s.to_str().is_some_and(|s| {
+            !s.is_empty()
+                && s.len() <= 200
+                && s.chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "._- ".contains(ch))
+                && !s.starts_with('.')
+        }),
+        _ => false,
+    };
+    if parts.is_empty() || parts.len() > 2 || !parts.iter().all(plain) {
+        return Err(ApiError::invalid(format!(
+            "file name {name:?}: expected `file` or `class/file` with letters, digits, `._- `"
+        )));
+    }
+    Ok(p.to_path_buf())
+}
+
+fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::too_large(e.body_text())
+    } else {
+        ApiError::invalid(format!("multipart: {}", e.body_text()))
+    }
+}
+
+/// Uploads a dataset's files.
+#[utoipa::path(post, path = "/v1/datasets/upload", tag = "datasets",
+    request_body(content = UploadDatasetForm, content_type = "multipart/form-data"),
+    responses((status = 201, body = DatasetInfo), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 413, body = ErrorBody)))]
+async fn upload_dataset(
+    State(s): State<AppState>,
+    caller: Caller,
+    form: Result<Multipart, MultipartRejection>,
+) -> Result<(StatusCode, ApiJson<DatasetInfo>), ApiError> {
+    caller.require(ROLES, "uploading datasets")?;
+    let mut form = form.map_err(|e| ApiError::invalid(format!("multipart: {}", e.body_text())))?;
+    let id = uuid::Uuid::new_v4().to_string();
+    let uploads = s.cfg.data_dir.join("uploads");
+    let dest = uploads.join(&id);
+    let dir = crate::fsutil::AtomicDir::create(&dest, false).map_err(ApiError::internal)?;
+    let (mut name, mut format, mut split, mut files) = (None, None, None, 0usize);
+    while let Some(mut field) = form.next_field().await.map_err(multipart_error)? {
+        match (field.name().unwrap_or(""), field.file_name()) {
+            ("name", None) => name = Some(field.text().await.map_err(multipart_error)?),
+            ("format", None) => format = Some(field.text().await.map_err(multipart_error)?),
+            ("split", None) => split = Some(field.text().await.map_err(multipart_error)?),
+            (_, Some(file)) => {
+                let rel = upload_name(file)?;
+                let path = dir.path().join(&rel);
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent).map_err(ApiError::internal)?;
+                }
+                if path.exists() {
+                    return Err(ApiError::invalid(format!("file {file:?} sent twice")));
+                }
+                let mut out = tokio::fs::File::create(&path)
+                    .await
+                    .map_err(ApiError::internal)?;
+                while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+                    tokio::io::AsyncWriteExt::write_all(&mut out, &chunk)
+                        .await
+                        .map_err(ApiError::internal)?;
+                }
+                files += 1;
+            }
+            (other, None) => {
+                return Err(ApiError::invalid(format!(
+                    "unexpected form field {other:?}: expected name, format, split or files"
+                )));
+            }
+        }
+    }
+    let name = check_name(name.as_deref().unwrap_or(""))?;
+    if files == 0 {
+        return Err(ApiError::invalid("no files in the upload"));
+    }
+    let format = parse_format(format.as_deref())?;
+    let split = parse_split(split.as_deref())?;
+    // Describe the files where they will stay, so the stored path is the final one.
+    let tmp = dir.path().to_path_buf();
+    let mut new = describe(caller.id(), id, name, tmp, format, split, true).await?;
+    tokio::task::spawn_blocking(move || dir.commit())
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?;
+    new.path = dest.to_string_lossy().into_owned();
+    let info = s.store.insert_dataset(new).await?;
+    Ok((StatusCode::CREATED, ApiJson(info)))
+}
+
+/// The caller's datasets (every dataset for an admin).
+#[utoipa::path(get, path = "/v1/datasets", tag = "datasets",
+    responses((status = 200, body = Vec<DatasetInfo>), (status = 401, body = ErrorBody)))]
+async fn list_datasets(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> Result<ApiJson<Vec<DatasetInfo>>, ApiError> {
+    let owner = (caller.role() != Role::Admin).then(|| caller.id().to_string());
+    Ok(ApiJson(s.store.list_datasets(owner.as_deref()).await?))
+}
+
+/// One dataset.
+#[utoipa::path(get, path = "/v1/datasets/{id}", tag = "datasets", params(("id" = String, Path)),
+    responses((status = 200, body = DatasetInfo), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn get_dataset(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<ApiJson<DatasetInfo>, ApiError> {
+    match s.store.get_dataset(&id).await? {
+        Some(d) if owns(&caller, &d.owner_id) => Ok(ApiJson(d)),
+        _ => Err(ApiError::not_found("dataset")),
+    }
+}

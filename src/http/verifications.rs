@@ -1,0 +1,350 @@
+//! `/v1/verifications`: verify a model endpoint against a watermark (its owner or a granted
+//! auditor). The job sends benign and triggered images built on the server; the client never
+//! sees the trigger.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::error::{ApiError, ApiJson, ApiPath, ErrorBody};
+use super::{AppState, Caller, owns};
+use crate::endpoint::{
+    AddressPolicy, Datatype, EndpointConfig, OutputKind, Protocol, TensorLayout, check_address,
+};
+use crate::jobs::VerifyPlan;
+use crate::store::{Job, Role, VerificationInfo};
+use crate::verify::VerifyConfig;
+
+pub(super) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_verification, list_verifications))
+        .routes(routes!(get_verification))
+}
+
+/// Where the model is and how it speaks.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointRequest {
+    /// Base URL of the model server (the full URL for `json`).
+    pub url: String,
+    /// `v2` (KServe V2, Triton, MLServer), `tfserving`, `kserve-v1`, `torchserve` or `json`.
+    #[schema(value_type = String)]
+    pub protocol: Protocol,
+    /// Model name (not used by `json`).
+    #[serde(default)]
+    pub model: String,
+    /// Model version.
+    pub version: Option<String>,
+    /// Input tensor name; from the server's metadata when absent.
+    pub input_name: Option<String>,
+    /// `FP32`, `FP64` or `UINT8`.
+    #[schema(value_type = Option<String>)]
+    pub datatype: Option<Datatype>,
+    /// `nchw`, `nhwc`, `nhw` or `flat`.
+    #[schema(value_type = Option<String>)]
+    pub layout: Option<TensorLayout>,
+    /// Pixels are multiplied by this (default 1/255).
+    pub scale: Option<f64>,
+    /// Per-channel mean subtracted after scaling.
+    #[serde(default)]
+    pub mean: Vec<f64>,
+    /// Per-channel standard deviation.
+    #[serde(default)]
+    pub std: Vec<f64>,
+    /// Output tensor name or key.
+    pub output_name: Option<String>,
+    /// `probabilities` (default), `logits` or `labels`.
+    #[schema(value_type = Option<String>)]
+    pub output: Option<OutputKind>,
+    /// Images per request (1 to 1024, default 32).
+    pub batch_size: Option<usize>,
+    /// Requests in flight (1 to 64, default 4).
+    pub concurrency: Option<usize>,
+    /// Seconds per request (default 30, at most 600).
+    pub timeout_secs: Option<f64>,
+    /// Retries after 5xx, 429 or connection errors (at most 10, default 3).
+    pub retries: Option<u32>,
+    /// `json` protocol: the body, with `"$INSTANCES"` where the batch goes.
+    pub template: Option<String>,
+    /// `json` protocol: JSON pointer to the predictions.
+    pub output_pointer: Option<String>,
+}
+
+/// A verification to run.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVerificationRequest {
+    /// The watermark (owned by the caller or granted to it).
+    pub watermark_id: String,
+    /// Benign images (the caller's dataset); the watermark's held-out set when absent.
+    pub holdout_dataset_id: Option<String>,
+    /// The model.
+    pub endpoint: EndpointRequest,
+    /// Pairs (fixed design) or the most pairs (sequential); default 100, at most 10000.
+    pub m: Option<usize>,
+    /// Margin of the null hypothesis (default 0.2).
+    pub tau: Option<f64>,
+    /// Significance level (default 0.01).
+    pub alpha: Option<f64>,
+    /// Use only predicted labels (exact binomial test).
+    pub label_only: Option<bool>,
+    /// Stop as soon as the evidence is decisive (betting e-process).
+    pub sequential: Option<bool>,
+    /// Pairs per round in sequential mode (default 4).
+    pub round: Option<usize>,
+    /// Seed of the image draw and control trigger; random (and recorded) when absent.
+    pub seed: Option<u64>,
+}
+
+/// A queued verification and its job.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct CreateVerificationResponse {
+    /// The verification; its verdict appears when the job succeeds.
+    pub verification: VerificationInfo,
+    /// Poll `/v1/jobs/{id}`.
+    pub job: Job,
+}
+
+fn endpoint_config(e: EndpointRequest, allow_private: bool) -> Result<EndpointConfig, ApiError> {
+    let mut c = EndpointConfig::new(e.url, e.protocol, e.model);
+    c.version = e.version;
+    c.input_name = e.input_name;
+    c.datatype = e.datatype;
+    c.layout = e.layout;
+    if let Some(s) = e.scale {
+        if !(s.is_finite() && s != 0.0) {
+            return Err(ApiError::invalid(
+                "endpoint.scale: a finite non-zero number",
+            ));
+        }
+        c.scale = s;
+    }
+    if e.mean.len() > 4 || e.std.len() > 4 || e.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+        return Err(ApiError::invalid(
+            "endpoint.mean/std: at most 4 values; std positive",
+        ));
+    }
+    c.mean = e.mean;
+    c.std = e.std;
+    c.output_name = e.output_name;
+    c.output = e.output.unwrap_or(OutputKind::Probabilities);
+    c.batch_size = e.batch_size.unwrap_or(32);
+    if !(1..=1024).contains(&c.batch_size) {
+        return Err(ApiError::invalid("endpoint.batch_size: 1 to 1024"));
+    }
+    c.concurrency = e.concurrency.unwrap_or(4);
+    if !(1..=64).contains(&c.concurrency) {
+        return Err(ApiError::invalid("endpoint.concurrency: 1 to 64"));
+    }
+    let t = e.timeout_secs.unwrap_or(30.0);
+    if !(t.is_finite() && t > 0.0 && t <= 600.0) {
+        return Err(ApiError::invalid("endpoint.timeout_secs: (0, 600]"));
+    }
+    c.timeout = Duration::from_secs_f64(t);
+    c.retries = e.retries.unwrap_or(3);
+    if c.retries > 10 {
+        return Err(ApiError::invalid("endpoint.retries: at most 10"));
+    }
+    c.template = e.template;
+    c.output_pointer = e.output_pointer;
+    c.allow_private = allow_private;
+    Ok(c)
+}
+
+/// Verifies a model endpoint: answers 202 with the job that queries it.
+#[utoipa::path(post, path = "/v1/verifications", tag = "verifications", request_body = CreateVerificationRequest,
+    responses((status = 202, body = CreateVerificationResponse), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn create_verification(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<CreateVerificationRequest>,
+) -> Result<(StatusCode, ApiJson<CreateVerificationResponse>), ApiError> {
+    caller.require(&[Role::Publisher, Role::Auditor], "verifying")?;
+    let w = super::watermarks::visible(&s, &caller, &req.watermark_id).await?;
+    if caller.role() == Role::Publisher && w.owner_id != caller.id() {
+        return Err(ApiError::not_found("watermark"));
+    }
+    if w.commitment.is_none() {
+        return Err(ApiError::conflict(
+            "the watermark's release is not written yet; wait for its job",
+        ));
+    }
+    let holdout = match (&req.holdout_dataset_id, &w.holdout_dataset_id) {
+        (Some(h), _) => match s.store.get_dataset(h).await? {
+            Some(d) if d.owner_id == caller.id() || w.holdout_dataset_id.as_deref() == Some(h) => {
+                h.clone()
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    "holdout_dataset_id: no such dataset of yours",
+                ));
+            }
+        },
+        (None, Some(h)) => h.clone(),
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "holdout_dataset_id: the watermark has no held-out set; give one",
+            ));
+        }
+    };
+    let endpoint = endpoint_config(req.endpoint, s.cfg.allow_private_endpoints)?;
+    let url = url::Url::parse(&endpoint.url)
+        .map_err(|e| ApiError::endpoint_refused(format!("endpoint.url: {e}")))?;
+    let policy = if s.cfg.allow_private_endpoints {
+        AddressPolicy::AllowPrivate
+    } else {
+        AddressPolicy::PublicOnly
+    };
+    check_address(&url, policy)
+        .await
+        .map_err(|e| ApiError::endpoint_refused(format!("endpoint.url: {e}")))?;
+    let seed = req.seed.unwrap_or_else(|| {
+        u64::from_le_bytes(
+            crate::watermark::random_nonce()[..8]
+                .try_into()
+                .expect("8 bytes"),
+        )
+    });
+    let config = VerifyConfig {
+        m: req.m.unwrap_or(100),
+        tau: req.tau.unwrap_or(0.2),
+        alpha: req.alpha.unwrap_or(0.01),
+        label_only: req.label_only.unwrap_or(false),
+        sequential: req.sequential.unwrap_or(false),
+        batch_pairs: req.round.unwrap_or(4),
+        seed,
+    };
+    if !(2..=10_000).contains(&config.m) {
+        return Err(ApiError::invalid("m: 2 to 10000"));
+    }
+    if !(0.0..1.0).contains(&config.tau) {
+        return Err(ApiError::invalid("tau: in [0, 1)"));
+    }
+    if !(config.alpha > 0.0 && config.alpha < 1.0) {
+        return Err(ApiError::invalid("alpha: in (0, 1)"));
+    }
+    if !(1..=1000).contains(&config.batch_pairs) {
+        return Err(ApiError::invalid("round: 1 to 1000"));
+    }
+    if config.label_only {
+        let mut e = endpoint;
+        e.output = OutputKind::Labels;
+        return queue(
+            s,
+            caller,
+            w.id,
+            holdout,
+            VerifyPlan {
+                endpoint: e,
+                config,
+            },
+        )
+        .await;
+    }
+    queue(s, caller, w.id, holdout, VerifyPlan { endpoint, config }).await
+}
+
+async fn queue(
+    s: AppState,
+    caller: Caller,
+    watermark: String,
+    holdout: String,
+    plan: VerifyPlan,
+) -> Result<(StatusCode, ApiJson<CreateVerificationResponse>), ApiError> {
+    let request = serde_json::to_value(&plan).map_err(ApiError::internal)?;
+    let (verification, job) = s
+        .store
+        .create_verification(
+            caller.id(),
+            &watermark,
+            &holdout,
+            &request,
+            s.cfg.job_max_attempts,
+        )
+        .await?;
+    s.wake.notify_one();
+    Ok((
+        StatusCode::ACCEPTED,
+        ApiJson(CreateVerificationResponse { verification, job }),
+    ))
+}
+
+/// Removes what could confirm a guessed trigger: the hashes of the triggered images (with the
+/// benign image known, a hash is an oracle for guesses). Only the watermark's owner sees them.
+fn redact(mut v: VerificationInfo) -> VerificationInfo {
+    if let Some(trail) = v
+        .verdict
+        .as_mut()
+        .and_then(|d| d.get_mut("trail"))
+        .and_then(|t| t.as_array_mut())
+    {
+        for pair in trail {
+            if let Some(o) = pair.as_object_mut() {
+                o.insert("triggered_sha256".into(), serde_json::Value::Null);
+            }
+        }
+    }
+    v
+}
+
+async fn shown(
+    s: &AppState,
+    caller: &Caller,
+    v: VerificationInfo,
+) -> Result<Option<VerificationInfo>, ApiError> {
+    let wm_owner = s
+        .store
+        .get_watermark(&v.watermark_id)
+        .await?
+        .map(|w| w.owner_id)
+        .unwrap_or_default();
+    if wm_owner == caller.id() {
+        Ok(Some(v))
+    } else if owns(caller, &v.owner_id) {
+        Ok(Some(redact(v)))
+    } else {
+        Ok(None)
+    }
+}
+
+/// The caller's verifications (every one for an admin), oldest first.
+#[utoipa::path(get, path = "/v1/verifications", tag = "verifications",
+    responses((status = 200, body = Vec<VerificationInfo>), (status = 401, body = ErrorBody)))]
+async fn list_verifications(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> Result<ApiJson<Vec<VerificationInfo>>, ApiError> {
+    let owner = (caller.role() != Role::Admin).then(|| caller.id().to_string());
+    let mut out = Vec::new();
+    for v in s.store.list_verifications(owner.as_deref()).await? {
+        if let Some(v) = shown(&s, &caller, v).await? {
+            out.push(v);
+        }
+    }
+    Ok(ApiJson(out))
+}
+
+/// One verification with, once done, its verdict and audit trail.
+#[utoipa::path(get, path = "/v1/verifications/{id}", tag = "verifications", params(("id" = String, Path)),
+    responses((status = 200, body = VerificationInfo), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn get_verification(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<ApiJson<VerificationInfo>, ApiError> {
+    let v = s
+        .store
+        .get_verification(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("verification"))?;
+    shown(&s, &caller, v)
+        .await?
+        .map(ApiJson)
+        .ok_or_else(|| ApiError::not_found("verification"))
+}

@@ -1,0 +1,355 @@
+//! `/v1/watermarks`: watermarked releases. The spec, trigger, poisoned indices and secret record
+//! stay sealed on the server; only the owning publisher may read the secret record back.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::error::{ApiError, ApiJson, ApiPath, ErrorBody};
+use super::{AppState, Caller, owns};
+use crate::jobs::WatermarkPlan;
+use crate::spec::{Trigger, WatermarkSpec};
+use crate::store::{Job, JobState, Role, WatermarkInfo};
+use crate::watermark::SecretRecord;
+
+pub(super) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_watermark, list_watermarks))
+        .routes(routes!(import_watermark))
+        .routes(routes!(get_watermark))
+        .routes(routes!(get_secret))
+        .routes(routes!(grant, list_grants))
+        .routes(routes!(revoke_grant))
+}
+
+/// A watermark to write: a spec applied to one of the caller's datasets.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateWatermarkRequest {
+    /// Display name.
+    pub name: String,
+    /// The dataset to watermark (the caller's).
+    pub dataset_id: String,
+    /// Held-out images verifications use by default (the caller's).
+    pub holdout_dataset_id: Option<String>,
+    /// The spec: TOML text (as in `watermark_specs/`) or the same as a JSON object. Pattern
+    /// images must be inline; the server reads no file a spec names.
+    #[schema(value_type = Object)]
+    pub spec: serde_json::Value,
+    /// Overrides the spec's seed.
+    pub seed: Option<u64>,
+    /// Overrides the spec's poisoning rate.
+    pub rate: Option<f64>,
+}
+
+/// A watermark and its state.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct WatermarkView {
+    /// Public facts (commitment once written).
+    #[serde(flatten)]
+    pub watermark: WatermarkInfo,
+    /// `queued`, `running`, `succeeded` (ready), `failed` or `cancelled`; imported: `succeeded`.
+    pub state: JobState,
+}
+
+/// A queued watermark and the job writing it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct CreateWatermarkResponse {
+    /// The watermark (commitment once the job succeeds).
+    pub watermark: WatermarkInfo,
+    /// Poll `/v1/jobs/{id}`.
+    pub job: Job,
+}
+
+/// A secret record made offline with `hallmark watermark`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImportWatermarkRequest {
+    /// Display name.
+    pub name: String,
+    /// Held-out images verifications use by default (the caller's).
+    pub holdout_dataset_id: Option<String>,
+    /// The secret record's JSON.
+    #[schema(value_type = Object)]
+    pub secret_record: serde_json::Value,
+}
+
+/// An auditor to grant.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GrantRequest {
+    /// The auditor's key id (it reads it from `/v1/keys/me`).
+    pub auditor_id: String,
+}
+
+/// Parses a spec given as TOML text or a JSON object, refusing references to server files.
+fn parse_spec(v: serde_json::Value) -> Result<WatermarkSpec, ApiError> {
+    let value = match v {
+        serde_json::Value::String(text) => {
+            let t: toml::Value =
+                toml::from_str(&text).map_err(|e| ApiError::invalid_spec(format!("spec: {e}")))?;
+            serde_json::to_value(t).map_err(|e| ApiError::invalid_spec(format!("spec: {e}")))?
+        }
+        serde_json::Value::Object(_) => v,
+        _ => {
+            return Err(ApiError::invalid_spec(
+                "spec: expected TOML text or a JSON object",
+            ));
+        }
+    };
+    let spec =
+        WatermarkSpec::from_json_value(value).map_err(|e| ApiError::invalid_spec(e.to_string()))?;
+    if matches!(spec.trigger, Trigger::Blend(ref b) if b.pattern.is_none() && b.image.is_some()) {
+        return Err(ApiError::invalid_spec(
+            "spec: the blend pattern must be inline",
+        ));
+    }
+    Ok(spec)
+}
+
+async fn own_dataset(s: &AppState, caller: &Caller, id: &str, what: &str) -> Result<(), ApiError> {
+    match s.store.get_dataset(id).await? {
+        Some(d) if d.owner_id == caller.id() => Ok(()),
+        _ => Err(ApiError::invalid(format!(
+            "{what}: no such dataset of yours"
+        ))),
+    }
+}
+
+/// Watermarks a dataset: answers 202 with the job that writes the release.
+#[utoipa::path(post, path = "/v1/watermarks", tag = "watermarks", request_body = CreateWatermarkRequest,
+    responses((status = 202, body = CreateWatermarkResponse), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn create_watermark(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<CreateWatermarkRequest>,
+) -> Result<(StatusCode, ApiJson<CreateWatermarkResponse>), ApiError> {
+    caller.require(&[Role::Publisher], "watermarking")?;
+    let name = req.name.trim();
+    if name.is_empty() || name.chars().count() > 200 {
+        return Err(ApiError::invalid("name: 1 to 200 characters"));
+    }
+    let mut spec = parse_spec(req.spec)?;
+    if let Some(seed) = req.seed {
+        spec.seed = seed;
+    }
+    if let Some(rate) = req.rate {
+        spec.rate = rate;
+    }
+    spec.validate()
+        .map_err(|e| ApiError::invalid_spec(format!("after seed/rate: {e}")))?;
+    own_dataset(&s, &caller, &req.dataset_id, "dataset_id").await?;
+    if let Some(h) = &req.holdout_dataset_id {
+        own_dataset(&s, &caller, h, "holdout_dataset_id").await?;
+    }
+    let plan = WatermarkPlan {
+        spec: serde_json::to_value(&spec).map_err(ApiError::internal)?,
+        nonce: hex::encode(crate::watermark::random_nonce()),
+    };
+    let plan = serde_json::to_vec(&plan).map_err(ApiError::internal)?;
+    let (watermark, job) = s
+        .store
+        .create_watermark(
+            caller.id(),
+            name,
+            &req.dataset_id,
+            req.holdout_dataset_id.as_deref(),
+            &plan,
+            s.cfg.job_max_attempts,
+        )
+        .await?;
+    s.wake.notify_one();
+    Ok((
+        StatusCode::ACCEPTED,
+        ApiJson(CreateWatermarkResponse { watermark, job }),
+    ))
+}
+
+/// Stores a secret record made offline, so auditors can verify with it.
+#[utoipa::path(post, path = "/v1/watermarks/import", tag = "watermarks", request_body = ImportWatermarkRequest,
+    responses((status = 201, body = WatermarkView), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn import_watermark(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<ImportWatermarkRequest>,
+) -> Result<(StatusCode, ApiJson<WatermarkView>), ApiError> {
+    caller.require(&[Role::Publisher], "importing watermarks")?;
+    let name = req.name.trim();
+    if name.is_empty() || name.chars().count() > 200 {
+        return Err(ApiError::invalid("name: 1 to 200 characters"));
+    }
+    if let Some(h) = &req.holdout_dataset_id {
+        own_dataset(&s, &caller, h, "holdout_dataset_id").await?;
+    }
+    let text = req.secret_record.to_string();
+    let record = SecretRecord::from_json(&text)
+        .map_err(|e| ApiError::invalid_spec(format!("secret_record: {e}")))?;
+    let json = serde_json::to_vec(&record).map_err(ApiError::internal)?;
+    let watermark = s
+        .store
+        .import_watermark(
+            caller.id(),
+            name,
+            req.holdout_dataset_id.as_deref(),
+            &json,
+            &record.commitment(),
+            &record.dataset.sha256_after,
+            record.poisoned.len() as i64,
+        )
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        ApiJson(WatermarkView {
+            watermark,
+            state: JobState::Succeeded,
+        }),
+    ))
+}
+
+async fn view(s: &AppState, w: WatermarkInfo) -> Result<WatermarkView, ApiError> {
+    let state = match &w.job_id {
+        Some(j) => s
+            .store
+            .get_job(j)
+            .await?
+            .map(|j| j.state)
+            .unwrap_or(JobState::Failed),
+        None => JobState::Succeeded,
+    };
+    Ok(WatermarkView {
+        watermark: w,
+        state,
+    })
+}
+
+/// Whether the caller may see (not change) a watermark: owner, admin, or granted auditor.
+pub(super) async fn visible(
+    s: &AppState,
+    caller: &Caller,
+    id: &str,
+) -> Result<WatermarkInfo, ApiError> {
+    let w = s
+        .store
+        .get_watermark(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("watermark"))?;
+    if owns(caller, &w.owner_id)
+        || (caller.role() == Role::Auditor && s.store.is_granted(id, caller.id()).await?)
+    {
+        Ok(w)
+    } else {
+        Err(ApiError::not_found("watermark"))
+    }
+}
+
+async fn owned(s: &AppState, caller: &Caller, id: &str) -> Result<WatermarkInfo, ApiError> {
+    match s.store.get_watermark(id).await? {
+        Some(w) if w.owner_id == caller.id() => Ok(w),
+        _ => Err(ApiError::not_found("watermark")),
+    }
+}
+
+/// Watermarks the caller may see: its own (publisher), those granted to it (auditor), all
+/// (admin).
+#[utoipa::path(get, path = "/v1/watermarks", tag = "watermarks",
+    responses((status = 200, body = Vec<WatermarkView>), (status = 401, body = ErrorBody)))]
+async fn list_watermarks(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> Result<ApiJson<Vec<WatermarkView>>, ApiError> {
+    let list = match caller.role() {
+        Role::Admin => s.store.list_watermarks(None).await?,
+        Role::Publisher => s.store.list_watermarks(Some(caller.id())).await?,
+        Role::Auditor => s.store.list_granted(caller.id()).await?,
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for w in list {
+        out.push(view(&s, w).await?);
+    }
+    Ok(ApiJson(out))
+}
+
+/// One watermark's public facts and state.
+#[utoipa::path(get, path = "/v1/watermarks/{id}", tag = "watermarks", params(("id" = String, Path)),
+    responses((status = 200, body = WatermarkView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn get_watermark(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<ApiJson<WatermarkView>, ApiError> {
+    let w = visible(&s, &caller, &id).await?;
+    Ok(ApiJson(view(&s, w).await?))
+}
+
+/// The secret record (the owning publisher only; never an auditor or admin).
+#[utoipa::path(get, path = "/v1/watermarks/{id}/secret", tag = "watermarks", params(("id" = String, Path)),
+    responses((status = 200, description = "the secret record", body = Object), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn get_secret(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<ApiJson<serde_json::Value>, ApiError> {
+    owned(&s, &caller, &id).await?;
+    let record = s
+        .store
+        .secret_record(&id)
+        .await?
+        .ok_or_else(|| ApiError::conflict("the release is not written yet"))?;
+    Ok(ApiJson(
+        serde_json::from_slice(&record).map_err(ApiError::internal)?,
+    ))
+}
+
+/// Lets an auditor verify against the watermark (owner only).
+#[utoipa::path(post, path = "/v1/watermarks/{id}/grants", tag = "watermarks", params(("id" = String, Path)),
+    request_body = GrantRequest,
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+async fn grant(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<GrantRequest>,
+) -> Result<StatusCode, ApiError> {
+    owned(&s, &caller, &id).await?;
+    match s.store.get_key(&req.auditor_id).await? {
+        Some(k) if k.role == Role::Auditor && k.revoked_at.is_none() => {}
+        _ => return Err(ApiError::invalid("auditor_id: no such live auditor key")),
+    }
+    s.store.grant(&id, &req.auditor_id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The auditors granted (owner only).
+#[utoipa::path(get, path = "/v1/watermarks/{id}/grants", tag = "watermarks", params(("id" = String, Path)),
+    responses((status = 200, body = Vec<String>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn list_grants(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<ApiJson<Vec<String>>, ApiError> {
+    owned(&s, &caller, &id).await?;
+    Ok(ApiJson(s.store.list_grants(&id).await?))
+}
+
+/// Withdraws a grant (owner only).
+#[utoipa::path(delete, path = "/v1/watermarks/{id}/grants/{auditor_id}", tag = "watermarks",
+    params(("id" = String, Path), ("auditor_id" = String, Path)),
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn revoke_grant(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiPath((id, auditor)): ApiPath<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    owned(&s, &caller, &id).await?;
+    if s.store.revoke_grant(&id, &auditor).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found("grant"))
+    }
+}

@@ -1,0 +1,484 @@
+//! Durable jobs: watermarking a release and running a verification.
+//!
+//! Jobs live in the database. Each worker claims one at a time (atomically, so two workers or
+//! two processes never run the same job), renews a lease by heartbeat while it works, and ends
+//! the job in the same transaction that stores its result; a worker that lost its lease (because
+//! it stalled and the job was given to another) writes nothing. A reaper puts jobs whose worker
+//! died (no heartbeat for one lease) back in the queue, or fails them after their last attempt.
+//! Watermark releases are written under a temporary name and renamed into place only once
+//! complete, and writing is deterministic from the stored seed and nonce, so a job resumed after a
+//! crash produces the same bytes and the same commitment.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, watch};
+
+use crate::dataset::{self, Format, Split};
+use crate::endpoint::{EndpointConfig, HttpEndpoint};
+use crate::fsutil::AtomicDir;
+use crate::spec::WatermarkSpec;
+use crate::store::{Beat, Claimed, JobKind, JobState, Store, StoreError};
+use crate::verify::{self, Decision, VerifyConfig};
+use crate::watermark::{self, SecretRecord};
+
+/// What a watermark job applies: the spec and the nonce, fixed when the job is created so that
+/// every attempt writes the same release. Stored sealed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WatermarkPlan {
+    /// The spec.
+    pub spec: serde_json::Value,
+    /// 32 random bytes, hex.
+    pub nonce: String,
+}
+
+/// What a verification job runs: where the model is and how to test it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VerifyPlan {
+    /// The model endpoint (its `allow_private` is the server's setting, never the client's).
+    pub endpoint: EndpointConfig,
+    /// The test settings.
+    pub config: VerifyConfig,
+}
+
+/// Settings of the job runner.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// Where releases are written (`releases/<watermark id>`).
+    pub data_dir: PathBuf,
+    /// Concurrent jobs in this process.
+    pub workers: usize,
+    /// A job whose worker has not beaten for this long is given to another.
+    pub lease: Duration,
+    /// How often an idle worker looks for work.
+    pub poll: Duration,
+    /// At shutdown, how long running jobs may go on before they are parked in the queue.
+    pub shutdown_grace: Duration,
+    /// Whether verification endpoints may be private addresses.
+    pub allow_private_endpoints: bool,
+}
+
+/// Why a job failed: a stable code and a message for the client.
+#[derive(Debug)]
+pub struct JobError {
+    /// Stable machine-readable code.
+    pub code: &'static str,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl JobError {
+    fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<StoreError> for JobError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "storage error in a job");
+        Self::new("internal", "storage error (see the server log)")
+    }
+}
+
+#[derive(Default)]
+struct Progress {
+    done: AtomicI64,
+    total: AtomicI64,
+}
+
+/// Runs jobs in the background of one `hallmark serve` process.
+#[derive(Clone)]
+pub struct Runner {
+    store: Store,
+    cfg: Arc<RunnerConfig>,
+    worker_id: String,
+    wake: Arc<Notify>,
+}
+
+/// A started runner; [`RunnerHandle::stop`] shuts it down gracefully.
+pub struct RunnerHandle {
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    wake: Arc<Notify>,
+}
+
+impl RunnerHandle {
+    /// Tells idle workers that a job was queued.
+    pub fn waker(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// Stops claiming, lets running jobs finish within the grace period, parks the rest.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Runner {
+    /// A runner over `store`.
+    pub fn new(store: Store, cfg: RunnerConfig) -> Self {
+        let worker_id = format!(
+            "{}-{}-{}",
+            hostname(),
+            std::process::id(),
+            &uuid::Uuid::new_v4().to_string()[..8]
+        );
+        Self {
+            store,
+            cfg: Arc::new(cfg),
+            worker_id,
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// This process's worker identity (recorded with every job it starts).
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+
+    /// Starts the workers and the reaper.
+    pub fn start(self) -> RunnerHandle {
+        let (tx, rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        for n in 0..self.cfg.workers.max(1) {
+            let r = self.clone();
+            let rx = rx.clone();
+            tasks.push(tokio::spawn(async move { r.work(n, rx).await }));
+        }
+        let r = self.clone();
+        let rx2 = rx.clone();
+        tasks.push(tokio::spawn(async move { r.reap(rx2).await }));
+        RunnerHandle {
+            shutdown: tx,
+            tasks,
+            wake: self.wake.clone(),
+        }
+    }
+
+    async fn reap(self, mut shutdown: watch::Receiver<bool>) {
+        let every = (self.cfg.lease / 2).max(Duration::from_millis(100));
+        loop {
+            let stale_before = crate::store::now_ms() - self.cfg.lease.as_millis() as i64;
+            match self.store.reap(stale_before).await {
+                Ok(r) if r.requeued + r.failed > 0 => {
+                    tracing::warn!(
+                        requeued = r.requeued,
+                        failed = r.failed,
+                        "jobs whose worker stopped responding"
+                    );
+                    self.wake.notify_waiters();
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "reaping jobs failed"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    async fn work(self, n: usize, mut shutdown: watch::Receiver<bool>) {
+        let worker = format!("{}/{n}", self.worker_id);
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            match self.store.claim(&worker).await {
+                Ok(Some(job)) => self.run_one(&worker, job, shutdown.clone()).await,
+                Ok(None) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(self.cfg.poll) => {}
+                        _ = self.wake.notified() => {}
+                        _ = shutdown.changed() => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "claiming a job failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(self.cfg.poll) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn run_one(&self, worker: &str, job: Claimed, mut shutdown: watch::Receiver<bool>) {
+        let span =
+            tracing::info_span!("job", id = %job.id, kind = ?job.kind, attempt = job.attempt);
+        let _enter = span.enter();
+        tracing::info!("started");
+        let progress = Arc::new(Progress::default());
+        let work = self.execute(worker, &job, progress.clone());
+        tokio::pin!(work);
+        let mut beat = tokio::time::interval((self.cfg.lease / 3).max(Duration::from_millis(50)));
+        beat.tick().await;
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                result = &mut work => {
+                    match result {
+                        Ok(true) => tracing::info!("succeeded"),
+                        Ok(false) => tracing::warn!("lost its lease before finishing; result discarded"),
+                        Err(e) => {
+                            tracing::warn!(code = e.code, message = %e.message, "failed");
+                            if let Err(se) = self.store.end_job(&job.id, worker, JobState::Failed, e.code, &e.message).await {
+                                tracing::error!(error = %se, "could not record the failure");
+                            }
+                        }
+                    }
+                    return;
+                }
+                _ = beat.tick() => {
+                    let done = progress.done.load(Ordering::Relaxed);
+                    let total = progress.total.load(Ordering::Relaxed);
+                    match self.store.heartbeat(&job.id, worker, done, total).await {
+                        Ok(Beat::Continue) => {}
+                        Ok(Beat::Lost) => {
+                            tracing::warn!("lost its lease; stopping");
+                            return;
+                        }
+                        Ok(Beat::Cancel) => {
+                            tracing::info!("cancelled");
+                            let _ = self.store.end_job(&job.id, worker, JobState::Cancelled, "cancelled", "cancelled by a client").await;
+                            return;
+                        }
+                        Err(e) => tracing::error!(error = %e, "heartbeat failed"),
+                    }
+                    if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                        tracing::info!("parked at shutdown");
+                        let _ = self.store.park(&job.id, worker).await;
+                        return;
+                    }
+                }
+                _ = shutdown.changed(), if deadline.is_none() => {
+                    deadline = Some(tokio::time::Instant::now() + self.cfg.shutdown_grace);
+                }
+            }
+        }
+    }
+
+    async fn execute(
+        &self,
+        worker: &str,
+        job: &Claimed,
+        progress: Arc<Progress>,
+    ) -> Result<bool, JobError> {
+        match job.kind {
+            JobKind::Watermark => self.watermark(worker, job, progress).await,
+            JobKind::Verify => self.verify(worker, job, progress).await,
+        }
+    }
+
+    /// Where a watermark's release is written.
+    pub fn release_dir(data_dir: &Path, watermark_id: &str) -> PathBuf {
+        data_dir.join("releases").join(watermark_id)
+    }
+
+    async fn watermark(
+        &self,
+        worker: &str,
+        job: &Claimed,
+        progress: Arc<Progress>,
+    ) -> Result<bool, JobError> {
+        let id = &job.resource_id;
+        let wm = self
+            .store
+            .get_watermark(id)
+            .await?
+            .ok_or_else(|| JobError::new("not_found", "the watermark was deleted"))?;
+        let plan = self
+            .store
+            .watermark_plan(id)
+            .await?
+            .ok_or_else(|| JobError::new("invalid", "the watermark has no plan"))?;
+        let plan: WatermarkPlan = serde_json::from_slice(&plan)
+            .map_err(|e| JobError::new("internal", format!("stored plan: {e}")))?;
+        let spec = WatermarkSpec::from_json_value(plan.spec)
+            .map_err(|e| JobError::new("invalid_spec", e.to_string()))?;
+        let nonce: [u8; 32] = hex::decode(&plan.nonce)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| JobError::new("internal", "stored nonce is not 32 bytes"))?;
+        let ds_id = wm
+            .dataset_id
+            .ok_or_else(|| JobError::new("invalid", "the watermark names no dataset"))?;
+        let ds = self
+            .store
+            .get_dataset(&ds_id)
+            .await?
+            .ok_or_else(|| JobError::new("not_found", "the dataset was deleted"))?;
+        let dest = Self::release_dir(&self.cfg.data_dir, id);
+        progress.total.store(4, Ordering::Relaxed);
+        let p = progress.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let format: Format = ds
+                .format
+                .parse()
+                .map_err(|e: String| JobError::new("internal", e))?;
+            let split = ds
+                .split
+                .as_deref()
+                .map(str::parse::<Split>)
+                .transpose()
+                .map_err(|e: String| JobError::new("internal", e))?;
+            let mut loaded = dataset::read(Path::new(&ds.path), Some(format), split, &|| {})
+                .map_err(|e| JobError::new("dataset_unreadable", e.to_string()))?;
+            if loaded.dataset.sha256() != ds.sha256 {
+                return Err(JobError::new(
+                    "dataset_changed",
+                    "the dataset's files changed since it was registered (sha256 differs)",
+                ));
+            }
+            p.done.store(1, Ordering::Relaxed);
+            let marked = watermark::apply_with_hashes(&mut loaded.dataset, &spec, nonce)
+                .map_err(|e| JobError::new("invalid_spec", e.to_string()))?;
+            p.done.store(2, Ordering::Relaxed);
+            let commitment = marked.record.commitment();
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| JobError::new("io", format!("{}: {e}", parent.display())))?;
+            }
+            // Overwrite: an earlier attempt may have moved an identical release into place
+            // before its process died.
+            let dir = AtomicDir::create(&dest, true)
+                .map_err(|e| JobError::new("io", format!("{}: {e}", dest.display())))?;
+            let mut info = dataset::write_release(
+                &loaded.dataset,
+                &loaded.layout,
+                dir.path(),
+                &marked.image_hashes,
+                &|| {},
+            )
+            .map_err(|e| JobError::new("io", e.to_string()))?;
+            info.commitment = Some(commitment.clone());
+            dataset::write_release_info(dir.path(), &info)
+                .map_err(|e| JobError::new("io", e.to_string()))?;
+            p.done.store(3, Ordering::Relaxed);
+            Ok((dir, marked.record, commitment, info.dataset_sha256))
+        })
+        .await
+        .map_err(|e| JobError::new("internal", format!("the watermark task panicked: {e}")))??;
+        let (dir, record, commitment, sha_after) = written;
+        // The secret is stored before the release becomes visible: a release never exists
+        // without its secret.
+        let record_json = serde_json::to_vec(&record)
+            .map_err(|e| JobError::new("internal", format!("secret record: {e}")))?;
+        self.store.store_secret(id, &record_json).await?;
+        let dest = Self::release_dir(&self.cfg.data_dir, id);
+        tokio::task::spawn_blocking(move || dir.commit())
+            .await
+            .map_err(|e| JobError::new("internal", format!("commit task panicked: {e}")))?
+            .map_err(|e| JobError::new("io", format!("{}: {e}", dest.display())))?;
+        progress.done.store(4, Ordering::Relaxed);
+        Ok(self
+            .store
+            .finish_watermark(
+                &job.id,
+                worker,
+                id,
+                &commitment,
+                &sha_after,
+                &dest.to_string_lossy(),
+                record.poisoned.len() as i64,
+            )
+            .await?)
+    }
+
+    async fn verify(
+        &self,
+        worker: &str,
+        job: &Claimed,
+        progress: Arc<Progress>,
+    ) -> Result<bool, JobError> {
+        let v = self
+            .store
+            .get_verification(&job.resource_id)
+            .await?
+            .ok_or_else(|| JobError::new("not_found", "the verification was deleted"))?;
+        let mut plan: VerifyPlan = serde_json::from_value(v.request.clone())
+            .map_err(|e| JobError::new("internal", format!("stored request: {e}")))?;
+        plan.endpoint.allow_private = self.cfg.allow_private_endpoints;
+        let record = self
+            .store
+            .secret_record(&v.watermark_id)
+            .await?
+            .ok_or_else(|| JobError::new("not_ready", "the watermark has no secret record yet"))?;
+        let record = SecretRecord::from_json(
+            std::str::from_utf8(&record)
+                .map_err(|_| JobError::new("internal", "secret record is not UTF-8"))?,
+        )
+        .map_err(|e| JobError::new("internal", format!("secret record: {e}")))?;
+        let ds = self
+            .store
+            .get_dataset(&v.holdout_dataset_id)
+            .await?
+            .ok_or_else(|| JobError::new("not_found", "the held-out dataset was deleted"))?;
+        let pool = tokio::task::spawn_blocking(move || {
+            let format: Format = ds
+                .format
+                .parse()
+                .map_err(|e: String| JobError::new("internal", e))?;
+            let split = ds
+                .split
+                .as_deref()
+                .map(str::parse::<Split>)
+                .transpose()
+                .map_err(|e: String| JobError::new("internal", e))?;
+            dataset::read(Path::new(&ds.path), Some(format), split, &|| {})
+                .map(|l| l.dataset)
+                .map_err(|e| JobError::new("dataset_unreadable", e.to_string()))
+        })
+        .await
+        .map_err(|e| JobError::new("internal", format!("reading task panicked: {e}")))??;
+        progress
+            .total
+            .store(3 * plan.config.m as i64, Ordering::Relaxed);
+        let mut endpoint = HttpEndpoint::connect(plan.endpoint.clone(), plan.config.seed)
+            .await
+            .map_err(|e| JobError::new("endpoint", e.to_string()))?;
+        endpoint.set_class_names(pool.class_names().map(<[String]>::to_vec));
+        let p = progress.clone();
+        let report = move |q: usize| p.done.store(q as i64, Ordering::Relaxed);
+        let verdict = verify::verify(&endpoint, &record, &pool, &plan.config, &report)
+            .await
+            .map_err(|e| match e {
+                verify::VerifyError::Endpoint(e) => JobError::new("endpoint", e.to_string()),
+                other => JobError::new("invalid", other.to_string()),
+            })?;
+        let decision = match verdict.decision {
+            Decision::Used => "used",
+            Decision::NotShown => "not_shown",
+            Decision::Inconclusive => "inconclusive",
+        };
+        let json = serde_json::to_value(&verdict)
+            .map_err(|e| JobError::new("internal", format!("verdict: {e}")))?;
+        Ok(self
+            .store
+            .finish_verification(
+                &job.id,
+                worker,
+                &job.resource_id,
+                &json,
+                decision,
+                verdict.primary.p_value,
+            )
+            .await?)
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "host".into())
+}
