@@ -181,3 +181,53 @@ mod tests {
         assert!(write_file_atomic(&p, b"{}", 0o600, false).is_err());
     }
 }
+
+/// Removes what interrupted writes of `dest` left beside it (`.NAME.partial-…` and
+/// `.NAME.old-…`). Call it only while no other writer of `dest` can be running.
+pub fn remove_leftovers(dest: &Path) -> std::io::Result<usize> {
+    let (Some(parent), Some(name)) = (dest.parent(), dest.file_name()) else {
+        return Ok(0);
+    };
+    let name = name.to_string_lossy();
+    let prefixes = [format!(".{name}.partial-"), format!(".{name}.old-")];
+    let mut removed = 0;
+    let entries = match fs::read_dir(parent) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let file = entry.file_name();
+        let file = file.to_string_lossy();
+        if prefixes.iter().any(|p| file.starts_with(p.as_str())) {
+            let path = entry.path();
+            if entry.file_type()?.is_dir() {
+                fs::remove_dir_all(&path)?;
+            } else {
+                fs::remove_file(&path)?;
+            }
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod leftover_tests {
+    use super::*;
+
+    #[test]
+    fn leftovers_of_one_destination_are_removed_and_others_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let dest = d.path().join("rel");
+        fs::create_dir_all(d.path().join(".rel.partial-1-ab")).unwrap();
+        fs::write(d.path().join(".rel.old-1-cd"), b"x").unwrap();
+        fs::create_dir_all(d.path().join(".other.partial-1-ab")).unwrap();
+        fs::create_dir_all(&dest).unwrap();
+        assert_eq!(remove_leftovers(&dest).unwrap(), 2);
+        assert!(dest.exists());
+        assert!(d.path().join(".other.partial-1-ab").exists());
+        assert!(!d.path().join(".rel.partial-1-ab").exists());
+    }
+}

@@ -89,6 +89,57 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// Documents the answers every operation can give from the layers around the handlers: 429
+/// (rate limit), 500, 503 (timeout), and for operations with a body 413 and 415.
+struct CommonResponses;
+
+impl utoipa::Modify for CommonResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{RefOr, ResponseBuilder, content::ContentBuilder};
+        let error = |what: &str| {
+            RefOr::T(
+                ResponseBuilder::new()
+                    .description(what)
+                    .content(
+                        "application/json",
+                        ContentBuilder::new()
+                            .schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorBody")))
+                            .build(),
+                    )
+                    .build(),
+            )
+        };
+        for item in openapi.paths.paths.values_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let r = &mut op.responses.responses;
+                r.entry("500".into())
+                    .or_insert_with(|| error("internal error"));
+                r.entry("503".into())
+                    .or_insert_with(|| error("timed out or a dependency is down"));
+                if op.security.as_ref().is_none_or(|s| !s.is_empty()) {
+                    r.entry("429".into())
+                        .or_insert_with(|| error("rate limit of the API key"));
+                }
+                if op.request_body.is_some() {
+                    r.entry("413".into())
+                        .or_insert_with(|| error("body larger than the limit"));
+                    r.entry("415".into())
+                        .or_insert_with(|| error("wrong content type"));
+                }
+            }
+        }
+    }
+}
+
 /// Health of the service and its database.
 #[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct HealthResponse {
@@ -181,17 +232,24 @@ fn api(cfg: &ServeConfig) -> OpenApiRouter<AppState> {
         .merge(jobs::router())
 }
 
+/// Completes the document once every route is in it.
+fn finish(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::Modify as _;
+    doc.info.version = env!("CARGO_PKG_VERSION").into();
+    CommonResponses.modify(doc);
+}
+
 /// The OpenAPI document of every route, without starting anything.
 pub fn openapi(cfg: &ServeConfig) -> utoipa::openapi::OpenApi {
     let (_, mut doc) = api(cfg).split_for_parts();
-    doc.info.version = env!("CARGO_PKG_VERSION").into();
+    finish(&mut doc);
     doc
 }
 
 /// Every route, with the OpenAPI document served at `/openapi.json`.
 pub fn router(state: AppState) -> Router {
     let (api, mut doc) = api(&state.cfg).split_for_parts();
-    doc.info.version = env!("CARGO_PKG_VERSION").into();
+    finish(&mut doc);
     let doc = Arc::new(doc);
     api.route(
         "/openapi.json",

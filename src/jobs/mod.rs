@@ -349,6 +349,10 @@ impl Runner {
                 std::fs::create_dir_all(parent)
                     .map_err(|e| JobError::new("io", format!("{}: {e}", parent.display())))?;
             }
+            // This worker holds the job's lease, so what an earlier, killed attempt left half
+            // written can go.
+            crate::fsutil::remove_leftovers(&dest)
+                .map_err(|e| JobError::new("io", format!("{}: {e}", dest.display())))?;
             // Overwrite: an earlier attempt may have moved an identical release into place
             // before its process died.
             let dir = AtomicDir::create(&dest, true)

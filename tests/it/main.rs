@@ -5,5 +5,6 @@ mod endpoint;
 mod fashion_mnist;
 mod formats;
 mod mlserver;
+mod service;
 #[cfg(feature = "train")]
 mod train;

@@ -1,0 +1,1073 @@
+//! The web service: the real app on port 0 with a fresh database per test, over real HTTP.
+//! Storage conformance runs against SQLite and a real PostgreSQL (the test command starts one
+//! with scripts/ensure-postgres and passes its URL in HALLMARK_TEST_POSTGRES_URL).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use hallmark::config::{PartialConfig, ServeConfig};
+use hallmark::dataset::{self, Format, Layout, Split};
+use hallmark::http::App;
+use hallmark::store::{Beat, JobState, NewDataset, Role, Store};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+pub const FASHION: &str = "/usr/share/datasets/fashion-mnist";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Db {
+    Sqlite,
+    Postgres,
+}
+
+/// A fresh database URL: a file in `dir`, or a new database on the test PostgreSQL server.
+pub async fn fresh_database(db: Db, dir: &Path) -> String {
+    match db {
+        Db::Sqlite => format!("sqlite://{}?mode=rwc", dir.join("hallmark.db").display()),
+        Db::Postgres => {
+            let base = std::env::var("HALLMARK_TEST_POSTGRES_URL").expect(
+                "HALLMARK_TEST_POSTGRES_URL is not set: run the tests with scripts/test, which \
+                 starts PostgreSQL (scripts/ensure-postgres)",
+            );
+            use sqlx::Connection as _;
+            let mut conn = sqlx::PgConnection::connect(&base)
+                .await
+                .expect("connect to the test PostgreSQL");
+            let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+            sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            let mut url = url::Url::parse(&base).unwrap();
+            url.set_path(&name);
+            url.to_string()
+        }
+    }
+}
+
+pub fn key() -> [u8; 32] {
+    [42; 32]
+}
+
+pub struct TestApp {
+    pub url: String,
+    pub admin: String,
+    pub dir: tempfile::TempDir,
+    pub database_url: String,
+    pub client: reqwest::Client,
+    pub worker_id: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestApp {
+    pub async fn spawn(db: Db) -> TestApp {
+        Self::spawn_with(db, |_| {}).await
+    }
+
+    pub async fn spawn_with(db: Db, tweak: impl FnOnce(&mut PartialConfig)) -> TestApp {
+        let dir = tempfile::tempdir().unwrap();
+        let database_url = fresh_database(db, dir.path()).await;
+        std::fs::create_dir_all(dir.path().join("imports")).unwrap();
+        let mut p = PartialConfig {
+            bind: Some("127.0.0.1:0".into()),
+            database_url: Some(database_url.clone()),
+            data_dir: Some(dir.path().to_path_buf()),
+            secret_key: Some(hex::encode(key())),
+            dataset_roots: Some(vec![dir.path().join("imports"), PathBuf::from(FASHION)]),
+            allow_private_endpoints: Some(true),
+            job_lease_secs: Some(2.0),
+            shutdown_grace_secs: Some(5.0),
+            rate_limit_per_key: Some(10_000.0),
+            ..Default::default()
+        };
+        tweak(&mut p);
+        let cfg: ServeConfig = p.resolve().unwrap();
+        let app = App::build(cfg).await.unwrap();
+        let url = format!("http://127.0.0.1:{}", app.port());
+        let admin = app.bootstrap_admin_key.clone().unwrap();
+        let worker_id = app.worker_id.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            app.run_until_stopped(async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        TestApp {
+            url,
+            admin,
+            dir,
+            database_url,
+            client: reqwest::Client::new(),
+            worker_id,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Stops gracefully and waits for the jobs to finish or park.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.unwrap();
+        }
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    }
+
+    pub async fn store(&self) -> Store {
+        Store::connect(&self.database_url, &key()).await.unwrap()
+    }
+
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut r = self
+            .client
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(key);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        let v = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {text}"))
+        };
+        (status, v)
+    }
+
+    pub async fn get(&self, path: &str, key: &str) -> (StatusCode, Value) {
+        self.call(reqwest::Method::GET, path, key, None).await
+    }
+
+    pub async fn post(&self, path: &str, key: &str, body: Value) -> (StatusCode, Value) {
+        self.call(reqwest::Method::POST, path, key, Some(body))
+            .await
+    }
+
+    pub async fn new_key(&self, role: &str, name: &str) -> (String, String) {
+        let (s, v) = self
+            .post("/v1/keys", &self.admin, json!({"name": name, "role": role}))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        (
+            v["key"]["id"].as_str().unwrap().into(),
+            v["secret"].as_str().unwrap().into(),
+        )
+    }
+
+    /// Polls a job until it ends.
+    pub async fn wait_job(&self, id: &str, key: &str, limit: Duration) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let (s, v) = self.get(&format!("/v1/jobs/{id}"), key).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            if ["succeeded", "failed", "cancelled"].contains(&v["state"].as_str().unwrap()) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "job {id} did not end: {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Writes the first `n` Fashion-MNIST images of `split` as an IDX folder at `dir`.
+pub fn write_fashion_subset(dir: &Path, split: Split, n: usize) {
+    let loaded = dataset::read(Path::new(FASHION), Some(Format::Idx), Some(split), &|| {}).unwrap();
+    let idx: Vec<usize> = (0..n).collect();
+    let ds = loaded.dataset.subset(&idx).unwrap();
+    let layout = Layout::for_format(Format::Idx, &ds).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    let hashes = dataset::image_sha256s(&ds);
+    let info = dataset::write_release(&ds, &layout, dir, &hashes, &|| {}).unwrap();
+    dataset::write_release_info(dir, &info).unwrap();
+}
+
+pub fn spec_text(name: &str) -> String {
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("watermark_specs")
+            .join(name),
+    )
+    .unwrap()
+}
+
+/// Runs `$body` as one test per backend.
+macro_rules! on_both {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$body(super::Db::Sqlite).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$body(super::Db::Postgres).await;
+            }
+        }
+    };
+}
+
+// ---------------------------------------------------------------- storage conformance
+
+async fn store_for(db: Db, dir: &Path) -> Store {
+    Store::connect(&fresh_database(db, dir).await, &key())
+        .await
+        .unwrap()
+}
+
+async fn dataset_row(store: &Store, owner: &str) -> String {
+    let id = uuid::Uuid::new_v4().to_string();
+    store
+        .insert_dataset(NewDataset {
+            id: id.clone(),
+            owner_id: owner.into(),
+            name: "d".into(),
+            path: "/nowhere".into(),
+            format: "idx".into(),
+            split: None,
+            count: 10,
+            num_classes: 10,
+            shape: "28x28x1".into(),
+            sha256: "00".into(),
+            uploaded: false,
+        })
+        .await
+        .unwrap();
+    id
+}
+
+async fn keys_authenticate_until_revoked(db: Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store_for(db, dir.path()).await;
+    let (info, key) = s.create_key("alice", Role::Publisher).await.unwrap();
+    assert!(key.starts_with("hm_") && key.len() == 67);
+    let got = s.authenticate(&key).await.unwrap().unwrap();
+    assert_eq!(
+        (got.id.as_str(), got.role),
+        (info.id.as_str(), Role::Publisher)
+    );
+    assert!(s.authenticate("hm_wrong").await.unwrap().is_none());
+    assert!(s.revoke_key(&info.id).await.unwrap());
+    assert!(!s.revoke_key(&info.id).await.unwrap());
+    assert!(s.authenticate(&key).await.unwrap().is_none());
+    // Only the hash is stored.
+    let rows = s.list_keys().await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert!(!format!("{rows:?}").contains(&key[3..]));
+}
+on_both!(
+    keys_authenticate_until_revoked_on,
+    keys_authenticate_until_revoked
+);
+
+async fn concurrent_claimers_never_share_a_job(db: Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store_for(db, dir.path()).await;
+    let (k, _) = s.create_key("p", Role::Publisher).await.unwrap();
+    let ds = dataset_row(&s, &k.id).await;
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let (_, job) = s
+            .create_watermark(&k.id, &format!("w{i}"), &ds, None, b"{}", 3)
+            .await
+            .unwrap();
+        ids.push(job.id);
+    }
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(c) = s.claim(&format!("worker-{w}")).await.unwrap() {
+                got.push(c.id);
+            }
+            got
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort();
+    ids.sort();
+    assert_eq!(all, ids, "every job claimed exactly once");
+    for id in &ids {
+        assert_eq!(s.job_runs(id).await.unwrap().len(), 1);
+        assert_eq!(
+            s.get_job(id).await.unwrap().unwrap().state,
+            JobState::Running
+        );
+    }
+}
+on_both!(
+    concurrent_claimers_never_share_a_job_on,
+    concurrent_claimers_never_share_a_job
+);
+
+async fn dead_workers_jobs_are_requeued_then_failed(db: Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store_for(db, dir.path()).await;
+    let (k, _) = s.create_key("p", Role::Publisher).await.unwrap();
+    let ds = dataset_row(&s, &k.id).await;
+    let (_, job) = s
+        .create_watermark(&k.id, "w", &ds, None, b"{}", 2)
+        .await
+        .unwrap();
+    let c = s.claim("a").await.unwrap().unwrap();
+    assert_eq!((c.id.as_str(), c.attempt), (job.id.as_str(), 1));
+    assert_eq!(
+        s.heartbeat(&job.id, "a", 1, 4).await.unwrap(),
+        Beat::Continue
+    );
+    // Not stale yet: nothing happens.
+    let r = s.reap(hallmark::store::now_ms() - 60_000).await.unwrap();
+    assert_eq!((r.requeued, r.failed), (0, 0));
+    // Worker a died: its lease runs out, the job goes back to the queue.
+    let r = s.reap(hallmark::store::now_ms() + 1).await.unwrap();
+    assert_eq!((r.requeued, r.failed), (1, 0));
+    assert_eq!(s.heartbeat(&job.id, "a", 2, 4).await.unwrap(), Beat::Lost);
+    let c = s.claim("b").await.unwrap().unwrap();
+    assert_eq!(c.attempt, 2);
+    // A lost worker's result is not written.
+    assert!(
+        !s.finish_watermark(&job.id, "a", &c.resource_id, "c", "s", "/p", 1)
+            .await
+            .unwrap()
+    );
+    // b dies too, on the last attempt: failed with a reason.
+    let r = s.reap(hallmark::store::now_ms() + 1).await.unwrap();
+    assert_eq!((r.requeued, r.failed), (0, 1));
+    let j = s.get_job(&job.id).await.unwrap().unwrap();
+    assert_eq!(j.state, JobState::Failed);
+    assert_eq!(j.error_code.as_deref(), Some("worker_lost"));
+    let runs = s.job_runs(&job.id).await.unwrap();
+    assert_eq!(runs, vec![(1, "a".to_string()), (2, "b".to_string())]);
+}
+on_both!(
+    dead_workers_jobs_are_requeued_then_failed_on,
+    dead_workers_jobs_are_requeued_then_failed
+);
+
+async fn cancelling_and_parking(db: Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store_for(db, dir.path()).await;
+    let (k, _) = s.create_key("p", Role::Publisher).await.unwrap();
+    let ds = dataset_row(&s, &k.id).await;
+    let (_, queued) = s
+        .create_watermark(&k.id, "q", &ds, None, b"{}", 3)
+        .await
+        .unwrap();
+    let j = s.cancel_job(&queued.id).await.unwrap().unwrap();
+    assert_eq!(j.state, JobState::Cancelled);
+    assert!(
+        s.claim("a").await.unwrap().is_none(),
+        "a cancelled job is not claimed"
+    );
+    let (_, running) = s
+        .create_watermark(&k.id, "r", &ds, None, b"{}", 3)
+        .await
+        .unwrap();
+    s.claim("a").await.unwrap().unwrap();
+    let j = s.cancel_job(&running.id).await.unwrap().unwrap();
+    assert_eq!((j.state, j.cancel_requested), (JobState::Running, true));
+    assert_eq!(
+        s.heartbeat(&running.id, "a", 0, 0).await.unwrap(),
+        Beat::Cancel
+    );
+    let (_, parked) = s
+        .create_watermark(&k.id, "p", &ds, None, b"{}", 3)
+        .await
+        .unwrap();
+    let c = s.claim("a").await.unwrap().unwrap();
+    assert_eq!(c.id, parked.id);
+    assert!(s.park(&parked.id, "a").await.unwrap());
+    let j = s.get_job(&parked.id).await.unwrap().unwrap();
+    assert_eq!(
+        (j.state, j.attempts),
+        (JobState::Queued, 0),
+        "parking does not use an attempt"
+    );
+}
+on_both!(cancelling_and_parking_on, cancelling_and_parking);
+
+async fn secrets_are_sealed_at_rest(db: Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = fresh_database(db, dir.path()).await;
+    let s = Store::connect(&url, &key()).await.unwrap();
+    let (k, _) = s.create_key("p", Role::Publisher).await.unwrap();
+    let ds = dataset_row(&s, &k.id).await;
+    let plan = br#"{"marker":"TRIGGER-AT-24-24"}"#;
+    let (w, _) = s
+        .create_watermark(&k.id, "w", &ds, None, plan, 3)
+        .await
+        .unwrap();
+    s.store_secret(&w.id, b"POISONED-INDICES-1-2-3")
+        .await
+        .unwrap();
+    assert_eq!(s.watermark_plan(&w.id).await.unwrap().unwrap(), plan);
+    // The raw rows hold neither secret.
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    let row: (String, String) =
+        sqlx::query_as("SELECT spec_sealed, secret_sealed FROM watermarks WHERE id = $1")
+            .bind(&w.id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    for raw in [&row.0, &row.1] {
+        assert!(
+            !raw.contains("TRIGGER") && !raw.contains("POISONED"),
+            "{raw}"
+        );
+    }
+    // Another key cannot open them.
+    let other = Store::connect(&url, &[1; 32]).await.unwrap();
+    assert!(other.secret_record(&w.id).await.is_err());
+    assert!(other.watermark_plan(&w.id).await.is_err());
+}
+on_both!(secrets_are_sealed_at_rest_on, secrets_are_sealed_at_rest);
+
+// ---------------------------------------------------------------- the HTTP flows
+
+/// Registers a small Fashion-MNIST training subset for `key`; returns its id.
+async fn register_subset(app: &TestApp, key: &str, n: usize) -> String {
+    let dir = app.dir.path().join("imports").join(format!("fm{n}"));
+    if !dir.exists() {
+        write_fashion_subset(&dir, Split::Train, n);
+    }
+    let (s, v) = app
+        .post(
+            "/v1/datasets",
+            key,
+            json!({"name": format!("fashion {n}"), "path": dir.to_str().unwrap()}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["count"], n);
+    assert_eq!(v["shape"], "28x28x1");
+    assert!(v.get("path").is_none(), "server paths are not shown: {v}");
+    v["id"].as_str().unwrap().into()
+}
+
+async fn publisher_watermarks_and_auditor_sees_only_what_is_granted(db: Db) {
+    let app = TestApp::spawn(db).await;
+    let (_, publisher) = app.new_key("publisher", "pub").await;
+    let (auditor_id, auditor) = app.new_key("auditor", "aud").await;
+    let ds = register_subset(&app, &publisher, 600).await;
+    let (s, v) = app
+        .post(
+            "/v1/watermarks",
+            &publisher,
+            json!({"name": "release 1", "dataset_id": ds,
+                   "spec": spec_text("badnets-square-28x28-grey.toml"), "seed": 5}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let wm = v["watermark"]["id"].as_str().unwrap().to_string();
+    let job = app
+        .wait_job(
+            v["job"]["id"].as_str().unwrap(),
+            &publisher,
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["progress_done"], job["progress_total"]);
+    let (s, w) = app.get(&format!("/v1/watermarks/{wm}"), &publisher).await;
+    assert_eq!(s, StatusCode::OK);
+    let commitment = w["commitment"].as_str().unwrap().to_string();
+    assert_eq!(w["state"], "succeeded");
+    assert_eq!(w["poisoned"], 60);
+    // The release is complete on disk and carries the commitment.
+    let release = app.dir.path().join("releases").join(&wm);
+    let info: Value =
+        serde_json::from_slice(&std::fs::read(release.join("release.json")).unwrap()).unwrap();
+    assert_eq!(info["commitment"], commitment.as_str());
+    assert_eq!(info["dataset_sha256"], w["dataset_sha256"]);
+    let reread = dataset::read(&release, None, None, &|| {}).unwrap();
+    assert_eq!(
+        reread.dataset.sha256(),
+        w["dataset_sha256"].as_str().unwrap()
+    );
+    // The owner may read the secret record; it matches the commitment.
+    let (s, rec) = app
+        .get(&format!("/v1/watermarks/{wm}/secret"), &publisher)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let rec = hallmark::watermark::SecretRecord::from_json(&rec.to_string()).unwrap();
+    assert_eq!(rec.commitment(), commitment);
+    assert_eq!(rec.spec.seed, 5);
+
+    // Before a grant the auditor sees nothing.
+    let (s, _) = app.get(&format!("/v1/watermarks/{wm}"), &auditor).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (_, list) = app.get("/v1/watermarks", &auditor).await;
+    assert_eq!(list, json!([]));
+    // Granted: the public facts, never the secret.
+    let (s, v) = app
+        .post(
+            &format!("/v1/watermarks/{wm}/grants"),
+            &publisher,
+            json!({"auditor_id": auditor_id}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    let (s, seen) = app.get(&format!("/v1/watermarks/{wm}"), &auditor).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(seen["commitment"], commitment.as_str());
+    let (_, list) = app.get("/v1/watermarks", &auditor).await;
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    // Try every way to the secret as the auditor and as the admin.
+    for k in [&auditor, &app.admin] {
+        let (s, v) = app.get(&format!("/v1/watermarks/{wm}/secret"), k).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+        let (s, v) = app.get(&format!("/v1/watermarks/{wm}/grants"), k).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    }
+    let secret_bits = [
+        rec.nonce.clone(),
+        "poisoned_indices".into(),
+        "\"trigger\"".into(),
+        "\"spec\"".into(),
+        "\"pattern\"".into(),
+    ];
+    for path in [
+        "/v1/watermarks".to_string(),
+        format!("/v1/watermarks/{wm}"),
+        "/v1/jobs".into(),
+        format!("/v1/jobs/{}", job["id"].as_str().unwrap()),
+        "/v1/datasets".into(),
+        "/v1/verifications".into(),
+    ] {
+        let (_, v) = app.get(&path, &auditor).await;
+        let text = v.to_string();
+        for bit in &secret_bits {
+            assert!(!text.contains(bit.as_str()), "{path} shows {bit}: {text}");
+        }
+    }
+    // The auditor cannot grant itself or others, nor watermark.
+    let (s, _) = app
+        .post(
+            &format!("/v1/watermarks/{wm}/grants"),
+            &auditor,
+            json!({"auditor_id": auditor_id}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, v) = app
+        .post(
+            "/v1/watermarks",
+            &auditor,
+            json!({"name": "x", "dataset_id": ds, "spec": spec_text("badnets-square-28x28-grey.toml")}),
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("forbidden"))
+    );
+    // Withdrawn: gone again.
+    let (s, _) = app
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/v1/watermarks/{wm}/grants/{auditor_id}"),
+            &publisher,
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = app.get(&format!("/v1/watermarks/{wm}"), &auditor).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    app.stop().await;
+}
+on_both!(
+    publisher_watermarks_and_auditor_sees_only_what_is_granted_on,
+    publisher_watermarks_and_auditor_sees_only_what_is_granted
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishers_are_isolated_from_each_other() {
+    let app = TestApp::spawn(Db::Sqlite).await;
+    let (_, alice) = app.new_key("publisher", "alice").await;
+    let (_, bob) = app.new_key("publisher", "bob").await;
+    let ds = register_subset(&app, &alice, 300).await;
+    let (_, v) = app
+        .post(
+            "/v1/watermarks",
+            &alice,
+            json!({"name": "a", "dataset_id": ds, "spec": spec_text("badnets-square-28x28-grey.toml")}),
+        )
+        .await;
+    let wm = v["watermark"]["id"].as_str().unwrap().to_string();
+    let job = v["job"]["id"].as_str().unwrap().to_string();
+    app.wait_job(&job, &alice, Duration::from_secs(60)).await;
+    for path in [
+        format!("/v1/datasets/{ds}"),
+        format!("/v1/watermarks/{wm}"),
+        format!("/v1/watermarks/{wm}/secret"),
+        format!("/v1/watermarks/{wm}/grants"),
+        format!("/v1/jobs/{job}"),
+    ] {
+        let (s, v) = app.get(&path, &bob).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{path}: {v}");
+        assert_eq!(v["error"]["code"], "not_found");
+    }
+    for path in ["/v1/datasets", "/v1/watermarks", "/v1/jobs"] {
+        let (_, v) = app.get(path, &bob).await;
+        assert_eq!(v, json!([]), "{path}");
+    }
+    // Bob cannot watermark Alice's dataset or cancel her job.
+    let (s, v) = app
+        .post(
+            "/v1/watermarks",
+            &bob,
+            json!({"name": "b", "dataset_id": ds, "spec": spec_text("badnets-square-28x28-grey.toml")}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (s, _) = app
+        .post(&format!("/v1/jobs/{job}/cancel"), &bob, json!({}))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // Registering a path outside the dataset roots is refused.
+    let (s, v) = app
+        .post("/v1/datasets", &bob, json!({"name": "etc", "path": "/etc"}))
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    let escape = format!("{}/imports/../", app.dir.path().display());
+    let (s, _) = app
+        .post("/v1/datasets", &bob, json!({"name": "up", "path": escape}))
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // Roles: a publisher cannot create keys.
+    let (s, _) = app
+        .post("/v1/keys", &alice, json!({"name": "x", "role": "admin"}))
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // A revoked key is refused.
+    let (bob_id, _) = {
+        let (_, me) = app.get("/v1/keys/me", &bob).await;
+        (me["id"].as_str().unwrap().to_string(), ())
+    };
+    let (s, _) = app
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/v1/keys/{bob_id}"),
+            &app.admin,
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, v) = app.get("/v1/datasets", &bob).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("unauthorized"))
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploaded_datasets_are_read_and_bad_uploads_explained() {
+    let app = TestApp::spawn(Db::Sqlite).await;
+    let (_, p) = app.new_key("publisher", "p").await;
+    let src = app.dir.path().join("src");
+    write_fashion_subset(&src, Split::Train, 200);
+    let form = reqwest::multipart::Form::new()
+        .text("name", "uploaded")
+        .part(
+            "files",
+            reqwest::multipart::Part::bytes(
+                std::fs::read(src.join("train-images-idx3-ubyte")).unwrap(),
+            )
+            .file_name("train-images-idx3-ubyte"),
+        )
+        .part(
+            "files",
+            reqwest::multipart::Part::bytes(
+                std::fs::read(src.join("train-labels-idx1-ubyte")).unwrap(),
+            )
+            .file_name("train-labels-idx1-ubyte"),
+        );
+    let r = app
+        .client
+        .post(format!("{}/v1/datasets/upload", app.url))
+        .bearer_auth(&p)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    assert_eq!(
+        (v["count"].as_u64(), v["uploaded"].as_bool()),
+        (Some(200), Some(true))
+    );
+    let local = dataset::read(&src, None, None, &|| {}).unwrap();
+    assert_eq!(v["sha256"], local.dataset.sha256().as_str());
+    // A file name that climbs out is refused; truncated data is explained.
+    for (name, bytes, want) in [
+        ("../x", vec![0u8; 10], "file name"),
+        ("train-images-idx3-ubyte", vec![0, 0, 8, 3, 0, 0], "dataset"),
+    ] {
+        let form = reqwest::multipart::Form::new().text("name", "bad").part(
+            "files",
+            reqwest::multipart::Part::bytes(bytes).file_name(name),
+        );
+        let r = app
+            .client
+            .post(format!("{}/v1/datasets/upload", app.url))
+            .bearer_auth(&p)
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let v: Value = r.json().await.unwrap();
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(want),
+            "{v}"
+        );
+    }
+    // Nothing half-uploaded is left behind.
+    let left: Vec<_> = std::fs::read_dir(app.dir.path().join("uploads"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_one_error_shape() {
+    let app = TestApp::spawn_with(Db::Sqlite, |c| {
+        c.body_limit = Some(4096);
+        c.rate_limit_per_key = Some(2.0);
+    })
+    .await;
+    let url = |p: &str| format!("{}{p}", app.url);
+    let c = &app.client;
+    let cases: Vec<(reqwest::RequestBuilder, StatusCode, &str)> = vec![
+        (
+            c.post(url("/v1/keys"))
+                .bearer_auth(&app.admin)
+                .header("content-type", "application/json")
+                .body("{not json"),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            c.post(url("/v1/keys")).bearer_auth(&app.admin).body("{}"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            c.post(url("/v1/keys"))
+                .bearer_auth(&app.admin)
+                .json(&json!({"name": "x", "role": "king"})),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            c.post(url("/v1/keys"))
+                .bearer_auth(&app.admin)
+                .json(&json!({"name": "x".repeat(5000), "role": "admin"})),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+        (
+            c.get(url("/v1/nothing")),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            c.put(url("/v1/jobs")).bearer_auth(&app.admin),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+        (
+            c.get(url("/v1/jobs")).header("authorization", "Basic eA=="),
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        ),
+    ];
+    for (i, (req, status, code)) in cases.into_iter().enumerate() {
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), status, "case {i}");
+        assert!(r.headers().contains_key("x-request-id"), "case {i}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], code, "case {i}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+    }
+    // Rate limit: 2 per second with a burst of 4; the cases above used most of it.
+    let mut r = c
+        .get(url("/v1/jobs"))
+        .bearer_auth(&app.admin)
+        .send()
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        if r.status() == StatusCode::TOO_MANY_REQUESTS {
+            break;
+        }
+        r = c
+            .get(url("/v1/jobs"))
+            .bearer_auth(&app.admin)
+            .send()
+            .await
+            .unwrap();
+    }
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(r.headers().contains_key("retry-after"));
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "rate_limited");
+    // Metrics and health need no key.
+    let m = c
+        .get(url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains(
+            "hallmark_http_requests_total{method=\"POST\",route=\"/v1/keys\",status=\"400\"}"
+        ),
+        "{m}"
+    );
+    let h: Value = c
+        .get(url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h["status"], "ok");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_specs_and_private_endpoints_are_refused_before_any_work() {
+    let app = TestApp::spawn_with(Db::Sqlite, |c| c.allow_private_endpoints = Some(false)).await;
+    let (_, p) = app.new_key("publisher", "p").await;
+    let ds = register_subset(&app, &p, 100).await;
+    for (spec, want) in [
+        (json!("name = \"x\"\n"), "invalid_spec"),
+        (json!(42), "invalid_spec"),
+        (
+            json!(spec_text("blended-28x28-grey.toml").replace("noise", "image") + "\n"),
+            "invalid_spec",
+        ),
+    ] {
+        let (s, v) = app
+            .post(
+                "/v1/watermarks",
+                &p,
+                json!({"name": "x", "dataset_id": ds, "spec": spec}),
+            )
+            .await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some(want)),
+            "{v}"
+        );
+    }
+    let (s, v) = app
+        .post(
+            "/v1/watermarks",
+            &p,
+            json!({"name": "w", "dataset_id": ds, "holdout_dataset_id": ds,
+                   "spec": spec_text("badnets-square-28x28-grey.toml")}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let wm = v["watermark"]["id"].as_str().unwrap().to_string();
+    app.wait_job(
+        v["job"]["id"].as_str().unwrap(),
+        &p,
+        Duration::from_secs(60),
+    )
+    .await;
+    for url in [
+        "http://127.0.0.1:9/",
+        "http://localhost:9/",
+        "http://169.254.169.254/",
+        "http://[::1]:9/",
+        "file:///etc/passwd",
+    ] {
+        let (s, v) = app
+            .post(
+                "/v1/verifications",
+                &p,
+                json!({"watermark_id": wm, "endpoint": {"url": url, "protocol": "v2", "model": "m"}}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{url}: {v}");
+        assert_eq!(v["error"]["code"], "endpoint_refused", "{url}: {v}");
+    }
+    let (_, jobs) = app.get("/v1/jobs", &p).await;
+    assert_eq!(
+        jobs.as_array().unwrap().len(),
+        1,
+        "no verification job was queued"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_is_valid_and_covers_every_route() {
+    let app = TestApp::spawn(Db::Sqlite).await;
+    let doc: Value = app
+        .client
+        .get(format!("{}/openapi.json", app.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+    // Every $ref resolves.
+    fn refs(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::String(r)) = m.get("$ref") {
+                    out.push(r.clone());
+                }
+                m.values().for_each(|x| refs(x, out));
+            }
+            Value::Array(a) => a.iter().for_each(|x| refs(x, out)),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    refs(&doc, &mut all);
+    assert!(!all.is_empty());
+    for r in &all {
+        let ptr = r.strip_prefix('#').unwrap();
+        assert!(doc.pointer(ptr).is_some(), "dangling {r}");
+    }
+    // Every documented operation is served (not the 404/405 of an unknown route), and every
+    // route the service answers is documented.
+    let mut documented = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            assert!(
+                op["responses"].as_object().is_some_and(|r| !r.is_empty()),
+                "{method} {path}"
+            );
+            documented.push(format!("{} {path}", method.to_uppercase()));
+            let concrete = path.replace("{id}", "x").replace("{auditor_id}", "y");
+            let r = app
+                .client
+                .request(
+                    method.to_uppercase().parse().unwrap(),
+                    format!("{}{concrete}", app.url),
+                )
+                .bearer_auth(&app.admin)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            let body = r.text().await.unwrap();
+            assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+            assert!(!body.contains("no such route"), "{method} {path}: {body}");
+        }
+    }
+    documented.sort();
+    let expected = [
+        "DELETE /v1/keys/{id}",
+        "DELETE /v1/watermarks/{id}/grants/{auditor_id}",
+        "GET /health",
+        "GET /metrics",
+        "GET /v1/datasets",
+        "GET /v1/datasets/{id}",
+        "GET /v1/jobs",
+        "GET /v1/jobs/{id}",
+        "GET /v1/keys",
+        "GET /v1/keys/me",
+        "GET /v1/verifications",
+        "GET /v1/verifications/{id}",
+        "GET /v1/watermarks",
+        "GET /v1/watermarks/{id}",
+        "GET /v1/watermarks/{id}/grants",
+        "GET /v1/watermarks/{id}/secret",
+        "POST /v1/datasets",
+        "POST /v1/datasets/upload",
+        "POST /v1/jobs/{id}/cancel",
+        "POST /v1/keys",
+        "POST /v1/verifications",
+        "POST /v1/watermarks",
+        "POST /v1/watermarks/import",
+        "POST /v1/watermarks/{id}/grants",
+    ];
+    assert_eq!(documented, expected);
+    assert!(doc["components"]["securitySchemes"]["api_key"].is_object());
+    app.stop().await;
+}
+
+/// schemathesis (installed by the test command in target/schemathesis-venv) generates requests
+/// from /openapi.json: no 5xx, every response conforms to the document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
+    let st =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/schemathesis-venv/bin/schemathesis");
+    assert!(
+        st.exists(),
+        "schemathesis is missing: run scripts/test (scripts/ensure-schemathesis)"
+    );
+    let app = TestApp::spawn(Db::Sqlite).await;
+    let (_, p) = app.new_key("publisher", "p").await;
+    register_subset(&app, &p, 50).await;
+    let out = tokio::process::Command::new(st)
+        .args([
+            "run",
+            &format!("{}/openapi.json", app.url),
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+            "--max-examples",
+            "25",
+            "--seed",
+            "1",
+            "--header",
+            &format!("Authorization: Bearer {}", app.admin),
+            "--no-color",
+        ])
+        .env("SCHEMATHESIS_HOOKS", "")
+        .output()
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{text}");
+    assert!(out.status.success(), "schemathesis failed:\n{text}");
+    app.stop().await;
+}
