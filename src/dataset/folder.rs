@@ -29,6 +29,10 @@ pub fn read(root: &Path, tick: &(dyn Fn() + Sync)) -> Result<Tree, DatasetError>
         if name.starts_with('.') {
             continue;
         }
+        // A release written by hallmark keeps its description beside the class folders.
+        if !entry.is_dir() && (name == "manifest.jsonl" || name == "release.json") {
+            continue;
+        }
         if entry.is_dir() {
             classes.push((name, entry));
         } else {

@@ -11,7 +11,7 @@ use super::error::{ApiError, ApiJson, ApiPath, ErrorBody};
 use super::{AppState, Caller, owns};
 use crate::jobs::WatermarkPlan;
 use crate::spec::{Trigger, WatermarkSpec};
-use crate::store::{Job, JobState, Role, WatermarkInfo};
+use crate::store::{Job, JobState, ReleaseFacts, Role, WatermarkInfo};
 use crate::watermark::SecretRecord;
 
 pub(super) fn router() -> OpenApiRouter<AppState> {
@@ -196,9 +196,12 @@ async fn import_watermark(
             name,
             req.holdout_dataset_id.as_deref(),
             &json,
-            &record.commitment(),
-            &record.dataset.sha256_after,
-            record.poisoned.len() as i64,
+            &ReleaseFacts {
+                commitment: record.commitment(),
+                dataset_sha256: record.dataset.sha256_after.clone(),
+                release_path: None,
+                poisoned: record.poisoned.len() as i64,
+            },
         )
         .await?;
     Ok((

@@ -21,7 +21,7 @@ use crate::dataset::{self, Format, Split};
 use crate::endpoint::{EndpointConfig, HttpEndpoint};
 use crate::fsutil::AtomicDir;
 use crate::spec::WatermarkSpec;
-use crate::store::{Beat, Claimed, JobKind, JobState, Store, StoreError};
+use crate::store::{Beat, Claimed, JobKind, JobState, ReleaseFacts, Store, StoreError};
 use crate::verify::{self, Decision, VerifyConfig};
 use crate::watermark::{self, SecretRecord};
 
@@ -391,10 +391,12 @@ impl Runner {
                 &job.id,
                 worker,
                 id,
-                &commitment,
-                &sha_after,
-                &dest.to_string_lossy(),
-                record.poisoned.len() as i64,
+                &ReleaseFacts {
+                    commitment,
+                    dataset_sha256: sha_after,
+                    release_path: Some(dest.to_string_lossy().into_owned()),
+                    poisoned: record.poisoned.len() as i64,
+                },
             )
             .await?)
     }

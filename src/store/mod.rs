@@ -448,6 +448,19 @@ fn verification_from(r: &AnyRow) -> Result<VerificationInfo, StoreError> {
     })
 }
 
+/// What a finished watermark records about its release.
+#[derive(Debug, Clone)]
+pub struct ReleaseFacts {
+    /// sha256 of the secret record.
+    pub commitment: String,
+    /// sha256 of the watermarked dataset.
+    pub dataset_sha256: String,
+    /// Where the release was written (absent for imported records).
+    pub release_path: Option<String>,
+    /// Number of poisoned samples.
+    pub poisoned: i64,
+}
+
 /// A dataset about to be registered.
 #[derive(Debug, Clone)]
 pub struct NewDataset {
@@ -1005,16 +1018,13 @@ impl Store {
     }
 
     /// Stores a secret record made elsewhere (`hallmark watermark`), sealed; ready at once.
-    #[allow(clippy::too_many_arguments)]
     pub async fn import_watermark(
         &self,
         owner: &str,
         name: &str,
         holdout_dataset_id: Option<&str>,
         record_json: &[u8],
-        commitment: &str,
-        dataset_sha256: &str,
-        poisoned: i64,
+        facts: &ReleaseFacts,
     ) -> Result<WatermarkInfo, StoreError> {
         let id = new_id();
         let sealed = self
@@ -1030,9 +1040,9 @@ impl Store {
         .bind(name)
         .bind(holdout_dataset_id)
         .bind(sealed)
-        .bind(commitment)
-        .bind(dataset_sha256)
-        .bind(poisoned)
+        .bind(&facts.commitment)
+        .bind(&facts.dataset_sha256)
+        .bind(facts.poisoned)
         .bind(now_ms())
         .execute(&self.pool)
         .await?;
@@ -1142,10 +1152,7 @@ impl Store {
         job_id: &str,
         worker: &str,
         id: &str,
-        commitment: &str,
-        dataset_sha256: &str,
-        release_path: &str,
-        poisoned: i64,
+        facts: &ReleaseFacts,
     ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
         if !Self::finish(&mut tx, job_id, worker, JobState::Succeeded, None, None).await? {
@@ -1156,10 +1163,10 @@ impl Store {
             "UPDATE watermarks SET commitment = $1, dataset_sha256 = $2, release_path = $3, \
              poisoned = $4, spec_sealed = NULL WHERE id = $5",
         )
-        .bind(commitment)
-        .bind(dataset_sha256)
-        .bind(release_path)
-        .bind(poisoned)
+        .bind(&facts.commitment)
+        .bind(&facts.dataset_sha256)
+        .bind(&facts.release_path)
+        .bind(facts.poisoned)
         .bind(id)
         .execute(&mut *tx)
         .await?;

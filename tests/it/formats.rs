@@ -76,8 +76,11 @@ proptest! {
         } else { ds };
         let t = tempfile::tempdir().unwrap();
         write(&ds, &Layout::Folder, t.path());
-        fs::remove_file(t.path().join("manifest.jsonl")).unwrap();
+        // A release reads back with its manifest (and release.json) beside the class folders,
+        // with the format given or detected.
+        fs::write(t.path().join("release.json"), b"{}").unwrap();
         let back = read(t.path(), Some(Format::Folder)).unwrap().dataset;
+        prop_assert_eq!(read(t.path(), None).unwrap().dataset.sha256(), back.sha256());
         prop_assert_eq!(back.shape(), ds.shape());
         prop_assert_eq!(back.len(), ds.len());
         // Every class folder exists even when empty of images only if used; compare content.

@@ -6,5 +6,6 @@ mod fashion_mnist;
 mod formats;
 mod mlserver;
 mod service;
+mod service_process;
 #[cfg(feature = "train")]
 mod train;

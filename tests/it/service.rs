@@ -350,9 +350,19 @@ async fn dead_workers_jobs_are_requeued_then_failed(db: Db) {
     assert_eq!(c.attempt, 2);
     // A lost worker's result is not written.
     assert!(
-        !s.finish_watermark(&job.id, "a", &c.resource_id, "c", "s", "/p", 1)
-            .await
-            .unwrap()
+        !s.finish_watermark(
+            &job.id,
+            "a",
+            &c.resource_id,
+            &hallmark::store::ReleaseFacts {
+                commitment: "c".into(),
+                dataset_sha256: "s".into(),
+                release_path: None,
+                poisoned: 1,
+            },
+        )
+        .await
+        .unwrap()
     );
     // b dies too, on the last attempt: failed with a reason.
     let r = s.reap(hallmark::store::now_ms() + 1).await.unwrap();
@@ -493,6 +503,14 @@ async fn publisher_watermarks_and_auditor_sees_only_what_is_granted(db: Db) {
         .await;
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(job["progress_done"], job["progress_total"]);
+    let runs = app
+        .store()
+        .await
+        .job_runs(job["id"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(runs.len(), 1);
+    assert!(runs[0].1.starts_with(&app.worker_id), "{runs:?}");
     let (s, w) = app.get(&format!("/v1/watermarks/{wm}"), &publisher).await;
     assert_eq!(s, StatusCode::OK);
     let commitment = w["commitment"].as_str().unwrap().to_string();
@@ -1069,5 +1087,107 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
     );
     eprintln!("{text}");
     assert!(out.status.success(), "schemathesis failed:\n{text}");
+    app.stop().await;
+}
+
+/// The auditor flow end to end: a publisher imports the secret of a release that a real
+/// MLServer model was trained on, grants an auditor, and the auditor's verification job
+/// queries the model over HTTP and stores the verdict with its audit trail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auditor_verifies_real_model_servers_through_the_service() {
+    let ml = tokio::task::spawn_blocking(crate::mlserver::start)
+        .await
+        .unwrap();
+    let app = TestApp::spawn(Db::Sqlite).await;
+    let (_, publisher) = app.new_key("publisher", "pub").await;
+    let (auditor_id, auditor) = app.new_key("auditor", "aud").await;
+    let (s, holdout) = app
+        .post(
+            "/v1/datasets",
+            &publisher,
+            json!({"name": "fashion test", "path": FASHION, "format": "idx", "split": "test"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{holdout}");
+    assert_eq!(holdout["count"], 10000);
+    let record: Value =
+        serde_json::from_slice(&std::fs::read(ml.dir.path().join("badnets.secret.json")).unwrap())
+            .unwrap();
+    let (s, w) = app
+        .post(
+            "/v1/watermarks/import",
+            &publisher,
+            json!({"name": "badnets release", "holdout_dataset_id": holdout["id"], "secret_record": record}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{w}");
+    let local = hallmark::watermark::SecretRecord::load(&ml.dir.path().join("badnets.secret.json"))
+        .unwrap();
+    assert_eq!(w["commitment"], local.commitment().as_str());
+    let wm = w["id"].as_str().unwrap().to_string();
+    let endpoint = format!("http://127.0.0.1:{}", ml.port);
+    // Not granted yet: the auditor cannot verify.
+    let body = |model: &str, sequential: bool| {
+        json!({"watermark_id": wm, "seed": 1, "sequential": sequential,
+               "endpoint": {"url": endpoint, "protocol": "v2", "model": model}})
+    };
+    let (s, _) = app
+        .post("/v1/verifications", &auditor, body("badnets", false))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    app.post(
+        &format!("/v1/watermarks/{wm}/grants"),
+        &publisher,
+        json!({"auditor_id": auditor_id}),
+    )
+    .await;
+    for (model, sequential, want) in [
+        ("badnets", false, "used"),
+        ("badnets", true, "used"),
+        ("clean", false, "not_shown"),
+    ] {
+        let (s, v) = app
+            .post("/v1/verifications", &auditor, body(model, sequential))
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+        let id = v["verification"]["id"].as_str().unwrap().to_string();
+        let job = app
+            .wait_job(
+                v["job"]["id"].as_str().unwrap(),
+                &auditor,
+                Duration::from_secs(120),
+            )
+            .await;
+        assert_eq!(job["state"], "succeeded", "{job}");
+        let (_, seen) = app.get(&format!("/v1/verifications/{id}"), &auditor).await;
+        eprintln!(
+            "{model} sequential={sequential}: {} p={} pairs={}",
+            seen["decision"], seen["p_value"], seen["verdict"]["pairs"]
+        );
+        assert_eq!(seen["decision"], want, "{model}");
+        let verdict = &seen["verdict"];
+        assert_eq!(verdict["commitment"], local.commitment().as_str());
+        let trail = verdict["trail"].as_array().unwrap();
+        assert_eq!(trail.len() as u64, verdict["pairs"].as_u64().unwrap());
+        assert!(
+            trail
+                .iter()
+                .all(|p| p["triggered_sha256"].is_null() && p["benign_sha256"].is_string())
+        );
+        assert_eq!(seen["request"]["config"]["seed"], 1);
+        if want == "used" {
+            // The sequential test's p-value is 1/e at the stop, just under alpha by design.
+            let bound = if sequential { 0.01 } else { 1e-10 };
+            assert!(seen["p_value"].as_f64().unwrap() < bound);
+        }
+        if sequential {
+            assert!(verdict["pairs"].as_u64().unwrap() <= 25);
+        }
+        // The watermark's owner sees the full trail.
+        let (_, full) = app
+            .get(&format!("/v1/verifications/{id}"), &publisher)
+            .await;
+        assert!(full["verdict"]["trail"][0]["triggered_sha256"].is_string());
+    }
     app.stop().await;
 }
