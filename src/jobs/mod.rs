@@ -221,7 +221,9 @@ impl Runner {
         let progress = Arc::new(Progress::default());
         let work = self.execute(worker, &job, progress.clone());
         tokio::pin!(work);
-        let mut beat = tokio::time::interval((self.cfg.lease / 3).max(Duration::from_millis(50)));
+        // Beats renew the lease and publish progress: at least every second.
+        let every = (self.cfg.lease / 3).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        let mut beat = tokio::time::interval(every);
         beat.tick().await;
         let mut deadline: Option<tokio::time::Instant> = None;
         loop {
@@ -385,6 +387,7 @@ impl Runner {
             .map_err(|e| JobError::new("internal", format!("commit task panicked: {e}")))?
             .map_err(|e| JobError::new("io", format!("{}: {e}", dest.display())))?;
         progress.done.store(4, Ordering::Relaxed);
+        self.store.heartbeat(&job.id, worker, 4, 4).await?;
         Ok(self
             .store
             .finish_watermark(
@@ -467,6 +470,10 @@ impl Runner {
             Decision::NotShown => "not_shown",
             Decision::Inconclusive => "inconclusive",
         };
+        let queried = verdict.queries as i64;
+        self.store
+            .heartbeat(&job.id, worker, queried, queried)
+            .await?;
         let json = serde_json::to_value(&verdict)
             .map_err(|e| JobError::new("internal", format!("verdict: {e}")))?;
         Ok(self
