@@ -1191,3 +1191,97 @@ async fn an_auditor_verifies_real_model_servers_through_the_service() {
     }
     app.stop().await;
 }
+
+/// A slow model (wiremock: a real server will not stall on demand) keeps verification jobs
+/// running long enough to cancel one and to stop the service under another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_jobs_are_cancelled_on_request_and_parked_at_shutdown() {
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let model = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(500))
+        .mount(&model)
+        .await;
+    let probs: Vec<f64> = (0..10).map(|_| 0.1).collect();
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"model_name": "m", "outputs": [
+                    {"name": "p", "shape": [1, 10], "datatype": "FP64", "data": probs}]}))
+                .set_delay(Duration::from_secs(3)),
+        )
+        .mount(&model)
+        .await;
+    let app = TestApp::spawn_with(Db::Sqlite, |c| c.shutdown_grace_secs = Some(0.3)).await;
+    let (_, p) = app.new_key("publisher", "p").await;
+    let ds = register_subset(&app, &p, 200).await;
+    let (_, v) = app
+        .post(
+            "/v1/watermarks",
+            &p,
+            json!({"name": "w", "dataset_id": ds, "holdout_dataset_id": ds,
+                   "spec": spec_text("badnets-square-28x28-grey.toml")}),
+        )
+        .await;
+    let wm = v["watermark"]["id"].as_str().unwrap().to_string();
+    app.wait_job(
+        v["job"]["id"].as_str().unwrap(),
+        &p,
+        Duration::from_secs(60),
+    )
+    .await;
+    let verify = || {
+        json!({"watermark_id": wm, "seed": 3, "endpoint": {"url": model.uri(), "protocol": "v2",
+               "model": "m", "input_name": "x", "layout": "flat", "batch_size": 1, "concurrency": 1}})
+    };
+    let running = |id: String| {
+        let app = &app;
+        let p = p.clone();
+        async move {
+            for _ in 0..200 {
+                let (_, j) = app.get(&format!("/v1/jobs/{id}"), &p).await;
+                if j["state"] == "running" {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            panic!("job {id} never ran");
+        }
+    };
+    // Cancel a running job: it stops within a heartbeat and says why.
+    let (s, v) = app.post("/v1/verifications", &p, verify()).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let job = v["job"]["id"].as_str().unwrap().to_string();
+    running(job.clone()).await;
+    let (s, j) = app
+        .post(&format!("/v1/jobs/{job}/cancel"), &p, json!({}))
+        .await;
+    assert_eq!(
+        (s, j["cancel_requested"].as_bool()),
+        (StatusCode::OK, Some(true))
+    );
+    let j = app.wait_job(&job, &p, Duration::from_secs(10)).await;
+    assert_eq!(
+        (j["state"].as_str(), j["error_code"].as_str()),
+        (Some("cancelled"), Some("cancelled"))
+    );
+    let (s, _) = app
+        .post(&format!("/v1/jobs/{job}/cancel"), &p, json!({}))
+        .await;
+    assert_eq!(
+        s,
+        StatusCode::CONFLICT,
+        "a finished job cannot be cancelled"
+    );
+    // Stop the service under a running job: after the grace period it goes back to the queue
+    // without using an attempt, for the next process to run.
+    let (_, v) = app.post("/v1/verifications", &p, verify()).await;
+    let job = v["job"]["id"].as_str().unwrap().to_string();
+    running(job.clone()).await;
+    let url = app.database_url.clone();
+    let _dir = app.stop().await;
+    let store = Store::connect(&url, &key()).await.unwrap();
+    let j = store.get_job(&job).await.unwrap().unwrap();
+    assert_eq!((j.state, j.attempts), (JobState::Queued, 0), "{j:?}");
+}
