@@ -109,6 +109,17 @@ pub enum Trigger {
     Blend(Blend),
     /// WaNet's smooth warping field (Nguyen & Tran, ICLR 2021).
     Warp(Warp),
+    /// BATT's spatial transformation (Xu et al., ICASSP 2023): the whole image rotated about its
+    /// centre, as BackdoorBox does with `PIL.Image.rotate(16)` (nearest neighbour, black fill).
+    Rotate(Rotate),
+}
+
+/// A rotation trigger.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rotate {
+    /// Degrees, counter-clockwise (BATT's default: 16).
+    pub angle: f64,
 }
 
 impl Trigger {
@@ -118,6 +129,7 @@ impl Trigger {
             Self::Patch(_) => "patch",
             Self::Blend(_) => "blend",
             Self::Warp(_) => "warp",
+            Self::Rotate(_) => "rotate",
         }
     }
 }
@@ -442,6 +454,17 @@ impl WatermarkSpec {
                     ));
                 }
             }
+            Trigger::Rotate(r) => {
+                if !(r.angle.is_finite() && r.angle.abs() >= 1.0 && r.angle.abs() <= 180.0) {
+                    return Err(field(
+                        "trigger.angle",
+                        format!(
+                            "must be between 1 and 180 degrees either way, got {}",
+                            r.angle
+                        ),
+                    ));
+                }
+            }
             Trigger::Warp(w) => {
                 if w.k < 2 {
                     return Err(field(
@@ -522,6 +545,7 @@ impl WatermarkSpec {
                 }
                 Ok(())
             }
+            Trigger::Rotate(_) => Ok(()),
             Trigger::Warp(w) => {
                 if w.k > shape.height.min(shape.width) {
                     return Err(field(

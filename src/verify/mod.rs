@@ -19,7 +19,7 @@
 
 use crate::dataset::{Dataset, ImageShape};
 use crate::endpoint::{EndpointError, ModelEndpoint, Prediction};
-use crate::spec::{BlendSource, Labelling, Patch, PatchPattern, Position, Trigger};
+use crate::spec::{BlendSource, Labelling, Patch, PatchPattern, Position, Rotate, Trigger};
 use crate::stats::{self, Betting, StatsError, TestResult};
 use crate::watermark::rng::{Rng, Stream};
 use crate::watermark::{SecretRecord, Stamp, WatermarkError};
@@ -481,6 +481,14 @@ pub fn random_trigger(t: &Trigger, shape: ImageShape, seed: u64) -> Result<Trigg
             Trigger::Blend(c)
         }
         Trigger::Warp(w) => Trigger::Warp(w.clone()),
+        // The other direction, at a random magnitude around the secret one.
+        Trigger::Rotate(r) => {
+            let scale = 0.5 + rng.below(1001) as f64 / 1000.0;
+            let magnitude = (r.angle.abs() * scale).clamp(1.0, 180.0);
+            Trigger::Rotate(Rotate {
+                angle: -r.angle.signum() * magnitude,
+            })
+        }
     })
 }
 

@@ -18,6 +18,9 @@ pub enum Stamp {
     Mask(Vec<(u32, f32, f32)>),
     /// A WaNet warping field.
     Warp(WarpField),
+    /// A geometric transformation: for each output pixel, the input pixel it takes (or none:
+    /// black fill).
+    Remap(Vec<Option<u32>>),
 }
 
 /// One blended byte, exactly as BackdoorBox computes it.
@@ -31,6 +34,7 @@ impl Stamp {
     pub fn new(trigger: &Trigger, seed: u64, shape: ImageShape) -> Result<Self, WatermarkError> {
         let (pattern, weight) = match trigger {
             Trigger::Warp(w) => return Ok(Self::Warp(WarpField::new(w, seed, shape))),
+            Trigger::Rotate(r) => return Ok(Self::Remap(rotation_map(r.angle, shape))),
             Trigger::Patch(p) => {
                 let (rows, r0, c0) = p.grid(shape.height, shape.width)?;
                 let mut pattern = vec![0u8; shape.len()];
@@ -101,8 +105,67 @@ impl Stamp {
                 }
             }
             Self::Warp(field) => field.apply(img, None),
+            Self::Remap(map) => {
+                let src = img.to_vec();
+                let c = img.len() / map.len().max(1);
+                for (px, from) in map.iter().enumerate() {
+                    let out = &mut img[px * c..(px + 1) * c];
+                    match from {
+                        Some(f) => {
+                            let f = *f as usize;
+                            out.copy_from_slice(&src[f * c..(f + 1) * c]);
+                        }
+                        None => out.fill(0),
+                    }
+                }
+            }
         }
     }
+}
+
+/// The source pixel of each output pixel when an image is rotated by `angle` degrees
+/// counter-clockwise about its centre, exactly as Pillow's `Image.rotate(angle)` does it:
+/// `Image.rotate` builds the inverse affine matrix (coefficients rounded to 15 digits) and
+/// `ImagingTransformAffine` walks the output pixels from their centres in 16.16 fixed point,
+/// taking the input pixel `floor(coordinate)` (nearest neighbour), black outside.
+fn rotation_map(angle: f64, shape: ImageShape) -> Vec<Option<u32>> {
+    let (w, h) = (shape.width as f64, shape.height as f64);
+    let round15 = |v: f64| (v * 1e15).round() / 1e15;
+    let a = -angle.rem_euclid(360.0).to_radians();
+    let m = [
+        round15(a.cos()),
+        round15(a.sin()),
+        0.0,
+        round15(-a.sin()),
+        round15(a.cos()),
+        0.0,
+    ];
+    let (cx, cy) = (w / 2.0, h / 2.0);
+    let m2 = m[0] * -cx + m[1] * -cy + m[2] + cx;
+    let m5 = m[3] * -cx + m[4] * -cy + m[5] + cy;
+    let fix = |v: f64| (v * 65536.0 + 0.5).floor() as i32;
+    let (a0, a1, a3, a4) = (fix(m[0]), fix(m[1]), fix(m[3]), fix(m[4]));
+    let mut a2 = fix(m2 + m[0] * 0.5 + m[1] * 0.5);
+    let mut a5 = fix(m5 + m[3] * 0.5 + m[4] * 0.5);
+    let mut map = Vec::with_capacity(shape.height * shape.width);
+    for _ in 0..shape.height {
+        let (mut xx, mut yy) = (a2, a5);
+        for _ in 0..shape.width {
+            let (xin, yin) = (xx >> 16, yy >> 16);
+            map.push(
+                (xin >= 0
+                    && yin >= 0
+                    && (xin as usize) < shape.width
+                    && (yin as usize) < shape.height)
+                    .then(|| (yin as usize * shape.width + xin as usize) as u32),
+            );
+            xx = xx.wrapping_add(a0);
+            yy = yy.wrapping_add(a3);
+        }
+        a2 = a2.wrapping_add(a1);
+        a5 = a5.wrapping_add(a4);
+    }
+    map
 }
 
 /// Converts HWC pixels between grey and RGB (grey from RGB with PIL's ITU-R 601 weights).
@@ -124,6 +187,39 @@ fn convert_channels(pixels: &[u8], from: usize, to: usize) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rotation_matches_pillow_pixel_for_pixel() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/rotate_golden.json"
+        ))
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let cases = v["cases"].as_array().unwrap();
+        assert_eq!(cases.len(), 18);
+        let bytes = |v: &serde_json::Value| -> Vec<u8> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_u64().unwrap() as u8)
+                .collect()
+        };
+        for c in cases {
+            let shape = ImageShape {
+                height: c["height"].as_u64().unwrap() as usize,
+                width: c["width"].as_u64().unwrap() as usize,
+                channels: c["channels"].as_u64().unwrap() as usize,
+            };
+            let angle = c["angle"].as_f64().unwrap();
+            let trigger = Trigger::Rotate(crate::spec::Rotate { angle });
+            let mut img = bytes(&c["input"]);
+            Stamp::new(&trigger, 0, shape).unwrap().apply(&mut img);
+            let want = bytes(&c["output"]);
+            let diff = img.iter().zip(&want).filter(|(a, b)| a != b).count();
+            assert_eq!(diff, 0, "{shape} rotated by {angle}: {diff} bytes differ");
+        }
+    }
 
     #[test]
     fn blending_matches_backdoorbox_float32_golden_values() {

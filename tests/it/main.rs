@@ -1,5 +1,7 @@
 //! Integration tests: one binary, each test with its own temporary folder.
 
+#[cfg(feature = "train")]
+mod attacks;
 mod cli;
 mod endpoint;
 mod fashion_mnist;
