@@ -122,6 +122,11 @@ pub struct WatermarkArgs {
     /// Replace existing output and secret files.
     #[arg(long)]
     pub force: bool,
+    /// A benign model (`hallmark train --out DIR`) to craft label-consistent poisons with, for
+    /// specs with `[adversarial]` settings (feature `train`).
+    #[cfg(feature = "train")]
+    #[arg(long)]
+    pub craft_model: Option<PathBuf>,
 }
 
 /// `hallmark spec …`.
@@ -423,6 +428,25 @@ fn watermark_cmd(a: WatermarkArgs) -> Result<()> {
 
     let mut loaded = read_input(&a.input)?;
     let pb = spinner("watermarking");
+    #[cfg(feature = "train")]
+    let marked = match (&a.craft_model, spec.adversarial) {
+        (Some(dir), Some(_)) => {
+            let device = crate::train::device(crate::train::DeviceChoice::Auto)?;
+            let model = crate::train::serve::LoadedModel::load(dir, device)?;
+            crate::train::craft::label_consistent(
+                &mut loaded.dataset,
+                &spec,
+                watermark::random_nonce(),
+                model.net(),
+                device,
+            )
+        }
+        (Some(_), None) => bail!("--craft-model is for specs with [adversarial] settings"),
+        (None, _) => {
+            watermark::apply_with_hashes(&mut loaded.dataset, &spec, watermark::random_nonce())
+        }
+    };
+    #[cfg(not(feature = "train"))]
     let marked =
         watermark::apply_with_hashes(&mut loaded.dataset, &spec, watermark::random_nonce());
     pb.finish_and_clear();

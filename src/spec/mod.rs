@@ -68,6 +68,25 @@ pub struct WatermarkSpec {
     pub labelling: Labelling,
     /// The trigger stamped on poisoned samples.
     pub trigger: Trigger,
+    /// Label-consistent crafting (Turner et al., 2019): before the trigger, each poisoned image
+    /// gets a PGD adversarial perturbation against a benign model, so that its own features stop
+    /// explaining its (kept) label and the model leans on the trigger. Needs a model (feature
+    /// `train`, `hallmark watermark --craft-model DIR`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adversarial: Option<Adversarial>,
+}
+
+/// PGD settings of label-consistent crafting, on the 0–255 pixel scale (BackdoorBox's
+/// `LabelConsistent` defaults: eps 8, step 1.5, 100 steps).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Adversarial {
+    /// Largest change of one pixel value (L∞ ball), 0–255 scale.
+    pub eps: f64,
+    /// Step size of one PGD iteration, 0–255 scale.
+    pub step: f64,
+    /// PGD iterations.
+    pub steps: usize,
 }
 
 /// How poisoned samples are labelled.
@@ -413,6 +432,32 @@ impl WatermarkSpec {
                 "image",
                 format!("{s} is not an image shape (channels 1 or 3)"),
             ));
+        }
+        if let Some(a) = self.adversarial {
+            if !matches!(self.labelling, Labelling::CleanLabel { .. }) {
+                return Err(field(
+                    "adversarial",
+                    "label-consistent crafting needs labelling.kind = \"clean_label\"",
+                ));
+            }
+            if !(a.eps.is_finite() && a.eps > 0.0 && a.eps <= 255.0) {
+                return Err(field(
+                    "adversarial.eps",
+                    format!("must be in (0, 255], got {}", a.eps),
+                ));
+            }
+            if !(a.step.is_finite() && a.step > 0.0 && a.step <= 255.0) {
+                return Err(field(
+                    "adversarial.step",
+                    format!("must be in (0, 255], got {}", a.step),
+                ));
+            }
+            if a.steps == 0 || a.steps > 10_000 {
+                return Err(field(
+                    "adversarial.steps",
+                    format!("must be 1 to 10000, got {}", a.steps),
+                ));
+            }
         }
         let alpha_ok = |a: f32| a.is_finite() && a > 0.0 && a <= 1.0;
         match &self.trigger {

@@ -2,6 +2,7 @@
 //! every watermark kind can be calibrated end to end on real data.
 
 pub mod calibrate;
+pub mod craft;
 pub mod fit;
 pub mod metrics;
 pub mod model;

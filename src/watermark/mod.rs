@@ -32,6 +32,9 @@ pub enum WatermarkError {
     /// Not enough eligible samples for the requested rate.
     #[error("{0}")]
     Selection(String),
+    /// Crafting the poisoned samples with a model failed.
+    #[error("crafting: {0}")]
+    Craft(String),
     /// A secret record is malformed.
     #[error("{path}: {message}")]
     Record {
@@ -74,6 +77,28 @@ pub fn apply_with_hashes(
     dataset: &mut Dataset,
     spec: &WatermarkSpec,
     nonce: [u8; 32],
+) -> Result<Watermarked, WatermarkError> {
+    if spec.adversarial.is_some() {
+        return Err(WatermarkError::Spec(SpecError::Field {
+            field: "adversarial".into(),
+            message: "label-consistent crafting needs a benign model (feature `train`: \
+                      hallmark watermark --craft-model DIR)"
+                .into(),
+        }));
+    }
+    apply_crafted(dataset, spec, nonce, &mut |_, _| Ok(()))
+}
+
+/// Changes the chosen samples before their trigger is stamped (label-consistent crafting).
+pub type Crafter<'a> = dyn FnMut(&mut Dataset, &[usize]) -> Result<(), WatermarkError> + 'a;
+
+/// [`apply_with_hashes`] with `craft` run on the chosen samples (sorted indices) after they are
+/// chosen and before they are stamped; the record describes the crafted release.
+pub fn apply_crafted(
+    dataset: &mut Dataset,
+    spec: &WatermarkSpec,
+    nonce: [u8; 32],
+    craft: &mut Crafter<'_>,
 ) -> Result<Watermarked, WatermarkError> {
     spec.check_fits(dataset)?;
     let n = dataset.len();
@@ -130,6 +155,7 @@ pub fn apply_with_hashes(
         })
         .collect();
 
+    craft(dataset, &chosen)?;
     let shape = dataset.shape();
     let stamp = Stamp::new(&spec.trigger, spec.seed, shape)?;
     let mut marked = vec![false; n];

@@ -89,3 +89,98 @@ fn batt_rotation_is_a_backdoor_a_short_training_learns() {
     assert!(m.benign_accuracy > 0.70, "{m:?}");
     assert!(m.asr.unwrap() > 0.80, "{m:?}");
 }
+
+/// Label-consistent (Turner et al., 2019): only target-class images change, labels are kept,
+/// every change outside the trigger stays within eps = 8, and PGD did move the images; without
+/// a model the spec is refused rather than applied half-way.
+#[test]
+fn label_consistent_poisons_stay_within_eps_and_keep_their_labels() {
+    let spec = spec("label-consistent-28x28-grey.toml");
+    let clean = fashion(Split::Train, 6000);
+    let e = watermark::apply(&mut clean.clone(), &spec, [1; 32]).unwrap_err();
+    assert!(e.to_string().contains("--craft-model"), "{e}");
+    let benign = train(
+        &clean,
+        &short_training(3),
+        tch::Device::Cpu,
+        None,
+        None,
+        &|_| {},
+        &|_| false,
+    )
+    .unwrap();
+    let mut marked = clean.clone();
+    let wm = hallmark::train::craft::label_consistent(
+        &mut marked,
+        &spec,
+        [1; 32],
+        &benign.net,
+        tch::Device::Cpu,
+    )
+    .unwrap();
+    let record = wm.record;
+    assert_eq!(record.poisoned.len(), 300);
+    assert_eq!(marked.labels(), clean.labels(), "labels are kept");
+    let chosen: std::collections::HashSet<usize> =
+        record.poisoned.iter().map(|p| p.index).collect();
+    let mut moved = 0u64;
+    let mut total = 0u64;
+    for i in 0..clean.len() {
+        let (a, b) = (clean.image(i), marked.image(i));
+        if !chosen.contains(&i) {
+            assert_eq!(a, b, "sample {i} was not chosen but changed");
+            continue;
+        }
+        assert_eq!(clean.label(i), 2, "only the target class is poisoned");
+        for r in 0..28 {
+            for c in 0..28 {
+                let (x, y) = (a[r * 28 + c], b[r * 28 + c]);
+                if r >= 25 && c >= 25 {
+                    assert_eq!(y, 255, "the 3×3 white trigger");
+                } else {
+                    let d = (i32::from(x) - i32::from(y)).abs();
+                    assert!(d <= 8, "sample {i} pixel ({r}, {c}) moved by {d}");
+                    moved += u64::from(d > 0);
+                    total += 1;
+                }
+            }
+        }
+    }
+    let share = moved as f64 / total as f64;
+    eprintln!("label-consistent: {share:.3} of the pixels perturbed");
+    assert!(share > 0.2, "PGD changed only {share:.3} of the pixels");
+    // The record reproduces: the same benign model and seed craft the same release.
+    let mut again = clean.clone();
+    let wm2 = hallmark::train::craft::label_consistent(
+        &mut again,
+        &spec,
+        [1; 32],
+        &benign.net,
+        tch::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(wm2.record.commitment(), record.commitment());
+    // A short training on the release learns the trigger for target-class-free test images.
+    let eval = EvalSet::new(fashion(Split::Test, 2000), Some(&record)).unwrap();
+    let trained = train(
+        &marked,
+        &short_training(4),
+        tch::Device::Cpu,
+        None,
+        None,
+        &|_| {},
+        &|_| false,
+    )
+    .unwrap();
+    let m = evaluate(&trained.net, &eval, tch::Device::Cpu);
+    let base = evaluate(&benign.net, &eval, tch::Device::Cpu);
+    eprintln!("label-consistent after 4 epochs on 6,000 images: {m:?}; the benign model: {base:?}");
+    assert!(m.benign_accuracy > 0.70, "{m:?}");
+    // Label-consistent attacks are slow to take (BackdoorBox issue #113 reports about 25% after
+    // full training): after 4 epochs the trigger moves the model measurably more than it moves a
+    // model trained without the poisons.
+    assert!(
+        m.asr.unwrap() > base.asr.unwrap() + 0.03,
+        "{m:?} vs benign {base:?}"
+    );
+}
