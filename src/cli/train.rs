@@ -375,12 +375,44 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
         classes: clean.num_classes(),
         training: serde_json::json!({ "config": cfg }),
     };
+    // Label-consistent specs are crafted against a benign model trained first on the clean data.
+    let benign = match spec.adversarial {
+        Some(_) => {
+            let cfg = a.settings.config(a.seed + 900);
+            Some(train_with_progress(
+                &clean,
+                &cfg,
+                device,
+                None,
+                None,
+                "benign model for crafting",
+            )?)
+        }
+        None => None,
+    };
+    let mark = |ds: &mut crate::dataset::Dataset,
+                s: &crate::spec::WatermarkSpec|
+     -> Result<crate::watermark::SecretRecord> {
+        Ok(match &benign {
+            Some(b) => {
+                crate::train::craft::label_consistent(
+                    ds,
+                    s,
+                    watermark::random_nonce(),
+                    &b.net,
+                    device,
+                )?
+                .record
+            }
+            None => watermark::apply(ds, s, watermark::random_nonce())?,
+        })
+    };
     let mut rows = Vec::new();
     for i in 0..a.models {
         let mut wspec = spec.clone();
         wspec.seed = spec.seed.wrapping_add(i as u64);
         let mut marked = clean.clone();
-        let record = watermark::apply(&mut marked, &wspec, watermark::random_nonce())?;
+        let record = mark(&mut marked, &wspec)?;
         record.save(
             &a.out.join(format!("secrets/watermarked-{i}.secret.json")),
             true,
@@ -391,7 +423,7 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
         other_spec.trigger =
             crate::verify::random_trigger(&spec.trigger, clean.shape(), 7000 + i as u64)?;
         let mut other = clean.clone();
-        watermark::apply(&mut other, &other_spec, watermark::random_nonce())?;
+        mark(&mut other, &other_spec)?;
         for (kind, data, seed) in [
             (ModelKind::Watermarked, &marked, a.seed + i as u64),
             (ModelKind::Clean, &clean, a.seed + 100 + i as u64),
