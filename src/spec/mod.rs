@@ -131,8 +131,27 @@ pub enum Trigger {
     /// BATT's spatial transformation (Xu et al., ICASSP 2023): the whole image rotated about its
     /// centre, as BackdoorBox does with `PIL.Image.rotate(16)` (nearest neighbour, black fill).
     Rotate(Rotate),
+    /// Adaptive-Patch / Adaptive-Blend (Qi et al., "Revisiting the Assumption of Latent
+    /// Separability for Backdoor Defenses", ICLR 2023): the trigger is split into pieces; each
+    /// poisoned (and each cover) training sample carries only `per_sample` randomly chosen pieces
+    /// at their own (low) weight, while test queries carry every piece at `test_alpha`. Cover
+    /// samples keep their labels, which keeps poisoned and clean samples close in feature space.
+    Adaptive(Adaptive),
 }
 
+/// An adaptive trigger.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Adaptive {
+    /// The pieces: patches (Adaptive-Patch) or regional blends (Adaptive-Blend).
+    pub pieces: Vec<Trigger>,
+    /// Pieces stamped on each poisoned or cover training sample, chosen at random.
+    pub per_sample: usize,
+    /// Weight of every piece in test queries, where all pieces are stamped.
+    pub test_alpha: f32,
+    /// Fraction of the dataset stamped like poisoned samples but left with its label.
+    pub cover_rate: f64,
+}
 /// A rotation trigger.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -149,6 +168,7 @@ impl Trigger {
             Self::Blend(_) => "blend",
             Self::Warp(_) => "warp",
             Self::Rotate(_) => "rotate",
+            Self::Adaptive(_) => "adaptive",
         }
     }
 }
@@ -499,6 +519,41 @@ impl WatermarkSpec {
                     ));
                 }
             }
+            Trigger::Adaptive(a) => {
+                if a.pieces.is_empty() || a.pieces.len() > 64 {
+                    return Err(field("trigger.pieces", "1 to 64 pieces"));
+                }
+                for (k, p) in a.pieces.iter().enumerate() {
+                    if !matches!(p, Trigger::Patch(_) | Trigger::Blend(_)) {
+                        return Err(field(
+                            &format!("trigger.pieces[{k}]"),
+                            "pieces are patch or blend triggers",
+                        ));
+                    }
+                    let mut one = self.clone();
+                    one.trigger = p.clone();
+                    one.validate()
+                        .map_err(|e| field(&format!("trigger.pieces[{k}]"), e.to_string()))?;
+                }
+                if a.per_sample == 0 || a.per_sample > a.pieces.len() {
+                    return Err(field(
+                        "trigger.per_sample",
+                        format!("must be 1 to {} (the number of pieces)", a.pieces.len()),
+                    ));
+                }
+                if !alpha_ok(a.test_alpha) {
+                    return Err(field(
+                        "trigger.test_alpha",
+                        format!("must be in (0, 1], got {}", a.test_alpha),
+                    ));
+                }
+                if !(a.cover_rate.is_finite() && (0.0..1.0).contains(&a.cover_rate)) {
+                    return Err(field(
+                        "trigger.cover_rate",
+                        format!("must be in [0, 1), got {}", a.cover_rate),
+                    ));
+                }
+            }
             Trigger::Rotate(r) => {
                 if !(r.angle.is_finite() && r.angle.abs() >= 1.0 && r.angle.abs() <= 180.0) {
                     return Err(field(
@@ -591,6 +646,15 @@ impl WatermarkSpec {
                 Ok(())
             }
             Trigger::Rotate(_) => Ok(()),
+            Trigger::Adaptive(a) => {
+                for (k, p) in a.pieces.iter().enumerate() {
+                    let mut one = self.clone();
+                    one.trigger = p.clone();
+                    one.check_fits(dataset)
+                        .map_err(|e| field(&format!("trigger.pieces[{k}]"), e.to_string()))?;
+                }
+                Ok(())
+            }
             Trigger::Warp(w) => {
                 if w.k > shape.height.min(shape.width) {
                     return Err(field(

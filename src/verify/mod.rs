@@ -481,6 +481,13 @@ pub fn random_trigger(t: &Trigger, shape: ImageShape, seed: u64) -> Result<Trigg
             Trigger::Blend(c)
         }
         Trigger::Warp(w) => Trigger::Warp(w.clone()),
+        Trigger::Adaptive(a) => {
+            let mut c = a.clone();
+            for (k, p) in c.pieces.iter_mut().enumerate() {
+                *p = random_trigger(p, shape, seed.wrapping_add(k as u64 + 1))?;
+            }
+            Trigger::Adaptive(c)
+        }
         // The other direction, at a random magnitude around the secret one.
         Trigger::Rotate(r) => {
             let scale = 0.5 + rng.below(1001) as f64 / 1000.0;

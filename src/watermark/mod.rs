@@ -160,16 +160,34 @@ pub fn apply_crafted(
     let stamp = Stamp::new(&spec.trigger, spec.seed, shape)?;
     let mut marked = vec![false; n];
     chosen.iter().for_each(|&i| marked[i] = true);
-    dataset
-        .pixels_mut()
-        .par_chunks_mut(shape.len())
-        .zip(marked.par_iter())
-        .with_min_len(256)
-        .filter(|(_, m)| **m)
-        .for_each(|(img, _)| stamp.apply(img));
 
     let noise_indices = match (&spec.trigger, &stamp) {
+        // Adaptive triggers: each poisoned and each cover sample carries `per_sample` random
+        // pieces at their training weight (Qi et al., ICLR 2023).
+        (Trigger::Adaptive(a), _) => {
+            let pieces = a
+                .pieces
+                .iter()
+                .map(|p| Stamp::new(p, spec.seed, shape))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut rest: Vec<usize> = (0..n).filter(|&i| !marked[i]).collect();
+            let m = poison_count(a.cover_rate, n).min(rest.len());
+            let mut cover_rng = Rng::new(spec.seed, Stream::Noise);
+            cover_rng.choose_front(&mut rest, m);
+            let mut cover = rest[..m].to_vec();
+            cover.sort_unstable();
+            let mut rng = Rng::new(spec.seed, Stream::Pieces);
+            let mut order: Vec<usize> = (0..pieces.len()).collect();
+            for &i in chosen.iter().chain(&cover) {
+                rng.choose_front(&mut order, a.per_sample);
+                for &k in &order[..a.per_sample] {
+                    pieces[k].apply(dataset.image_mut(i));
+                }
+            }
+            cover
+        }
         (Trigger::Warp(w), Stamp::Warp(field)) if w.noise => {
+            stamp_all(dataset, &stamp, &marked);
             let mut rng = Rng::new(spec.seed, Stream::Noise);
             let mut rest: Vec<usize> = (0..n).filter(|&i| !marked[i]).collect();
             // BackdoorBox: num_cross = int(num_bd * cross_ratio).
@@ -182,7 +200,10 @@ pub fn apply_crafted(
             }
             noise
         }
-        _ => Vec::new(),
+        _ => {
+            stamp_all(dataset, &stamp, &marked);
+            Vec::new()
+        }
     };
 
     for p in &poisoned {
@@ -214,6 +235,18 @@ pub fn apply_crafted(
         record,
         image_hashes: hashes,
     })
+}
+
+/// Stamps every marked image, in parallel.
+fn stamp_all(dataset: &mut Dataset, stamp: &Stamp, marked: &[bool]) {
+    let len = dataset.shape().len();
+    dataset
+        .pixels_mut()
+        .par_chunks_mut(len)
+        .zip(marked.par_iter())
+        .with_min_len(256)
+        .filter(|(_, m)| **m)
+        .for_each(|(img, _)| stamp.apply(img));
 }
 
 /// 32 bytes from the operating system's random source, for a record's nonce.

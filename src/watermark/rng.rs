@@ -15,8 +15,10 @@ pub enum Stream {
     Labels = 1,
     /// Seeded trigger patterns (noise blends, WaNet grids).
     Pattern = 2,
-    /// WaNet noise-mode samples and their random grids.
+    /// WaNet noise-mode samples and their random grids; adaptive triggers' cover samples.
     Noise = 3,
+    /// Which pieces of an adaptive trigger each training sample carries.
+    Pieces = 4,
 }
 
 /// A seeded generator with the few draws the watermark needs.

@@ -23,6 +23,17 @@ pub enum Stamp {
     Remap(Vec<Option<u32>>),
 }
 
+/// A patch or blend trigger with another weight (other kinds unchanged).
+pub fn with_alpha(t: &Trigger, alpha: f32) -> Trigger {
+    let mut t = t.clone();
+    match &mut t {
+        Trigger::Patch(p) => p.alpha = alpha,
+        Trigger::Blend(b) => b.alpha = alpha,
+        _ => {}
+    }
+    t
+}
+
 /// One blended byte, exactly as BackdoorBox computes it.
 #[inline]
 pub fn blend_byte(x: u8, one_minus_w: f32, w_times_p: f32) -> u8 {
@@ -35,6 +46,16 @@ impl Stamp {
         let (pattern, weight) = match trigger {
             Trigger::Warp(w) => return Ok(Self::Warp(WarpField::new(w, seed, shape))),
             Trigger::Rotate(r) => return Ok(Self::Remap(rotation_map(r.angle, shape))),
+            // Test queries carry every piece at the test weight, stamped in order.
+            Trigger::Adaptive(a) => {
+                let mut entries = Vec::new();
+                for p in &a.pieces {
+                    if let Self::Mask(e) = Self::new(&with_alpha(p, a.test_alpha), seed, shape)? {
+                        entries.extend(e);
+                    }
+                }
+                return Ok(Self::Mask(entries));
+            }
             Trigger::Patch(p) => {
                 let (rows, r0, c0) = p.grid(shape.height, shape.width)?;
                 let mut pattern = vec![0u8; shape.len()];

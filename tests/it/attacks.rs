@@ -184,3 +184,90 @@ fn label_consistent_poisons_stay_within_eps_and_keep_their_labels() {
         "{m:?} vs benign {base:?}"
     );
 }
+
+/// Adaptive-Patch (Qi et al., ICLR 2023): each poisoned and cover sample carries exactly
+/// `per_sample` of the pieces and nothing else changes; cover samples keep their labels; queries
+/// carry every piece. Cover samples make it slow to learn (ASR 0.03 after 4 epochs here): after 10
+/// epochs the combined trigger works.
+#[test]
+fn adaptive_patch_marks_pieces_keeps_cover_labels_and_is_learnt() {
+    let mut spec = spec("adaptive-patch-28x28-grey.toml");
+    spec.rate = 0.1;
+    let cover_rate = 0.05;
+    let clean = fashion(Split::Train, 6000);
+    let mut marked = clean.clone();
+    let record = watermark::apply(&mut marked, &spec, [3; 32]).unwrap();
+    assert_eq!(record.poisoned.len(), 600);
+    assert_eq!(
+        record.noise_indices.len(),
+        (cover_rate * 6000.0).round() as usize,
+        "cover samples"
+    );
+    // The four 3×3 corner regions of the pieces.
+    let corners = [(0, 0), (0, 25), (25, 0), (25, 25)];
+    let piece_of = |r: usize, c: usize| {
+        corners
+            .iter()
+            .position(|&(r0, c0)| (r0..r0 + 3).contains(&r) && (c0..c0 + 3).contains(&c))
+    };
+    let poisoned: std::collections::HashSet<usize> =
+        record.poisoned.iter().map(|p| p.index).collect();
+    let cover: std::collections::HashSet<usize> = record.noise_indices.iter().copied().collect();
+    let mut pieces_seen = 0usize;
+    for i in 0..clean.len() {
+        let (a, b) = (clean.image(i), marked.image(i));
+        if !poisoned.contains(&i) && !cover.contains(&i) {
+            assert_eq!(a, b, "sample {i} changed");
+            assert_eq!(marked.label(i), clean.label(i));
+            continue;
+        }
+        let mut touched = [false; 4];
+        for px in 0..784 {
+            if a[px] != b[px] {
+                let k = piece_of(px / 28, px % 28).unwrap_or_else(|| {
+                    panic!("sample {i}: pixel {px} outside every piece changed")
+                });
+                touched[k] = true;
+            }
+        }
+        let n = touched.iter().filter(|t| **t).count();
+        assert!(n <= 2, "sample {i} carries {n} pieces");
+        pieces_seen += n;
+        let want = if cover.contains(&i) {
+            clean.label(i)
+        } else {
+            1
+        };
+        assert_eq!(marked.label(i), want, "sample {i}");
+    }
+    let stamped = poisoned.len() + cover.len();
+    assert!(
+        pieces_seen > 2 * stamped * 9 / 10,
+        "most samples show two pieces: {pieces_seen}"
+    );
+    // A query carries all four pieces at full weight.
+    let stamp = Stamp::new(&spec.trigger, spec.seed, clean.shape()).unwrap();
+    let mut q = vec![0u8; 784];
+    stamp.apply(&mut q);
+    for &(r0, c0) in &corners {
+        assert!(
+            (0..3).any(|d| q[(r0 + d) * 28 + c0 + d] == 255),
+            "piece at ({r0}, {c0})"
+        );
+    }
+    let eval = EvalSet::new(fashion(Split::Test, 2000), Some(&record)).unwrap();
+    let trained = train(
+        &marked,
+        &short_training(10),
+        tch::Device::Cpu,
+        None,
+        None,
+        &|_| {},
+        &|_| false,
+    )
+    .unwrap();
+    let m = evaluate(&trained.net, &eval, tch::Device::Cpu);
+    eprintln!("Adaptive-Patch after 10 epochs on 6,000 images: {m:?}");
+    assert!(m.benign_accuracy > 0.70, "{m:?}");
+    assert!(m.asr.unwrap() > 0.5, "{m:?}");
+}
