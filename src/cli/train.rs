@@ -55,6 +55,9 @@ pub struct TrainSettings {
     /// Random horizontal flip.
     #[arg(long)]
     pub flip: bool,
+    /// Epochs of linear learning-rate warm-up from 0 (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub warmup_epochs: usize,
     /// Device.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
@@ -83,6 +86,7 @@ impl TrainSettings {
             crop_padding: self.crop_padding,
             flip: self.flip,
             seed,
+            warmup_epochs: self.warmup_epochs,
         }
     }
 }

@@ -50,6 +50,11 @@ pub struct TrainConfig {
     pub flip: bool,
     /// Seed of initialisation, shuffling and augmentation.
     pub seed: u64,
+    /// Epochs over which the learning rate rises linearly from 0, step by step (BackdoorBox's
+    /// `warmup_epoch`); 0 for none. Keeps a network without batch norm from diverging in its
+    /// first steps at a high rate.
+    #[serde(default)]
+    pub warmup_epochs: usize,
 }
 
 impl TrainConfig {
@@ -279,7 +284,13 @@ pub fn train(
         rng.choose_front(&mut order, n);
         let started = Instant::now();
         let (mut loss_sum, mut seen) = (0.0, 0usize);
-        for chunk in order.chunks(cfg.batch_size) {
+        let steps = n.div_ceil(cfg.batch_size);
+        for (step, chunk) in order.chunks(cfg.batch_size).enumerate() {
+            let lr = if epoch < cfg.warmup_epochs {
+                lr * (epoch * steps + step + 1) as f64 / (cfg.warmup_epochs * steps) as f64
+            } else {
+                lr
+            };
             let idx = Tensor::from_slice(chunk).to_device(device);
             let x = augment(x_all.index_select(0, &idx), cfg, &mut rng, shape);
             let y = y_all.index_select(0, &idx);

@@ -46,6 +46,7 @@ fn short_training(epochs: usize) -> TrainConfig {
         crop_padding: 0,
         flip: false,
         seed: 1,
+        warmup_epochs: 0,
     }
 }
 

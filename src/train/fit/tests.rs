@@ -31,6 +31,7 @@ fn cfg(epochs: usize) -> TrainConfig {
         crop_padding: 2,
         flip: true,
         seed: 42,
+        warmup_epochs: 0,
     }
 }
 
