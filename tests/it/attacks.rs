@@ -194,7 +194,7 @@ fn label_consistent_poisons_stay_within_eps_and_keep_their_labels() {
 fn adaptive_patch_marks_pieces_keeps_cover_labels_and_is_learnt() {
     let mut spec = spec("adaptive-patch-28x28-grey.toml");
     spec.rate = 0.1;
-    let cover_rate = 0.05;
+    let cover_rate: f64 = 0.05;
     let clean = fashion(Split::Train, 6000);
     let mut marked = clean.clone();
     let record = watermark::apply(&mut marked, &spec, [3; 32]).unwrap();

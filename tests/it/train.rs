@@ -35,6 +35,7 @@ async fn a_served_model_answers_v2_requests_and_rejects_malformed_ones() {
         crop_padding: 0,
         flip: false,
         seed: 1,
+        warmup_epochs: 0,
     };
     let t = train(&data, &cfg, tch::Device::Cpu, None, None, &|_| {}, &|_| {
         false
