@@ -141,6 +141,12 @@ async fn create_watermark(
     }
     spec.validate()
         .map_err(|e| ApiError::invalid_spec(format!("after seed/rate: {e}")))?;
+    if spec.adversarial.is_some() {
+        return Err(ApiError::invalid_spec(
+            "adversarial: label-consistent crafting needs a benign model; craft the release with \
+             `hallmark watermark --craft-model DIR` and import its secret record",
+        ));
+    }
     own_dataset(&s, &caller, &req.dataset_id, "dataset_id").await?;
     if let Some(h) = &req.holdout_dataset_id {
         own_dataset(&s, &caller, h, "holdout_dataset_id").await?;
