@@ -41,14 +41,6 @@ pub struct RegisterDatasetRequest {
     pub split: Option<String>,
 }
 
-fn check_name(name: &str) -> Result<String, ApiError> {
-    let name = name.trim();
-    if name.is_empty() || name.chars().count() > 200 {
-        return Err(ApiError::invalid("name: 1 to 200 characters"));
-    }
-    Ok(name.to_string())
-}
-
 fn parse_format(f: Option<&str>) -> Result<Option<Format>, ApiError> {
     f.map(|f| {
         f.parse::<Format>()
@@ -65,16 +57,6 @@ fn parse_split(s: Option<&str>) -> Result<Option<Split>, ApiError> {
     .transpose()
 }
 
-fn format_name(f: Format) -> &'static str {
-    match f {
-        Format::Idx => "idx",
-        Format::Cifar => "cifar",
-        Format::Cifar10 => "cifar10",
-        Format::Cifar100 => "cifar100",
-        Format::Folder => "folder",
-    }
-}
-
 /// Reads the dataset (off the async threads) and describes it for the store.
 async fn describe(
     owner: &str,
@@ -89,18 +71,13 @@ async fn describe(
     tokio::task::spawn_blocking(move || {
         let loaded = dataset::read(&path, format, split, &|| {})
             .map_err(|e| ApiError::invalid(format!("dataset: {e}")))?;
-        let format = match &loaded.layout {
-            dataset::Layout::Idx { .. } => Format::Idx,
-            dataset::Layout::Cifar { .. } => Format::Cifar,
-            dataset::Layout::Folder => Format::Folder,
-        };
         let shape = loaded.dataset.shape();
         Ok(NewDataset {
             id,
             owner_id: owner,
             name,
             path: path.to_string_lossy().into_owned(),
-            format: format_name(format).into(),
+            format: loaded.layout.format_name().into(),
             split: split.map(|s| match s {
                 Split::Train => "train".into(),
                 Split::Test => "test".into(),
@@ -148,7 +125,7 @@ async fn register_dataset(
     ApiJson(req): ApiJson<RegisterDatasetRequest>,
 ) -> Result<(StatusCode, ApiJson<DatasetInfo>), ApiError> {
     caller.require(ROLES, "registering datasets")?;
-    let name = check_name(&req.name)?;
+    let name = super::check_name(&req.name)?.to_string();
     let format = parse_format(req.format.as_deref())?;
     let split = parse_split(req.split.as_deref())?;
     let path = inside_roots(&req.path, &s.cfg.dataset_roots)?;
@@ -252,7 +229,7 @@ async fn upload_dataset(
             }
         }
     }
-    let name = check_name(name.as_deref().unwrap_or(""))?;
+    let name = super::check_name(name.as_deref().unwrap_or(""))?.to_string();
     if files == 0 {
         return Err(ApiError::invalid("no files in the upload"));
     }

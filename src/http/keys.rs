@@ -46,10 +46,7 @@ async fn create_key(
     ApiJson(req): ApiJson<CreateKeyRequest>,
 ) -> Result<(StatusCode, ApiJson<CreateKeyResponse>), ApiError> {
     caller.require(&[Role::Admin], "creating keys")?;
-    let name = req.name.trim();
-    if name.is_empty() || name.chars().count() > 200 {
-        return Err(ApiError::invalid("name: 1 to 200 characters"));
-    }
+    let name = super::check_name(&req.name)?;
     let (key, secret) = s.store.create_key(name, req.role).await?;
     Ok((
         StatusCode::CREATED,

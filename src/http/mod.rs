@@ -383,6 +383,15 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// A display name: trimmed, 1 to 200 characters.
+fn check_name(name: &str) -> Result<&str, ApiError> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 200 {
+        return Err(ApiError::invalid("name: 1 to 200 characters"));
+    }
+    Ok(name)
+}
+
 /// The access rule every resource shares: admins and the owner see a thing.
 fn owns(caller: &Caller, owner_id: &str) -> bool {
     caller.role() == Role::Admin || caller.id() == owner_id

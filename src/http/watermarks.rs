@@ -128,10 +128,7 @@ async fn create_watermark(
     ApiJson(req): ApiJson<CreateWatermarkRequest>,
 ) -> Result<(StatusCode, ApiJson<CreateWatermarkResponse>), ApiError> {
     caller.require(&[Role::Publisher], "watermarking")?;
-    let name = req.name.trim();
-    if name.is_empty() || name.chars().count() > 200 {
-        return Err(ApiError::invalid("name: 1 to 200 characters"));
-    }
+    let name = super::check_name(&req.name)?;
     let mut spec = parse_spec(req.spec)?;
     if let Some(seed) = req.seed {
         spec.seed = seed;
@@ -184,10 +181,7 @@ async fn import_watermark(
     ApiJson(req): ApiJson<ImportWatermarkRequest>,
 ) -> Result<(StatusCode, ApiJson<WatermarkView>), ApiError> {
     caller.require(&[Role::Publisher], "importing watermarks")?;
-    let name = req.name.trim();
-    if name.is_empty() || name.chars().count() > 200 {
-        return Err(ApiError::invalid("name: 1 to 200 characters"));
-    }
+    let name = super::check_name(&req.name)?;
     if let Some(h) = &req.holdout_dataset_id {
         own_dataset(&s, &caller, h, "holdout_dataset_id").await?;
     }

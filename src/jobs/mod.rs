@@ -21,7 +21,9 @@ use crate::dataset::{self, Format, Split};
 use crate::endpoint::{EndpointConfig, HttpEndpoint};
 use crate::fsutil::AtomicDir;
 use crate::spec::WatermarkSpec;
-use crate::store::{Beat, Claimed, JobKind, JobState, ReleaseFacts, Store, StoreError};
+use crate::store::{
+    Beat, Claimed, DatasetInfo, JobKind, JobState, ReleaseFacts, Store, StoreError,
+};
 use crate::verify::{self, Decision, VerifyConfig};
 use crate::watermark::{self, SecretRecord};
 
@@ -324,18 +326,7 @@ impl Runner {
         progress.total.store(4, Ordering::Relaxed);
         let p = progress.clone();
         let written = tokio::task::spawn_blocking(move || {
-            let format: Format = ds
-                .format
-                .parse()
-                .map_err(|e: String| JobError::new("internal", e))?;
-            let split = ds
-                .split
-                .as_deref()
-                .map(str::parse::<Split>)
-                .transpose()
-                .map_err(|e: String| JobError::new("internal", e))?;
-            let mut loaded = dataset::read(Path::new(&ds.path), Some(format), split, &|| {})
-                .map_err(|e| JobError::new("dataset_unreadable", e.to_string()))?;
+            let mut loaded = read_registered(&ds)?;
             if loaded.dataset.sha256() != ds.sha256 {
                 return Err(JobError::new(
                     "dataset_changed",
@@ -433,23 +424,9 @@ impl Runner {
             .get_dataset(&v.holdout_dataset_id)
             .await?
             .ok_or_else(|| JobError::new("not_found", "the held-out dataset was deleted"))?;
-        let pool = tokio::task::spawn_blocking(move || {
-            let format: Format = ds
-                .format
-                .parse()
-                .map_err(|e: String| JobError::new("internal", e))?;
-            let split = ds
-                .split
-                .as_deref()
-                .map(str::parse::<Split>)
-                .transpose()
-                .map_err(|e: String| JobError::new("internal", e))?;
-            dataset::read(Path::new(&ds.path), Some(format), split, &|| {})
-                .map(|l| l.dataset)
-                .map_err(|e| JobError::new("dataset_unreadable", e.to_string()))
-        })
-        .await
-        .map_err(|e| JobError::new("internal", format!("reading task panicked: {e}")))??;
+        let pool = tokio::task::spawn_blocking(move || read_registered(&ds).map(|l| l.dataset))
+            .await
+            .map_err(|e| JobError::new("internal", format!("reading task panicked: {e}")))??;
         progress
             .total
             .store(3 * plan.config.m as i64, Ordering::Relaxed);
@@ -488,6 +465,22 @@ impl Runner {
             )
             .await?)
     }
+}
+
+/// Reads a registered dataset as it was registered (format and split from the store).
+fn read_registered(ds: &DatasetInfo) -> Result<dataset::Loaded, JobError> {
+    let format: Format = ds
+        .format
+        .parse()
+        .map_err(|e: String| JobError::new("internal", e))?;
+    let split = ds
+        .split
+        .as_deref()
+        .map(str::parse::<Split>)
+        .transpose()
+        .map_err(|e: String| JobError::new("internal", e))?;
+    dataset::read(Path::new(&ds.path), Some(format), split, &|| {})
+        .map_err(|e| JobError::new("dataset_unreadable", e.to_string()))
 }
 
 fn hostname() -> String {

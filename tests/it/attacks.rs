@@ -4,23 +4,13 @@
 
 use std::path::Path;
 
-use hallmark::dataset::{self, Format, Split};
+use hallmark::dataset::Split;
 use hallmark::spec::WatermarkSpec;
 use hallmark::train::metrics::{EvalSet, evaluate};
 use hallmark::train::{Arch, Schedule, TrainConfig, train};
 use hallmark::watermark::{self, Stamp};
 
-fn fashion(split: Split, n: usize) -> hallmark::dataset::Dataset {
-    let ds = dataset::read(
-        Path::new("/usr/share/datasets/fashion-mnist"),
-        Some(Format::Idx),
-        Some(split),
-        &|| {},
-    )
-    .unwrap()
-    .dataset;
-    ds.subset(&(0..n).collect::<Vec<_>>()).unwrap()
-}
+use crate::train::fashion;
 
 fn spec(name: &str) -> WatermarkSpec {
     WatermarkSpec::from_toml_file(

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use std::path::Path;
 use std::process::Command;
 
-fn fashion(split: Split, n: usize) -> hallmark::dataset::Dataset {
+pub fn fashion(split: Split, n: usize) -> hallmark::dataset::Dataset {
     let ds = dataset::read(
         Path::new("/usr/share/datasets/fashion-mnist"),
         Some(Format::Idx),
