@@ -122,8 +122,9 @@ pub struct WatermarkArgs {
     /// Replace existing output and secret files.
     #[arg(long)]
     pub force: bool,
-    /// A benign model (`hallmark train --out DIR`) to craft label-consistent poisons with, for
-    /// specs with `[adversarial]` settings (feature `train`).
+    /// A benign model (`hallmark train --out DIR`) to craft poisons with, for specs with
+    /// `[adversarial]` (label-consistent) or `[gradient_matching]` (Sleeper Agent, UBW-C)
+    /// settings (feature `train`).
     #[cfg(feature = "train")]
     #[arg(long)]
     pub craft_model: Option<PathBuf>,
@@ -429,19 +430,36 @@ fn watermark_cmd(a: WatermarkArgs) -> Result<()> {
     let mut loaded = read_input(&a.input)?;
     let pb = spinner("watermarking");
     #[cfg(feature = "train")]
-    let marked = match (&a.craft_model, spec.adversarial) {
-        (Some(dir), Some(_)) => {
+    let marked = match (&a.craft_model, spec.needs_model()) {
+        (Some(dir), true) => {
             let device = crate::train::device(crate::train::DeviceChoice::Auto)?;
             let model = crate::train::serve::LoadedModel::load(dir, device)?;
-            crate::train::craft::label_consistent(
+            // Retraining the surrogate (gradient matching) repeats the model's own training.
+            let retrain = model
+                .info
+                .training
+                .get("config")
+                .and_then(|c| serde_json::from_value::<crate::train::TrainConfig>(c.clone()).ok());
+            let surrogate = crate::train::craft::Surrogate {
+                net: model.net(),
+                vs: model.vs(),
+                retrain,
+            };
+            crate::train::craft::craft(
                 &mut loaded.dataset,
                 &spec,
                 watermark::random_nonce(),
-                model.net(),
+                &surrogate,
                 device,
+                &|step, of, loss| {
+                    pb.set_message(format!("crafting poisons: step {step}/{of}, loss {loss:.4}"))
+                },
             )
         }
-        (Some(_), None) => bail!("--craft-model is for specs with [adversarial] settings"),
+        (Some(_), false) => bail!(
+            "--craft-model is for specs whose poisons are crafted with a model ([adversarial] or \
+             [gradient_matching] settings)"
+        ),
         (None, _) => {
             watermark::apply_with_hashes(&mut loaded.dataset, &spec, watermark::random_nonce())
         }

@@ -379,34 +379,46 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
         classes: clean.num_classes(),
         training: serde_json::json!({ "config": cfg }),
     };
-    // Label-consistent specs are crafted against a benign model trained first on the clean data.
-    let benign = match spec.adversarial {
-        Some(_) => {
-            let cfg = a.settings.config(a.seed + 900);
-            Some(train_with_progress(
-                &clean,
-                &cfg,
-                device,
-                None,
-                None,
-                "benign model for crafting",
-            )?)
-        }
-        None => None,
+    // Label-consistent and gradient-matching specs are crafted against a benign model trained
+    // first on the clean data.
+    let benign_cfg = a.settings.config(a.seed + 900);
+    let benign = if spec.needs_model() {
+        Some(train_with_progress(
+            &clean,
+            &benign_cfg,
+            device,
+            None,
+            None,
+            "benign model for crafting",
+        )?)
+    } else {
+        None
     };
     let mark = |ds: &mut crate::dataset::Dataset,
                 s: &crate::spec::WatermarkSpec|
      -> Result<crate::watermark::SecretRecord> {
         Ok(match &benign {
             Some(b) => {
-                crate::train::craft::label_consistent(
+                let surrogate = crate::train::craft::Surrogate {
+                    net: &b.net,
+                    vs: &b.vs,
+                    retrain: Some(benign_cfg.clone()),
+                };
+                let pb = bar(0, "crafting");
+                let marked = crate::train::craft::craft(
                     ds,
                     s,
                     watermark::random_nonce(),
-                    &b.net,
+                    &surrogate,
                     device,
-                )?
-                .record
+                    &|step, of, loss| {
+                        pb.set_length(of as u64);
+                        pb.set_position(step as u64);
+                        pb.set_message(format!("crafting poisons, loss {loss:.4}"));
+                    },
+                );
+                pb.finish_and_clear();
+                marked?.record
             }
             None => watermark::apply(ds, s, watermark::random_nonce())?,
         })

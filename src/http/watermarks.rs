@@ -138,10 +138,11 @@ async fn create_watermark(
     }
     spec.validate()
         .map_err(|e| ApiError::invalid_spec(format!("after seed/rate: {e}")))?;
-    if spec.adversarial.is_some() {
+    if spec.needs_model() {
         return Err(ApiError::invalid_spec(
-            "adversarial: label-consistent crafting needs a benign model; craft the release with \
-             `hallmark watermark --craft-model DIR` and import its secret record",
+            "crafting this spec's poisons (label-consistent or gradient matching) needs a benign \
+             model; craft the release with `hallmark watermark --craft-model DIR` and import its \
+             secret record",
         ));
     }
     own_dataset(&s, &caller, &req.dataset_id, "dataset_id").await?;

@@ -74,6 +74,54 @@ pub struct WatermarkSpec {
     /// `train`, `hallmark watermark --craft-model DIR`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adversarial: Option<Adversarial>,
+    /// Gradient-matching crafting (Sleeper Agent, Souri et al., NeurIPS 2022; UBW-C, Li et al.,
+    /// NeurIPS 2022): the poisoned images carry no trigger, only a small crafted perturbation
+    /// whose training gradient points where the attacker's objective on triggered source images
+    /// does. Needs a model (feature `train`, `hallmark watermark --craft-model DIR`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gradient_matching: Option<GradientMatching>,
+}
+
+/// Settings of gradient-matching crafting, on the 0–255 pixel scale. Defaults follow the UBW-C
+/// code (eps 16, beta 2, 250 iterations, the surrogate retrained every 50); the surrogate's
+/// retraining length is ours to choose on a CPU (the code retrains 40 epochs).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GradientMatching {
+    /// Largest change of one pixel value (L∞ ball), 0–255 scale.
+    pub eps: f64,
+    /// Weight of the prediction entropy in the untargeted objective (UBW-C's beta); unused by
+    /// targeted (Sleeper Agent) specs.
+    #[serde(default = "default_beta")]
+    pub beta: f64,
+    /// Optimisation steps of the perturbations.
+    #[serde(default = "default_craft_iterations")]
+    pub iterations: usize,
+    /// Retrain the surrogate model on the current poisons every this many steps (0: never).
+    #[serde(default = "default_retrain_every")]
+    pub retrain_every: usize,
+    /// Epochs of each surrogate retraining.
+    #[serde(default = "default_retrain_epochs")]
+    pub retrain_epochs: usize,
+    /// Triggered source-class training images whose objective the poisons' gradient matches.
+    #[serde(default = "default_sources")]
+    pub sources: usize,
+}
+
+fn default_beta() -> f64 {
+    2.0
+}
+fn default_craft_iterations() -> usize {
+    250
+}
+fn default_retrain_every() -> usize {
+    50
+}
+fn default_retrain_epochs() -> usize {
+    2
+}
+fn default_sources() -> usize {
+    1000
 }
 
 /// PGD settings of label-consistent crafting, on the 0–255 pixel scale (BackdoorBox's
@@ -106,6 +154,12 @@ pub enum Labelling {
         /// The target class.
         target: u32,
     },
+    /// UBW-C (Li et al., NeurIPS 2022): samples of `poison_class` are perturbed by gradient
+    /// matching and keep their labels; verification is untargeted, on the source classes.
+    UntargetedCleanLabel {
+        /// The class whose training images are perturbed.
+        poison_class: u32,
+    },
 }
 
 impl Labelling {
@@ -113,8 +167,23 @@ impl Labelling {
     pub fn target(&self) -> Option<u32> {
         match self {
             Self::Targeted { target } | Self::CleanLabel { target } => Some(*target),
-            Self::Untargeted => None,
+            Self::Untargeted | Self::UntargetedCleanLabel { .. } => None,
         }
+    }
+
+    /// The only class whose samples may be poisoned, for clean-label kinds.
+    pub fn poison_class(&self) -> Option<u32> {
+        match self {
+            Self::CleanLabel { target } => Some(*target),
+            Self::UntargetedCleanLabel { poison_class } => Some(*poison_class),
+            Self::Targeted { .. } | Self::Untargeted => None,
+        }
+    }
+
+    /// Whether the test asks for a lower probability of the true label (UBW) rather than for
+    /// the target class.
+    pub fn is_untargeted(&self) -> bool {
+        matches!(self, Self::Untargeted | Self::UntargetedCleanLabel { .. })
     }
 }
 
@@ -137,6 +206,41 @@ pub enum Trigger {
     /// at their own (low) weight, while test queries carry every piece at `test_alpha`. Cover
     /// samples keep their labels, which keeps poisoned and clean samples close in feature space.
     Adaptive(Adaptive),
+    /// Refool (Liu et al., "Reflection Backdoor", ECCV 2020), BackdoorBox's simplified
+    /// poison-label version: each triggered image gets a reflection, one of the user's images
+    /// chosen at random, either as a ghost (a doubled, shifted copy) or out of focus (blurred),
+    /// mixed in linear light. Sample-specific: the choice and its parameters are drawn per image,
+    /// from the seed and the image's own bytes, so a query is recreated exactly.
+    Reflection(Reflection),
+}
+
+/// A reflection trigger.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reflection {
+    /// Folder of reflection images (PNG, JPEG, BMP), read in name order, relative to the spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<String>,
+    /// At most this many images are used (BackdoorBox's tests take the first 200).
+    #[serde(default = "default_max_candidates")]
+    pub max_candidates: usize,
+    /// Probability of the ghost effect rather than focal blur.
+    #[serde(default = "default_ghost_rate")]
+    pub ghost_rate: f64,
+    /// Weight of the original image (`alpha_t`); random in [0.55, 0.95] when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpha_t: Option<f64>,
+    /// The reflections, resized to the spec's image shape when the spec is loaded; this is what
+    /// the secret record keeps.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub candidates: Vec<EmbeddedImage>,
+}
+
+fn default_max_candidates() -> usize {
+    200
+}
+fn default_ghost_rate() -> f64 {
+    0.49
 }
 
 /// An adaptive trigger.
@@ -169,6 +273,7 @@ impl Trigger {
             Self::Warp(_) => "warp",
             Self::Rotate(_) => "rotate",
             Self::Adaptive(_) => "adaptive",
+            Self::Reflection(_) => "reflection",
         }
     }
 }
@@ -384,6 +489,17 @@ impl WatermarkSpec {
     }
 
     fn inline_files(&mut self, base: &Path) -> Result<(), SpecError> {
+        if let Trigger::Reflection(r) = &mut self.trigger
+            && r.candidates.is_empty()
+        {
+            let (Some(name), Some(shape)) = (&r.images, self.image) else {
+                return Err(field(
+                    "trigger.images",
+                    "a reflection trigger needs a folder of images and the spec's image shape",
+                ));
+            };
+            r.candidates = load_reflections(&base.join(name), shape, r.max_candidates)?;
+        }
         if let Trigger::Blend(b) = &mut self.trigger
             && b.source == BlendSource::Image
             && b.pattern.is_none()
@@ -415,6 +531,11 @@ impl WatermarkSpec {
         Ok(())
     }
 
+    /// Whether applying the spec needs a model to craft its poisons with.
+    pub fn needs_model(&self) -> bool {
+        self.adversarial.is_some() || self.gradient_matching.is_some()
+    }
+
     /// Checks every field on its own (fit to a dataset is [`WatermarkSpec::check_fits`]).
     pub fn validate(&self) -> Result<(), SpecError> {
         if self.name.trim().is_empty() || self.name.len() > 128 {
@@ -438,11 +559,22 @@ impl WatermarkSpec {
             if s.windows(2).any(|w| w[0] == w[1]) {
                 return Err(field("source_classes", "lists a class twice"));
             }
-            if matches!(self.labelling, Labelling::CleanLabel { .. }) {
-                return Err(field(
-                    "source_classes",
-                    "clean-label specs poison the target class only",
-                ));
+            match (self.labelling.poison_class(), &self.gradient_matching) {
+                (Some(_), None)
+                    if !matches!(self.labelling, Labelling::UntargetedCleanLabel { .. }) =>
+                {
+                    return Err(field(
+                        "source_classes",
+                        "clean-label specs poison the target class only",
+                    ));
+                }
+                (Some(p), Some(_)) if src.contains(&p) => {
+                    return Err(field(
+                        "source_classes",
+                        format!("class {p} is the poisoned class; a source class must be another"),
+                    ));
+                }
+                _ => {}
             }
         }
         if let Some(s) = self.image
@@ -478,6 +610,60 @@ impl WatermarkSpec {
                     format!("must be 1 to 10000, got {}", a.steps),
                 ));
             }
+        }
+        if let Some(g) = self.gradient_matching {
+            if self.labelling.poison_class().is_none() {
+                return Err(field(
+                    "gradient_matching",
+                    "gradient matching keeps labels: labelling.kind must be \"clean_label\" \
+                     (Sleeper Agent) or \"untargeted_clean_label\" (UBW-C)",
+                ));
+            }
+            if self.adversarial.is_some() {
+                return Err(field(
+                    "gradient_matching",
+                    "a spec has either [adversarial] or [gradient_matching] crafting, not both",
+                ));
+            }
+            if self.source_classes.is_none() {
+                return Err(field(
+                    "source_classes",
+                    "gradient matching needs the source classes whose triggered images it aims at",
+                ));
+            }
+            if !(g.eps.is_finite() && g.eps > 0.0 && g.eps <= 255.0) {
+                return Err(field(
+                    "gradient_matching.eps",
+                    format!("must be in (0, 255], got {}", g.eps),
+                ));
+            }
+            if !(g.beta.is_finite() && (0.0..=100.0).contains(&g.beta)) {
+                return Err(field(
+                    "gradient_matching.beta",
+                    format!("must be in [0, 100], got {}", g.beta),
+                ));
+            }
+            if g.iterations == 0 || g.iterations > 100_000 {
+                return Err(field(
+                    "gradient_matching.iterations",
+                    format!("must be 1 to 100000, got {}", g.iterations),
+                ));
+            }
+            if g.retrain_every > 0 && g.retrain_epochs == 0 {
+                return Err(field(
+                    "gradient_matching.retrain_epochs",
+                    "must be at least 1 when retrain_every is set",
+                ));
+            }
+            if g.sources == 0 {
+                return Err(field("gradient_matching.sources", "must be at least 1"));
+            }
+        } else if matches!(self.labelling, Labelling::UntargetedCleanLabel { .. }) {
+            return Err(field(
+                "labelling",
+                "untargeted_clean_label (UBW-C) is crafted by gradient matching: add a \
+                 [gradient_matching] section",
+            ));
         }
         let alpha_ok = |a: f32| a.is_finite() && a > 0.0 && a <= 1.0;
         match &self.trigger {
@@ -554,6 +740,42 @@ impl WatermarkSpec {
                     ));
                 }
             }
+            Trigger::Reflection(r) => {
+                if r.candidates.is_empty() {
+                    return Err(field("trigger.candidates", "no reflection images"));
+                }
+                if r.max_candidates == 0 || r.candidates.len() > r.max_candidates {
+                    return Err(field(
+                        "trigger.max_candidates",
+                        format!("must be at least 1 and hold the {} images", r.candidates.len()),
+                    ));
+                }
+                if !(r.ghost_rate.is_finite() && (0.0..=1.0).contains(&r.ghost_rate)) {
+                    return Err(field(
+                        "trigger.ghost_rate",
+                        format!("must be in [0, 1], got {}", r.ghost_rate),
+                    ));
+                }
+                if let Some(a) = r.alpha_t
+                    && !(a.is_finite() && a > 0.0 && a <= 1.0)
+                {
+                    return Err(field(
+                        "trigger.alpha_t",
+                        format!("must be in (0, 1], got {a}"),
+                    ));
+                }
+                if let Some(shape) = self.image
+                    && r.candidates.iter().any(|c| c.shape != shape)
+                {
+                    return Err(field(
+                        "trigger.candidates",
+                        format!("reflections must be {shape} like the spec's images"),
+                    ));
+                }
+                for c in &r.candidates {
+                    c.pixels()?;
+                }
+            }
             Trigger::Rotate(r) => {
                 if !(r.angle.is_finite() && r.angle.abs() >= 1.0 && r.angle.abs() <= 180.0) {
                     return Err(field(
@@ -601,15 +823,18 @@ impl WatermarkSpec {
             ));
         }
         let k = dataset.num_classes() as u32;
-        if let Some(t) = self.labelling.target()
+        if let Some(t) = self.labelling.target().or(self.labelling.poison_class())
             && t >= k
         {
             return Err(field(
-                "labelling.target",
+                match self.labelling {
+                    Labelling::UntargetedCleanLabel { .. } => "labelling.poison_class",
+                    _ => "labelling.target",
+                },
                 format!("class {t} does not exist: the dataset has {k} classes"),
             ));
         }
-        if matches!(self.labelling, Labelling::Untargeted) && k < 2 {
+        if self.labelling.is_untargeted() && k < 2 {
             return Err(field(
                 "labelling",
                 "untargeted labels need at least 2 classes",
@@ -646,6 +871,13 @@ impl WatermarkSpec {
                 Ok(())
             }
             Trigger::Rotate(_) => Ok(()),
+            Trigger::Reflection(r) => match r.candidates.first() {
+                Some(c) if c.shape != shape => Err(field(
+                    "trigger.candidates",
+                    format!("reflections are {}, the dataset's images {shape}", c.shape),
+                )),
+                _ => Ok(()),
+            },
             Trigger::Adaptive(a) => {
                 for (k, p) in a.pieces.iter().enumerate() {
                     let mut one = self.clone();
@@ -792,6 +1024,51 @@ impl Patch {
 
 /// Compact JSON of a value, fields in declaration order: the canonical form hashed by
 /// commitments. Every hashed type is a struct or enum of fixed field order (no maps), so the
+
+/// Reads up to `max` images of `dir` in name order, converted to `shape`'s channels and resized
+/// to its size (Catmull-Rom, close to the OpenCV cubic resize BackdoorBox uses).
+fn load_reflections(
+    dir: &Path,
+    shape: ImageShape,
+    max: usize,
+) -> Result<Vec<EmbeddedImage>, SpecError> {
+    let bad = |m: String| field("trigger.images", m);
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| bad(format!("{}: {e}", dir.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg" | "bmp"))
+        })
+        .collect();
+    names.sort();
+    names.truncate(max);
+    if names.is_empty() {
+        return Err(bad(format!("{} holds no PNG, JPEG or BMP image", dir.display())));
+    }
+    names
+        .iter()
+        .map(|p| {
+            let img = image::open(p).map_err(|e| bad(format!("{}: {e}", p.display())))?;
+            let img = img.resize_exact(
+                shape.width as u32,
+                shape.height as u32,
+                image::imageops::FilterType::CatmullRom,
+            );
+            let raw = if shape.channels == 3 {
+                img.to_rgb8().into_raw()
+            } else {
+                img.to_luma8().into_raw()
+            };
+            Ok(EmbeddedImage {
+                shape,
+                pixels_b64: base64::engine::general_purpose::STANDARD.encode(raw),
+            })
+        })
+        .collect()
+}
+
 /// same value always gives the same bytes.
 pub fn canonical_json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("specs and records serialise")

@@ -191,3 +191,48 @@ fn json_form_round_trips_for_every_shipped_spec() {
         assert_eq!(canonical_json(&back), json, "{}", path.display());
     }
 }
+
+#[test]
+fn gradient_matching_specs_are_checked_as_a_whole() {
+    let gm = |labelling: &str, sources: &str, extra: &str| {
+        parse(&format!(
+            "name = \"t\"\nrate = 0.01\nseed = 1\n{sources}\n[labelling]\n{labelling}\n\
+             [trigger]\nkind = \"patch\"\npattern = \"square\"\n{extra}"
+        ))
+    };
+    let ubw = "kind = \"untargeted_clean_label\"\npoison_class = 6";
+    let ok = gm(ubw, "source_classes = [0]", "[gradient_matching]\neps = 16.0").unwrap();
+    let g = ok.gradient_matching.unwrap();
+    assert_eq!((g.beta, g.iterations, g.retrain_every), (2.0, 250, 50));
+    assert!(ok.needs_model());
+    // UBW-C without its crafting, crafting with changed labels, no source class, the poison
+    // class as a source, eps out of range: each names its field.
+    assert_eq!(field_of(gm(ubw, "source_classes = [0]", "").unwrap_err()), "labelling");
+    let e = gm(
+        "kind = \"targeted\"\ntarget = 1",
+        "source_classes = [0]",
+        "[gradient_matching]\neps = 16.0",
+    )
+    .unwrap_err();
+    assert_eq!(field_of(e), "gradient_matching");
+    let e = gm(ubw, "", "[gradient_matching]\neps = 16.0").unwrap_err();
+    assert_eq!(field_of(e), "source_classes");
+    let e = gm(ubw, "source_classes = [6]", "[gradient_matching]\neps = 16.0").unwrap_err();
+    assert_eq!(field_of(e), "source_classes");
+    let e = gm(ubw, "source_classes = [0]", "[gradient_matching]\neps = 0.0").unwrap_err();
+    assert_eq!(field_of(e), "gradient_matching.eps");
+    // A release cannot be stamped without the model.
+    let mut ds = crate::dataset::Dataset::new(
+        crate::dataset::ImageShape {
+            height: 4,
+            width: 4,
+            channels: 1,
+        },
+        vec![0; 200 * 16],
+        (0..200u32).map(|i| i % 10).collect(),
+        10,
+    )
+    .unwrap();
+    let e = crate::watermark::apply(&mut ds, &ok, [0; 32]).unwrap_err();
+    assert!(e.to_string().contains("gradient_matching"), "{e}");
+}

@@ -9,6 +9,9 @@
 //!   classifies correctly when clean; D_p, the natural-log entropy of the histogram of predicted
 //!   labels of triggered images of one source class (class 0 as in the UBW code, or the spec's
 //!   first source class).
+//!
+//! When a spec names source classes, only their test images count (Sleeper Agent's and UBW-C's
+//! ASR are over the source class).
 
 use super::fit::to_tensor;
 use super::model::Net;
@@ -24,6 +27,8 @@ pub struct EvalSet {
     pub test: Dataset,
     /// The watermark whose success is measured, if any.
     pub watermark: Option<(Stamp, Labelling, u32)>,
+    /// The spec's source classes: only their triggered images count (all classes when `None`).
+    pub sources: Option<Vec<u32>>,
 }
 
 impl EvalSet {
@@ -45,7 +50,12 @@ impl EvalSet {
                 Some((stamp, r.spec.labelling, dp_class))
             }
         };
-        Ok(Self { test, watermark })
+        let sources = record.and_then(|r| r.spec.source_classes.clone());
+        Ok(Self {
+            test,
+            watermark,
+            sources,
+        })
     }
 }
 
@@ -116,6 +126,11 @@ pub fn evaluate(net: &Net, eval: &EvalSet, device: Device) -> Metrics {
         return m;
     };
     let triggered = predict_labels(net, ds, Some(stamp), device);
+    let in_source = |i: usize| {
+        eval.sources
+            .as_ref()
+            .is_none_or(|s| s.contains(&ds.label(i)))
+    };
     let frac = |num: usize, den: usize| {
         if den == 0 {
             0.0
@@ -125,20 +140,21 @@ pub fn evaluate(net: &Net, eval: &EvalSet, device: Device) -> Metrics {
     };
     match labelling {
         Labelling::Targeted { target } | Labelling::CleanLabel { target } => {
-            let keep: Vec<usize> = (0..ds.len()).filter(|&i| ds.label(i) != *target).collect();
+            let keep: Vec<usize> = (0..ds.len())
+                .filter(|&i| ds.label(i) != *target && in_source(i))
+                .collect();
             m.asr = Some(frac(
                 keep.iter().filter(|&&i| triggered[i] == *target).count(),
                 keep.len(),
             ));
         }
-        Labelling::Untargeted => {
+        Labelling::Untargeted | Labelling::UntargetedCleanLabel { .. } => {
+            let src: Vec<usize> = (0..ds.len()).filter(|&i| in_source(i)).collect();
             m.asr_a = Some(frac(
-                (0..ds.len())
-                    .filter(|&i| triggered[i] != ds.label(i))
-                    .count(),
-                ds.len(),
+                src.iter().filter(|&&i| triggered[i] != ds.label(i)).count(),
+                src.len(),
             ));
-            let ok: Vec<usize> = (0..ds.len()).filter(|&i| correct[i]).collect();
+            let ok: Vec<usize> = src.iter().copied().filter(|&i| correct[i]).collect();
             m.asr_c = Some(frac(
                 ok.iter().filter(|&&i| triggered[i] != ds.label(i)).count(),
                 ok.len(),

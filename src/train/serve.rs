@@ -39,7 +39,7 @@ pub struct LoadedModel {
     /// Its description.
     pub info: ModelInfo,
     net: Net,
-    _vs: nn::VarStore,
+    vs: nn::VarStore,
     device: Device,
 }
 
@@ -58,7 +58,7 @@ impl LoadedModel {
         Ok(Self {
             info,
             net,
-            _vs: vs,
+            vs: vs,
             device,
         })
     }
@@ -68,7 +68,7 @@ impl LoadedModel {
         Self {
             info,
             net: t.net,
-            _vs: t.vs,
+            vs: t.vs,
             device,
         }
     }
@@ -81,6 +81,11 @@ impl LoadedModel {
     /// The network.
     pub fn net(&self) -> &Net {
         &self.net
+    }
+
+    /// Its variables.
+    pub fn vs(&self) -> &nn::VarStore {
+        &self.vs
     }
 }
 

@@ -192,15 +192,18 @@ pub async fn verify(
     }
     let kind = match spec.labelling {
         Labelling::Targeted { target } | Labelling::CleanLabel { target } => Kind::Targeted(target),
-        Labelling::Untargeted => Kind::Untargeted,
+        Labelling::Untargeted | Labelling::UntargetedCleanLabel { .. } => Kind::Untargeted,
     };
+    // Held-out images of the source classes (all classes when none are named), never of the
+    // target class (DVBW; Sleeper Agent and UBW-C aim at their source classes only).
     let candidates: Vec<usize> = (0..pool.len())
-        .filter(|&i| match kind {
-            Kind::Targeted(t) => pool.label(i) != t,
-            Kind::Untargeted => spec
-                .source_classes
-                .as_ref()
-                .is_none_or(|s| s.contains(&pool.label(i))),
+        .filter(|&i| {
+            let l = pool.label(i);
+            spec.source_classes.as_ref().is_none_or(|s| s.contains(&l))
+                && match kind {
+                    Kind::Targeted(t) => l != t,
+                    Kind::Untargeted => true,
+                }
         })
         .collect();
     if candidates.len() < 2 || (!cfg.sequential && candidates.len() < cfg.m) {
@@ -487,6 +490,18 @@ pub fn random_trigger(t: &Trigger, shape: ImageShape, seed: u64) -> Result<Trigg
                 *p = random_trigger(p, shape, seed.wrapping_add(k as u64 + 1))?;
             }
             Trigger::Adaptive(c)
+        }
+        // The same images turned by 180°, drawn with the control's own seed.
+        Trigger::Reflection(r) => {
+            use base64::Engine as _;
+            let mut c = r.clone();
+            let shape = c.candidates.first().map(|e| e.shape).unwrap_or(shape);
+            for e in &mut c.candidates {
+                let px = e.pixels().map_err(WatermarkError::from)?;
+                let turned: Vec<u8> = px.chunks(shape.channels).rev().flatten().copied().collect();
+                e.pixels_b64 = base64::engine::general_purpose::STANDARD.encode(turned);
+            }
+            Trigger::Reflection(c)
         }
         // The other direction, at a random magnitude around the secret one.
         Trigger::Rotate(r) => {

@@ -7,6 +7,7 @@
 //! byte-identical.
 
 mod record;
+mod reflect;
 pub mod rng;
 mod trigger;
 mod warp;
@@ -78,10 +79,15 @@ pub fn apply_with_hashes(
     spec: &WatermarkSpec,
     nonce: [u8; 32],
 ) -> Result<Watermarked, WatermarkError> {
-    if spec.adversarial.is_some() {
+    if spec.needs_model() {
         return Err(WatermarkError::Spec(SpecError::Field {
-            field: "adversarial".into(),
-            message: "label-consistent crafting needs a benign model (feature `train`: \
+            field: if spec.adversarial.is_some() {
+                "adversarial"
+            } else {
+                "gradient_matching"
+            }
+            .into(),
+            message: "crafting the poisons needs a benign model (feature `train`: \
                       hallmark watermark --craft-model DIR)"
                 .into(),
         }));
@@ -89,7 +95,8 @@ pub fn apply_with_hashes(
     apply_crafted(dataset, spec, nonce, &mut |_, _| Ok(()))
 }
 
-/// Changes the chosen samples before their trigger is stamped (label-consistent crafting).
+/// Changes the chosen samples before their trigger is stamped (label-consistent crafting), or
+/// instead of it (gradient matching: the poisons carry no trigger).
 pub type Crafter<'a> = dyn FnMut(&mut Dataset, &[usize]) -> Result<(), WatermarkError> + 'a;
 
 /// [`apply_with_hashes`] with `craft` run on the chosen samples (sorted indices) after they are
@@ -106,8 +113,8 @@ pub fn apply_crafted(
     let sha256_before = dataset_sha256(dataset, &hashes);
 
     let mut eligible: Vec<usize> = match (&spec.labelling, &spec.source_classes) {
-        (Labelling::CleanLabel { target }, _) => {
-            (0..n).filter(|&i| dataset.label(i) == *target).collect()
+        (Labelling::CleanLabel { target: c } | Labelling::UntargetedCleanLabel { poison_class: c }, _) => {
+            (0..n).filter(|&i| dataset.label(i) == *c).collect()
         }
         (_, Some(src)) => (0..n)
             .filter(|&i| src.contains(&dataset.label(i)))
@@ -127,7 +134,10 @@ pub fn apply_crafted(
             spec.rate,
             eligible.len(),
             match spec.labelling {
-                Labelling::CleanLabel { target } => format!(" (clean-label: class {target} only)"),
+                Labelling::CleanLabel { target: c }
+                | Labelling::UntargetedCleanLabel { poison_class: c } => {
+                    format!(" (clean-label: class {c} only)")
+                }
                 _ if spec.source_classes.is_some() => " (source classes only)".to_string(),
                 _ => String::new(),
             }
@@ -145,7 +155,9 @@ pub fn apply_crafted(
             let new_label = match spec.labelling {
                 Labelling::Targeted { target } => target,
                 Labelling::Untargeted => label_rng.below(dataset.num_classes() as u64) as u32,
-                Labelling::CleanLabel { .. } => original_label,
+                Labelling::CleanLabel { .. } | Labelling::UntargetedCleanLabel { .. } => {
+                    original_label
+                }
             };
             PoisonedSample {
                 index,
@@ -200,6 +212,8 @@ pub fn apply_crafted(
             }
             noise
         }
+        // Gradient-matching poisons carry only their crafted perturbation.
+        _ if spec.gradient_matching.is_some() => Vec::new(),
         _ => {
             stamp_all(dataset, &stamp, &marked);
             Vec::new()

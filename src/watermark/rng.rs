@@ -19,6 +19,8 @@ pub enum Stream {
     Noise = 3,
     /// Which pieces of an adaptive trigger each training sample carries.
     Pieces = 4,
+    /// Crafting with a model: which source images, the perturbations' starting points.
+    Craft = 5,
 }
 
 /// A seeded generator with the few draws the watermark needs.

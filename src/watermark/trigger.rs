@@ -21,6 +21,8 @@ pub enum Stamp {
     /// A geometric transformation: for each output pixel, the input pixel it takes (or none:
     /// black fill).
     Remap(Vec<Option<u32>>),
+    /// Refool's sample-specific reflection.
+    Reflect(Box<super::reflect::Reflector>),
 }
 
 /// A patch or blend trigger with another weight (other kinds unchanged).
@@ -46,6 +48,11 @@ impl Stamp {
         let (pattern, weight) = match trigger {
             Trigger::Warp(w) => return Ok(Self::Warp(WarpField::new(w, seed, shape))),
             Trigger::Rotate(r) => return Ok(Self::Remap(rotation_map(r.angle, shape))),
+            Trigger::Reflection(r) => {
+                return Ok(Self::Reflect(Box::new(super::reflect::Reflector::new(
+                    r, seed, shape,
+                )?)));
+            }
             // Test queries carry every piece at the test weight, stamped in order.
             Trigger::Adaptive(a) => {
                 let mut entries = Vec::new();
@@ -126,6 +133,7 @@ impl Stamp {
                 }
             }
             Self::Warp(field) => field.apply(img, None),
+            Self::Reflect(r) => r.apply(img),
             Self::Remap(map) => {
                 let src = img.to_vec();
                 let c = img.len() / map.len().max(1);
