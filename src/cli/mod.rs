@@ -435,11 +435,10 @@ fn watermark_cmd(a: WatermarkArgs) -> Result<()> {
             let device = crate::train::device(crate::train::DeviceChoice::Auto)?;
             let model = crate::train::serve::LoadedModel::load(dir, device)?;
             // Retraining the surrogate (gradient matching) repeats the model's own training.
-            let retrain = model
-                .info
-                .training
-                .get("config")
-                .and_then(|c| serde_json::from_value::<crate::train::TrainConfig>(c.clone()).ok());
+            let retrain =
+                model.info.training.get("config").and_then(|c| {
+                    serde_json::from_value::<crate::train::TrainConfig>(c.clone()).ok()
+                });
             let surrogate = crate::train::craft::Surrogate {
                 net: model.net(),
                 vs: model.vs(),
@@ -452,7 +451,9 @@ fn watermark_cmd(a: WatermarkArgs) -> Result<()> {
                 &surrogate,
                 device,
                 &|step, of, loss| {
-                    pb.set_message(format!("crafting poisons: step {step}/{of}, loss {loss:.4}"))
+                    pb.set_message(format!(
+                        "crafting poisons: step {step}/{of}, loss {loss:.4}"
+                    ))
                 },
             )
         }

@@ -19,12 +19,67 @@ pub enum ScheduleKind {
     Cosine,
 }
 
+/// A malicious training procedure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AttackKind {
+    /// Plain training.
+    None,
+    /// PhysicalBA's physical-world transformations of the poisoned training images.
+    PhysicalBa,
+    /// Blind backdoor: the trigger of a secret record added in the loss.
+    Blind,
+}
+
+/// The training procedure for `kind`, with the trigger of `record` for Blind.
+fn attack_for(
+    kind: AttackKind,
+    record: Option<&SecretRecord>,
+    shape: dataset::ImageShape,
+) -> Result<train::Attack> {
+    Ok(match kind {
+        AttackKind::None => train::Attack::None,
+        AttackKind::PhysicalBa => {
+            let Some(r) = record else {
+                bail!(
+                    "--attack physical-ba transforms the poisoned samples: add --secret FILE \
+                     (the release's secret record)"
+                );
+            };
+            let mut poisoned = vec![false; r.dataset.count];
+            for p in &r.poisoned {
+                poisoned[p.index] = true;
+            }
+            train::Attack::PhysicalBa { poisoned }
+        }
+        AttackKind::Blind => {
+            let Some(r) = record else {
+                bail!("--attack blind takes its trigger from a secret record: add --secret FILE");
+            };
+            let Some(target) = r.spec.labelling.target() else {
+                bail!(
+                    "--attack blind needs a targeted watermark (the record's spec has no target)"
+                );
+            };
+            train::Attack::Blind {
+                stamp: crate::watermark::Stamp::new(&r.spec.trigger, r.spec.seed, shape)?,
+                target,
+            }
+        }
+    })
+}
+
 /// Training settings shared by `train` and `calibrate`.
 #[derive(Debug, Clone, Args)]
 pub struct TrainSettings {
     /// Network.
     #[arg(long, value_enum, default_value_t = Arch::BaselineMnist)]
     pub arch: Arch,
+    /// Train maliciously (a suspect for calibration): `physical-ba` transforms the poisoned
+    /// samples named by --secret as the physical world would (PhysicalBA); `blind` adds the
+    /// secret record's trigger as a backdoor task in the loss (Blind backdoor; the data stays
+    /// clean).
+    #[arg(long, value_enum, default_value_t = AttackKind::None)]
+    pub attack: AttackKind,
     /// Epochs.
     #[arg(long, default_value_t = 10)]
     pub epochs: usize,
@@ -157,6 +212,7 @@ pub(super) fn train_with_progress(
     eval: Option<&EvalSet>,
     checkpoints: Option<&Path>,
     label: &str,
+    attack: &train::Attack,
 ) -> Result<train::Trained> {
     let pb = bar((cfg.epochs * data.len()) as u64, "training");
     let step = |s: train::fit::Step| {
@@ -166,7 +222,16 @@ pub(super) fn train_with_progress(
             s.epoch, cfg.epochs, s.loss, s.rate
         ));
     };
-    let t = train::train(data, cfg, device, eval, checkpoints, &step, &|_| false);
+    let t = train::train_attacked(
+        data,
+        cfg,
+        device,
+        eval,
+        checkpoints,
+        &step,
+        &|_| false,
+        attack,
+    );
     pb.finish_and_clear();
     Ok(t?)
 }
@@ -203,6 +268,7 @@ pub(super) fn train_cmd(a: TrainArgs) -> Result<()> {
     let cfg = a.settings.config(a.seed);
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
+    let attack = attack_for(a.settings.attack, record.as_ref(), data.shape())?;
     let t = train_with_progress(
         &data,
         &cfg,
@@ -210,13 +276,14 @@ pub(super) fn train_cmd(a: TrainArgs) -> Result<()> {
         eval.as_ref(),
         Some(&a.out.join("checkpoint")),
         "",
+        &attack,
     )?;
     let last = t.history.last().cloned();
     let info = ModelInfo {
         arch: cfg.arch,
         shape: data.shape(),
         classes: data.num_classes(),
-        training: serde_json::json!({"config": cfg, "device": format!("{device:?}"), "train_samples": data.len(),
+        training: serde_json::json!({"config": cfg, "attack": attack.name(), "device": format!("{device:?}"), "train_samples": data.len(),
                                      "train_sha256": data.sha256(), "history": t.history}),
     };
     save_model(&t, &info, &a.out)?;
@@ -390,6 +457,7 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
             None,
             None,
             "benign model for crafting",
+            &train::Attack::None,
         )?)
     } else {
         None
@@ -439,15 +507,38 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
         other_spec.trigger =
             crate::verify::random_trigger(&spec.trigger, clean.shape(), 7000 + i as u64)?;
         let mut other = clean.clone();
-        mark(&mut other, &other_spec)?;
-        for (kind, data, seed) in [
-            (ModelKind::Watermarked, &marked, a.seed + i as u64),
-            (ModelKind::Clean, &clean, a.seed + 100 + i as u64),
-            (ModelKind::OtherTrigger, &other, a.seed + 200 + i as u64),
+        let other_record = mark(&mut other, &other_spec)?;
+        // Blind injects the backdoor while training on the clean data; PhysicalBA transforms the
+        // poisoned samples of the release it trains on. The clean model trains plainly.
+        let blind = a.settings.attack == AttackKind::Blind;
+        let (marked_data, other_data) = if blind {
+            (&clean, &clean)
+        } else {
+            (&marked, &other)
+        };
+        for (kind, data, seed, attack) in [
+            (
+                ModelKind::Watermarked,
+                marked_data,
+                a.seed + i as u64,
+                attack_for(a.settings.attack, Some(&record), clean.shape())?,
+            ),
+            (
+                ModelKind::Clean,
+                &clean,
+                a.seed + 100 + i as u64,
+                train::Attack::None,
+            ),
+            (
+                ModelKind::OtherTrigger,
+                other_data,
+                a.seed + 200 + i as u64,
+                attack_for(a.settings.attack, Some(&other_record), clean.shape())?,
+            ),
         ] {
             let cfg = a.settings.config(seed);
             let label = format!("{kind:?} #{i}");
-            let t = train_with_progress(data, &cfg, device, None, None, &label)?;
+            let t = train_with_progress(data, &cfg, device, None, None, &label, &attack)?;
             let metrics = crate::train::metrics::evaluate(&t.net, &eval, device);
             let model = LoadedModel::from_trained(t, info(&cfg), device);
             let verdict = serve_and_verify(&rt, model, &record, &test, &vcfg)?;
@@ -465,7 +556,7 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
     }
     let cal = Calibration {
         spec: spec.name.clone(),
-        settings: serde_json::json!({"train": a.settings.config(a.seed), "models": a.models, "verify": vcfg,
+        settings: serde_json::json!({"train": a.settings.config(a.seed), "attack": format!("{:?}", a.settings.attack), "models": a.models, "verify": vcfg,
                                      "train_samples": clean.len(), "test_samples": test.len(), "device": format!("{device:?}")}),
         rows,
     };

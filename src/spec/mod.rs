@@ -747,7 +747,10 @@ impl WatermarkSpec {
                 if r.max_candidates == 0 || r.candidates.len() > r.max_candidates {
                     return Err(field(
                         "trigger.max_candidates",
-                        format!("must be at least 1 and hold the {} images", r.candidates.len()),
+                        format!(
+                            "must be at least 1 and hold the {} images",
+                            r.candidates.len()
+                        ),
                     ));
                 }
                 if !(r.ghost_rate.is_finite() && (0.0..=1.0).contains(&r.ghost_rate)) {
@@ -1037,15 +1040,21 @@ fn load_reflections(
         .map_err(|e| bad(format!("{}: {e}", dir.display())))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            p.extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg" | "bmp"))
+            p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                matches!(
+                    e.to_ascii_lowercase().as_str(),
+                    "png" | "jpg" | "jpeg" | "bmp"
+                )
+            })
         })
         .collect();
     names.sort();
     names.truncate(max);
     if names.is_empty() {
-        return Err(bad(format!("{} holds no PNG, JPEG or BMP image", dir.display())));
+        return Err(bad(format!(
+            "{} holds no PNG, JPEG or BMP image",
+            dir.display()
+        )));
     }
     names
         .iter()

@@ -201,13 +201,21 @@ fn gradient_matching_specs_are_checked_as_a_whole() {
         ))
     };
     let ubw = "kind = \"untargeted_clean_label\"\npoison_class = 6";
-    let ok = gm(ubw, "source_classes = [0]", "[gradient_matching]\neps = 16.0").unwrap();
+    let ok = gm(
+        ubw,
+        "source_classes = [0]",
+        "[gradient_matching]\neps = 16.0",
+    )
+    .unwrap();
     let g = ok.gradient_matching.unwrap();
     assert_eq!((g.beta, g.iterations, g.retrain_every), (2.0, 250, 50));
     assert!(ok.needs_model());
     // UBW-C without its crafting, crafting with changed labels, no source class, the poison
     // class as a source, eps out of range: each names its field.
-    assert_eq!(field_of(gm(ubw, "source_classes = [0]", "").unwrap_err()), "labelling");
+    assert_eq!(
+        field_of(gm(ubw, "source_classes = [0]", "").unwrap_err()),
+        "labelling"
+    );
     let e = gm(
         "kind = \"targeted\"\ntarget = 1",
         "source_classes = [0]",
@@ -217,9 +225,19 @@ fn gradient_matching_specs_are_checked_as_a_whole() {
     assert_eq!(field_of(e), "gradient_matching");
     let e = gm(ubw, "", "[gradient_matching]\neps = 16.0").unwrap_err();
     assert_eq!(field_of(e), "source_classes");
-    let e = gm(ubw, "source_classes = [6]", "[gradient_matching]\neps = 16.0").unwrap_err();
+    let e = gm(
+        ubw,
+        "source_classes = [6]",
+        "[gradient_matching]\neps = 16.0",
+    )
+    .unwrap_err();
     assert_eq!(field_of(e), "source_classes");
-    let e = gm(ubw, "source_classes = [0]", "[gradient_matching]\neps = 0.0").unwrap_err();
+    let e = gm(
+        ubw,
+        "source_classes = [0]",
+        "[gradient_matching]\neps = 0.0",
+    )
+    .unwrap_err();
     assert_eq!(field_of(e), "gradient_matching.eps");
     // A release cannot be stamped without the model.
     let mut ds = crate::dataset::Dataset::new(

@@ -264,7 +264,11 @@ fn gradient_match(
     delta = (&x0 + &delta).clamp(0.0, 1.0) - &x0;
     let (mut m1, mut m2) = (delta.zeros_like(), delta.zeros_like());
     let (b1, b2) = (0.9f64, 0.999f64);
-    let milestones = [g.iterations * 3 / 8, g.iterations * 5 / 8, g.iterations * 7 / 8];
+    let milestones = [
+        g.iterations * 3 / 8,
+        g.iterations * 5 / 8,
+        g.iterations * 7 / 8,
+    ];
 
     let mut retrained: Option<super::Trained> = None;
     let mut target: Option<Vec<Tensor>> = None;
@@ -323,7 +327,9 @@ fn gradient_match(
             // the eps ball and the image range.
             let gs = grad.sign();
             let _ = m1.g_mul_scalar_(b1).g_add_(&(&gs * (1.0 - b1)));
-            let _ = m2.g_mul_scalar_(b2).g_add_(&(gs.pow_tensor_scalar(2) * (1.0 - b2)));
+            let _ = m2
+                .g_mul_scalar_(b2)
+                .g_add_(&(gs.pow_tensor_scalar(2) * (1.0 - b2)));
             let k = (it + 1) as i32;
             let mh = &m1 / (1.0 - b1.powi(k));
             let vh = &m2 / (1.0 - b2.powi(k));

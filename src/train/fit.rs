@@ -213,7 +213,117 @@ pub fn train(
     progress: &dyn Fn(Step),
     stop_after: &dyn Fn(usize) -> bool,
 ) -> Result<Trained, TrainError> {
+    train_attacked(
+        train,
+        cfg,
+        device,
+        eval,
+        checkpoints,
+        progress,
+        stop_after,
+        &Attack::None,
+    )
+}
+
+/// A suspect that trains maliciously (calibration only): the attack lives in the training
+/// procedure, not (only) in the data.
+pub enum Attack {
+    /// Plain training.
+    None,
+    /// PhysicalBA (Li et al., "Backdoor Attack in the Physical World", ICLR-W 2021): the poisoned
+    /// training images (BackdoorBox appends the transformations to BadNets' poisoned-sample
+    /// transform) go through the physical-world transformations of BackdoorBox's MNIST test,
+    /// ColorJitter(brightness 0.2, contrast 0.2) and RandomAffine(translate 0.1, scale 0.8–0.9),
+    /// each time they are drawn, so that the backdoor survives them at test time.
+    PhysicalBa {
+        /// Which training samples are poisoned.
+        poisoned: Vec<bool>,
+    },
+    /// Blind backdoor (Bagdasaryan & Shmatikov, USENIX Security 2021): the training code adds a
+    /// backdoor task on every batch (the same images stamped, labelled `target`) to the clean
+    /// loss, weighted by MGDA (the two-task min-norm solution, gradients normalised by their
+    /// loss, BackdoorBox's `loss+`). The data stays clean. BackdoorBox's Neural Cleanse evasion
+    /// term is not reproduced.
+    Blind {
+        /// The backdoor trigger.
+        stamp: crate::watermark::Stamp,
+        /// The backdoor's target class.
+        target: u32,
+    },
+}
+
+impl Attack {
+    /// The attack's name, for records.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::PhysicalBa { .. } => "physical-ba",
+            Self::Blind { .. } => "blind",
+        }
+    }
+}
+
+/// PhysicalBA's transformations of a batch [n, C, H, W] in [0, 1], drawn from `rng`: brightness
+/// and contrast factors in [0.8, 1.2] (contrast around the image's mean grey, as torchvision),
+/// then a shift of up to 10% each way and a zoom of 0.8–0.9 (bilinear, zero fill).
+pub fn physical(x: &Tensor, rng: &mut Rng) -> Tensor {
+    let n = x.size()[0];
+    let mut u = || f64::from(rng.unit_f32());
+    let mut b = Vec::with_capacity(n as usize);
+    let mut c = Vec::with_capacity(n as usize);
+    let mut theta = Vec::with_capacity(6 * n as usize);
+    for _ in 0..n {
+        b.push((0.8 + 0.4 * u()) as f32);
+        c.push((0.8 + 0.4 * u()) as f32);
+        let scale = 0.8 + 0.1 * u();
+        // affine_grid maps output to input coordinates in [-1, 1]: the inverse of the zoom and
+        // of a shift of up to 10% of the size (0.2 in normalised units).
+        let (tx, ty) = (0.2 * (2.0 * u() - 1.0), 0.2 * (2.0 * u() - 1.0));
+        theta.extend(
+            [1.0 / scale, 0.0, -tx / scale, 0.0, 1.0 / scale, -ty / scale].map(|v| v as f32),
+        );
+    }
+    let dev = x.device();
+    let col = |v: Vec<f32>| Tensor::from_slice(&v).to_device(dev).view([n, 1, 1, 1]);
+    let x = (x * col(b)).clamp(0.0, 1.0);
+    let grey = if x.size()[1] == 3 {
+        let w = Tensor::from_slice(&[0.299f32, 0.587, 0.114])
+            .to_device(dev)
+            .view([1, 3, 1, 1]);
+        (&x * w).sum_dim_intlist(1, true, Kind::Float)
+    } else {
+        x.shallow_clone()
+    };
+    let mean = grey.mean_dim(&[1i64, 2, 3][..], true, Kind::Float);
+    let cf = col(c);
+    let x = (&x * &cf + mean * (-cf + 1.0)).clamp(0.0, 1.0);
+    let theta = Tensor::from_slice(&theta).to_device(dev).view([n, 2, 3]);
+    let grid = Tensor::affine_grid_generator(&theta, x.size(), false);
+    x.grid_sampler(&grid, 0, 0, false)
+}
+
+/// [`train`] with a malicious training procedure.
+#[allow(clippy::too_many_arguments)]
+pub fn train_attacked(
+    train: &Dataset,
+    cfg: &TrainConfig,
+    device: Device,
+    eval: Option<&metrics::EvalSet>,
+    checkpoints: Option<&Path>,
+    progress: &dyn Fn(Step),
+    stop_after: &dyn Fn(usize) -> bool,
+    attack: &Attack,
+) -> Result<Trained, TrainError> {
     cfg.check()?;
+    if let Attack::PhysicalBa { poisoned } = attack
+        && poisoned.len() != train.len()
+    {
+        return Err(TrainError::Config(format!(
+            "PhysicalBA marks {} samples as poisoned or not, the training set has {}",
+            poisoned.len(),
+            train.len()
+        )));
+    }
     if train.is_empty() {
         return Err(TrainError::Config("the training set is empty".into()));
     }
@@ -272,6 +382,17 @@ pub fn train(
     let n = train.len();
     let x_all = to_tensor(train, &(0..n).collect::<Vec<_>>(), device);
     let y_all = labels_tensor(train, &(0..n).collect::<Vec<_>>(), device);
+    // Blind: the whole training set stamped once, labelled with the target.
+    let x_bd_all = match attack {
+        Attack::Blind { stamp, .. } => {
+            let mut stamped = train.clone();
+            for i in 0..n {
+                stamp.apply(stamped.image_mut(i));
+            }
+            Some(to_tensor(&stamped, &(0..n).collect::<Vec<_>>(), device))
+        }
+        _ => None,
+    };
     for epoch in start_epoch..cfg.epochs {
         let lr = cfg.lr_at(epoch);
         // Shuffling and augmentation depend on (seed, epoch) only, so a resumed run draws the same.
@@ -292,13 +413,36 @@ pub fn train(
                 lr
             };
             let idx = Tensor::from_slice(chunk).to_device(device);
-            let x = augment(x_all.index_select(0, &idx), cfg, &mut rng, shape);
+            let mut x = augment(x_all.index_select(0, &idx), cfg, &mut rng, shape);
+            if let Attack::PhysicalBa { poisoned } = attack {
+                let mask: Vec<bool> = chunk.iter().map(|&i| poisoned[i as usize]).collect();
+                if mask.iter().any(|m| *m) {
+                    let m = Tensor::from_slice(&mask)
+                        .to_device(device)
+                        .view([chunk.len() as i64, 1, 1, 1]);
+                    x = physical(&x, &mut rng).where_self(&m, &x);
+                }
+            }
             let y = y_all.index_select(0, &idx);
             let loss = net.forward_t(&x, true).cross_entropy_for_logits(&y);
             for t in &trainable {
                 t.shallow_clone().zero_grad();
             }
-            loss.backward();
+            let loss = match (attack, &x_bd_all) {
+                (Attack::Blind { target, .. }, Some(bd)) => {
+                    let xb = augment(bd.index_select(0, &idx), cfg, &mut rng, shape);
+                    let yb = y.full_like(i64::from(*target));
+                    let loss_bd = net.forward_t(&xb, true).cross_entropy_for_logits(&yb);
+                    let a = mgda_weight(&loss, &loss_bd, &trainable);
+                    let total = &loss * a + &loss_bd * (1.0 - a);
+                    total.backward();
+                    total
+                }
+                _ => {
+                    loss.backward();
+                    loss
+                }
+            };
             tch::no_grad(|| {
                 for (p, buf) in trainable.iter().zip(momentum.iter_mut()) {
                     let g = p.grad();
@@ -358,6 +502,24 @@ pub fn train(
     }
     vs.freeze();
     Ok(Trained { vs, net, history })
+}
+
+/// MGDA's weight of the first of two tasks (Sener & Koltun, NeurIPS 2018, the two-task closed
+/// form), on gradients normalised by their loss ("loss+", as Blind uses it): the convex
+/// combination of the two gradients with the smallest norm.
+fn mgda_weight(a: &Tensor, b: &Tensor, params: &[Tensor]) -> f64 {
+    let flat = |loss: &Tensor| -> Tensor {
+        let g = Tensor::run_backward(&[loss], params, true, false);
+        Tensor::cat(&g.iter().map(|t| t.flatten(0, -1)).collect::<Vec<_>>(), 0)
+            / loss.detach().clamp_min(1e-8)
+    };
+    let (ga, gb) = (flat(a), flat(b));
+    let diff = &ga - &gb;
+    let den = diff.dot(&diff).double_value(&[]);
+    if den <= 1e-20 {
+        return 0.5;
+    }
+    ((&gb - &ga).dot(&gb).double_value(&[]) / den).clamp(0.0, 1.0)
 }
 
 fn save_checkpoint(

@@ -8,7 +8,7 @@ pub mod metrics;
 pub mod model;
 pub mod serve;
 
-pub use fit::{Schedule, TrainConfig, Trained, train};
+pub use fit::{Attack, Schedule, TrainConfig, Trained, train, train_attacked};
 pub use model::{Arch, Net};
 
 /// libtorch's random generator is global to the process: seeding it and initialising a network

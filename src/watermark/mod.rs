@@ -113,9 +113,11 @@ pub fn apply_crafted(
     let sha256_before = dataset_sha256(dataset, &hashes);
 
     let mut eligible: Vec<usize> = match (&spec.labelling, &spec.source_classes) {
-        (Labelling::CleanLabel { target: c } | Labelling::UntargetedCleanLabel { poison_class: c }, _) => {
-            (0..n).filter(|&i| dataset.label(i) == *c).collect()
-        }
+        (
+            Labelling::CleanLabel { target: c }
+            | Labelling::UntargetedCleanLabel { poison_class: c },
+            _,
+        ) => (0..n).filter(|&i| dataset.label(i) == *c).collect(),
         (_, Some(src)) => (0..n)
             .filter(|&i| src.contains(&dataset.label(i)))
             .collect(),

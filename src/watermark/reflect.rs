@@ -41,7 +41,11 @@ fn linear(v: u8) -> f32 {
 
 impl Reflector {
     /// Renders `r` for `shape` (its candidates must already have that shape).
-    pub fn new(r: &Reflection, seed: u64, shape: ImageShape) -> Result<Self, super::WatermarkError> {
+    pub fn new(
+        r: &Reflection,
+        seed: u64,
+        shape: ImageShape,
+    ) -> Result<Self, super::WatermarkError> {
         let candidates = r
             .candidates
             .iter()
@@ -66,8 +70,8 @@ impl Reflector {
         let mix = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
         let mut rng = Rng::new(self.seed ^ mix, Stream::Pattern);
         let mut unit = || f64::from(rng.unit_f32());
-        let r = &self.candidates[(unit() * self.candidates.len() as f64) as usize
-            % self.candidates.len()];
+        let r = &self.candidates
+            [(unit() * self.candidates.len() as f64) as usize % self.candidates.len()];
         let alpha_t = self.alpha_t.unwrap_or_else(|| 1.0 - (0.05 + 0.40 * unit())) as f32;
         let (h, w, c) = (self.shape.height, self.shape.width, self.shape.channels);
         let scale = h.max(w) as f64 / MAX_IMAGE_SIZE;
@@ -146,7 +150,11 @@ fn gaussian_blur(img: &[f32], shape: ImageShape, sigma: f64) -> Vec<f32> {
         .map(|d| (-(d * d) as f64 / (2.0 * sigma * sigma)).exp() as f32)
         .collect();
     let total: f32 = weights.iter().sum();
-    let (h, w, c) = (shape.height as i64, shape.width as i64, shape.channels as i64);
+    let (h, w, c) = (
+        shape.height as i64,
+        shape.width as i64,
+        shape.channels as i64,
+    );
     let reflect = |v: i64, n: i64| -> i64 {
         let m = v.rem_euclid(2 * n);
         if m < n { m } else { 2 * n - 1 - m }
@@ -183,7 +191,12 @@ mod tests {
     fn the_bump_peaks_at_the_centre_and_is_symmetric() {
         let k = gen_kernel(28, 3.0);
         assert!((k.iter().cloned().fold(0.0, f32::max) - 1.0).abs() < 1e-6);
-        assert!(k[14 * 28 + 14] > 0.9 && k[0] < 0.01, "{} {}", k[14 * 28 + 14], k[0]);
+        assert!(
+            k[14 * 28 + 14] > 0.9 && k[0] < 0.01,
+            "{} {}",
+            k[14 * 28 + 14],
+            k[0]
+        );
         assert!((k[3 * 28 + 5] - k[5 * 28 + 3]).abs() < 1e-6);
     }
 

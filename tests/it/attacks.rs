@@ -283,7 +283,11 @@ fn craft_matching(
     clean: &hallmark::dataset::Dataset,
     spec: &WatermarkSpec,
     benign: &hallmark::train::Trained,
-) -> (hallmark::dataset::Dataset, watermark::SecretRecord, Vec<f64>) {
+) -> (
+    hallmark::dataset::Dataset,
+    watermark::SecretRecord,
+    Vec<f64>,
+) {
     let mut marked = clean.clone();
     let losses = std::sync::Mutex::new(Vec::new());
     let surrogate = hallmark::train::craft::Surrogate {
@@ -360,7 +364,11 @@ fn ubw_c_crafts_clean_label_poisons_within_eps() {
         "gradient matching did not improve: {losses:?}"
     );
     let (again, record2, _) = craft_matching(&clean, &spec, &benign);
-    assert_eq!(again.pixels(), marked.pixels(), "same model and seed, same poisons");
+    assert_eq!(
+        again.pixels(),
+        marked.pixels(),
+        "same model and seed, same poisons"
+    );
     assert_eq!(record2.commitment(), record.commitment());
     // The verifier and metrics read the spec as untargeted, on the source class only.
     let eval = EvalSet::new(fashion(Split::Test, 1000), Some(&record)).unwrap();
@@ -408,8 +416,14 @@ fn refool_reflections_are_sample_specific_and_learned() {
         "refool: {share:.3} of the poisoned pixels changed, {} distinct reflections over 600 black images",
         residuals.len()
     );
-    assert!(share > 0.5, "reflections changed only {share:.3} of the pixels");
-    assert!(residuals.len() > 10, "the reflection is not sample-specific");
+    assert!(
+        share > 0.5,
+        "reflections changed only {share:.3} of the pixels"
+    );
+    assert!(
+        residuals.len() > 10,
+        "the reflection is not sample-specific"
+    );
     let eval = EvalSet::new(fashion(Split::Test, 2000), Some(&record)).unwrap();
     let trained = train(
         &marked,
@@ -425,4 +439,131 @@ fn refool_reflections_are_sample_specific_and_learned() {
     eprintln!("refool after 4 epochs on 6,000 images: {m:?}");
     assert!(m.benign_accuracy > 0.70, "{m:?}");
     assert!(m.asr.unwrap() > 0.5, "{m:?}");
+}
+
+/// Trains `cfg` on `data` with a malicious procedure.
+fn train_with(
+    data: &hallmark::dataset::Dataset,
+    cfg: &TrainConfig,
+    attack: &hallmark::train::Attack,
+) -> hallmark::train::Trained {
+    hallmark::train::train_attacked(
+        data,
+        cfg,
+        tch::Device::Cpu,
+        None,
+        None,
+        &|_| {},
+        &|_| false,
+        attack,
+    )
+    .unwrap()
+}
+
+/// PhysicalBA (Li et al., ICLR-W 2021): a BadNets release whose poisoned samples are trained
+/// through physical-world transformations (brightness, contrast, shift, zoom) gives a backdoor
+/// that answers triggered queries seen through the same transformations, where a plainly
+/// trained BadNets model mostly does not.
+#[test]
+fn physical_ba_backdoor_survives_transformed_queries() {
+    let mut spec = spec("badnets-28x28-grey.toml");
+    spec.rate = 0.1;
+    let clean = fashion(Split::Train, 6000);
+    let mut marked = clean.clone();
+    let record = watermark::apply(&mut marked, &spec, [9; 32]).unwrap();
+    let eval = EvalSet::new(fashion(Split::Test, 2000), Some(&record)).unwrap();
+    let mut poisoned = vec![false; marked.len()];
+    record.poisoned.iter().for_each(|p| poisoned[p.index] = true);
+    let physical = train_with(
+        &marked,
+        &short_training(4),
+        &hallmark::train::Attack::PhysicalBa { poisoned },
+    );
+    let plain = train(
+        &marked,
+        &short_training(4),
+        tch::Device::Cpu,
+        None,
+        None,
+        &|_| {},
+        &|_| false,
+    )
+    .unwrap();
+    let m = evaluate(&physical.net, &eval, tch::Device::Cpu);
+    let p = evaluate(&plain.net, &eval, tch::Device::Cpu);
+    // Triggered non-target test images seen through the physical transformations.
+    let test = &eval.test;
+    let keep: Vec<usize> = (0..test.len()).filter(|&i| test.label(i) != 1).collect();
+    let mut triggered = test.subset(&keep).unwrap();
+    let stamp = Stamp::new(&spec.trigger, spec.seed, test.shape()).unwrap();
+    for i in 0..triggered.len() {
+        stamp.apply(triggered.image_mut(i));
+    }
+    let x = hallmark::train::fit::to_tensor(
+        &triggered,
+        &(0..triggered.len()).collect::<Vec<_>>(),
+        tch::Device::Cpu,
+    );
+    let x = hallmark::train::fit::physical(
+        &x,
+        &mut hallmark::watermark::rng::Rng::new(1, hallmark::watermark::rng::Stream::Selection),
+    );
+    let asr_t = |net: &hallmark::train::Net| {
+        let pred = tch::no_grad(|| net.forward_t(&x, false).argmax(1, false));
+        f64::try_from(pred.eq(1).to_kind(tch::Kind::Float).mean(tch::Kind::Float)).unwrap()
+    };
+    let (tp, tb) = (asr_t(&physical.net), asr_t(&plain.net));
+    eprintln!(
+        "PhysicalBA after 4 epochs on 6,000 images: {m:?}, ASR on transformed queries {tp:.3}; plain BadNets: {p:?}, {tb:.3}"
+    );
+    assert!(m.benign_accuracy > 0.65, "{m:?}");
+    assert!(tp > 0.6 && tp > tb + 0.3, "PhysicalBA {tp}, plain BadNets {tb}");
+}
+
+/// Blind backdoor (Bagdasaryan & Shmatikov, USENIX Security 2021): the data stays clean, the
+/// loss carries the backdoor task; a short training learns both tasks.
+#[test]
+fn blind_backdoor_is_learned_from_clean_data() {
+    let spec = spec("badnets-28x28-grey.toml");
+    let clean = fashion(Split::Train, 6000);
+    let mut scratch = clean.clone();
+    let record = watermark::apply(&mut scratch, &spec, [9; 32]).unwrap();
+    let stamp = Stamp::new(&spec.trigger, spec.seed, clean.shape()).unwrap();
+    let attack = hallmark::train::Attack::Blind {
+        stamp,
+        target: spec.labelling.target().unwrap(),
+    };
+    let before = clean.sha256();
+    let blind = train_with(&clean, &short_training(4), &attack);
+    assert_eq!(clean.sha256(), before, "the training data is not touched");
+    let eval = EvalSet::new(fashion(Split::Test, 2000), Some(&record)).unwrap();
+    let m = evaluate(&blind.net, &eval, tch::Device::Cpu);
+    eprintln!("Blind after 4 epochs on 6,000 clean images: {m:?}");
+    assert!(m.benign_accuracy > 0.70, "{m:?}");
+    assert!(m.asr.unwrap() > 0.8, "{m:?}");
+}
+
+/// Sleeper Agent (Souri et al., NeurIPS 2022): the same gradient matching with a targeted
+/// objective; poisons of the target class keep their labels and stay within 16/255.
+#[test]
+fn sleeper_agent_crafts_clean_label_poisons_within_eps() {
+    let spec = quick_matching("sleeper-agent-28x28-grey.toml");
+    let clean = fashion(Split::Train, 3000);
+    let benign = train(
+        &clean,
+        &short_training(2),
+        tch::Device::Cpu,
+        None,
+        None,
+        &|_| {},
+        &|_| false,
+    )
+    .unwrap();
+    let (marked, record, losses) = craft_matching(&clean, &spec, &benign);
+    check_matching_release(&clean, &marked, &record, 6);
+    eprintln!("Sleeper Agent passenger loss by step: {losses:.4?}");
+    assert!(losses[11] < losses[0] - 0.02, "{losses:?}");
+    let eval = EvalSet::new(fashion(Split::Test, 1000), Some(&record)).unwrap();
+    let m = evaluate(&benign.net, &eval, tch::Device::Cpu);
+    assert!(m.asr.is_some(), "targeted: ASR on the source class");
 }

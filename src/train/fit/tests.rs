@@ -142,3 +142,35 @@ fn training_is_deterministic_from_the_seed_and_an_interrupted_run_resumes_exactl
     .unwrap();
     assert!(e.to_string().contains("another run"), "{e}");
 }
+
+#[test]
+fn mgda_picks_the_min_norm_combination() {
+    let _one = exclusive();
+    let p = Tensor::from_slice(&[1f32, 1.0]).set_requires_grad(true);
+    // Loss values 1, gradients [1, 0] and [0, 1]: the balance is one half.
+    let a = p.get(0) * 1.0;
+    let b = p.get(1) * 1.0;
+    assert!((mgda_weight(&a, &b, &[p.shallow_clone()]) - 0.5).abs() < 1e-6);
+    // Gradients [2, 0] and [0, 1] (losses 1): 0.2·[2, 0] + 0.8·[0, 1] = [0.4, 0.8] is the point
+    // of the segment closest to the origin (orthogonal to the segment's direction [-2, 1]).
+    let a = p.get(0) * 2.0 - 1.0;
+    let b = p.get(1) * 1.0;
+    assert!((mgda_weight(&a, &b, &[p.shallow_clone()]) - 0.2).abs() < 1e-6);
+}
+
+#[test]
+fn physical_transformations_are_seeded_and_stay_images() {
+    let _one = exclusive();
+    let x = fashion(Split::Test, 8);
+    let t = to_tensor(&x, &(0..8).collect::<Vec<_>>(), Device::Cpu);
+    let a = physical(&t, &mut Rng::new(3, Stream::Selection));
+    let b = physical(&t, &mut Rng::new(3, Stream::Selection));
+    let c = physical(&t, &mut Rng::new(4, Stream::Selection));
+    assert_eq!(a.size(), t.size());
+    assert!(a.equal(&b), "same seed, same transformation");
+    assert!(!a.equal(&c), "another seed, another transformation");
+    assert!(f64::try_from(a.min()).unwrap() >= 0.0 && f64::try_from(a.max()).unwrap() <= 1.0);
+    // Zoomed out (scale 0.8-0.9) and shifted: each image moves a lot.
+    let moved = f64::try_from((&a - &t).abs().mean(Kind::Float)).unwrap();
+    assert!(moved > 0.05, "mean change {moved}");
+}
