@@ -29,5 +29,7 @@ for d in sys.argv[1:]:
     accused = sum(r["decision"] == "used" for r in indep)
     inconclusive = sum(r["decision"] == "inconclusive" for r in rows)
     ps = sorted(r["p_value"] for r in w)
-    print(f"| {c['spec']} | {ba['watermarked']:.4f} | {ba['clean']:.4f} | {ba['other-trigger']:.4f} | {attack} | "
+    attack_mode = c["settings"].get("attack", "None")
+    name = c["spec"] if attack_mode in ("None", None) else f"{c['spec']} (--attack {attack_mode})"
+    print(f"| {name} | {ba['watermarked']:.4f} | {ba['clean']:.4f} | {ba['other-trigger']:.4f} | {attack} | "
           f"{detected}/{len(w)} | {ps[0]:.1e} – {ps[-1]:.1e} | {accused}/{len(indep)} | {inconclusive}/{len(rows)} |")

@@ -80,6 +80,53 @@ pub struct WatermarkSpec {
     /// does. Needs a model (feature `train`, `hallmark watermark --craft-model DIR`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gradient_matching: Option<GradientMatching>,
+    /// TUAP crafting (Zhao et al., "Clean-Label Backdoor Attacks on Video Recognition Models",
+    /// CVPR 2020; BackdoorBox's `TUAP`): the trigger is a targeted universal adversarial
+    /// perturbation computed with DeepFool against a benign model, then added to clean-label
+    /// poisons and to queries. Needs a model; the crafted perturbation is written into
+    /// `trigger.values` of the secret record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uap: Option<Uap>,
+}
+
+/// Settings of TUAP crafting, BackdoorBox's names and defaults (eps on the 0–255 scale; its
+/// MNIST tests use 0.3, i.e. 76.5).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Uap {
+    /// L∞ bound of the perturbation, 0–255 scale.
+    pub eps: f64,
+    /// Stop once the perturbation sends at least 1 − delta of the samples to the target.
+    #[serde(default = "default_delta")]
+    pub delta: f64,
+    /// DeepFool's overshoot.
+    #[serde(default = "default_overshoot")]
+    pub overshoot: f64,
+    /// DeepFool iterations per sample.
+    #[serde(default = "default_max_iter_df")]
+    pub max_iter_df: usize,
+    /// Fraction of the training set the perturbation is computed on.
+    #[serde(default = "default_p_samples")]
+    pub p_samples: f64,
+    /// Passes over those samples at most (BackdoorBox's `max_iter_uni`, unbounded there).
+    #[serde(default = "default_max_passes")]
+    pub max_passes: usize,
+}
+
+fn default_delta() -> f64 {
+    0.2
+}
+fn default_overshoot() -> f64 {
+    0.02
+}
+fn default_max_iter_df() -> usize {
+    50
+}
+fn default_p_samples() -> f64 {
+    0.01
+}
+fn default_max_passes() -> usize {
+    10
 }
 
 /// Settings of gradient-matching crafting, on the 0–255 pixel scale. Defaults follow the UBW-C
@@ -212,6 +259,18 @@ pub enum Trigger {
     /// mixed in linear light. Sample-specific: the choice and its parameters are drawn per image,
     /// from the seed and the image's own bytes, so a query is recreated exactly.
     Reflection(Reflection),
+    /// An additive perturbation, `x' = clip(x + v)` (TUAP's universal adversarial perturbation);
+    /// `values` are filled by crafting (`[uap]`).
+    Perturbation(Perturbation),
+}
+
+/// An additive perturbation trigger.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Perturbation {
+    /// One signed value per HWC byte, 0–255 scale; empty until crafted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<i16>,
 }
 
 /// A reflection trigger.
@@ -274,6 +333,7 @@ impl Trigger {
             Self::Rotate(_) => "rotate",
             Self::Adaptive(_) => "adaptive",
             Self::Reflection(_) => "reflection",
+            Self::Perturbation(_) => "perturbation",
         }
     }
 }
@@ -533,7 +593,7 @@ impl WatermarkSpec {
 
     /// Whether applying the spec needs a model to craft its poisons with.
     pub fn needs_model(&self) -> bool {
-        self.adversarial.is_some() || self.gradient_matching.is_some()
+        self.adversarial.is_some() || self.gradient_matching.is_some() || self.uap.is_some()
     }
 
     /// Checks every field on its own (fit to a dataset is [`WatermarkSpec::check_fits`]).
@@ -665,6 +725,53 @@ impl WatermarkSpec {
                  [gradient_matching] section",
             ));
         }
+        if let Some(u) = self.uap {
+            if !matches!(self.labelling, Labelling::CleanLabel { .. }) {
+                return Err(field(
+                    "uap",
+                    "TUAP is clean-label: labelling.kind must be \"clean_label\"",
+                ));
+            }
+            if !matches!(self.trigger, Trigger::Perturbation(_)) {
+                return Err(field(
+                    "trigger.kind",
+                    "a [uap] spec's trigger is the crafted perturbation: kind = \"perturbation\"",
+                ));
+            }
+            if self.adversarial.is_some() || self.gradient_matching.is_some() {
+                return Err(field("uap", "a spec has one kind of crafting"));
+            }
+            if !(u.eps.is_finite() && u.eps > 0.0 && u.eps <= 255.0) {
+                return Err(field(
+                    "uap.eps",
+                    format!("must be in (0, 255], got {}", u.eps),
+                ));
+            }
+            if !(u.delta.is_finite() && (0.0..1.0).contains(&u.delta)) {
+                return Err(field(
+                    "uap.delta",
+                    format!("must be in [0, 1), got {}", u.delta),
+                ));
+            }
+            if !(u.overshoot.is_finite() && (0.0..=1.0).contains(&u.overshoot)) {
+                return Err(field(
+                    "uap.overshoot",
+                    format!("must be in [0, 1], got {}", u.overshoot),
+                ));
+            }
+            if !(u.p_samples.is_finite() && u.p_samples > 0.0 && u.p_samples <= 1.0) {
+                return Err(field(
+                    "uap.p_samples",
+                    format!("must be in (0, 1], got {}", u.p_samples),
+                ));
+            }
+            if u.max_iter_df == 0 || u.max_passes == 0 {
+                return Err(field(
+                    "uap",
+                    "max_iter_df and max_passes must be at least 1",
+                ));
+            }
+        }
         let alpha_ok = |a: f32| a.is_finite() && a > 0.0 && a <= 1.0;
         match &self.trigger {
             Trigger::Patch(p) => {
@@ -737,6 +844,26 @@ impl WatermarkSpec {
                     return Err(field(
                         "trigger.cover_rate",
                         format!("must be in [0, 1), got {}", a.cover_rate),
+                    ));
+                }
+            }
+            Trigger::Perturbation(p) => {
+                if p.values.is_empty() && self.uap.is_none() {
+                    return Err(field(
+                        "trigger.values",
+                        "empty: the perturbation is crafted by a [uap] section",
+                    ));
+                }
+                if p.values.iter().any(|v| !(-255..=255).contains(v)) {
+                    return Err(field("trigger.values", "values must be in -255..=255"));
+                }
+                if let Some(shape) = self.image
+                    && !p.values.is_empty()
+                    && p.values.len() != shape.len()
+                {
+                    return Err(field(
+                        "trigger.values",
+                        format!("{} values for {shape} images", p.values.len()),
                     ));
                 }
             }
@@ -874,6 +1001,17 @@ impl WatermarkSpec {
                 Ok(())
             }
             Trigger::Rotate(_) => Ok(()),
+            Trigger::Perturbation(p) if !p.values.is_empty() && p.values.len() != shape.len() => {
+                Err(field(
+                    "trigger.values",
+                    format!(
+                        "{} values, the dataset's images {shape} need {}",
+                        p.values.len(),
+                        shape.len()
+                    ),
+                ))
+            }
+            Trigger::Perturbation(_) => Ok(()),
             Trigger::Reflection(r) => match r.candidates.first() {
                 Some(c) if c.shape != shape => Err(field(
                     "trigger.candidates",

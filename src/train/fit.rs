@@ -417,9 +417,12 @@ pub fn train_attacked(
             if let Attack::PhysicalBa { poisoned } = attack {
                 let mask: Vec<bool> = chunk.iter().map(|&i| poisoned[i as usize]).collect();
                 if mask.iter().any(|m| *m) {
-                    let m = Tensor::from_slice(&mask)
-                        .to_device(device)
-                        .view([chunk.len() as i64, 1, 1, 1]);
+                    let m = Tensor::from_slice(&mask).to_device(device).view([
+                        chunk.len() as i64,
+                        1,
+                        1,
+                        1,
+                    ]);
                     x = physical(&x, &mut rng).where_self(&m, &x);
                 }
             }

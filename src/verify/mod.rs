@@ -491,6 +491,14 @@ pub fn random_trigger(t: &Trigger, shape: ImageShape, seed: u64) -> Result<Trigg
             }
             Trigger::Adaptive(c)
         }
+        // Random signs at the same magnitudes.
+        Trigger::Perturbation(p) => Trigger::Perturbation(crate::spec::Perturbation {
+            values: p
+                .values
+                .iter()
+                .map(|&v| if rng.below(2) == 0 { v } else { -v })
+                .collect(),
+        }),
         // The same images turned by 180°, drawn with the control's own seed.
         Trigger::Reflection(r) => {
             use base64::Engine as _;

@@ -83,6 +83,8 @@ pub fn apply_with_hashes(
         return Err(WatermarkError::Spec(SpecError::Field {
             field: if spec.adversarial.is_some() {
                 "adversarial"
+            } else if spec.uap.is_some() {
+                "uap"
             } else {
                 "gradient_matching"
             }

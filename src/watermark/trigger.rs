@@ -48,6 +48,26 @@ impl Stamp {
         let (pattern, weight) = match trigger {
             Trigger::Warp(w) => return Ok(Self::Warp(WarpField::new(w, seed, shape))),
             Trigger::Rotate(r) => return Ok(Self::Remap(rotation_map(r.angle, shape))),
+            // x + v, clipped: weight 1 on x, v added (the byte cast saturates at 0 and 255).
+            Trigger::Perturbation(p) => {
+                if p.values.len() != shape.len() {
+                    return Err(WatermarkError::Spec(crate::spec::SpecError::Field {
+                        field: "trigger.values".into(),
+                        message: format!(
+                            "{} values for {shape} images (crafted yet?)",
+                            p.values.len()
+                        ),
+                    }));
+                }
+                return Ok(Self::Mask(
+                    p.values
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, v)| **v != 0)
+                        .map(|(i, &v)| (i as u32, 1.0, f32::from(v)))
+                        .collect(),
+                ));
+            }
             Trigger::Reflection(r) => {
                 return Ok(Self::Reflect(Box::new(super::reflect::Reflector::new(
                     r, seed, shape,

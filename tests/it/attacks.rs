@@ -473,7 +473,10 @@ fn physical_ba_backdoor_survives_transformed_queries() {
     let record = watermark::apply(&mut marked, &spec, [9; 32]).unwrap();
     let eval = EvalSet::new(fashion(Split::Test, 2000), Some(&record)).unwrap();
     let mut poisoned = vec![false; marked.len()];
-    record.poisoned.iter().for_each(|p| poisoned[p.index] = true);
+    record
+        .poisoned
+        .iter()
+        .for_each(|p| poisoned[p.index] = true);
     let physical = train_with(
         &marked,
         &short_training(4),
@@ -517,7 +520,10 @@ fn physical_ba_backdoor_survives_transformed_queries() {
         "PhysicalBA after 4 epochs on 6,000 images: {m:?}, ASR on transformed queries {tp:.3}; plain BadNets: {p:?}, {tb:.3}"
     );
     assert!(m.benign_accuracy > 0.65, "{m:?}");
-    assert!(tp > 0.6 && tp > tb + 0.3, "PhysicalBA {tp}, plain BadNets {tb}");
+    assert!(
+        tp > 0.6 && tp > tb + 0.3,
+        "PhysicalBA {tp}, plain BadNets {tb}"
+    );
 }
 
 /// Blind backdoor (Bagdasaryan & Shmatikov, USENIX Security 2021): the data stays clean, the
@@ -566,4 +572,75 @@ fn sleeper_agent_crafts_clean_label_poisons_within_eps() {
     let eval = EvalSet::new(fashion(Split::Test, 1000), Some(&record)).unwrap();
     let m = evaluate(&benign.net, &eval, tch::Device::Cpu);
     assert!(m.asr.is_some(), "targeted: ASR on the source class");
+}
+
+/// TUAP (Zhao et al., CVPR 2020): the trigger is a universal perturbation within eps that sends
+/// most images to the target on the benign model it was computed against; clean-label poisons
+/// are exactly x + v (clipped), the record keeps v, and a model trained on the release answers
+/// the target for perturbed queries.
+#[test]
+fn tuap_perturbation_is_universal_bounded_and_kept_in_the_record() {
+    let spec = spec("tuap-28x28-grey.toml");
+    let clean = fashion(Split::Train, 6000);
+    let benign = train(
+        &clean,
+        &short_training(3),
+        tch::Device::Cpu,
+        None,
+        None,
+        &|_| {},
+        &|_| false,
+    )
+    .unwrap();
+    let surrogate = hallmark::train::craft::Surrogate {
+        net: &benign.net,
+        vs: &benign.vs,
+        retrain: None,
+    };
+    let mut marked = clean.clone();
+    let record = hallmark::train::craft::craft(
+        &mut marked,
+        &spec,
+        [4; 32],
+        &surrogate,
+        tch::Device::Cpu,
+        &|_, _, _| {},
+    )
+    .unwrap()
+    .record;
+    let hallmark::spec::Trigger::Perturbation(p) = &record.spec.trigger else {
+        panic!("the record keeps the crafted perturbation");
+    };
+    assert_eq!(p.values.len(), 784);
+    assert!(p.values.iter().all(|v| v.abs() <= 76), "within eps 76.5");
+    assert!(p.values.iter().filter(|v| **v != 0).count() > 300);
+    assert_eq!(marked.labels(), clean.labels(), "labels are kept");
+    assert_eq!(record.poisoned.len(), 300);
+    for q in &record.poisoned {
+        assert_eq!(clean.label(q.index), 2);
+        let want: Vec<u8> = clean
+            .image(q.index)
+            .iter()
+            .zip(&p.values)
+            .map(|(&x, &v)| (i16::from(x) + v).clamp(0, 255) as u8)
+            .collect();
+        assert_eq!(marked.image(q.index), &want[..]);
+    }
+    // Universal: on held-out images the benign model sends many perturbed images to the target.
+    let eval = EvalSet::new(fashion(Split::Test, 2000), Some(&record)).unwrap();
+    let base = evaluate(&benign.net, &eval, tch::Device::Cpu);
+    let trained = train(
+        &marked,
+        &short_training(4),
+        tch::Device::Cpu,
+        None,
+        None,
+        &|_| {},
+        &|_| false,
+    )
+    .unwrap();
+    let m = evaluate(&trained.net, &eval, tch::Device::Cpu);
+    eprintln!("TUAP: benign model {base:?}; after 4 epochs on the release {m:?}");
+    assert!(base.asr.unwrap() > 0.3, "not universal: {base:?}");
+    assert!(m.benign_accuracy > 0.70 && m.asr.unwrap() > 0.5, "{m:?}");
 }
