@@ -1163,9 +1163,6 @@ impl Patch {
     }
 }
 
-/// Compact JSON of a value, fields in declaration order: the canonical form hashed by
-/// commitments. Every hashed type is a struct or enum of fixed field order (no maps), so the
-
 /// Reads up to `max` images of `dir` in name order, converted to `shape`'s channels and resized
 /// to its size (Catmull-Rom, close to the OpenCV cubic resize BackdoorBox uses).
 fn load_reflections(
@@ -1216,6 +1213,8 @@ fn load_reflections(
         .collect()
 }
 
+/// Compact JSON of a value, fields in declaration order: the canonical form hashed by
+/// commitments. Every hashed type is a struct or enum of fixed field order (no maps), so the
 /// same value always gives the same bytes.
 pub fn canonical_json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("specs and records serialise")

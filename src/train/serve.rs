@@ -58,7 +58,7 @@ impl LoadedModel {
         Ok(Self {
             info,
             net,
-            vs: vs,
+            vs,
             device,
         })
     }
