@@ -644,3 +644,132 @@ fn tuap_perturbation_is_universal_bounded_and_kept_in_the_record() {
     assert!(base.asr.unwrap() > 0.3, "not universal: {base:?}");
     assert!(m.benign_accuracy > 0.70 && m.asr.unwrap() > 0.5, "{m:?}");
 }
+
+/// The command line: a TUAP release crafted with `--craft-model` keeps its perturbation in the
+/// secret record; without a model the spec is refused; `--attack blind` trains from clean data
+/// with the record's trigger, and `--attack physical-ba` without a record says what it needs.
+#[test]
+fn crafting_and_malicious_training_from_the_command_line() {
+    let t = tempfile::tempdir().unwrap();
+    let p = |n: &str| t.path().join(n).display().to_string();
+    let hm = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_hallmark"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let ok = |o: std::process::Output| {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let fm = "/usr/share/datasets/fashion-mnist";
+    ok(hm(&[
+        "convert",
+        "--input",
+        fm,
+        "--split",
+        "train",
+        "--limit",
+        "3000",
+        "--to",
+        "idx",
+        "--output",
+        &p("clean"),
+    ]));
+    let train_args = |data: &str, out: &str, extra: &[&str]| {
+        let mut v: Vec<String> = [
+            "train",
+            "--data",
+            data,
+            "--epochs",
+            "2",
+            "--threads",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            out,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |v: Vec<String>| hm(&v.iter().map(String::as_str).collect::<Vec<_>>());
+    ok(run(train_args(&p("clean"), &p("benign"), &[])));
+    let tuap = Path::new(env!("CARGO_MANIFEST_DIR")).join("watermark_specs/tuap-28x28-grey.toml");
+    let refused = hm(&[
+        "watermark",
+        "--spec",
+        tuap.to_str().unwrap(),
+        "--input",
+        &p("clean"),
+        "--output",
+        &p("nope"),
+        "--secret",
+        &p("nope.json"),
+    ]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("uap") && err.contains("--craft-model"),
+        "{err}"
+    );
+    assert!(!t.path().join("nope").exists() && !t.path().join("nope.json").exists());
+    ok(hm(&[
+        "watermark",
+        "--spec",
+        tuap.to_str().unwrap(),
+        "--input",
+        &p("clean"),
+        "--output",
+        &p("release"),
+        "--secret",
+        &p("s.json"),
+        "--craft-model",
+        &p("benign"),
+    ]));
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(p("s.json")).unwrap()).unwrap();
+    let values = record["spec"]["trigger"]["values"].as_array().unwrap();
+    assert_eq!(values.len(), 784);
+    assert!(values.iter().all(|v| v.as_i64().unwrap().abs() <= 76));
+    // Blind trains on the clean data with the record's trigger in the loss.
+    let spec =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("watermark_specs/badnets-28x28-grey.toml");
+    ok(hm(&[
+        "watermark",
+        "--spec",
+        spec.to_str().unwrap(),
+        "--input",
+        &p("clean"),
+        "--output",
+        &p("badnets"),
+        "--secret",
+        &p("b.json"),
+    ]));
+    ok(run(train_args(
+        &p("clean"),
+        &p("blind"),
+        &[
+            "--attack",
+            "blind",
+            "--secret",
+            &p("b.json"),
+            "--test-data",
+            fm,
+            "--test-split",
+            "test",
+        ],
+    )));
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(t.path().join("blind/model.json")).unwrap()).unwrap();
+    assert_eq!(info["training"]["attack"], "blind");
+    let no_record = run(train_args(
+        &p("badnets"),
+        &p("phys"),
+        &["--attack", "physical-ba"],
+    ));
+    assert!(!no_record.status.success());
+    assert!(String::from_utf8_lossy(&no_record.stderr).contains("--secret"));
+}
