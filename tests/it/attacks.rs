@@ -21,6 +21,20 @@ fn spec(name: &str) -> WatermarkSpec {
     .unwrap()
 }
 
+/// Trains BaselineMNISTNetwork on `data` for `epochs` with [`short_training`].
+fn fit(data: &hallmark::dataset::Dataset, epochs: usize) -> hallmark::train::Trained {
+    train(
+        data,
+        &short_training(epochs),
+        tch::Device::Cpu,
+        None,
+        None,
+        &|_| {},
+        &|_| false,
+    )
+    .unwrap()
+}
+
 fn short_training(epochs: usize) -> TrainConfig {
     TrainConfig {
         arch: Arch::BaselineMnist,
@@ -65,16 +79,7 @@ fn batt_rotation_is_a_backdoor_a_short_training_learns() {
         );
     }
     let eval = EvalSet::new(fashion(Split::Test, 2000), Some(&record)).unwrap();
-    let trained = train(
-        &marked,
-        &short_training(4),
-        tch::Device::Cpu,
-        None,
-        None,
-        &|_| {},
-        &|_| false,
-    )
-    .unwrap();
+    let trained = fit(&marked, 4);
     let m = evaluate(&trained.net, &eval, tch::Device::Cpu);
     eprintln!("BATT after 4 epochs on 6,000 images: {m:?}");
     assert!(m.benign_accuracy > 0.70, "{m:?}");
@@ -90,16 +95,7 @@ fn label_consistent_poisons_stay_within_eps_and_keep_their_labels() {
     let clean = fashion(Split::Train, 6000);
     let e = watermark::apply(&mut clean.clone(), &spec, [1; 32]).unwrap_err();
     assert!(e.to_string().contains("--craft-model"), "{e}");
-    let benign = train(
-        &clean,
-        &short_training(3),
-        tch::Device::Cpu,
-        None,
-        None,
-        &|_| {},
-        &|_| false,
-    )
-    .unwrap();
+    let benign = fit(&clean, 3);
     let mut marked = clean.clone();
     let wm = hallmark::train::craft::label_consistent(
         &mut marked,
@@ -155,16 +151,7 @@ fn label_consistent_poisons_stay_within_eps_and_keep_their_labels() {
     assert_eq!(wm2.record.commitment(), record.commitment());
     // A short training on the release learns the trigger for target-class-free test images.
     let eval = EvalSet::new(fashion(Split::Test, 2000), Some(&record)).unwrap();
-    let trained = train(
-        &marked,
-        &short_training(4),
-        tch::Device::Cpu,
-        None,
-        None,
-        &|_| {},
-        &|_| false,
-    )
-    .unwrap();
+    let trained = fit(&marked, 4);
     let m = evaluate(&trained.net, &eval, tch::Device::Cpu);
     let base = evaluate(&benign.net, &eval, tch::Device::Cpu);
     eprintln!("label-consistent after 4 epochs on 6,000 images: {m:?}; the benign model: {base:?}");
@@ -249,16 +236,7 @@ fn adaptive_patch_marks_pieces_keeps_cover_labels_and_is_learnt() {
         );
     }
     let eval = EvalSet::new(fashion(Split::Test, 2000), Some(&record)).unwrap();
-    let trained = train(
-        &marked,
-        &short_training(10),
-        tch::Device::Cpu,
-        None,
-        None,
-        &|_| {},
-        &|_| false,
-    )
-    .unwrap();
+    let trained = fit(&marked, 10);
     let m = evaluate(&trained.net, &eval, tch::Device::Cpu);
     eprintln!("Adaptive-Patch after 10 epochs on 6,000 images: {m:?}");
     assert!(m.benign_accuracy > 0.70, "{m:?}");
@@ -344,16 +322,7 @@ fn check_matching_release(
 fn ubw_c_crafts_clean_label_poisons_within_eps() {
     let spec = quick_matching("ubw-c-28x28-grey.toml");
     let clean = fashion(Split::Train, 3000);
-    let benign = train(
-        &clean,
-        &short_training(2),
-        tch::Device::Cpu,
-        None,
-        None,
-        &|_| {},
-        &|_| false,
-    )
-    .unwrap();
+    let benign = fit(&clean, 2);
     let (marked, record, losses) = craft_matching(&clean, &spec, &benign);
     check_matching_release(&clean, &marked, &record, 6);
     assert_eq!(losses.len(), 24, "one progress report per step");
@@ -425,16 +394,7 @@ fn refool_reflections_are_sample_specific_and_learned() {
         "the reflection is not sample-specific"
     );
     let eval = EvalSet::new(fashion(Split::Test, 2000), Some(&record)).unwrap();
-    let trained = train(
-        &marked,
-        &short_training(4),
-        tch::Device::Cpu,
-        None,
-        None,
-        &|_| {},
-        &|_| false,
-    )
-    .unwrap();
+    let trained = fit(&marked, 4);
     let m = evaluate(&trained.net, &eval, tch::Device::Cpu);
     eprintln!("refool after 4 epochs on 6,000 images: {m:?}");
     assert!(m.benign_accuracy > 0.70, "{m:?}");
@@ -482,16 +442,7 @@ fn physical_ba_backdoor_survives_transformed_queries() {
         &short_training(4),
         &hallmark::train::Attack::PhysicalBa { poisoned },
     );
-    let plain = train(
-        &marked,
-        &short_training(4),
-        tch::Device::Cpu,
-        None,
-        None,
-        &|_| {},
-        &|_| false,
-    )
-    .unwrap();
+    let plain = fit(&marked, 4);
     let m = evaluate(&physical.net, &eval, tch::Device::Cpu);
     let p = evaluate(&plain.net, &eval, tch::Device::Cpu);
     // Triggered non-target test images seen through the physical transformations.
@@ -555,16 +506,7 @@ fn blind_backdoor_is_learned_from_clean_data() {
 fn sleeper_agent_crafts_clean_label_poisons_within_eps() {
     let spec = quick_matching("sleeper-agent-28x28-grey.toml");
     let clean = fashion(Split::Train, 3000);
-    let benign = train(
-        &clean,
-        &short_training(2),
-        tch::Device::Cpu,
-        None,
-        None,
-        &|_| {},
-        &|_| false,
-    )
-    .unwrap();
+    let benign = fit(&clean, 2);
     let (marked, record, losses) = craft_matching(&clean, &spec, &benign);
     check_matching_release(&clean, &marked, &record, 6);
     eprintln!("Sleeper Agent passenger loss by step: {losses:.4?}");
@@ -582,16 +524,7 @@ fn sleeper_agent_crafts_clean_label_poisons_within_eps() {
 fn tuap_perturbation_is_universal_bounded_and_kept_in_the_record() {
     let spec = spec("tuap-28x28-grey.toml");
     let clean = fashion(Split::Train, 6000);
-    let benign = train(
-        &clean,
-        &short_training(3),
-        tch::Device::Cpu,
-        None,
-        None,
-        &|_| {},
-        &|_| false,
-    )
-    .unwrap();
+    let benign = fit(&clean, 3);
     let surrogate = hallmark::train::craft::Surrogate {
         net: &benign.net,
         vs: &benign.vs,
@@ -629,16 +562,7 @@ fn tuap_perturbation_is_universal_bounded_and_kept_in_the_record() {
     // Universal: on held-out images the benign model sends many perturbed images to the target.
     let eval = EvalSet::new(fashion(Split::Test, 2000), Some(&record)).unwrap();
     let base = evaluate(&benign.net, &eval, tch::Device::Cpu);
-    let trained = train(
-        &marked,
-        &short_training(4),
-        tch::Device::Cpu,
-        None,
-        None,
-        &|_| {},
-        &|_| false,
-    )
-    .unwrap();
+    let trained = fit(&marked, 4);
     let m = evaluate(&trained.net, &eval, tch::Device::Cpu);
     eprintln!("TUAP: benign model {base:?}; after 4 epochs on the release {m:?}");
     assert!(base.asr.unwrap() > 0.3, "not universal: {base:?}");
