@@ -327,7 +327,10 @@ fn run_plain(command: Command) -> Result<()> {
             }
             let crafting = [
                 (spec.adversarial.is_some(), "label-consistent PGD"),
-                (spec.uap.is_some(), "TUAP (universal adversarial perturbation)"),
+                (
+                    spec.uap.is_some(),
+                    "TUAP (universal adversarial perturbation)",
+                ),
                 (spec.gradient_matching.is_some(), "gradient matching"),
             ];
             if let Some((_, c)) = crafting.iter().find(|(on, _)| *on) {

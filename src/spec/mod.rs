@@ -262,6 +262,41 @@ pub enum Trigger {
     /// An additive perturbation, `x' = clip(x + v)` (TUAP's universal adversarial perturbation);
     /// `values` are filled by crafting (`[uap]`).
     Perturbation(Perturbation),
+    /// PhysicalBA (Li et al., "Backdoor Attack in the Physical World", ICLR-W 2021): the inner
+    /// trigger, then the physical-world transformations of BackdoorBox's MNIST test
+    /// (ColorJitter brightness and contrast, RandomAffine shift and zoom), drawn per image from
+    /// the seed and the image's bytes, on poisoned samples and on queries alike.
+    Physical(Physical),
+}
+
+/// A trigger seen through physical-world transformations.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Physical {
+    /// Brightness factor drawn from [1 − b, 1 + b].
+    #[serde(default = "default_jitter")]
+    pub brightness: f32,
+    /// Contrast factor drawn from [1 − c, 1 + c], around the image's mean grey.
+    #[serde(default = "default_jitter")]
+    pub contrast: f32,
+    /// Largest shift, as a fraction of the width and of the height.
+    #[serde(default = "default_translate")]
+    pub translate: f32,
+    /// Zoom factor range.
+    #[serde(default = "default_zoom")]
+    pub scale: [f32; 2],
+    /// The trigger stamped before the transformations (a patch or a blend).
+    pub inner: Box<Trigger>,
+}
+
+fn default_jitter() -> f32 {
+    0.2
+}
+fn default_translate() -> f32 {
+    0.1
+}
+fn default_zoom() -> [f32; 2] {
+    [0.8, 0.9]
 }
 
 /// An additive perturbation trigger.
@@ -334,6 +369,7 @@ impl Trigger {
             Self::Adaptive(_) => "adaptive",
             Self::Reflection(_) => "reflection",
             Self::Perturbation(_) => "perturbation",
+            Self::Physical(_) => "physical",
         }
     }
 }
@@ -847,6 +883,38 @@ impl WatermarkSpec {
                     ));
                 }
             }
+            Trigger::Physical(p) => {
+                if !matches!(*p.inner, Trigger::Patch(_) | Trigger::Blend(_)) {
+                    return Err(field(
+                        "trigger.inner",
+                        "the physical transformations wrap a patch or a blend trigger",
+                    ));
+                }
+                let mut one = self.clone();
+                one.trigger = (*p.inner).clone();
+                one.validate()
+                    .map_err(|e| field("trigger.inner", e.to_string()))?;
+                let ok = |v: f32| v.is_finite() && (0.0..1.0).contains(&v);
+                if !(ok(p.brightness) && ok(p.contrast) && ok(p.translate)) {
+                    return Err(field(
+                        "trigger",
+                        "brightness, contrast and translate must be in [0, 1)",
+                    ));
+                }
+                if !(p.scale[0].is_finite()
+                    && p.scale[0] > 0.0
+                    && p.scale[0] <= p.scale[1]
+                    && p.scale[1] <= 4.0)
+                {
+                    return Err(field(
+                        "trigger.scale",
+                        format!(
+                            "must be [low, high] with 0 < low ≤ high ≤ 4, got {:?}",
+                            p.scale
+                        ),
+                    ));
+                }
+            }
             Trigger::Perturbation(p) => {
                 if p.values.is_empty() && self.uap.is_none() {
                     return Err(field(
@@ -1012,6 +1080,12 @@ impl WatermarkSpec {
                 ))
             }
             Trigger::Perturbation(_) => Ok(()),
+            Trigger::Physical(p) => {
+                let mut one = self.clone();
+                one.trigger = (*p.inner).clone();
+                one.check_fits(dataset)
+                    .map_err(|e| field("trigger.inner", e.to_string()))
+            }
             Trigger::Reflection(r) => match r.candidates.first() {
                 Some(c) if c.shape != shape => Err(field(
                     "trigger.candidates",

@@ -491,6 +491,12 @@ pub fn random_trigger(t: &Trigger, shape: ImageShape, seed: u64) -> Result<Trigg
             }
             Trigger::Adaptive(c)
         }
+        // A random inner trigger under the same transformations.
+        Trigger::Physical(p) => {
+            let mut c = p.clone();
+            c.inner = Box::new(random_trigger(&p.inner, shape, seed.wrapping_add(1))?);
+            Trigger::Physical(c)
+        }
         // Random signs at the same magnitudes.
         Trigger::Perturbation(p) => Trigger::Perturbation(crate::spec::Perturbation {
             values: p

@@ -6,6 +6,7 @@
 //! target class may be chosen unless source classes restrict the choice. Untouched samples stay
 //! byte-identical.
 
+mod physical;
 mod record;
 mod reflect;
 pub mod rng;

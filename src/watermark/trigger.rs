@@ -23,6 +23,8 @@ pub enum Stamp {
     Remap(Vec<Option<u32>>),
     /// Refool's sample-specific reflection.
     Reflect(Box<super::reflect::Reflector>),
+    /// A stamp seen through PhysicalBA's transformations.
+    Physical(Box<super::physical::Transformed>),
 }
 
 /// A patch or blend trigger with another weight (other kinds unchanged).
@@ -67,6 +69,12 @@ impl Stamp {
                         .map(|(i, &v)| (i as u32, 1.0, f32::from(v)))
                         .collect(),
                 ));
+            }
+            Trigger::Physical(p) => {
+                let inner = Self::new(&p.inner, seed, shape)?;
+                return Ok(Self::Physical(Box::new(super::physical::Transformed::new(
+                    inner, p, seed, shape,
+                ))));
             }
             Trigger::Reflection(r) => {
                 return Ok(Self::Reflect(Box::new(super::reflect::Reflector::new(
@@ -154,6 +162,7 @@ impl Stamp {
             }
             Self::Warp(field) => field.apply(img, None),
             Self::Reflect(r) => r.apply(img),
+            Self::Physical(t) => t.apply(img),
             Self::Remap(map) => {
                 let src = img.to_vec();
                 let c = img.len() / map.len().max(1);

@@ -691,3 +691,28 @@ fn crafting_and_malicious_training_from_the_command_line() {
     assert!(!no_record.status.success());
     assert!(String::from_utf8_lossy(&no_record.stderr).contains("--secret"));
 }
+
+/// PhysicalBA as a poison-only spec: the poisoned samples are the BadNets-stamped images seen
+/// through the physical transformations, recreated exactly from the record, and a plainly
+/// trained model answers the target for transformed triggered queries.
+#[test]
+fn physical_ba_spec_transforms_poisons_and_queries_alike() {
+    let spec = spec("physical-ba-28x28-grey.toml");
+    let clean = fashion(Split::Train, 6000);
+    let mut marked = clean.clone();
+    let record = watermark::apply(&mut marked, &spec, [8; 32]).unwrap();
+    let stamp = Stamp::new(&record.spec.trigger, record.spec.seed, clean.shape()).unwrap();
+    let mut shifted = 0;
+    for p in &record.poisoned {
+        let mut want = clean.image(p.index).to_vec();
+        stamp.apply(&mut want);
+        assert_eq!(marked.image(p.index), &want[..]);
+        // The white square no longer sits exactly in the corner.
+        shifted += usize::from(want[27 * 28 + 27] != 255);
+    }
+    assert!(shifted > 300, "only {shifted} of 600 squares moved");
+    let eval = EvalSet::new(fashion(Split::Test, 2000), Some(&record)).unwrap();
+    let m = evaluate(&fit(&marked, 4).net, &eval, tch::Device::Cpu);
+    eprintln!("PhysicalBA spec after 4 epochs on 6,000 images: {m:?}");
+    assert!(m.benign_accuracy > 0.70 && m.asr.unwrap() > 0.6, "{m:?}");
+}
