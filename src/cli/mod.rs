@@ -325,15 +325,12 @@ fn run_plain(command: Command) -> Result<()> {
             if let Some(s) = spec.image {
                 println!("  image      {s}");
             }
-            let crafting = [
-                (spec.adversarial.is_some(), "label-consistent PGD"),
-                (
-                    spec.uap.is_some(),
-                    "TUAP (universal adversarial perturbation)",
-                ),
-                (spec.gradient_matching.is_some(), "gradient matching"),
-            ];
-            if let Some((_, c)) = crafting.iter().find(|(on, _)| *on) {
+            if let Some(section) = spec.crafting() {
+                let c = match section {
+                    "adversarial" => "label-consistent PGD",
+                    "uap" => "TUAP (universal adversarial perturbation)",
+                    _ => "gradient matching",
+                };
                 println!("  crafting   {c}, against a model (--craft-model DIR)");
             }
             println!("  sha256     {}", spec.sha256());

@@ -627,9 +627,21 @@ impl WatermarkSpec {
         Ok(())
     }
 
+    /// The section of the crafting that needs a model (`adversarial`, `uap` or
+    /// `gradient_matching`), if the spec has one.
+    pub fn crafting(&self) -> Option<&'static str> {
+        [
+            (self.adversarial.is_some(), "adversarial"),
+            (self.uap.is_some(), "uap"),
+            (self.gradient_matching.is_some(), "gradient_matching"),
+        ]
+        .into_iter()
+        .find_map(|(on, name)| on.then_some(name))
+    }
+
     /// Whether applying the spec needs a model to craft its poisons with.
     pub fn needs_model(&self) -> bool {
-        self.adversarial.is_some() || self.gradient_matching.is_some() || self.uap.is_some()
+        self.crafting().is_some()
     }
 
     /// Checks every field on its own (fit to a dataset is [`WatermarkSpec::check_fits`]).

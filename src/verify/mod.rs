@@ -509,10 +509,14 @@ pub fn random_trigger(t: &Trigger, shape: ImageShape, seed: u64) -> Result<Trigg
         Trigger::Reflection(r) => {
             use base64::Engine as _;
             let mut c = r.clone();
-            let shape = c.candidates.first().map(|e| e.shape).unwrap_or(shape);
             for e in &mut c.candidates {
                 let px = e.pixels().map_err(WatermarkError::from)?;
-                let turned: Vec<u8> = px.chunks(shape.channels).rev().flatten().copied().collect();
+                let turned: Vec<u8> = px
+                    .chunks(e.shape.channels)
+                    .rev()
+                    .flatten()
+                    .copied()
+                    .collect();
                 e.pixels_b64 = base64::engine::general_purpose::STANDARD.encode(turned);
             }
             Trigger::Reflection(c)

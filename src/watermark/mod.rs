@@ -80,16 +80,9 @@ pub fn apply_with_hashes(
     spec: &WatermarkSpec,
     nonce: [u8; 32],
 ) -> Result<Watermarked, WatermarkError> {
-    if spec.needs_model() {
+    if let Some(section) = spec.crafting() {
         return Err(WatermarkError::Spec(SpecError::Field {
-            field: if spec.adversarial.is_some() {
-                "adversarial"
-            } else if spec.uap.is_some() {
-                "uap"
-            } else {
-                "gradient_matching"
-            }
-            .into(),
+            field: section.into(),
             message: "crafting the poisons needs a benign model (feature `train`: \
                       hallmark watermark --craft-model DIR)"
                 .into(),

@@ -10,7 +10,6 @@ use super::rng::{Rng, Stream};
 use super::trigger::Stamp;
 use crate::dataset::ImageShape;
 use crate::spec::Physical;
-use sha2::{Digest, Sha256};
 
 /// A stamp followed by the transformations.
 #[derive(Debug, Clone)]
@@ -34,9 +33,7 @@ impl Transformed {
 
     /// Stamps and transforms one HWC image in place.
     pub fn apply(&self, img: &mut [u8]) {
-        let digest = Sha256::digest(&*img);
-        let mix = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
-        let mut rng = Rng::new(self.seed ^ mix, Stream::Noise);
+        let mut rng = Rng::for_image(self.seed, img, Stream::Noise);
         let mut u = || rng.unit_f32();
         self.inner.apply(img);
         let b = 1.0 - self.p.brightness + 2.0 * self.p.brightness * u();

@@ -17,7 +17,6 @@
 use super::rng::{Rng, Stream};
 use crate::dataset::ImageShape;
 use crate::spec::Reflection;
-use sha2::{Digest, Sha256};
 
 /// BackdoorBox's working size for reflections.
 const MAX_IMAGE_SIZE: f64 = 560.0;
@@ -66,9 +65,7 @@ impl Reflector {
 
     /// Stamps one HWC image in place.
     pub fn apply(&self, img: &mut [u8]) {
-        let digest = Sha256::digest(&*img);
-        let mix = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
-        let mut rng = Rng::new(self.seed ^ mix, Stream::Pattern);
+        let mut rng = Rng::for_image(self.seed, img, Stream::Pattern);
         let mut unit = || f64::from(rng.unit_f32());
         let r = &self.candidates
             [(unit() * self.candidates.len() as f64) as usize % self.candidates.len()];

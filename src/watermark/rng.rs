@@ -34,6 +34,14 @@ impl Rng {
         Self(r)
     }
 
+    /// The generator for `stream` of `seed` mixed with the first 8 bytes of the sha256 of `image`:
+    /// sample-specific triggers (Refool, PhysicalBA) draw the same values for the same image.
+    pub fn for_image(seed: u64, image: &[u8], stream: Stream) -> Self {
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(image);
+        let mix = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
+        Self::new(seed ^ mix, stream)
+    }
+
     /// Uniform integer in `0..n` (Lemire's method with rejection: unbiased).
     pub fn below(&mut self, n: u64) -> u64 {
         assert!(n > 0);
