@@ -329,9 +329,14 @@ fn run_plain(command: Command) -> Result<()> {
                 let c = match section {
                     "adversarial" => "label-consistent PGD",
                     "uap" => "TUAP (universal adversarial perturbation)",
+                    "encoder" => "ISSBA encoder",
                     _ => "gradient matching",
                 };
-                println!("  crafting   {c}, against a model (--craft-model DIR)");
+                if spec.needs_model() {
+                    println!("  crafting   {c}, against a model (--craft-model DIR)");
+                } else {
+                    println!("  crafting   {c}, trained on the data (feature train)");
+                }
             }
             println!("  sha256     {}", spec.sha256());
             Ok(())
@@ -464,6 +469,28 @@ fn watermark_cmd(a: WatermarkArgs) -> Result<()> {
                     ))
                 },
             )
+        }
+        (None, _) if spec.encoder.is_some() => {
+            let device = crate::train::device(crate::train::DeviceChoice::Auto)?;
+            let marked = crate::train::generator::issba(
+                &mut loaded.dataset,
+                &spec,
+                watermark::random_nonce(),
+                device,
+                &|step, of, loss| {
+                    pb.set_message(format!(
+                        "training the ISSBA encoder: step {step}/{of}, loss {loss:.4}"
+                    ))
+                },
+            );
+            marked.map(|(m, report)| {
+                pb.println(format!(
+                    "ISSBA encoder: the decoder reads {:.1}% of the secret's bits; mean |residual| {:.2}/255",
+                    report.bit_accuracy * 100.0,
+                    report.mean_abs_residual
+                ));
+                m
+            })
         }
         (Some(_), false) => bail!(
             "--craft-model is for specs whose poisons are crafted with a model ([adversarial] or \

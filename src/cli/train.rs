@@ -28,6 +28,17 @@ pub enum AttackKind {
     PhysicalBa,
     /// Blind backdoor: the trigger of a secret record added in the loss.
     Blind,
+    /// IAD: an input-aware trigger generator and mask learnt with the classifier.
+    Iad,
+    /// LIRA: an additive trigger function learnt with the classifier.
+    Lira,
+}
+
+impl AttackKind {
+    /// Whether the attack learns its own trigger while training (the data stays clean).
+    pub fn learns_trigger(self) -> bool {
+        matches!(self, Self::Iad | Self::Lira)
+    }
 }
 
 /// The training procedure for `kind`, with the trigger of `record` for Blind.
@@ -35,7 +46,16 @@ fn attack_for(
     kind: AttackKind,
     record: Option<&SecretRecord>,
     shape: dataset::ImageShape,
+    settings: &TrainSettings,
 ) -> Result<train::Attack> {
+    let target = |name: &str| -> Result<u32> {
+        let Some(r) = record else {
+            bail!("--attack {name} takes its target class from a secret record: add --secret FILE");
+        };
+        r.spec.labelling.target().with_context(|| {
+            format!("--attack {name} needs a targeted watermark (the record's spec has no target)")
+        })
+    };
     Ok(match kind {
         AttackKind::None => train::Attack::None,
         AttackKind::PhysicalBa => {
@@ -65,6 +85,17 @@ fn attack_for(
                 target,
             }
         }
+        AttackKind::Iad => train::Attack::Iad {
+            target: target("iad")?,
+            settings: Default::default(),
+        },
+        AttackKind::Lira => train::Attack::Lira {
+            target: target("lira")?,
+            settings: train::generator::LiraSettings {
+                eps: settings.lira_eps,
+                ..Default::default()
+            },
+        },
     })
 }
 
@@ -77,9 +108,15 @@ pub struct TrainSettings {
     /// Train maliciously (a suspect for calibration): `physical-ba` transforms the poisoned
     /// samples named by --secret as the physical world would (PhysicalBA); `blind` adds the
     /// secret record's trigger as a backdoor task in the loss (Blind backdoor; the data stays
-    /// clean).
+    /// clean); `iad` and `lira` learn their own trigger generator while training (IAD, LIRA;
+    /// the data stays clean, the target class comes from --secret, and the learnt trigger is
+    /// written as a secret record).
     #[arg(long, value_enum, default_value_t = AttackKind::None)]
     pub attack: AttackKind,
+    /// LIRA's eps: the largest change of one pixel value, 0–255 scale (BackdoorBox: 0.01 on the
+    /// [0, 1] scale).
+    #[arg(long, default_value_t = 2.55)]
+    pub lira_eps: f64,
     /// Epochs.
     #[arg(long, default_value_t = 10)]
     pub epochs: usize,
@@ -161,6 +198,10 @@ pub struct TrainArgs {
     /// The watermark's secret record, for attack success rates.
     #[arg(long)]
     pub secret: Option<PathBuf>,
+    /// With --attack iad or lira: where to write the learnt trigger, as a secret record (the
+    /// --secret record with its trigger replaced) that `hallmark verify` takes.
+    #[arg(long)]
+    pub learned_secret: Option<PathBuf>,
     /// Seed of initialisation, shuffling and augmentation.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -258,9 +299,26 @@ pub(super) fn train_cmd(a: TrainArgs) -> Result<()> {
     let device = train::device(a.settings.device)?;
     let data = a.train_data.load()?;
     let record = a.secret.as_deref().map(SecretRecord::load).transpose()?;
-    let eval = match &a.test_data {
-        Some(p) => Some(EvalSet::new(load_test(p, a.test_split)?, record.as_ref())?),
-        None if record.is_some() => {
+    let learns = a.settings.attack.learns_trigger();
+    if learns != a.learned_secret.is_some() {
+        bail!(if learns {
+            "--attack iad and lira learn their trigger: add --learned-secret FILE to keep it"
+        } else {
+            "--learned-secret is for --attack iad or lira"
+        });
+    }
+    let test = a
+        .test_data
+        .as_ref()
+        .map(|p| load_test(p, a.test_split))
+        .transpose()?;
+    // A learnt trigger is known only after training: the epochs report benign accuracy only.
+    let eval = match &test {
+        Some(t) => Some(EvalSet::new(
+            t.clone(),
+            record.as_ref().filter(|_| !learns),
+        )?),
+        None if record.is_some() && !learns => {
             bail!("--secret needs --test-data to measure the attack success rate")
         }
         None => None,
@@ -268,7 +326,12 @@ pub(super) fn train_cmd(a: TrainArgs) -> Result<()> {
     let cfg = a.settings.config(a.seed);
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
-    let attack = attack_for(a.settings.attack, record.as_ref(), data.shape())?;
+    let attack = attack_for(
+        a.settings.attack,
+        record.as_ref(),
+        data.shape(),
+        &a.settings,
+    )?;
     let t = train_with_progress(
         &data,
         &cfg,
@@ -278,7 +341,18 @@ pub(super) fn train_cmd(a: TrainArgs) -> Result<()> {
         "",
         &attack,
     )?;
-    let last = t.history.last().cloned();
+    let mut last = t.history.last().cloned();
+    if let (Some(path), Some(r), Some(g)) = (&a.learned_secret, &record, &t.trigger) {
+        let learned = learned_record(r, g, &attack);
+        learned
+            .save(path, true)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("learnt trigger written to {}", path.display());
+        if let (Some(test), Some(e)) = (&test, &mut last) {
+            let eval = EvalSet::new(test.clone(), Some(&learned))?;
+            e.metrics = Some(crate::train::metrics::evaluate(&t.net, &eval, device));
+        }
+    }
     let info = ModelInfo {
         arch: cfg.arch,
         shape: data.shape(),
@@ -309,6 +383,23 @@ pub(super) fn train_cmd(a: TrainArgs) -> Result<()> {
     }
     println!("{}", a.out.display());
     Ok(())
+}
+
+/// The attacker's record of a learnt trigger: `base` (its target, seed and dataset) with the
+/// trigger replaced.
+fn learned_record(
+    base: &SecretRecord,
+    g: &crate::spec::Generated,
+    attack: &train::Attack,
+) -> SecretRecord {
+    let mut r = base.clone();
+    r.spec.trigger = crate::spec::Trigger::Generated(g.clone());
+    r.spec.name = format!("{}@{}", base.spec.name, attack.name());
+    r.spec.description = Some(format!(
+        "the trigger learnt by --attack {} while training",
+        attack.name()
+    ));
+    r
 }
 
 pub(super) fn serve_model_cmd(a: ServeModelArgs) -> Result<()> {
@@ -465,6 +556,28 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
     let mark = |ds: &mut crate::dataset::Dataset,
                 s: &crate::spec::WatermarkSpec|
      -> Result<crate::watermark::SecretRecord> {
+        if s.encoder.is_some() {
+            let pb = bar(0, "training the encoder");
+            let marked = crate::train::generator::issba(
+                ds,
+                s,
+                watermark::random_nonce(),
+                device,
+                &|step, of, loss| {
+                    pb.set_length(of as u64);
+                    pb.set_position(step as u64);
+                    pb.set_message(format!("ISSBA encoder, loss {loss:.4}"));
+                },
+            );
+            pb.finish_and_clear();
+            let (marked, report) = marked?;
+            eprintln!(
+                "ISSBA encoder: decoder reads {:.1}% of the secret's bits, mean |residual| {:.2}/255",
+                report.bit_accuracy * 100.0,
+                report.mean_abs_residual
+            );
+            return Ok(marked.record);
+        }
         Ok(match &benign {
             Some(b) => {
                 let surrogate = crate::train::craft::Surrogate {
@@ -496,12 +609,12 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
         let mut wspec = spec.clone();
         wspec.seed = spec.seed.wrapping_add(i as u64);
         let mut marked = clean.clone();
-        let record = mark(&mut marked, &wspec)?;
+        let mut record = mark(&mut marked, &wspec)?;
         record.save(
             &a.out.join(format!("secrets/watermarked-{i}.secret.json")),
             true,
         )?;
-        let eval = EvalSet::new(test.clone(), Some(&record))?;
+        let mut eval = EvalSet::new(test.clone(), Some(&record))?;
         let mut other_spec = wspec.clone();
         other_spec.seed = spec.seed.wrapping_add(1000 + i as u64);
         other_spec.trigger =
@@ -510,7 +623,8 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
         let other_record = mark(&mut other, &other_spec)?;
         // Blind injects the backdoor while training on the clean data; PhysicalBA transforms the
         // poisoned samples of the release it trains on. The clean model trains plainly.
-        let blind = a.settings.attack == AttackKind::Blind;
+        // IAD and LIRA, too, train on the clean data and learn their own trigger.
+        let blind = a.settings.attack == AttackKind::Blind || a.settings.attack.learns_trigger();
         let (marked_data, other_data) = if blind {
             (&clean, &clean)
         } else {
@@ -521,7 +635,7 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
                 ModelKind::Watermarked,
                 marked_data,
                 a.seed + i as u64,
-                attack_for(a.settings.attack, Some(&record), clean.shape())?,
+                attack_for(a.settings.attack, Some(&record), clean.shape(), &a.settings)?,
             ),
             (
                 ModelKind::Clean,
@@ -533,12 +647,28 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
                 ModelKind::OtherTrigger,
                 other_data,
                 a.seed + 200 + i as u64,
-                attack_for(a.settings.attack, Some(&other_record), clean.shape())?,
+                attack_for(
+                    a.settings.attack,
+                    Some(&other_record),
+                    clean.shape(),
+                    &a.settings,
+                )?,
             ),
         ] {
             let cfg = a.settings.config(seed);
             let label = format!("{kind:?} #{i}");
             let t = train_with_progress(data, &cfg, device, None, None, &label, &attack)?;
+            // The watermarked model's learnt trigger is the secret every model is verified with.
+            if kind == ModelKind::Watermarked
+                && let Some(g) = &t.trigger
+            {
+                record = learned_record(&record, g, &attack);
+                record.save(
+                    &a.out.join(format!("secrets/watermarked-{i}.secret.json")),
+                    true,
+                )?;
+                eval = EvalSet::new(test.clone(), Some(&record))?;
+            }
             let metrics = crate::train::metrics::evaluate(&t.net, &eval, device);
             let model = LoadedModel::from_trained(t, info(&cfg), device);
             let verdict = serve_and_verify(&rt, model, &record, &test, &vcfg)?;

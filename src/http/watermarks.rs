@@ -145,6 +145,12 @@ async fn create_watermark(
              secret record",
         ));
     }
+    if spec.encoder.is_some() {
+        return Err(ApiError::invalid_spec(
+            "an ISSBA spec trains its encoder first (libtorch); craft the release with \
+             `hallmark watermark` built with the train feature and import its secret record",
+        ));
+    }
     own_dataset(&s, &caller, &req.dataset_id, "dataset_id").await?;
     if let Some(h) = &req.holdout_dataset_id {
         own_dataset(&s, &caller, h, "holdout_dataset_id").await?;

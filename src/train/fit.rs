@@ -127,6 +127,8 @@ pub struct Trained {
     pub net: Net,
     /// One report per epoch, resumed epochs included.
     pub history: Vec<EpochReport>,
+    /// The trigger an IAD or LIRA attack learnt, for the attacker's secret record.
+    pub trigger: Option<crate::spec::Generated>,
 }
 
 /// Pixels of images `indices` as a float tensor [n, C, H, W] in [0, 1] on `device`.
@@ -250,6 +252,22 @@ pub enum Attack {
         /// The backdoor's target class.
         target: u32,
     },
+    /// IAD (Nguyen & Tran, NeurIPS 2020): an input-aware pattern generator and mask network
+    /// trained with the classifier ([`super::generator`]); the data stays clean.
+    Iad {
+        /// The backdoor's target class.
+        target: u32,
+        /// IAD's settings.
+        settings: super::generator::IadSettings,
+    },
+    /// LIRA (Doan et al., ICCV 2021): an additive trigger function learnt with the classifier
+    /// ([`super::generator`]); the data stays clean.
+    Lira {
+        /// The backdoor's target class.
+        target: u32,
+        /// LIRA's settings.
+        settings: super::generator::LiraSettings,
+    },
 }
 
 impl Attack {
@@ -259,6 +277,8 @@ impl Attack {
             Self::None => "none",
             Self::PhysicalBa { .. } => "physical-ba",
             Self::Blind { .. } => "blind",
+            Self::Iad { .. } => "iad",
+            Self::Lira { .. } => "lira",
         }
     }
 }
@@ -328,6 +348,17 @@ pub fn train_attacked(
         return Err(TrainError::Config("the training set is empty".into()));
     }
     let shape = train.shape();
+    let mut learner = match attack {
+        Attack::Iad { target, settings } => Some(super::generator::Learner::iad(
+            *settings, *target, shape, cfg.seed, device,
+        )),
+        Attack::Lira { target, settings } => Some(super::generator::Learner::lira(
+            *settings, *target, shape, cfg.seed, device,
+        )),
+        _ => None,
+    };
+    // A learnt generator and its optimiser are not in the checkpoint: such runs do not resume.
+    let checkpoints = if learner.is_some() { None } else { checkpoints };
     let (mut vs, net) = {
         let _rng = super::TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(cfg.seed as i64);
@@ -393,8 +424,17 @@ pub fn train_attacked(
         }
         _ => None,
     };
+    if let Some(l) = &mut learner {
+        let mut rng = Rng::new(cfg.seed ^ 0x1ad, Stream::Selection);
+        l.pretrain(&x_all, cfg.batch_size, &mut rng);
+    }
     for epoch in start_epoch..cfg.epochs {
         let lr = cfg.lr_at(epoch);
+        // LIRA learns its trigger in the first half and fine-tunes the classifier in the second.
+        let learn_trigger = match attack {
+            Attack::Lira { .. } => epoch < cfg.epochs.div_ceil(2),
+            _ => true,
+        };
         // Shuffling and augmentation depend on (seed, epoch) only, so a resumed run draws the same.
         let mut rng = Rng::new(
             cfg.seed
@@ -427,7 +467,10 @@ pub fn train_attacked(
                 }
             }
             let y = y_all.index_select(0, &idx);
-            let loss = net.forward_t(&x, true).cross_entropy_for_logits(&y);
+            let loss = match &mut learner {
+                Some(l) => l.loss(&net, &x, &y, learn_trigger),
+                None => net.forward_t(&x, true).cross_entropy_for_logits(&y),
+            };
             for t in &trainable {
                 t.shallow_clone().zero_grad();
             }
@@ -459,6 +502,9 @@ pub fn train_attacked(
                     let _ = p.shallow_clone().g_sub_(&(&*buf * lr));
                 }
             });
+            if let Some(l) = &mut learner {
+                l.step(learn_trigger);
+            }
             let l = loss.double_value(&[]);
             if !l.is_finite() {
                 return Err(TrainError::Diverged { epoch: epoch + 1 });
@@ -504,7 +550,13 @@ pub fn train_attacked(
         }
     }
     vs.freeze();
-    Ok(Trained { vs, net, history })
+    let trigger = learner.as_ref().map(|l| l.trigger());
+    Ok(Trained {
+        vs,
+        net,
+        history,
+        trigger,
+    })
 }
 
 /// MGDA's weight of the first of two tasks (Sener & Koltun, NeurIPS 2018, the two-task closed

@@ -4,6 +4,7 @@
 pub mod calibrate;
 pub mod craft;
 pub mod fit;
+pub mod generator;
 pub mod metrics;
 pub mod model;
 pub mod serve;

@@ -42,7 +42,7 @@ fn torch_bias_init(fan_in: i64) -> nn::Init {
     nn::Init::Uniform { lo: -b, up: b }
 }
 
-fn conv(
+pub(crate) fn conv(
     p: nn::Path,
     c_in: i64,
     c_out: i64,
@@ -62,7 +62,7 @@ fn conv(
     nn::conv2d(p, c_in, c_out, k, cfg)
 }
 
-fn linear(p: nn::Path, d_in: i64, d_out: i64) -> nn::Linear {
+pub(crate) fn linear(p: nn::Path, d_in: i64, d_out: i64) -> nn::Linear {
     nn::linear(
         p,
         d_in,

@@ -497,6 +497,12 @@ pub fn random_trigger(t: &Trigger, shape: ImageShape, seed: u64) -> Result<Trigg
             c.inner = Box::new(random_trigger(&p.inner, shape, seed.wrapping_add(1))?);
             Trigger::Physical(c)
         }
+        // The same networks' outputs turned by 180°.
+        Trigger::Generated(g) => {
+            let mut c = g.clone();
+            c.turned = !g.turned;
+            Trigger::Generated(c)
+        }
         // Random signs at the same magnitudes.
         Trigger::Perturbation(p) => Trigger::Perturbation(crate::spec::Perturbation {
             values: p

@@ -6,6 +6,7 @@
 //! target class may be chosen unless source classes restrict the choice. Untouched samples stay
 //! byte-identical.
 
+mod generator;
 mod physical;
 mod record;
 mod reflect;
@@ -83,9 +84,13 @@ pub fn apply_with_hashes(
     if let Some(section) = spec.crafting() {
         return Err(WatermarkError::Spec(SpecError::Field {
             field: section.into(),
-            message: "crafting the poisons needs a benign model (feature `train`: \
-                      hallmark watermark --craft-model DIR)"
-                .into(),
+            message: if spec.needs_model() {
+                "crafting the poisons needs a benign model (feature `train`: \
+                 hallmark watermark --craft-model DIR)"
+            } else {
+                "the encoder is trained first (feature `train`: hallmark watermark)"
+            }
+            .into(),
         }));
     }
     apply_crafted(dataset, spec, nonce, &mut |_, _| Ok(()))

@@ -25,6 +25,8 @@ pub enum Stamp {
     Reflect(Box<super::reflect::Reflector>),
     /// A stamp seen through PhysicalBA's transformations.
     Physical(Box<super::physical::Transformed>),
+    /// A trigger made by stored networks.
+    Generated(Box<super::generator::Generator>),
 }
 
 /// A patch or blend trigger with another weight (other kinds unchanged).
@@ -69,6 +71,11 @@ impl Stamp {
                         .map(|(i, &v)| (i as u32, 1.0, f32::from(v)))
                         .collect(),
                 ));
+            }
+            Trigger::Generated(g) => {
+                return Ok(Self::Generated(Box::new(super::generator::Generator::new(
+                    g, shape,
+                )?)));
             }
             Trigger::Physical(p) => {
                 let inner = Self::new(&p.inner, seed, shape)?;
@@ -163,6 +170,7 @@ impl Stamp {
             Self::Warp(field) => field.apply(img, None),
             Self::Reflect(r) => r.apply(img),
             Self::Physical(t) => t.apply(img),
+            Self::Generated(g) => g.apply(img),
             Self::Remap(map) => {
                 let src = img.to_vec();
                 let c = img.len() / map.len().max(1);

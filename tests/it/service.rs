@@ -901,6 +901,7 @@ async fn bad_specs_and_private_endpoints_are_refused_before_any_work() {
             json!(spec_text("label-consistent-28x28-grey.toml")),
             "invalid_spec",
         ),
+        (json!(spec_text("issba-28x28-grey.toml")), "invalid_spec"),
         (
             json!(spec_text("blended-28x28-grey.toml").replace("noise", "image") + "\n"),
             "invalid_spec",
