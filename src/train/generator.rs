@@ -6,7 +6,8 @@
 //! - IAD (Nguyen & Tran, "Input-Aware Dynamic Backdoor Attack", NeurIPS 2020): a mask network is
 //!   trained first for density and diversity, then a pattern generator jointly with the
 //!   classifier, with backdoor samples (target label) and cross-trigger samples (another image's
-//!   pattern and mask, true label) in every batch.
+//!   pattern and mask, true label) in every batch; the other image is the batch's next one (IAD
+//!   draws it from a second shuffled loader).
 //! - LIRA (Doan et al., "LIRA: Learnable, Imperceptible and Robust Backdoor Attacks", ICCV 2021):
 //!   an additive trigger function `x + eps · T(x)` learnt alternately with the classifier
 //!   (T towards the target on the current classifier, then the classifier on the mix
