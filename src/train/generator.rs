@@ -213,7 +213,7 @@ fn seeded<T>(seed: u64, build: impl FnOnce() -> T) -> T {
 }
 
 /// IAD's Adam (lr 0.01, betas 0.5 and 0.9) over `vs`.
-fn iad_adam(vs: &nn::VarStore) -> nn::Optimizer {
+fn iad_adam(vs: &nn::VarStore, lr: f64) -> nn::Optimizer {
     nn::Adam {
         beta1: 0.5,
         beta2: 0.9,
@@ -221,7 +221,7 @@ fn iad_adam(vs: &nn::VarStore) -> nn::Optimizer {
         eps: 1e-8,
         amsgrad: false,
     }
-    .build(vs, 0.01)
+    .build(vs, lr)
     .expect("Adam over the generator's variables")
 }
 
@@ -488,7 +488,7 @@ impl Learner {
                 TorchNet::new(mask_vs.root() / "mask", c, &mask_plan, shape),
             )
         });
-        let opt = iad_adam(&vs);
+        let opt = iad_adam(&vs, 0.01);
         Self {
             vs,
             mask_vs: Some(mask_vs),
@@ -559,7 +559,13 @@ impl Learner {
         let (Some(mask), Some(mask_vs)) = (&self.mask, &self.mask_vs) else {
             return;
         };
-        let mut opt = iad_adam(mask_vs);
+        let mut opt = iad_adam(mask_vs, 0.01);
+        let vars = mask_vs.trainable_variables();
+        // Without IAD's batch norm, the mask sometimes goes dark for a while (no pixel on, every
+        // mask alike, the diversity ratio in the hundred thousands) and comes back: the phase
+        // ends with the last weights whose masks were on (at least a third of the allowed
+        // density) and diverse.
+        let mut healthy: Option<Vec<Tensor>> = None;
         let n = x_all.size()[0];
         for _ in 0..s.mask_epochs {
             let mut order: Vec<i64> = (0..n).collect();
@@ -575,11 +581,26 @@ impl Learner {
                 let div = (distance(&x1, &x2) / (distance(&m1, &m2) + IAD_EPSILON))
                     .mean(Kind::Float)
                     * s.lambda_div;
+                let on = m1
+                    .gt(0.5)
+                    .to_kind(Kind::Float)
+                    .mean(Kind::Float)
+                    .double_value(&[]);
+                if on >= s.mask_density / 3.0 && div.double_value(&[]) < 100.0 * s.lambda_div {
+                    healthy = Some(tch::no_grad(|| vars.iter().map(|v| v.copy()).collect()));
+                }
                 let norm = (m1.mean(Kind::Float) - s.mask_density).relu() * s.lambda_norm;
                 opt.zero_grad();
                 (div + norm).backward();
                 opt.step();
             }
+        }
+        if let Some(h) = healthy {
+            tch::no_grad(|| {
+                for (v, h) in vars.iter().zip(&h) {
+                    v.shallow_clone().copy_(h);
+                }
+            });
         }
         if let Some(v) = &mut self.mask_vs {
             v.freeze();
