@@ -484,11 +484,7 @@ fn watermark_cmd(a: WatermarkArgs) -> Result<()> {
                 },
             );
             marked.map(|(m, report)| {
-                pb.println(format!(
-                    "ISSBA encoder: the decoder reads {:.1}% of the secret's bits; mean |residual| {:.2}/255",
-                    report.bit_accuracy * 100.0,
-                    report.mean_abs_residual
-                ));
+                pb.println(report.to_string());
                 m
             })
         }

@@ -277,6 +277,18 @@ pub(super) fn train_with_progress(
     Ok(t?)
 }
 
+/// Crafting progress (step, of, loss) shown on `pb` as "`what`, loss …".
+fn bar_progress<'a>(
+    pb: &'a indicatif::ProgressBar,
+    what: &'a str,
+) -> impl Fn(usize, usize, f64) + 'a {
+    move |step, of, loss| {
+        pb.set_length(of as u64);
+        pb.set_position(step as u64);
+        pb.set_message(format!("{what}, loss {loss:.4}"));
+    }
+}
+
 /// Saves a trained model as model.ot + model.json in `dir`.
 pub(super) fn save_model(t: &train::Trained, info: &ModelInfo, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir)?;
@@ -563,19 +575,11 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
                 s,
                 watermark::random_nonce(),
                 device,
-                &|step, of, loss| {
-                    pb.set_length(of as u64);
-                    pb.set_position(step as u64);
-                    pb.set_message(format!("ISSBA encoder, loss {loss:.4}"));
-                },
+                &bar_progress(&pb, "ISSBA encoder"),
             );
             pb.finish_and_clear();
             let (marked, report) = marked?;
-            eprintln!(
-                "ISSBA encoder: decoder reads {:.1}% of the secret's bits, mean |residual| {:.2}/255",
-                report.bit_accuracy * 100.0,
-                report.mean_abs_residual
-            );
+            eprintln!("{report}");
             return Ok(marked.record);
         }
         Ok(match &benign {
@@ -592,11 +596,7 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
                     watermark::random_nonce(),
                     &surrogate,
                     device,
-                    &|step, of, loss| {
-                        pb.set_length(of as u64);
-                        pb.set_position(step as u64);
-                        pb.set_message(format!("crafting poisons, loss {loss:.4}"));
-                    },
+                    &bar_progress(&pb, "crafting poisons"),
                 );
                 pb.finish_and_clear();
                 marked?.record

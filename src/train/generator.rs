@@ -238,6 +238,17 @@ pub struct IssbaReport {
     pub mean_abs_residual: f64,
 }
 
+impl std::fmt::Display for IssbaReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ISSBA encoder: the decoder reads {:.1}% of the secret's bits; mean |residual| {:.2}/255",
+            self.bit_accuracy * 100.0,
+            self.mean_abs_residual
+        )
+    }
+}
+
 /// Trains ISSBA's encoder and decoder on `dataset` (seeded by the spec) and returns the trigger:
 /// the encoder with the release's secret (drawn from the seed) projected into a fixed plane.
 pub fn train_encoder(
