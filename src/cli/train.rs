@@ -6,7 +6,7 @@ use crate::train::metrics::{EvalSet, Metrics};
 use crate::train::serve::{LoadedModel, ModelInfo, ModelServer};
 use crate::train::{self, Arch, DeviceChoice, Schedule, TrainConfig};
 use crate::watermark::SecretRecord;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, ValueEnum};
 use std::path::{Path, PathBuf};
 
@@ -83,6 +83,7 @@ fn attack_for(
             train::Attack::Blind {
                 stamp: crate::watermark::Stamp::new(&r.spec.trigger, r.spec.seed, shape)?,
                 target,
+                neural_cleanse: !settings.blind_without_neural_cleanse,
             }
         }
         AttackKind::Iad => train::Attack::Iad {
@@ -117,6 +118,9 @@ pub struct TrainSettings {
     /// [0, 1] scale).
     #[arg(long, default_value_t = 2.55)]
     pub lira_eps: f64,
+    /// Blind without its Neural Cleanse evasion task (BackdoorBox's `use_neural_cleanse=False`).
+    #[arg(long)]
+    pub blind_without_neural_cleanse: bool,
     /// Epochs.
     #[arg(long, default_value_t = 10)]
     pub epochs: usize,
@@ -487,6 +491,14 @@ pub struct CalibrateArgs {
     /// Output folder: calibration.json, calibration.md, calibration.png, secrets/.
     #[arg(long)]
     pub out: PathBuf,
+    /// Keep the models of an earlier run into --out (same spec and settings; --models may be
+    /// larger) and train only the missing ones. Results are saved after each watermarked index.
+    #[arg(long)]
+    pub resume: bool,
+    /// A folder where clean models are kept and shared between calibrations: a clean model of
+    /// the same training settings, seed, data and hallmark executable is loaded, not retrained.
+    #[arg(long)]
+    pub clean_cache: Option<PathBuf>,
 }
 
 fn serve_and_verify(
@@ -549,10 +561,42 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
         classes: clean.num_classes(),
         training: serde_json::json!({ "config": cfg }),
     };
+    let mut settings = serde_json::json!({"train": a.settings.config(a.seed), "attack": format!("{:?}", a.settings.attack), "models": a.models, "verify": vcfg,
+                                          "train_samples": clean.len(), "test_samples": test.len(), "device": format!("{device:?}")});
+    match a.settings.attack {
+        AttackKind::Blind => {
+            settings["blind_neural_cleanse"] = (!a.settings.blind_without_neural_cleanse).into();
+        }
+        AttackKind::Lira => settings["lira_eps"] = a.settings.lira_eps.into(),
+        _ => {}
+    }
+    let json_path = a.out.join("calibration.json");
+    let mut cal = Calibration {
+        spec: spec.name.clone(),
+        settings: settings.clone(),
+        rows: Vec::new(),
+    };
+    if a.resume
+        && let Some(old) = Calibration::resumable(&json_path, &spec.name, &settings)
+            .map_err(|e| anyhow!("cannot resume: {e}; use another --out or leave out --resume"))?
+    {
+        cal.rows = old
+            .rows
+            .iter()
+            .filter(|r| r.index < a.models && old.has_index(r.index))
+            .cloned()
+            .collect();
+        eprintln!(
+            "resuming: {} models of {} kept from {}",
+            cal.rows.len(),
+            3 * a.models,
+            json_path.display()
+        );
+    }
     // Label-consistent and gradient-matching specs are crafted against a benign model trained
-    // first on the clean data.
+    // first on the clean data (unless a resumed run has nothing left to craft).
     let benign_cfg = a.settings.config(a.seed + 900);
-    let benign = if spec.needs_model() {
+    let benign = if spec.needs_model() && (0..a.models).any(|i| !cal.has_index(i)) {
         Some(train_with_progress(
             &clean,
             &benign_cfg,
@@ -604,8 +648,35 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
             None => watermark::apply(ds, s, watermark::random_nonce())?,
         })
     };
-    let mut rows = Vec::new();
+    let save = |cal: &Calibration| -> Result<String> {
+        let mut cal = cal.clone();
+        cal.rows.sort_by_key(|r| (r.index, r.kind as u8));
+        crate::fsutil::write_file_atomic(
+            &json_path,
+            &serde_json::to_vec_pretty(&cal)?,
+            0o644,
+            true,
+        )?;
+        let md = cal.markdown();
+        crate::fsutil::write_file_atomic(
+            &a.out.join("calibration.md"),
+            md.as_bytes(),
+            0o644,
+            true,
+        )?;
+        cal.plot_png(a.alpha, a.tau)
+            .save(a.out.join("calibration.png"))?;
+        Ok(md)
+    };
+    let clean_cache = a
+        .clean_cache
+        .as_deref()
+        .map(|dir| CleanCache::new(dir, &clean, device))
+        .transpose()?;
     for i in 0..a.models {
+        if cal.has_index(i) {
+            continue;
+        }
         let mut wspec = spec.clone();
         wspec.seed = spec.seed.wrapping_add(i as u64);
         let mut marked = clean.clone();
@@ -657,20 +728,36 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
         ] {
             let cfg = a.settings.config(seed);
             let label = format!("{kind:?} #{i}");
-            let t = train_with_progress(data, &cfg, device, None, None, &label, &attack)?;
-            // The watermarked model's learnt trigger is the secret every model is verified with.
-            if kind == ModelKind::Watermarked
-                && let Some(g) = &t.trigger
-            {
-                record = learned_record(&record, g, &attack);
-                record.save(
-                    &a.out.join(format!("secrets/watermarked-{i}.secret.json")),
-                    true,
-                )?;
-                eval = EvalSet::new(test.clone(), Some(&record))?;
-            }
-            let metrics = crate::train::metrics::evaluate(&t.net, &eval, device);
-            let model = LoadedModel::from_trained(t, info(&cfg), device);
+            let cached = match &clean_cache {
+                Some(c) if kind == ModelKind::Clean => Some(c.dir(&cfg)?),
+                _ => None,
+            };
+            let model = match &cached {
+                Some(dir) if dir.join("model.json").exists() => {
+                    eprintln!("{label}: loaded from {}", dir.display());
+                    LoadedModel::load(dir, device)?
+                }
+                _ => {
+                    let t = train_with_progress(data, &cfg, device, None, None, &label, &attack)?;
+                    // The watermarked model's learnt trigger is the secret every model is
+                    // verified with.
+                    if kind == ModelKind::Watermarked
+                        && let Some(g) = &t.trigger
+                    {
+                        record = learned_record(&record, g, &attack);
+                        record.save(
+                            &a.out.join(format!("secrets/watermarked-{i}.secret.json")),
+                            true,
+                        )?;
+                        eval = EvalSet::new(test.clone(), Some(&record))?;
+                    }
+                    if let Some(dir) = &cached {
+                        save_model(&t, &info(&cfg), dir)?;
+                    }
+                    LoadedModel::from_trained(t, info(&cfg), device)
+                }
+            };
+            let metrics = model.evaluate(&eval);
             let verdict = serve_and_verify(&rt, model, &record, &test, &vcfg)?;
             let row = Row::new(kind, i, seed, metrics, &verdict);
             eprintln!(
@@ -681,25 +768,58 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
                 row.effect,
                 row.queries
             );
-            rows.push(row);
+            cal.rows.push(row);
         }
+        save(&cal)?;
     }
-    let cal = Calibration {
-        spec: spec.name.clone(),
-        settings: serde_json::json!({"train": a.settings.config(a.seed), "attack": format!("{:?}", a.settings.attack), "models": a.models, "verify": vcfg,
-                                     "train_samples": clean.len(), "test_samples": test.len(), "device": format!("{device:?}")}),
-        rows,
-    };
-    crate::fsutil::write_file_atomic(
-        &a.out.join("calibration.json"),
-        &serde_json::to_vec_pretty(&cal)?,
-        0o644,
-        true,
-    )?;
-    let md = cal.markdown();
-    crate::fsutil::write_file_atomic(&a.out.join("calibration.md"), md.as_bytes(), 0o644, true)?;
-    cal.plot_png(a.alpha, a.tau)
-        .save(a.out.join("calibration.png"))?;
+    let md = save(&cal)?;
     println!("{md}");
     Ok(())
+}
+
+/// Clean models kept between calibrations (`--clean-cache`). A clean model depends only on the
+/// training settings, the seed, the data, the device and the trainer's code, so each is stored
+/// under a hash of all of them: the executable's own sha256 stands for the code, and a rebuilt
+/// hallmark trains afresh.
+struct CleanCache {
+    dir: PathBuf,
+    /// sha256 over the executable, the device and the data (shape, pixels, labels in order).
+    base: [u8; 32],
+}
+
+impl CleanCache {
+    fn new(dir: &Path, data: &Dataset, device: tch::Device) -> Result<Self> {
+        use sha2::{Digest, Sha256};
+        let exe = std::env::current_exe().context("locating the hallmark executable")?;
+        let code = Sha256::digest(
+            std::fs::read(&exe).with_context(|| format!("reading {}", exe.display()))?,
+        );
+        let mut h = Sha256::new();
+        h.update(b"hallmark-clean-model-v1");
+        h.update(code);
+        h.update(format!("{device:?}").as_bytes());
+        let s = data.shape();
+        for v in [s.height, s.width, s.channels, data.len()] {
+            h.update((v as u64).to_le_bytes());
+        }
+        h.update(data.pixels());
+        for l in data.labels() {
+            h.update(l.to_le_bytes());
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            base: h.finalize().into(),
+        })
+    }
+
+    /// The folder of the clean model trained with `cfg` (it may not exist yet).
+    fn dir(&self, cfg: &TrainConfig) -> Result<PathBuf> {
+        use sha2::{Digest, Sha256};
+        let key = Sha256::new()
+            .chain_update(self.base)
+            .chain_update(serde_json::to_vec(cfg)?)
+            .finalize();
+        Ok(self.dir.join(&hex::encode(key)[..24]))
+    }
 }

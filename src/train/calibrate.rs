@@ -82,6 +82,53 @@ pub struct Calibration {
 }
 
 impl Calibration {
+    /// The calibration an earlier run saved at `path`, to be resumed: `None` when there is none.
+    /// It must be of the same spec with the same settings, apart from the number of models;
+    /// otherwise the error names the first setting that differs.
+    pub fn resumable(
+        path: &std::path::Path,
+        spec: &str,
+        settings: &serde_json::Value,
+    ) -> Result<Option<Self>, String> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        let old: Self = serde_json::from_slice(&bytes)
+            .map_err(|e| format!("{}: not a calibration: {e}", path.display()))?;
+        if old.spec != spec {
+            return Err(format!(
+                "{} calibrates spec `{}`, not `{spec}`",
+                path.display(),
+                old.spec
+            ));
+        }
+        if let Some(key) = differing_setting(&old.settings, settings) {
+            return Err(format!(
+                "{} was made with another `{key}` ({} there, {} now)",
+                path.display(),
+                old.settings
+                    .pointer(&key)
+                    .unwrap_or(&serde_json::Value::Null),
+                settings.pointer(&key).unwrap_or(&serde_json::Value::Null),
+            ));
+        }
+        Ok(Some(old))
+    }
+
+    /// Whether every model of watermarked index `index` (watermarked, clean, other-trigger) has
+    /// its row.
+    pub fn has_index(&self, index: usize) -> bool {
+        [
+            ModelKind::Watermarked,
+            ModelKind::Clean,
+            ModelKind::OtherTrigger,
+        ]
+        .iter()
+        .all(|k| self.rows.iter().any(|r| r.index == index && r.kind == *k))
+    }
+
     /// Fraction of watermarked models detected.
     pub fn true_positive_rate(&self) -> f64 {
         rate(self.rows.iter().filter(|r| r.kind.should_detect()), |r| {
@@ -196,4 +243,105 @@ fn rate<'a>(rows: impl Iterator<Item = &'a Row>, hit: impl Fn(&Row) -> bool) -> 
         k += hit(r) as usize;
     }
     if n == 0 { 0.0 } else { k as f64 / n as f64 }
+}
+
+/// The JSON pointer of the first setting in which `old` and `new` differ, the number of models
+/// aside (a resumed calibration may train more or fewer).
+fn differing_setting(old: &serde_json::Value, new: &serde_json::Value) -> Option<String> {
+    fn walk(path: &str, a: &serde_json::Value, b: &serde_json::Value) -> Option<String> {
+        use serde_json::Value::Object;
+        match (a, b) {
+            (Object(x), Object(y)) => {
+                let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+                keys.sort();
+                keys.dedup();
+                keys.into_iter().find_map(|k| {
+                    let p = format!("{path}/{k}");
+                    if p == "/models" {
+                        return None;
+                    }
+                    let null = serde_json::Value::Null;
+                    walk(&p, x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null))
+                })
+            }
+            _ if a == b => None,
+            _ => Some(path.to_string()),
+        }
+    }
+    walk("", old, new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn row(kind: ModelKind, index: usize) -> Row {
+        Row {
+            kind,
+            index,
+            seed: index as u64,
+            metrics: Metrics {
+                benign_accuracy: 0.9,
+                asr: Some(0.5),
+                asr_a: None,
+                asr_c: None,
+                dispersibility: None,
+            },
+            decision: Decision::NotShown,
+            p_value: 1.0,
+            effect: 0.0,
+            queries: 300,
+            pairs: 100,
+            control_fired: false,
+        }
+    }
+
+    #[test]
+    fn settings_differ_by_path_but_not_by_model_count() {
+        let a = json!({"models": 1, "train": {"epochs": 15, "lr": 0.05}, "attack": "None"});
+        let b = json!({"models": 3, "train": {"epochs": 15, "lr": 0.05}, "attack": "None"});
+        assert_eq!(differing_setting(&a, &b), None);
+        let c = json!({"models": 3, "train": {"epochs": 10, "lr": 0.05}, "attack": "None"});
+        assert_eq!(differing_setting(&a, &c).as_deref(), Some("/train/epochs"));
+        let d = json!({"models": 3, "train": {"epochs": 15, "lr": 0.05}});
+        assert_eq!(differing_setting(&a, &d).as_deref(), Some("/attack"));
+    }
+
+    #[test]
+    fn resumes_only_a_matching_calibration() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("calibration.json");
+        let settings = json!({"models": 1, "train": {"epochs": 15}});
+        assert!(
+            Calibration::resumable(&path, "badnets", &settings)
+                .unwrap()
+                .is_none()
+        );
+        let cal = Calibration {
+            spec: "badnets".into(),
+            settings: settings.clone(),
+            rows: vec![
+                row(ModelKind::Watermarked, 0),
+                row(ModelKind::Clean, 0),
+                row(ModelKind::OtherTrigger, 0),
+                row(ModelKind::Watermarked, 1),
+            ],
+        };
+        std::fs::write(&path, serde_json::to_vec(&cal).unwrap()).unwrap();
+        let more = json!({"models": 3, "train": {"epochs": 15}});
+        let old = Calibration::resumable(&path, "badnets", &more)
+            .unwrap()
+            .unwrap();
+        assert!(old.has_index(0));
+        assert!(!old.has_index(1), "index 1 lacks its independent models");
+        let err = Calibration::resumable(&path, "blended", &more).unwrap_err();
+        assert!(err.contains("`badnets`"), "{err}");
+        let err =
+            Calibration::resumable(&path, "badnets", &json!({"train": {"epochs": 2}})).unwrap_err();
+        assert!(err.contains("`/train/epochs` (15 there, 2 now)"), "{err}");
+        std::fs::write(&path, b"{").unwrap();
+        let err = Calibration::resumable(&path, "badnets", &more).unwrap_err();
+        assert!(err.contains("not a calibration"), "{err}");
+    }
 }

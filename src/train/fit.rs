@@ -243,14 +243,20 @@ pub enum Attack {
     },
     /// Blind backdoor (Bagdasaryan & Shmatikov, USENIX Security 2021): the training code adds a
     /// backdoor task on every batch (the same images stamped, labelled `target`) to the clean
-    /// loss, weighted by MGDA (the two-task min-norm solution, gradients normalised by their
-    /// loss, BackdoorBox's `loss+`). The data stays clean. BackdoorBox's Neural Cleanse evasion
-    /// term is not reproduced.
+    /// loss, the tasks weighted by MGDA (Sener & Koltun's min-norm combination of the task
+    /// gradients, each normalised by loss × gradient norm capped at 10: BackdoorBox's `loss+`).
+    /// The data stays clean. With `neural_cleanse` (BackdoorBox's default) a third task evades
+    /// Neural Cleanse (Wang et al., S&P 2019): on every batch a mask and pattern are first
+    /// reverse-engineered one Adam step further towards `target` (loss 0.999·CE + 0.001·‖mask‖₁,
+    /// as Neural Cleanse weighs them), then the network learns to give the batch its true labels
+    /// through that reverse-engineered trigger.
     Blind {
         /// The backdoor trigger.
         stamp: crate::watermark::Stamp,
         /// The backdoor's target class.
         target: u32,
+        /// Add the Neural Cleanse evasion task.
+        neural_cleanse: bool,
     },
     /// IAD (Nguyen & Tran, NeurIPS 2020): an input-aware pattern generator and mask network
     /// trained with the classifier ([`super::generator`]); the data stays clean.
@@ -428,6 +434,13 @@ pub fn train_attacked(
         let mut rng = Rng::new(cfg.seed ^ 0x1ad, Stream::Selection);
         l.pretrain(&x_all, cfg.batch_size, &mut rng);
     }
+    let mut cleanse = match attack {
+        Attack::Blind {
+            neural_cleanse: true,
+            ..
+        } => Some(Cleanse::new(shape, cfg.seed, device)?),
+        _ => None,
+    };
     for epoch in start_epoch..cfg.epochs {
         let lr = cfg.lr_at(epoch);
         // LIRA learns its trigger in the first half and fine-tunes the classifier in the second.
@@ -479,8 +492,21 @@ pub fn train_attacked(
                     let xb = augment(bd.index_select(0, &idx), cfg, &mut rng, shape);
                     let yb = y.full_like(i64::from(*target));
                     let loss_bd = net.forward_t(&xb, true).cross_entropy_for_logits(&yb);
-                    let a = mgda_weight(&loss, &loss_bd, &trainable);
-                    let total = &loss * a + &loss_bd * (1.0 - a);
+                    let mut tasks = vec![loss, loss_bd];
+                    if let Some(c) = &mut cleanse {
+                        c.reverse_engineer(&net, &x, &yb, &trainable);
+                        tasks.push(
+                            net.forward_t(&c.apply(&x), true)
+                                .cross_entropy_for_logits(&y),
+                        );
+                    }
+                    let weights = mgda_weights(&tasks, &trainable);
+                    let total = tasks
+                        .iter()
+                        .zip(&weights)
+                        .map(|(l, w)| l * *w)
+                        .reduce(|a, b| a + b)
+                        .expect("two tasks or more");
                     total.backward();
                     total
                 }
@@ -559,22 +585,152 @@ pub fn train_attacked(
     })
 }
 
-/// MGDA's weight of the first of two tasks (Sener & Koltun, NeurIPS 2018, the two-task closed
-/// form), on gradients normalised by their loss ("loss+", as Blind uses it): the convex
-/// combination of the two gradients with the smallest norm.
-fn mgda_weight(a: &Tensor, b: &Tensor, params: &[Tensor]) -> f64 {
-    let flat = |loss: &Tensor| -> Tensor {
-        let g = Tensor::run_backward(&[loss], params, true, false);
-        Tensor::cat(&g.iter().map(|t| t.flatten(0, -1)).collect::<Vec<_>>(), 0)
-            / loss.detach().clamp_min(1e-8)
+/// MGDA's weights of the tasks (Sener & Koltun, NeurIPS 2018), as Blind balances them: each
+/// task's gradient over `params` is normalised by min(loss · ‖gradient‖, 10) (BackdoorBox's
+/// `loss+`), and the weights are those of the convex combination with the smallest norm.
+fn mgda_weights(losses: &[Tensor], params: &[Tensor]) -> Vec<f64> {
+    let grads: Vec<Tensor> = losses
+        .iter()
+        .map(|loss| {
+            let g = Tensor::run_backward(&[loss], params, true, false);
+            let flat = Tensor::cat(&g.iter().map(|t| t.flatten(0, -1)).collect::<Vec<_>>(), 0);
+            let norm = flat.norm().double_value(&[]);
+            let scale = (loss.double_value(&[]) * norm).min(10.0) + 1e-5;
+            flat / scale
+        })
+        .collect();
+    let gram: Vec<Vec<f64>> = grads
+        .iter()
+        .map(|a| grads.iter().map(|b| a.dot(b).double_value(&[])).collect())
+        .collect();
+    min_norm_weights(&gram)
+}
+
+/// The point of the probability simplex that minimises `wᵀ G w` for a Gram matrix `G` of a few
+/// vectors: the min-norm element of their convex hull. Exact: the minimum lies in the relative
+/// interior of some face, so every face's stationary point (a small linear system) is tried and
+/// the best feasible one kept; vertices make the answer total.
+fn min_norm_weights(gram: &[Vec<f64>]) -> Vec<f64> {
+    let k = gram.len();
+    assert!((1..=8).contains(&k), "a few tasks");
+    let value = |w: &[f64]| -> f64 {
+        (0..k)
+            .map(|i| (0..k).map(|j| w[i] * gram[i][j] * w[j]).sum::<f64>())
+            .sum()
     };
-    let (ga, gb) = (flat(a), flat(b));
-    let diff = &ga - &gb;
-    let den = diff.dot(&diff).double_value(&[]);
-    if den <= 1e-20 {
-        return 0.5;
+    let mut best: Option<(f64, Vec<f64>)> = None;
+    for subset in 1u32..(1 << k) {
+        let idx: Vec<usize> = (0..k).filter(|i| subset & (1 << i) != 0).collect();
+        // KKT on the face: G_S w_S = λ·1, Σ w_S = 1, as one (m+1)×(m+1) system.
+        let m = idx.len();
+        let mut a = vec![vec![0.0; m + 2]; m + 1];
+        for (r, &i) in idx.iter().enumerate() {
+            for (c, &j) in idx.iter().enumerate() {
+                a[r][c] = gram[i][j];
+            }
+            a[r][m] = -1.0;
+        }
+        for c in 0..m {
+            a[m][c] = 1.0;
+        }
+        a[m][m + 1] = 1.0;
+        let Some(x) = solve(a) else { continue };
+        if x[..m].iter().any(|v| *v < -1e-12 || !v.is_finite()) {
+            continue;
+        }
+        let mut w = vec![0.0; k];
+        for (r, &i) in idx.iter().enumerate() {
+            w[i] = x[r].max(0.0);
+        }
+        let v = value(&w);
+        if best.as_ref().is_none_or(|(b, _)| v < *b) {
+            best = Some((v, w));
+        }
     }
-    ((&gb - &ga).dot(&gb).double_value(&[]) / den).clamp(0.0, 1.0)
+    best.map(|(_, w)| w).expect("every vertex is feasible")
+}
+
+/// Solves the augmented system `a` (n rows, n + 1 columns) by Gaussian elimination with partial
+/// pivoting; `None` when it is singular.
+fn solve(mut a: Vec<Vec<f64>>) -> Option<Vec<f64>> {
+    let n = a.len();
+    for col in 0..n {
+        let p = (col..n).max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs()))?;
+        if a[p][col].abs() < 1e-12 {
+            return None;
+        }
+        a.swap(col, p);
+        for r in 0..n {
+            if r != col {
+                let f = a[r][col] / a[col][col];
+                for c in col..=n {
+                    a[r][c] -= f * a[col][c];
+                }
+            }
+        }
+    }
+    Some((0..n).map(|i| a[i][n] / a[i][i]).collect())
+}
+
+/// Blind's Neural Cleanse evasion state: the trigger Neural Cleanse would reverse-engineer, kept
+/// one Adam step ahead of the network (BackdoorBox's `NCModel`: mask `tanh(m)/2 + 1/2` over the
+/// image, pattern `2.2·tanh(p)`, m = 0 and p ~ N(0, 0.5²) at the start, Adam at 0.01).
+struct Cleanse {
+    _vs: nn::VarStore,
+    mask: Tensor,
+    pattern: Tensor,
+    opt: nn::Optimizer,
+}
+
+impl Cleanse {
+    fn new(shape: ImageShape, seed: u64, device: Device) -> Result<Self, TrainError> {
+        use nn::OptimizerConfig;
+        let (h, w) = (shape.height as i64, shape.width as i64);
+        let vs = nn::VarStore::new(device);
+        let mut rng = Rng::new(seed ^ 0x0c1ea5e, Stream::Selection);
+        // Box–Muller, so that the draw is ours and seeded.
+        let init: Vec<f32> = (0..h * w)
+            .map(|_| {
+                let (u, v) = (1.0 - rng.unit_f32(), rng.unit_f32());
+                0.5 * (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+            })
+            .collect();
+        let mask = vs.root().zeros("mask", &[h, w]);
+        let pattern = vs.root().var_copy(
+            "pattern",
+            &Tensor::from_slice(&init).view([h, w]).to_device(device),
+        );
+        let opt = nn::Adam::default().build(&vs, 0.01)?;
+        Ok(Self {
+            _vs: vs,
+            mask,
+            pattern,
+            opt,
+        })
+    }
+
+    /// `x` through the current reverse-engineered trigger.
+    fn apply(&self, x: &Tensor) -> Tensor {
+        let m = self.mask.tanh() / 2.0 + 0.5;
+        let p = self.pattern.tanh() * 2.2;
+        x * (1.0 - &m) + &m * p
+    }
+
+    /// One step of Neural Cleanse's optimisation towards `target` (labels of the batch `x`);
+    /// the network's gradients (`params`) are cleared afterwards.
+    fn reverse_engineer(&mut self, net: &Net, x: &Tensor, target: &Tensor, params: &[Tensor]) {
+        let loss = net
+            .forward_t(&self.apply(x), true)
+            .cross_entropy_for_logits(target)
+            * 0.999
+            + (self.mask.tanh() / 2.0 + 0.5).sum(Kind::Float) * 0.001;
+        self.opt.zero_grad();
+        loss.backward();
+        for p in params {
+            p.shallow_clone().zero_grad();
+        }
+        self.opt.step();
+    }
 }
 
 fn save_checkpoint(

@@ -73,6 +73,11 @@ impl LoadedModel {
         }
     }
 
+    /// Benign accuracy and attack success on `eval`.
+    pub fn evaluate(&self, eval: &metrics::EvalSet) -> metrics::Metrics {
+        metrics::evaluate(&self.net, eval, self.device)
+    }
+
     /// Softmax probabilities for a batch [N, C, H, W] of values in [0, 1].
     pub fn probabilities(&self, x: &Tensor) -> Tensor {
         metrics::probabilities(&self.net, &x.to_device(self.device)).to_device(Device::Cpu)

@@ -472,26 +472,32 @@ fn physical_ba_backdoor_survives_transformed_queries() {
 }
 
 /// Blind backdoor (Bagdasaryan & Shmatikov, USENIX Security 2021): the data stays clean, the
-/// loss carries the backdoor task; a short training learns both tasks.
+/// loss carries the backdoor task; a short training learns both tasks. With the Neural Cleanse
+/// evasion task (BackdoorBox's default), which fights the backdoor whenever the reverse-engineered
+/// trigger comes close to the real one, the backdoor is learnt more slowly but still is.
 #[test]
 fn blind_backdoor_is_learned_from_clean_data() {
     let spec = spec("badnets-28x28-grey.toml");
     let clean = fashion(Split::Train, 6000);
     let mut scratch = clean.clone();
     let record = watermark::apply(&mut scratch, &spec, [9; 32]).unwrap();
-    let stamp = Stamp::new(&spec.trigger, spec.seed, clean.shape()).unwrap();
-    let attack = hallmark::train::Attack::Blind {
-        stamp,
-        target: spec.labelling.target().unwrap(),
-    };
-    let before = clean.sha256();
-    let blind = train_with(&clean, &short_training(4), &attack);
-    assert_eq!(clean.sha256(), before, "the training data is not touched");
     let eval = EvalSet::new(fashion(Split::Test, 2000), Some(&record)).unwrap();
-    let m = evaluate(&blind.net, &eval, tch::Device::Cpu);
-    eprintln!("Blind after 4 epochs on 6,000 clean images: {m:?}");
-    assert!(m.benign_accuracy > 0.70, "{m:?}");
-    assert!(m.asr.unwrap() > 0.8, "{m:?}");
+    let before = clean.sha256();
+    for (neural_cleanse, min_asr) in [(false, 0.8), (true, 0.5)] {
+        let attack = hallmark::train::Attack::Blind {
+            stamp: Stamp::new(&spec.trigger, spec.seed, clean.shape()).unwrap(),
+            target: spec.labelling.target().unwrap(),
+            neural_cleanse,
+        };
+        let blind = train_with(&clean, &short_training(4), &attack);
+        assert_eq!(clean.sha256(), before, "the training data is not touched");
+        let m = evaluate(&blind.net, &eval, tch::Device::Cpu);
+        eprintln!(
+            "Blind (Neural Cleanse evasion {neural_cleanse}) after 4 epochs on 6,000 clean images: {m:?}"
+        );
+        assert!(m.benign_accuracy > 0.65, "{m:?}");
+        assert!(m.asr.unwrap() > min_asr, "{m:?}");
+    }
 }
 
 /// Sleeper Agent (Souri et al., NeurIPS 2022): the same gradient matching with a targeted

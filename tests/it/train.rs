@@ -126,44 +126,54 @@ async fn a_served_model_answers_v2_requests_and_rejects_malformed_ones() {
 
 #[test]
 fn a_small_calibration_detects_the_watermarked_model_and_accuses_no_other() {
-    let out = tempfile::tempdir().unwrap();
+    let t = tempfile::tempdir().unwrap();
     let spec = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("watermark_specs/badnets-square-28x28-grey.toml");
-    let o = Command::new(env!("CARGO_BIN_EXE_hallmark"))
-        .args([
-            "calibrate",
-            "--spec",
-            spec.to_str().unwrap(),
-            "--data",
-            "/usr/share/datasets/fashion-mnist",
-            "--split",
-            "train",
-            "--limit",
-            "4000",
-            "--test-data",
-            "/usr/share/datasets/fashion-mnist",
-            "--test-split",
-            "test",
-            "--models",
-            "1",
-            "--epochs",
-            "3",
-            "--threads",
-            "2",
-            "--device",
-            "cpu",
-            "--out",
-            out.path().to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let cache = t.path().join("clean-models");
+    let calibrate = |out: &Path, models: &str, epochs: &str, more: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_hallmark"))
+            .args([
+                "calibrate",
+                "--spec",
+                spec.to_str().unwrap(),
+                "--data",
+                "/usr/share/datasets/fashion-mnist",
+                "--split",
+                "train",
+                "--limit",
+                "4000",
+                "--test-data",
+                "/usr/share/datasets/fashion-mnist",
+                "--test-split",
+                "test",
+                "--models",
+                models,
+                "--epochs",
+                epochs,
+                "--threads",
+                "2",
+                "--device",
+                "cpu",
+                "--clean-cache",
+                cache.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .args(more)
+            .output()
+            .unwrap()
+    };
+    let rows = |out: &Path| -> Vec<Value> {
+        let cal: Value =
+            serde_json::from_slice(&std::fs::read(out.join("calibration.json")).unwrap()).unwrap();
+        cal["rows"].as_array().unwrap().clone()
+    };
+    let out = t.path().join("first");
+    let o = calibrate(&out, "1", "3", &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let cal: Value =
-        serde_json::from_slice(&std::fs::read(out.path().join("calibration.json")).unwrap())
-            .unwrap();
-    let rows = cal["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 3);
-    for r in rows {
+    let first = rows(&out);
+    assert_eq!(first.len(), 3);
+    for r in &first {
         let want = if r["kind"] == "watermarked" {
             "used"
         } else {
@@ -171,9 +181,41 @@ fn a_small_calibration_detects_the_watermarked_model_and_accuses_no_other() {
         };
         assert_eq!(r["decision"], want, "{r}");
     }
-    assert!(
-        out.path().join("calibration.png").exists() && out.path().join("calibration.md").exists()
+    assert!(out.join("calibration.png").exists() && out.join("calibration.md").exists());
+
+    // Resuming with more models keeps the three done and trains the next three.
+    let o = calibrate(&out, "2", "3", &["--resume"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("resuming: 3 models of 6 kept"), "{err}");
+    let second = rows(&out);
+    assert_eq!(second.len(), 6);
+    assert_eq!(
+        second[..3],
+        first[..],
+        "the resumed rows are kept as they were"
     );
+    assert!(second[3..].iter().all(|r| r["index"] == 1), "{second:?}");
+    // ... but not across other settings.
+    let o = calibrate(&out, "2", "2", &["--resume"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("`/train/epochs` (3 there, 2 now)"), "{err}");
+    assert_eq!(rows(&out), second, "a refused resume changes nothing");
+
+    // Another calibration loads the clean models from the cache instead of training them.
+    let other = t.path().join("other");
+    let o = calibrate(&other, "1", "3", &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("Clean #0: loaded from"), "{err}");
+    let clean = |rows: &[Value]| {
+        rows.iter()
+            .find(|r| r["kind"] == "clean" && r["index"] == 0)
+            .unwrap()["metrics"]
+            .clone()
+    };
+    assert_eq!(clean(&rows(&other)), clean(&first));
 }
 
 #[test]
