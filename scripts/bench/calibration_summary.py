@@ -31,5 +31,9 @@ for d in sys.argv[1:]:
     ps = sorted(r["p_value"] for r in w)
     attack_mode = c["settings"].get("attack", "None")
     name = c["spec"] if attack_mode in ("None", None) else f"{c['spec']} (--attack {attack_mode})"
+    if attack_mode == "Blind":
+        # Calibrations from before the Neural Cleanse evasion task have no such setting.
+        nc = c["settings"].get("blind_neural_cleanse", False)
+        name = name[:-1] + (", Neural Cleanse evasion)" if nc else ", no Neural Cleanse evasion)")
     print(f"| {name} | {ba['watermarked']:.4f} | {ba['clean']:.4f} | {ba['other-trigger']:.4f} | {attack} | "
           f"{detected}/{len(w)} | {ps[0]:.1e} – {ps[-1]:.1e} | {accused}/{len(indep)} | {inconclusive}/{len(rows)} |")

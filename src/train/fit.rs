@@ -630,9 +630,7 @@ fn min_norm_weights(gram: &[Vec<f64>]) -> Vec<f64> {
             }
             a[r][m] = -1.0;
         }
-        for c in 0..m {
-            a[m][c] = 1.0;
-        }
+        a[m][..m].fill(1.0);
         a[m][m + 1] = 1.0;
         let Some(x) = solve(a) else { continue };
         if x[..m].iter().any(|v| *v < -1e-12 || !v.is_finite()) {
@@ -660,11 +658,12 @@ fn solve(mut a: Vec<Vec<f64>>) -> Option<Vec<f64>> {
             return None;
         }
         a.swap(col, p);
-        for r in 0..n {
+        let pivot = a[col].clone();
+        for (r, row) in a.iter_mut().enumerate() {
             if r != col {
-                let f = a[r][col] / a[col][col];
-                for c in col..=n {
-                    a[r][c] -= f * a[col][c];
+                let f = row[col] / pivot[col];
+                for (x, p) in row[col..].iter_mut().zip(&pivot[col..]) {
+                    *x -= f * p;
                 }
             }
         }
