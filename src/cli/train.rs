@@ -648,8 +648,8 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
             None => watermark::apply(ds, s, watermark::random_nonce())?,
         })
     };
-    let save = |cal: &Calibration| -> Result<String> {
-        let mut cal = cal.clone();
+    // Rows in (index, kind) order; a resumed run may fill an index that lies before kept ones.
+    let save = |cal: &mut Calibration| -> Result<String> {
         cal.rows.sort_by_key(|r| (r.index, r.kind as u8));
         crate::fsutil::write_file_atomic(
             &json_path,
@@ -770,9 +770,9 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
             );
             cal.rows.push(row);
         }
-        save(&cal)?;
+        save(&mut cal)?;
     }
-    let md = save(&cal)?;
+    let md = save(&mut cal)?;
     println!("{md}");
     Ok(())
 }
