@@ -270,16 +270,20 @@ pub struct VerifyArgs {
     /// Output tensor name or key.
     #[arg(long)]
     pub output_name: Option<String>,
-    /// What the output holds (labels are implied by --label-only).
-    #[arg(long, value_enum, default_value_t = OutputKind::Probabilities)]
+    /// What the output holds: auto settles logits or probabilities from the output's name or the
+    /// first answer, and says which in the report (labels are implied by --label-only, and come
+    /// from the arg-max of a score output where the model gives no label output).
+    #[arg(long, value_enum, default_value_t = OutputKind::Auto)]
     pub output: OutputKind,
-    /// Images per request.
+    /// Images per request (lowered to the server's published limit, or halved when the server
+    /// refuses a batch as too large).
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
     /// Requests in flight at once.
     #[arg(long, default_value_t = 4)]
     pub concurrency: usize,
-    /// Seconds before a request times out.
+    /// Seconds before a request times out; the first contact waits as long for a server that is
+    /// still starting.
     #[arg(long, default_value_t = 30.0)]
     pub timeout: f64,
     /// Retries after 5xx, 429, timeouts and connection errors.
@@ -715,6 +719,7 @@ fn verify_cmd(a: VerifyArgs) -> Result<u8> {
         }
     );
     println!("protocol: {}", verdict.protocol);
+    println!("model:    {}", verdict.endpoint);
     println!(
         "test:     {}, {} pairs: p = {:.3e} (alpha {}), effect {:.4} (lower {:.0}% bound {:.4}, margin {})",
         p.test,

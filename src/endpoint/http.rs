@@ -11,9 +11,11 @@ use super::{
 use crate::dataset::ImageShape;
 use futures_util::StreamExt;
 use serde_json::Value;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -29,7 +31,27 @@ pub struct HttpEndpoint {
     jitter: Mutex<crate::watermark::rng::Rng>,
     /// Requests in flight, over every caller of this endpoint.
     in_flight: tokio::sync::Semaphore,
+    /// Images per request now: the configured size, lowered by the server's published limit or
+    /// halved after a refusal.
+    batch_size: AtomicUsize,
+    /// How the answers were read, for the report: settled by the metadata or the first answer
+    /// and fixed for the rest of the run.
+    reading: Reading,
 }
+
+/// What the report says about how answers were read.
+#[derive(Debug, Default)]
+struct Reading {
+    /// Scores read as logits or probabilities (an `auto` output), and why.
+    kind: OnceLock<(OutputKind, String)>,
+    /// Labels taken as the arg-max of this score output.
+    argmax_of: OnceLock<String>,
+    /// Why the batch size changed.
+    batch: Mutex<Option<String>>,
+}
+
+type BatchFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Vec<Prediction>, EndpointError>> + Send + 'a>>;
 
 impl std::fmt::Debug for HttpEndpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -115,12 +137,167 @@ impl HttpEndpoint {
                 crate::watermark::rng::Stream::Noise,
             )),
             in_flight: tokio::sync::Semaphore::new(cfg.concurrency),
+            batch_size: AtomicUsize::new(cfg.batch_size),
+            reading: Reading::default(),
             cfg,
         };
         if ep.cfg.protocol == Protocol::V2 {
             ep.apply_metadata().await?;
+            ep.apply_batch_limit().await;
+        }
+        if let Some(name) = ep.output_name.clone() {
+            ep.settle_kind_by_name(&name);
         }
         Ok(ep)
+    }
+
+    /// An `auto` output named `logits` (or `probs`, `softmax`) is read as its name says.
+    fn settle_kind_by_name(&self, name: &str) {
+        if self.cfg.output == OutputKind::Auto
+            && let Some(kind) = protocol::kind_from_name(name)
+        {
+            let _ = self
+                .reading
+                .kind
+                .set((kind, format!("the output is named {name:?}")));
+        }
+    }
+
+    /// The output kind to read a batch with: the configured one, the settled one, or `Auto`
+    /// while an `auto` output is unsettled.
+    fn kind(&self) -> OutputKind {
+        match self.cfg.output {
+            OutputKind::Auto => self
+                .reading
+                .kind
+                .get()
+                .map_or(OutputKind::Auto, |(k, _)| *k),
+            k => k,
+        }
+    }
+
+    /// Reads one answer with `read`; an unsettled `auto` output is settled here, by this
+    /// answer: probabilities if every row is one, logits if a score lies outside [0, 1], which
+    /// no probability can (rows inside [0, 1] that do not sum to 1 stay an error: they may be
+    /// broken probabilities). The first answer to settle it wins, so every batch of a run is
+    /// read alike.
+    fn read_scores<T>(&self, read: impl Fn(OutputKind) -> Result<T, String>) -> Result<T, String> {
+        let kind = self.kind();
+        if kind != OutputKind::Auto {
+            return read(kind);
+        }
+        let settled = match read(OutputKind::Probabilities) {
+            Ok(_) => (
+                OutputKind::Probabilities,
+                "the first answer's rows are probabilities",
+            ),
+            Err(e) if e.contains(protocol::NOT_A_PROBABILITY) => (
+                OutputKind::Logits,
+                "the first answer holds scores outside [0, 1], which no probability can be",
+            ),
+            Err(e) => return Err(e),
+        };
+        let _ = self.reading.kind.set((settled.0, settled.1.to_string()));
+        read(self.kind())
+    }
+
+    /// Triton publishes its batch limit at `/v2/models/NAME/config` (`max_batch_size`); a
+    /// smaller limit than the configured batch size lowers it. Other servers have no such route,
+    /// and its absence changes nothing.
+    async fn apply_batch_limit(&self) {
+        let Ok(url) = self.url(&format!("{}/config", self.model_path())) else {
+            return;
+        };
+        let Ok((200..=299, body)) = self
+            .send_attempts(|| self.client.get(url.clone()), &url, 0)
+            .await
+        else {
+            return;
+        };
+        let limit = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| v.get("max_batch_size").and_then(Value::as_u64));
+        if let Some(limit) = limit.filter(|&l| l > 0).map(|l| l as usize)
+            && limit < self.cfg.batch_size
+        {
+            self.lower_batch_size(
+                limit,
+                format!(
+                    "batch size {limit}, the server's max_batch_size (asked for {})",
+                    self.cfg.batch_size
+                ),
+            );
+        }
+    }
+
+    fn lower_batch_size(&self, to: usize, why: String) {
+        if self.batch_size.fetch_min(to, Ordering::Relaxed) > to {
+            *self.reading.batch.lock().expect("batch note lock") = Some(why);
+        }
+    }
+
+    /// A hint for a 404: which protocol the server does answer, probed with one GET each.
+    async fn protocol_hint(&self) -> String {
+        let model = &self.cfg.model;
+        let probes: [(Protocol, String, &str); 3] = [
+            (Protocol::V2, "v2".into(), "v2"),
+            (
+                Protocol::KserveV1,
+                format!("v1/models/{model}"),
+                "kserve-v1 or tfserving",
+            ),
+            (Protocol::Torchserve, "ping".into(), "torchserve"),
+        ];
+        let mine = |p: Protocol| {
+            p == self.cfg.protocol
+                || (p == Protocol::KserveV1 && self.cfg.protocol == Protocol::Tfserving)
+        };
+        let mut speaks_mine = false;
+        for (protocol, path, name) in probes {
+            let Ok(url) = self.url(&path) else { continue };
+            let Ok((status, _)) = self
+                .send_attempts(|| self.client.get(url.clone()), &url, 0)
+                .await
+            else {
+                continue;
+            };
+            if !(200..300).contains(&status) {
+                continue;
+            }
+            if mine(protocol) {
+                speaks_mine = true;
+            } else {
+                return format!(
+                    "; the server answers GET /{path}: it may speak another protocol (try --protocol {name})"
+                );
+            }
+        }
+        if speaks_mine {
+            format!(
+                "; the server speaks this protocol but has no model {model:?}: check the model name"
+            )
+        } else {
+            "; no protocol's path answers here: check the URL, the model name and --protocol (v2, kserve-v1, tfserving, torchserve)".into()
+        }
+    }
+
+    /// Adds the protocol hint to a 404.
+    async fn explain(&self, e: EndpointError) -> EndpointError {
+        match e {
+            EndpointError::Status {
+                url,
+                status: 404,
+                message,
+            } if self.cfg.protocol != Protocol::Json => {
+                let hint = self.protocol_hint().await;
+                EndpointError::Status {
+                    url,
+                    status: 404,
+                    message: format!("{message}{hint}"),
+                }
+            }
+            e => e,
+        }
     }
 
     fn model_path(&self) -> String {
@@ -142,22 +319,46 @@ impl HttpEndpoint {
 
     async fn apply_metadata(&mut self) -> Result<(), EndpointError> {
         let url = self.url(&self.model_path())?;
-        // Metadata is asked for once: a server that cannot give it (any failure but 404, which
-        // means the model does not exist) is queried with the configured defaults.
-        let (status, body) = match self
-            .send_attempts(|| self.client.get(url.clone()), &url, 0)
-            .await
-        {
+        // The first contact: retried like every request, and a server that is still starting
+        // (connection refused, 503) is waited for up to the request timeout. A server that then
+        // cannot give metadata (any failure but 404, which means the model does not exist) is
+        // queried with the configured defaults.
+        let started = Instant::now();
+        let answer = loop {
+            match self
+                .send_attempts(|| self.client.get(url.clone()), &url, self.cfg.retries)
+                .await
+            {
+                Err(
+                    EndpointError::Transport { .. } | EndpointError::Status { status: 503, .. },
+                ) if started.elapsed() + Duration::from_secs(1) < self.cfg.timeout => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(EndpointError::Transport { url, message }) => {
+                    break Err(EndpointError::Transport {
+                        url,
+                        message: format!(
+                            "{message}; waited {:.0} s for the server to start (--timeout {:.0} s)",
+                            started.elapsed().as_secs_f64(),
+                            self.cfg.timeout.as_secs_f64()
+                        ),
+                    });
+                }
+                other => break other,
+            }
+        };
+        let (status, body) = match answer {
             Ok(answer) => answer,
             Err(EndpointError::Status { status, .. }) if status != 404 => return Ok(()),
-            Err(e) => return Err(e),
+            Err(e) => return Err(self.explain(e).await),
         };
         if status == 404 {
-            return Err(EndpointError::Status {
+            let e = EndpointError::Status {
                 url: url.to_string(),
                 status,
                 message: protocol::error_message(&body),
-            });
+            };
+            return Err(self.explain(e).await);
         }
         // Metadata is optional help: a server that will not give it is queried with the defaults.
         let Ok(meta) = serde_json::from_slice::<Metadata>(&body) else {
@@ -192,18 +393,19 @@ impl HttpEndpoint {
         if self.cfg.output_name.is_none()
             && let Some(outputs) = &meta.outputs
         {
-            let want_int = self.cfg.output == OutputKind::Labels;
-            self.output_name = outputs
-                .iter()
-                .find(|o| {
-                    let d = o.datatype.as_deref().unwrap_or("");
-                    if want_int {
-                        d.starts_with("INT") || d.starts_with("UINT") || d == "BYTES"
-                    } else {
-                        d.starts_with("FP")
-                    }
-                })
-                .map(|o| o.name.clone());
+            let is_int = |o: &&TensorMeta| {
+                let d = o.datatype.as_deref().unwrap_or("");
+                d.starts_with("INT") || d.starts_with("UINT") || d == "BYTES"
+            };
+            let is_float = |o: &&TensorMeta| o.datatype.as_deref().unwrap_or("").starts_with("FP");
+            // Labels from a label output where there is one, else from the scores' arg-max.
+            let label_output = outputs.iter().find(is_int);
+            let chosen = if self.cfg.output == OutputKind::Labels {
+                label_output.or_else(|| outputs.iter().find(is_float))
+            } else {
+                outputs.iter().find(is_float)
+            };
+            self.output_name = chosen.map(|o| o.name.clone());
         }
         Ok(())
     }
@@ -268,11 +470,11 @@ impl HttpEndpoint {
                     Some(status) => EndpointError::Status {
                         url: url.to_string(),
                         status,
-                        message: format!("{message} (after {} attempts)", attempt + 1),
+                        message: format!("{message} ({})", attempts(attempt + 1)),
                     },
                     None => EndpointError::Transport {
                         url: url.to_string(),
-                        message: format!("{message} (after {} attempts)", attempt + 1),
+                        message: format!("{message} ({})", attempts(attempt + 1)),
                     },
                 });
             }
@@ -325,7 +527,6 @@ impl HttpEndpoint {
     ) -> Result<Vec<Prediction>, EndpointError> {
         let n = images.len();
         let names = self.cfg.class_names.as_deref();
-        let kind = self.cfg.output;
         match self.cfg.protocol {
             Protocol::V2 => {
                 let url = self.url(&format!("{}/infer", self.model_path()))?;
@@ -339,8 +540,15 @@ impl HttpEndpoint {
                     &id,
                 );
                 let v = self.post_json(&url, body).await?;
-                protocol::v2_response(&v, n, self.output_name.as_deref(), kind, names)
-                    .map_err(|m| self.invalid(&url, m))
+                let answer = self
+                    .read_scores(|kind| {
+                        protocol::v2_answer(&v, n, self.output_name.as_deref(), kind, names)
+                    })
+                    .map_err(|m| self.invalid(&url, m))?;
+                if answer.argmax {
+                    let _ = self.reading.argmax_of.set(answer.output);
+                }
+                Ok(answer.predictions)
             }
             Protocol::Tfserving | Protocol::KserveV1 | Protocol::Json => {
                 let instances = protocol::instances(
@@ -388,20 +596,22 @@ impl HttpEndpoint {
                         self.invalid(&url, format!("{} predictions for {n} images", preds.len()))
                     );
                 }
-                preds
-                    .iter()
-                    .enumerate()
-                    .map(|(i, p)| {
-                        protocol::instance_prediction(
-                            p,
-                            self.output_name.as_deref(),
-                            kind,
-                            names,
-                            &format!("image {i}"),
-                        )
-                        .map_err(|m| self.invalid(&url, m))
-                    })
-                    .collect()
+                self.read_scores(|kind| {
+                    preds
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| {
+                            protocol::instance_prediction(
+                                p,
+                                self.output_name.as_deref(),
+                                kind,
+                                names,
+                                &format!("image {i}"),
+                            )
+                        })
+                        .collect()
+                })
+                .map_err(|m| self.invalid(&url, m))
             }
             Protocol::Torchserve => {
                 let mut path = format!("predictions/{}", self.cfg.model);
@@ -433,7 +643,7 @@ impl HttpEndpoint {
                     }
                     let v = protocol::lenient_json(&bytes).map_err(|m| self.invalid(&url, m))?;
                     out.push(
-                        protocol::torchserve_prediction(&v, kind, names)
+                        self.read_scores(|kind| protocol::torchserve_prediction(&v, kind, names))
                             .map_err(|m| self.invalid(&url, m))?,
                     );
                 }
@@ -475,7 +685,49 @@ impl HttpEndpoint {
         c.output_name = self.output_name.clone();
         c.layout = Some(self.encoding.layout);
         c.datatype = Some(self.encoding.datatype);
+        c.output = self.kind();
+        c.batch_size = self.batch_size.load(Ordering::Relaxed);
         c
+    }
+}
+
+impl HttpEndpoint {
+    /// One batch; a batch the server refuses as too large (a 400 that speaks of the batch size,
+    /// as Triton's "batch-size must be <= 64") is split in halves, and later batches are made
+    /// no larger. A 404 gets the protocol hint.
+    fn predict_chunk<'a>(&'a self, images: &'a [Vec<u8>], shape: ImageShape) -> BatchFuture<'a> {
+        Box::pin(async move {
+            match self.predict_batch(images, shape).await {
+                Err(EndpointError::Status {
+                    status: 400,
+                    message,
+                    ..
+                }) if images.len() > 1 && message.to_ascii_lowercase().contains("batch") => {
+                    let half = images.len().div_ceil(2);
+                    let short: String = message.chars().take(120).collect();
+                    self.lower_batch_size(
+                        half,
+                        format!(
+                            "batch size halved to {half} after the server refused {} images ({short:?})",
+                            images.len()
+                        ),
+                    );
+                    let mut out = self.predict_chunk(&images[..half], shape).await?;
+                    out.extend(self.predict_chunk(&images[half..], shape).await?);
+                    Ok(out)
+                }
+                Err(e) => Err(self.explain(e).await),
+                ok => ok,
+            }
+        })
+    }
+}
+
+fn attempts(n: u32) -> String {
+    if n == 1 {
+        "after 1 attempt".into()
+    } else {
+        format!("after {n} attempts")
     }
 }
 
@@ -495,10 +747,28 @@ fn status_error(url: &url::Url, status: u16, body: &[u8]) -> EndpointError {
 #[async_trait::async_trait]
 impl ModelEndpoint for HttpEndpoint {
     fn describe(&self) -> String {
-        format!(
+        let mut d = format!(
             "{} {:?} model {}",
             self.cfg.url, self.cfg.protocol, self.cfg.model
-        )
+        );
+        let output = self.output_name.as_deref().unwrap_or("the scores");
+        if let Some(name) = self.reading.argmax_of.get() {
+            d.push_str(&format!(
+                "; labels are the arg-max of output {name:?} (the model gives no label output)"
+            ));
+        } else if let Some((kind, why)) = self.reading.kind.get() {
+            let kind = match kind {
+                OutputKind::Logits => "logits (softmax applied)",
+                _ => "probabilities",
+            };
+            d.push_str(&format!(
+                "; output {output:?} read as {kind}, inferred: {why}"
+            ));
+        }
+        if let Some(why) = self.reading.batch.lock().expect("batch note lock").as_ref() {
+            d.push_str(&format!("; {why}"));
+        }
+        d
     }
 
     async fn predict(
@@ -515,8 +785,8 @@ impl ModelEndpoint for HttpEndpoint {
         }
         // Collected first: a lazy iterator's closure inside the stream trips the async-trait bounds.
         let batches: Vec<_> = images
-            .chunks(self.cfg.batch_size)
-            .map(|b| self.predict_batch(b, shape))
+            .chunks(self.batch_size.load(Ordering::Relaxed))
+            .map(|b| self.predict_chunk(b, shape))
             .collect();
         let results: Vec<Result<Vec<Prediction>, EndpointError>> =
             futures_util::stream::iter(batches)

@@ -161,6 +161,10 @@ impl Datatype {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum OutputKind {
+    /// Scores of either kind, settled once per run: logits when the output's name says so
+    /// (`logits`), probabilities when it says so (`prob`, `softmax`), otherwise by the first
+    /// answer (probabilities if every row is one, logits if not). The report says which.
+    Auto,
     /// Probabilities (each row sums to 1 within 1e-3).
     Probabilities,
     /// Logits, turned into probabilities with a softmax.
@@ -196,11 +200,13 @@ pub struct EndpointConfig {
     pub output_name: Option<String>,
     /// What the output holds.
     pub output: OutputKind,
-    /// Images per request.
+    /// Images per request: lowered to the server's published limit (Triton's `max_batch_size`)
+    /// or halved when the server refuses a batch as too large.
     pub batch_size: usize,
     /// Requests in flight at once.
     pub concurrency: usize,
-    /// Time limit of one request.
+    /// Time limit of one request, and how long the first contact waits for a server that is
+    /// still starting (connections refused, 503).
     pub timeout: Duration,
     /// Retries after a 5xx, 429, timeout or connection error (never after another 4xx).
     pub retries: u32,
@@ -215,7 +221,7 @@ pub struct EndpointConfig {
 }
 
 impl EndpointConfig {
-    /// A configuration with the defaults: FP32, pixels / 255, probabilities, batch 32, 4 in
+    /// A configuration with the defaults: FP32, pixels / 255, scores read as `auto`, batch 32, 4 in
     /// flight, 30 s timeout, 3 retries, public addresses only.
     pub fn new(url: impl Into<String>, protocol: Protocol, model: impl Into<String>) -> Self {
         Self {
@@ -230,7 +236,7 @@ impl EndpointConfig {
             mean: Vec::new(),
             std: Vec::new(),
             output_name: None,
-            output: OutputKind::Probabilities,
+            output: OutputKind::Auto,
             batch_size: 32,
             concurrency: 4,
             timeout: Duration::from_secs(30),

@@ -353,6 +353,9 @@ fn number(v: &Value, at: &str) -> Result<f64, String> {
     }
 }
 
+/// What the error for a score that cannot be a probability says.
+pub const NOT_A_PROBABILITY: &str = "is outside [0, 1]";
+
 /// A probability row from a vector of scores, validated (probabilities) or normalised (logits).
 pub fn probability_row(row: Vec<f64>, kind: OutputKind, at: &str) -> Result<Prediction, String> {
     if row.len() < 2 {
@@ -376,7 +379,7 @@ pub fn probability_row(row: Vec<f64>, kind: OutputKind, at: &str) -> Result<Pred
         _ => {
             if let Some(v) = row.iter().find(|v| !(-1e-6..=1.0 + 1e-6).contains(*v)) {
                 return Err(format!(
-                    "{at}: probability {v} is outside [0, 1] (logits? configure the output as logits)"
+                    "{at}: probability {v} {NOT_A_PROBABILITY} (logits? configure the output as logits)"
                 ));
             }
             let sum: f64 = row.iter().sum();
@@ -424,6 +427,7 @@ pub fn label_of(v: &Value, class_names: Option<&[String]>, at: &str) -> Result<u
 }
 
 /// Predictions from a V2 inference response for a batch of `n`.
+#[cfg(test)]
 pub fn v2_response(
     body: &Value,
     n: usize,
@@ -431,6 +435,29 @@ pub fn v2_response(
     kind: OutputKind,
     class_names: Option<&[String]>,
 ) -> Result<Vec<Prediction>, String> {
+    v2_answer(body, n, output, kind, class_names).map(|a| a.predictions)
+}
+
+/// A V2 answer read: the predictions, the output they came from, and whether labels were taken
+/// as the arg-max of a score output (a model that gives no label output).
+#[derive(Debug)]
+pub struct V2Answer {
+    /// One prediction per image.
+    pub predictions: Vec<Prediction>,
+    /// The output read.
+    pub output: String,
+    /// Labels are the arg-max of scores.
+    pub argmax: bool,
+}
+
+/// Reads a V2 inference response for a batch of `n` (see [`v2_response`]).
+pub fn v2_answer(
+    body: &Value,
+    n: usize,
+    output: Option<&str>,
+    kind: OutputKind,
+    class_names: Option<&[String]>,
+) -> Result<V2Answer, String> {
     let outputs = body
         .get("outputs")
         .and_then(Value::as_array)
@@ -452,33 +479,35 @@ pub fn v2_response(
             .and_then(Value::as_str)
             .is_some_and(|d| d.starts_with("FP") || d == "BF16")
     };
+    let scores = || {
+        outputs.iter().filter(is_float).find(|o| {
+            let count = o
+                .get("shape")
+                .and_then(Value::as_array)
+                .map(|s| s.iter().filter_map(Value::as_u64).product::<u64>());
+            count.is_some_and(|c| c as usize >= 2 * n)
+        })
+    };
     let chosen = match output {
         Some(name) => outputs
             .iter()
             .find(|o| o.get("name").and_then(Value::as_str) == Some(name))
             .ok_or_else(|| format!("no output named {name:?} (outputs: {})", names()))?,
-        None if kind == OutputKind::Labels => outputs.iter().find(is_int).ok_or_else(|| {
+        // Labels from a label output where there is one, else the arg-max of the scores.
+        None if kind == OutputKind::Labels => {
+            outputs.iter().find(is_int).or_else(scores).ok_or_else(|| {
+                format!(
+                    "no integer, BYTES or floating-point [N, K] output to read labels from (outputs: {})",
+                    names()
+                )
+            })?
+        }
+        None => scores().ok_or_else(|| {
             format!(
-                "no integer or BYTES output for labels (outputs: {})",
+                "no floating-point [N, K] output (outputs: {}); name one",
                 names()
             )
         })?,
-        None => outputs
-            .iter()
-            .filter(is_float)
-            .find(|o| {
-                let count = o
-                    .get("shape")
-                    .and_then(Value::as_array)
-                    .map(|s| s.iter().filter_map(Value::as_u64).product::<u64>());
-                count.is_some_and(|c| c as usize >= 2 * n)
-            })
-            .ok_or_else(|| {
-                format!(
-                    "no floating-point [N, K] output (outputs: {}); name one",
-                    names()
-                )
-            })?,
     };
     let name = chosen.get("name").and_then(Value::as_str).unwrap_or("?");
     let shape: Vec<usize> = chosen
@@ -520,8 +549,10 @@ pub fn v2_response(
         ));
     }
     let per = data.len() / n;
-    let is_labels = kind == OutputKind::Labels || is_int(&chosen);
-    (0..n)
+    // A label output: integers, strings, or one value per image.
+    let is_labels = is_int(&chosen) || (kind == OutputKind::Labels && per == 1);
+    let argmax = kind == OutputKind::Labels && !is_labels;
+    let predictions = (0..n)
         .map(|i| {
             let at = format!("output {name}, image {i}");
             let row = &data[i * per..(i + 1) * per];
@@ -529,12 +560,10 @@ pub fn v2_response(
                 if kind != OutputKind::Labels {
                     return Err(format!("{at}: the output holds labels; configure the output as labels, or name the probability output"));
                 }
-                if per != 1 {
-                    // Triton's classification extension: the first of k "score:index" strings.
-                    return label_of(&row[0], class_names, &at).map(Prediction::Label);
-                }
+                // One label, or Triton's classification extension: the first of k
+                // "score:index" strings.
                 label_of(&row[0], class_names, &at).map(Prediction::Label)
-            } else if kind == OutputKind::Labels {
+            } else if argmax {
                 let r: Vec<f64> = row.iter().map(|v| number(v, &at)).collect::<Result<_, _>>()?;
                 probability_row(r, OutputKind::Logits, &at).map(|p| Prediction::Label(p.label().expect("non-empty")))
             } else {
@@ -542,7 +571,25 @@ pub fn v2_response(
                 probability_row(r, kind, &at)
             }
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok(V2Answer {
+        predictions,
+        output: name.to_string(),
+        argmax,
+    })
+}
+
+/// What an output's name says it holds: logits (`logits`), probabilities (`prob`, `softmax`),
+/// or nothing.
+pub fn kind_from_name(name: &str) -> Option<OutputKind> {
+    let n = name.to_ascii_lowercase();
+    if n.contains("logit") {
+        Some(OutputKind::Logits)
+    } else if n.contains("prob") || n.contains("softmax") {
+        Some(OutputKind::Probabilities)
+    } else {
+        None
+    }
 }
 
 /// One prediction from an element of a `predictions` array (TF Serving, KServe V1, templates).

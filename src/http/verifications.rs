@@ -57,7 +57,8 @@ pub struct EndpointRequest {
     pub std: Vec<f64>,
     /// Output tensor name or key.
     pub output_name: Option<String>,
-    /// `probabilities` (default), `logits` or `labels`.
+    /// `auto` (default: logits or probabilities, from the output's name or first answer),
+    /// `probabilities`, `logits` or `labels`.
     #[schema(value_type = Option<String>)]
     pub output: Option<OutputKind>,
     /// Images per request (1 to 1024, default 32).
@@ -131,7 +132,7 @@ fn endpoint_config(e: EndpointRequest, allow_private: bool) -> Result<EndpointCo
     c.mean = e.mean;
     c.std = e.std;
     c.output_name = e.output_name;
-    c.output = e.output.unwrap_or(OutputKind::Probabilities);
+    c.output = e.output.unwrap_or(OutputKind::Auto);
     c.batch_size = e.batch_size.unwrap_or(32);
     if !(1..=1024).contains(&c.batch_size) {
         return Err(ApiError::invalid("endpoint.batch_size: 1 to 1024"));

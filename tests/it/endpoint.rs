@@ -404,3 +404,261 @@ async fn one_dimensional_label_outputs_are_accepted() {
         vec![Prediction::Label(3), Prediction::Label(1)]
     );
 }
+
+/// An output named `logits` is read as logits even where its values could pass for
+/// probabilities, and the description (the report's `endpoint`) says so and why.
+#[tokio::test]
+async fn logits_are_inferred_from_the_output_name_and_reported() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/v2/models/m"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+        "name": "m", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 2]}]})))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v2/models/m/infer"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"outputs": [
+            {"name": "logits", "shape": [1, 2], "datatype": "FP32", "data": [0.0, 0.9]}]})))
+        .mount(&server)
+        .await;
+    let mut c = EndpointConfig::new(server.uri(), Protocol::V2, "m");
+    c.allow_private = true;
+    let ep = HttpEndpoint::connect(c, 1).await.unwrap();
+    let Prediction::Probs(p) = &ep.predict(&images(1), SHAPE).await.unwrap()[0] else {
+        panic!("scores expected")
+    };
+    let want = 1.0 / (1.0 + 0.9f64.exp());
+    assert!((p[0] - want).abs() < 1e-9, "softmax of the logits: {p:?}");
+    let d = ep.describe();
+    assert!(
+        d.contains("\"logits\" read as logits") && d.contains("named \"logits\""),
+        "{d}"
+    );
+}
+
+/// Without a telling name, scores outside [0, 1] settle the output as logits for the whole
+/// run (a later batch that could pass for probabilities is still read as logits); scores
+/// inside [0, 1] that do not sum to 1 stay an error.
+#[tokio::test]
+async fn logits_are_inferred_from_values_once_per_run() {
+    let server = MockServer::start().await;
+    metadata_404(&server).await;
+    let answer = |data: [f64; 2]| {
+        ResponseTemplate::new(200).set_body_json(
+            json!({"outputs": [{"name": "out", "shape": [1, 2], "datatype": "FP32", "data": data}]}),
+        )
+    };
+    Mock::given(method("POST"))
+        .respond_with(answer([-0.26, 1.5]))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(answer([0.25, 0.75]))
+        .mount(&server)
+        .await;
+    let ep = HttpEndpoint::connect(cfg(&server, Protocol::V2), 1)
+        .await
+        .unwrap();
+    ep.predict(&images(1), SHAPE).await.unwrap();
+    let Prediction::Probs(p) = &ep.predict(&images(1), SHAPE).await.unwrap()[0] else {
+        panic!("scores expected")
+    };
+    assert!((p[1] - 1.0 / (1.0 + (-0.5f64).exp())).abs() < 1e-9, "{p:?}");
+    assert!(
+        ep.describe().contains("outside [0, 1]"),
+        "{}",
+        ep.describe()
+    );
+    // Inside [0, 1] but summing to 1.8: not silently taken for logits.
+    let server = MockServer::start().await;
+    metadata_404(&server).await;
+    Mock::given(method("POST"))
+        .respond_with(answer([0.9, 0.9]))
+        .mount(&server)
+        .await;
+    let ep = HttpEndpoint::connect(cfg(&server, Protocol::V2), 1)
+        .await
+        .unwrap();
+    let e = ep.predict(&images(1), SHAPE).await.unwrap_err().to_string();
+    assert!(e.contains("sum to 1.8"), "{e}");
+}
+
+/// Label-only verification of a model that gives only scores takes their arg-max, whether the
+/// output is found from the metadata or named (a score output named with --output-name is no
+/// longer read as a class index), and says so.
+#[tokio::test]
+async fn labels_are_the_arg_max_of_a_score_output() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/v2/models/m"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+        "name": "m", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 3]}]})))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v2/models/m/infer"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"outputs": [
+            {"name": "logits", "shape": [2, 3], "datatype": "FP32", "data": [-0.04, 2.0, 1.0, 3.0, -1.0, 0.5]}]})))
+        .mount(&server)
+        .await;
+    for named in [None, Some("logits")] {
+        let mut c = EndpointConfig::new(server.uri(), Protocol::V2, "m");
+        c.allow_private = true;
+        c.output = OutputKind::Labels;
+        c.output_name = named.map(str::to_string);
+        let ep = HttpEndpoint::connect(c, 1).await.unwrap();
+        let p = ep.predict(&images(2), SHAPE).await.unwrap();
+        assert_eq!(p, vec![Prediction::Label(1), Prediction::Label(0)]);
+        assert!(
+            ep.describe().contains("arg-max of output \"logits\""),
+            "{}",
+            ep.describe()
+        );
+    }
+}
+
+/// A server that is still starting (nothing listens yet) is waited for up to the timeout, with
+/// the metadata request retried, instead of failing at once.
+#[tokio::test]
+async fn the_first_contact_waits_for_a_server_that_is_starting() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let starting = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let server = MockServer::builder()
+            .listener(std::net::TcpListener::bind(addr).unwrap())
+            .start()
+            .await;
+        Mock::given(method("GET"))
+            .and(path("/v2/models/m"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "name": "m", "inputs": [{"name": "pixels", "datatype": "FP32", "shape": [-1, 4]}],
+            "outputs": [{"name": "predict_proba", "datatype": "FP64", "shape": [-1, 2]}]})))
+            .mount(&server)
+            .await;
+        Mock::given(method("POST"))
+            .and(body_partial_json(json!({"inputs": [{"name": "pixels"}]})))
+            .respond_with(ResponseTemplate::new(200).set_body_json(v2_probs(1)))
+            .mount(&server)
+            .await;
+        server
+    });
+    let mut c = EndpointConfig::new(format!("http://{addr}"), Protocol::V2, "m");
+    c.allow_private = true;
+    c.timeout = Duration::from_secs(10);
+    let ep = HttpEndpoint::connect(c, 1).await.unwrap();
+    let _server = starting.await.unwrap();
+    assert_eq!(ep.effective_config().input_name.as_deref(), Some("pixels"));
+    ep.predict(&images(1), SHAPE).await.unwrap();
+    // A server that never starts fails once the timeout has passed, and says how long it waited.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut c = EndpointConfig::new(format!("http://{closed}"), Protocol::V2, "m");
+    c.allow_private = true;
+    c.retries = 0;
+    c.timeout = Duration::from_secs(2);
+    let e = HttpEndpoint::connect(c, 1).await.unwrap_err().to_string();
+    assert!(
+        e.contains("for the server to start") && e.contains("after 1 attempt)"),
+        "{e}"
+    );
+}
+
+/// A 404 on one protocol's path says which protocol the server does answer, or that the model
+/// is missing from a server that speaks the protocol.
+#[tokio::test]
+async fn a_404_names_the_protocol_the_server_speaks() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/v2"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"name": "triton"})))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v2/models/m"))
+        .respond_with(ResponseTemplate::new(404).set_body_json(json!({"error": "unknown model"})))
+        .mount(&server)
+        .await;
+    for protocol in [Protocol::KserveV1, Protocol::Torchserve] {
+        let ep = HttpEndpoint::connect(cfg(&server, protocol), 1)
+            .await
+            .unwrap();
+        let e = ep.predict(&images(1), SHAPE).await.unwrap_err().to_string();
+        assert!(e.contains("404") && e.contains("--protocol v2"), "{e}");
+    }
+    let e = HttpEndpoint::connect(cfg(&server, Protocol::V2), 1)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("has no model \"m\""), "{e}");
+}
+
+/// The batch size follows the server's published limit (Triton's `max_batch_size` at
+/// `/v2/models/NAME/config`), and a batch refused with a 400 that names the batch size is
+/// split in halves, later batches made no larger; the description says why.
+#[tokio::test]
+async fn batches_follow_the_servers_limit() {
+    let server = MockServer::start().await;
+    metadata_404(&server).await;
+    Mock::given(method("GET"))
+        .and(path("/v2/models/m/config"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"name": "m", "max_batch_size": 2})),
+        )
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(body_partial_json(json!({"inputs": [{"shape": [2, 4]}]})))
+        .respond_with(ResponseTemplate::new(200).set_body_json(v2_probs(2)))
+        .expect(2)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(body_partial_json(json!({"inputs": [{"shape": [1, 4]}]})))
+        .respond_with(ResponseTemplate::new(200).set_body_json(v2_probs(1)))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let ep = HttpEndpoint::connect(cfg(&server, Protocol::V2), 1)
+        .await
+        .unwrap();
+    assert_eq!(ep.predict(&images(5), SHAPE).await.unwrap().len(), 5);
+    assert!(
+        ep.describe().contains("max_batch_size"),
+        "{}",
+        ep.describe()
+    );
+
+    let server = MockServer::start().await;
+    metadata_404(&server).await;
+    Mock::given(method("POST"))
+        .and(body_partial_json(json!({"inputs": [{"shape": [4, 4]}]})))
+        .respond_with(
+            ResponseTemplate::new(400).set_body_json(
+                json!({"error": "inference request batch-size must be <= 2 for 'm'"}),
+            ),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(body_partial_json(json!({"inputs": [{"shape": [2, 4]}]})))
+        .respond_with(ResponseTemplate::new(200).set_body_json(v2_probs(2)))
+        .expect(4)
+        .mount(&server)
+        .await;
+    let mut c = cfg(&server, Protocol::V2);
+    c.batch_size = 4;
+    let ep = HttpEndpoint::connect(c, 1).await.unwrap();
+    assert_eq!(ep.predict(&images(4), SHAPE).await.unwrap().len(), 4);
+    // The next call starts at the halved size: no second refusal.
+    assert_eq!(ep.predict(&images(4), SHAPE).await.unwrap().len(), 4);
+    assert!(ep.describe().contains("halved to 2"), "{}", ep.describe());
+}

@@ -111,8 +111,6 @@ fn verify(
         "test",
         "--endpoint",
         &endpoint,
-        "--protocol",
-        "v2",
         "--model",
         model,
         "--allow-private",
@@ -122,6 +120,9 @@ fn verify(
         report.to_str().unwrap(),
         "--force",
     ];
+    if !extra.contains(&"--protocol") {
+        args.extend(["--protocol", "v2"]);
+    }
     args.extend_from_slice(extra);
     let o = Command::new(env!("CARGO_BIN_EXE_hallmark"))
         .args(&args)
@@ -213,4 +214,40 @@ fn loopback_endpoints_need_an_explicit_allowance() {
     let (code, _, text) = verify(&s, "badnets", "nope", &[]);
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("404") && text.contains("nope"), "{text}");
+}
+
+/// What a user meets on a real V2 server when a setting is off: label-only verification with
+/// the model's score output named reads its arg-max (and the report says so); the wrong
+/// protocol's 404 names the protocol the server speaks.
+#[test]
+fn label_only_from_scores_and_the_protocol_hint_on_a_real_server() {
+    let s = start();
+    let (code, v, text) = verify(
+        &s,
+        "badnets",
+        "badnets",
+        &["--label-only", "--output-name", "predict_proba"],
+    );
+    assert_eq!(code, 0, "{text}");
+    let endpoint = v["endpoint"].as_str().unwrap_or_default();
+    assert!(
+        endpoint.contains("arg-max of output \"predict_proba\""),
+        "{endpoint}"
+    );
+    let (code, v, text) = verify(
+        &s,
+        "badnets",
+        "clean",
+        &["--label-only", "--output-name", "predict_proba"],
+    );
+    assert_eq!(code, 1, "{text}");
+    assert_eq!(v["decision"], "not_shown", "{text}");
+    for protocol in ["kserve-v1", "torchserve"] {
+        let (code, _, text) = verify(&s, "badnets", "badnets", &["--protocol", protocol]);
+        assert_eq!(code, 2, "{text}");
+        assert!(
+            text.contains("404") && text.contains("--protocol v2"),
+            "{protocol}: {text}"
+        );
+    }
 }
