@@ -4,6 +4,7 @@
 mod attacks;
 mod cli;
 mod endpoint;
+mod examples;
 mod fashion_mnist;
 mod formats;
 mod mlserver;

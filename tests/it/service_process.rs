@@ -12,7 +12,8 @@ use serde_json::{Value, json};
 
 use crate::service::{Db, FASHION, fresh_database, key, spec_text, write_fashion_subset};
 
-struct Server {
+/// `hallmark serve` as a real process on a free loopback port.
+pub struct Server {
     child: Child,
     port: u16,
     log: PathBuf,
@@ -20,14 +21,29 @@ struct Server {
 
 impl Server {
     fn start(data_dir: &Path, database_url: &str, roots: &Path, log_name: &str) -> Server {
+        Self::start_with(data_dir, database_url, &[roots], log_name, &[])
+    }
+
+    /// Starts a server with these dataset roots and extra command-line arguments.
+    pub fn start_with(
+        data_dir: &Path,
+        database_url: &str,
+        roots: &[&Path],
+        log_name: &str,
+        extra: &[&str],
+    ) -> Server {
         let log = data_dir.join(log_name);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hallmark"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_hallmark"));
+        command
             .args(["serve", "--bind", "127.0.0.1:0", "--workers", "2"])
             .arg("--data-dir")
             .arg(data_dir)
-            .arg("--dataset-root")
-            .arg(roots)
             .args(["--database-url", database_url])
+            .args(extra);
+        for root in roots {
+            command.arg("--dataset-root").arg(root);
+        }
+        let mut child = command
             .env("HALLMARK_SECRET_KEY", hex::encode(key()))
             .env("HALLMARK_JOB_LEASE_SECS", "1")
             .env("HALLMARK_LOG", "info")
@@ -63,7 +79,8 @@ impl Server {
         Server { child, port, log }
     }
 
-    fn url(&self, path: &str) -> String {
+    /// The URL of `path` on this server.
+    pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
