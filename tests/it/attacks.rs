@@ -35,6 +35,15 @@ fn fit(data: &hallmark::dataset::Dataset, epochs: usize) -> hallmark::train::Tra
     .unwrap()
 }
 
+/// The training seed: 1, or `HALLMARK_TEST_SEED` where margins are measured over seeds
+/// (docs/testing.md); the tests' thresholds hold for each seed measured there.
+fn training_seed() -> u64 {
+    std::env::var("HALLMARK_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+}
+
 fn short_training(epochs: usize) -> TrainConfig {
     TrainConfig {
         arch: Arch::BaselineMnist,
@@ -49,7 +58,7 @@ fn short_training(epochs: usize) -> TrainConfig {
         },
         crop_padding: 0,
         flip: false,
-        seed: 1,
+        seed: training_seed(),
         warmup_epochs: 0,
     }
 }
