@@ -12,14 +12,14 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The example binary that `cargo test --all-targets` (or `cargo build --examples`) built beside
+/// The example binary that `cargo build --examples` (run by scripts/test) built beside
 /// the hallmark binary.
 fn rust_client() -> PathBuf {
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_hallmark"));
     let client = exe.parent().unwrap().join("examples").join("client");
     assert!(
         client.exists(),
-        "{} is missing: build the examples (cargo test --all-targets, or cargo build --examples)",
+        "{} is missing: build the examples first (cargo build --features train --examples; scripts/test does)",
         client.display()
     );
     client
