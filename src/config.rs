@@ -64,6 +64,16 @@ pub struct PartialConfig {
     pub concurrency_limit: Option<usize>,
     /// Requests per second allowed to one key (bursts up to twice this).
     pub rate_limit_per_key: Option<f64>,
+    /// The longest image side a dataset may have.
+    pub max_image_side: Option<usize>,
+    /// Decoded pixels of one dataset, bytes.
+    pub max_dataset_bytes: Option<usize>,
+    /// Files in one upload.
+    pub max_upload_files: Option<usize>,
+    /// Datasets one key may register or upload.
+    pub max_datasets_per_key: Option<usize>,
+    /// Bytes of uploads one key may keep on the server.
+    pub max_upload_bytes_per_key: Option<u64>,
 }
 
 /// The effective configuration.
@@ -101,6 +111,16 @@ pub struct ServeConfig {
     pub concurrency_limit: usize,
     /// Requests per second per key.
     pub rate_limit_per_key: f64,
+    /// The longest image side a dataset may have.
+    pub max_image_side: usize,
+    /// Decoded pixels of one dataset, bytes.
+    pub max_dataset_bytes: usize,
+    /// Files in one upload.
+    pub max_upload_files: usize,
+    /// Datasets one key may register or upload.
+    pub max_datasets_per_key: usize,
+    /// Bytes of uploads one key may keep on the server.
+    pub max_upload_bytes_per_key: u64,
 }
 
 impl PartialConfig {
@@ -154,6 +174,11 @@ impl PartialConfig {
             request_timeout_secs: parse(&get, "HALLMARK_REQUEST_TIMEOUT_SECS")?,
             concurrency_limit: parse(&get, "HALLMARK_CONCURRENCY_LIMIT")?,
             rate_limit_per_key: parse(&get, "HALLMARK_RATE_LIMIT_PER_KEY")?,
+            max_image_side: parse(&get, "HALLMARK_MAX_IMAGE_SIDE")?,
+            max_dataset_bytes: parse(&get, "HALLMARK_MAX_DATASET_BYTES")?,
+            max_upload_files: parse(&get, "HALLMARK_MAX_UPLOAD_FILES")?,
+            max_datasets_per_key: parse(&get, "HALLMARK_MAX_DATASETS_PER_KEY")?,
+            max_upload_bytes_per_key: parse(&get, "HALLMARK_MAX_UPLOAD_BYTES_PER_KEY")?,
         })
     }
 
@@ -178,6 +203,13 @@ impl PartialConfig {
             request_timeout_secs: over.request_timeout_secs.or(self.request_timeout_secs),
             concurrency_limit: over.concurrency_limit.or(self.concurrency_limit),
             rate_limit_per_key: over.rate_limit_per_key.or(self.rate_limit_per_key),
+            max_image_side: over.max_image_side.or(self.max_image_side),
+            max_dataset_bytes: over.max_dataset_bytes.or(self.max_dataset_bytes),
+            max_upload_files: over.max_upload_files.or(self.max_upload_files),
+            max_datasets_per_key: over.max_datasets_per_key.or(self.max_datasets_per_key),
+            max_upload_bytes_per_key: over
+                .max_upload_bytes_per_key
+                .or(self.max_upload_bytes_per_key),
         }
     }
 
@@ -214,7 +246,9 @@ impl PartialConfig {
         if workers == 0 || workers > 256 {
             return Err(invalid("workers", format!("{workers}: expected 1 to 256")));
         }
-        let job_max_attempts = self.job_max_attempts.unwrap_or(3);
+        // Two: a job whose worker died twice may be what kills it (a crash loop), so it is failed
+        // rather than given a third worker to kill.
+        let job_max_attempts = self.job_max_attempts.unwrap_or(2);
         if !(1..=100).contains(&job_max_attempts) {
             return Err(invalid(
                 "job_max_attempts",
@@ -232,6 +266,16 @@ impl PartialConfig {
                 format!("{rate_limit_per_key}: expected a positive number"),
             ));
         }
+        let positive = |v: Option<usize>, default: usize, name: &str| match v.unwrap_or(default) {
+            0 => Err(invalid(name, "must be at least 1".into())),
+            v => Ok(v),
+        };
+        let max_image_side = positive(self.max_image_side, 4096, "max_image_side")?;
+        let max_dataset_bytes = positive(self.max_dataset_bytes, 2 << 30, "max_dataset_bytes")?;
+        let max_upload_files = positive(self.max_upload_files, 100_000, "max_upload_files")?;
+        let max_datasets_per_key =
+            positive(self.max_datasets_per_key, 1000, "max_datasets_per_key")?;
+        let max_upload_bytes_per_key = self.max_upload_bytes_per_key.unwrap_or(8 << 30);
         let dataset_roots = self
             .dataset_roots
             .unwrap_or_else(|| vec![data_dir.join("imports")]);
@@ -251,6 +295,11 @@ impl PartialConfig {
             request_timeout: secs(self.request_timeout_secs, 60.0, "request_timeout_secs")?,
             concurrency_limit,
             rate_limit_per_key,
+            max_image_side,
+            max_dataset_bytes,
+            max_upload_files,
+            max_datasets_per_key,
+            max_upload_bytes_per_key,
             data_dir,
         })
     }
@@ -265,6 +314,15 @@ pub fn parse_key(text: &str) -> Result<[u8; 32], String> {
 }
 
 impl ServeConfig {
+    /// The bounds every dataset the service reads is held to.
+    pub fn dataset_limits(&self) -> crate::dataset::Limits {
+        crate::dataset::Limits {
+            max_side: self.max_image_side,
+            max_bytes: self.max_dataset_bytes,
+            max_files: crate::dataset::Limits::default().max_files,
+        }
+    }
+
     /// The sealing key: configured, or read from the key file, or (on first start with the
     /// default SQLite set-up) created in the data folder with mode 0600.
     pub fn load_or_create_key(&self) -> Result<[u8; 32], ConfigError> {
@@ -298,7 +356,7 @@ impl ServeConfig {
                     path: path.clone(),
                     message: e.to_string(),
                 };
-                std::fs::create_dir_all(&self.data_dir).map_err(file_err)?;
+                crate::fsutil::create_private_dir(&self.data_dir).map_err(file_err)?;
                 crate::fsutil::write_file_atomic(
                     &path,
                     format!("{}\n", hex::encode(key)).as_bytes(),

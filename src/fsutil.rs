@@ -73,6 +73,60 @@ impl Drop for AtomicDir {
     }
 }
 
+/// Checks that `path` and everything below it (to `depth` levels of folders) resolves, links
+/// followed, to a place below one of `roots`: a link inside a registered dataset folder must not
+/// lead a reader out of it. Returns the first entry that leads out (relative to `path`), or an
+/// error when the tree cannot be listed.
+pub fn escapes_roots(
+    path: &Path,
+    roots: &[PathBuf],
+    depth: usize,
+) -> std::io::Result<Option<PathBuf>> {
+    let roots: Vec<PathBuf> = roots.iter().filter_map(|r| r.canonicalize().ok()).collect();
+    let inside = |p: &Path| match p.canonicalize() {
+        Ok(real) => roots.iter().any(|r| real.starts_with(r)),
+        // A dangling link leads nowhere readable; a reader reports it.
+        Err(_) => true,
+    };
+    fn walk(
+        dir: &Path,
+        base: &Path,
+        depth: usize,
+        inside: &dyn Fn(&Path) -> bool,
+    ) -> std::io::Result<Option<PathBuf>> {
+        for entry in fs::read_dir(dir)? {
+            let p = entry?.path();
+            if !inside(&p) {
+                return Ok(Some(p.strip_prefix(base).unwrap_or(&p).to_path_buf()));
+            }
+            if depth > 0 && p.is_dir() {
+                if let Some(out) = walk(&p, base, depth - 1, inside)? {
+                    return Ok(Some(out));
+                }
+            }
+        }
+        Ok(None)
+    }
+    if !inside(path) {
+        return Ok(Some(PathBuf::from(".")));
+    }
+    if path.is_dir() {
+        walk(path, path, depth, &inside)
+    } else {
+        Ok(None)
+    }
+}
+
+/// Creates `dir` and its missing parents readable by the owner only (0700): the service's data
+/// folder holds the sealing key, the database and the releases.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut b = fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+    b.create(dir)
+}
+
 /// Writes a whole file atomically, with the given Unix mode (e.g. 0o600 for secrets).
 pub fn write_file_atomic(
     dest: &Path,

@@ -733,7 +733,7 @@ fn verify_cmd(a: VerifyArgs) -> Result<u8> {
     );
     println!(
         "control:  random {} trigger: p = {:.3e}, effect {:.4}: {}",
-        verdict.control.trigger.kind(),
+        verdict.control.kind,
         c.p_value,
         c.effect,
         if verdict.control.rejected {

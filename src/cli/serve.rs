@@ -155,7 +155,7 @@ pub fn keys_cmd(c: KeysCommand) -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        std::fs::create_dir_all(&cfg.data_dir)
+        crate::fsutil::create_private_dir(&cfg.data_dir)
             .with_context(|| format!("cannot create {}", cfg.data_dir.display()))?;
         let key = cfg.load_or_create_key()?;
         let store = Store::connect(&cfg.database_url, &key)

@@ -4,7 +4,7 @@
 //! Written files are named by the sha256 of their pixels, so the names say nothing about where a
 //! sample came from (a relabelled, watermarked sample is not given away by an out-of-place name).
 
-use super::{Dataset, DatasetError, ImageShape};
+use super::{Dataset, DatasetError, ImageShape, Limits};
 use image::{ColorType, ImageDecoder, ImageEncoder};
 use rayon::prelude::*;
 use std::fs;
@@ -23,6 +23,16 @@ pub struct Tree {
 
 /// Reads an ImageFolder tree. `tick` is called once per decoded image.
 pub fn read(root: &Path, tick: &(dyn Fn() + Sync)) -> Result<Tree, DatasetError> {
+    read_limited(root, tick, &Limits::default())
+}
+
+/// [`read`] within `limits`: the files are counted, and every image's size is taken from its
+/// header and checked before any is decoded; decoders run with the image crate's limits too.
+pub fn read_limited(
+    root: &Path,
+    tick: &(dyn Fn() + Sync),
+    limits: &Limits,
+) -> Result<Tree, DatasetError> {
     let mut classes = Vec::new();
     for entry in read_dir_sorted(root)? {
         let name = file_name(&entry);
@@ -52,6 +62,12 @@ pub fn read(root: &Path, tick: &(dyn Fn() + Sync)) -> Result<Tree, DatasetError>
     for (label, (_, dir)) in classes.iter().enumerate() {
         collect_images(dir, &mut files)?;
         labels.resize(files.len(), label as u32);
+        if files.len() > limits.max_files {
+            return Err(DatasetError::input(
+                root,
+                format!("more than {} image files", limits.max_files),
+            ));
+        }
     }
     if files.is_empty() {
         return Err(DatasetError::input(root, "no image in any class folder"));
@@ -63,7 +79,7 @@ pub fn read(root: &Path, tick: &(dyn Fn() + Sync)) -> Result<Tree, DatasetError>
         .map(|path| {
             let bytes = fs::read(path).map_err(|e| DatasetError::io(path, e))?;
             let (dims, color) = {
-                let decoder = reader(&bytes)
+                let decoder = reader(&bytes, limits)
                     .and_then(|r| r.into_decoder())
                     .map_err(|source| DatasetError::Image {
                         path: path.clone(),
@@ -99,20 +115,22 @@ pub fn read(root: &Path, tick: &(dyn Fn() + Sync)) -> Result<Tree, DatasetError>
         width: width as usize,
         channels,
     };
+    limits
+        .check(headers.len(), shape)
+        .map_err(|m| DatasetError::input(root, m))?;
     let mut pixels = vec![0u8; headers.len() * shape.len()];
     pixels
         .par_chunks_mut(shape.len())
         .zip(headers.into_par_iter())
         .zip(files.par_iter())
         .try_for_each(|((out, (bytes, _, _)), path)| {
-            let img =
-                reader(&bytes)
-                    .and_then(|r| r.decode())
-                    .map_err(|source| DatasetError::Image {
-                        path: path.clone(),
-                        action: "decode",
-                        source,
-                    })?;
+            let img = reader(&bytes, limits)
+                .and_then(|r| r.decode())
+                .map_err(|source| DatasetError::Image {
+                    path: path.clone(),
+                    action: "decode",
+                    source,
+                })?;
             if channels == 3 {
                 out.copy_from_slice(img.to_rgb8().as_raw());
             } else {
@@ -130,10 +148,21 @@ pub fn read(root: &Path, tick: &(dyn Fn() + Sync)) -> Result<Tree, DatasetError>
     Ok(Tree { dataset, files })
 }
 
-fn reader(bytes: &[u8]) -> Result<image::ImageReader<std::io::Cursor<&[u8]>>, image::ImageError> {
-    image::ImageReader::new(std::io::Cursor::new(bytes))
+fn reader<'a>(
+    bytes: &'a [u8],
+    limits: &Limits,
+) -> Result<image::ImageReader<std::io::Cursor<&'a [u8]>>, image::ImageError> {
+    let mut r = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
-        .map_err(image::ImageError::IoError)
+        .map_err(image::ImageError::IoError)?;
+    let side = u32::try_from(limits.max_side).unwrap_or(u32::MAX);
+    let mut l = image::Limits::default();
+    l.max_image_width = Some(side);
+    l.max_image_height = Some(side);
+    // One image decoded as RGBA at the longest side, at most.
+    l.max_alloc = Some((limits.max_side as u64).pow(2) * 4 + (1 << 20));
+    r.limits(l);
+    Ok(r)
 }
 
 fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DatasetError> {

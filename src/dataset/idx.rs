@@ -24,24 +24,40 @@ pub fn is_gzip(bytes: &[u8]) -> bool {
 
 /// Decompresses gzip (one or several concatenated members); other bytes are returned as they are.
 pub fn maybe_gunzip(raw: Vec<u8>) -> Result<Vec<u8>, ParseError> {
+    maybe_gunzip_capped(raw, usize::MAX)
+}
+
+/// [`maybe_gunzip`], refusing a stream that inflates to more than `cap` bytes before more than
+/// that is allocated: a small gzip file cannot claim gigabytes (a decompression bomb).
+pub fn maybe_gunzip_capped(raw: Vec<u8>, cap: usize) -> Result<Vec<u8>, ParseError> {
     if !is_gzip(&raw) {
         return Ok(raw);
     }
-    gunzip_members(&raw).map_err(|at| {
-        ParseError::new(
+    gunzip_members(&raw, cap).map_err(|e| match e {
+        Gunzip::Corrupt(at) => ParseError::new(
             Some(at as u64),
             format!("corrupt gzip stream (member at compressed byte {at})"),
-        )
+        ),
+        Gunzip::TooLarge => ParseError::new(
+            None,
+            format!("the gzip stream inflates to more than the {cap} bytes allowed"),
+        ),
     })
+}
+
+enum Gunzip {
+    Corrupt(usize),
+    TooLarge,
 }
 
 /// libdeflate, member by member: each call reports how much input it consumed, so concatenated
 /// members (which hallmark itself writes) are all decoded. The output buffer starts at the size
 /// the last trailer gives (exact for one member) and grows when a member needs more, up to
 /// deflate's largest possible ratio (1032:1), so a forged trailer cannot force a huge allocation.
-fn gunzip_members(raw: &[u8]) -> Result<Vec<u8>, usize> {
+fn gunzip_members(raw: &[u8], cap: usize) -> Result<Vec<u8>, Gunzip> {
     use libdeflate_sys::*;
-    let limit = raw.len().saturating_mul(1032).max(1 << 16);
+    let ratio_limit = raw.len().saturating_mul(1032).max(1 << 16);
+    let limit = ratio_limit.min(cap);
     let trailer = if raw.len() >= 18 {
         u32::from_le_bytes(raw[raw.len() - 4..].try_into().expect("4 bytes")) as usize
     } else {
@@ -54,14 +70,14 @@ fn gunzip_members(raw: &[u8]) -> Result<Vec<u8>, usize> {
     // and freed on every path below.
     let d = unsafe { libdeflate_alloc_decompressor() };
     if d.is_null() {
-        return Err(0);
+        return Err(Gunzip::Corrupt(0));
     }
     let result = loop {
         if at == raw.len() {
             break Ok(());
         }
         if !raw[at..].starts_with(&GZIP_MAGIC) {
-            break Err(at);
+            break Err(Gunzip::Corrupt(at));
         }
         let (mut used_in, mut used_out) = (0usize, 0usize);
         // SAFETY: input and output pointers and lengths describe live, correctly sized slices.
@@ -82,8 +98,10 @@ fn gunzip_members(raw: &[u8]) -> Result<Vec<u8>, usize> {
         } else if ret == libdeflate_result_LIBDEFLATE_INSUFFICIENT_SPACE && out.len() < limit {
             let grown = (out.len() * 2).min(limit);
             out.resize(grown, 0);
+        } else if ret == libdeflate_result_LIBDEFLATE_INSUFFICIENT_SPACE && limit < ratio_limit {
+            break Err(Gunzip::TooLarge);
         } else {
-            break Err(at);
+            break Err(Gunzip::Corrupt(at));
         }
     };
     // SAFETY: allocated above, not used after this.
@@ -91,6 +109,26 @@ fn gunzip_members(raw: &[u8]) -> Result<Vec<u8>, usize> {
     result?;
     out.truncate(filled);
     Ok(out)
+}
+
+/// The dimensions and header length of an IDX file that may be gzipped, read from its first
+/// bytes (inflating only those): what the file declares, known before anything is allocated
+/// for it.
+pub fn peek_header(raw: &[u8]) -> Result<(Vec<usize>, usize), ParseError> {
+    if !is_gzip(raw) {
+        return parse_header(raw);
+    }
+    use std::io::Read;
+    let mut z = flate2::read::MultiGzDecoder::new(raw);
+    let mut head = vec![0u8; 4];
+    let corrupt = |_| ParseError::new(Some(0), "corrupt or truncated gzip stream");
+    z.read_exact(&mut head).map_err(corrupt)?;
+    let ndim = head[3] as usize;
+    head.resize(4 + 4 * ndim, 0);
+    if ndim > 0 && head[0] == 0 && head[1] == 0 {
+        z.read_exact(&mut head[4..]).map_err(corrupt)?;
+    }
+    parse_header(&head)
 }
 
 /// Parses the header of an IDX file: returns the dimensions and the header's length in bytes.
@@ -104,22 +142,18 @@ pub fn parse_header(bytes: &[u8]) -> Result<(Vec<usize>, usize), ParseError> {
             ),
         ));
     }
+    // The messages name what is wrong, never the bytes found: a file read by mistake (a key, a
+    // configuration) must not show up in an error.
     if bytes[0] != 0 || bytes[1] != 0 {
         return Err(ParseError::new(
             Some(0),
-            format!(
-                "wrong magic number {:02x}{:02x}{:02x}{:02x}: an IDX file starts with two zero bytes",
-                bytes[0], bytes[1], bytes[2], bytes[3]
-            ),
+            "wrong magic number: an IDX file starts with two zero bytes",
         ));
     }
     if bytes[2] != TYPE_U8 {
         return Err(ParseError::new(
             Some(2),
-            format!(
-                "data type 0x{:02x} is not supported; only unsigned bytes (0x08) are",
-                bytes[2]
-            ),
+            "data type is not supported; only unsigned bytes (0x08) are",
         ));
     }
     let ndim = bytes[3] as usize;
@@ -227,7 +261,11 @@ mod tests {
     #[test]
     fn unsupported_type_is_named() {
         let e = parse(vec![0, 0, 0x0d, 1, 0, 0, 0, 0]).unwrap_err();
-        assert!(e.message.contains("0x0d"), "{e}");
+        assert!(e.message.contains("data type is not supported"), "{e}");
+        assert!(
+            !e.message.contains("0d"),
+            "the file's bytes are not quoted: {e}"
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use super::folder;
 use super::hash::dataset_sha256;
 use super::idx;
 use super::manifest::{MANIFEST, ReleaseFile, ReleaseInfo, write_manifest};
-use super::{Dataset, DatasetError, ImageShape};
+use super::{Dataset, DatasetError, ImageShape, Limits};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -156,20 +156,31 @@ pub fn read(
     split: Option<Split>,
     tick: &(dyn Fn() + Sync),
 ) -> Result<Loaded, DatasetError> {
+    read_limited(input, format, split, tick, &Limits::default())
+}
+
+/// [`read`] within `limits`: what the files declare is checked before it is decoded.
+pub fn read_limited(
+    input: &Path,
+    format: Option<Format>,
+    split: Option<Split>,
+    tick: &(dyn Fn() + Sync),
+    limits: &Limits,
+) -> Result<Loaded, DatasetError> {
     let meta = fs::metadata(input).map_err(|e| DatasetError::io(input, e))?;
     let format = match format {
         Some(f) => f,
         None => detect(input, meta.is_dir())?,
     };
     match format {
-        Format::Idx => read_idx(input, meta.is_dir(), split),
+        Format::Idx => read_idx(input, meta.is_dir(), split, limits),
         Format::Cifar | Format::Cifar10 | Format::Cifar100 => {
             let variant = match format {
                 Format::Cifar10 => Some(Variant::Cifar10),
                 Format::Cifar100 => Some(Variant::Cifar100),
                 _ => None,
             };
-            read_cifar(input, meta.is_dir(), variant, split)
+            read_cifar(input, meta.is_dir(), variant, split, limits)
         }
         Format::Folder => {
             if !meta.is_dir() {
@@ -179,7 +190,7 @@ pub fn read(
                 ));
             }
             let root = folder_split_root(input, split)?;
-            let tree = folder::read(&root, tick)?;
+            let tree = folder::read_limited(&root, tick, limits)?;
             Ok(Loaded {
                 dataset: tree.dataset,
                 layout: Layout::Folder,
@@ -243,7 +254,12 @@ fn split_prefixes(split: Split) -> &'static [&'static str] {
     }
 }
 
-fn read_idx(input: &Path, is_dir: bool, split: Option<Split>) -> Result<Loaded, DatasetError> {
+fn read_idx(
+    input: &Path,
+    is_dir: bool,
+    split: Option<Split>,
+    limits: &Limits,
+) -> Result<Loaded, DatasetError> {
     let images_path = if is_dir {
         let names = list_names(input)?;
         let mut candidates: Vec<&String> =
@@ -310,19 +326,51 @@ fn read_idx(input: &Path, is_dir: bool, split: Option<Split>) -> Result<Loaded, 
         }
         labels_path = alt_path;
     }
+    // A plain file larger than the limit is refused before it is read; a gzipped one is
+    // inflated to at most the limit (plus a header).
+    let cap = limits.max_bytes.saturating_add(1 << 16);
+    for p in [&images_path, &labels_path] {
+        let len = fs::metadata(p).map_err(|e| DatasetError::io(p, e))?.len();
+        if len > cap as u64 {
+            return Err(DatasetError::input(
+                p,
+                format!(
+                    "{len} bytes, over the dataset size limit of {} bytes",
+                    limits.max_bytes
+                ),
+            ));
+        }
+    }
     let (images_raw, labels_raw) =
         rayon::join(|| fs::read(&images_path), || fs::read(&labels_path));
     let images_raw = images_raw.map_err(|e| DatasetError::io(&images_path, e))?;
     let labels_raw = labels_raw.map_err(|e| DatasetError::io(&labels_path, e))?;
     let gzip = idx::is_gzip(&images_raw);
+    // What each file's header declares is checked against the limit before it is inflated, and
+    // it is inflated to no more than that.
+    let declared = |raw: &[u8], p: &Path| -> Result<usize, DatasetError> {
+        let (dims, header_len) = idx::peek_header(raw).map_err(|e| e.at(p))?;
+        match dims.iter().try_fold(1usize, |a, d| a.checked_mul(*d)) {
+            Some(n) if n <= limits.max_bytes => Ok(header_len + n),
+            _ => Err(DatasetError::input(
+                p,
+                format!(
+                    "the header declares dimensions {dims:?}, over the dataset size limit of {} bytes",
+                    limits.max_bytes
+                ),
+            )),
+        }
+    };
+    let images_cap = declared(&images_raw, &images_path)?;
+    let labels_cap = declared(&labels_raw, &labels_path)?;
     let (images, labels) = rayon::join(
         || {
-            idx::maybe_gunzip(images_raw)
+            idx::maybe_gunzip_capped(images_raw, images_cap)
                 .and_then(idx::parse)
                 .map_err(|e| e.at(&images_path))
         },
         || {
-            idx::maybe_gunzip(labels_raw)
+            idx::maybe_gunzip_capped(labels_raw, labels_cap)
                 .and_then(idx::parse)
                 .map_err(|e| e.at(&labels_path))
         },
@@ -349,6 +397,9 @@ fn read_idx(input: &Path, is_dir: bool, split: Option<Split>) -> Result<Loaded, 
             ));
         }
     };
+    limits
+        .check(images.dims[0], shape)
+        .map_err(|m| DatasetError::input(&images_path, m))?;
     let [n_labels] = labels.dims.as_slice() else {
         return Err(DatasetError::malformed(
             &labels_path,
@@ -398,6 +449,7 @@ fn read_cifar(
     is_dir: bool,
     variant: Option<Variant>,
     split: Option<Split>,
+    limits: &Limits,
 ) -> Result<Loaded, DatasetError> {
     let files: Vec<PathBuf> = if is_dir {
         let names = list_names(input)?;
@@ -434,6 +486,20 @@ fn read_cifar(
     } else {
         vec![input.to_path_buf()]
     };
+    // Records are 3,073 or 3,074 bytes for 3,072 pixels: the files' sizes bound the pixels.
+    let mut total = 0u64;
+    for p in &files {
+        total += fs::metadata(p).map_err(|e| DatasetError::io(p, e))?.len();
+        if total > limits.max_bytes as u64 + limits.max_bytes as u64 / 1000 {
+            return Err(DatasetError::input(
+                p,
+                format!(
+                    "the batches exceed the dataset size limit of {} bytes",
+                    limits.max_bytes
+                ),
+            ));
+        }
+    }
     let raws = files
         .par_iter()
         .map(|p| fs::read(p).map_err(|e| DatasetError::io(p, e)))

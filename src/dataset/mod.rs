@@ -14,13 +14,60 @@ mod manifest;
 
 pub use error::{DatasetError, ParseError};
 pub use hash::{dataset_sha256, image_sha256s};
-pub use layout::{Format, Layout, Loaded, Split, read, write_release};
+pub use layout::{Format, Layout, Loaded, Split, read, read_limited, write_release};
 pub use manifest::{
     MANIFEST, ManifestEntry, RELEASE_JSON, ReleaseFile, ReleaseInfo, read_manifest,
     write_release_info,
 };
 
 use serde::{Deserialize, Serialize};
+
+/// Bounds on what reading a dataset may allocate, checked against what the files declare (image
+/// headers, IDX dimensions, gzip streams) before the memory is taken: a small file that claims
+/// a huge dataset is refused, not decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The longest image side.
+    pub max_side: usize,
+    /// The decoded pixels of the whole dataset, in bytes.
+    pub max_bytes: usize,
+    /// Image files in an ImageFolder tree.
+    pub max_files: usize,
+}
+
+impl Default for Limits {
+    /// What the command line reads: sides to 16,384, 64 GiB of pixels, 10 million files.
+    fn default() -> Self {
+        Self {
+            max_side: 16_384,
+            max_bytes: 64 << 30,
+            max_files: 10_000_000,
+        }
+    }
+}
+
+impl Limits {
+    /// Whether `count` images of `shape` fit; the message says what is over.
+    pub fn check(&self, count: usize, shape: ImageShape) -> Result<(), String> {
+        if shape.height > self.max_side || shape.width > self.max_side {
+            return Err(format!(
+                "images of {}×{} exceed the longest side allowed, {}",
+                shape.height, shape.width, self.max_side
+            ));
+        }
+        let bytes = count
+            .checked_mul(shape.height)
+            .and_then(|n| n.checked_mul(shape.width))
+            .and_then(|n| n.checked_mul(shape.channels));
+        match bytes {
+            Some(b) if b <= self.max_bytes => Ok(()),
+            _ => Err(format!(
+                "{count} images of {shape} exceed the dataset size limit of {} bytes",
+                self.max_bytes
+            )),
+        }
+    }
+}
 
 /// Height, width and channel count shared by every image of a dataset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -17,39 +17,61 @@ pub enum AddressPolicy {
     AllowPrivate,
 }
 
-/// Why an address is not public, or `None` when it is.
+/// Why an address is not public, or `None` when it is. Follows IANA's IPv4 and IPv6
+/// special-purpose address registries: every range there that is not globally reachable is
+/// refused, and addresses that embed an IPv4 address (IPv4-mapped, IPv4-compatible, NAT64, 6to4)
+/// are judged by the address they embed.
 pub fn non_public_reason(ip: IpAddr) -> Option<&'static str> {
     match ip {
         IpAddr::V4(v4) => v4_reason(v4),
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return v4_reason(v4);
-            }
-            let seg = v6.segments();
-            if v6.is_loopback() {
-                Some("loopback address")
-            } else if v6.is_unspecified() {
-                Some("unspecified address")
-            } else if v6.is_multicast() {
-                Some("multicast address")
-            } else if seg[0] & 0xffc0 == 0xfe80 {
-                Some("link-local address")
-            } else if seg[0] & 0xfe00 == 0xfc00 {
-                Some("unique local (private) address")
-            } else if seg[0] == 0x64 && seg[1] == 0xff9b {
-                // NAT64 embeds an IPv4 address in the low 32 bits.
-                v4_reason(Ipv4Addr::new(
-                    (seg[6] >> 8) as u8,
-                    seg[6] as u8,
-                    (seg[7] >> 8) as u8,
-                    seg[7] as u8,
-                ))
-            } else if v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254) {
-                Some("cloud metadata service")
-            } else {
-                None
-            }
-        }
+        IpAddr::V6(v6) => v6_reason(v6),
+    }
+}
+
+fn embedded_v4(hi: u16, lo: u16) -> Ipv4Addr {
+    Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8)
+}
+
+fn v6_reason(v6: Ipv6Addr) -> Option<&'static str> {
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return v4_reason(v4);
+    }
+    let seg = v6.segments();
+    if v6.is_loopback() {
+        Some("loopback address")
+    } else if v6.is_unspecified() {
+        Some("unspecified address")
+    } else if seg[..6] == [0; 6] {
+        // ::a.b.c.d, IPv4-compatible (deprecated): refused whatever it embeds, as some stacks
+        // still route it to the embedded IPv4 address.
+        Some("IPv4-compatible address")
+    } else if v6.is_multicast() {
+        Some("multicast address")
+    } else if seg[0] & 0xffc0 == 0xfe80 {
+        Some("link-local address")
+    } else if seg[0] & 0xffc0 == 0xfec0 {
+        Some("site-local address")
+    } else if seg[0] & 0xfe00 == 0xfc00 {
+        Some("unique local (private) address")
+    } else if seg[0] == 0x64 && seg[1] == 0xff9b && seg[2..6] == [0; 4] {
+        // NAT64 (64:ff9b::/96) embeds an IPv4 address in the low 32 bits.
+        v4_reason(embedded_v4(seg[6], seg[7]))
+    } else if seg[0] == 0x64 && seg[1] == 0xff9b && seg[2] == 1 {
+        Some("local-use NAT64 address")
+    } else if seg[0] == 0x2002 {
+        // 6to4 (2002::/16) embeds an IPv4 address in bits 16 to 48.
+        v4_reason(embedded_v4(seg[1], seg[2]))
+    } else if seg[0] == 0x100 && seg[1..4] == [0; 3] {
+        Some("discard-only address")
+    } else if seg[0] == 0x2001 && seg[1] < 0x200 {
+        // 2001::/23: IETF protocol assignments (Teredo, benchmarking, ORCHID and others).
+        Some("IETF protocol assignment (Teredo, benchmarking and others)")
+    } else if (seg[0] == 0x2001 && seg[1] == 0xdb8) || seg[0] & 0xfff0 == 0x3ff0 {
+        Some("documentation address")
+    } else if v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254) {
+        Some("cloud metadata service")
+    } else {
+        None
     }
 }
 
@@ -65,10 +87,21 @@ fn v4_reason(ip: Ipv4Addr) -> Option<&'static str> {
         } else {
             Some("link-local address")
         }
-    } else if ip.is_unspecified() || o[0] == 0 {
+    } else if o[0] == 0 {
         Some("unspecified address")
     } else if o[0] == 100 && (o[1] & 0xc0) == 64 {
         Some("shared (carrier-grade NAT) address")
+    } else if o[0] == 192 && o[1] == 0 && o[2] == 0 {
+        Some("IETF protocol assignment")
+    } else if (o[0] == 192 && o[1] == 0 && o[2] == 2)
+        || (o[0] == 198 && o[1] == 51 && o[2] == 100)
+        || (o[0] == 203 && o[1] == 0 && o[2] == 113)
+    {
+        Some("documentation address")
+    } else if o[0] == 198 && (o[1] & 0xfe) == 18 {
+        Some("benchmarking address")
+    } else if o[0] == 192 && o[1] == 88 && o[2] == 99 {
+        Some("6to4 relay anycast address")
     } else if ip.is_broadcast() || ip.is_multicast() || o[0] >= 240 {
         Some("broadcast, multicast or reserved address")
     } else {
@@ -117,14 +150,11 @@ pub async fn check_address(
         message: format!("{host} has no address"),
     })?;
     if policy == AddressPolicy::PublicOnly
-        && let Some((addr, reason)) = addrs
-            .iter()
-            .find_map(|a| non_public_reason(a.ip()).map(|r| (a, r)))
+        && let Some(reason) = addrs.iter().find_map(|a| non_public_reason(a.ip()))
     {
-        return Err(refused(format!(
-            "{host} resolves to {}, a {reason}",
-            addr.ip()
-        )));
+        // The address itself is not echoed: it would tell a client what the server's resolver
+        // knows of internal host names.
+        return Err(refused(format!("{host} resolves to a {reason}")));
     }
     Ok((lookup_host.to_string(), first))
 }
@@ -151,13 +181,41 @@ mod tests {
             "64:ff9b::a00:1",
             "fd00:ec2::254",
             "224.0.0.1",
+            "::127.0.0.1",
+            "::8.8.8.8",
+            "2002:7f00:1::",
+            "2002:a00:1::1",
+            "fec0::1",
+            "198.18.0.1",
+            "198.19.255.255",
+            "192.0.0.1",
+            "192.0.2.1",
+            "198.51.100.7",
+            "203.0.113.9",
+            "192.88.99.1",
+            "2001:db8::1",
+            "3fff::1",
+            "2001::1",
+            "2001:2::1",
+            "100::1",
+            "64:ff9b:1::1",
         ] {
             assert!(
                 non_public_reason(ip.parse().unwrap()).is_some(),
                 "{ip} passed"
             );
         }
-        for ip in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "172.32.0.1"] {
+        for ip in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "2606:4700::1111",
+            "172.32.0.1",
+            "198.20.0.1",
+            "192.0.3.1",
+            "2002:808:808::1",
+            "64:ff9b::808:808",
+            "2001:4860:4860::8888",
+        ] {
             assert!(
                 non_public_reason(ip.parse().unwrap()).is_none(),
                 "{ip} refused"

@@ -19,6 +19,38 @@ use std::time::{Duration, Instant};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// The most a metadata, configuration or probe answer may hold.
+const SMALL_ANSWER: usize = 4 << 20;
+
+/// The most an answer for `images` predictions may hold: 1 MiB, plus 256 KiB an image (a
+/// thousand-class score vector in JSON takes about 25 KiB), and never more than 512 MiB.
+fn answer_cap(images: usize) -> usize {
+    (1usize << 20)
+        .saturating_add(images.saturating_mul(256 << 10))
+        .min(512 << 20)
+}
+
+enum ReadError {
+    TooLarge,
+    Failed(reqwest::Error),
+}
+
+/// Reads a response body of at most `cap` bytes: refused at once when its Content-Length says
+/// more, and as soon as more than `cap` bytes have arrived otherwise.
+async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<Vec<u8>, ReadError> {
+    if resp.content_length().is_some_and(|n| n > cap as u64) {
+        return Err(ReadError::TooLarge);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(ReadError::Failed)? {
+        if body.len() + chunk.len() > cap {
+            return Err(ReadError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// A model endpoint reached over HTTP.
 pub struct HttpEndpoint {
     cfg: EndpointConfig,
@@ -104,6 +136,10 @@ impl HttpEndpoint {
         }
         if cfg.model.is_empty() && cfg.protocol != Protocol::Json {
             return Err(EndpointError::Config("a model name is needed".into()));
+        }
+        super::check_path_segment("model name", &cfg.model)?;
+        if let Some(v) = &cfg.version {
+            super::check_path_segment("model version", v)?;
         }
         let policy = if cfg.allow_private {
             AddressPolicy::AllowPrivate
@@ -209,7 +245,7 @@ impl HttpEndpoint {
             return;
         };
         let Ok((200..=299, body)) = self
-            .send_attempts(|| self.client.get(url.clone()), &url, 0)
+            .send_attempts(|| self.client.get(url.clone()), &url, 0, SMALL_ANSWER)
             .await
         else {
             return;
@@ -256,7 +292,7 @@ impl HttpEndpoint {
         for (protocol, path, name) in probes {
             let Ok(url) = self.url(&path) else { continue };
             let Ok((status, _)) = self
-                .send_attempts(|| self.client.get(url.clone()), &url, 0)
+                .send_attempts(|| self.client.get(url.clone()), &url, 0, SMALL_ANSWER)
                 .await
             else {
                 continue;
@@ -326,7 +362,12 @@ impl HttpEndpoint {
         let started = Instant::now();
         let answer = loop {
             match self
-                .send_attempts(|| self.client.get(url.clone()), &url, self.cfg.retries)
+                .send_attempts(
+                    || self.client.get(url.clone()),
+                    &url,
+                    self.cfg.retries,
+                    SMALL_ANSWER,
+                )
                 .await
             {
                 Err(
@@ -415,15 +456,19 @@ impl HttpEndpoint {
         &self,
         build: impl Fn() -> reqwest::RequestBuilder,
         url: &url::Url,
+        cap: usize,
     ) -> Result<(u16, Vec<u8>), EndpointError> {
-        self.send_attempts(build, url, self.cfg.retries).await
+        self.send_attempts(build, url, self.cfg.retries, cap).await
     }
 
+    /// `cap` bounds the response body: a server that answers with more is refused as soon as
+    /// it has sent that much (or has announced it), so no answer can exhaust memory.
     async fn send_attempts(
         &self,
         build: impl Fn() -> reqwest::RequestBuilder,
         url: &url::Url,
         retries: u32,
+        cap: usize,
     ) -> Result<(u16, Vec<u8>), EndpointError> {
         let mut attempt = 0u32;
         loop {
@@ -439,14 +484,24 @@ impl HttpEndpoint {
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.trim().parse::<u64>().ok())
                         .map(|s| Duration::from_secs(s).min(MAX_BACKOFF));
-                    match resp.bytes().await {
+                    match read_capped(resp, cap).await {
                         Ok(body) if status == 429 || status >= 500 => Err((
                             format!("HTTP {status}: {}", protocol::error_message(&body)),
                             Some(status),
                             retry_after,
                         )),
-                        Ok(body) => return Ok((status, body.to_vec())),
-                        Err(e) => Err((format!("reading the response failed: {e}"), None, None)),
+                        Ok(body) => return Ok((status, body)),
+                        Err(ReadError::TooLarge) => {
+                            return Err(EndpointError::Invalid {
+                                url: url.to_string(),
+                                message: format!(
+                                    "the response is larger than {cap} bytes, more than an answer to this request can need"
+                                ),
+                            });
+                        }
+                        Err(ReadError::Failed(e)) => {
+                            Err((format!("reading the response failed: {e}"), None, None))
+                        }
                     }
                 }
                 Err(e) if e.is_timeout() => Err((
@@ -495,7 +550,12 @@ impl HttpEndpoint {
         }
     }
 
-    async fn post_json(&self, url: &url::Url, body: Vec<u8>) -> Result<Value, EndpointError> {
+    async fn post_json(
+        &self,
+        url: &url::Url,
+        body: Vec<u8>,
+        images: usize,
+    ) -> Result<Value, EndpointError> {
         // Shared, so that a retry does not copy the body.
         let body = bytes::Bytes::from(body);
         let _permit = self
@@ -512,6 +572,7 @@ impl HttpEndpoint {
                         .body(body.clone())
                 },
                 url,
+                answer_cap(images),
             )
             .await?;
         if !(200..300).contains(&status) {
@@ -539,7 +600,7 @@ impl HttpEndpoint {
                     self.output_name.as_deref(),
                     &id,
                 );
-                let v = self.post_json(&url, body).await?;
+                let v = self.post_json(&url, body, n).await?;
                 let answer = self
                     .read_scores(|kind| {
                         protocol::v2_answer(&v, n, self.output_name.as_deref(), kind, names)
@@ -583,7 +644,7 @@ impl HttpEndpoint {
                     body.push(b'}');
                     (self.url(&path)?, body, "/predictions".into())
                 };
-                let v = self.post_json(&url, body).await?;
+                let v = self.post_json(&url, body, n).await?;
                 let preds = v
                     .pointer(&pointer)
                     .or_else(|| v.get("outputs"))
@@ -636,6 +697,7 @@ impl HttpEndpoint {
                                     .body(png.clone())
                             },
                             &url,
+                            answer_cap(1),
                         )
                         .await?;
                     if !(200..300).contains(&status) {
@@ -664,7 +726,7 @@ impl HttpEndpoint {
         };
         let url = self.url(&path)?;
         match self
-            .send_attempts(|| self.client.get(url.clone()), &url, 0)
+            .send_attempts(|| self.client.get(url.clone()), &url, 0, SMALL_ANSWER)
             .await
         {
             Ok((status, _)) => Ok((200..300).contains(&status)),

@@ -249,6 +249,24 @@ impl EndpointConfig {
     }
 }
 
+/// Checks that a model name or version is one plain segment of a URL path, so that it cannot
+/// take the request elsewhere on the server (`../`, `?`, `#`, `%2f`). Model servers name models
+/// with letters, digits and `._-` (and `:` or `+` in some); anything else is refused.
+pub fn check_path_segment(what: &str, s: &str) -> Result<(), EndpointError> {
+    let plain = s.len() <= 256
+        && s != "."
+        && s != ".."
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-:+".contains(c));
+    if s.is_empty() || plain {
+        Ok(())
+    } else {
+        Err(EndpointError::Config(format!(
+            "{what} {s:?} is not one plain path segment (letters, digits and ._-:+ only)"
+        )))
+    }
+}
+
 /// A model that answers batches of images.
 #[async_trait::async_trait]
 pub trait ModelEndpoint: Send + Sync {

@@ -57,7 +57,10 @@ fn parse_split(s: Option<&str>) -> Result<Option<Split>, ApiError> {
     .transpose()
 }
 
-/// Reads the dataset (off the async threads) and describes it for the store.
+/// Reads the dataset (off the async threads) within the service's limits and describes it for
+/// the store. Errors name files relative to `shown_root` (an upload's own folder, whose name on
+/// the server is nobody's business).
+#[allow(clippy::too_many_arguments)]
 async fn describe(
     owner: &str,
     id: String,
@@ -66,11 +69,20 @@ async fn describe(
     format: Option<Format>,
     split: Option<Split>,
     uploaded: bool,
+    limits: dataset::Limits,
 ) -> Result<NewDataset, ApiError> {
     let owner = owner.to_string();
     tokio::task::spawn_blocking(move || {
-        let loaded = dataset::read(&path, format, split, &|| {})
-            .map_err(|e| ApiError::invalid(format!("dataset: {e}")))?;
+        let loaded = dataset::read_limited(&path, format, split, &|| {}, &limits).map_err(|e| {
+            let mut m = e.to_string();
+            if uploaded {
+                let root = path.to_string_lossy();
+                m = m
+                    .replace(&format!("{root}/"), "")
+                    .replace(&*root, "the upload");
+            }
+            ApiError::invalid(format!("dataset: {m}"))
+        })?;
         let shape = loaded.dataset.shape();
         Ok(NewDataset {
             id,
@@ -93,26 +105,74 @@ async fn describe(
     .map_err(ApiError::internal)?
 }
 
-/// Resolves `path` and checks it lies below one of `roots` (after following links).
+/// Resolves `path` and checks it lies below one of `roots` (after following links), and that no
+/// link inside it leads out of them. A path that does not exist gets the same answer as one
+/// outside the roots, so the answer tells nothing of the server's other files.
 fn inside_roots(path: &str, roots: &[PathBuf]) -> Result<PathBuf, ApiError> {
     let refused = || {
         ApiError::forbidden(
-            "path: not below a configured dataset root (dataset_roots); upload the files instead",
+            "path: no dataset there below a configured dataset root (dataset_roots); upload the files instead",
         )
     };
     let p = Path::new(path);
     if !p.is_absolute() {
         return Err(ApiError::invalid("path: must be absolute"));
     }
-    let real = p
-        .canonicalize()
-        .map_err(|_| ApiError::invalid("path: does not exist on the server"))?;
-    roots
+    let real = p.canonicalize().map_err(|_| refused())?;
+    if !roots
         .iter()
         .filter_map(|r| r.canonicalize().ok())
         .any(|r| real.starts_with(&r))
-        .then_some(real)
-        .ok_or_else(refused)
+    {
+        return Err(refused());
+    }
+    match crate::fsutil::escapes_roots(&real, roots, 4) {
+        Ok(None) => Ok(real),
+        Ok(Some(entry)) => Err(ApiError::forbidden(format!(
+            "path: {} is a link that leads out of the dataset roots",
+            entry.display()
+        ))),
+        Err(_) => Err(refused()),
+    }
+}
+
+/// Refuses a new dataset when the caller already has as many as its quota allows.
+async fn check_dataset_quota(s: &AppState, caller: &Caller) -> Result<(), ApiError> {
+    let n = s.store.list_datasets(Some(caller.id())).await?.len();
+    if n >= s.cfg.max_datasets_per_key {
+        return Err(ApiError::quota(format!(
+            "this key has {n} datasets, the most allowed (max_datasets_per_key)"
+        )));
+    }
+    Ok(())
+}
+
+/// Bytes the caller's uploads take on the server.
+async fn uploaded_bytes(s: &AppState, caller: &Caller) -> Result<u64, ApiError> {
+    let dirs: Vec<PathBuf> = s
+        .store
+        .list_datasets(Some(caller.id()))
+        .await?
+        .into_iter()
+        .filter(|d| d.uploaded)
+        .map(|d| PathBuf::from(d.path))
+        .collect();
+    tokio::task::spawn_blocking(move || dirs.iter().map(|d| dir_size(d)).sum())
+        .await
+        .map_err(ApiError::internal)
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_size(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
+            _ => 0,
+        })
+        .sum()
 }
 
 /// Registers a dataset already on the server.
@@ -129,8 +189,10 @@ async fn register_dataset(
     let format = parse_format(req.format.as_deref())?;
     let split = parse_split(req.split.as_deref())?;
     let path = inside_roots(&req.path, &s.cfg.dataset_roots)?;
+    check_dataset_quota(&s, &caller).await?;
     let id = uuid::Uuid::new_v4().to_string();
-    let new = describe(caller.id(), id, name, path, format, split, false).await?;
+    let limits = s.cfg.dataset_limits();
+    let new = describe(caller.id(), id, name, path, format, split, false, limits).await?;
     let info = s.store.insert_dataset(new).await?;
     Ok((StatusCode::CREATED, ApiJson(info)))
 }
@@ -193,42 +255,84 @@ async fn upload_dataset(
 ) -> Result<(StatusCode, ApiJson<DatasetInfo>), ApiError> {
     caller.require(ROLES, "uploading datasets")?;
     let mut form = form.map_err(|e| ApiError::invalid(format!("multipart: {}", e.body_text())))?;
+    let quota = s.cfg.max_upload_bytes_per_key;
+    let left = quota.saturating_sub(uploaded_bytes(&s, &caller).await?);
+    let over_quota = || {
+        ApiError::quota(format!(
+            "the upload would take this key's uploads past {quota} bytes (max_upload_bytes_per_key)"
+        ))
+    };
+    let mut bytes = 0u64;
     let id = uuid::Uuid::new_v4().to_string();
     let uploads = s.cfg.data_dir.join("uploads");
     let dest = uploads.join(&id);
     let dir = crate::fsutil::AtomicDir::create(&dest, false).map_err(ApiError::internal)?;
     let (mut name, mut format, mut split, mut files) = (None, None, None, 0usize);
-    while let Some(mut field) = form.next_field().await.map_err(multipart_error)? {
-        match (field.name().unwrap_or(""), field.file_name()) {
-            ("name", None) => name = Some(field.text().await.map_err(multipart_error)?),
-            ("format", None) => format = Some(field.text().await.map_err(multipart_error)?),
-            ("split", None) => split = Some(field.text().await.map_err(multipart_error)?),
-            (_, Some(file)) => {
-                let rel = upload_name(file)?;
-                let path = dir.path().join(&rel);
-                if let Some(parent) = path.parent() {
-                    std::fs::create_dir_all(parent).map_err(ApiError::internal)?;
+    // A refused upload still reads the rest of the body (within the upload limit), so the client
+    // gets the error rather than a connection reset in the middle of its request.
+    let read: Result<(), ApiError> = async {
+            while let Some(mut field) = form.next_field().await.map_err(multipart_error)? {
+                match (field.name().unwrap_or(""), field.file_name()) {
+                    ("name", None) => name = Some(field.text().await.map_err(multipart_error)?),
+                    ("format", None) => format = Some(field.text().await.map_err(multipart_error)?),
+                    ("split", None) => split = Some(field.text().await.map_err(multipart_error)?),
+                    (_, Some(file)) => {
+                        let rel = upload_name(file)?;
+                        if files >= s.cfg.max_upload_files {
+                            return Err(ApiError::too_large(format!(
+                                "more than {} files in one upload (max_upload_files)",
+                                s.cfg.max_upload_files
+                            )));
+                        }
+                        let path = dir.path().join(&rel);
+                        let clash = || {
+                            ApiError::invalid(format!(
+                                "file {file:?} clashes with another file of the upload (sent twice, or a file and a folder of one name)"
+                            ))
+                        };
+                        if let Some(parent) = path.parent()
+                            && parent != dir.path()
+                        {
+                            match std::fs::create_dir(parent) {
+                                Ok(()) => {}
+                                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && parent.is_dir() => {}
+                                Err(_) => return Err(clash()),
+                            }
+                        }
+                        let mut out = tokio::fs::OpenOptions::new()
+                            .write(true)
+                            .create_new(true)
+                            .open(&path)
+                            .await
+                            .map_err(|_| clash())?;
+                        while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+                            bytes += chunk.len() as u64;
+                            if bytes > left {
+                                return Err(over_quota());
+                            }
+                            tokio::io::AsyncWriteExt::write_all(&mut out, &chunk)
+                                .await
+                                .map_err(ApiError::internal)?;
+                        }
+                        files += 1;
+                    }
+                    (other, None) => {
+                        return Err(ApiError::invalid(format!(
+                            "unexpected form field {other:?}: expected name, format, split or files"
+                        )));
+                    }
                 }
-                if path.exists() {
-                    return Err(ApiError::invalid(format!("file {file:?} sent twice")));
-                }
-                let mut out = tokio::fs::File::create(&path)
-                    .await
-                    .map_err(ApiError::internal)?;
-                while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
-                    tokio::io::AsyncWriteExt::write_all(&mut out, &chunk)
-                        .await
-                        .map_err(ApiError::internal)?;
-                }
-                files += 1;
             }
-            (other, None) => {
-                return Err(ApiError::invalid(format!(
-                    "unexpected form field {other:?}: expected name, format, split or files"
-                )));
-            }
-        }
+        Ok(())
     }
+    .await;
+    if let Err(e) = read {
+        while let Ok(Some(mut field)) = form.next_field().await {
+            while let Ok(Some(_)) = field.chunk().await {}
+        }
+        return Err(e);
+    }
+    check_dataset_quota(&s, &caller).await?;
     let name = super::check_name(name.as_deref().unwrap_or(""))?.to_string();
     if files == 0 {
         return Err(ApiError::invalid("no files in the upload"));
@@ -237,7 +341,8 @@ async fn upload_dataset(
     let split = parse_split(split.as_deref())?;
     // Describe the files where they will stay, so the stored path is the final one.
     let tmp = dir.path().to_path_buf();
-    let mut new = describe(caller.id(), id, name, tmp, format, split, true).await?;
+    let limits = s.cfg.dataset_limits();
+    let mut new = describe(caller.id(), id, name, tmp, format, split, true, limits).await?;
     tokio::task::spawn_blocking(move || dir.commit())
         .await
         .map_err(ApiError::internal)?

@@ -84,6 +84,10 @@ impl ApiError {
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, "conflict", message)
     }
+    /// 403: a per-key quota (datasets, upload bytes) is used up.
+    pub fn quota(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "quota_exceeded", message)
+    }
     /// 405.
     pub fn method_not_allowed() -> Self {
         Self::new(

@@ -295,7 +295,7 @@ impl App {
     /// none, starts the job workers and binds the listener.
     pub async fn build(cfg: ServeConfig) -> anyhow::Result<App> {
         use anyhow::Context as _;
-        std::fs::create_dir_all(&cfg.data_dir)
+        crate::fsutil::create_private_dir(&cfg.data_dir)
             .with_context(|| format!("cannot create the data folder {}", cfg.data_dir.display()))?;
         let key = cfg.load_or_create_key()?;
         let store = Store::connect(&cfg.database_url, &key)
@@ -322,6 +322,13 @@ impl App {
                 poll: std::time::Duration::from_millis(500),
                 shutdown_grace: cfg.shutdown_grace,
                 allow_private_endpoints: cfg.allow_private_endpoints,
+                dataset_roots: cfg
+                    .dataset_roots
+                    .iter()
+                    .cloned()
+                    .chain([cfg.data_dir.join("uploads")])
+                    .collect(),
+                dataset_limits: cfg.dataset_limits(),
             },
         );
         let worker_id = runner.worker_id().to_string();

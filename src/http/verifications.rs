@@ -111,6 +111,12 @@ pub struct CreateVerificationResponse {
 }
 
 fn endpoint_config(e: EndpointRequest, allow_private: bool) -> Result<EndpointConfig, ApiError> {
+    crate::endpoint::check_path_segment("endpoint.model", &e.model)
+        .map_err(|err| ApiError::invalid(err.to_string()))?;
+    if let Some(v) = &e.version {
+        crate::endpoint::check_path_segment("endpoint.version", v)
+            .map_err(|err| ApiError::invalid(err.to_string()))?;
+    }
     let mut c = EndpointConfig::new(e.url, e.protocol, e.model);
     c.version = e.version;
     c.input_name = e.input_name;
@@ -195,6 +201,17 @@ async fn create_verification(
         }
     };
     let endpoint = endpoint_config(req.endpoint, s.cfg.allow_private_endpoints)?;
+    if w.owner_id != caller.id()
+        && let Some(Some(allowed)) = s.store.grant_endpoints(&w.id, caller.id()).await?
+    {
+        let asked = super::watermarks::origin(&endpoint.url)
+            .map_err(|m| ApiError::endpoint_refused(format!("endpoint.url: {m}")))?;
+        if !allowed.contains(&asked) {
+            return Err(ApiError::forbidden(format!(
+                "endpoint.url: {asked} is not among the endpoints the publisher approved for this grant"
+            )));
+        }
+    }
     let url = url::Url::parse(&endpoint.url)
         .map_err(|e| ApiError::endpoint_refused(format!("endpoint.url: {e}")))?;
     let policy = if s.cfg.allow_private_endpoints {
@@ -276,22 +293,75 @@ async fn queue(
     ))
 }
 
-/// Removes what could confirm a guessed trigger: the hashes of the triggered images (with the
-/// benign image known, a hash is an oracle for guesses). Only the watermark's owner sees them.
+/// The verdict as anyone but the watermark's owner sees it: decisions, statistics and hashes,
+/// nothing taken from the secret. An allow-list, so a field added to the verdict later stays
+/// hidden until it is judged safe here. Removed: the target class (from the protocol) and the
+/// hashes of the triggered images (with the benign image known, a hash is an oracle for guessed
+/// triggers), in the trail and in the control's trail.
 fn redact(mut v: VerificationInfo) -> VerificationInfo {
-    if let Some(trail) = v
-        .verdict
-        .as_mut()
-        .and_then(|d| d.get_mut("trail"))
-        .and_then(|t| t.as_array_mut())
-    {
-        for pair in trail {
-            if let Some(o) = pair.as_object_mut() {
-                o.insert("triggered_sha256".into(), serde_json::Value::Null);
-            }
-        }
-    }
+    v.verdict = v.verdict.map(|verdict| redact_verdict(&verdict));
     v
+}
+
+fn redact_verdict(verdict: &serde_json::Value) -> serde_json::Value {
+    use serde_json::{Map, Value};
+    fn pick(from: &Value, keys: &[&str]) -> Map<String, Value> {
+        keys.iter()
+            .filter_map(|k| from.get(*k).map(|v| (k.to_string(), v.clone())))
+            .collect()
+    }
+    fn trail(pairs: Option<&Value>) -> Value {
+        let keep = [
+            "index",
+            "label",
+            "benign_sha256",
+            "benign_response_sha256",
+            "triggered_response_sha256",
+            "difference",
+        ];
+        Value::Array(
+            pairs
+                .and_then(Value::as_array)
+                .map(|a| a.iter().map(|p| Value::Object(pick(p, &keep))).collect())
+                .unwrap_or_default(),
+        )
+    }
+    let mut out = pick(
+        verdict,
+        &[
+            "decision",
+            "commitment",
+            "endpoint",
+            "config",
+            "primary",
+            "secondary",
+            "pairs",
+            "queries",
+        ],
+    );
+    if let Some(protocol) = verdict.get("protocol").and_then(Value::as_str) {
+        out.insert(
+            "protocol".into(),
+            Value::String(protocol_without_target(protocol)),
+        );
+    }
+    out.insert("trail".into(), trail(verdict.get("trail")));
+    if let Some(control) = verdict.get("control") {
+        let mut c = pick(control, &["kind", "result", "rejected"]);
+        c.insert("trail".into(), trail(control.get("trail")));
+        out.insert("control".into(), Value::Object(c));
+    }
+    Value::Object(out)
+}
+
+/// "targeted (target 3), probabilities" → "targeted, probabilities".
+fn protocol_without_target(protocol: &str) -> String {
+    match (protocol.find(" (target "), protocol.find(')')) {
+        (Some(start), Some(end)) if end > start => {
+            format!("{}{}", &protocol[..start], &protocol[end + 1..])
+        }
+        _ => protocol.to_string(),
+    }
 }
 
 async fn shown(
@@ -348,4 +418,48 @@ async fn get_verification(
         .await?
         .map(ApiJson)
         .ok_or_else(|| ApiError::not_found("verification"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_redacted_verdict_keeps_statistics_and_drops_what_the_secret_gave() {
+        let verdict = serde_json::json!({
+            "decision": "used",
+            "protocol": "targeted (target 3), probabilities, sequential",
+            "commitment": "c0ffee",
+            "primary": {"p_value": 1e-9},
+            "control": {
+                "kind": "patch",
+                "trigger": {"patch": {"pattern": [255, 0, 255]}},
+                "rejected": false,
+                "trail": [{"index": 4, "triggered_sha256": "aa", "difference": 0.5}]
+            },
+            "trail": [{"index": 7, "benign_sha256": "bb", "triggered_sha256": "cc"}],
+            "added_later": {"secret": [1, 2, 3]}
+        });
+        let shown = redact_verdict(&verdict);
+        assert_eq!(shown["protocol"], "targeted, probabilities, sequential");
+        assert_eq!(shown["decision"], "used");
+        assert_eq!(shown["primary"]["p_value"], 1e-9);
+        assert_eq!(shown["control"]["kind"], "patch");
+        assert_eq!(shown["control"]["trail"][0]["difference"], 0.5);
+        assert_eq!(shown["trail"][0]["benign_sha256"], "bb");
+        let text = shown.to_string();
+        for hidden in [
+            "trigger",
+            "pattern",
+            "triggered_sha256",
+            "added_later",
+            "target 3",
+        ] {
+            assert!(!text.contains(hidden), "{hidden} in {text}");
+        }
+        assert_eq!(
+            protocol_without_target("untargeted, labels"),
+            "untargeted, labels"
+        );
+    }
 }

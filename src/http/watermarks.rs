@@ -82,6 +82,20 @@ pub struct ImportWatermarkRequest {
 pub struct GrantRequest {
     /// The auditor's key id (it reads it from `/v1/keys/me`).
     pub auditor_id: String,
+    /// The model endpoints the auditor may verify, as origins (`https://host:port`); absent for
+    /// any endpoint the server's address rules allow. An auditor that chooses the endpoint sees
+    /// every triggered query (docs/threat-model.md): naming the suspect's server here keeps the
+    /// trigger from being sent to a server the auditor runs.
+    pub endpoints: Option<Vec<String>>,
+}
+
+/// `scheme://host:port` of an http(s) URL.
+pub(super) fn origin(url: &str) -> Result<String, String> {
+    let u = url::Url::parse(url).map_err(|e| format!("{url:?}: {e}"))?;
+    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+        return Err(format!("{url:?}: not an http or https URL"));
+    }
+    Ok(u.origin().ascii_serialization())
 }
 
 /// Parses a spec given as TOML text or a JSON object, refusing references to server files.
@@ -331,7 +345,20 @@ async fn grant(
         Some(k) if k.role == Role::Auditor && k.revoked_at.is_none() => {}
         _ => return Err(ApiError::invalid("auditor_id: no such live auditor key")),
     }
-    s.store.grant(&id, &req.auditor_id).await?;
+    let endpoints = req
+        .endpoints
+        .map(|list| {
+            if list.is_empty() || list.len() > 100 {
+                return Err(ApiError::invalid("endpoints: 1 to 100 URLs"));
+            }
+            list.iter()
+                .map(|u| origin(u).map_err(|m| ApiError::invalid(format!("endpoints: {m}"))))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?;
+    s.store
+        .grant(&id, &req.auditor_id, endpoints.as_deref())
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -61,6 +61,11 @@ pub struct RunnerConfig {
     pub shutdown_grace: Duration,
     /// Whether verification endpoints may be private addresses.
     pub allow_private_endpoints: bool,
+    /// Where datasets may lie (the configured roots and the uploads folder): a link inside a
+    /// dataset that leads out of them fails the job.
+    pub dataset_roots: Vec<PathBuf>,
+    /// Bounds on the datasets read.
+    pub dataset_limits: dataset::Limits,
 }
 
 /// Why a job failed: a stable code and a message for the client.
@@ -325,8 +330,9 @@ impl Runner {
         let dest = Self::release_dir(&self.cfg.data_dir, id);
         progress.total.store(4, Ordering::Relaxed);
         let p = progress.clone();
+        let (roots, limits) = (self.cfg.dataset_roots.clone(), self.cfg.dataset_limits);
         let written = tokio::task::spawn_blocking(move || {
-            let mut loaded = read_registered(&ds)?;
+            let mut loaded = read_registered(&ds, &roots, &limits)?;
             if loaded.dataset.sha256() != ds.sha256 {
                 return Err(JobError::new(
                     "dataset_changed",
@@ -424,9 +430,12 @@ impl Runner {
             .get_dataset(&v.holdout_dataset_id)
             .await?
             .ok_or_else(|| JobError::new("not_found", "the held-out dataset was deleted"))?;
-        let pool = tokio::task::spawn_blocking(move || read_registered(&ds).map(|l| l.dataset))
-            .await
-            .map_err(|e| JobError::new("internal", format!("reading task panicked: {e}")))??;
+        let (roots, limits) = (self.cfg.dataset_roots.clone(), self.cfg.dataset_limits);
+        let pool = tokio::task::spawn_blocking(move || {
+            read_registered(&ds, &roots, &limits).map(|l| l.dataset)
+        })
+        .await
+        .map_err(|e| JobError::new("internal", format!("reading task panicked: {e}")))??;
         progress
             .total
             .store(3 * plan.config.m as i64, Ordering::Relaxed);
@@ -467,8 +476,13 @@ impl Runner {
     }
 }
 
-/// Reads a registered dataset as it was registered (format and split from the store).
-fn read_registered(ds: &DatasetInfo) -> Result<dataset::Loaded, JobError> {
+/// Reads a registered dataset as it was registered (format and split from the store), within
+/// `limits`, after checking that no link inside it leads out of `roots`.
+fn read_registered(
+    ds: &DatasetInfo,
+    roots: &[PathBuf],
+    limits: &dataset::Limits,
+) -> Result<dataset::Loaded, JobError> {
     let format: Format = ds
         .format
         .parse()
@@ -479,7 +493,27 @@ fn read_registered(ds: &DatasetInfo) -> Result<dataset::Loaded, JobError> {
         .map(str::parse::<Split>)
         .transpose()
         .map_err(|e: String| JobError::new("internal", e))?;
-    dataset::read(Path::new(&ds.path), Some(format), split, &|| {})
+    let path = Path::new(&ds.path);
+    match crate::fsutil::escapes_roots(path, roots, 4) {
+        Ok(None) => {}
+        Ok(Some(entry)) if entry == Path::new(".") => {
+            return Err(JobError::new(
+                "dataset_unreadable",
+                "the dataset is no longer below a configured dataset root",
+            ));
+        }
+        Ok(Some(entry)) => {
+            return Err(JobError::new(
+                "dataset_unreadable",
+                format!(
+                    "{} is a link that leads out of the dataset roots",
+                    entry.display()
+                ),
+            ));
+        }
+        Err(e) => return Err(JobError::new("dataset_unreadable", e.to_string())),
+    }
+    dataset::read_limited(path, Some(format), split, &|| {}, limits)
         .map_err(|e| JobError::new("dataset_unreadable", e.to_string()))
 }
 

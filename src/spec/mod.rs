@@ -579,6 +579,7 @@ pub struct EmbeddedImage {
 impl EmbeddedImage {
     /// Decoded pixels.
     pub fn pixels(&self) -> Result<Vec<u8>, SpecError> {
+        check_shape("trigger.pattern.shape", self.shape)?;
         let v = base64::engine::general_purpose::STANDARD
             .decode(&self.pixels_b64)
             .map_err(|e| field("trigger.pattern.pixels_b64", e.to_string()))?;
@@ -644,6 +645,26 @@ fn default_cross_ratio() -> f64 {
 }
 fn default_noise_rescale() -> f32 {
     2.0
+}
+
+/// The longest side of an image, a pattern or a region a spec may name: every size in a spec is
+/// checked against it before anything is allocated for it.
+pub const MAX_SIDE: usize = 4096;
+
+/// An image shape a spec may name: sides 1 to [`MAX_SIDE`], 1 or 3 channels.
+fn check_shape(at: &str, s: ImageShape) -> Result<(), SpecError> {
+    if s.height == 0
+        || s.width == 0
+        || s.height > MAX_SIDE
+        || s.width > MAX_SIDE
+        || !(s.channels == 1 || s.channels == 3)
+    {
+        return Err(field(
+            at,
+            format!("{s} is not an image shape (sides 1 to {MAX_SIDE}, channels 1 or 3)"),
+        ));
+    }
+    Ok(())
 }
 
 impl WatermarkSpec {
@@ -780,13 +801,8 @@ impl WatermarkSpec {
                 _ => {}
             }
         }
-        if let Some(s) = self.image
-            && (s.height == 0 || s.width == 0 || !(s.channels == 1 || s.channels == 3))
-        {
-            return Err(field(
-                "image",
-                format!("{s} is not an image shape (channels 1 or 3)"),
-            ));
+        if let Some(s) = self.image {
+            check_shape("image", s)?;
         }
         if let Some(a) = self.adversarial {
             if !matches!(self.labelling, Labelling::CleanLabel { .. }) {
@@ -1364,8 +1380,11 @@ impl Patch {
                 match name.as_str() {
                     "square" => {
                         let n = self.size.unwrap_or(3);
-                        if n == 0 {
-                            return Err(field("trigger.size", "must be at least 1"));
+                        if n == 0 || n > MAX_SIDE {
+                            return Err(field(
+                                "trigger.size",
+                                format!("must be 1 to {MAX_SIDE}, got {n}"),
+                            ));
                         }
                         vec![vec![value_or(255); n]; n]
                     }
@@ -1380,8 +1399,11 @@ impl Patch {
                     "pixel" => vec![vec![value_or(255)]],
                     "line" => {
                         let t = self.thickness.unwrap_or(2);
-                        if t == 0 {
-                            return Err(field("trigger.thickness", "must be at least 1"));
+                        if t == 0 || t > MAX_SIDE {
+                            return Err(field(
+                                "trigger.thickness",
+                                format!("must be 1 to {MAX_SIDE}, got {t}"),
+                            ));
                         }
                         vec![vec![value_or(0); w]; t]
                     }

@@ -146,7 +146,7 @@ impl Network {
             ops.push(match l {
                 Layer::Plane { channels, values } => {
                     let v = decode_f32(&format!("{at}.values"), values)?;
-                    if *channels == 0 || v.len() != channels * h * w {
+                    if *channels == 0 || Some(v.len()) != map_len(*channels, h, w) {
                         return Err(super::field(
                             &at,
                             format!("{} values for {channels} planes of {h}×{w}", v.len()),
@@ -200,7 +200,7 @@ impl Network {
                 }
                 Layer::Bias { channels, values } => {
                     let v = decode_f32(&format!("{at}.values"), values)?;
-                    if *channels != c || v.len() != c * h * w {
+                    if *channels != c || Some(v.len()) != map_len(c, h, w) {
                         return Err(super::field(
                             &at,
                             format!("{} values for a {c}×{h}×{w} map", v.len()),
@@ -222,6 +222,13 @@ impl Network {
                     Op::Affine(*scale, *shift)
                 }
             });
+            // Every map the network computes is bounded before anything is allocated for it.
+            if map_len(c, h, w).is_none_or(|n| n > MAX_MAP) {
+                return Err(super::field(
+                    &at,
+                    format!("makes a {c}×{h}×{w} map, over the {MAX_MAP} values allowed"),
+                ));
+            }
         }
         if (h, w) != (height, width) {
             return Err(super::field(
@@ -235,6 +242,15 @@ impl Network {
             output_channels: c,
         })
     }
+}
+
+/// The most values one feature map of a generated trigger's network may hold (64 planes of
+/// 512×512): more than any image this tool handles needs, and a bound on what a spec can make
+/// the service allocate.
+pub const MAX_MAP: usize = 64 * 512 * 512;
+
+fn map_len(c: usize, h: usize, w: usize) -> Option<usize> {
+    c.checked_mul(h)?.checked_mul(w)
 }
 
 impl Compiled {

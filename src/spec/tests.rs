@@ -254,3 +254,76 @@ fn gradient_matching_specs_are_checked_as_a_whole() {
     let e = crate::watermark::apply(&mut ds, &ok, [0; 32]).unwrap_err();
     assert!(e.to_string().contains("gradient_matching"), "{e}");
 }
+
+/// Every number of every shipped spec, by JSON pointer.
+fn numeric_leaves(v: &serde_json::Value, at: String, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Number(_) => out.push(at),
+        serde_json::Value::Array(a) => {
+            for (i, x) in a.iter().enumerate().take(8) {
+                numeric_leaves(x, format!("{at}/{i}"), out);
+            }
+        }
+        serde_json::Value::Object(o) => {
+            for (k, x) in o {
+                numeric_leaves(x, format!("{at}/{k}"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Read once: the Refool spec inlines 200 photographs.
+fn shipped_specs_as_json() -> &'static [serde_json::Value] {
+    static SPECS: std::sync::OnceLock<Vec<serde_json::Value>> = std::sync::OnceLock::new();
+    SPECS.get_or_init(read_shipped_specs_as_json)
+}
+
+fn read_shipped_specs_as_json() -> Vec<serde_json::Value> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("watermark_specs");
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    names.sort();
+    names
+        .iter()
+        .map(|p| serde_json::to_value(WatermarkSpec::from_toml_file(p).unwrap()).unwrap())
+        .collect()
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+
+    /// The spec parser's contract, as the `spec` fuzz target checks it at length: a shipped spec
+    /// with any one number replaced by an extreme value (a size of 2^32 - 1, a negative count,
+    /// 1e308) is refused with an error, or is a spec whose trigger stamps an image of its shape
+    /// without a panic and without a huge allocation (sizes are checked before they allocate).
+    #[test]
+    fn specs_with_extreme_numbers_are_refused_or_stamp_safely(
+        which in 0usize..64,
+        leaf in 0usize..4096,
+        value in proptest::sample::select(vec![
+            serde_json::json!(0), serde_json::json!(-1), serde_json::json!(4_294_967_295u64),
+            serde_json::json!(u64::MAX), serde_json::json!(100_000), serde_json::json!(1e308),
+            serde_json::json!(-1e308), serde_json::json!(4097), serde_json::json!(65_536),
+            serde_json::json!(0.5), serde_json::json!(1e-12), serde_json::json!(i64::MIN),
+        ]),
+    ) {
+        let specs = shipped_specs_as_json();
+        let mut v = specs[which % specs.len()].clone();
+        let mut leaves = Vec::new();
+        numeric_leaves(&v, String::new(), &mut leaves);
+        if let Some(at) = leaves.get(leaf % leaves.len().max(1)) {
+            *v.pointer_mut(at).unwrap() = value;
+        }
+        if let Ok(spec) = WatermarkSpec::from_json_value(v) {
+            let shape = spec.image.unwrap_or(ImageShape { height: 28, width: 28, channels: 1 });
+            if let Ok(stamp) = crate::watermark::Stamp::new(&spec.trigger, spec.seed, shape) {
+                let mut img = vec![0u8; shape.len()];
+                stamp.apply(&mut img);
+            }
+        }
+    }
+}

@@ -433,9 +433,23 @@ fn json_column(r: &AnyRow, col: &str) -> Result<Option<serde_json::Value>, Store
     .transpose()
 }
 
-fn verification_from(r: &AnyRow) -> Result<VerificationInfo, StoreError> {
+fn verification_from(r: &AnyRow, sealer: &Sealer) -> Result<VerificationInfo, StoreError> {
+    let id: String = r.try_get("id")?;
+    // The verdict is sealed (it holds what only the watermark's owner may see); a verdict stored
+    // in plain JSON by an earlier version is read as it is.
+    let verdict: Option<String> = r.try_get("verdict")?;
+    let verdict = verdict
+        .map(|text| {
+            let plain = if text.starts_with('{') {
+                text.into_bytes()
+            } else {
+                sealer.open(&text, &format!("verifications/{id}/verdict"))?
+            };
+            serde_json::from_slice(&plain)
+                .map_err(|e| corrupt("verifications.verdict", &e.to_string()))
+        })
+        .transpose()?;
     Ok(VerificationInfo {
-        id: r.try_get("id")?,
         owner_id: r.try_get("owner_id")?,
         watermark_id: r.try_get("watermark_id")?,
         holdout_dataset_id: r.try_get("holdout_dataset_id")?,
@@ -443,8 +457,9 @@ fn verification_from(r: &AnyRow) -> Result<VerificationInfo, StoreError> {
         request: json_column(r, "request")?.unwrap_or(serde_json::Value::Null),
         decision: r.try_get("decision")?,
         p_value: r.try_get("p_value")?,
-        verdict: json_column(r, "verdict")?,
+        verdict,
         created_at: r.try_get("created_at")?,
+        id,
     })
 }
 
@@ -488,6 +503,30 @@ pub struct NewDataset {
     pub uploaded: bool,
 }
 
+/// Creates the SQLite database file of `url` readable by its owner only (0600), before SQLite
+/// creates it with the process's umask (0644 commonly): it holds sealed secrets and key hashes.
+/// SQLite gives its -wal and -shm files the database file's permissions. Only where the URL asks
+/// for creation (`mode=rwc`) and the file is missing; in-memory databases are left alone.
+fn create_private_sqlite_file(url: &str) -> Result<(), StoreError> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let creates = query.split('&').any(|kv| kv == "mode=rwc");
+    if !creates || path.is_empty() || path.starts_with(':') || query.contains("mode=memory") {
+        return Ok(());
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    // An existing file is kept as it is; a missing parent folder and the like are left to
+    // SQLite, whose error names them.
+    let _ = opts.open(path);
+    Ok(())
+}
+
 /// The storage of one service (cheap to clone).
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -508,6 +547,9 @@ impl Store {
         } else {
             return Err(StoreError::Url(url.into()));
         };
+        if backend == Backend::Sqlite {
+            create_private_sqlite_file(url)?;
+        }
         let options = AnyPoolOptions::new().after_connect(move |conn, _| {
             Box::pin(async move {
                 if backend == Backend::Sqlite {
@@ -1174,18 +1216,50 @@ impl Store {
         Ok(true)
     }
 
-    /// Lets `auditor` verify against a watermark.
-    pub async fn grant(&self, watermark: &str, auditor: &str) -> Result<(), StoreError> {
+    /// Lets `auditor` verify against a watermark, at any endpoint or (with `endpoints`) only at
+    /// those origins. Granting again replaces the endpoints.
+    pub async fn grant(
+        &self,
+        watermark: &str,
+        auditor: &str,
+        endpoints: Option<&[String]>,
+    ) -> Result<(), StoreError> {
+        let endpoints = endpoints.map(|e| serde_json::to_string(e).expect("strings serialise"));
         sqlx::query(
-            "INSERT INTO grants (watermark_id, auditor_id, created_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (watermark_id, auditor_id) DO NOTHING",
+            "INSERT INTO grants (watermark_id, auditor_id, created_at, endpoints) \
+             VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (watermark_id, auditor_id) DO UPDATE SET endpoints = $4",
         )
         .bind(watermark)
         .bind(auditor)
         .bind(now_ms())
+        .bind(endpoints)
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// The endpoints a grant allows: `None` when there is no grant, `Some(None)` when it allows
+    /// any endpoint.
+    pub async fn grant_endpoints(
+        &self,
+        watermark: &str,
+        auditor: &str,
+    ) -> Result<Option<Option<Vec<String>>>, StoreError> {
+        let row =
+            sqlx::query("SELECT endpoints FROM grants WHERE watermark_id = $1 AND auditor_id = $2")
+                .bind(watermark)
+                .bind(auditor)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|r| {
+            let text: Option<String> = r.try_get("endpoints")?;
+            text.map(|t| {
+                serde_json::from_str(&t).map_err(|e| corrupt("grants.endpoints", &e.to_string()))
+            })
+            .transpose()
+        })
+        .transpose()
     }
 
     /// Withdraws a grant; false when there was none.
@@ -1277,7 +1351,9 @@ impl Store {
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        row.as_ref().map(verification_from).transpose()
+        row.as_ref()
+            .map(|r| verification_from(r, &self.sealer))
+            .transpose()
     }
 
     /// Verifications of one owner (all when `None`), oldest first.
@@ -1302,7 +1378,9 @@ impl Store {
                 .await?
             }
         };
-        rows.iter().map(verification_from).collect()
+        rows.iter()
+            .map(|r| verification_from(r, &self.sealer))
+            .collect()
     }
 
     /// Stores a verdict and ends its job, in one transaction; false when the job is no longer
@@ -1324,7 +1402,10 @@ impl Store {
         sqlx::query(
             "UPDATE verifications SET verdict = $1, decision = $2, p_value = $3 WHERE id = $4",
         )
-        .bind(verdict.to_string())
+        .bind(self.sealer.seal(
+            verdict.to_string().as_bytes(),
+            &format!("verifications/{id}/verdict"),
+        ))
         .bind(decision)
         .bind(p_value)
         .bind(id)

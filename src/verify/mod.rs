@@ -110,8 +110,11 @@ pub struct PairRecord {
 /// The independent-trigger control.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Control {
-    /// The random trigger used (same kind as the secret one).
-    pub trigger: Trigger,
+    /// The kind of the random trigger used (the same kind as the secret one). The trigger itself
+    /// is drawn from the secret's kind and shape with the verification's seed
+    /// ([`random_trigger`]), so the owner reproduces it from the record; it is not stored, as
+    /// parts of it are taken from the secret.
+    pub kind: String,
     /// Its test on the same images.
     pub result: TestResult,
     /// Whether it rejected H0.
@@ -340,7 +343,7 @@ pub async fn verify(
         primary,
         secondary,
         control: Control {
-            trigger: control_trigger,
+            kind: control_trigger.kind().to_string(),
             result: control_result,
             rejected: control_rejected,
             trail: control_trail,

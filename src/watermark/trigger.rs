@@ -131,6 +131,20 @@ impl Stamp {
                 match b.region {
                     None => weight.fill(b.alpha),
                     Some(r) => {
+                        let fits = |at: usize, len: usize, size: usize| {
+                            at.checked_add(len).is_some_and(|end| end <= size)
+                        };
+                        if !fits(r.row, r.height, shape.height)
+                            || !fits(r.col, r.width, shape.width)
+                        {
+                            return Err(WatermarkError::Spec(crate::spec::SpecError::Field {
+                                field: "trigger.region".into(),
+                                message: format!(
+                                    "{}×{} at ({}, {}) does not fit {}×{} images",
+                                    r.height, r.width, r.row, r.col, shape.height, shape.width
+                                ),
+                            }));
+                        }
                         for row in r.row..r.row + r.height {
                             weight[row * shape.width + r.col..row * shape.width + r.col + r.width]
                                 .fill(b.alpha);
