@@ -662,3 +662,65 @@ async fn batches_follow_the_servers_limit() {
     assert_eq!(ep.predict(&images(4), SHAPE).await.unwrap().len(), 4);
     assert!(ep.describe().contains("halved to 2"), "{}", ep.describe());
 }
+
+/// A server that answers every request with status 200 and a body that never ends: with
+/// `length`, announced in Content-Length; without, streamed in chunks. Returns its URL.
+pub async fn endless_server(length: Option<u64>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 1 << 16];
+                let _ = sock.read(&mut buf).await;
+                let head = match length {
+                    Some(n) => format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {n}\r\n\r\n"
+                    ),
+                    None => "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n".into(),
+                };
+                if sock.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let block = vec![b' '; 1 << 16];
+                let chunk = [
+                    format!("{:x}\r\n", block.len()).into_bytes(),
+                    block.clone(),
+                    b"\r\n".to_vec(),
+                ]
+                .concat();
+                loop {
+                    let out = if length.is_some() { &block } else { &chunk };
+                    if sock.write_all(out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+/// A model server whose answer never ends (or announces 3 GB) is cut off at the size an answer
+/// to the batch can need, with a clear error, instead of filling the verifier's memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_answer_is_cut_off() {
+    for length in [None, Some(3_000_000_000u64)] {
+        let mut c = EndpointConfig::new(endless_server(length).await, Protocol::V2, "m");
+        c.allow_private = true;
+        c.retries = 0;
+        c.timeout = Duration::from_secs(60);
+        c.layout = Some(TensorLayout::Flat);
+        c.input_name = Some("image".into());
+        c.output = OutputKind::Probabilities;
+        let e = match HttpEndpoint::connect(c, 1).await {
+            Ok(ep) => ep.predict(&images(2), SHAPE).await.unwrap_err(),
+            Err(e) => e,
+        };
+        assert!(e.to_string().contains("larger than"), "{length:?}: {e}");
+    }
+}

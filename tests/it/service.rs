@@ -460,7 +460,7 @@ on_both!(secrets_are_sealed_at_rest_on, secrets_are_sealed_at_rest);
 // ---------------------------------------------------------------- the HTTP flows
 
 /// Registers a small Fashion-MNIST training subset for `key`; returns its id.
-async fn register_subset(app: &TestApp, key: &str, n: usize) -> String {
+pub async fn register_subset(app: &TestApp, key: &str, n: usize) -> String {
     let dir = app.dir.path().join("imports").join(format!("fm{n}"));
     if !dir.exists() {
         write_fashion_subset(&dir, Split::Train, n);
@@ -942,6 +942,18 @@ async fn bad_specs_and_private_endpoints_are_refused_before_any_work() {
         "http://169.254.169.254/",
         "http://[::1]:9/",
         "file:///etc/passwd",
+        // Special-purpose ranges in the encodings a careful attacker tried.
+        "http://[::127.0.0.1]:9/",
+        "http://[::ffff:7f00:1]:9/",
+        "http://[2002:7f00:1::]:9/",
+        "http://[64:ff9b::7f00:1]:9/",
+        "http://[fec0::1]:9/",
+        "http://198.18.0.1:9/",
+        "http://192.0.0.1:9/",
+        "http://192.0.2.1:9/",
+        "http://[2001:db8::1]:9/",
+        "http://0x7f000001:9/",
+        "http://2130706433:9/",
     ] {
         let (s, v) = app
             .post(
@@ -952,6 +964,24 @@ async fn bad_specs_and_private_endpoints_are_refused_before_any_work() {
             .await;
         assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{url}: {v}");
         assert_eq!(v["error"]["code"], "endpoint_refused", "{url}: {v}");
+    }
+    // The model name is one path segment: it cannot take the request elsewhere on the server.
+    for model in ["../../../evil?x=1#", "a/b", "..", "m%2f..", "m#x"] {
+        let (s, v) = app
+            .post(
+                "/v1/verifications",
+                &p,
+                json!({"watermark_id": wm, "endpoint": {"url": "http://8.8.8.8:9/", "protocol": "v2", "model": model}}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{model}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("path segment"),
+            "{model}: {v}"
+        );
     }
     let (_, jobs) = app.get("/v1/jobs", &p).await;
     assert_eq!(
