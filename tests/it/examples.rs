@@ -109,8 +109,14 @@ fn every_example_client_walks_both_flows_to_a_verdict() {
     }
     // Without a service the clients fail with exit code 2 and say where they looked.
     let mut rust = Command::new(rust_client());
-    flags(&mut rust);
-    let out = rust.args(["--url", "http://127.0.0.1:9"]).output().unwrap();
+    for (k, v) in args {
+        rust.arg(k).arg(if k == "--url" {
+            "http://127.0.0.1:9"
+        } else {
+            v
+        });
+    }
+    let out = rust.output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", show(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("no answer from http://127.0.0.1:9"),
