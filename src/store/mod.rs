@@ -507,7 +507,7 @@ pub struct NewDataset {
 /// creates it with the process's umask (0644 commonly): it holds sealed secrets and key hashes.
 /// SQLite gives its -wal and -shm files the database file's permissions. Only where the URL asks
 /// for creation (`mode=rwc`) and the file is missing; in-memory databases are left alone.
-fn create_private_sqlite_file(url: &str) -> Result<(), StoreError> {
+fn create_private_sqlite_file(url: &str) {
     let rest = url
         .strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"))
@@ -515,7 +515,7 @@ fn create_private_sqlite_file(url: &str) -> Result<(), StoreError> {
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
     let creates = query.split('&').any(|kv| kv == "mode=rwc");
     if !creates || path.is_empty() || path.starts_with(':') || query.contains("mode=memory") {
-        return Ok(());
+        return;
     }
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
@@ -524,7 +524,6 @@ fn create_private_sqlite_file(url: &str) -> Result<(), StoreError> {
     // An existing file is kept as it is; a missing parent folder and the like are left to
     // SQLite, whose error names them.
     let _ = opts.open(path);
-    Ok(())
 }
 
 /// The storage of one service (cheap to clone).
@@ -548,7 +547,7 @@ impl Store {
             return Err(StoreError::Url(url.into()));
         };
         if backend == Backend::Sqlite {
-            create_private_sqlite_file(url)?;
+            create_private_sqlite_file(url);
         }
         let options = AnyPoolOptions::new().after_connect(move |conn, _| {
             Box::pin(async move {
