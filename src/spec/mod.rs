@@ -9,7 +9,9 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+pub mod family;
 pub mod network;
+pub use family::{Choice, Family};
 pub use network::Network;
 
 /// A spec or one of its fields is unusable.
@@ -69,8 +71,12 @@ pub struct WatermarkSpec {
     pub image: Option<ImageShape>,
     /// How poisoned samples are labelled.
     pub labelling: Labelling,
-    /// The trigger stamped on poisoned samples.
+    /// The trigger stamped on poisoned samples; with a family, the template its members share.
     pub trigger: Trigger,
+    /// Which of the trigger's free parameters (and the target) each release draws in secret
+    /// ([`family`]); absent for a fixed, public trigger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub family: Option<Family>,
     /// Label-consistent crafting (Turner et al., 2019): before the trigger, each poisoned image
     /// gets a PGD adversarial perturbation against a benign model, so that its own features stop
     /// explaining its (kept) label and the model leans on the trigger. Needs a model (feature
@@ -554,6 +560,9 @@ pub struct Blend {
     /// Only this region is blended (the whole image when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<Region>,
+    /// Seed of the noise, drawn for each release by a family (the spec's seed when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise_seed: Option<u64>,
 }
 
 /// Where a blend pattern comes from.
@@ -629,6 +638,10 @@ pub struct Warp {
     /// Amplitude of the random noise-mode grid offsets.
     #[serde(default = "default_noise_rescale")]
     pub noise_rescale: f32,
+    /// Seed of the random field, drawn for each release by a family (the spec's seed when
+    /// absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field_seed: Option<u64>,
 }
 
 fn default_k() -> usize {
@@ -679,13 +692,36 @@ impl WatermarkSpec {
 
     /// Parses and validates TOML; `base` is where relative file names are resolved.
     pub fn from_toml_str(text: &str, base: Option<&Path>, origin: &str) -> Result<Self, SpecError> {
-        let mut spec: Self = toml::from_str(text).map_err(|e| SpecError::Parse {
+        let parse_err = |e: String| SpecError::Parse {
             origin: origin.into(),
-            message: e.to_string(),
-        })?;
+            message: e,
+        };
+        // A family that draws the target leaves it out of the labelling: the document is
+        // completed before it becomes a spec. (A document the untyped reader cannot hold, such
+        // as a seed above 2^63, is read as it is.)
+        let prepared = match toml::from_str::<toml::Value>(text) {
+            Ok(doc) => {
+                let mut json = serde_json::to_value(&doc).map_err(|e| parse_err(e.to_string()))?;
+                let before = json.clone();
+                family::prepare_document(&mut json)?;
+                (json != before).then_some(json)
+            }
+            Err(_) => None,
+        };
+        let mut spec: Self = match prepared {
+            Some(json) => serde_json::from_value(json).map_err(|e| parse_err(e.to_string()))?,
+            None => toml::from_str(text).map_err(|e| parse_err(e.to_string()))?,
+        };
         spec.inline_files(base.unwrap_or(Path::new(".")))?;
         spec.validate()?;
         Ok(spec)
+    }
+
+    /// Parses and validates a spec written by a user as JSON (a family may leave out the target
+    /// it draws).
+    pub fn from_user_json(mut v: serde_json::Value) -> Result<Self, SpecError> {
+        family::prepare_document(&mut v)?;
+        Self::from_json_value(v)
     }
 
     /// Parses and validates the JSON form kept in secret records.
@@ -974,6 +1010,7 @@ impl WatermarkSpec {
                 ));
             }
         }
+        family::validate(self)?;
         let alpha_ok = |a: f32| a.is_finite() && a > 0.0 && a <= 1.0;
         match &self.trigger {
             Trigger::Patch(p) => {
@@ -995,6 +1032,12 @@ impl WatermarkSpec {
                 match b.source {
                     BlendSource::Noise if b.image.is_some() || b.pattern.is_some() => {
                         return Err(field("trigger.image", "source = \"noise\" takes no image"));
+                    }
+                    BlendSource::Image if b.noise_seed.is_some() => {
+                        return Err(field(
+                            "trigger.noise_seed",
+                            "only source = \"noise\" has a noise seed",
+                        ));
                     }
                     BlendSource::Image => {
                         let p = b

@@ -24,13 +24,25 @@ fn field_of(e: SpecError) -> String {
     }
 }
 
+/// The shipped specs: the families in `watermark_specs/` and the fixed originals in
+/// `watermark_specs/fixed/`, in name order.
+fn shipped_spec_paths() -> Vec<std::path::PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("watermark_specs");
+    let mut names: Vec<_> = [root.clone(), root.join("fixed")]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).unwrap())
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    names.sort();
+    names
+}
+
 #[test]
 fn every_shipped_spec_loads_and_validates() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("watermark_specs");
     let mut n = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "toml") {
+    for path in shipped_spec_paths() {
+        {
             let spec = WatermarkSpec::from_toml_file(&path)
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             let shape = spec.image.expect("shipped specs name their image shape");
@@ -182,9 +194,7 @@ fn a_blend_image_is_inlined_so_the_json_form_stands_alone() {
 
 #[test]
 fn json_form_round_trips_for_every_shipped_spec() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("watermark_specs");
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
+    for path in shipped_spec_paths() {
         let spec = WatermarkSpec::from_toml_file(&path).unwrap();
         let json = canonical_json(&spec);
         let back = WatermarkSpec::from_json_value(serde_json::from_str(&json).unwrap()).unwrap();
@@ -280,14 +290,7 @@ fn shipped_specs_as_json() -> &'static [serde_json::Value] {
 }
 
 fn read_shipped_specs_as_json() -> Vec<serde_json::Value> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("watermark_specs");
-    let mut names: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-        .collect();
-    names.sort();
-    names
+    shipped_spec_paths()
         .iter()
         .map(|p| serde_json::to_value(WatermarkSpec::from_toml_file(p).unwrap()).unwrap())
         .collect()

@@ -61,6 +61,14 @@ pub fn craft(
     device: Device,
     progress: &Progress<'_>,
 ) -> Result<Watermarked, WatermarkError> {
+    // A family's member is drawn first: the poisons are crafted for the release's own trigger and
+    // target.
+    if spec.family.is_some() {
+        let drawn = watermark::draw_release(spec, dataset.num_classes(), dataset.shape(), &nonce)?;
+        let mut marked = craft(dataset, &drawn, nonce, s, device, progress)?;
+        marked.record.family = Some(spec.clone());
+        return Ok(marked);
+    }
     if let Some(a) = spec.adversarial {
         return label_consistent(dataset, spec, nonce, s.net, a, device);
     }
@@ -468,7 +476,7 @@ mod tests {
         let clean = ds.subset(&(0..1000).collect::<Vec<_>>()).unwrap();
         let mut spec = WatermarkSpec::from_toml_file(
             &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("watermark_specs/ubw-c-28x28-grey.toml"),
+                .join("watermark_specs/fixed/ubw-c-28x28-grey.toml"),
         )
         .unwrap();
         spec.rate = 0.02;

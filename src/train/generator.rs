@@ -828,7 +828,7 @@ mod tests {
         let ds = images(256);
         let mut spec = WatermarkSpec::from_toml_file(
             &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("watermark_specs/issba-28x28-grey.toml"),
+                .join("watermark_specs/fixed/issba-28x28-grey.toml"),
         )
         .unwrap();
         let e = Encoder {

@@ -96,6 +96,18 @@ pub fn apply_with_hashes(
     apply_crafted(dataset, spec, nonce, &mut |_, _| Ok(()))
 }
 
+/// The trigger a release of `spec` carries: the member of the spec's family drawn with a seed
+/// derived from the record's nonce (the spec itself when it has no family).
+pub fn draw_release(
+    spec: &WatermarkSpec,
+    num_classes: usize,
+    shape: crate::dataset::ImageShape,
+    nonce: &[u8],
+) -> Result<WatermarkSpec, WatermarkError> {
+    let seed = crate::spec::family::derived_seed(nonce, "trigger", 0);
+    Ok(crate::spec::family::draw(spec, num_classes, shape, seed)?)
+}
+
 /// Changes the chosen samples before their trigger is stamped (label-consistent crafting), or
 /// instead of it (gradient matching: the poisons carry no trigger).
 pub type Crafter<'a> = dyn FnMut(&mut Dataset, &[usize]) -> Result<(), WatermarkError> + 'a;
@@ -108,6 +120,12 @@ pub fn apply_crafted(
     nonce: [u8; 32],
     craft: &mut Crafter<'_>,
 ) -> Result<Watermarked, WatermarkError> {
+    if spec.family.is_some() {
+        let drawn = draw_release(spec, dataset.num_classes(), dataset.shape(), &nonce)?;
+        let mut marked = apply_crafted(dataset, &drawn, nonce, craft)?;
+        marked.record.family = Some(spec.clone());
+        return Ok(marked);
+    }
     spec.check_fits(dataset)?;
     let n = dataset.len();
     let mut hashes = image_sha256s(dataset);
@@ -247,6 +265,7 @@ pub fn apply_crafted(
         },
         poisoned,
         noise_indices,
+        family: None,
     };
     Ok(Watermarked {
         record,

@@ -6,8 +6,10 @@ use crate::spec::{WatermarkSpec, canonical_json, sha256_hex};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-/// Version of the record format.
-pub const VERSION: u32 = 1;
+/// Version of the record format written today. Version 2 added `family` (the trigger's family,
+/// from which the release's secret trigger and the verifier's controls are drawn); version 1
+/// records, whose trigger was written in the spec, are read and verified as before.
+pub const VERSION: u32 = 2;
 
 /// Everything needed to verify a watermark later: keep it secret.
 ///
@@ -29,6 +31,11 @@ pub struct SecretRecord {
     /// Samples modified without relabelling (WaNet's noise mode).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub noise_indices: Vec<usize>,
+    /// The spec as written, with its `[family]` section, when the trigger in `spec` was drawn
+    /// from it for this release (seed derived from the nonce): the verifier draws its controls
+    /// from it. Absent for a fixed, public trigger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub family: Option<WatermarkSpec>,
 }
 
 /// Facts about the watermarked dataset.
@@ -93,13 +100,39 @@ impl SecretRecord {
         };
         let rec: Self =
             serde_json::from_str(text).map_err(|e| err(format!("not a secret record: {e}")))?;
-        if rec.version != VERSION {
+        if !(1..=VERSION).contains(&rec.version) {
             return Err(err(format!(
-                "record version {} is not supported (expected {VERSION})",
+                "record version {} is not supported (expected 1 to {VERSION})",
                 rec.version
             )));
         }
         rec.spec.validate().map_err(|e| err(format!("spec.{e}")))?;
+        if rec.spec.family.is_some() {
+            return Err(err(
+                "spec.family: a record's spec holds the drawn trigger, not a family".into(),
+            ));
+        }
+        if let Some(f) = &rec.family {
+            if rec.version < 2 {
+                return Err(err("family: version 1 records have no family".into()));
+            }
+            f.validate().map_err(|e| err(format!("family.{e}")))?;
+            if f.family.is_none() {
+                return Err(err("family: the spec has no [family] section".into()));
+            }
+            // The drawn trigger must be the family's draw for this nonce: a record edited by hand
+            // (another target, another patch) is refused rather than verified.
+            let nonce = hex::decode(&rec.nonce).map_err(|_| err("nonce: not hex".into()))?;
+            let again = super::draw_release(f, rec.dataset.num_classes, rec.dataset.shape, &nonce)
+                .map_err(|e| err(format!("family: {e}")))?;
+            let same_trigger = !crate::spec::family::has_exchangeable_controls(f)
+                || again.trigger == rec.spec.trigger;
+            if again.labelling != rec.spec.labelling || !same_trigger {
+                return Err(err(
+                    "spec: the trigger is not the family's draw for this record's nonce".into(),
+                ));
+            }
+        }
         let d = &rec.dataset;
         let mut last = None;
         for p in &rec.poisoned {

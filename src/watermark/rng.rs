@@ -21,6 +21,10 @@ pub enum Stream {
     Pieces = 4,
     /// Crafting with a model: which source images, the perturbations' starting points.
     Craft = 5,
+    /// A trigger family's draw of one member (the release's secret or a verifier's control).
+    Family = 6,
+    /// The verifier's tie-breaks between equal effects.
+    Ties = 7,
 }
 
 /// A seeded generator with the few draws the watermark needs.
@@ -57,6 +61,11 @@ impl Rng {
     /// Uniform in [0, 1) with 24 bits, as an f32.
     pub fn unit_f32(&mut self) -> f32 {
         (self.0.next_u32() >> 8) as f32 / (1u32 << 24) as f32
+    }
+
+    /// A uniform u64.
+    pub fn u64(&mut self) -> u64 {
+        self.0.next_u64()
     }
 
     /// A random byte.

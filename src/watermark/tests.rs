@@ -223,3 +223,43 @@ proptest! {
         prop_assert_ne!(r1.poisoned, r2.poisoned);
     }
 }
+
+/// A version 1 record (written before trigger families) as the format wrote it, byte for byte:
+/// it still loads, and its commitment is still the sha256 of exactly these bytes.
+const V1_RECORD: &str = r#"{"version":1,"nonce":"0000000000000000000000000000000000000000000000000000000000000000","spec":{"name":"golden","rate":0.5,"seed":7,"labelling":{"kind":"targeted","target":1},"trigger":{"kind":"patch","pattern":"square","size":3,"position":"bottom-right","alpha":1.0}},"dataset":{"count":4,"shape":{"height":8,"width":8,"channels":1},"num_classes":2,"sha256_before":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","sha256_after":"bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"},"poisoned":[{"index":0,"original_label":0,"new_label":1},{"index":2,"original_label":0,"new_label":1}]}"#;
+
+#[test]
+fn version_1_records_keep_their_commitments() {
+    let rec = SecretRecord::from_json(V1_RECORD).unwrap();
+    assert_eq!(rec.version, 1);
+    assert!(rec.family.is_none());
+    assert_eq!(crate::spec::canonical_json(&rec), V1_RECORD);
+    assert_eq!(
+        rec.commitment(),
+        "4d311baf4640d1f7202a5e8f4e501ab4d5126c3cd669b6fe9c733e845c5762c8"
+    );
+}
+
+#[test]
+fn a_family_release_records_its_family_and_refuses_an_edited_trigger() {
+    let text = "name = \"f\"\nrate = 0.2\nseed = 3\n[labelling]\nkind = \"targeted\"\n\
+                [family]\n[trigger]\nkind = \"patch\"\npattern = \"square\"\n";
+    let family = WatermarkSpec::from_toml_str(text, None, "f").unwrap();
+    let mut ds = data(40, GREY, 2, 0);
+    let rec = apply(&mut ds, &family, [5; 32]).unwrap();
+    assert_eq!(rec.version, 2);
+    assert_eq!(rec.family.as_ref(), Some(&family));
+    assert!(rec.spec.family.is_none());
+    let json = serde_json::to_string(&rec).unwrap();
+    assert_eq!(SecretRecord::from_json(&json).unwrap(), rec);
+    // Another nonce, another member.
+    let other = apply(&mut data(40, GREY, 2, 0), &family, [6; 32]).unwrap();
+    assert_ne!(other.spec.trigger, rec.spec.trigger);
+    // A record whose target or trigger was edited is not the family's draw.
+    let mut edited = rec.clone();
+    edited.spec.labelling = crate::spec::Labelling::Targeted {
+        target: (rec.spec.labelling.target().unwrap() + 1) % 2,
+    };
+    let e = SecretRecord::from_json(&serde_json::to_string(&edited).unwrap()).unwrap_err();
+    assert!(e.to_string().contains("not the family's draw"), "{e}");
+}

@@ -114,7 +114,7 @@ impl Stamp {
             Trigger::Blend(b) => {
                 let pattern = match b.source {
                     BlendSource::Noise => {
-                        let mut rng = Rng::new(seed, Stream::Pattern);
+                        let mut rng = Rng::new(b.noise_seed.unwrap_or(seed), Stream::Pattern);
                         (0..shape.len()).map(|_| rng.byte()).collect()
                     }
                     BlendSource::Image => {

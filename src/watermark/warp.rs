@@ -28,7 +28,7 @@ impl WarpField {
     /// Draws the field for `spec` from `seed`.
     pub fn new(spec: &Warp, seed: u64, shape: ImageShape) -> Self {
         let (h, w, k) = (shape.height, shape.width, spec.k);
-        let mut rng = Rng::new(seed, Stream::Pattern);
+        let mut rng = Rng::new(spec.field_seed.unwrap_or(seed), Stream::Pattern);
         let mut ins: Vec<f32> = (0..2 * k * k).map(|_| rng.unit_f32() * 2.0 - 1.0).collect();
         let mean_abs = ins.iter().map(|v| v.abs()).sum::<f32>() / ins.len() as f32;
         if mean_abs > 0.0 {
@@ -157,6 +157,7 @@ mod tests {
             noise: true,
             cross_ratio: 2.0,
             noise_rescale: 2.0,
+            field_seed: None,
         }
     }
 

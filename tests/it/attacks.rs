@@ -15,7 +15,7 @@ use crate::train::fashion;
 fn spec(name: &str) -> WatermarkSpec {
     WatermarkSpec::from_toml_file(
         &Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("watermark_specs")
+            .join("watermark_specs/fixed")
             .join(name),
     )
     .unwrap()
@@ -629,7 +629,8 @@ fn crafting_and_malicious_training_from_the_command_line() {
     };
     let run = |v: Vec<String>| hm(&v.iter().map(String::as_str).collect::<Vec<_>>());
     ok(run(train_args(&p("clean"), &p("benign"), &[])));
-    let tuap = Path::new(env!("CARGO_MANIFEST_DIR")).join("watermark_specs/tuap-28x28-grey.toml");
+    let tuap =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("watermark_specs/fixed/tuap-28x28-grey.toml");
     let refused = hm(&[
         "watermark",
         "--spec",
@@ -668,7 +669,7 @@ fn crafting_and_malicious_training_from_the_command_line() {
     assert!(values.iter().all(|v| v.as_i64().unwrap().abs() <= 76));
     // Blind trains on the clean data with the record's trigger in the loss.
     let spec =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("watermark_specs/badnets-28x28-grey.toml");
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("watermark_specs/fixed/badnets-28x28-grey.toml");
     ok(hm(&[
         "watermark",
         "--spec",
@@ -731,7 +732,8 @@ fn crafting_and_malicious_training_from_the_command_line() {
     assert_eq!(g.form, hallmark::spec::GeneratedForm::Additive);
     assert_eq!(learned.spec.labelling.target(), Some(1));
     // ISSBA trains its encoder on the data, without a model.
-    let issba = Path::new(env!("CARGO_MANIFEST_DIR")).join("watermark_specs/issba-28x28-grey.toml");
+    let issba =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("watermark_specs/fixed/issba-28x28-grey.toml");
     let o = hm(&[
         "watermark",
         "--spec",

@@ -1,0 +1,574 @@
+//! Trigger families: a spec with a `[family]` section describes a distribution over triggers, and
+//! every release draws its own secret member from randomness derived from its record's nonce.
+//!
+//! Why: a fixed trigger is not secret (the shipped specs are public), two publishers of one spec
+//! would share it, and a verdict against it proves only that a model reacts to triggers of that
+//! shape. With a secret drawn from a family, the verifier can draw K controls from the same family
+//! and rank the secret among them: for a model that was not trained with this release, the
+//! secret is one more independent draw, so its rank is uniform (the exchangeability argument of
+//! the rank test; compare the random-key nulls of Sablayrolles et al., "Radioactive data", ICML
+//! 2020, and Bouaziz et al., "Data Taggants", ICLR 2025).
+//!
+//! What each kind draws:
+//! - patches (BadNets, DVBW, UBW-P, label-consistent, Sleeper Agent, UBW-C, PhysicalBA's inner
+//!   patch, Adaptive-Patch's pieces): the pattern, each pixel black or white with at least half of
+//!   them white, of the template's size, and its position anywhere it fits;
+//! - noise blends (Blended, Adaptive-Blend's pieces): the noise;
+//! - warps (WaNet): the random field;
+//! - rotations (BATT): the angle, uniform in a range of magnitudes, either direction;
+//! - reflections (Refool): which of the candidate photographs are used;
+//! - targeted and clean-label kinds: the target class, uniform over the classes the spec allows.
+//!
+//! Crafted kinds (TUAP's perturbation, ISSBA's encoder) are crafted per release but have no cheap
+//! family to draw controls from; their verdicts say so (see `verify`).
+
+use super::{Labelling, Patch, PatchPattern, Position, SpecError, Trigger, WatermarkSpec, field};
+use crate::dataset::ImageShape;
+use crate::watermark::rng::{Rng, Stream};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Whether a free parameter is drawn for each release or kept as the spec writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Choice {
+    /// Drawn from the release's secret randomness.
+    #[default]
+    Drawn,
+    /// As the spec writes it.
+    Pinned,
+}
+
+/// The `[family]` section of a spec: which free parameters each release draws.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Family {
+    /// The target class (targeted and clean-label kinds). When drawn, the spec's labelling names
+    /// no target.
+    #[serde(default)]
+    pub target: Choice,
+    /// A patch's pattern: black and white pixels of the spec's pattern size, at least half white.
+    #[serde(default)]
+    pub pattern: Choice,
+    /// A patch's position: anywhere the pattern fits.
+    #[serde(default)]
+    pub position: Choice,
+    /// Rotations: the angle's magnitude is drawn from this range of degrees, its direction at
+    /// random (pinned to the spec's angle when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub angle: Option<[f64; 2]>,
+    /// Reflections: how many of the candidate photographs a release uses (all when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reflections: Option<usize>,
+}
+
+/// A spec whose trigger is published as is needs `--public-trigger` below this many bits of
+/// entropy. The rank test's false-positive rate does not depend on it (another release's
+/// trigger, even an identical one, is drawn independently of ours); its power and the trigger's
+/// secrecy do: with few members, controls often equal the secret, and a thief can try every
+/// member to unlearn them. 12 bits (one chance in 4096 that two releases share a trigger) admits
+/// BATT's rotations (the angle in tenths of a degree over [8°, 32°] either way, and the target).
+pub const MIN_ENTROPY_BITS: f64 = 12.0;
+
+/// One free parameter of a family and how many values it can take.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Entropy {
+    /// What is drawn (`target`, `trigger.position`, …).
+    pub parameter: String,
+    /// log2 of the number of values it can take.
+    pub bits: f64,
+}
+
+/// What a spec draws for each release, parameter by parameter (empty for a fixed spec).
+pub fn entropy(
+    spec: &WatermarkSpec,
+    num_classes: usize,
+    shape: ImageShape,
+) -> Result<Vec<Entropy>, SpecError> {
+    let Some(f) = &spec.family else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    if f.target == Choice::Drawn && spec.labelling.target().is_some() {
+        let n = target_classes(spec, num_classes).len();
+        out.push(Entropy {
+            parameter: "target".into(),
+            bits: (n as f64).log2(),
+        });
+    }
+    trigger_entropy(f, &spec.trigger, shape, "trigger", &mut out)?;
+    if let Some(e) = spec.encoder {
+        // ISSBA's hidden secret, drawn per release.
+        out.push(Entropy {
+            parameter: "encoder.secret".into(),
+            bits: e.secret_size as f64,
+        });
+    }
+    Ok(out)
+}
+
+/// Total bits of a spec's family.
+pub fn entropy_bits(
+    spec: &WatermarkSpec,
+    num_classes: usize,
+    shape: ImageShape,
+) -> Result<f64, SpecError> {
+    Ok(entropy(spec, num_classes, shape)?
+        .iter()
+        .map(|e| e.bits)
+        .sum())
+}
+
+fn trigger_entropy(
+    f: &Family,
+    t: &Trigger,
+    shape: ImageShape,
+    at: &str,
+    out: &mut Vec<Entropy>,
+) -> Result<(), SpecError> {
+    let mut push = |p: &str, bits: f64| {
+        out.push(Entropy {
+            parameter: format!("{at}.{p}"),
+            bits,
+        })
+    };
+    match t {
+        Trigger::Patch(p) => {
+            let rows = p.rows(shape.width)?;
+            let (ph, pw) = (rows.len(), rows[0].len());
+            if f.pattern == Choice::Drawn {
+                push("pattern", log2_patterns(ph * pw));
+            }
+            if f.position == Choice::Drawn && ph <= shape.height && pw <= shape.width {
+                let places = (shape.height - ph + 1) * (shape.width - pw + 1);
+                push("position", (places as f64).log2());
+            }
+        }
+        Trigger::Blend(b) if b.source == super::BlendSource::Noise => push("noise", 64.0),
+        Trigger::Warp(_) => push("field", 64.0),
+        Trigger::Rotate(_) => {
+            if let Some([lo, hi]) = f.angle {
+                // Tenths of a degree, either direction.
+                push(
+                    "angle",
+                    (2.0 * ((hi - lo) * 10.0).round().max(0.0) + 2.0).log2(),
+                );
+            }
+        }
+        Trigger::Reflection(r) => {
+            if let Some(k) = f.reflections {
+                push("reflections", log2_choose(r.candidates.len(), k));
+            }
+        }
+        Trigger::Adaptive(a) => {
+            for (k, p) in a.pieces.iter().enumerate() {
+                trigger_entropy(f, p, shape, &format!("{at}.pieces[{k}]"), out)?;
+            }
+        }
+        Trigger::Physical(p) => trigger_entropy(f, &p.inner, shape, &format!("{at}.inner"), out)?,
+        Trigger::Blend(_) | Trigger::Perturbation(_) | Trigger::Generated(_) => {}
+    }
+    Ok(())
+}
+
+/// The fewest white pixels a drawn pattern of `n` pixels has: half of them, rounded up. On the
+/// black backgrounds of many images a black pixel is invisible, so a pattern is in effect its
+/// white pixels; with at least half of them white, two different (pattern, position) pairs
+/// rarely leave the same white pixels, and members stay distinguishable.
+fn min_white(n: usize) -> usize {
+    n.div_ceil(2)
+}
+
+/// log2 of the number of black-and-white patterns of `n` pixels with at least half white.
+fn log2_patterns(n: usize) -> f64 {
+    if n > 60 {
+        // Close to 2^(n − 1): a bit below n − 1 bits, never above.
+        return (n - 1) as f64;
+    }
+    let count: f64 = (min_white(n)..=n).map(|k| log2_choose(n, k).exp2()).sum();
+    count.log2()
+}
+
+fn log2_choose(n: usize, k: usize) -> f64 {
+    if k > n {
+        return 0.0;
+    }
+    (0..k)
+        .map(|i| ((n - i) as f64 / (i + 1) as f64).log2())
+        .sum()
+}
+
+/// Checks a `[family]` section against the rest of the spec.
+pub(super) fn validate(spec: &WatermarkSpec) -> Result<(), SpecError> {
+    let Some(f) = &spec.family else {
+        return Ok(());
+    };
+    if let Some([lo, hi]) = f.angle {
+        if !matches!(spec.trigger, Trigger::Rotate(_)) {
+            return Err(field(
+                "family.angle",
+                "only rotation triggers have an angle",
+            ));
+        }
+        if !(lo.is_finite() && hi.is_finite() && 1.0 <= lo && lo <= hi && hi <= 180.0) {
+            return Err(field(
+                "family.angle",
+                format!("must be [low, high] degrees with 1 ≤ low ≤ high ≤ 180, got [{lo}, {hi}]"),
+            ));
+        }
+    }
+    if let Some(k) = f.reflections {
+        let Trigger::Reflection(r) = &spec.trigger else {
+            return Err(field(
+                "family.reflections",
+                "only reflection triggers draw photographs",
+            ));
+        };
+        if k == 0 || (!r.candidates.is_empty() && k > r.candidates.len()) {
+            return Err(field(
+                "family.reflections",
+                format!(
+                    "must be 1 to the {} candidate photographs, got {k}",
+                    r.candidates.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The classes a drawn target may be: every class but the source classes (a targeted backdoor
+/// sends them elsewhere).
+fn target_classes(spec: &WatermarkSpec, num_classes: usize) -> Vec<u32> {
+    (0..num_classes as u32)
+        .filter(|c| spec.source_classes.as_ref().is_none_or(|s| !s.contains(c)))
+        .collect()
+}
+
+/// A seed derived from a record's nonce for one purpose (`purpose` and `index` are mixed in), so
+/// that the secret draw, each control and the verifier's image order are independent and a
+/// re-run repeats them.
+pub fn derived_seed(nonce: &[u8], purpose: &str, index: u64) -> u64 {
+    let mut h = Sha256::new();
+    h.update(b"hallmark/v2/");
+    h.update(purpose.as_bytes());
+    h.update([0]);
+    h.update(nonce);
+    h.update(index.to_le_bytes());
+    let d = h.finalize();
+    u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
+}
+
+/// The member of `spec`'s family drawn with `seed`: a spec without a `[family]` section, every
+/// free parameter fixed. A spec without a family is returned as it is.
+pub fn draw(
+    spec: &WatermarkSpec,
+    num_classes: usize,
+    shape: ImageShape,
+    seed: u64,
+) -> Result<WatermarkSpec, SpecError> {
+    let Some(f) = &spec.family else {
+        return Ok(spec.clone());
+    };
+    let mut rng = Rng::new(seed, Stream::Family);
+    let mut out = spec.clone();
+    out.family = None;
+    if f.target == Choice::Drawn && spec.labelling.target().is_some() {
+        let classes = target_classes(spec, num_classes);
+        if classes.is_empty() {
+            return Err(field("family.target", "no class is left to be the target"));
+        }
+        let t = classes[rng.below(classes.len() as u64) as usize];
+        out.labelling = match spec.labelling {
+            Labelling::Targeted { .. } => Labelling::Targeted { target: t },
+            Labelling::CleanLabel { .. } => Labelling::CleanLabel { target: t },
+            other => other,
+        };
+    }
+    out.trigger = draw_trigger(f, &spec.trigger, shape, &mut rng)?;
+    out.validate()?;
+    Ok(out)
+}
+
+fn draw_trigger(
+    f: &Family,
+    t: &Trigger,
+    shape: ImageShape,
+    rng: &mut Rng,
+) -> Result<Trigger, SpecError> {
+    Ok(match t {
+        Trigger::Patch(p) => {
+            let rows = p.rows(shape.width)?;
+            let (ph, pw) = (rows.len(), rows[0].len());
+            if ph > shape.height || pw > shape.width {
+                return Err(field(
+                    "trigger.pattern",
+                    format!("a {ph}×{pw} pattern does not fit {shape} images"),
+                ));
+            }
+            let pattern = if f.pattern == Choice::Drawn {
+                loop {
+                    let m: Vec<Vec<u8>> = (0..ph)
+                        .map(|_| {
+                            (0..pw)
+                                .map(|_| if rng.below(2) == 1 { 255 } else { 0 })
+                                .collect()
+                        })
+                        .collect();
+                    if m.iter().flatten().filter(|&&v| v == 255).count() >= min_white(ph * pw) {
+                        break PatchPattern::Matrix(m);
+                    }
+                }
+            } else {
+                PatchPattern::Matrix(rows)
+            };
+            let position = if f.position == Choice::Drawn {
+                let r = rng.below((shape.height - ph + 1) as u64) as i64;
+                let c = rng.below((shape.width - pw + 1) as u64) as i64;
+                Position::At([r, c])
+            } else {
+                p.position
+            };
+            Trigger::Patch(Patch {
+                pattern,
+                size: None,
+                thickness: None,
+                value: None,
+                position,
+                alpha: p.alpha,
+            })
+        }
+        Trigger::Blend(b) if b.source == super::BlendSource::Noise => {
+            let mut c = b.clone();
+            c.noise_seed = Some(rng.u64());
+            Trigger::Blend(c)
+        }
+        Trigger::Warp(w) => {
+            let mut c = w.clone();
+            c.field_seed = Some(rng.u64());
+            Trigger::Warp(c)
+        }
+        Trigger::Rotate(r) => match f.angle {
+            Some([lo, hi]) => {
+                let steps = ((hi - lo) * 10.0).round().max(0.0) as u64;
+                let magnitude = lo + rng.below(steps + 1) as f64 / 10.0;
+                let sign = if rng.below(2) == 0 { 1.0 } else { -1.0 };
+                Trigger::Rotate(super::Rotate {
+                    angle: sign * magnitude,
+                })
+            }
+            None => Trigger::Rotate(r.clone()),
+        },
+        Trigger::Reflection(r) => {
+            let mut c = r.clone();
+            if let Some(k) = f.reflections {
+                let mut idx: Vec<usize> = (0..r.candidates.len()).collect();
+                rng.choose_front(&mut idx, k);
+                let mut chosen = idx[..k.min(idx.len())].to_vec();
+                chosen.sort_unstable();
+                c.candidates = chosen.iter().map(|&i| r.candidates[i].clone()).collect();
+            }
+            Trigger::Reflection(c)
+        }
+        Trigger::Adaptive(a) => {
+            let mut c = a.clone();
+            for p in &mut c.pieces {
+                *p = draw_trigger(f, p, shape, rng)?;
+            }
+            Trigger::Adaptive(c)
+        }
+        Trigger::Physical(p) => {
+            let mut c = p.clone();
+            c.inner = Box::new(draw_trigger(f, &p.inner, shape, rng)?);
+            Trigger::Physical(c)
+        }
+        other => other.clone(),
+    })
+}
+
+/// Whether controls drawn from this family are exchangeable with the secret: every part of the
+/// trigger that a query carries is drawn (crafted perturbations and networks are not).
+pub fn has_exchangeable_controls(spec: &WatermarkSpec) -> bool {
+    spec.family.is_some()
+        && !matches!(
+            spec.trigger,
+            Trigger::Perturbation(_) | Trigger::Generated(_)
+        )
+}
+
+/// With a `[family]` section that draws the target, the labelling names no target: checks that
+/// and fills the placeholder the types need, on the parsed document before it becomes a spec.
+pub(super) fn prepare_document(doc: &mut serde_json::Value) -> Result<(), SpecError> {
+    let Some(obj) = doc.as_object_mut() else {
+        return Ok(());
+    };
+    let Some(fam) = obj.get("family") else {
+        return Ok(());
+    };
+    let pinned = fam.get("target").and_then(|t| t.as_str()) == Some("pinned");
+    if pinned {
+        return Ok(());
+    }
+    let Some(lab) = obj.get("labelling").and_then(|l| l.as_object()) else {
+        return Ok(());
+    };
+    let kind = lab.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+    if !matches!(kind, "targeted" | "clean_label") {
+        return Ok(());
+    }
+    if lab.contains_key("target") {
+        return Err(field(
+            "labelling.target",
+            "this spec's family draws the target for each release: leave the target out, or \
+             set family.target = \"pinned\"",
+        ));
+    }
+    // A placeholder the template's checks accept (not a source class); each release draws its own.
+    let sources: Vec<u64> = obj
+        .get("source_classes")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|c| c.as_u64()).collect())
+        .unwrap_or_default();
+    let placeholder = (0u64..).find(|c| !sources.contains(c)).unwrap_or(0);
+    if let Some(lab) = obj.get_mut("labelling").and_then(|l| l.as_object_mut()) {
+        lab.insert("target".into(), serde_json::Value::from(placeholder));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHAPE: ImageShape = ImageShape {
+        height: 28,
+        width: 28,
+        channels: 1,
+    };
+
+    fn shipped(name: &str) -> WatermarkSpec {
+        WatermarkSpec::from_toml_file(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("watermark_specs")
+                .join(name),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_patch_family_draws_pattern_position_and_target_reproducibly() {
+        let f = shipped("badnets-square-28x28-grey.toml");
+        let a = draw(&f, 10, SHAPE, 1).unwrap();
+        assert_eq!(
+            a,
+            draw(&f, 10, SHAPE, 1).unwrap(),
+            "the same seed, the same member"
+        );
+        assert!(a.family.is_none());
+        let members: Vec<WatermarkSpec> =
+            (0..200).map(|s| draw(&f, 10, SHAPE, s).unwrap()).collect();
+        let mut targets = std::collections::BTreeSet::new();
+        let mut places = std::collections::BTreeSet::new();
+        for m in &members {
+            targets.insert(m.labelling.target().unwrap());
+            let Trigger::Patch(p) = &m.trigger else {
+                panic!("a patch family draws patches")
+            };
+            let (rows, r, c) = p.grid(28, 28).unwrap();
+            assert_eq!((rows.len(), rows[0].len()), (3, 3));
+            assert!(rows.iter().flatten().all(|&v| v == 0 || v == 255));
+            assert!(
+                rows.iter().flatten().filter(|&&v| v == 255).count() >= 5,
+                "at least half white"
+            );
+            places.insert((r, c));
+        }
+        assert_eq!(targets.len(), 10, "every class can be the target");
+        assert!(
+            places.len() > 150,
+            "{} positions in 200 draws",
+            places.len()
+        );
+        // log2(256 patterns with 5 to 9 white pixels) + log2(26 · 26) + log2(10).
+        let bits = entropy_bits(&f, 10, SHAPE).unwrap();
+        assert!((bits - 20.72).abs() < 0.01, "{bits}");
+    }
+
+    #[test]
+    fn every_family_draws_what_it_says() {
+        let warp = shipped("wanet-28x28-grey.toml");
+        let (a, b) = (
+            draw(&warp, 10, SHAPE, 1).unwrap(),
+            draw(&warp, 10, SHAPE, 2).unwrap(),
+        );
+        let field = |s: &WatermarkSpec| match &s.trigger {
+            Trigger::Warp(w) => w.field_seed,
+            _ => None,
+        };
+        assert!(field(&a).is_some() && field(&a) != field(&b));
+        let batt = shipped("batt-rotate-28x28-grey.toml");
+        for s in 0..100 {
+            let Trigger::Rotate(r) = draw(&batt, 10, SHAPE, s).unwrap().trigger else {
+                panic!("a rotation")
+            };
+            assert!((8.0..=32.0).contains(&r.angle.abs()), "{}", r.angle);
+        }
+        assert!(entropy_bits(&batt, 10, SHAPE).unwrap() >= MIN_ENTROPY_BITS);
+        let blend = shipped("blended-28x28-grey.toml");
+        let Trigger::Blend(b) = draw(&blend, 10, SHAPE, 5).unwrap().trigger else {
+            panic!("a blend")
+        };
+        assert!(b.noise_seed.is_some());
+        // A single pixel anywhere, to any class: 9.6 + 3.3 bits.
+        let pixel = shipped("badnets-28x28-grey.toml");
+        assert!((entropy_bits(&pixel, 10, SHAPE).unwrap() - 12.94).abs() < 0.01);
+        // TUAP's crafted perturbation draws only its target: too little secret to publish.
+        let tuap = shipped("tuap-28x28-grey.toml");
+        assert!(entropy_bits(&tuap, 10, SHAPE).unwrap() < MIN_ENTROPY_BITS);
+        // A fixed spec draws nothing.
+        let fixed = shipped("fixed/badnets-square-28x28-grey.toml");
+        assert!(entropy(&fixed, 10, SHAPE).unwrap().is_empty());
+        assert_eq!(draw(&fixed, 10, SHAPE, 9).unwrap(), fixed);
+    }
+
+    #[test]
+    fn a_drawn_target_is_never_a_source_class() {
+        let text = "name = \"s\"\nrate = 0.1\nseed = 1\nsource_classes = [0, 1, 2]\n\
+                    [labelling]\nkind = \"targeted\"\n[family]\n\
+                    [trigger]\nkind = \"patch\"\npattern = \"square\"\n";
+        let f = WatermarkSpec::from_toml_str(text, None, "s").unwrap();
+        for s in 0..100 {
+            let t = draw(&f, 10, SHAPE, s).unwrap().labelling.target().unwrap();
+            assert!(t >= 3, "{t}");
+        }
+    }
+
+    #[test]
+    fn a_family_that_draws_the_target_refuses_a_written_one() {
+        let text = "name = \"s\"\nrate = 0.1\nseed = 1\n[labelling]\nkind = \"targeted\"\n\
+                    target = 4\n[family]\n[trigger]\nkind = \"patch\"\npattern = \"square\"\n";
+        let e = WatermarkSpec::from_toml_str(text, None, "s").unwrap_err();
+        assert!(e.to_string().starts_with("labelling.target:"), "{e}");
+        let pinned = text.replace("[family]\n", "[family]\ntarget = \"pinned\"\n");
+        let f = WatermarkSpec::from_toml_str(&pinned, None, "s").unwrap();
+        assert_eq!(draw(&f, 10, SHAPE, 3).unwrap().labelling.target(), Some(4));
+        let e = WatermarkSpec::from_user_json(serde_json::json!({
+            "name": "j", "rate": 0.1, "seed": 1,
+            "labelling": {"kind": "targeted", "target": 2},
+            "family": {},
+            "trigger": {"kind": "patch", "pattern": "square"}
+        }))
+        .unwrap_err();
+        assert!(e.to_string().starts_with("labelling.target:"), "{e}");
+    }
+
+    #[test]
+    fn derived_seeds_differ_by_purpose_index_and_nonce() {
+        let n = [7u8; 32];
+        let a = derived_seed(&n, "control", 0);
+        assert_eq!(a, derived_seed(&n, "control", 0));
+        assert_ne!(a, derived_seed(&n, "control", 1));
+        assert_ne!(a, derived_seed(&n, "trigger", 0));
+        assert_ne!(a, derived_seed(&[8u8; 32], "control", 0));
+    }
+}
