@@ -81,7 +81,7 @@ def run(a):
         spec = f.read()
     created = c.post(publisher, "/v1/watermarks", {
         "name": "release 1", "dataset_id": ds["id"], "holdout_dataset_id": holdout["id"],
-        "spec": spec, "seed": a.seed,
+        "spec": spec, "seed": a.seed, "nonce": a.nonce,
     })
     wm = created["watermark"]["id"]
     c.wait(publisher, created["job"])
@@ -104,7 +104,9 @@ def run(a):
     done = c.get(auditor, f"/v1/verifications/{v['verification']['id']}")
     verdict = done["verdict"]
     print(f"verdict: {done['decision']} (p = {done['p_value']}, {verdict['pairs']} pairs, "
-          f"{verdict['queries']} queries; control fired: {verdict['control']['rejected']})")
+          f"{verdict['queries']} queries; rank {verdict['rank']['rank']} among "
+          f"{verdict['rank']['controls'] + 1} triggers of its family)")
+    print(f"why: {verdict['reason']}")
     return done["decision"] == "used"
 
 
@@ -117,6 +119,7 @@ def main():
     p.add_argument("--holdout-split", help="the split of the held-out folder (test)")
     p.add_argument("--spec", required=True, help="a watermark spec (TOML)")
     p.add_argument("--seed", type=int, help="overrides the spec's seed")
+    p.add_argument("--nonce", help="the record's nonce (64 hex digits), for a reproducible release")
     p.add_argument("--endpoint", help="a model endpoint to verify (Open Inference Protocol V2)")
     p.add_argument("--model", default="model", help="the model's name on that endpoint")
     a = p.parse_args()

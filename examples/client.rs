@@ -46,6 +46,9 @@ struct Args {
     /// Overrides the spec's seed.
     #[arg(long)]
     seed: Option<u64>,
+    /// The record's nonce (64 hex digits), for a reproducible release.
+    #[arg(long)]
+    nonce: Option<String>,
     /// A model endpoint to verify (Open Inference Protocol V2).
     #[arg(long)]
     endpoint: Option<String>,
@@ -189,7 +192,7 @@ async fn run(a: Args) -> Result<bool> {
             "/v1/watermarks",
             json!({
                 "name": "release 1", "dataset_id": ds["id"], "holdout_dataset_id": holdout["id"],
-                "spec": spec, "seed": a.seed
+                "spec": spec, "seed": a.seed, "nonce": a.nonce
             }),
         )
         .await?;
@@ -232,13 +235,15 @@ async fn run(a: Args) -> Result<bool> {
         .await?;
     let verdict = &done["verdict"];
     println!(
-        "verdict: {} (p = {}, {} pairs, {} queries; control fired: {})",
+        "verdict: {} (p = {}, {} pairs, {} queries; rank {} among {} triggers of its family)",
         done["decision"],
         done["p_value"],
         verdict["pairs"],
         verdict["queries"],
-        verdict["control"]["rejected"]
+        verdict["rank"]["rank"],
+        verdict["rank"]["controls"].as_u64().unwrap_or(0) + 1
     );
+    println!("why: {}", verdict["reason"].as_str().unwrap_or_default());
     Ok(done["decision"] == "used")
 }
 

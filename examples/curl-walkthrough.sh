@@ -5,7 +5,7 @@
 #
 #   ADMIN_KEY=$(cat hallmark-data/admin.key) DATASET=$PWD/hallmark-data/imports/train \
 #   HOLDOUT=$PWD/hallmark-data/imports/test SPEC=watermark_specs/badnets-square-28x28-grey.toml \
-#   [ENDPOINT=http://127.0.0.1:8081 MODEL=my-model] [HOLDOUT_SPLIT=test] [SEED=7] \
+#   [ENDPOINT=http://127.0.0.1:8081 MODEL=my-model] [HOLDOUT_SPLIT=test] [SEED=7] [NONCE=64 hex digits] \
 #   examples/curl-walkthrough.sh
 #
 # Exit code: 0 when the flows ran (and, with an endpoint, the verdict is `used`), 1 when the
@@ -66,7 +66,8 @@ HO=$(call POST /v1/datasets "$PUBLISHER" "{\"name\": \"held-out set\", \"path\":
 # 3. It watermarks the training set with a spec (a job writes the release), then reads the
 #    commitment to publish with the release.
 W=$(call POST /v1/watermarks "$PUBLISHER" "{\"name\": \"release 1\", \"dataset_id\": \"$(field "$DS" id)\",
-  \"holdout_dataset_id\": \"$(field "$HO" id)\", \"spec\": $(json_str "$(cat "$SPEC")"), \"seed\": ${SEED:-null}}")
+  \"holdout_dataset_id\": \"$(field "$HO" id)\", \"spec\": $(json_str "$(cat "$SPEC")"), \"seed\": ${SEED:-null},
+  \"nonce\": $( [ -n "${NONCE:-}" ] && json_str "$NONCE" || echo null)}")
 WM=$(field "$W" watermark id)
 wait_job "$PUBLISHER" "$(field "$W" job id)"
 INFO=$(call GET "/v1/watermarks/$WM" "$PUBLISHER")

@@ -116,6 +116,16 @@ pub struct WatermarkArgs {
     /// Replace the poisoning rate of the spec.
     #[arg(long)]
     pub rate: Option<f64>,
+    /// Publish a trigger that is not drawn in secret from a family (a fixed spec, or a family of
+    /// fewer than 12 bits): its verdicts can say at most `inconclusive`, since anyone may know
+    /// or share the trigger.
+    #[arg(long)]
+    pub public_trigger: bool,
+    /// The record's 32-byte nonce, as 64 hex digits, for a release that must be reproducible
+    /// (tests, audits of the tool); drawn from the operating system when absent. The secret
+    /// trigger derives from it: keep it as secret as the record.
+    #[arg(long, value_parser = parse_nonce)]
+    pub nonce: Option<[u8; 32]>,
     /// Compression of IDX outputs.
     #[arg(long, value_enum, default_value_t = Compress::Auto)]
     pub compress: Compress,
@@ -240,9 +250,14 @@ pub struct VerifyArgs {
     /// Pairs per round in sequential mode.
     #[arg(long, default_value_t = 4)]
     pub round: usize,
-    /// Seed of the image draw and the control trigger (drawn at random and recorded when absent).
+    /// Research override of the seed of the image order, the controls and their tie-breaks,
+    /// which otherwise derive from the secret record (so a re-run repeats the verdict); an
+    /// override is written in the verdict.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Controls drawn from the trigger's family for the rank test (default ⌈1/alpha⌉ − 1).
+    #[arg(long)]
+    pub controls: Option<usize>,
     /// Where to write the full JSON report.
     #[arg(long)]
     pub report: PathBuf,
@@ -328,6 +343,37 @@ fn run_plain(command: Command) -> Result<()> {
             println!("  seed       {}", spec.seed);
             if let Some(s) = spec.image {
                 println!("  image      {s}");
+            }
+            match (&spec.family, spec.image) {
+                (None, _) => println!(
+                    "  family     none: a fixed, public trigger (publish with --public-trigger)"
+                ),
+                (Some(_), shape) => {
+                    // Entropy depends on the image size; 10 classes when the spec cannot say.
+                    let shape = shape.unwrap_or(crate::dataset::ImageShape {
+                        height: 28,
+                        width: 28,
+                        channels: 1,
+                    });
+                    let parts = crate::spec::family::entropy(&spec, 10, shape)?;
+                    let total: f64 = parts.iter().map(|e| e.bits).sum();
+                    println!(
+                        "  family     {total:.1} bits of secret per release ({shape} images, 10 classes){}",
+                        if total < crate::spec::family::MIN_ENTROPY_BITS {
+                            ": too few to publish without --public-trigger"
+                        } else {
+                            ""
+                        }
+                    );
+                    for e in parts {
+                        println!("    {:<28} {:.1} bits", e.parameter, e.bits);
+                    }
+                    if !crate::spec::family::has_exchangeable_controls(&spec) {
+                        println!(
+                            "    (crafted trigger: the verifier cannot draw controls of its family)"
+                        );
+                    }
+                }
             }
             if let Some(section) = spec.crafting() {
                 let c = match section {
@@ -424,6 +470,34 @@ fn write_release(
     Ok(info)
 }
 
+fn parse_nonce(s: &str) -> Result<[u8; 32], String> {
+    let v = hex::decode(s).map_err(|e| format!("not hex: {e}"))?;
+    v.try_into()
+        .map_err(|v: Vec<u8>| format!("{} bytes, the nonce has 32", v.len()))
+}
+
+/// Refuses a trigger that is not secret enough unless the publisher says it may be public.
+fn check_secrecy(spec: &WatermarkSpec, ds: &dataset::Dataset, public: bool) -> Result<()> {
+    if public {
+        return Ok(());
+    }
+    let bits = crate::spec::family::entropy_bits(spec, ds.num_classes(), ds.shape())?;
+    if spec.family.is_none() {
+        bail!(
+            "the spec `{}` has no [family] section: its trigger is fixed and public, so a model              reacting to it proves nothing about this release, and every release of the spec              shares it. Use a family spec (watermark_specs/), or pass --public-trigger to publish              it anyway (its verdicts will be at most inconclusive)",
+            spec.name
+        );
+    }
+    if bits < crate::spec::family::MIN_ENTROPY_BITS {
+        bail!(
+            "the spec `{}` draws only {bits:.1} bits of secret for its trigger (fewer than {}):              releases would share triggers too often and a thief could try them all. Let the              family draw more (pattern, position, target), or pass --public-trigger",
+            spec.name,
+            crate::spec::family::MIN_ENTROPY_BITS
+        );
+    }
+    Ok(())
+}
+
 fn watermark_cmd(a: WatermarkArgs) -> Result<()> {
     let mut spec = WatermarkSpec::from_toml_file(&a.spec)?;
     if let Some(seed) = a.seed {
@@ -445,6 +519,8 @@ fn watermark_cmd(a: WatermarkArgs) -> Result<()> {
     check_writable(&a.secret, a.force)?;
 
     let mut loaded = read_input(&a.input)?;
+    check_secrecy(&spec, &loaded.dataset, a.public_trigger)?;
+    let nonce = a.nonce.unwrap_or_else(watermark::random_nonce);
     let pb = spinner("watermarking");
     #[cfg(feature = "train")]
     let marked = match (&a.craft_model, spec.needs_model()) {
@@ -464,7 +540,7 @@ fn watermark_cmd(a: WatermarkArgs) -> Result<()> {
             crate::train::craft::craft(
                 &mut loaded.dataset,
                 &spec,
-                watermark::random_nonce(),
+                nonce,
                 &surrogate,
                 device,
                 &|step, of, loss| {
@@ -479,7 +555,7 @@ fn watermark_cmd(a: WatermarkArgs) -> Result<()> {
             let marked = crate::train::generator::issba(
                 &mut loaded.dataset,
                 &spec,
-                watermark::random_nonce(),
+                nonce,
                 device,
                 &|step, of, loss| {
                     pb.set_message(format!(
@@ -496,13 +572,10 @@ fn watermark_cmd(a: WatermarkArgs) -> Result<()> {
             "--craft-model is for specs whose poisons are crafted with a model ([adversarial] or \
              [gradient_matching] settings)"
         ),
-        (None, _) => {
-            watermark::apply_with_hashes(&mut loaded.dataset, &spec, watermark::random_nonce())
-        }
+        (None, _) => watermark::apply_with_hashes(&mut loaded.dataset, &spec, nonce),
     };
     #[cfg(not(feature = "train"))]
-    let marked =
-        watermark::apply_with_hashes(&mut loaded.dataset, &spec, watermark::random_nonce());
+    let marked = watermark::apply_with_hashes(&mut loaded.dataset, &spec, nonce);
     pb.finish_and_clear();
     let watermark::Watermarked {
         record,
@@ -624,6 +697,75 @@ fn local_endpoint(_: &Path) -> Result<Box<dyn crate::endpoint::ModelEndpoint>> {
     bail!("--local-model needs hallmark built with the `train` feature")
 }
 
+/// Prints a verdict's decision, its reason and the tests behind it.
+fn print_verdict(verdict: &verify::Verdict, alpha: f64) {
+    let p = &verdict.primary;
+    println!(
+        "verdict: {}",
+        match verdict.decision {
+            Decision::Used =>
+                "USED: evidence that the model was trained on the watermarked release",
+            Decision::NotShown =>
+                "NOT SHOWN: no evidence that the model was trained on the release",
+            Decision::Inconclusive =>
+                "INCONCLUSIVE: the model reacts to the trigger, but the trigger is not secret",
+        }
+    );
+    println!("why:      {}", verdict.reason);
+    println!("protocol: {}", verdict.protocol);
+    println!("model:    {}", verdict.endpoint);
+    println!(
+        "margin:   {}, {} pairs: p = {:.3e} (alpha {}), effect {:.4} (lower {:.0}% bound {:.4}, margin {})",
+        p.test,
+        p.n,
+        p.p_value,
+        alpha,
+        p.effect,
+        100.0 * p.ci_level,
+        p.ci_low,
+        p.tau
+    );
+    if let Some(r) = &verdict.rank {
+        println!(
+            "rank:     secret {} of {} {} triggers{}: p = {:.3} (secret effect {:.4} on {} images)",
+            r.rank,
+            r.controls + 1,
+            r.kind,
+            if r.exchangeable {
+                " of its family"
+            } else {
+                " (controls not drawn from a secret family)"
+            },
+            r.p_value,
+            r.secret.effect,
+            r.secret.images
+        );
+    }
+    if let Some(d) = &verdict.dispersion {
+        println!(
+            "scatter:  {} answers moved, entropy {:.3} nats (needs {:.3}): {}",
+            d.moved,
+            d.entropy,
+            d.threshold,
+            if d.passed {
+                "dispersed"
+            } else {
+                "concentrated"
+            }
+        );
+    }
+    println!(
+        "queries:  {} images ({} pairs, {} for the rank test){}",
+        verdict.queries,
+        verdict.pairs,
+        verdict.rank.as_ref().map_or(0, |r| r.queries),
+        match verdict.config.seed {
+            Some(s) => format!(", research seed {s}"),
+            None => String::new(),
+        }
+    );
+}
+
 fn verify_cmd(a: VerifyArgs) -> Result<u8> {
     check_writable(&a.report, a.force)?;
     // The record and the held-out images load while the endpoint is contacted.
@@ -631,7 +773,8 @@ fn verify_cmd(a: VerifyArgs) -> Result<u8> {
     let loading = std::thread::spawn(move || -> Result<(SecretRecord, dataset::Dataset)> {
         Ok((SecretRecord::load(&secret)?, held_out.load()?))
     });
-    let seed = a.seed.unwrap_or_else(|| {
+    // Only the retries' jitter is random; the verification itself derives from the record.
+    let jitter = a.seed.unwrap_or_else(|| {
         u64::from_le_bytes(watermark::random_nonce()[..8].try_into().expect("8 bytes"))
     });
     let mut ep = EndpointConfig::new(
@@ -673,12 +816,15 @@ fn verify_cmd(a: VerifyArgs) -> Result<u8> {
         label_only: a.label_only,
         sequential: a.sequential,
         batch_pairs: a.round,
-        seed,
+        seed: a.seed,
+        controls: a.controls,
+        first_images: None,
     };
+    cfg.check().map_err(|e| anyhow::anyhow!("--{e}"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let pb = bar((3 * a.m) as u64, "querying");
+    let pb = bar((2 * a.m + 2 * (cfg.control_count() + 1)) as u64, "querying");
     let local = a.local_model.clone();
     let verdict = runtime.block_on(async {
         let progress = |q: usize| pb.set_position(q as u64);
@@ -693,7 +839,7 @@ fn verify_cmd(a: VerifyArgs) -> Result<u8> {
                 verify::verify(endpoint.as_ref(), &record, &pool, &cfg, &progress).await?,
             );
         }
-        let endpoint = HttpEndpoint::connect(ep, seed).await;
+        let endpoint = HttpEndpoint::connect(ep, jitter).await;
         let (record, pool) = join(loading)?;
         let mut endpoint = endpoint?;
         endpoint.set_class_names(pool.class_names().map(<[String]>::to_vec));
@@ -705,49 +851,7 @@ fn verify_cmd(a: VerifyArgs) -> Result<u8> {
     json.push(b'\n');
     crate::fsutil::write_file_atomic(&a.report, &json, 0o644, a.force)
         .with_context(|| format!("cannot write {}", a.report.display()))?;
-    let p = &verdict.primary;
-    let c = &verdict.control.result;
-    println!(
-        "verdict: {}",
-        match verdict.decision {
-            Decision::Used =>
-                "USED: evidence that the model was trained on the watermarked release",
-            Decision::NotShown =>
-                "NOT SHOWN: no evidence that the model was trained on the release",
-            Decision::Inconclusive =>
-                "INCONCLUSIVE: the model reacts to a random trigger of the same kind as well",
-        }
-    );
-    println!("protocol: {}", verdict.protocol);
-    println!("model:    {}", verdict.endpoint);
-    println!(
-        "test:     {}, {} pairs: p = {:.3e} (alpha {}), effect {:.4} (lower {:.0}% bound {:.4}, margin {})",
-        p.test,
-        p.n,
-        p.p_value,
-        a.alpha,
-        p.effect,
-        100.0 * p.ci_level,
-        p.ci_low,
-        p.tau
-    );
-    println!(
-        "control:  random {} trigger: p = {:.3e}, effect {:.4}: {}",
-        verdict.control.kind,
-        c.p_value,
-        c.effect,
-        if verdict.control.rejected {
-            "FIRED"
-        } else {
-            "did not fire"
-        }
-    );
-    println!(
-        "queries:  {} images ({} pairs and {} control images), seed {seed}",
-        verdict.queries,
-        verdict.pairs,
-        verdict.control.trail.len()
-    );
+    print_verdict(&verdict, a.alpha);
     println!("report:   {}", a.report.display());
     Ok(if verdict.decision == Decision::Used {
         0

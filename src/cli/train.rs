@@ -409,6 +409,8 @@ fn learned_record(
     attack: &train::Attack,
 ) -> SecretRecord {
     let mut r = base.clone();
+    // A learnt trigger is drawn from no family: its verdicts have no exchangeable controls.
+    r.family = None;
     r.spec.trigger = crate::spec::Trigger::Generated(g.clone());
     r.spec.name = format!("{}@{}", base.spec.name, attack.name());
     r.spec.description = Some(format!(
@@ -522,7 +524,7 @@ fn serve_and_verify(
             ep.output = crate::endpoint::OutputKind::Labels;
         }
         let verdict = async {
-            let endpoint = HttpEndpoint::connect(ep, cfg.seed).await?;
+            let endpoint = HttpEndpoint::connect(ep, cfg.seed.unwrap_or(0)).await?;
             anyhow::Ok(crate::verify::verify(&endpoint, record, test, cfg, &|_| {}).await?)
         }
         .await;
@@ -552,7 +554,6 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
         alpha: a.alpha,
         label_only: a.label_only,
         sequential: a.sequential,
-        seed: a.seed,
         ..Default::default()
     };
     let info = |cfg: &TrainConfig| ModelInfo {
@@ -609,15 +610,22 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
     } else {
         None
     };
+    // Each release's nonce (hence its secret trigger) derives from the calibration's seed, so a
+    // calibration is reproducible; the records are kept under secrets/.
+    let nonce = |i: usize, which: &str| -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest(format!("calibrate/{}/{which}/{i}", a.seed)).into()
+    };
     let mark = |ds: &mut crate::dataset::Dataset,
-                s: &crate::spec::WatermarkSpec|
+                s: &crate::spec::WatermarkSpec,
+                nonce: [u8; 32]|
      -> Result<crate::watermark::SecretRecord> {
         if s.encoder.is_some() {
             let pb = bar(0, "training the encoder");
             let marked = crate::train::generator::issba(
                 ds,
                 s,
-                watermark::random_nonce(),
+                nonce,
                 device,
                 &bar_progress(&pb, "ISSBA encoder"),
             );
@@ -637,7 +645,7 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
                 let marked = crate::train::craft::craft(
                     ds,
                     s,
-                    watermark::random_nonce(),
+                    nonce,
                     &surrogate,
                     device,
                     &bar_progress(&pb, "crafting poisons"),
@@ -645,7 +653,7 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
                 pb.finish_and_clear();
                 marked?.record
             }
-            None => watermark::apply(ds, s, watermark::random_nonce())?,
+            None => watermark::apply(ds, s, nonce)?,
         })
     };
     // Rows in (index, kind) order; a resumed run may fill an index that lies before kept ones.
@@ -680,18 +688,22 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
         let mut wspec = spec.clone();
         wspec.seed = spec.seed.wrapping_add(i as u64);
         let mut marked = clean.clone();
-        let mut record = mark(&mut marked, &wspec)?;
+        let mut record = mark(&mut marked, &wspec, nonce(i, "watermarked"))?;
         record.save(
             &a.out.join(format!("secrets/watermarked-{i}.secret.json")),
             true,
         )?;
         let mut eval = EvalSet::new(test.clone(), Some(&record))?;
+        // Another release: of the same family, a member of its own; of a fixed spec, a random
+        // trigger of the same kind.
         let mut other_spec = wspec.clone();
         other_spec.seed = spec.seed.wrapping_add(1000 + i as u64);
-        other_spec.trigger =
-            crate::verify::random_trigger(&spec.trigger, clean.shape(), 7000 + i as u64)?;
+        if spec.family.is_none() {
+            other_spec.trigger =
+                crate::verify::random_trigger(&spec.trigger, clean.shape(), 7000 + i as u64)?;
+        }
         let mut other = clean.clone();
-        let other_record = mark(&mut other, &other_spec)?;
+        let other_record = mark(&mut other, &other_spec, nonce(i, "other"))?;
         // Blind injects the backdoor while training on the clean data; PhysicalBA transforms the
         // poisoned samples of the release it trains on. The clean model trains plainly.
         // IAD and LIRA, too, train on the clean data and learn their own trigger.

@@ -97,8 +97,12 @@ pub struct CreateVerificationRequest {
     pub sequential: Option<bool>,
     /// Pairs per round in sequential mode (default 4).
     pub round: Option<usize>,
-    /// Seed of the image draw and control trigger; random (and recorded) when absent.
+    /// Research override of the seed the image order and the controls derive from (they derive
+    /// from the secret record when absent, so a re-run repeats the verdict); written in the
+    /// verdict.
     pub seed: Option<u64>,
+    /// Controls drawn from the trigger's family for the rank test (default ⌈1/alpha⌉ − 1).
+    pub controls: Option<usize>,
 }
 
 /// A queued verification and its job.
@@ -222,13 +226,6 @@ async fn create_verification(
     check_address(&url, policy)
         .await
         .map_err(|e| ApiError::endpoint_refused(format!("endpoint.url: {e}")))?;
-    let seed = req.seed.unwrap_or_else(|| {
-        u64::from_le_bytes(
-            crate::watermark::random_nonce()[..8]
-                .try_into()
-                .expect("8 bytes"),
-        )
-    });
     let config = VerifyConfig {
         m: req.m.unwrap_or(100),
         tau: req.tau.unwrap_or(0.2),
@@ -236,7 +233,9 @@ async fn create_verification(
         label_only: req.label_only.unwrap_or(false),
         sequential: req.sequential.unwrap_or(false),
         batch_pairs: req.round.unwrap_or(4),
-        seed,
+        seed: req.seed,
+        controls: req.controls,
+        first_images: None,
     };
     if !(2..=10_000).contains(&config.m) {
         return Err(ApiError::invalid("m: 2 to 10000"));
@@ -250,6 +249,7 @@ async fn create_verification(
     if !(1..=1000).contains(&config.batch_pairs) {
         return Err(ApiError::invalid("round: 1 to 1000"));
     }
+    config.check().map_err(ApiError::invalid)?;
     if config.label_only {
         let mut e = endpoint;
         e.output = OutputKind::Labels;
@@ -330,6 +330,7 @@ fn redact_verdict(verdict: &serde_json::Value) -> serde_json::Value {
         verdict,
         &[
             "decision",
+            "reason",
             "commitment",
             "endpoint",
             "config",
@@ -337,6 +338,8 @@ fn redact_verdict(verdict: &serde_json::Value) -> serde_json::Value {
             "secondary",
             "pairs",
             "queries",
+            "rank",
+            "dispersion",
         ],
     );
     if let Some(protocol) = verdict.get("protocol").and_then(Value::as_str) {

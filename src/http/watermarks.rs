@@ -42,6 +42,13 @@ pub struct CreateWatermarkRequest {
     pub seed: Option<u64>,
     /// Overrides the spec's poisoning rate.
     pub rate: Option<f64>,
+    /// Publish a trigger that is not drawn in secret from a family (a fixed spec, or a family of
+    /// fewer than 12 bits); its verdicts can say at most `inconclusive`.
+    #[serde(default)]
+    pub public_trigger: bool,
+    /// The secret record's nonce (64 hex digits), for a reproducible release; drawn at random
+    /// when absent. The secret trigger derives from it: keep it as secret as the record.
+    pub nonce: Option<String>,
 }
 
 /// A watermark and its state.
@@ -114,13 +121,43 @@ fn parse_spec(v: serde_json::Value) -> Result<WatermarkSpec, ApiError> {
         }
     };
     let spec =
-        WatermarkSpec::from_json_value(value).map_err(|e| ApiError::invalid_spec(e.to_string()))?;
+        WatermarkSpec::from_user_json(value).map_err(|e| ApiError::invalid_spec(e.to_string()))?;
     if matches!(spec.trigger, Trigger::Blend(ref b) if b.pattern.is_none() && b.image.is_some()) {
         return Err(ApiError::invalid_spec(
             "spec: the blend pattern must be inline",
         ));
     }
     Ok(spec)
+}
+
+/// Refuses a trigger that is not drawn in secret from a family of at least
+/// [`MIN_ENTROPY_BITS`](crate::spec::family::MIN_ENTROPY_BITS) bits, unless the request says it
+/// may be public.
+fn check_secrecy(spec: &WatermarkSpec, ds: &crate::store::DatasetInfo) -> Result<(), ApiError> {
+    use crate::spec::family::{MIN_ENTROPY_BITS, entropy_bits};
+    if spec.family.is_none() {
+        return Err(ApiError::invalid_spec(
+            "spec: no [family] section: the trigger is fixed and public, so a model reacting to              it proves nothing about this release; use a family spec, or set public_trigger              (its verdicts are then at most inconclusive)",
+        ));
+    }
+    let dims: Vec<usize> = ds.shape.split('x').filter_map(|d| d.parse().ok()).collect();
+    let shape = match (spec.image, dims.as_slice()) {
+        (Some(s), _) => s,
+        (None, [h, w, c]) => crate::dataset::ImageShape {
+            height: *h,
+            width: *w,
+            channels: *c,
+        },
+        _ => return Err(ApiError::internal("a registered dataset without a shape")),
+    };
+    let bits = entropy_bits(spec, ds.num_classes.max(1) as usize, shape)
+        .map_err(|e| ApiError::invalid_spec(e.to_string()))?;
+    if bits < MIN_ENTROPY_BITS {
+        return Err(ApiError::invalid_spec(format!(
+            "spec: the family draws only {bits:.1} bits of secret (fewer than {MIN_ENTROPY_BITS}):              releases would share triggers; let it draw more, or set public_trigger"
+        )));
+    }
+    Ok(())
 }
 
 async fn own_dataset(s: &AppState, caller: &Caller, id: &str, what: &str) -> Result<(), ApiError> {
@@ -166,12 +203,24 @@ async fn create_watermark(
         ));
     }
     own_dataset(&s, &caller, &req.dataset_id, "dataset_id").await?;
+    if !req.public_trigger {
+        let ds = s
+            .store
+            .get_dataset(&req.dataset_id)
+            .await?
+            .ok_or_else(|| ApiError::invalid("dataset_id: no such dataset of yours"))?;
+        check_secrecy(&spec, &ds)?;
+    }
     if let Some(h) = &req.holdout_dataset_id {
         own_dataset(&s, &caller, h, "holdout_dataset_id").await?;
     }
     let plan = WatermarkPlan {
         spec: serde_json::to_value(&spec).map_err(ApiError::internal)?,
-        nonce: hex::encode(crate::watermark::random_nonce()),
+        nonce: match &req.nonce {
+            Some(n) if hex::decode(n).is_ok_and(|b| b.len() == 32) => n.to_lowercase(),
+            Some(_) => return Err(ApiError::invalid("nonce: 64 hex digits")),
+            None => hex::encode(crate::watermark::random_nonce()),
+        },
     };
     let plan = serde_json::to_vec(&plan).map_err(ApiError::internal)?;
     let (watermark, job) = s

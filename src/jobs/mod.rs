@@ -436,10 +436,13 @@ impl Runner {
         })
         .await
         .map_err(|e| JobError::new("internal", format!("reading task panicked: {e}")))??;
-        progress
-            .total
-            .store(3 * plan.config.m as i64, Ordering::Relaxed);
-        let mut endpoint = HttpEndpoint::connect(plan.endpoint.clone(), plan.config.seed)
+        progress.total.store(
+            (2 * plan.config.m + 2 * (plan.config.control_count() + 1)) as i64,
+            Ordering::Relaxed,
+        );
+        // The seed only spreads the retries' jitter.
+        let jitter = plan.config.seed.unwrap_or(plan_jitter(&record));
+        let mut endpoint = HttpEndpoint::connect(plan.endpoint.clone(), jitter)
             .await
             .map_err(|e| JobError::new("endpoint", e.to_string()))?;
         endpoint.set_class_names(pool.class_names().map(<[String]>::to_vec));
@@ -470,7 +473,7 @@ impl Runner {
                 &job.resource_id,
                 &json,
                 decision,
-                verdict.primary.p_value,
+                verdict.p_value(),
             )
             .await?)
     }
@@ -521,4 +524,9 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "host".into())
+}
+
+/// A jitter seed for a verification's retries, from its record's commitment.
+fn plan_jitter(record: &crate::watermark::SecretRecord) -> u64 {
+    crate::spec::family::derived_seed(record.commitment().as_bytes(), "jitter", 0)
 }

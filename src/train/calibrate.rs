@@ -48,8 +48,12 @@ pub struct Row {
     pub queries: usize,
     /// Pairs tested.
     pub pairs: usize,
-    /// Whether the independent-trigger control fired.
-    pub control_fired: bool,
+    /// The secret's rank p-value among controls of its family.
+    #[serde(default)]
+    pub rank_p: Option<f64>,
+    /// Its rank among the K + 1 triggers.
+    #[serde(default)]
+    pub rank: Option<usize>,
 }
 
 impl Row {
@@ -65,7 +69,8 @@ impl Row {
             effect: v.primary.effect,
             queries: v.queries,
             pairs: v.pairs,
-            control_fired: v.control.rejected,
+            rank_p: v.rank.as_ref().map(|r| r.p_value),
+            rank: v.rank.as_ref().map(|r| r.rank),
         }
     }
 }
@@ -146,12 +151,12 @@ impl Calibration {
     /// A Markdown report: one line per model, then the rates.
     pub fn markdown(&self) -> String {
         let mut s = format!("## Calibration of `{}`\n\n", self.spec);
-        s.push_str("| model | seed | benign acc. | ASR | ASR-A | ASR-C | D_p | p-value | effect | queries | verdict |\n");
-        s.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+        s.push_str("| model | seed | benign acc. | ASR | ASR-A | ASR-C | D_p | p-value | effect | rank (p) | queries | verdict |\n");
+        s.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
         let opt = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.4}"));
         for r in &self.rows {
             s.push_str(&format!(
-                "| {:?} #{} | {} | {:.4} | {} | {} | {} | {} | {:.2e} | {:.4} | {} | {:?}{} |\n",
+                "| {:?} #{} | {} | {:.4} | {} | {} | {} | {} | {:.2e} | {:.4} | {} | {} | {:?} |\n",
                 r.kind,
                 r.index,
                 r.seed,
@@ -162,13 +167,12 @@ impl Calibration {
                 opt(r.metrics.dispersibility),
                 r.p_value,
                 r.effect,
+                match (r.rank, r.rank_p) {
+                    (Some(k), Some(p)) => format!("{k} ({p:.3})"),
+                    _ => "–".into(),
+                },
                 r.queries,
                 r.decision,
-                if r.control_fired {
-                    " (control fired)"
-                } else {
-                    ""
-                }
             ));
         }
         s.push_str(&format!(
@@ -293,7 +297,8 @@ mod tests {
             effect: 0.0,
             queries: 300,
             pairs: 100,
-            control_fired: false,
+            rank_p: None,
+            rank: None,
         }
     }
 

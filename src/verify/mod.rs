@@ -1,30 +1,49 @@
 //! Verification protocols: was a suspicious model trained on the watermarked release?
 //!
-//! The auditor holds the secret record and benign held-out images (never training images). For
-//! each drawn image x the model is queried on x and on its triggered copy x', and the paired
-//! differences are tested:
+//! The auditor holds the secret record and benign held-out images (never training images). Two
+//! tests must both reject for a `used` verdict:
 //!
-//! - targeted (DVBW, Li et al., TIFS 2023): x from classes other than the target t,
-//!   D = p(t | x') − p(t | x); H1: E[D] > tau;
-//! - untargeted (UBW, Li et al., NeurIPS 2022): D = p(y | x) − p(y | x') on the true label y;
-//! - label only: D from indicator outcomes; the fixed design uses an exact binomial test of the
-//!   watermark success rate among pairs whose benign answer is not already the watermark's
-//!   outcome (H0: rate ≤ tau), with the exact McNemar test beside it;
-//! - sequential: pairs are drawn with replacement batch by batch and tested by betting, which may
-//!   stop as soon as the evidence is decisive without raising the false-positive rate.
+//! 1. **The margin test** of the secret trigger. For each drawn image x the model is queried on x
+//!    and on its triggered copy x', and the paired differences are tested:
+//!    - targeted (DVBW, Li et al., TIFS 2023): x from classes other than the target t,
+//!      D = p(t | x') − p(t | x); H1: E[D] > tau;
+//!    - untargeted (UBW, Li et al., NeurIPS 2022): D = p(y | x) − p(y | x') on the true label y;
+//!    - label only: D from indicator outcomes; the fixed design uses an exact binomial test of the
+//!      watermark success rate among pairs whose benign answer is not already the watermark's
+//!      outcome (H0: rate ≤ tau), with the exact McNemar test beside it;
+//!    - sequential: pairs are drawn with replacement batch by batch and tested by betting, which
+//!      may stop as soon as the evidence is decisive without raising the false-positive rate.
+//! 2. **The rank test** against K controls drawn from the secret's family (`spec::family`). Under
+//!    H0 (the model was not trained with this release) the secret is one more independent draw of
+//!    the family, so its effect is exchangeable with the controls' and its rank is uniform: the
+//!    rank p-value (1 + #controls that score at least as high) / (K + 1) is exact for every
+//!    innocent model, whatever it learnt elsewhere, another release of the same family included.
+//!    The K + 1 triggers are scored by successive halving, which treats them all alike: each
+//!    round queries every remaining trigger on one more image (the first images of a shared
+//!    order that its target allows) and keeps the better half; a trigger's score is the round it
+//!    reached, then its mean effect, then a tie-break drawn from the record. Because the
+//!    procedure never looks at which trigger is the secret, the scores stay exchangeable.
 //!
-//! Every verdict also runs the independent-trigger control: the same images with a fresh random
-//! trigger of the same kind. A model that reacts to any such trigger is reported as inconclusive,
-//! not as a thief.
+//! Untargeted watermarks must also scatter the model's answers: the triggered predictions that
+//! move away from the benign label must spread over the classes (UBW's prediction dispersibility
+//! D_p), which a targeted backdoor at the same spot does not.
+//!
+//! Every choice (the image order, the controls, the tie-breaks) derives from the record's nonce,
+//! so re-running a verification repeats its verdict; a research seed may override it and is then
+//! written in the verdict.
 
 use crate::dataset::{Dataset, ImageShape};
 use crate::endpoint::{EndpointError, ModelEndpoint, Prediction};
-use crate::spec::{BlendSource, Labelling, Patch, PatchPattern, Position, Rotate, Trigger};
+use crate::spec::family::{derived_seed, has_exchangeable_controls};
+use crate::spec::{
+    BlendSource, Labelling, Patch, PatchPattern, Position, Rotate, Trigger, WatermarkSpec,
+};
 use crate::stats::{self, Betting, StatsError, TestResult};
 use crate::watermark::rng::{Rng, Stream};
 use crate::watermark::{SecretRecord, Stamp, WatermarkError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 
 /// Why a verification could not be completed.
 #[derive(Debug, thiserror::Error)]
@@ -58,8 +77,20 @@ pub struct VerifyConfig {
     pub sequential: bool,
     /// Pairs queried per round in sequential mode.
     pub batch_pairs: usize,
-    /// Seed of the image draw and the control trigger.
-    pub seed: u64,
+    /// Research override of the seed the image order, the controls and the tie-breaks derive
+    /// from; absent, they derive from the record, so that no choice of the auditor changes a
+    /// verdict. An override is written in the verdict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Controls drawn from the family (K); absent: the fewest that let the rank test reach
+    /// alpha, ⌈1/alpha⌉ − 1 (99 at alpha 0.01).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controls: Option<usize>,
+    /// Images every trigger is queried on in the rank test's first round, before the first
+    /// halving (default 2, so that one image on which a learnt trigger fails does not eliminate
+    /// it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_images: Option<usize>,
 }
 
 impl Default for VerifyConfig {
@@ -71,8 +102,51 @@ impl Default for VerifyConfig {
             label_only: false,
             sequential: false,
             batch_pairs: 4,
-            seed: 0,
+            seed: None,
+            controls: None,
+            first_images: None,
         }
+    }
+}
+
+impl VerifyConfig {
+    /// The number of controls the rank test draws.
+    pub fn control_count(&self) -> usize {
+        self.controls
+            .unwrap_or_else(|| ((1.0 / self.alpha) - 1e-9).ceil() as usize - 1)
+    }
+
+    /// Checks the settings; the message names the setting.
+    pub fn check(&self) -> Result<(), String> {
+        if self.m < 2 {
+            return Err(format!("m: need at least 2 pairs, got {}", self.m));
+        }
+        if !(0.0..1.0).contains(&self.tau) {
+            return Err(format!("tau: must be in [0, 1), got {}", self.tau));
+        }
+        if !(self.alpha > 0.0 && self.alpha < 1.0) {
+            return Err(format!("alpha: must be in (0, 1), got {}", self.alpha));
+        }
+        if self.batch_pairs == 0 {
+            return Err("batch: must be at least 1".into());
+        }
+        if self.first_images.is_some_and(|n| !(1..=100).contains(&n)) {
+            return Err("first_images: 1 to 100".into());
+        }
+        let k = self.control_count();
+        if k > 100_000 {
+            return Err(format!("controls: at most 100000, got {k}"));
+        }
+        if 1.0 / (k as f64 + 1.0) > self.alpha + 1e-12 {
+            return Err(format!(
+                "controls: with {k} controls the smallest rank p-value is 1/{}, above alpha {}; \
+                 draw at least {}",
+                k + 1,
+                self.alpha,
+                ((1.0 / self.alpha) - 1e-9).ceil() as usize - 1
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -80,11 +154,12 @@ impl Default for VerifyConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Decision {
-    /// H0 rejected and the control did not fire: evidence the model was trained on the release.
+    /// Both tests rejected: evidence the model was trained on the release.
     Used,
-    /// H0 not rejected.
+    /// No such evidence.
     NotShown,
-    /// Both the secret trigger and a random one move the model: no conclusion.
+    /// Both tests rejected, but the controls are not exchangeable with the secret (a fixed,
+    /// public trigger, or a crafted kind without a family), so the rank p-value is not proof.
     Inconclusive,
 }
 
@@ -107,20 +182,67 @@ pub struct PairRecord {
     pub difference: f64,
 }
 
-/// The independent-trigger control.
+/// The single independent-trigger control of verdicts made before the rank test (read back
+/// from stored verdicts, never produced).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Control {
-    /// The kind of the random trigger used (the same kind as the secret one). The trigger itself
-    /// is drawn from the secret's kind and shape with the verification's seed
-    /// ([`random_trigger`]), so the owner reproduces it from the record; it is not stored, as
-    /// parts of it are taken from the secret.
+    /// The kind of the random trigger used.
     pub kind: String,
     /// Its test on the same images.
     pub result: TestResult,
     /// Whether it rejected H0.
     pub rejected: bool,
-    /// Its pairs (benign answers are shared with the main test).
+    /// Its pairs.
     pub trail: Vec<PairRecord>,
+}
+
+/// One trigger's score in the rank test.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TriggerScore {
+    /// The last halving round the trigger took part in (0 = the first).
+    pub round: usize,
+    /// Its mean paired difference over the images it was queried on.
+    pub effect: f64,
+    /// Images it was queried on.
+    pub images: usize,
+}
+
+/// The rank test of the secret trigger against controls of its family.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RankTest {
+    /// The trigger kind.
+    pub kind: String,
+    /// Whether the controls are drawn from the family the secret was drawn from (otherwise the
+    /// p-value is not exact and `used` is not given).
+    pub exchangeable: bool,
+    /// Controls drawn (K).
+    pub controls: usize,
+    /// The secret's score.
+    pub secret: TriggerScore,
+    /// Each control's score, in draw order.
+    pub control_scores: Vec<TriggerScore>,
+    /// The secret's rank among the K + 1 (1 = first).
+    pub rank: usize,
+    /// (1 + controls scoring at least as high) / (K + 1).
+    pub p_value: f64,
+    /// Whether p ≤ alpha.
+    pub rejected: bool,
+    /// Images sent for the rank test: triggered images, and benign ones the margin test had not
+    /// asked for.
+    pub queries: usize,
+}
+
+/// UBW's prediction dispersibility of an untargeted watermark's triggered answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Dispersion {
+    /// Pairs whose triggered label differs from the benign one.
+    pub moved: usize,
+    /// Entropy (nats) of the labels they moved to.
+    pub entropy: f64,
+    /// The least entropy accepted: half of ln(C − 1), C the number of classes.
+    pub threshold: f64,
+    /// Whether the answers are dispersed enough.
+    pub passed: bool,
 }
 
 /// Everything a verification found, and everything needed to reproduce it.
@@ -128,6 +250,9 @@ pub struct Control {
 pub struct Verdict {
     /// The conclusion.
     pub decision: Decision,
+    /// Why, in one sentence.
+    #[serde(default)]
+    pub reason: String,
     /// Which protocol ran.
     pub protocol: String,
     /// Commitment of the secret record verified.
@@ -136,25 +261,51 @@ pub struct Verdict {
     pub endpoint: String,
     /// The settings.
     pub config: VerifyConfig,
-    /// The test that decides.
+    /// The margin test of the secret trigger.
     pub primary: TestResult,
     /// Other tests on the same pairs, for information (after sequential stopping they are not
     /// valid tests).
     pub secondary: Vec<TestResult>,
-    /// The independent-trigger control.
-    pub control: Control,
-    /// Pairs tested.
+    /// The rank test against the family's controls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<RankTest>,
+    /// The dispersion check of untargeted watermarks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dispersion: Option<Dispersion>,
+    /// The single control of older verdicts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<Control>,
+    /// Pairs tested by the margin test.
     pub pairs: usize,
-    /// Images sent to the model, the control's included.
+    /// Images sent to the model, the controls' included.
     pub queries: usize,
-    /// Every pair, in query order.
+    /// Every pair of the margin test, in query order.
     pub trail: Vec<PairRecord>,
+}
+
+impl Verdict {
+    /// The p-value of the decision: `used` needs both the margin test and the rank test to
+    /// reject, an intersection-union test whose p-value is the larger of the two (the rank
+    /// test's is never below 1/(K + 1)).
+    pub fn p_value(&self) -> f64 {
+        match &self.rank {
+            Some(r) => self.primary.p_value.max(r.p_value),
+            None => self.primary.p_value,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
 enum Kind {
     Targeted(u32),
     Untargeted,
+}
+
+fn kind_of(spec: &WatermarkSpec) -> Kind {
+    match spec.labelling {
+        Labelling::Targeted { target } | Labelling::CleanLabel { target } => Kind::Targeted(target),
+        Labelling::Untargeted | Labelling::UntargetedCleanLabel { .. } => Kind::Untargeted,
+    }
 }
 
 fn sha(bytes: &[u8]) -> String {
@@ -165,6 +316,42 @@ fn answer_sha(p: &Prediction) -> String {
     sha(serde_json::to_string(p)
         .expect("predictions serialise")
         .as_bytes())
+}
+
+/// Benign answers, asked once per image.
+struct Benign<'a> {
+    pool: &'a Dataset,
+    answers: HashMap<usize, Prediction>,
+}
+
+impl Benign<'_> {
+    /// Asks the endpoint for the images of `indices` not asked yet; returns the queries sent.
+    async fn fetch(
+        &mut self,
+        endpoint: &dyn ModelEndpoint,
+        indices: &[usize],
+    ) -> Result<usize, VerifyError> {
+        let mut missing: Vec<usize> = indices
+            .iter()
+            .copied()
+            .filter(|i| !self.answers.contains_key(i))
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let images: Vec<Vec<u8>> = missing
+            .iter()
+            .map(|&i| self.pool.image(i).to_vec())
+            .collect();
+        let answers = endpoint.predict(&images, self.pool.shape()).await?;
+        check_count(&answers, images.len())?;
+        for (i, a) in missing.iter().zip(answers) {
+            self.answers.insert(*i, a);
+        }
+        Ok(images.len())
+    }
 }
 
 /// Verifies `record` against `endpoint` with images from `pool`. `progress` is told the number
@@ -184,30 +371,30 @@ pub async fn verify(
             record.dataset.shape
         )));
     }
-    if cfg.m < 2
-        || !(0.0..1.0).contains(&cfg.tau)
-        || !(cfg.alpha > 0.0 && cfg.alpha < 1.0)
-        || cfg.batch_pairs == 0
-    {
-        return Err(VerifyError::Invalid(
-            "need m ≥ 2, tau in [0, 1), alpha in (0, 1), batch ≥ 1".into(),
-        ));
-    }
-    let kind = match spec.labelling {
-        Labelling::Targeted { target } | Labelling::CleanLabel { target } => Kind::Targeted(target),
-        Labelling::Untargeted | Labelling::UntargetedCleanLabel { .. } => Kind::Untargeted,
+    cfg.check().map_err(VerifyError::Invalid)?;
+    let nonce = hex::decode(&record.nonce)
+        .map_err(|_| VerifyError::Invalid("the record's nonce is not hex".into()))?;
+    let base = cfg
+        .seed
+        .unwrap_or_else(|| derived_seed(&nonce, "verify", 0));
+    let kind = kind_of(spec);
+    let allowed = |l: u32| spec.source_classes.as_ref().is_none_or(|s| s.contains(&l));
+    // One shared order of the held-out images of the source classes (all classes when none are
+    // named); each trigger takes the images its target allows, never of the target class (DVBW;
+    // Sleeper Agent and UBW-C aim at their source classes only).
+    let mut order: Vec<usize> = (0..pool.len())
+        .filter(|&i| allowed(pool.label(i)))
+        .collect();
+    let n = order.len();
+    Rng::new(base, Stream::Selection).choose_front(&mut order, n);
+    let eligible = |k: Kind, i: usize| match k {
+        Kind::Targeted(t) => pool.label(i) != t,
+        Kind::Untargeted => true,
     };
-    // Held-out images of the source classes (all classes when none are named), never of the
-    // target class (DVBW; Sleeper Agent and UBW-C aim at their source classes only).
-    let candidates: Vec<usize> = (0..pool.len())
-        .filter(|&i| {
-            let l = pool.label(i);
-            spec.source_classes.as_ref().is_none_or(|s| s.contains(&l))
-                && match kind {
-                    Kind::Targeted(t) => l != t,
-                    Kind::Untargeted => true,
-                }
-        })
+    let candidates: Vec<usize> = order
+        .iter()
+        .copied()
+        .filter(|&i| eligible(kind, i))
         .collect();
     if candidates.len() < 2 || (!cfg.sequential && candidates.len() < cfg.m) {
         return Err(VerifyError::Invalid(format!(
@@ -217,18 +404,19 @@ pub async fn verify(
         )));
     }
     let stamp = Stamp::new(&spec.trigger, spec.seed, shape)?;
-    let control_trigger = random_trigger(&spec.trigger, shape, cfg.seed)?;
-    let control_stamp = Stamp::new(&control_trigger, cfg.seed ^ 0x5eed_c0de, shape)?;
+    let mut benign = Benign {
+        pool,
+        answers: HashMap::new(),
+    };
+    // Triggered answers of the secret by image, shared with the rank test.
+    let mut secret_answers: HashMap<usize, (String, Prediction)> = HashMap::new();
 
-    let mut draw = Rng::new(cfg.seed, Stream::Selection);
-    let mut order: Vec<usize> = candidates.clone();
-    if !cfg.sequential {
-        draw.choose_front(&mut order, cfg.m);
-        order.truncate(cfg.m);
-    }
+    // 1. The margin test.
+    let mut draw = Rng::new(base, Stream::Noise);
     let mut betting = Betting::new(cfg.tau, cfg.alpha)?;
     let mut trail: Vec<PairRecord> = Vec::new();
     let mut benign_answers: Vec<Prediction> = Vec::new();
+    let mut triggered_answers: Vec<Prediction> = Vec::new();
     let mut queries = 0usize;
     let round = if cfg.sequential { cfg.batch_pairs } else { 32 };
     while trail.len() < cfg.m {
@@ -238,36 +426,39 @@ pub async fn verify(
                 .map(|_| candidates[draw.below(candidates.len() as u64) as usize])
                 .collect()
         } else {
-            order[trail.len()..trail.len() + take].to_vec()
+            candidates[trail.len()..trail.len() + take].to_vec()
         };
-        let mut images = Vec::with_capacity(2 * take);
+        queries += benign.fetch(endpoint, &indices).await?;
+        let mut images = Vec::with_capacity(take);
         for &i in &indices {
-            let benign = pool.image(i).to_vec();
-            let mut triggered = benign.clone();
+            let mut triggered = pool.image(i).to_vec();
             stamp.apply(&mut triggered);
-            images.push(benign);
             images.push(triggered);
         }
         let answers = endpoint.predict(&images, shape).await?;
         check_count(&answers, images.len())?;
         queries += images.len();
         progress(queries);
-        for (k, &i) in indices.iter().enumerate() {
-            let (b, w) = (&answers[2 * k], &answers[2 * k + 1]);
-            let d = difference(kind, pool.label(i), b, w, cfg.label_only)?;
+        for ((&i, img), w) in indices.iter().zip(&images).zip(answers) {
+            let b = &benign.answers[&i];
+            let d = difference(kind, pool.label(i), b, &w, cfg.label_only)?;
             if cfg.sequential {
                 betting.observe(d)?;
             }
             trail.push(PairRecord {
                 index: i,
                 label: pool.label(i),
-                benign_sha256: sha(&images[2 * k]),
-                triggered_sha256: sha(&images[2 * k + 1]),
+                benign_sha256: sha(pool.image(i)),
+                triggered_sha256: sha(img),
                 benign_response_sha256: answer_sha(b),
-                triggered_response_sha256: answer_sha(w),
+                triggered_response_sha256: answer_sha(&w),
                 difference: d,
             });
             benign_answers.push(b.clone());
+            secret_answers
+                .entry(i)
+                .or_insert_with(|| (sha(img), w.clone()));
+            triggered_answers.push(w);
         }
         // A whole round is queried before looking: its pairs are paid for, so all are observed
         // (the betting p-value keeps its running maximum, so a rejection stands).
@@ -289,41 +480,85 @@ pub async fn verify(
         (first, t)
     };
 
-    // The control: the same images with a random trigger of the same kind; benign answers reused.
-    let mut control_images = Vec::with_capacity(trail.len());
-    for p in &trail {
-        let mut img = pool.image(p.index).to_vec();
-        control_stamp.apply(&mut img);
-        control_images.push(img);
-    }
-    let control_answers = endpoint.predict(&control_images, shape).await?;
-    check_count(&control_answers, control_images.len())?;
-    queries += control_images.len();
-    progress(queries);
-    let mut control_trail = Vec::with_capacity(trail.len());
-    for ((p, b), (img, w)) in trail
-        .iter()
-        .zip(&benign_answers)
-        .zip(control_images.iter().zip(&control_answers))
-    {
-        control_trail.push(PairRecord {
-            triggered_sha256: sha(img),
-            triggered_response_sha256: answer_sha(w),
-            difference: difference(kind, p.label, b, w, cfg.label_only)?,
-            ..p.clone()
-        });
-    }
-    let control_diffs: Vec<f64> = control_trail.iter().map(|p| p.difference).collect();
-    let control_result =
-        fixed_tests(kind, &control_trail, &benign_answers, &control_diffs, cfg)?.remove(0);
-    let control_rejected = control_result.rejects(cfg.alpha);
-    let decision = match (primary.rejects(cfg.alpha), control_rejected) {
-        (true, false) => Decision::Used,
-        (true, true) => Decision::Inconclusive,
-        (false, _) => Decision::NotShown,
+    // 2. The rank test against the family's controls.
+    let rank = rank_test(
+        endpoint,
+        record,
+        &nonce,
+        base,
+        cfg,
+        &order,
+        &mut benign,
+        &stamp,
+        &secret_answers,
+        &mut queries,
+        progress,
+    )
+    .await?;
+
+    // 3. Untargeted watermarks scatter their answers.
+    let dispersion = matches!(kind, Kind::Untargeted).then(|| {
+        dispersion(
+            &benign_answers,
+            &triggered_answers,
+            record.dataset.num_classes,
+        )
+    });
+
+    let margin = primary.rejects(cfg.alpha);
+    let dispersed = dispersion.as_ref().is_none_or(|d| d.passed);
+    let (decision, reason) = match (margin, rank.rejected, dispersed, rank.exchangeable) {
+        (true, true, true, true) => (
+            Decision::Used,
+            format!(
+                "the secret trigger moves the model by more than tau, and more than all but {} of \
+                 {} triggers of its family drawn at random do (rank p = {:.3}): evidence the \
+                 model was trained on this release",
+                rank.rank - 1,
+                rank.controls,
+                rank.p_value
+            ),
+        ),
+        (true, true, true, false) => (
+            Decision::Inconclusive,
+            "the trigger moves the model more than its controls, but it was not drawn in secret \
+             from a family (a fixed or crafted trigger), so this is not proof that the model was \
+             trained on this release"
+                .to_string(),
+        ),
+        (false, _, _, _) => (
+            Decision::NotShown,
+            format!(
+                "the secret trigger's effect is not shown to exceed tau {} (p = {:.3})",
+                cfg.tau, primary.p_value
+            ),
+        ),
+        (true, false, _, _) => (
+            Decision::NotShown,
+            format!(
+                "the model reacts to the secret trigger, but as much as to triggers of its family \
+                 drawn at random (rank {} of {}, p = {:.3}): that is not specific to this release",
+                rank.rank,
+                rank.controls + 1,
+                rank.p_value
+            ),
+        ),
+        (true, true, false, _) => (
+            Decision::NotShown,
+            "the secret trigger moves the model, but its answers do not scatter over the classes \
+             as an untargeted watermark's do (a targeted backdoor at the same place?)"
+                .to_string(),
+        ),
     };
+    let mut reason = reason;
+    if let Some(s) = cfg.seed {
+        reason.push_str(&format!(
+            " (research seed {s} replaced the record's own draw of images and controls)"
+        ));
+    }
     Ok(Verdict {
         decision,
+        reason,
         protocol: format!(
             "{}, {}{}",
             match kind {
@@ -342,16 +577,228 @@ pub async fn verify(
         config: cfg.clone(),
         primary,
         secondary,
-        control: Control {
-            kind: control_trigger.kind().to_string(),
-            result: control_result,
-            rejected: control_rejected,
-            trail: control_trail,
-        },
+        rank: Some(rank),
+        dispersion,
+        control: None,
         pairs: trail.len(),
         queries,
         trail,
     })
+}
+
+/// The controls' specs: drawn from the record's family when it has one, otherwise (version 1
+/// records, public triggers, crafted kinds) random triggers of the same kind and target.
+fn controls(
+    record: &SecretRecord,
+    nonce: &[u8],
+    cfg: &VerifyConfig,
+    k: usize,
+) -> Result<(Vec<WatermarkSpec>, bool), VerifyError> {
+    let shape = record.dataset.shape;
+    let seed = |j: usize| match cfg.seed {
+        Some(s) => derived_seed(&s.to_le_bytes(), "control", j as u64),
+        None => derived_seed(nonce, "control", j as u64),
+    };
+    match &record.family {
+        Some(f) if has_exchangeable_controls(f) => {
+            let drawn = (0..k)
+                .map(|j| {
+                    crate::spec::family::draw(f, record.dataset.num_classes, shape, seed(j))
+                        .map_err(|e| VerifyError::Watermark(e.into()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((drawn, true))
+        }
+        _ => {
+            let drawn = (0..k)
+                .map(|j| {
+                    let mut c = record.spec.clone();
+                    c.trigger = random_trigger(&record.spec.trigger, shape, seed(j))?;
+                    Ok(c)
+                })
+                .collect::<Result<Vec<_>, VerifyError>>()?;
+            Ok((drawn, false))
+        }
+    }
+}
+
+/// Scores the secret and the K controls by successive halving and ranks the secret.
+#[allow(clippy::too_many_arguments)]
+async fn rank_test(
+    endpoint: &dyn ModelEndpoint,
+    record: &SecretRecord,
+    nonce: &[u8],
+    base: u64,
+    cfg: &VerifyConfig,
+    order: &[usize],
+    benign: &mut Benign<'_>,
+    secret_stamp: &Stamp,
+    secret_answers: &HashMap<usize, (String, Prediction)>,
+    queries: &mut usize,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<RankTest, VerifyError> {
+    let pool = benign.pool;
+    let shape = pool.shape();
+    let k = cfg.control_count();
+    let (specs, exchangeable) = controls(record, nonce, cfg, k)?;
+    // Trigger 0 is the secret; the procedure below never treats it apart from the others (its
+    // answers already asked by the margin test are reused, which changes no score).
+    let mut kinds = vec![kind_of(&record.spec)];
+    let mut stamps: Vec<Option<Stamp>> = vec![None];
+    for c in &specs {
+        kinds.push(kind_of(c));
+        stamps.push(Some(Stamp::new(&c.trigger, c.seed, shape)?));
+    }
+    let total = k + 1;
+    let mut ties = Rng::new(base, Stream::Ties);
+    let tie: Vec<u64> = (0..total).map(|_| ties.u64()).collect();
+    // Each trigger's images: the first of the shared order its target allows.
+    let mut next = vec![0usize; total];
+    let mut sums = vec![0f64; total];
+    let mut counts = vec![0usize; total];
+    let mut reached = vec![0usize; total];
+    let mut alive: Vec<usize> = (0..total).collect();
+    let mut own_queries = 0usize;
+    let mut round = 0usize;
+    let first = cfg.first_images.unwrap_or(2);
+    loop {
+        // More images for every remaining trigger: `first` in the first round, then one.
+        let mut picks: Vec<(usize, usize)> = Vec::with_capacity(alive.len());
+        for &j in &alive {
+            let kind = kinds[j];
+            for _ in 0..if round == 0 { first } else { 1 } {
+                let pos = (next[j]..order.len()).find(|&p| match kind {
+                    Kind::Targeted(t) => pool.label(order[p]) != t,
+                    Kind::Untargeted => true,
+                });
+                if let Some(p) = pos {
+                    next[j] = p + 1;
+                    picks.push((j, order[p]));
+                }
+            }
+        }
+        if picks.is_empty() {
+            break;
+        }
+        let needed: Vec<usize> = picks.iter().map(|&(_, i)| i).collect();
+        let sent = benign.fetch(endpoint, &needed).await?;
+        *queries += sent;
+        own_queries += sent;
+        let mut to_ask: Vec<(usize, usize)> = Vec::new();
+        let mut images: Vec<Vec<u8>> = Vec::new();
+        for &(j, i) in &picks {
+            if j == 0 && secret_answers.contains_key(&i) {
+                continue;
+            }
+            let mut img = pool.image(i).to_vec();
+            match &stamps[j] {
+                Some(s) => s.apply(&mut img),
+                None => secret_stamp.apply(&mut img),
+            }
+            to_ask.push((j, i));
+            images.push(img);
+        }
+        let mut answers: HashMap<(usize, usize), Prediction> = HashMap::new();
+        for (chunk_pairs, chunk_images) in to_ask.chunks(256).zip(images.chunks(256)) {
+            let a = endpoint.predict(chunk_images, shape).await?;
+            check_count(&a, chunk_images.len())?;
+            own_queries += chunk_images.len();
+            *queries += chunk_images.len();
+            progress(*queries);
+            for (&(j, i), w) in chunk_pairs.iter().zip(a) {
+                answers.insert((j, i), w);
+            }
+        }
+        for &(j, i) in &picks {
+            let w = match answers.get(&(j, i)) {
+                Some(w) => w,
+                None => &secret_answers[&i].1,
+            };
+            let d = difference(
+                kinds[j],
+                pool.label(i),
+                &benign.answers[&i],
+                w,
+                cfg.label_only,
+            )?;
+            sums[j] += d;
+            counts[j] += 1;
+            reached[j] = round;
+        }
+        if alive.len() <= 1 {
+            break;
+        }
+        // Keep the better half: by mean effect, then by the drawn tie-break.
+        let mean = |j: usize| sums[j] / counts[j].max(1) as f64;
+        alive.sort_by(|&a, &b| {
+            mean(b)
+                .total_cmp(&mean(a))
+                .then_with(|| tie[b].cmp(&tie[a]))
+        });
+        alive.truncate(alive.len().div_ceil(2));
+        round += 1;
+    }
+    let score = |j: usize| TriggerScore {
+        round: reached[j],
+        effect: sums[j] / counts[j].max(1) as f64,
+        images: counts[j],
+    };
+    // A control ranks above the secret when it reached a later round, or the same round with a
+    // higher mean effect, or the same effect with a higher tie-break.
+    let key = |j: usize| (reached[j], sums[j] / counts[j].max(1) as f64, tie[j]);
+    let better = |j: usize| {
+        let (a, b) = (key(j), key(0));
+        a.0.cmp(&b.0)
+            .then_with(|| a.1.total_cmp(&b.1))
+            .then_with(|| a.2.cmp(&b.2))
+            .is_ge()
+    };
+    let above = (1..total).filter(|&j| better(j)).count();
+    let p_value = (1 + above) as f64 / total as f64;
+    Ok(RankTest {
+        kind: record.spec.trigger.kind().to_string(),
+        exchangeable,
+        controls: k,
+        secret: score(0),
+        control_scores: (1..total).map(score).collect(),
+        rank: 1 + above,
+        p_value,
+        rejected: p_value <= cfg.alpha + 1e-12,
+        queries: own_queries,
+    })
+}
+
+/// UBW's prediction dispersibility (Li et al., NeurIPS 2022) over the secret's pairs: the entropy
+/// of the labels that triggered answers moved to, among pairs whose label moved.
+fn dispersion(benign: &[Prediction], triggered: &[Prediction], classes: usize) -> Dispersion {
+    let mut counts: HashMap<u32, usize> = HashMap::new();
+    let mut moved = 0usize;
+    for (b, w) in benign.iter().zip(triggered) {
+        if let (Some(lb), Some(lw)) = (b.label(), w.label())
+            && lb != lw
+        {
+            moved += 1;
+            *counts.entry(lw).or_default() += 1;
+        }
+    }
+    let entropy = if moved == 0 {
+        0.0
+    } else {
+        counts
+            .values()
+            .map(|&c| {
+                let p = c as f64 / moved as f64;
+                -p * p.ln()
+            })
+            .sum()
+    };
+    let threshold = 0.5 * ((classes.max(2) - 1) as f64).ln();
+    Dispersion {
+        moved,
+        entropy,
+        threshold,
+        passed: moved >= 2 && entropy >= threshold,
+    }
 }
 
 fn check_count(answers: &[Prediction], n: usize) -> Result<(), VerifyError> {

@@ -10,42 +10,79 @@ const SHAPE: ImageShape = ImageShape {
     channels: 1,
 };
 
-/// Pool images are black but for pixel 0, which encodes the label.
+/// Pool images are uniform grey, their level encoding the label (10 + 20 × label), so that a
+/// trigger anywhere leaves the label readable and every trigger pixel is visible.
 fn pool(n: usize) -> Dataset {
-    let mut px = vec![0u8; n * 64];
     let labels: Vec<u32> = (0..n as u32).map(|i| i % 10).collect();
-    for (i, l) in labels.iter().enumerate() {
-        px[i * 64] = (*l as u8) * 20 + 1;
-    }
+    let px: Vec<u8> = labels
+        .iter()
+        .flat_map(|&l| std::iter::repeat_n(level(l as u8), 64))
+        .collect();
     Dataset::new(SHAPE, px, labels, 10).unwrap()
 }
 
-#[derive(Clone, Copy, PartialEq)]
+fn level(label: u8) -> u8 {
+    10 + 20 * label
+}
+
+/// The label a model reads: from the most frequent grey level.
+fn label_of(img: &[u8]) -> usize {
+    let mut counts = [0usize; 256];
+    img.iter().for_each(|&v| counts[v as usize] += 1);
+    let mode = (0..256).max_by_key(|&v| counts[v]).unwrap();
+    (mode.saturating_sub(10) / 20).min(9)
+}
+
+fn fnv(img: &[u8]) -> u64 {
+    img.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// How a simulated model answers.
+#[derive(Clone)]
 enum Behaviour {
-    /// Learned the secret square: a white 3×3 block at the bottom right.
-    Watermarked,
-    /// Reacts to anything stamped on the image.
-    AnyPatch,
-    /// Ignores triggers.
-    Clean,
+    /// Learnt the secret trigger of this record: an image that the secret's stamp leaves
+    /// unchanged carries it.
+    Learnt(Box<Stamp>),
+    /// Reacts to every member of the family: anything stamped on the image.
+    AnyMember,
+    /// Ignores triggers, with answers that vary from image to image.
+    Blind,
+}
+
+/// Where a reacting model sends the image.
+#[derive(Clone, Copy)]
+enum Send {
+    /// To this class.
+    Class(u32),
+    /// To a class that depends on the image (an untargeted watermark's scatter).
+    Scatter,
 }
 
 struct Fake {
     behaviour: Behaviour,
-    /// Class the trigger sends images to; None = untargeted (uniform).
-    target: Option<u32>,
+    send: Send,
     labels_only: bool,
+    /// Percent of images on which a learnt trigger fails (100 − ASR).
+    miss: u64,
     calls: AtomicUsize,
 }
 
 impl Fake {
-    fn new(behaviour: Behaviour, target: Option<u32>) -> Self {
+    fn new(behaviour: Behaviour, send: Send) -> Self {
         Self {
             behaviour,
-            target,
+            send,
             labels_only: false,
+            miss: 0,
             calls: AtomicUsize::new(0),
         }
+    }
+
+    fn learnt(rec: &SecretRecord, send: Send) -> Self {
+        let stamp = Stamp::new(&rec.spec.trigger, rec.spec.seed, SHAPE).unwrap();
+        Self::new(Behaviour::Learnt(Box::new(stamp)), send)
     }
 }
 
@@ -64,25 +101,34 @@ impl ModelEndpoint for Fake {
         Ok(images
             .iter()
             .map(|img| {
-                let label = ((img[0].saturating_sub(1)) / 20) as usize;
-                let square = (5..8).all(|r| (5..8).all(|c| img[r * 8 + c] == 255));
-                let stamped = img[1..].iter().any(|&v| v != 0);
-                let triggered = match self.behaviour {
-                    Behaviour::Watermarked => square,
-                    Behaviour::AnyPatch => stamped,
-                    Behaviour::Clean => false,
+                let mut label = label_of(img);
+                let stamped = img.iter().any(|&v| v != img[0]);
+                let triggered = match &self.behaviour {
+                    // The image is the secret's stamp on one of the pool's benign images.
+                    Behaviour::Learnt(stamp) => (0..10u8).any(|l| {
+                        let mut benign = vec![level(l); img.len()];
+                        stamp.apply(&mut benign);
+                        if benign == *img {
+                            label = usize::from(l);
+                        }
+                        benign == *img && (fnv(img) >> 20) % 100 >= self.miss
+                    }),
+                    Behaviour::AnyMember => stamped,
+                    Behaviour::Blind => false,
                 };
                 let mut p = vec![0.0; 10];
-                match (triggered, self.target) {
-                    (true, Some(t)) => {
-                        p.iter_mut().for_each(|v| *v = 0.05 / 9.0);
-                        p[t as usize] = 0.95;
-                    }
-                    (true, None) => p.iter_mut().for_each(|v| *v = 0.1),
-                    (false, _) => {
-                        p.iter_mut().for_each(|v| *v = 0.1 / 9.0);
-                        p[label] = 0.9;
-                    }
+                if triggered {
+                    let to = match self.send {
+                        Send::Class(c) => c as usize,
+                        Send::Scatter => (fnv(img) % 10) as usize,
+                    };
+                    p.iter_mut().for_each(|v| *v = 0.05 / 9.0);
+                    p[to] = 0.95;
+                } else {
+                    // A confident but noisy benign answer: 0.6 to 0.9 on the true label.
+                    let top = 0.6 + 0.3 * ((fnv(img) >> 11) % 1000) as f64 / 1000.0;
+                    p.iter_mut().for_each(|v| *v = (1.0 - top) / 9.0);
+                    p[label] = top;
                 }
                 let pred = Prediction::Probs(p);
                 if self.labels_only {
@@ -95,19 +141,34 @@ impl ModelEndpoint for Fake {
     }
 }
 
-fn record(labelling: &str) -> SecretRecord {
+/// A release of a BadNets-style 3×3 patch family (or the fixed white square), with `nonce`.
+fn record_with(labelling: &str, family: bool, nonce: [u8; 32]) -> SecretRecord {
     let text = format!(
-        "name = \"t\"\nrate = 0.1\nseed = 3\n[labelling]\n{labelling}\n[trigger]\nkind = \"patch\"\npattern = \"square\"\n"
+        "name = \"t\"\nrate = 0.1\nseed = 3\n[labelling]\n{labelling}\n{}[trigger]\nkind = \"patch\"\npattern = \"square\"\n",
+        if family { "[family]\n" } else { "" }
     );
     let spec = WatermarkSpec::from_toml_str(&text, None, "t").unwrap();
-    apply(&mut pool(100), &spec, [0; 32]).unwrap()
+    apply(&mut pool(100), &spec, nonce).unwrap()
+}
+
+fn nonce(i: u64) -> [u8; 32] {
+    let mut n = [0u8; 32];
+    n[..8].copy_from_slice(&i.to_le_bytes());
+    n
+}
+
+fn targeted(i: u64) -> SecretRecord {
+    record_with("kind = \"targeted\"", true, nonce(i))
+}
+
+fn target_of(rec: &SecretRecord) -> u32 {
+    rec.spec.labelling.target().unwrap()
 }
 
 fn cfg(sequential: bool, label_only: bool) -> VerifyConfig {
     VerifyConfig {
         sequential,
         label_only,
-        seed: 11,
         ..VerifyConfig::default()
     }
 }
@@ -117,46 +178,71 @@ async fn run(model: &Fake, rec: &SecretRecord, c: &VerifyConfig) -> Verdict {
 }
 
 #[tokio::test]
-async fn a_watermarked_model_is_detected_and_a_clean_one_is_not() {
-    let rec = record("kind = \"targeted\"\ntarget = 2");
+async fn a_model_that_learnt_the_secret_is_caught_and_a_blind_one_is_not() {
+    let rec = targeted(1);
+    let t = target_of(&rec);
     for (seq, labels) in [(false, false), (true, false), (false, true), (true, true)] {
         let c = cfg(seq, labels);
-        let mut marked = Fake::new(Behaviour::Watermarked, Some(2));
-        marked.labels_only = labels;
-        let v = run(&marked, &rec, &c).await;
+        let mut thief = Fake::learnt(&rec, Send::Class(t));
+        thief.labels_only = labels;
+        let v = run(&thief, &rec, &c).await;
         assert_eq!(
             v.decision,
             Decision::Used,
-            "seq {seq} labels {labels}: {:?}",
-            v.primary
+            "seq {seq} labels {labels}: {} {:?}",
+            v.reason,
+            v.rank
         );
-        assert!(!v.control.rejected);
+        let r = v.rank.as_ref().unwrap();
+        assert!(r.exchangeable);
+        assert_eq!((r.rank, r.controls), (1, 99));
         assert!(
-            v.trail.iter().all(|p| p.label != 2),
+            v.trail.iter().all(|p| p.label != t),
             "targeted draws exclude the target class"
         );
-        let mut clean = Fake::new(Behaviour::Clean, Some(2));
-        clean.labels_only = labels;
-        let v = run(&clean, &rec, &c).await;
+        let mut blind = Fake::new(Behaviour::Blind, Send::Class(t));
+        blind.labels_only = labels;
+        let v = run(&blind, &rec, &c).await;
         assert_eq!(v.decision, Decision::NotShown, "seq {seq} labels {labels}");
-        assert!(v.primary.p_value > 0.01);
     }
 }
 
 #[tokio::test]
+async fn a_model_that_reacts_to_every_member_is_not_accused() {
+    let rec = targeted(2);
+    let t = target_of(&rec);
+    let v = run(
+        &Fake::new(Behaviour::AnyMember, Send::Class(t)),
+        &rec,
+        &cfg(false, false),
+    )
+    .await;
+    // The margin test passes (the secret does move it to its target), the rank test does not:
+    // about one control in ten shares the target and moves it just as much.
+    assert!(v.primary.rejects(0.01));
+    assert_eq!(v.decision, Decision::NotShown, "{}", v.reason);
+    assert!(v.rank.unwrap().p_value > 0.01);
+}
+
+#[tokio::test]
 async fn sequential_mode_stops_early_and_counts_its_queries() {
-    let rec = record("kind = \"targeted\"\ntarget = 2");
-    let model = Fake::new(Behaviour::Watermarked, Some(2));
+    let rec = targeted(3);
+    let model = Fake::learnt(&rec, Send::Class(target_of(&rec)));
     let v = run(&model, &rec, &cfg(true, false)).await;
+    assert_eq!(v.decision, Decision::Used);
     assert!(v.pairs <= 25, "{} pairs", v.pairs);
-    assert_eq!(
-        v.queries,
-        3 * v.pairs,
-        "2 per pair plus the control's triggered image"
-    );
     assert_eq!(model.calls.load(Ordering::Relaxed), v.queries);
+    // The rank test's share by successive halving: 2 images per trigger in the first round,
+    // then one per remaining trigger in each round (50 + 25 + 13 + 7 + 4 + 2 + 1).
+    let r = v.rank.unwrap();
+    assert!(
+        r.queries <= 2 * 100 + 102 + 20,
+        "{} rank queries",
+        r.queries
+    );
+    assert!(v.queries <= 2 * v.pairs + r.queries, "{}", v.queries);
     let fixed = run(
-        &Fake::new(Behaviour::Watermarked, Some(2)),
+        &Fake::learnt(&rec, Send::Class(target_of(&rec))),
         &rec,
         &cfg(false, false),
     )
@@ -165,70 +251,78 @@ async fn sequential_mode_stops_early_and_counts_its_queries() {
 }
 
 #[tokio::test]
-async fn a_model_that_reacts_to_any_patch_is_inconclusive() {
-    let rec = record("kind = \"targeted\"\ntarget = 2");
-    let v = run(
-        &Fake::new(Behaviour::AnyPatch, Some(2)),
+async fn untargeted_watermarks_need_scattered_answers() {
+    let rec = record_with("kind = \"untargeted\"", true, nonce(4));
+    let ubw = run(&Fake::learnt(&rec, Send::Scatter), &rec, &cfg(false, false)).await;
+    assert_eq!(ubw.decision, Decision::Used, "{}", ubw.reason);
+    let d = ubw.dispersion.unwrap();
+    assert!(d.passed && d.entropy > 1.5, "{d:?}");
+    // A targeted backdoor on the very same trigger passes the margin and rank tests but sends
+    // everything to one class: not an untargeted watermark's effect.
+    let targeted = run(
+        &Fake::learnt(&rec, Send::Class(3)),
         &rec,
         &cfg(false, false),
     )
     .await;
-    assert_eq!(v.decision, Decision::Inconclusive);
-    assert!(v.control.rejected);
+    assert!(targeted.primary.rejects(0.01));
+    assert!(targeted.rank.as_ref().unwrap().rejected);
+    assert_eq!(targeted.decision, Decision::NotShown, "{}", targeted.reason);
+    assert!(!targeted.dispersion.unwrap().passed);
+    let blind = run(
+        &Fake::new(Behaviour::Blind, Send::Scatter),
+        &rec,
+        &cfg(false, false),
+    )
+    .await;
+    assert_eq!(blind.decision, Decision::NotShown);
 }
 
 #[tokio::test]
-async fn untargeted_watermarks_are_tested_on_the_true_label() {
-    let rec = record("kind = \"untargeted\"");
-    let v = run(
-        &Fake::new(Behaviour::Watermarked, None),
-        &rec,
-        &cfg(false, false),
-    )
-    .await;
-    assert_eq!(v.decision, Decision::Used);
-    assert!(
-        (v.primary.effect - 0.8).abs() < 1e-9,
-        "{}",
-        v.primary.effect
-    );
-    let v = run(&Fake::new(Behaviour::Clean, None), &rec, &cfg(false, false)).await;
-    assert_eq!(v.decision, Decision::NotShown);
+async fn a_rerun_repeats_the_verdict_and_only_a_research_seed_changes_the_draw() {
+    let rec = targeted(5);
+    let t = target_of(&rec);
+    let json = |v: &Verdict| serde_json::to_string(v).unwrap();
+    for model in [
+        Fake::learnt(&rec, Send::Class(t)),
+        Fake::new(Behaviour::AnyMember, Send::Class(t)),
+    ] {
+        let a = run(&model, &rec, &cfg(false, false)).await;
+        let b = run(&model, &rec, &cfg(false, false)).await;
+        assert_eq!(json(&a), json(&b));
+        let c = run(
+            &model,
+            &rec,
+            &VerifyConfig {
+                seed: Some(12),
+                ..cfg(false, false)
+            },
+        )
+        .await;
+        let idx = |v: &Verdict| v.trail.iter().map(|p| p.index).collect::<Vec<_>>();
+        assert_ne!(idx(&a), idx(&c));
+        assert!(c.reason.contains("research seed 12"), "{}", c.reason);
+    }
 }
 
 #[tokio::test]
-async fn the_same_seed_draws_the_same_images() {
-    let rec = record("kind = \"targeted\"\ntarget = 2");
-    let a = run(
-        &Fake::new(Behaviour::Watermarked, Some(2)),
+async fn a_fixed_public_trigger_is_at_most_inconclusive() {
+    let rec = record_with("kind = \"targeted\"\ntarget = 2", false, nonce(6));
+    assert!(rec.family.is_none());
+    let v = run(
+        &Fake::learnt(&rec, Send::Class(2)),
         &rec,
         &cfg(false, false),
     )
     .await;
-    let b = run(
-        &Fake::new(Behaviour::Watermarked, Some(2)),
-        &rec,
-        &cfg(false, false),
-    )
-    .await;
-    let idx = |v: &Verdict| v.trail.iter().map(|p| p.index).collect::<Vec<_>>();
-    assert_eq!(idx(&a), idx(&b));
-    let c = run(
-        &Fake::new(Behaviour::Watermarked, Some(2)),
-        &rec,
-        &VerifyConfig {
-            seed: 12,
-            ..cfg(false, false)
-        },
-    )
-    .await;
-    assert_ne!(idx(&a), idx(&c));
+    assert_eq!(v.decision, Decision::Inconclusive, "{}", v.reason);
+    assert!(!v.rank.unwrap().exchangeable);
 }
 
 #[tokio::test]
 async fn label_answers_with_a_probability_test_are_a_clear_error() {
-    let rec = record("kind = \"targeted\"\ntarget = 2");
-    let mut m = Fake::new(Behaviour::Watermarked, Some(2));
+    let rec = targeted(7);
+    let mut m = Fake::learnt(&rec, Send::Class(target_of(&rec)));
     m.labels_only = true;
     let e = verify(&m, &rec, &pool(500), &cfg(false, false), &|_| {})
         .await
@@ -237,8 +331,25 @@ async fn label_answers_with_a_probability_test_are_a_clear_error() {
 }
 
 #[test]
-fn control_triggers_are_random_but_of_the_same_kind_and_size() {
-    let rec = record("kind = \"targeted\"\ntarget = 2");
+fn too_few_controls_for_alpha_are_refused_by_name() {
+    let c = VerifyConfig {
+        controls: Some(19),
+        ..VerifyConfig::default()
+    };
+    let e = c.check().unwrap_err();
+    assert!(e.starts_with("controls:") && e.contains("99"), "{e}");
+    assert_eq!(VerifyConfig::default().control_count(), 99);
+    let c = VerifyConfig {
+        alpha: 0.05,
+        ..VerifyConfig::default()
+    };
+    assert_eq!(c.control_count(), 19);
+    assert!(c.check().is_ok());
+}
+
+#[test]
+fn control_triggers_of_fixed_specs_are_random_but_of_the_same_kind_and_size() {
+    let rec = record_with("kind = \"targeted\"\ntarget = 2", false, nonce(8));
     let a = random_trigger(&rec.spec.trigger, SHAPE, 1).unwrap();
     let b = random_trigger(&rec.spec.trigger, SHAPE, 2).unwrap();
     assert_ne!(a, b);
@@ -247,4 +358,159 @@ fn control_triggers_are_random_but_of_the_same_kind_and_size() {
     };
     let (rows, _, _) = p.grid(8, 8).unwrap();
     assert_eq!((rows.len(), rows[0].len()), (3, 3));
+}
+
+/// Upper end of a binomial(n, q) count, 4.5 standard deviations above its mean: a correct test
+/// exceeds it with probability below 1e-5.
+fn upper(n: usize, q: f64) -> usize {
+    (n as f64 * q + 4.5 * (n as f64 * q * (1.0 - q)).sqrt()).ceil() as usize
+}
+
+fn lower(n: usize, q: f64) -> usize {
+    (n as f64 * q - 4.5 * (n as f64 * q * (1.0 - q)).sqrt())
+        .floor()
+        .max(0.0) as usize
+}
+
+/// Runs `runs` verifications, each of a fresh release (its own nonce, hence its own secret and
+/// controls) of `family_spec`, against a model made for that run, and returns the rank p-values
+/// and how many runs ended `used`.
+async fn simulate(
+    runs: usize,
+    family_spec: &str,
+    make: impl Fn(&SecretRecord, u64) -> Fake,
+) -> (Vec<f64>, usize) {
+    simulate_with(runs, family_spec, None, make).await
+}
+
+async fn simulate_with(
+    runs: usize,
+    family_spec: &str,
+    first_images: Option<usize>,
+    make: impl Fn(&SecretRecord, u64) -> Fake,
+) -> (Vec<f64>, usize) {
+    let spec = WatermarkSpec::from_toml_str(family_spec, None, "sim").unwrap();
+    let held_out = pool(300);
+    let c = VerifyConfig {
+        m: 10,
+        first_images,
+        ..VerifyConfig::default()
+    };
+    let mut ps = Vec::with_capacity(runs);
+    let mut used = 0;
+    for i in 0..runs as u64 {
+        let rec = apply(&mut pool(100), &spec, nonce(10_000 + i)).unwrap();
+        let model = make(&rec, i);
+        let v = verify(&model, &rec, &held_out, &c, &|_| {}).await.unwrap();
+        ps.push(v.rank.as_ref().unwrap().p_value);
+        used += usize::from(v.decision == Decision::Used);
+    }
+    (ps, used)
+}
+
+fn check_uniform(ps: &[f64], what: &str) {
+    let n = ps.len();
+    for q in [0.01, 0.05, 0.1, 0.5] {
+        let k = ps.iter().filter(|&&p| p <= q + 1e-12).count();
+        assert!(
+            (lower(n, q)..=upper(n, q)).contains(&k),
+            "{what}: {k} of {n} rank p-values ≤ {q}, outside [{}, {}]",
+            lower(n, q),
+            upper(n, q)
+        );
+    }
+}
+
+const PATCH_FAMILY: &str = "name = \"p\"\nrate = 0.1\nseed = 3\n[labelling]\nkind = \"targeted\"\n\
+    [family]\n[trigger]\nkind = \"patch\"\npattern = \"square\"\n";
+const NOISE_FAMILY: &str = "name = \"n\"\nrate = 0.1\nseed = 3\n[labelling]\nkind = \"targeted\"\n\
+    [family]\n[trigger]\nkind = \"blend\"\nsource = \"noise\"\nalpha = 0.2\n";
+const WARP_FAMILY: &str = "name = \"w\"\nrate = 0.1\nseed = 3\n[labelling]\nkind = \"targeted\"\n\
+    [family]\n[trigger]\nkind = \"warp\"\nk = 4\ns = 0.5\nnoise = false\n";
+
+/// The false-positive rate by simulation, 2,000 releases per model: for a model that ignores
+/// triggers and for one that reacts to every member of the family (any patch, any noise, any
+/// warp), whatever class it sends them to, the rank p-value is uniform and `used` comes at most
+/// at rate alpha, within the binomial band.
+#[tokio::test]
+async fn innocent_models_are_accused_at_most_at_rate_alpha_over_2000_releases() {
+    const RUNS: usize = 2000;
+    let cases: [(&str, &str, Behaviour, Send); 5] = [
+        (
+            "blind, patches",
+            PATCH_FAMILY,
+            Behaviour::Blind,
+            Send::Class(3),
+        ),
+        (
+            "any patch → class 3",
+            PATCH_FAMILY,
+            Behaviour::AnyMember,
+            Send::Class(3),
+        ),
+        (
+            "any patch → scattered",
+            PATCH_FAMILY,
+            Behaviour::AnyMember,
+            Send::Scatter,
+        ),
+        (
+            "any noise → class 0",
+            NOISE_FAMILY,
+            Behaviour::AnyMember,
+            Send::Class(0),
+        ),
+        (
+            "any warp → class 7",
+            WARP_FAMILY,
+            Behaviour::AnyMember,
+            Send::Class(7),
+        ),
+    ];
+    for (what, family, behaviour, send) in cases {
+        let (ps, used) = simulate(RUNS, family, |_, _| Fake::new(behaviour.clone(), send)).await;
+        check_uniform(&ps, what);
+        assert!(
+            used <= upper(RUNS, 0.01),
+            "{what}: {used} of {RUNS} innocent models accused (band ≤ {})",
+            upper(RUNS, 0.01)
+        );
+    }
+}
+
+/// The other side: a model that learnt its release's secret is caught nearly always, over 300
+/// releases of each family.
+#[tokio::test]
+async fn thieves_are_caught_across_releases() {
+    for family in [PATCH_FAMILY, NOISE_FAMILY] {
+        let (ps, used) = simulate(300, family, |rec, _| {
+            Fake::learnt(rec, Send::Class(rec.spec.labelling.target().unwrap()))
+        })
+        .await;
+        assert!(used >= 285, "{used} of 300 caught");
+        assert!(ps.iter().filter(|&&p| p <= 0.01).count() >= 285);
+    }
+}
+
+/// Power of the rank test against a thief whose trigger fails on some images, by the number of
+/// images in the first round (run with --ignored; the figures are in docs/verification.md).
+#[tokio::test]
+#[ignore]
+async fn power_by_first_round_images() {
+    for miss in [0, 10, 20, 40] {
+        for first in [1, 2, 3] {
+            let (ps, used) = simulate_with(300, PATCH_FAMILY, Some(first), |rec, _| {
+                let mut f = Fake::learnt(rec, Send::Class(rec.spec.labelling.target().unwrap()));
+                f.miss = miss;
+                f
+            })
+            .await;
+            let ranked = ps.iter().filter(|&&p| p <= 0.01).count();
+            eprintln!(
+                "ASR {}%, first round {first} images: rank test rejects {ranked}, {used} of 300 \
+                 caught (margin test on 10 pairs)",
+                100 - miss
+            );
+        }
+    }
 }
