@@ -39,6 +39,20 @@ pub enum Choice {
     Pinned,
 }
 
+/// Where a drawn patch may go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Placement {
+    /// Anywhere the pattern fits.
+    #[default]
+    Drawn,
+    /// Anywhere along the border: the pattern touches an edge of the image (off the object in
+    /// most photographs and in Fashion-MNIST, where backdoor patches are learnt fastest).
+    Edge,
+    /// Where the spec puts it.
+    Pinned,
+}
+
 /// The `[family]` section of a spec: which free parameters each release draws.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,9 +64,10 @@ pub struct Family {
     /// A patch's pattern: black and white pixels of the spec's pattern size, at least half white.
     #[serde(default)]
     pub pattern: Choice,
-    /// A patch's position: anywhere the pattern fits.
+    /// A patch's position: anywhere it fits (`drawn`), along the border (`edge`) or as written
+    /// (`pinned`).
     #[serde(default)]
-    pub position: Choice,
+    pub position: Placement,
     /// Rotations: the angle's magnitude is drawn from this range of degrees, its direction at
     /// random (pinned to the spec's angle when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -139,8 +154,8 @@ fn trigger_entropy(
             if f.pattern == Choice::Drawn {
                 push("pattern", log2_patterns(ph * pw));
             }
-            if f.position == Choice::Drawn && ph <= shape.height && pw <= shape.width {
-                let places = (shape.height - ph + 1) * (shape.width - pw + 1);
+            if f.position != Placement::Pinned && ph <= shape.height && pw <= shape.width {
+                let places = places(f.position, shape, ph, pw).len();
                 push("position", (places as f64).log2());
             }
         }
@@ -169,6 +184,50 @@ fn trigger_entropy(
         Trigger::Blend(_) | Trigger::Perturbation(_) | Trigger::Generated(_) => {}
     }
     Ok(())
+}
+
+/// The top-left corners a drawn `ph` × `pw` patch may take: how many there are, and the k-th
+/// of them (computed, not listed: an image may be 4096 pixels a side).
+struct Places {
+    placement: Placement,
+    rows: usize,
+    cols: usize,
+}
+
+fn places(placement: Placement, shape: ImageShape, ph: usize, pw: usize) -> Places {
+    Places {
+        placement,
+        rows: shape.height - ph + 1,
+        cols: shape.width - pw + 1,
+    }
+}
+
+impl Places {
+    fn len(&self) -> usize {
+        let (r, c) = (self.rows, self.cols);
+        match self.placement {
+            Placement::Edge if r > 2 && c > 1 => 2 * c + 2 * (r - 2),
+            _ => r * c,
+        }
+    }
+
+    fn nth(&self, k: usize) -> (usize, usize) {
+        let (r, c) = (self.rows, self.cols);
+        match self.placement {
+            // The top row, the bottom row, then the left and right ends of the rows between.
+            Placement::Edge if r > 2 && c > 1 => {
+                if k < c {
+                    (0, k)
+                } else if k < 2 * c {
+                    (r - 1, k - c)
+                } else {
+                    let j = k - 2 * c;
+                    (1 + j / 2, if j % 2 == 0 { 0 } else { c - 1 })
+                }
+            }
+            _ => (k / c, k % c),
+        }
+    }
 }
 
 /// The fewest white pixels a drawn pattern of `n` pixels has: half of them, rounded up. On the
@@ -322,12 +381,13 @@ fn draw_trigger(
             } else {
                 PatchPattern::Matrix(rows)
             };
-            let position = if f.position == Choice::Drawn {
-                let r = rng.below((shape.height - ph + 1) as u64) as i64;
-                let c = rng.below((shape.width - pw + 1) as u64) as i64;
-                Position::At([r, c])
-            } else {
-                p.position
+            let position = match f.position {
+                Placement::Pinned => p.position,
+                placement => {
+                    let all = places(placement, shape, ph, pw);
+                    let (r, c) = all.nth(rng.below(all.len() as u64) as usize);
+                    Position::At([r as i64, c as i64])
+                }
             };
             Trigger::Patch(Patch {
                 pattern,
@@ -484,14 +544,17 @@ mod tests {
             places.insert((r, c));
         }
         assert_eq!(targets.len(), 10, "every class can be the target");
-        assert!(
-            places.len() > 150,
-            "{} positions in 200 draws",
-            places.len()
-        );
-        // log2(256 patterns with 5 to 9 white pixels) + log2(26 · 26) + log2(10).
+        // 100 places along the border.
+        assert!(places.len() > 60, "{} positions in 200 draws", places.len());
+        for (r, c) in &places {
+            assert!(
+                *r == 0 || *c == 0 || *r == 25 || *c == 25,
+                "({r}, {c}) is off the edge"
+            );
+        }
+        // log2(256 patterns with 5 to 9 white pixels) + log2(100 places on the edge) + log2(10).
         let bits = entropy_bits(&f, 10, SHAPE).unwrap();
-        assert!((bits - 20.72).abs() < 0.01, "{bits}");
+        assert!((bits - 17.97).abs() < 0.01, "{bits}");
     }
 
     #[test]
@@ -570,5 +633,30 @@ mod tests {
         assert_ne!(a, derived_seed(&n, "control", 1));
         assert_ne!(a, derived_seed(&n, "trigger", 0));
         assert_ne!(a, derived_seed(&[8u8; 32], "control", 0));
+    }
+}
+
+#[cfg(test)]
+mod places_tests {
+    use super::*;
+
+    #[test]
+    fn edge_places_are_every_border_corner_once() {
+        for (h, w, ph, pw) in [(28, 28, 3, 3), (8, 12, 3, 2), (5, 5, 4, 4), (4, 6, 3, 3)] {
+            let shape = ImageShape {
+                height: h,
+                width: w,
+                channels: 1,
+            };
+            let p = places(Placement::Edge, shape, ph, pw);
+            let got: std::collections::BTreeSet<_> = (0..p.len()).map(|k| p.nth(k)).collect();
+            let (rows, cols) = (h - ph + 1, w - pw + 1);
+            let want: std::collections::BTreeSet<_> = (0..rows)
+                .flat_map(|r| (0..cols).map(move |c| (r, c)))
+                .filter(|&(r, c)| r == 0 || c == 0 || r == rows - 1 || c == cols - 1)
+                .collect();
+            assert_eq!(got, want, "{h}×{w}, {ph}×{pw}");
+            assert_eq!(got.len(), p.len());
+        }
     }
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 pub mod family;
 pub mod network;
-pub use family::{Choice, Family};
+pub use family::{Choice, Family, Placement};
 pub use network::Network;
 
 /// A spec or one of its fields is unusable.

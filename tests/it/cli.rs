@@ -151,7 +151,7 @@ fn a_failed_run_leaves_no_release_and_no_secret() {
     // Valid on its own, but class 42 does not exist in the dataset.
     fs::write(
         &spec,
-        fs::read_to_string(spec_path("badnets-28x28-grey.toml"))
+        fs::read_to_string(spec_path("fixed/badnets-28x28-grey.toml"))
             .unwrap()
             .replace("target = 1", "target = 42"),
     )
@@ -168,6 +168,7 @@ fn a_failed_run_leaves_no_release_and_no_secret() {
         out.to_str().unwrap(),
         "--secret",
         secret.to_str().unwrap(),
+        "--public-trigger",
     ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(
@@ -197,6 +198,66 @@ fn spec_check_names_the_bad_field() {
     let o = hallmark(&["spec", "check", bad.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("rate: must be in (0, 1]"), "{}", text(&o));
+}
+
+/// `spec check` says what a family draws and how much secret that is; `watermark` refuses a
+/// fixed (public) trigger unless told `--public-trigger`, and says why.
+#[test]
+fn families_show_their_entropy_and_fixed_triggers_need_consent() {
+    let o = hallmark(&[
+        "spec",
+        "check",
+        &spec_path("badnets-square-28x28-grey.toml"),
+    ]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("18.0 bits of secret per release"), "{t}");
+    for part in ["target", "trigger.pattern", "trigger.position"] {
+        assert!(t.contains(part), "{part}: {t}");
+    }
+    let o = hallmark(&[
+        "spec",
+        "check",
+        &spec_path("fixed/badnets-square-28x28-grey.toml"),
+    ]);
+    assert!(text(&o).contains("family     none"), "{}", text(&o));
+
+    let dir = tempfile::tempdir().unwrap();
+    let input = small_idx(&dir.path().join("in"), 40);
+    let run = |spec: &str, extra: &[&str]| {
+        let out = dir.path().join(format!("rel-{}", extra.len()));
+        let secret = dir.path().join(format!("s-{}.json", extra.len()));
+        let mut args = vec![
+            "watermark",
+            "--spec",
+            spec,
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--secret",
+            secret.to_str().unwrap(),
+            "--force",
+        ];
+        args.extend_from_slice(extra);
+        (hallmark(&args), out, secret)
+    };
+    let fixed = spec_path("fixed/badnets-square-28x28-grey.toml");
+    let (o, out, secret) = run(&fixed, &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("no [family] section") && text(&o).contains("--public-trigger"),
+        "{}",
+        text(&o)
+    );
+    assert!(!out.exists() && !secret.exists());
+    let (o, out, _) = run(&fixed, &["--public-trigger"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(out.join("release.json").exists());
+    // A TUAP family draws only its target: too little to publish (checked before any crafting).
+    let (o, _, _) = run(&spec_path("tuap-28x28-grey.toml"), &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("bits of secret"), "{}", text(&o));
 }
 
 #[test]

@@ -20,7 +20,7 @@ fn the_full_training_set_is_watermarked_exactly() {
     let o = hallmark(&[
         "watermark",
         "--spec",
-        &spec_path("badnets-28x28-grey.toml"),
+        &spec_path("fixed/badnets-28x28-grey.toml"),
         "--input",
         FM,
         "--split",
@@ -29,6 +29,7 @@ fn the_full_training_set_is_watermarked_exactly() {
         out.to_str().unwrap(),
         "--secret",
         secret.to_str().unwrap(),
+        "--public-trigger",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let commitment = String::from_utf8(o.stdout).unwrap().trim().to_string();
