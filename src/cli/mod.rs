@@ -338,7 +338,20 @@ fn run_plain(command: Command) -> Result<()> {
             println!("{}: valid", file.display());
             println!("  name       {}", spec.name);
             println!("  trigger    {}", spec.trigger.kind());
-            println!("  labelling  {}", serde_json::to_string(&spec.labelling)?);
+            let drawn_target = spec
+                .family
+                .as_ref()
+                .is_some_and(|f| f.target == crate::spec::Choice::Drawn)
+                && spec.labelling.target().is_some();
+            if drawn_target {
+                let kind = serde_json::to_value(spec.labelling)?;
+                println!(
+                    "  labelling  {}, the target drawn for each release",
+                    kind["kind"].as_str().unwrap_or_default()
+                );
+            } else {
+                println!("  labelling  {}", serde_json::to_string(&spec.labelling)?);
+            }
             println!("  rate       {}", spec.rate);
             println!("  seed       {}", spec.seed);
             if let Some(s) = spec.image {
