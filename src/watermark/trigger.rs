@@ -50,7 +50,17 @@ impl Stamp {
     /// Renders `trigger` for images of `shape`; seeded parts draw from `seed`.
     pub fn new(trigger: &Trigger, seed: u64, shape: ImageShape) -> Result<Self, WatermarkError> {
         let (pattern, weight) = match trigger {
-            Trigger::Warp(w) => return Ok(Self::Warp(WarpField::new(w, seed, shape))),
+            Trigger::Warp(w) => {
+                // The field's control grid is k × k, at most the image's size (this also bounds
+                // the allocation for any k a spec may hold).
+                if w.k < 2 || w.k > shape.height.min(shape.width) {
+                    return Err(WatermarkError::Spec(crate::spec::SpecError::Field {
+                        field: "trigger.k".into(),
+                        message: format!("grid size {} does not fit {shape} images", w.k),
+                    }));
+                }
+                return Ok(Self::Warp(WarpField::new(w, seed, shape)));
+            }
             Trigger::Rotate(r) => return Ok(Self::Remap(rotation_map(r.angle, shape))),
             // x + v, clipped: weight 1 on x, v added (the byte cast saturates at 0 and 255).
             Trigger::Perturbation(p) => {
