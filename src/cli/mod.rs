@@ -258,6 +258,10 @@ pub struct VerifyArgs {
     /// Controls drawn from the trigger's family for the rank test (default ⌈1/alpha⌉ − 1).
     #[arg(long)]
     pub controls: Option<usize>,
+    /// Images each trigger is queried on in the rank test's first round (default 1; 2 spares a
+    /// trigger that fails on one image, at the price of K + 1 more queries).
+    #[arg(long)]
+    pub first_images: Option<usize>,
     /// Where to write the full JSON report.
     #[arg(long)]
     pub report: PathBuf,
@@ -831,13 +835,18 @@ fn verify_cmd(a: VerifyArgs) -> Result<u8> {
         batch_pairs: a.round,
         seed: a.seed,
         controls: a.controls,
-        first_images: None,
+        first_images: a.first_images,
+        reduction: None,
     };
     cfg.check().map_err(|e| anyhow::anyhow!("--{e}"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let pb = bar((2 * a.m + 2 * (cfg.control_count() + 1)) as u64, "querying");
+    let first = cfg.first_images.unwrap_or(1);
+    let pb = bar(
+        (2 * a.m + (first + 1) * (cfg.control_count() + 1)) as u64,
+        "querying",
+    );
     let local = a.local_model.clone();
     let verdict = runtime.block_on(async {
         let progress = |q: usize| pb.set_position(q as u64);

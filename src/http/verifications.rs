@@ -103,6 +103,8 @@ pub struct CreateVerificationRequest {
     pub seed: Option<u64>,
     /// Controls drawn from the trigger's family for the rank test (default ⌈1/alpha⌉ − 1).
     pub controls: Option<usize>,
+    /// Images each trigger is queried on in the rank test's first round (1 to 100, default 1).
+    pub first_images: Option<usize>,
 }
 
 /// A queued verification and its job.
@@ -235,7 +237,8 @@ async fn create_verification(
         batch_pairs: req.round.unwrap_or(4),
         seed: req.seed,
         controls: req.controls,
-        first_images: None,
+        first_images: req.first_images,
+        reduction: None,
     };
     if !(2..=10_000).contains(&config.m) {
         return Err(ApiError::invalid("m: 2 to 10000"));

@@ -18,11 +18,14 @@
 //!    the family, so its effect is exchangeable with the controls' and its rank is uniform: the
 //!    rank p-value (1 + #controls that score at least as high) / (K + 1) is exact for every
 //!    innocent model, whatever it learnt elsewhere, another release of the same family included.
-//!    The K + 1 triggers are scored by successive halving, which treats them all alike: each
-//!    round queries every remaining trigger on one more image (the first images of a shared
-//!    order that its target allows) and keeps the better half; a trigger's score is the round it
+//!    The K + 1 triggers are scored by successive elimination, which treats them all alike: the
+//!    first round queries every trigger on `first_images` images (the first of a shared order
+//!    that its target allows), each later round queries the survivors on one more image, and
+//!    every round keeps the better third (`reduction`); a trigger's score is the round it
 //!    reached, then its mean effect, then a tie-break drawn from the record. Because the
-//!    procedure never looks at which trigger is the secret, the scores stay exchangeable.
+//!    procedure never looks at which trigger is the secret, the scores stay exchangeable. With
+//!    K = 99 that is 100 + 34 + 12 + 4 + 2 + 1 triggered queries, about as many as DVBW spends
+//!    on the secret alone.
 //!
 //! Untargeted watermarks must also scatter the model's answers: the triggered predictions that
 //! move away from the benign label must spread over the classes (UBW's prediction dispersibility
@@ -86,11 +89,14 @@ pub struct VerifyConfig {
     /// alpha, ⌈1/alpha⌉ − 1 (99 at alpha 0.01).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub controls: Option<usize>,
-    /// Images every trigger is queried on in the rank test's first round, before the first
-    /// halving (default 2, so that one image on which a learnt trigger fails does not eliminate
-    /// it).
+    /// Images every trigger is queried on in the rank test's first round (default 1; 2 keeps a
+    /// learnt trigger that fails on its first image in the race at the price of K + 1 queries).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_images: Option<usize>,
+    /// Each round of the rank test keeps the better 1/reduction of the remaining triggers
+    /// (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reduction: Option<usize>,
 }
 
 impl Default for VerifyConfig {
@@ -105,6 +111,7 @@ impl Default for VerifyConfig {
             seed: None,
             controls: None,
             first_images: None,
+            reduction: None,
         }
     }
 }
@@ -132,6 +139,9 @@ impl VerifyConfig {
         }
         if self.first_images.is_some_and(|n| !(1..=100).contains(&n)) {
             return Err("first_images: 1 to 100".into());
+        }
+        if self.reduction.is_some_and(|n| !(2..=10).contains(&n)) {
+            return Err("reduction: 2 to 10".into());
         }
         let k = self.control_count();
         if k > 100_000 {
@@ -660,7 +670,8 @@ async fn rank_test(
     let mut alive: Vec<usize> = (0..total).collect();
     let mut own_queries = 0usize;
     let mut round = 0usize;
-    let first = cfg.first_images.unwrap_or(2);
+    let first = cfg.first_images.unwrap_or(1);
+    let reduction = cfg.reduction.unwrap_or(3);
     loop {
         // More images for every remaining trigger: `first` in the first round, then one.
         let mut picks: Vec<(usize, usize)> = Vec::with_capacity(alive.len());
@@ -728,14 +739,14 @@ async fn rank_test(
         if alive.len() <= 1 {
             break;
         }
-        // Keep the better half: by mean effect, then by the drawn tie-break.
+        // Keep the better 1/reduction: by mean effect, then by the drawn tie-break.
         let mean = |j: usize| sums[j] / counts[j].max(1) as f64;
         alive.sort_by(|&a, &b| {
             mean(b)
                 .total_cmp(&mean(a))
                 .then_with(|| tie[b].cmp(&tie[a]))
         });
-        alive.truncate(alive.len().div_ceil(2));
+        alive.truncate(alive.len().div_ceil(reduction));
         round += 1;
     }
     let score = |j: usize| TriggerScore {

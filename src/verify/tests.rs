@@ -232,14 +232,11 @@ async fn sequential_mode_stops_early_and_counts_its_queries() {
     assert_eq!(v.decision, Decision::Used);
     assert!(v.pairs <= 25, "{} pairs", v.pairs);
     assert_eq!(model.calls.load(Ordering::Relaxed), v.queries);
-    // The rank test's share by successive halving: 2 images per trigger in the first round,
-    // then one per remaining trigger in each round (50 + 25 + 13 + 7 + 4 + 2 + 1).
+    // The rank test's share by successive elimination: one image per trigger in the first
+    // round, then one per remaining trigger in each round (34 + 12 + 4 + 2 + 1), and a few benign
+    // images the margin test did not ask.
     let r = v.rank.unwrap();
-    assert!(
-        r.queries <= 2 * 100 + 102 + 20,
-        "{} rank queries",
-        r.queries
-    );
+    assert!(r.queries <= 100 + 53 + 10, "{} rank queries", r.queries);
     assert!(v.queries <= 2 * v.pairs + r.queries, "{}", v.queries);
     let fixed = run(
         &Fake::learnt(&rec, Send::Class(target_of(&rec))),
@@ -256,7 +253,8 @@ async fn untargeted_watermarks_need_scattered_answers() {
     let ubw = run(&Fake::learnt(&rec, Send::Scatter), &rec, &cfg(false, false)).await;
     assert_eq!(ubw.decision, Decision::Used, "{}", ubw.reason);
     let d = ubw.dispersion.unwrap();
-    assert!(d.passed && d.entropy > 1.5, "{d:?}");
+    // The fake scatters by a hash of the triggered image, of which the grey-level pool has ten.
+    assert!(d.passed && d.moved >= 50, "{d:?}");
     // A targeted backdoor on the very same trigger passes the margin and rank tests but sends
     // everything to one class: not an untargeted watermark's effect.
     let targeted = run(
@@ -380,32 +378,31 @@ async fn simulate(
     family_spec: &str,
     make: impl Fn(&SecretRecord, u64) -> Fake,
 ) -> (Vec<f64>, usize) {
-    simulate_with(runs, family_spec, None, make).await
+    let (ps, used, _) = simulate_with(runs, family_spec, VerifyConfig::default(), make).await;
+    (ps, used)
 }
 
 async fn simulate_with(
     runs: usize,
     family_spec: &str,
-    first_images: Option<usize>,
+    base: VerifyConfig,
     make: impl Fn(&SecretRecord, u64) -> Fake,
-) -> (Vec<f64>, usize) {
+) -> (Vec<f64>, usize, Vec<usize>) {
     let spec = WatermarkSpec::from_toml_str(family_spec, None, "sim").unwrap();
     let held_out = pool(300);
-    let c = VerifyConfig {
-        m: 10,
-        first_images,
-        ..VerifyConfig::default()
-    };
+    let c = VerifyConfig { m: 10, ..base };
     let mut ps = Vec::with_capacity(runs);
     let mut used = 0;
+    let mut queries = Vec::with_capacity(runs);
     for i in 0..runs as u64 {
         let rec = apply(&mut pool(100), &spec, nonce(10_000 + i)).unwrap();
         let model = make(&rec, i);
         let v = verify(&model, &rec, &held_out, &c, &|_| {}).await.unwrap();
         ps.push(v.rank.as_ref().unwrap().p_value);
         used += usize::from(v.decision == Decision::Used);
+        queries.push(v.queries);
     }
-    (ps, used)
+    (ps, used, queries)
 }
 
 fn check_uniform(ps: &[f64], what: &str) {
@@ -492,24 +489,32 @@ async fn thieves_are_caught_across_releases() {
     }
 }
 
-/// Power of the rank test against a thief whose trigger fails on some images, by the number of
-/// images in the first round (run with --ignored; the figures are in docs/verification.md).
+/// Power and cost of the rank test against a thief whose trigger fails on some images, by the
+/// number of images in the first round and the fraction each round keeps (run with --ignored;
+/// the figures are in docs/verification.md).
 #[tokio::test]
 #[ignore]
 async fn power_by_first_round_images() {
-    for miss in [0, 10, 20, 40] {
-        for first in [1, 2, 3] {
-            let (ps, used) = simulate_with(300, PATCH_FAMILY, Some(first), |rec, _| {
+    for miss in [0, 5, 10, 20, 40] {
+        for (first, reduction) in [(1, 2), (1, 3), (1, 4), (2, 2), (2, 3)] {
+            let base = VerifyConfig {
+                first_images: Some(first),
+                reduction: Some(reduction),
+                ..VerifyConfig::default()
+            };
+            let (ps, used, mut queries) = simulate_with(300, PATCH_FAMILY, base, |rec, _| {
                 let mut f = Fake::learnt(rec, Send::Class(rec.spec.labelling.target().unwrap()));
                 f.miss = miss;
                 f
             })
             .await;
+            queries.sort_unstable();
             let ranked = ps.iter().filter(|&&p| p <= 0.01).count();
             eprintln!(
-                "ASR {}%, first round {first} images: rank test rejects {ranked}, {used} of 300 \
-                 caught (margin test on 10 pairs)",
-                100 - miss
+                "ASR {}%, first round {first} images, keep 1/{reduction}: rank test rejects \
+                 {ranked}, {used} of 300 caught (margin test on 10 pairs), median {} queries",
+                100 - miss,
+                queries[150]
             );
         }
     }
