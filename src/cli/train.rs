@@ -501,6 +501,11 @@ pub struct CalibrateArgs {
     /// the same training settings, seed, data and hallmark executable is loaded, not retrained.
     #[arg(long)]
     pub clean_cache: Option<PathBuf>,
+    /// Also train, for each index, a model on a release of this other spec (a family whose
+    /// trigger sits at the same place, say), verified with the calibrated secret: a real
+    /// backdoor that is not this release's, which must not be accused.
+    #[arg(long)]
+    pub other_family: Option<PathBuf>,
 }
 
 fn serve_and_verify(
@@ -571,6 +576,21 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
         AttackKind::Lira => settings["lira_eps"] = a.settings.lira_eps.into(),
         _ => {}
     }
+    let other_family = match &a.other_family {
+        Some(path) => {
+            let s = crate::spec::WatermarkSpec::from_toml_file(path)
+                .with_context(|| format!("--other-family {}", path.display()))?;
+            if s.needs_model() || s.encoder.is_some() {
+                bail!(
+                    "--other-family {}: a crafted or encoded spec; give a poison-only one",
+                    path.display()
+                );
+            }
+            settings["other_family"] = s.name.clone().into();
+            Some(s)
+        }
+        None => None,
+    };
     let json_path = a.out.join("calibration.json");
     let mut cal = Calibration {
         spec: spec.name.clone(),
@@ -590,7 +610,7 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
         eprintln!(
             "resuming: {} models of {} kept from {}",
             cal.rows.len(),
-            3 * a.models,
+            (3 + usize::from(other_family.is_some())) * a.models,
             json_path.display()
         );
     }
@@ -704,6 +724,13 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
         }
         let mut other = clean.clone();
         let other_record = mark(&mut other, &other_spec, nonce(i, "other"))?;
+        // A release of another family, trained plainly (poison only).
+        let mut family_data = clean.clone();
+        if let Some(s) = &other_family {
+            let mut s = s.clone();
+            s.seed = s.seed.wrapping_add(2000 + i as u64);
+            mark(&mut family_data, &s, nonce(i, "other-family"))?;
+        }
         // Blind injects the backdoor while training on the clean data; PhysicalBA transforms the
         // poisoned samples of the release it trains on. The clean model trains plainly.
         // IAD and LIRA, too, train on the clean data and learn their own trigger.
@@ -713,7 +740,7 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
         } else {
             (&marked, &other)
         };
-        for (kind, data, seed, attack) in [
+        let runs = [
             (
                 ModelKind::Watermarked,
                 marked_data,
@@ -737,7 +764,17 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
                     &a.settings,
                 )?,
             ),
-        ] {
+            (
+                ModelKind::OtherFamily,
+                &family_data,
+                a.seed + 300 + i as u64,
+                train::Attack::None,
+            ),
+        ];
+        for (kind, data, seed, attack) in runs {
+            if kind == ModelKind::OtherFamily && other_family.is_none() {
+                continue;
+            }
             let cfg = a.settings.config(seed);
             let label = format!("{kind:?} #{i}");
             let cached = match &clean_cache {

@@ -18,6 +18,10 @@ pub enum ModelKind {
     Clean,
     /// Data watermarked with a different secret trigger (must not be accused).
     OtherTrigger,
+    /// A release of another family, typically with its trigger at the same place (a BadNets
+    /// patch beside UBW-P's): a model with a real backdoor that is not this one (must not be
+    /// accused).
+    OtherFamily,
 }
 
 impl ModelKind {
@@ -122,15 +126,20 @@ impl Calibration {
         Ok(Some(old))
     }
 
-    /// Whether every model of watermarked index `index` (watermarked, clean, other-trigger) has
-    /// its row.
+    /// Whether every model of watermarked index `index` (watermarked, clean, other-trigger, and
+    /// other-family when the calibration trains one) has its row.
     pub fn has_index(&self, index: usize) -> bool {
+        let other_family = self
+            .settings
+            .get("other_family")
+            .is_some_and(|v| !v.is_null());
         [
             ModelKind::Watermarked,
             ModelKind::Clean,
             ModelKind::OtherTrigger,
         ]
         .iter()
+        .chain(other_family.then_some(&ModelKind::OtherFamily))
         .all(|k| self.rows.iter().any(|r| r.index == index && r.kind == *k))
     }
 
@@ -186,7 +195,7 @@ impl Calibration {
     }
 
     /// A PNG scatter plot: x = −log10 p (capped at 50), y = effect size; green watermarked, grey
-    /// clean, orange other-trigger; the dashed lines are −log10 alpha and the margin tau. The
+    /// clean, orange other-trigger, purple other-family; the dashed lines are −log10 alpha and the margin tau. The
     /// numbers are in the Markdown and JSON beside it.
     pub fn plot_png(&self, alpha: f64, tau: f64) -> image::RgbImage {
         let (w, h, m) = (640u32, 400u32, 40i64);
@@ -226,6 +235,7 @@ impl Calibration {
                 ModelKind::Watermarked => [30, 160, 60],
                 ModelKind::Clean => [110, 110, 110],
                 ModelKind::OtherTrigger => [240, 140, 20],
+                ModelKind::OtherFamily => [150, 60, 200],
             };
             let (cx, cy) = to_px(-r.p_value.max(1e-300).log10(), r.effect);
             for dx in -4..=4i64 {
