@@ -17,6 +17,11 @@ pub enum Arch {
     Resnet18,
     /// A small VGG (VGG-11 layout with batch norm), global average pooling, one linear layer.
     Vgg11,
+    /// What a thief trains on 28×28 images with PyTorch: three 3×3 convolutions (32, 64, 128),
+    /// each with batch norm and ReLU, max-pooling after the first two, global average pooling,
+    /// dropout 0.25, one linear layer. Not a BackdoorBox model: it stands for the suspects hallmark
+    /// must judge.
+    SmallCnn,
 }
 
 /// A network and the shape it was built for.
@@ -171,6 +176,33 @@ impl Net {
                 s.add_fn(|x| x.adaptive_avg_pool2d([1, 1]).flatten(1, -1))
                     .add(linear(p / "classifier", 512, classes))
             }
+            Arch::SmallCnn => {
+                let mut s = nn::seq_t();
+                let mut c_in = c;
+                for (i, c_out) in [32, 64, 128].into_iter().enumerate() {
+                    s = s
+                        .add(conv(p / format!("conv{i}"), c_in, c_out, 3, 1, 1, false))
+                        .add(nn::batch_norm2d(
+                            p / format!("bn{i}"),
+                            c_out,
+                            Default::default(),
+                        ))
+                        .add_fn(|x| x.relu());
+                    if i < 2 {
+                        s = s.add_fn(|x| {
+                            if x.size()[2] >= 2 && x.size()[3] >= 2 {
+                                x.max_pool2d_default(2)
+                            } else {
+                                x.shallow_clone()
+                            }
+                        });
+                    }
+                    c_in = c_out;
+                }
+                s.add_fn(|x| x.adaptive_avg_pool2d([1, 1]).flatten(1, -1))
+                    .add_fn_t(|x, train| x.dropout(0.25, train))
+                    .add(linear(p / "fc", 128, classes))
+            }
         };
         Self { arch, body }
     }
@@ -223,6 +255,22 @@ mod tests {
                     height: 28,
                     width: 28,
                     channels: 1,
+                },
+            ),
+            (
+                Arch::SmallCnn,
+                ImageShape {
+                    height: 28,
+                    width: 28,
+                    channels: 1,
+                },
+            ),
+            (
+                Arch::SmallCnn,
+                ImageShape {
+                    height: 3,
+                    width: 3,
+                    channels: 3,
                 },
             ),
         ] {
