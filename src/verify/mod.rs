@@ -521,10 +521,14 @@ pub async fn verify(
         (true, true, true, true) => (
             Decision::Used,
             format!(
-                "the secret trigger moves the model by more than tau, and more than all but {} of \
-                 {} triggers of its family drawn at random do (rank p = {:.3}): evidence the \
-                 model was trained on this release",
-                rank.rank - 1,
+                "the secret trigger moves the model by more than tau, and more than {} of the {} \
+                 triggers of its family drawn at random do (rank p = {:.3}): evidence the model \
+                 was trained on this release",
+                if rank.rank == 1 {
+                    "every one".to_string()
+                } else {
+                    format!("all but {}", rank.rank - 1)
+                },
                 rank.controls,
                 rank.p_value
             ),
