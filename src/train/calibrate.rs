@@ -359,4 +359,31 @@ mod tests {
         let err = Calibration::resumable(&path, "badnets", &more).unwrap_err();
         assert!(err.contains("not a calibration"), "{err}");
     }
+
+    #[test]
+    fn an_index_needs_its_other_family_model_when_the_calibration_trains_one() {
+        let rows = vec![
+            row(ModelKind::Watermarked, 0),
+            row(ModelKind::Clean, 0),
+            row(ModelKind::OtherTrigger, 0),
+        ];
+        let plain = Calibration {
+            spec: "ubw-p".into(),
+            settings: json!({"models": 1}),
+            rows: rows.clone(),
+        };
+        assert!(plain.has_index(0));
+        let mut with = Calibration {
+            spec: "ubw-p".into(),
+            settings: json!({"models": 1, "other_family": "badnets-square-28x28-grey"}),
+            rows,
+        };
+        assert!(!with.has_index(0), "the other-family model is missing");
+        with.rows.push(row(ModelKind::OtherFamily, 0));
+        assert!(with.has_index(0));
+        assert!(with.markdown().contains("OtherFamily #0"));
+        // It counts among the independent models.
+        with.rows.last_mut().unwrap().decision = Decision::Used;
+        assert!((with.false_positive_rate() - 1.0 / 3.0).abs() < 1e-12);
+    }
 }
