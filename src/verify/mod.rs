@@ -209,7 +209,7 @@ pub struct Control {
 /// One trigger's score in the rank test.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TriggerScore {
-    /// The last halving round the trigger took part in (0 = the first).
+    /// The last elimination round the trigger took part in (0 = the first).
     pub round: usize,
     /// Its mean paired difference over the images it was queried on.
     pub effect: f64,
@@ -636,7 +636,7 @@ fn controls(
     }
 }
 
-/// Scores the secret and the K controls by successive halving and ranks the secret.
+/// Scores the secret and the K controls by successive elimination and ranks the secret.
 #[allow(clippy::too_many_arguments)]
 async fn rank_test(
     endpoint: &dyn ModelEndpoint,
