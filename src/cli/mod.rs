@@ -501,13 +501,18 @@ fn check_secrecy(spec: &WatermarkSpec, ds: &dataset::Dataset, public: bool) -> R
     let bits = crate::spec::family::entropy_bits(spec, ds.num_classes(), ds.shape())?;
     if spec.family.is_none() {
         bail!(
-            "the spec `{}` has no [family] section: its trigger is fixed and public, so a model              reacting to it proves nothing about this release, and every release of the spec              shares it. Use a family spec (watermark_specs/), or pass --public-trigger to publish              it anyway (its verdicts will be at most inconclusive)",
+            "the spec `{}` has no [family] section: its trigger is fixed and public, so a model \
+             reacting to it proves nothing about this release, and every release of the spec \
+             shares it. Use a family spec (watermark_specs/), or pass --public-trigger to publish \
+             it anyway (its verdicts will be at most inconclusive)",
             spec.name
         );
     }
     if bits < crate::spec::family::MIN_ENTROPY_BITS {
         bail!(
-            "the spec `{}` draws only {bits:.1} bits of secret for its trigger (fewer than {}):              releases would share triggers too often and a thief could try them all. Let the              family draw more (pattern, position, target), or pass --public-trigger",
+            "the spec `{}` draws only {bits:.1} bits of secret for its trigger (fewer than {}): \
+             releases would share triggers too often and a thief could try them all. Let the \
+             family draw more (pattern, position, target), or pass --public-trigger",
             spec.name,
             crate::spec::family::MIN_ENTROPY_BITS
         );

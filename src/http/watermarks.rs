@@ -137,7 +137,9 @@ fn check_secrecy(spec: &WatermarkSpec, ds: &crate::store::DatasetInfo) -> Result
     use crate::spec::family::{MIN_ENTROPY_BITS, entropy_bits};
     if spec.family.is_none() {
         return Err(ApiError::invalid_spec(
-            "spec: no [family] section: the trigger is fixed and public, so a model reacting to              it proves nothing about this release; use a family spec, or set public_trigger              (its verdicts are then at most inconclusive)",
+            "spec: no [family] section: the trigger is fixed and public, so a model reacting to \
+             it proves nothing about this release; use a family spec, or set public_trigger \
+             (its verdicts are then at most inconclusive)",
         ));
     }
     let dims: Vec<usize> = ds.shape.split('x').filter_map(|d| d.parse().ok()).collect();
@@ -154,7 +156,8 @@ fn check_secrecy(spec: &WatermarkSpec, ds: &crate::store::DatasetInfo) -> Result
         .map_err(|e| ApiError::invalid_spec(e.to_string()))?;
     if bits < MIN_ENTROPY_BITS {
         return Err(ApiError::invalid_spec(format!(
-            "spec: the family draws only {bits:.1} bits of secret (fewer than {MIN_ENTROPY_BITS}):              releases would share triggers; let it draw more, or set public_trigger"
+            "spec: the family draws only {bits:.1} bits of secret (fewer than {MIN_ENTROPY_BITS}): \
+             releases would share triggers; let it draw more, or set public_trigger"
         )));
     }
     Ok(())
