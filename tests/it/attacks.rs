@@ -578,7 +578,8 @@ fn tuap_perturbation_is_universal_bounded_and_kept_in_the_record() {
 }
 
 /// The command line: a TUAP release crafted with `--craft-model` keeps its perturbation in the
-/// secret record; without a model the spec is refused; `--attack blind` trains from clean data
+/// secret record (BackdoorBox's fixed specs, published with `--public-trigger`); without a model
+/// the spec is refused; `--attack blind` trains from clean data
 /// with the record's trigger, and `--attack physical-ba` without a record says what it needs.
 #[test]
 fn crafting_and_malicious_training_from_the_command_line() {
@@ -641,6 +642,7 @@ fn crafting_and_malicious_training_from_the_command_line() {
         &p("nope"),
         "--secret",
         &p("nope.json"),
+        "--public-trigger",
     ]);
     assert!(!refused.status.success());
     let err = String::from_utf8_lossy(&refused.stderr);
@@ -659,6 +661,7 @@ fn crafting_and_malicious_training_from_the_command_line() {
         &p("release"),
         "--secret",
         &p("s.json"),
+        "--public-trigger",
         "--craft-model",
         &p("benign"),
     ]));
@@ -680,6 +683,7 @@ fn crafting_and_malicious_training_from_the_command_line() {
         &p("badnets"),
         "--secret",
         &p("b.json"),
+        "--public-trigger",
     ]));
     ok(run(train_args(
         &p("clean"),
@@ -744,6 +748,7 @@ fn crafting_and_malicious_training_from_the_command_line() {
         &p("issba"),
         "--secret",
         &p("i.json"),
+        "--public-trigger",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let record = hallmark::watermark::SecretRecord::load(&t.path().join("i.json")).unwrap();
