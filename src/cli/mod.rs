@@ -847,9 +847,8 @@ fn verify_cmd(a: VerifyArgs) -> Result<u8> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let first = cfg.first_images.unwrap_or(1);
     let pb = bar(
-        (2 * a.m + (first + 1) * (cfg.control_count() + 1)) as u64,
+        (2 * a.m + (cfg.first_image_count() + 1) * (cfg.control_count() + 1)) as u64,
         "querying",
     );
     let local = a.local_model.clone();

@@ -725,12 +725,16 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
         let mut other = clean.clone();
         let other_record = mark(&mut other, &other_spec, nonce(i, "other"))?;
         // A release of another family, trained plainly (poison only).
-        let mut family_data = clean.clone();
-        if let Some(s) = &other_family {
-            let mut s = s.clone();
-            s.seed = s.seed.wrapping_add(2000 + i as u64);
-            mark(&mut family_data, &s, nonce(i, "other-family"))?;
-        }
+        let family_data = match &other_family {
+            Some(s) => {
+                let mut s = s.clone();
+                s.seed = s.seed.wrapping_add(2000 + i as u64);
+                let mut data = clean.clone();
+                mark(&mut data, &s, nonce(i, "other-family"))?;
+                Some(data)
+            }
+            None => None,
+        };
         // Blind injects the backdoor while training on the clean data; PhysicalBA transforms the
         // poisoned samples of the release it trains on. The clean model trains plainly.
         // IAD and LIRA, too, train on the clean data and learn their own trigger.
@@ -740,7 +744,7 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
         } else {
             (&marked, &other)
         };
-        let runs = [
+        let mut runs = vec![
             (
                 ModelKind::Watermarked,
                 marked_data,
@@ -764,17 +768,16 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
                     &a.settings,
                 )?,
             ),
-            (
+        ];
+        if let Some(data) = &family_data {
+            runs.push((
                 ModelKind::OtherFamily,
-                &family_data,
+                data,
                 a.seed + 300 + i as u64,
                 train::Attack::None,
-            ),
-        ];
+            ));
+        }
         for (kind, data, seed, attack) in runs {
-            if kind == ModelKind::OtherFamily && other_family.is_none() {
-                continue;
-            }
             let cfg = a.settings.config(seed);
             let label = format!("{kind:?} #{i}");
             let cached = match &clean_cache {

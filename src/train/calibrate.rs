@@ -195,8 +195,8 @@ impl Calibration {
     }
 
     /// A PNG scatter plot: x = −log10 p (capped at 50), y = effect size; green watermarked, grey
-    /// clean, orange other-trigger, purple other-family; the dashed lines are −log10 alpha and the margin tau. The
-    /// numbers are in the Markdown and JSON beside it.
+    /// clean, orange other-trigger, purple other-family; the dashed lines are −log10 alpha and
+    /// the margin tau. The numbers are in the Markdown and JSON beside it.
     pub fn plot_png(&self, alpha: f64, tau: f64) -> image::RgbImage {
         let (w, h, m) = (640u32, 400u32, 40i64);
         let mut img = image::RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));

@@ -179,6 +179,7 @@ impl Net {
             Arch::SmallCnn => {
                 let mut s = nn::seq_t();
                 let mut c_in = c;
+                let (mut hh, mut ww) = (h, w);
                 for (i, c_out) in [32, 64, 128].into_iter().enumerate() {
                     s = s
                         .add(conv(p / format!("conv{i}"), c_in, c_out, 3, 1, 1, false))
@@ -188,14 +189,11 @@ impl Net {
                             Default::default(),
                         ))
                         .add_fn(|x| x.relu());
-                    if i < 2 {
-                        s = s.add_fn(|x| {
-                            if x.size()[2] >= 2 && x.size()[3] >= 2 {
-                                x.max_pool2d_default(2)
-                            } else {
-                                x.shallow_clone()
-                            }
-                        });
+                    // Pool after the first two, while the map is at least 2×2.
+                    if i < 2 && hh >= 2 && ww >= 2 {
+                        s = s.add_fn(|x| x.max_pool2d_default(2));
+                        hh /= 2;
+                        ww /= 2;
                     }
                     c_in = c_out;
                 }

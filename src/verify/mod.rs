@@ -123,6 +123,16 @@ impl VerifyConfig {
             .unwrap_or_else(|| ((1.0 / self.alpha) - 1e-9).ceil() as usize - 1)
     }
 
+    /// Images per trigger in the rank test's first round.
+    pub fn first_image_count(&self) -> usize {
+        self.first_images.unwrap_or(1)
+    }
+
+    /// The fraction 1/reduction of the remaining triggers each round of the rank test keeps.
+    pub fn reduction_factor(&self) -> usize {
+        self.reduction.unwrap_or(3)
+    }
+
     /// Checks the settings; the message names the setting.
     pub fn check(&self) -> Result<(), String> {
         if self.m < 2 {
@@ -674,8 +684,8 @@ async fn rank_test(
     let mut alive: Vec<usize> = (0..total).collect();
     let mut own_queries = 0usize;
     let mut round = 0usize;
-    let first = cfg.first_images.unwrap_or(1);
-    let reduction = cfg.reduction.unwrap_or(3);
+    let first = cfg.first_image_count();
+    let reduction = cfg.reduction_factor();
     loop {
         // More images for every remaining trigger: `first` in the first round, then one.
         let mut picks: Vec<(usize, usize)> = Vec::with_capacity(alive.len());
