@@ -126,6 +126,12 @@ pub struct WatermarkArgs {
     /// trigger derives from it: keep it as secret as the record.
     #[arg(long, value_parser = parse_nonce)]
     pub nonce: Option<[u8; 32]>,
+    /// Stamp this many independent secret triggers of the spec's family (each on its own
+    /// `rate` of the samples, disjoint), so that each verification can spend a fresh one: a
+    /// verification shows its trigger to the endpoint's operator (docs/threat-model.md). The
+    /// secret file then holds one record per trigger; `hallmark verify --trigger N` picks one.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
+    pub triggers: u64,
     /// Compression of IDX outputs.
     #[arg(long, value_enum, default_value_t = Compress::Auto)]
     pub compress: Compress,
@@ -148,7 +154,8 @@ pub enum SpecCommand {
         /// The spec file.
         file: PathBuf,
     },
-    /// Recompute the commitment of a secret record.
+    /// Recompute the commitment of a secret record (of a release with several triggers: each
+    /// trigger's on stderr, the release's on stdout).
     Commitment {
         /// The secret record file.
         secret: PathBuf,
@@ -214,6 +221,10 @@ pub struct VerifyArgs {
     /// The secret record of the watermark.
     #[arg(long)]
     pub secret: PathBuf,
+    /// Which trigger of a release with several (`hallmark watermark --triggers N`) this
+    /// verification spends, 1 to N. Spend each once: the endpoint sees the triggered queries.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=16))]
+    pub trigger: Option<u64>,
     /// Held-out benign images (never training images), e.g. the test split's IDX files.
     #[command(flatten)]
     pub held_out: DataArgs,
@@ -409,8 +420,13 @@ fn run_plain(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Spec(SpecCommand::Commitment { secret }) => {
-            let rec = SecretRecord::load(&secret)?;
-            println!("{}", rec.commitment());
+            let secret = watermark::Secret::load(&secret)?;
+            if let watermark::Secret::Set(set) = &secret {
+                for (i, c) in set.commitments().iter().enumerate() {
+                    eprintln!("trigger {}: {c}", i + 1);
+                }
+            }
+            println!("{}", secret.commitment());
             Ok(())
         }
         Command::Convert(a) => convert_cmd(a),
@@ -540,9 +556,22 @@ fn watermark_cmd(a: WatermarkArgs) -> Result<()> {
     check_writable(&a.output, a.force)?;
     check_writable(&a.secret, a.force)?;
 
+    let triggers = a.triggers as usize;
+    if triggers > 1 && spec.family.is_none() {
+        bail!(
+            "--triggers {triggers}: a spec without a [family] section has one fixed trigger; \
+             several triggers need a family to draw them from"
+        );
+    }
     let mut loaded = read_input(&a.input)?;
     check_secrecy(&spec, &loaded.dataset, a.public_trigger)?;
     let nonce = a.nonce.unwrap_or_else(watermark::random_nonce);
+    if let (2.., Some(section)) = (triggers, spec.crafting()) {
+        bail!(
+            "--triggers {triggers}: a release with several triggers needs a spec without \
+             crafting ([{section}] crafts one trigger's poisons)"
+        );
+    }
     let pb = spinner("watermarking");
     #[cfg(feature = "train")]
     let marked = match (&a.craft_model, spec.needs_model()) {
@@ -571,6 +600,7 @@ fn watermark_cmd(a: WatermarkArgs) -> Result<()> {
                     ))
                 },
             )
+            .map(watermark::Watermarked::into_release)
         }
         (None, _) if spec.encoder.is_some() => {
             let device = crate::train::device(crate::train::DeviceChoice::Auto)?;
@@ -587,23 +617,23 @@ fn watermark_cmd(a: WatermarkArgs) -> Result<()> {
             );
             marked.map(|(m, report)| {
                 pb.println(report.to_string());
-                m
+                m.into_release()
             })
         }
         (Some(_), false) => bail!(
             "--craft-model is for specs whose poisons are crafted with a model ([adversarial] or \
              [gradient_matching] settings)"
         ),
-        (None, _) => watermark::apply_with_hashes(&mut loaded.dataset, &spec, nonce),
+        (None, _) => watermark::apply_triggers(&mut loaded.dataset, &spec, nonce, triggers),
     };
     #[cfg(not(feature = "train"))]
-    let marked = watermark::apply_with_hashes(&mut loaded.dataset, &spec, nonce);
+    let marked = watermark::apply_triggers(&mut loaded.dataset, &spec, nonce, triggers);
     pb.finish_and_clear();
-    let watermark::Watermarked {
-        record,
+    let watermark::WatermarkedRelease {
+        secret,
         image_hashes,
     } = marked?;
-    let commitment = record.commitment();
+    let commitment = secret.commitment();
     if let Layout::Idx { gzip, .. } = &mut loaded.layout {
         match a.compress {
             Compress::Auto => {}
@@ -621,20 +651,26 @@ fn watermark_cmd(a: WatermarkArgs) -> Result<()> {
         a.force,
         Some(commitment.clone()),
         || {
-            record
+            secret
                 .save(&a.secret, a.force)
                 .with_context(|| format!("cannot write the secret record {}", a.secret.display()))
         },
     )?;
+    let noise: usize = secret.records().map(|r| r.noise_indices.len()).sum();
     eprintln!(
-        "watermarked {} samples ({}): {} poisoned{}, {} classes, release in {}",
+        "watermarked {} samples ({}): {} poisoned{}{}, {} classes, release in {}",
         info.count,
         spec.name,
-        record.poisoned.len(),
-        if record.noise_indices.is_empty() {
+        secret.poisoned_count(),
+        if triggers > 1 {
+            format!(" by {triggers} independent triggers")
+        } else {
+            String::new()
+        },
+        if noise == 0 {
             String::new()
         } else {
-            format!(", {} noise-mode", record.noise_indices.len())
+            format!(", {noise} noise-mode")
         },
         info.num_classes,
         a.output.display()
@@ -735,6 +771,12 @@ fn print_verdict(verdict: &verify::Verdict, alpha: f64) {
     );
     println!("why:      {}", verdict.reason);
     println!("protocol: {}", verdict.protocol);
+    if let Some(t) = &verdict.trigger {
+        println!(
+            "trigger:  {} of {} (release commitment {})",
+            t.number, t.of, t.release_commitment
+        );
+    }
     println!("model:    {}", verdict.endpoint);
     println!(
         "margin:   {}, {} pairs: p = {:.3e} (alpha {}), effect {:.4} (lower {:.0}% bound {:.4}, margin {})",
@@ -792,8 +834,18 @@ fn verify_cmd(a: VerifyArgs) -> Result<u8> {
     check_writable(&a.report, a.force)?;
     // The record and the held-out images load while the endpoint is contacted.
     let (secret, held_out) = (a.secret.clone(), a.held_out.clone());
-    let loading = std::thread::spawn(move || -> Result<(SecretRecord, dataset::Dataset)> {
-        Ok((SecretRecord::load(&secret)?, held_out.load()?))
+    let number = a.trigger.map(|n| n as usize);
+    type Loaded = (
+        SecretRecord,
+        Option<watermark::SpentTrigger>,
+        dataset::Dataset,
+    );
+    let loading = std::thread::spawn(move || -> Result<Loaded> {
+        let all = watermark::Secret::load(&secret)?;
+        let (record, spent) = all
+            .trigger(number)
+            .map_err(|m| anyhow::anyhow!("{}: {m}", secret.display()))?;
+        Ok((record.clone(), spent, held_out.load()?))
     });
     // Only the retries' jitter is random; the verification itself derives from the record.
     let jitter = a.seed.unwrap_or_else(|| {
@@ -854,22 +906,24 @@ fn verify_cmd(a: VerifyArgs) -> Result<u8> {
     let local = a.local_model.clone();
     let verdict = runtime.block_on(async {
         let progress = |q: usize| pb.set_position(q as u64);
-        let join = |l: std::thread::JoinHandle<Result<(SecretRecord, dataset::Dataset)>>| {
+        let join = |l: std::thread::JoinHandle<Result<Loaded>>| {
             l.join()
                 .map_err(|_| anyhow::anyhow!("loading the inputs panicked"))?
         };
         if let Some(dir) = local {
-            let (record, pool) = join(loading)?;
+            let (record, spent, pool) = join(loading)?;
             let endpoint = local_endpoint(&dir)?;
-            return anyhow::Ok(
-                verify::verify(endpoint.as_ref(), &record, &pool, &cfg, &progress).await?,
-            );
+            let mut v = verify::verify(endpoint.as_ref(), &record, &pool, &cfg, &progress).await?;
+            v.trigger = spent;
+            return anyhow::Ok(v);
         }
         let endpoint = HttpEndpoint::connect(ep, jitter).await;
-        let (record, pool) = join(loading)?;
+        let (record, spent, pool) = join(loading)?;
         let mut endpoint = endpoint?;
         endpoint.set_class_names(pool.class_names().map(<[String]>::to_vec));
-        anyhow::Ok(verify::verify(&endpoint, &record, &pool, &cfg, &progress).await?)
+        let mut v = verify::verify(&endpoint, &record, &pool, &cfg, &progress).await?;
+        v.trigger = spent;
+        anyhow::Ok(v)
     });
     pb.finish_and_clear();
     let verdict = verdict?;

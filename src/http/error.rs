@@ -84,6 +84,10 @@ impl ApiError {
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, "conflict", message)
     }
+    /// 409: every trigger of a watermark with several has been spent by a verification.
+    pub fn triggers_spent(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "triggers_spent", message)
+    }
     /// 403: a per-key quota (datasets, upload bytes) is used up.
     pub fn quota(message: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, "quota_exceeded", message)

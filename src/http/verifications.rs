@@ -259,7 +259,7 @@ async fn create_verification(
         return queue(
             s,
             caller,
-            w.id,
+            (w.id, w.triggers),
             holdout,
             VerifyPlan {
                 endpoint: e,
@@ -268,13 +268,20 @@ async fn create_verification(
         )
         .await;
     }
-    queue(s, caller, w.id, holdout, VerifyPlan { endpoint, config }).await
+    queue(
+        s,
+        caller,
+        (w.id, w.triggers),
+        holdout,
+        VerifyPlan { endpoint, config },
+    )
+    .await
 }
 
 async fn queue(
     s: AppState,
     caller: Caller,
-    watermark: String,
+    (watermark, triggers): (String, i64),
     holdout: String,
     plan: VerifyPlan,
 ) -> Result<(StatusCode, ApiJson<CreateVerificationResponse>), ApiError> {
@@ -286,9 +293,16 @@ async fn queue(
             &watermark,
             &holdout,
             &request,
+            triggers,
             s.cfg.job_max_attempts,
         )
-        .await?;
+        .await?
+        .ok_or_else(|| {
+            ApiError::triggers_spent(format!(
+                "every one of the watermark's {triggers} triggers has been spent by a \
+                 verification; a spent trigger was shown to its endpoint, so it is not used again"
+            ))
+        })?;
     s.wake.notify_one();
     Ok((
         StatusCode::ACCEPTED,
@@ -343,6 +357,7 @@ fn redact_verdict(verdict: &serde_json::Value) -> serde_json::Value {
             "queries",
             "rank",
             "dispersion",
+            "trigger",
         ],
     );
     if let Some(protocol) = verdict.get("protocol").and_then(Value::as_str) {

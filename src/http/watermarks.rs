@@ -12,7 +12,7 @@ use super::{AppState, Caller, owns};
 use crate::jobs::WatermarkPlan;
 use crate::spec::{Trigger, WatermarkSpec};
 use crate::store::{Job, JobState, ReleaseFacts, Role, WatermarkInfo};
-use crate::watermark::SecretRecord;
+use crate::watermark::Secret;
 
 pub(super) fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -49,6 +49,11 @@ pub struct CreateWatermarkRequest {
     /// The secret record's nonce (64 hex digits), for a reproducible release; drawn at random
     /// when absent. The secret trigger derives from it: keep it as secret as the record.
     pub nonce: Option<String>,
+    /// How many independent secret triggers of the spec's family the release carries (1 to
+    /// 16, default 1), each on its own `rate` of the samples. With several, each verification
+    /// spends one, so a trigger shown to one endpoint is never used again
+    /// (docs/threat-model.md).
+    pub triggers: Option<u32>,
 }
 
 /// A watermark and its state.
@@ -59,6 +64,8 @@ pub struct WatermarkView {
     pub watermark: WatermarkInfo,
     /// `queued`, `running`, `succeeded` (ready), `failed` or `cancelled`; imported: `succeeded`.
     pub state: JobState,
+    /// How many triggers verifications have spent (releases with several triggers).
+    pub triggers_spent: i64,
 }
 
 /// A queued watermark and the job writing it.
@@ -78,7 +85,8 @@ pub struct ImportWatermarkRequest {
     pub name: String,
     /// Held-out images verifications use by default (the caller's).
     pub holdout_dataset_id: Option<String>,
-    /// The secret record's JSON.
+    /// The secret record's JSON (`hallmark watermark --secret`; a release with several
+    /// triggers: the whole set).
     #[schema(value_type = Object)]
     pub secret_record: serde_json::Value,
 }
@@ -217,7 +225,21 @@ async fn create_watermark(
     if let Some(h) = &req.holdout_dataset_id {
         own_dataset(&s, &caller, h, "holdout_dataset_id").await?;
     }
+    let triggers = req.triggers.unwrap_or(1) as usize;
+    if !(1..=crate::watermark::MAX_TRIGGERS).contains(&triggers) {
+        return Err(ApiError::invalid(format!(
+            "triggers: 1 to {}",
+            crate::watermark::MAX_TRIGGERS
+        )));
+    }
+    if triggers > 1 && spec.family.is_none() {
+        return Err(ApiError::invalid_spec(
+            "triggers: a spec without a [family] section has one fixed trigger; several \
+             triggers need a family to draw them from",
+        ));
+    }
     let plan = WatermarkPlan {
+        triggers,
         spec: serde_json::to_value(&spec).map_err(ApiError::internal)?,
         nonce: match &req.nonce {
             Some(n) if hex::decode(n).is_ok_and(|b| b.len() == 32) => n.to_lowercase(),
@@ -234,6 +256,7 @@ async fn create_watermark(
             &req.dataset_id,
             req.holdout_dataset_id.as_deref(),
             &plan,
+            triggers as i64,
             s.cfg.job_max_attempts,
         )
         .await?;
@@ -259,22 +282,22 @@ async fn import_watermark(
         own_dataset(&s, &caller, h, "holdout_dataset_id").await?;
     }
     let text = req.secret_record.to_string();
-    let record = SecretRecord::from_json(&text)
+    let secret = Secret::from_json(&text)
         .map_err(|e| ApiError::invalid_spec(format!("secret_record: {e}")))?;
-    let json = serde_json::to_vec(&record).map_err(ApiError::internal)?;
     let watermark = s
         .store
         .import_watermark(
             caller.id(),
             name,
             req.holdout_dataset_id.as_deref(),
-            &json,
+            &secret.to_json_pretty(),
             &ReleaseFacts {
-                commitment: record.commitment(),
-                dataset_sha256: record.dataset.sha256_after.clone(),
+                commitment: secret.commitment(),
+                dataset_sha256: secret.dataset().sha256_after.clone(),
                 release_path: None,
-                poisoned: record.poisoned.len() as i64,
+                poisoned: secret.poisoned_count() as i64,
             },
+            secret.trigger_count() as i64,
         )
         .await?;
     Ok((
@@ -282,6 +305,7 @@ async fn import_watermark(
         ApiJson(WatermarkView {
             watermark,
             state: JobState::Succeeded,
+            triggers_spent: 0,
         }),
     ))
 }
@@ -296,9 +320,11 @@ async fn view(s: &AppState, w: WatermarkInfo) -> Result<WatermarkView, ApiError>
             .unwrap_or(JobState::Failed),
         None => JobState::Succeeded,
     };
+    let triggers_spent = s.store.spent_triggers(&w.id).await?;
     Ok(WatermarkView {
         watermark: w,
         state,
+        triggers_spent,
     })
 }
 

@@ -25,7 +25,7 @@ use crate::store::{
     Beat, Claimed, DatasetInfo, JobKind, JobState, ReleaseFacts, Store, StoreError,
 };
 use crate::verify::{self, Decision, VerifyConfig};
-use crate::watermark::{self, SecretRecord};
+use crate::watermark::{self, Secret};
 
 /// What a watermark job applies: the spec and the nonce, fixed when the job is created so that
 /// every attempt writes the same release. Stored sealed.
@@ -35,6 +35,13 @@ pub struct WatermarkPlan {
     pub spec: serde_json::Value,
     /// 32 random bytes, hex.
     pub nonce: String,
+    /// How many independent triggers the release carries.
+    #[serde(default = "one")]
+    pub triggers: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// What a verification job runs: where the model is and how to test it.
@@ -328,6 +335,7 @@ impl Runner {
             .await?
             .ok_or_else(|| JobError::new("not_found", "the dataset was deleted"))?;
         let dest = Self::release_dir(&self.cfg.data_dir, id);
+        let triggers = plan.triggers;
         progress.total.store(4, Ordering::Relaxed);
         let p = progress.clone();
         let (roots, limits) = (self.cfg.dataset_roots.clone(), self.cfg.dataset_limits);
@@ -340,10 +348,10 @@ impl Runner {
                 ));
             }
             p.done.store(1, Ordering::Relaxed);
-            let marked = watermark::apply_with_hashes(&mut loaded.dataset, &spec, nonce)
+            let marked = watermark::apply_triggers(&mut loaded.dataset, &spec, nonce, triggers)
                 .map_err(|e| JobError::new("invalid_spec", e.to_string()))?;
             p.done.store(2, Ordering::Relaxed);
-            let commitment = marked.record.commitment();
+            let commitment = marked.secret.commitment();
             if let Some(parent) = dest.parent() {
                 std::fs::create_dir_all(parent)
                     .map_err(|e| JobError::new("io", format!("{}: {e}", parent.display())))?;
@@ -368,16 +376,16 @@ impl Runner {
             dataset::write_release_info(dir.path(), &info)
                 .map_err(|e| JobError::new("io", e.to_string()))?;
             p.done.store(3, Ordering::Relaxed);
-            Ok((dir, marked.record, commitment, info.dataset_sha256))
+            Ok((dir, marked.secret, commitment, info.dataset_sha256))
         })
         .await
         .map_err(|e| JobError::new("internal", format!("the watermark task panicked: {e}")))??;
-        let (dir, record, commitment, sha_after) = written;
+        let (dir, secret, commitment, sha_after) = written;
         // The secret is stored before the release becomes visible: a release never exists
         // without its secret.
-        let record_json = serde_json::to_vec(&record)
-            .map_err(|e| JobError::new("internal", format!("secret record: {e}")))?;
-        self.store.store_secret(id, &record_json).await?;
+        self.store
+            .store_secret(id, &secret.to_json_pretty())
+            .await?;
         let dest = Self::release_dir(&self.cfg.data_dir, id);
         tokio::task::spawn_blocking(move || dir.commit())
             .await
@@ -395,7 +403,7 @@ impl Runner {
                     commitment,
                     dataset_sha256: sha_after,
                     release_path: Some(dest.to_string_lossy().into_owned()),
-                    poisoned: record.poisoned.len() as i64,
+                    poisoned: secret.poisoned_count() as i64,
                 },
             )
             .await?)
@@ -420,11 +428,14 @@ impl Runner {
             .secret_record(&v.watermark_id)
             .await?
             .ok_or_else(|| JobError::new("not_ready", "the watermark has no secret record yet"))?;
-        let record = SecretRecord::from_json(
+        let secret = Secret::from_json(
             std::str::from_utf8(&record)
                 .map_err(|_| JobError::new("internal", "secret record is not UTF-8"))?,
         )
         .map_err(|e| JobError::new("internal", format!("secret record: {e}")))?;
+        let (record, spent) = secret
+            .trigger(v.spent_trigger.map(|n| n as usize))
+            .map_err(|e| JobError::new("internal", format!("secret record: {e}")))?;
         let ds = self
             .store
             .get_dataset(&v.holdout_dataset_id)
@@ -441,19 +452,20 @@ impl Runner {
             Ordering::Relaxed,
         );
         // The seed only spreads the retries' jitter.
-        let jitter = plan.config.seed.unwrap_or(plan_jitter(&record));
+        let jitter = plan.config.seed.unwrap_or(plan_jitter(record));
         let mut endpoint = HttpEndpoint::connect(plan.endpoint.clone(), jitter)
             .await
             .map_err(|e| JobError::new("endpoint", e.to_string()))?;
         endpoint.set_class_names(pool.class_names().map(<[String]>::to_vec));
         let p = progress.clone();
         let report = move |q: usize| p.done.store(q as i64, Ordering::Relaxed);
-        let verdict = verify::verify(&endpoint, &record, &pool, &plan.config, &report)
+        let mut verdict = verify::verify(&endpoint, record, &pool, &plan.config, &report)
             .await
             .map_err(|e| match e {
                 verify::VerifyError::Endpoint(e) => JobError::new("endpoint", e.to_string()),
                 other => JobError::new("invalid", other.to_string()),
             })?;
+        verdict.trigger = spent;
         let decision = match verdict.decision {
             Decision::Used => "used",
             Decision::NotShown => "not_shown",

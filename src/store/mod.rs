@@ -151,8 +151,11 @@ pub struct WatermarkInfo {
     pub commitment: Option<String>,
     /// sha256 of the watermarked release.
     pub dataset_sha256: Option<String>,
-    /// Number of poisoned samples.
+    /// Number of poisoned samples (of every trigger).
     pub poisoned: Option<i64>,
+    /// How many independent secret triggers the release carries: with several, each
+    /// verification spends one.
+    pub triggers: i64,
     /// Unix milliseconds.
     pub created_at: i64,
     /// Where the release was written on the server.
@@ -183,6 +186,9 @@ pub struct VerificationInfo {
     /// The whole verdict with the audit trail, once done.
     #[schema(value_type = Option<Object>)]
     pub verdict: Option<serde_json::Value>,
+    /// Which trigger of the watermark this verification spent (1-based), where its release
+    /// carries several.
+    pub spent_trigger: Option<i64>,
     /// Unix milliseconds.
     pub created_at: i64,
 }
@@ -366,10 +372,10 @@ const DATASET_COLUMNS: &str = "id, owner_id, name, path, format, split, count, n
      sha256, uploaded, created_at";
 
 const WATERMARK_COLUMNS: &str = "id, owner_id, name, dataset_id, holdout_dataset_id, job_id, \
-     commitment, dataset_sha256, poisoned, created_at, release_path";
+     commitment, dataset_sha256, poisoned, triggers, created_at, release_path";
 
 const VERIFICATION_COLUMNS: &str = "id, owner_id, watermark_id, holdout_dataset_id, job_id, \
-     request, decision, p_value, verdict, created_at";
+     request, decision, p_value, verdict, spent_trigger, created_at";
 
 fn job_from(r: &AnyRow) -> Result<Job, StoreError> {
     Ok(Job {
@@ -419,6 +425,7 @@ fn watermark_from(r: &AnyRow) -> Result<WatermarkInfo, StoreError> {
         commitment: r.try_get("commitment")?,
         dataset_sha256: r.try_get("dataset_sha256")?,
         poisoned: r.try_get("poisoned")?,
+        triggers: r.try_get("triggers")?,
         created_at: r.try_get("created_at")?,
         release_path: r.try_get("release_path")?,
     })
@@ -458,6 +465,7 @@ fn verification_from(r: &AnyRow, sealer: &Sealer) -> Result<VerificationInfo, St
         decision: r.try_get("decision")?,
         p_value: r.try_get("p_value")?,
         verdict,
+        spent_trigger: r.try_get("spent_trigger")?,
         created_at: r.try_get("created_at")?,
         id,
     })
@@ -1017,6 +1025,7 @@ impl Store {
         dataset_id: &str,
         holdout_dataset_id: Option<&str>,
         plan: &[u8],
+        triggers: i64,
         max_attempts: i64,
     ) -> Result<(WatermarkInfo, Job), StoreError> {
         let (id, job_id, now) = (new_id(), new_id(), now_ms());
@@ -1034,7 +1043,7 @@ impl Store {
         .await?;
         sqlx::query(
             "INSERT INTO watermarks (id, owner_id, name, dataset_id, holdout_dataset_id, job_id, \
-             spec_sealed, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+             spec_sealed, triggers, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(&id)
         .bind(owner)
@@ -1043,6 +1052,7 @@ impl Store {
         .bind(holdout_dataset_id)
         .bind(&job_id)
         .bind(sealed)
+        .bind(triggers)
         .bind(now)
         .execute(&mut *tx)
         .await?;
@@ -1066,6 +1076,7 @@ impl Store {
         holdout_dataset_id: Option<&str>,
         record_json: &[u8],
         facts: &ReleaseFacts,
+        triggers: i64,
     ) -> Result<WatermarkInfo, StoreError> {
         let id = new_id();
         let sealed = self
@@ -1073,8 +1084,8 @@ impl Store {
             .seal(record_json, &format!("watermarks/{id}/secret"));
         sqlx::query(
             "INSERT INTO watermarks (id, owner_id, name, holdout_dataset_id, secret_sealed, \
-             commitment, dataset_sha256, poisoned, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+             commitment, dataset_sha256, poisoned, triggers, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(&id)
         .bind(owner)
@@ -1084,6 +1095,7 @@ impl Store {
         .bind(&facts.commitment)
         .bind(&facts.dataset_sha256)
         .bind(facts.poisoned)
+        .bind(triggers)
         .bind(now_ms())
         .execute(&self.pool)
         .await?;
@@ -1296,41 +1308,90 @@ impl Store {
 
     // ---- verifications ----
 
-    /// Creates a verification and its job.
+    /// How many of a watermark's triggers verifications have spent.
+    pub async fn spent_triggers(&self, watermark: &str) -> Result<i64, StoreError> {
+        Ok(sqlx::query(
+            "SELECT COUNT(*) AS n FROM verifications \
+             WHERE watermark_id = $1 AND spent_trigger IS NOT NULL",
+        )
+        .bind(watermark)
+        .fetch_one(&self.pool)
+        .await?
+        .try_get("n")?)
+    }
+
+    /// Creates a verification and its job. With `triggers` > 1 it spends the watermark's next
+    /// unspent trigger, and answers `None` when every one is spent; concurrent requests never
+    /// spend the same trigger (a unique index; the loser takes the next).
     pub async fn create_verification(
         &self,
         owner: &str,
         watermark: &str,
         holdout: &str,
         request: &serde_json::Value,
+        triggers: i64,
         max_attempts: i64,
-    ) -> Result<(VerificationInfo, Job), StoreError> {
+    ) -> Result<Option<(VerificationInfo, Job)>, StoreError> {
         let (id, job_id, now) = (new_id(), new_id(), now_ms());
-        let mut tx = self.pool.begin().await?;
-        Self::insert_job(
-            &mut tx,
-            &job_id,
-            JobKind::Verify,
-            owner,
-            &id,
-            max_attempts,
-            now,
-        )
-        .await?;
-        sqlx::query(
-            "INSERT INTO verifications (id, owner_id, watermark_id, holdout_dataset_id, job_id, \
-             request, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(&id)
-        .bind(owner)
-        .bind(watermark)
-        .bind(holdout)
-        .bind(&job_id)
-        .bind(request.to_string())
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut tx = self.pool.begin().await?;
+            // The job's row is written first: on SQLite the transaction then holds the write
+            // lock, so the count below cannot change before the insert.
+            Self::insert_job(
+                &mut tx,
+                &job_id,
+                JobKind::Verify,
+                owner,
+                &id,
+                max_attempts,
+                now,
+            )
+            .await?;
+            let spent = if triggers > 1 {
+                let n: i64 = sqlx::query(
+                    "SELECT COUNT(*) AS n FROM verifications \
+                     WHERE watermark_id = $1 AND spent_trigger IS NOT NULL",
+                )
+                .bind(watermark)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("n")?;
+                if n >= triggers {
+                    tx.rollback().await?;
+                    return Ok(None);
+                }
+                Some(n + 1)
+            } else {
+                None
+            };
+            let inserted = sqlx::query(
+                "INSERT INTO verifications (id, owner_id, watermark_id, holdout_dataset_id, \
+                 job_id, request, spent_trigger, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(&id)
+            .bind(owner)
+            .bind(watermark)
+            .bind(holdout)
+            .bind(&job_id)
+            .bind(request.to_string())
+            .bind(spent)
+            .bind(now)
+            .execute(&mut *tx)
+            .await;
+            match inserted {
+                Ok(_) => {
+                    tx.commit().await?;
+                    break;
+                }
+                Err(sqlx::Error::Database(e)) if e.is_unique_violation() && attempt < 5 => {
+                    tx.rollback().await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         let v = self
             .get_verification(&id)
             .await?
@@ -1339,7 +1400,7 @@ impl Store {
             .get_job(&job_id)
             .await?
             .ok_or_else(|| corrupt("jobs", "vanished"))?;
-        Ok((v, job))
+        Ok(Some((v, job)))
     }
 
     /// A verification by id.

@@ -275,8 +275,13 @@ pub struct Verdict {
     pub reason: String,
     /// Which protocol ran.
     pub protocol: String,
-    /// Commitment of the secret record verified.
+    /// Commitment of the secret record verified (of the trigger spent, in a release with
+    /// several).
     pub commitment: String,
+    /// In a release with several triggers: which one this verification spent, and the
+    /// commitments that tie it to the release's published commitment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<crate::watermark::SpentTrigger>,
     /// The endpoint queried.
     pub endpoint: String,
     /// The settings.
@@ -597,6 +602,7 @@ pub async fn verify(
             if cfg.sequential { ", sequential" } else { "" }
         ),
         commitment: record.commitment(),
+        trigger: None,
         endpoint: endpoint.describe(),
         config: cfg.clone(),
         primary,

@@ -14,7 +14,10 @@ pub mod rng;
 mod trigger;
 mod warp;
 
-pub use record::{DatasetFacts, PoisonedSample, SecretRecord};
+pub use record::{
+    DatasetFacts, MAX_TRIGGERS, PoisonedSample, Secret, SecretRecord, SpentTrigger, TriggerSet,
+    set_commitment,
+};
 pub use trigger::{Stamp, blend_byte};
 pub use warp::WarpField;
 
@@ -61,6 +64,16 @@ pub struct Watermarked {
     pub record: SecretRecord,
     /// sha256 of each image, in dataset order, after watermarking.
     pub image_hashes: Vec<[u8; 32]>,
+}
+
+impl Watermarked {
+    /// The release of this one record.
+    pub fn into_release(self) -> WatermarkedRelease {
+        WatermarkedRelease {
+            secret: Secret::One(self.record),
+            image_hashes: self.image_hashes,
+        }
+    }
 }
 
 /// Stamps `dataset` in place as `spec` says and returns the secret record.
@@ -120,12 +133,120 @@ pub fn apply_crafted(
     nonce: [u8; 32],
     craft: &mut Crafter<'_>,
 ) -> Result<Watermarked, WatermarkError> {
+    apply_member(dataset, spec, nonce, craft, &[])
+}
+
+/// A release's secret and the sha256 of every image after stamping.
+#[derive(Debug)]
+pub struct WatermarkedRelease {
+    /// The secret: one record, or a set of triggers.
+    pub secret: Secret,
+    /// sha256 of each image, in dataset order, after watermarking.
+    pub image_hashes: Vec<[u8; 32]>,
+}
+
+/// The nonce of trigger `index` of a set, derived from the release's secret nonce, so that a
+/// re-run repeats the release and revealing one trigger's record reveals no other's nonce.
+pub fn trigger_nonce(master: &[u8; 32], index: usize) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"hallmark/trigger-nonce/v1\0");
+    h.update(master);
+    h.update((index as u64).to_le_bytes());
+    h.finalize().into()
+}
+
+/// Stamps `dataset` with `count` independent triggers of `spec` (one record when `count` is 1,
+/// exactly as [`apply_with_hashes`]): each draws its own member of the family from its own nonce
+/// ([`trigger_nonce`]) and poisons `spec.rate` of the samples, disjoint from the other
+/// triggers' (so the release poisons `count × rate` in all).
+pub fn apply_triggers(
+    dataset: &mut Dataset,
+    spec: &WatermarkSpec,
+    nonce: [u8; 32],
+    count: usize,
+) -> Result<WatermarkedRelease, WatermarkError> {
+    if count == 1 {
+        return apply_with_hashes(dataset, spec, nonce).map(Watermarked::into_release);
+    }
+    if !(2..=record::MAX_TRIGGERS).contains(&count) {
+        return Err(WatermarkError::Selection(format!(
+            "triggers: 1 to {}, got {count}",
+            record::MAX_TRIGGERS
+        )));
+    }
+    if spec.family.is_none() {
+        return Err(WatermarkError::Spec(SpecError::Field {
+            field: "family".into(),
+            message: "a spec without a [family] section has one fixed trigger; several \
+                      triggers need a family to draw them from"
+                .into(),
+        }));
+    }
+    if let Some(section) = spec.crafting() {
+        return Err(WatermarkError::Spec(SpecError::Field {
+            field: section.into(),
+            message: "a release with several triggers needs a spec without crafting".into(),
+        }));
+    }
+    let mut taken = vec![false; dataset.len()];
+    let mut records: Vec<SecretRecord> = Vec::with_capacity(count);
+    let mut hashes = Vec::new();
+    for i in 0..count {
+        let w = apply_member(
+            dataset,
+            spec,
+            trigger_nonce(&nonce, i),
+            &mut |_, _| Ok(()),
+            &taken,
+        )
+        .map_err(|e| match e {
+            WatermarkError::Selection(m) => {
+                WatermarkError::Selection(format!("trigger {} of {count}: {m}", i + 1))
+            }
+            other => other,
+        })?;
+        for j in w.record.poisoned.iter().map(|p| p.index) {
+            taken[j] = true;
+        }
+        for &j in &w.record.noise_indices {
+            taken[j] = true;
+        }
+        records.push(w.record);
+        hashes = w.image_hashes;
+    }
+    // Every record describes the whole release: the dataset before any trigger, after all.
+    let before = records[0].dataset.sha256_before.clone();
+    let after = records[count - 1].dataset.sha256_after.clone();
+    for r in &mut records {
+        r.dataset.sha256_before = before.clone();
+        r.dataset.sha256_after = after.clone();
+    }
+    Ok(WatermarkedRelease {
+        secret: Secret::Set(TriggerSet {
+            set_version: record::SET_VERSION,
+            triggers: records,
+        }),
+        image_hashes: hashes,
+    })
+}
+
+/// [`apply_crafted`] choosing poisoned (and cover or noise) samples only among those not
+/// `taken` by another trigger of the release (`taken` empty: every sample is free).
+fn apply_member(
+    dataset: &mut Dataset,
+    spec: &WatermarkSpec,
+    nonce: [u8; 32],
+    craft: &mut Crafter<'_>,
+    taken: &[bool],
+) -> Result<Watermarked, WatermarkError> {
     if spec.family.is_some() {
         let drawn = draw_release(spec, dataset.num_classes(), dataset.shape(), &nonce)?;
-        let mut marked = apply_crafted(dataset, &drawn, nonce, craft)?;
+        let mut marked = apply_member(dataset, &drawn, nonce, craft, taken)?;
         marked.record.family = Some(spec.clone());
         return Ok(marked);
     }
+    let free = |i: &usize| !taken.get(*i).copied().unwrap_or(false);
     spec.check_fits(dataset)?;
     let n = dataset.len();
     let mut hashes = image_sha256s(dataset);
@@ -142,6 +263,7 @@ pub fn apply_crafted(
             .collect(),
         (_, None) => (0..n).collect(),
     };
+    eligible.retain(free);
     let k = poison_count(spec.rate, n);
     if k == 0 {
         return Err(WatermarkError::Selection(format!(
@@ -203,7 +325,7 @@ pub fn apply_crafted(
                 .iter()
                 .map(|p| Stamp::new(p, spec.seed, shape))
                 .collect::<Result<Vec<_>, _>>()?;
-            let mut rest: Vec<usize> = (0..n).filter(|&i| !marked[i]).collect();
+            let mut rest: Vec<usize> = (0..n).filter(|i| !marked[*i] && free(i)).collect();
             let m = poison_count(a.cover_rate, n).min(rest.len());
             let mut cover_rng = Rng::new(spec.seed, Stream::Noise);
             cover_rng.choose_front(&mut rest, m);
@@ -222,7 +344,7 @@ pub fn apply_crafted(
         (Trigger::Warp(w), Stamp::Warp(field)) if w.noise => {
             stamp_all(dataset, &stamp, &marked);
             let mut rng = Rng::new(spec.seed, Stream::Noise);
-            let mut rest: Vec<usize> = (0..n).filter(|&i| !marked[i]).collect();
+            let mut rest: Vec<usize> = (0..n).filter(|i| !marked[*i] && free(i)).collect();
             // BackdoorBox: num_cross = int(num_bd * cross_ratio).
             let m = ((k as f64 * w.cross_ratio) as usize).min(rest.len());
             rng.choose_front(&mut rest, m);

@@ -98,6 +98,15 @@ impl SecretRecord {
             path: "record".into(),
             message,
         };
+        if serde_json::from_str::<serde_json::Value>(text)
+            .is_ok_and(|v| v.get("set_version").is_some())
+        {
+            return Err(err(
+                "the secret of a release with several triggers: this needs one trigger's record \
+                 (hallmark verify takes the whole set with --trigger N)"
+                    .into(),
+            ));
+        }
         let rec: Self =
             serde_json::from_str(text).map_err(|e| err(format!("not a secret record: {e}")))?;
         if !(1..=VERSION).contains(&rec.version) {
@@ -151,5 +160,260 @@ impl SecretRecord {
             return Err(err("noise index out of range".into()));
         }
         Ok(rec)
+    }
+}
+
+/// Version of the trigger-set format written today.
+pub const SET_VERSION: u32 = 1;
+
+/// The most triggers one release may carry.
+pub const MAX_TRIGGERS: usize = 16;
+
+/// The secret of a release that carries several independent triggers (`hallmark watermark
+/// --triggers N`): one complete record per trigger, each with its own nonce, drawn member and
+/// disjoint poisoned samples. Each verification spends one trigger, so the trigger that a
+/// verification reveals to the endpoint's operator (who sees every triggered query) does not
+/// expose the next verification (docs/threat-model.md).
+///
+/// The release's commitment is the sha256 of the triggers' commitments in order: a dispute over
+/// trigger i reveals record i and the other commitments only, and anyone can recompute the
+/// release's commitment from them without learning another trigger.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerSet {
+    /// Trigger-set format version.
+    pub set_version: u32,
+    /// One record per trigger, in the order verifications spend them.
+    pub triggers: Vec<SecretRecord>,
+}
+
+/// A trigger's place in its release, written into a verdict that spent it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SpentTrigger {
+    /// Which trigger (1 to `of`).
+    pub number: usize,
+    /// How many the release carries.
+    pub of: usize,
+    /// The release's commitment (what was published).
+    pub release_commitment: String,
+    /// Every trigger's commitment, in order: the release's commitment is recomputed from them.
+    pub commitments: Vec<String>,
+}
+
+/// The release commitment of a trigger set from its triggers' commitments.
+pub fn set_commitment(commitments: &[String]) -> String {
+    let mut text = String::from("hallmark/trigger-set/v1\n");
+    for c in commitments {
+        text.push_str(c);
+        text.push('\n');
+    }
+    sha256_hex(&text)
+}
+
+impl TriggerSet {
+    /// Every trigger's commitment, in order.
+    pub fn commitments(&self) -> Vec<String> {
+        self.triggers.iter().map(SecretRecord::commitment).collect()
+    }
+
+    /// The public commitment of the release ([`set_commitment`]).
+    pub fn commitment(&self) -> String {
+        set_commitment(&self.commitments())
+    }
+
+    /// Parses and checks a trigger set's JSON: every record valid, all of one release, poisoned
+    /// and noise samples disjoint between triggers, nonces distinct.
+    pub fn from_json(text: &str) -> Result<Self, WatermarkError> {
+        let err = |message: String| WatermarkError::Record {
+            path: "record".into(),
+            message,
+        };
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Raw {
+            set_version: u32,
+            triggers: Vec<serde_json::Value>,
+        }
+        let raw: Raw =
+            serde_json::from_str(text).map_err(|e| err(format!("not a trigger set: {e}")))?;
+        if raw.set_version != SET_VERSION {
+            return Err(err(format!(
+                "trigger-set version {} is not supported (expected {SET_VERSION})",
+                raw.set_version
+            )));
+        }
+        if !(2..=MAX_TRIGGERS).contains(&raw.triggers.len()) {
+            return Err(err(format!(
+                "triggers: 2 to {MAX_TRIGGERS} records, got {}",
+                raw.triggers.len()
+            )));
+        }
+        let mut triggers = Vec::with_capacity(raw.triggers.len());
+        for (i, v) in raw.triggers.iter().enumerate() {
+            let rec = SecretRecord::from_json(&v.to_string()).map_err(|e| match e {
+                WatermarkError::Record { message, .. } => {
+                    err(format!("triggers[{}]: {message}", i + 1))
+                }
+                other => err(format!("triggers[{}]: {other}", i + 1)),
+            })?;
+            triggers.push(rec);
+        }
+        let first = &triggers[0].dataset;
+        let mut taken = vec![false; first.count];
+        let mut nonces = std::collections::HashSet::new();
+        for (i, rec) in triggers.iter().enumerate() {
+            if rec.dataset != *first {
+                return Err(err(format!(
+                    "triggers[{}]: the dataset facts differ from the first trigger's: not one release",
+                    i + 1
+                )));
+            }
+            if !nonces.insert(rec.nonce.clone()) {
+                return Err(err(format!(
+                    "triggers[{}]: the nonce repeats another trigger's",
+                    i + 1
+                )));
+            }
+            let indices = rec.poisoned.iter().map(|p| p.index);
+            for j in indices.chain(rec.noise_indices.iter().copied()) {
+                if std::mem::replace(&mut taken[j], true) {
+                    return Err(err(format!(
+                        "triggers[{}]: sample {j} belongs to two triggers",
+                        i + 1
+                    )));
+                }
+            }
+        }
+        Ok(Self {
+            set_version: SET_VERSION,
+            triggers,
+        })
+    }
+}
+
+/// A release's secret as a file holds it: one record, or a set of triggers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Secret {
+    /// One trigger (`hallmark watermark`), verified with it every time.
+    One(SecretRecord),
+    /// Several triggers (`--triggers N`), one spent per verification.
+    Set(TriggerSet),
+}
+
+impl Secret {
+    /// Parses and checks either form (a trigger set has `set_version`).
+    pub fn from_json(text: &str) -> Result<Self, WatermarkError> {
+        let is_set = serde_json::from_str::<serde_json::Value>(text)
+            .ok()
+            .is_some_and(|v| v.get("set_version").is_some());
+        if is_set {
+            TriggerSet::from_json(text).map(Secret::Set)
+        } else {
+            SecretRecord::from_json(text).map(Secret::One)
+        }
+    }
+
+    /// Reads and checks a secret file.
+    pub fn load(path: &Path) -> Result<Self, WatermarkError> {
+        let err = |message: String| WatermarkError::Record {
+            path: path.display().to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        Self::from_json(&text).map_err(|e| match e {
+            WatermarkError::Record { message, .. } => err(message),
+            other => err(other.to_string()),
+        })
+    }
+
+    /// Writes the secret with mode 0600, atomically.
+    pub fn save(&self, path: &Path, overwrite: bool) -> std::io::Result<()> {
+        let mut bytes = self.to_json_pretty();
+        bytes.push(b'\n');
+        crate::fsutil::write_file_atomic(path, &bytes, 0o600, overwrite)
+    }
+
+    /// The secret's JSON.
+    pub fn to_json_pretty(&self) -> Vec<u8> {
+        match self {
+            Secret::One(r) => serde_json::to_vec_pretty(r),
+            Secret::Set(s) => serde_json::to_vec_pretty(s),
+        }
+        .expect("records serialise")
+    }
+
+    /// The release's public commitment.
+    pub fn commitment(&self) -> String {
+        match self {
+            Secret::One(r) => r.commitment(),
+            Secret::Set(s) => s.commitment(),
+        }
+    }
+
+    /// How many triggers the release carries.
+    pub fn trigger_count(&self) -> usize {
+        match self {
+            Secret::One(_) => 1,
+            Secret::Set(s) => s.triggers.len(),
+        }
+    }
+
+    /// Every poisoned sample of every trigger.
+    pub fn poisoned_count(&self) -> usize {
+        self.records().map(|r| r.poisoned.len()).sum()
+    }
+
+    /// The records, in order.
+    pub fn records(&self) -> impl Iterator<Item = &SecretRecord> {
+        match self {
+            Secret::One(r) => std::slice::from_ref(r).iter(),
+            Secret::Set(s) => s.triggers.iter(),
+        }
+    }
+
+    /// The dataset facts of the release.
+    pub fn dataset(&self) -> &DatasetFacts {
+        &self
+            .records()
+            .next()
+            .expect("a secret holds a record")
+            .dataset
+    }
+
+    /// Trigger `number` (1-based; `None` for a one-trigger secret, which has no choice) and, for a
+    /// set, its place in the release for the verdict.
+    pub fn trigger(
+        &self,
+        number: Option<usize>,
+    ) -> Result<(&SecretRecord, Option<SpentTrigger>), String> {
+        match (self, number) {
+            (Secret::One(r), None | Some(1)) => Ok((r, None)),
+            (Secret::One(_), Some(n)) => Err(format!(
+                "trigger {n}: this release carries one trigger (trigger 1)"
+            )),
+            (Secret::Set(s), None) => Err(format!(
+                "this release carries {} triggers: choose the one to spend (1 to {}); spend each \
+                 once, since a verification shows its trigger to the endpoint",
+                s.triggers.len(),
+                s.triggers.len()
+            )),
+            (Secret::Set(s), Some(n)) if n == 0 || n > s.triggers.len() => Err(format!(
+                "trigger {n}: this release carries triggers 1 to {}",
+                s.triggers.len()
+            )),
+            (Secret::Set(s), Some(n)) => {
+                let commitments = s.commitments();
+                Ok((
+                    &s.triggers[n - 1],
+                    Some(SpentTrigger {
+                        number: n,
+                        of: s.triggers.len(),
+                        release_commitment: set_commitment(&commitments),
+                        commitments,
+                    }),
+                ))
+            }
+        }
     }
 }

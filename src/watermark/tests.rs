@@ -263,3 +263,146 @@ fn a_family_release_records_its_family_and_refuses_an_edited_trigger() {
     let e = SecretRecord::from_json(&serde_json::to_string(&edited).unwrap()).unwrap_err();
     assert!(e.to_string().contains("not the family's draw"), "{e}");
 }
+
+fn patch_family() -> WatermarkSpec {
+    let text = "name = \"f\"\nrate = 0.1\nseed = 3\n[labelling]\nkind = \"targeted\"\n\
+                [family]\n[trigger]\nkind = \"patch\"\npattern = \"square\"\nsize = 3\n";
+    WatermarkSpec::from_toml_str(text, None, "f").unwrap()
+}
+
+#[test]
+fn a_release_with_several_triggers_stamps_each_on_its_own_samples() {
+    let family = patch_family();
+    let mut ds = data(100, GREY, 4, 0);
+    let before = ds.clone();
+    let marked = apply_triggers(&mut ds, &family, [9; 32], 3).unwrap();
+    let Secret::Set(set) = &marked.secret else {
+        panic!("three triggers make a set")
+    };
+    assert_eq!(set.triggers.len(), 3);
+    let mut seen = std::collections::HashSet::new();
+    for (i, rec) in set.triggers.iter().enumerate() {
+        // Each trigger: its own nonce, its own draw, rate × n samples, none shared.
+        assert_eq!(rec.nonce, hex::encode(trigger_nonce(&[9; 32], i)));
+        assert_eq!(rec.poisoned.len(), 10);
+        assert!(rec.poisoned.iter().all(|p| seen.insert(p.index)));
+        assert_eq!(rec.dataset.sha256_before, before.sha256());
+        assert_eq!(rec.dataset.sha256_after, ds.sha256());
+        // Each poisoned sample carries its own trigger's patch, stamped on the original image.
+        let one = record_alone(&before, rec);
+        for p in &rec.poisoned {
+            assert_eq!(ds.image(p.index), one.image(p.index), "trigger {i}");
+            assert_eq!(ds.label(p.index), p.new_label);
+        }
+    }
+    assert_ne!(set.triggers[0].spec.trigger, set.triggers[1].spec.trigger);
+    assert_eq!(marked.image_hashes, crate::dataset::image_sha256s(&ds));
+    // Untouched samples are byte-identical.
+    for i in (0..100).filter(|i| !seen.contains(i)) {
+        assert_eq!(ds.image(i), before.image(i));
+        assert_eq!(ds.label(i), before.label(i));
+    }
+    // The same nonce repeats the release; one trigger is the plain record of apply().
+    let mut again = before.clone();
+    let twice = apply_triggers(&mut again, &family, [9; 32], 3).unwrap();
+    assert_eq!(twice.secret, marked.secret);
+    let mut single = before.clone();
+    let one = apply_triggers(&mut single, &family, [9; 32], 1).unwrap();
+    assert_eq!(
+        one.secret,
+        Secret::One(apply(&mut before.clone(), &family, [9; 32]).unwrap())
+    );
+}
+
+/// The images `rec`'s trigger alone makes of `before`.
+fn record_alone(before: &Dataset, rec: &SecretRecord) -> Dataset {
+    let mut ds = before.clone();
+    let stamp = Stamp::new(&rec.spec.trigger, rec.spec.seed, ds.shape()).unwrap();
+    for p in &rec.poisoned {
+        stamp.apply(ds.image_mut(p.index));
+    }
+    ds
+}
+
+#[test]
+fn a_trigger_set_round_trips_and_ties_every_trigger_to_its_commitment() {
+    let mut ds = data(60, GREY, 3, 1);
+    let marked = apply_triggers(&mut ds, &patch_family(), [4; 32], 2).unwrap();
+    let text = String::from_utf8(marked.secret.to_json_pretty()).unwrap();
+    let read = Secret::from_json(&text).unwrap();
+    assert_eq!(read, marked.secret);
+    let Secret::Set(set) = &read else {
+        panic!("a set")
+    };
+    assert_eq!(read.commitment(), set_commitment(&set.commitments()));
+    assert_ne!(read.commitment(), set.triggers[0].commitment());
+    // Spending a trigger names it and carries what recomputes the release's commitment.
+    let (rec, spent) = read.trigger(Some(2)).unwrap();
+    assert_eq!(rec, &set.triggers[1]);
+    let spent = spent.unwrap();
+    assert_eq!((spent.number, spent.of), (2, 2));
+    assert_eq!(set_commitment(&spent.commitments), read.commitment());
+    assert_eq!(spent.release_commitment, read.commitment());
+    assert_eq!(spent.commitments[1], rec.commitment());
+    // A set needs a choice; a number out of range is refused; a single record has trigger 1.
+    assert!(
+        read.trigger(None)
+            .unwrap_err()
+            .contains("carries 2 triggers")
+    );
+    assert!(read.trigger(Some(3)).unwrap_err().contains("1 to 2"));
+    let single = Secret::One(set.triggers[0].clone());
+    assert!(single.trigger(None).unwrap().1.is_none());
+    assert!(single.trigger(Some(2)).is_err());
+    // A set is not a record: the single-record reader says what it is.
+    let e = SecretRecord::from_json(&text).unwrap_err().to_string();
+    assert!(e.contains("several triggers"), "{e}");
+}
+
+#[test]
+fn a_trigger_set_that_is_not_one_release_is_refused() {
+    let mut ds = data(60, GREY, 3, 1);
+    let marked = apply_triggers(&mut ds, &patch_family(), [4; 32], 3).unwrap();
+    let good: serde_json::Value = serde_json::from_slice(&marked.secret.to_json_pretty()).unwrap();
+    let refused = |edit: &dyn Fn(&mut serde_json::Value), why: &str| {
+        let mut v = good.clone();
+        edit(&mut v);
+        let e = Secret::from_json(&v.to_string()).unwrap_err().to_string();
+        assert!(e.contains(why), "{why}: {e}");
+    };
+    refused(
+        &|v| {
+            let first = v["triggers"][0]["poisoned"][0].clone();
+            v["triggers"][1]["poisoned"] = serde_json::json!([first]);
+        },
+        "belongs to two triggers",
+    );
+    refused(
+        &|v| v["triggers"][2]["nonce"] = v["triggers"][0]["nonce"].clone(),
+        "",
+    );
+    refused(
+        &|v| v["triggers"][1]["dataset"]["sha256_after"] = "00".into(),
+        "not one release",
+    );
+    refused(
+        &|v| {
+            let first = v["triggers"][0].clone();
+            v["triggers"] = serde_json::json!([first]);
+        },
+        "2 to 16",
+    );
+    refused(&|v| v["set_version"] = 9.into(), "version 9");
+    // Fixed specs and crafted kinds carry one trigger.
+    let fixed = spec(SQUARE, TARGETED, 0.1, 1);
+    let e = apply_triggers(&mut ds.clone(), &fixed, [1; 32], 2).unwrap_err();
+    assert!(e.to_string().contains("one fixed trigger"), "{e}");
+    assert!(apply_triggers(&mut ds.clone(), &patch_family(), [1; 32], 17).is_err());
+    // Too many triggers for the samples there are: the error says which trigger ran out.
+    let mut dense = patch_family();
+    dense.rate = 0.4;
+    let e = apply_triggers(&mut ds.clone(), &dense, [1; 32], 3)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("trigger 3 of 3"), "{e}");
+}

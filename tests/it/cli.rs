@@ -275,6 +275,86 @@ fn a_tampered_secret_record_is_refused() {
 }
 
 #[test]
+fn a_release_with_several_triggers_needs_one_chosen_to_verify() {
+    let t = tempfile::tempdir().unwrap();
+    let input = small_idx(&t.path().join("in"), 300);
+    let (out, secret) = (t.path().join("rel"), t.path().join("secret.json"));
+    let args = |spec: &str, triggers: &str| {
+        hallmark(&[
+            "watermark",
+            "--spec",
+            &spec_path(spec),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--secret",
+            secret.to_str().unwrap(),
+            "--triggers",
+            triggers,
+            "--force",
+        ])
+    };
+    let o = args("badnets-square-28x28-grey.toml", "3");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("90 poisoned by 3 independent triggers"),
+        "{}",
+        text(&o)
+    );
+    let commitment = String::from_utf8(o.stdout.clone())
+        .unwrap()
+        .trim()
+        .to_string();
+    let set = hallmark::watermark::Secret::load(&secret).unwrap();
+    assert_eq!(
+        (set.trigger_count(), set.commitment()),
+        (3, commitment.clone())
+    );
+    let again = hallmark(&["spec", "commitment", secret.to_str().unwrap()]);
+    assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), commitment);
+    assert_eq!(
+        String::from_utf8_lossy(&again.stderr)
+            .matches("trigger ")
+            .count(),
+        3
+    );
+    // Verifying needs the trigger to spend, and one that exists.
+    let verify = |trigger: Option<&str>| {
+        let mut a = vec![
+            "verify",
+            "--secret",
+            secret.to_str().unwrap(),
+            "--data",
+            input.to_str().unwrap(),
+            "--endpoint",
+            "http://127.0.0.1:9",
+            "--protocol",
+            "v2",
+            "--allow-private",
+            "--retries",
+            "0",
+            "--report",
+        ];
+        let report = t.path().join("v.json");
+        let report = report.to_str().unwrap().to_string();
+        a.push(&report);
+        if let Some(k) = trigger {
+            a.extend(["--trigger", k]);
+        }
+        text(&hallmark(&a))
+    };
+    let e = verify(None);
+    assert!(e.contains("carries 3 triggers: choose"), "{e}");
+    let e = verify(Some("4"));
+    assert!(e.contains("triggers 1 to 3"), "{e}");
+    // A fixed spec has one trigger to give.
+    let o = args("fixed/badnets-square-28x28-grey.toml", "2");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("one fixed trigger"), "{}", text(&o));
+}
+
+#[test]
 fn image_folders_are_watermarked_into_png_trees() {
     let t = tempfile::tempdir().unwrap();
     let input = small_idx(&t.path().join("in"), 60);

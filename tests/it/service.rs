@@ -288,7 +288,7 @@ async fn concurrent_claimers_never_share_a_job(db: Db) {
     let mut ids = Vec::new();
     for i in 0..40 {
         let (_, job) = s
-            .create_watermark(&k.id, &format!("w{i}"), &ds, None, b"{}", 3)
+            .create_watermark(&k.id, &format!("w{i}"), &ds, None, b"{}", 1, 3)
             .await
             .unwrap();
         ids.push(job.id);
@@ -324,13 +324,67 @@ on_both!(
     concurrent_claimers_never_share_a_job
 );
 
+/// Twelve verifications asked for at once of a watermark with three triggers: exactly three are
+/// created, each spending its own trigger; the others are refused and leave no job behind.
+async fn concurrent_verifications_never_spend_one_trigger_twice(db: Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store_for(db, dir.path()).await;
+    let (k, _) = s.create_key("p", Role::Publisher).await.unwrap();
+    let ds = dataset_row(&s, &k.id).await;
+    let (w, _) = s
+        .create_watermark(&k.id, "three", &ds, None, b"{}", 3, 3)
+        .await
+        .unwrap();
+    let jobs_before = s.list_jobs(None, 1000).await.unwrap().len();
+    let tasks: Vec<_> = (0..12)
+        .map(|_| {
+            let (s, w, ds, owner) = (s.clone(), w.id.clone(), ds.clone(), k.id.clone());
+            tokio::spawn(async move {
+                s.create_verification(&owner, &w, &ds, &serde_json::json!({}), 3, 3)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut spent = Vec::new();
+    for t in tasks {
+        if let Some((v, _)) = t.await.unwrap() {
+            spent.push(v.spent_trigger.unwrap());
+        }
+    }
+    spent.sort_unstable();
+    assert_eq!(spent, [1, 2, 3]);
+    assert_eq!(s.spent_triggers(&w.id).await.unwrap(), 3);
+    assert_eq!(
+        s.list_jobs(None, 1000).await.unwrap().len(),
+        jobs_before + 3
+    );
+    // A watermark with one trigger is verified with it every time.
+    let (one, _) = s
+        .create_watermark(&k.id, "one", &ds, None, b"{}", 1, 3)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let (v, _) = s
+            .create_verification(&k.id, &one.id, &ds, &serde_json::json!({}), 1, 3)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(v.spent_trigger, None);
+    }
+}
+on_both!(
+    concurrent_verifications_never_spend_one_trigger_twice_on,
+    concurrent_verifications_never_spend_one_trigger_twice
+);
+
 async fn dead_workers_jobs_are_requeued_then_failed(db: Db) {
     let dir = tempfile::tempdir().unwrap();
     let s = store_for(db, dir.path()).await;
     let (k, _) = s.create_key("p", Role::Publisher).await.unwrap();
     let ds = dataset_row(&s, &k.id).await;
     let (_, job) = s
-        .create_watermark(&k.id, "w", &ds, None, b"{}", 2)
+        .create_watermark(&k.id, "w", &ds, None, b"{}", 1, 2)
         .await
         .unwrap();
     let c = s.claim("a").await.unwrap().unwrap();
@@ -384,7 +438,7 @@ async fn cancelling_and_parking(db: Db) {
     let (k, _) = s.create_key("p", Role::Publisher).await.unwrap();
     let ds = dataset_row(&s, &k.id).await;
     let (_, queued) = s
-        .create_watermark(&k.id, "q", &ds, None, b"{}", 3)
+        .create_watermark(&k.id, "q", &ds, None, b"{}", 1, 3)
         .await
         .unwrap();
     let j = s.cancel_job(&queued.id).await.unwrap().unwrap();
@@ -394,7 +448,7 @@ async fn cancelling_and_parking(db: Db) {
         "a cancelled job is not claimed"
     );
     let (_, running) = s
-        .create_watermark(&k.id, "r", &ds, None, b"{}", 3)
+        .create_watermark(&k.id, "r", &ds, None, b"{}", 1, 3)
         .await
         .unwrap();
     s.claim("a").await.unwrap().unwrap();
@@ -405,7 +459,7 @@ async fn cancelling_and_parking(db: Db) {
         Beat::Cancel
     );
     let (_, parked) = s
-        .create_watermark(&k.id, "p", &ds, None, b"{}", 3)
+        .create_watermark(&k.id, "p", &ds, None, b"{}", 1, 3)
         .await
         .unwrap();
     let c = s.claim("a").await.unwrap().unwrap();
@@ -428,7 +482,7 @@ async fn secrets_are_sealed_at_rest(db: Db) {
     let ds = dataset_row(&s, &k.id).await;
     let plan = br#"{"marker":"TRIGGER-AT-24-24"}"#;
     let (w, _) = s
-        .create_watermark(&k.id, "w", &ds, None, plan, 3)
+        .create_watermark(&k.id, "w", &ds, None, plan, 1, 3)
         .await
         .unwrap();
     s.store_secret(&w.id, b"POISONED-INDICES-1-2-3")
@@ -620,6 +674,116 @@ async fn publisher_watermarks_and_auditor_sees_only_what_is_granted(db: Db) {
 on_both!(
     publisher_watermarks_and_auditor_sees_only_what_is_granted_on,
     publisher_watermarks_and_auditor_sees_only_what_is_granted
+);
+
+/// A release with several triggers: written and sealed as one set whose commitment ties the
+/// triggers together; each verification spends the next trigger, two concurrent requests never
+/// spend the same one, and when all are spent the next request is refused before any query.
+async fn each_verification_spends_its_own_trigger(db: Db) {
+    let app = TestApp::spawn(db).await;
+    let (_, publisher) = app.new_key("publisher", "pub").await;
+    let (auditor_id, auditor) = app.new_key("auditor", "aud").await;
+    let ds = register_subset(&app, &publisher, 600).await;
+    let (s, v) = app
+        .post(
+            "/v1/watermarks",
+            &publisher,
+            json!({"name": "three", "dataset_id": ds, "holdout_dataset_id": ds, "triggers": 3,
+                   "spec": spec_text("badnets-square-28x28-grey.toml")}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let wm = v["watermark"]["id"].as_str().unwrap().to_string();
+    let job = app
+        .wait_job(
+            v["job"]["id"].as_str().unwrap(),
+            &publisher,
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let (_, w) = app.get(&format!("/v1/watermarks/{wm}"), &publisher).await;
+    assert_eq!(
+        (w["triggers"].as_i64(), w["triggers_spent"].as_i64()),
+        (Some(3), Some(0)),
+        "{w}"
+    );
+    assert_eq!(w["poisoned"], 180, "{w}");
+    let (_, rec) = app
+        .get(&format!("/v1/watermarks/{wm}/secret"), &publisher)
+        .await;
+    let secret = hallmark::watermark::Secret::from_json(&rec.to_string()).unwrap();
+    assert_eq!(secret.trigger_count(), 3);
+    assert_eq!(secret.commitment(), w["commitment"].as_str().unwrap());
+    let members: Vec<_> = secret.records().map(|r| r.spec.trigger.clone()).collect();
+    assert!(
+        members[0] != members[1] && members[1] != members[2],
+        "{members:?}"
+    );
+    // The release on disk is what the set describes.
+    let release = app.dir.path().join("releases").join(&wm);
+    let reread = dataset::read(&release, None, None, &|| {}).unwrap();
+    assert_eq!(reread.dataset.sha256(), secret.dataset().sha256_after);
+
+    let (s, _) = app
+        .post(
+            &format!("/v1/watermarks/{wm}/grants"),
+            &publisher,
+            json!({"auditor_id": auditor_id}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    // Nothing listens on port 9: each job fails, but its trigger was offered and is spent.
+    let request = json!({"watermark_id": wm,
+        "endpoint": {"url": "http://127.0.0.1:9/", "protocol": "v2", "model": "m", "retries": 0}});
+    let (first, second) = tokio::join!(
+        app.post("/v1/verifications", &auditor, request.clone()),
+        app.post("/v1/verifications", &publisher, request.clone())
+    );
+    let (s3, third) = app
+        .post("/v1/verifications", &auditor, request.clone())
+        .await;
+    let mut spent = Vec::new();
+    for (s, v) in [first, second, (s3, third)] {
+        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+        spent.push(v["verification"]["spent_trigger"].as_i64().unwrap());
+    }
+    spent.sort_unstable();
+    assert_eq!(spent, [1, 2, 3]);
+    let (s, v) = app.post("/v1/verifications", &publisher, request).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_eq!(v["error"]["code"], "triggers_spent", "{v}");
+    let (_, w) = app.get(&format!("/v1/watermarks/{wm}"), &auditor).await;
+    assert_eq!(w["triggers_spent"], 3, "{w}");
+
+    // The same set imported: the commitment is recomputed from the triggers and matches.
+    let (s, imported) = app
+        .post(
+            "/v1/watermarks/import",
+            &publisher,
+            json!({"name": "again", "secret_record": rec}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{imported}");
+    assert_eq!(imported["commitment"], w["commitment"]);
+    assert_eq!(imported["triggers"], 3);
+    // A set whose triggers share a poisoned sample is refused.
+    let mut bad = rec.clone();
+    let shared = bad["triggers"][0]["poisoned"][0].clone();
+    bad["triggers"][1]["poisoned"][0]["index"] = shared["index"].clone();
+    let (s, v) = app
+        .post(
+            "/v1/watermarks/import",
+            &publisher,
+            json!({"name": "bad", "secret_record": bad}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    app.stop().await;
+}
+on_both!(
+    each_verification_spends_its_own_trigger_on,
+    each_verification_spends_its_own_trigger
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
