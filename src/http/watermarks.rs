@@ -11,7 +11,7 @@ use super::error::{ApiError, ApiJson, ApiPath, ErrorBody};
 use super::{AppState, Caller, owns};
 use crate::jobs::WatermarkPlan;
 use crate::spec::{Trigger, WatermarkSpec};
-use crate::store::{Job, JobState, ReleaseFacts, Role, WatermarkInfo};
+use crate::store::{Job, JobState, NewWatermark, ReleaseFacts, Role, WatermarkInfo};
 use crate::watermark::Secret;
 
 pub(super) fn router() -> OpenApiRouter<AppState> {
@@ -251,12 +251,14 @@ async fn create_watermark(
     let (watermark, job) = s
         .store
         .create_watermark(
-            caller.id(),
-            name,
-            &req.dataset_id,
-            req.holdout_dataset_id.as_deref(),
-            &plan,
-            triggers as i64,
+            NewWatermark {
+                owner: caller.id(),
+                name,
+                dataset_id: &req.dataset_id,
+                holdout_dataset_id: req.holdout_dataset_id.as_deref(),
+                plan: &plan,
+                triggers: triggers as i64,
+            },
             s.cfg.job_max_attempts,
         )
         .await?;

@@ -471,6 +471,23 @@ fn verification_from(r: &AnyRow, sealer: &Sealer) -> Result<VerificationInfo, St
     })
 }
 
+/// A watermark to be written by a job.
+#[derive(Debug, Clone, Copy)]
+pub struct NewWatermark<'a> {
+    /// The publisher's key.
+    pub owner: &'a str,
+    /// Display name.
+    pub name: &'a str,
+    /// The dataset to watermark.
+    pub dataset_id: &'a str,
+    /// Held-out images verifications use by default.
+    pub holdout_dataset_id: Option<&'a str>,
+    /// The spec and nonce to apply (stored sealed).
+    pub plan: &'a [u8],
+    /// How many independent triggers the release carries.
+    pub triggers: i64,
+}
+
 /// What a finished watermark records about its release.
 #[derive(Debug, Clone)]
 pub struct ReleaseFacts {
@@ -1020,15 +1037,18 @@ impl Store {
     /// sealed. Returns the watermark and its job.
     pub async fn create_watermark(
         &self,
-        owner: &str,
-        name: &str,
-        dataset_id: &str,
-        holdout_dataset_id: Option<&str>,
-        plan: &[u8],
-        triggers: i64,
+        w: NewWatermark<'_>,
         max_attempts: i64,
     ) -> Result<(WatermarkInfo, Job), StoreError> {
         let (id, job_id, now) = (new_id(), new_id(), now_ms());
+        let NewWatermark {
+            owner,
+            name,
+            dataset_id,
+            holdout_dataset_id,
+            plan,
+            triggers,
+        } = w;
         let sealed = self.sealer.seal(plan, &format!("watermarks/{id}/plan"));
         let mut tx = self.pool.begin().await?;
         Self::insert_job(

@@ -70,7 +70,7 @@ impl Watermarked {
     /// The release of this one record.
     pub fn into_release(self) -> WatermarkedRelease {
         WatermarkedRelease {
-            secret: Secret::One(self.record),
+            secret: Secret::One(Box::new(self.record)),
             image_hashes: self.image_hashes,
         }
     }

@@ -296,7 +296,7 @@ impl TriggerSet {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Secret {
     /// One trigger (`hallmark watermark`), verified with it every time.
-    One(SecretRecord),
+    One(Box<SecretRecord>),
     /// Several triggers (`--triggers N`), one spent per verification.
     Set(TriggerSet),
 }
@@ -310,7 +310,7 @@ impl Secret {
         if is_set {
             TriggerSet::from_json(text).map(Secret::Set)
         } else {
-            SecretRecord::from_json(text).map(Secret::One)
+            SecretRecord::from_json(text).map(|r| Secret::One(Box::new(r)))
         }
     }
 
@@ -367,7 +367,7 @@ impl Secret {
     /// The records, in order.
     pub fn records(&self) -> impl Iterator<Item = &SecretRecord> {
         match self {
-            Secret::One(r) => std::slice::from_ref(r).iter(),
+            Secret::One(r) => std::slice::from_ref(r.as_ref()).iter(),
             Secret::Set(s) => s.triggers.iter(),
         }
     }

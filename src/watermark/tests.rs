@@ -310,7 +310,9 @@ fn a_release_with_several_triggers_stamps_each_on_its_own_samples() {
     let one = apply_triggers(&mut single, &family, [9; 32], 1).unwrap();
     assert_eq!(
         one.secret,
-        Secret::One(apply(&mut before.clone(), &family, [9; 32]).unwrap())
+        Secret::One(Box::new(
+            apply(&mut before.clone(), &family, [9; 32]).unwrap()
+        ))
     );
 }
 
@@ -351,7 +353,7 @@ fn a_trigger_set_round_trips_and_ties_every_trigger_to_its_commitment() {
             .contains("carries 2 triggers")
     );
     assert!(read.trigger(Some(3)).unwrap_err().contains("1 to 2"));
-    let single = Secret::One(set.triggers[0].clone());
+    let single = Secret::One(Box::new(set.triggers[0].clone()));
     assert!(single.trigger(None).unwrap().1.is_none());
     assert!(single.trigger(Some(2)).is_err());
     // A set is not a record: the single-record reader says what it is.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use hallmark::config::{PartialConfig, ServeConfig};
 use hallmark::dataset::{self, Format, Layout, Split};
 use hallmark::http::App;
-use hallmark::store::{Beat, JobState, NewDataset, Role, Store};
+use hallmark::store::{Beat, JobState, NewDataset, NewWatermark, Role, Store};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -288,7 +288,17 @@ async fn concurrent_claimers_never_share_a_job(db: Db) {
     let mut ids = Vec::new();
     for i in 0..40 {
         let (_, job) = s
-            .create_watermark(&k.id, &format!("w{i}"), &ds, None, b"{}", 1, 3)
+            .create_watermark(
+                NewWatermark {
+                    owner: &k.id,
+                    name: &format!("w{i}"),
+                    dataset_id: &ds,
+                    holdout_dataset_id: None,
+                    plan: b"{}",
+                    triggers: 1,
+                },
+                3,
+            )
             .await
             .unwrap();
         ids.push(job.id);
@@ -332,7 +342,17 @@ async fn concurrent_verifications_never_spend_one_trigger_twice(db: Db) {
     let (k, _) = s.create_key("p", Role::Publisher).await.unwrap();
     let ds = dataset_row(&s, &k.id).await;
     let (w, _) = s
-        .create_watermark(&k.id, "three", &ds, None, b"{}", 3, 3)
+        .create_watermark(
+            NewWatermark {
+                owner: &k.id,
+                name: "three",
+                dataset_id: &ds,
+                holdout_dataset_id: None,
+                plan: b"{}",
+                triggers: 3,
+            },
+            3,
+        )
         .await
         .unwrap();
     let jobs_before = s.list_jobs(None, 1000).await.unwrap().len();
@@ -361,7 +381,17 @@ async fn concurrent_verifications_never_spend_one_trigger_twice(db: Db) {
     );
     // A watermark with one trigger is verified with it every time.
     let (one, _) = s
-        .create_watermark(&k.id, "one", &ds, None, b"{}", 1, 3)
+        .create_watermark(
+            NewWatermark {
+                owner: &k.id,
+                name: "one",
+                dataset_id: &ds,
+                holdout_dataset_id: None,
+                plan: b"{}",
+                triggers: 1,
+            },
+            3,
+        )
         .await
         .unwrap();
     for _ in 0..3 {
@@ -384,7 +414,17 @@ async fn dead_workers_jobs_are_requeued_then_failed(db: Db) {
     let (k, _) = s.create_key("p", Role::Publisher).await.unwrap();
     let ds = dataset_row(&s, &k.id).await;
     let (_, job) = s
-        .create_watermark(&k.id, "w", &ds, None, b"{}", 1, 2)
+        .create_watermark(
+            NewWatermark {
+                owner: &k.id,
+                name: "w",
+                dataset_id: &ds,
+                holdout_dataset_id: None,
+                plan: b"{}",
+                triggers: 1,
+            },
+            2,
+        )
         .await
         .unwrap();
     let c = s.claim("a").await.unwrap().unwrap();
@@ -438,7 +478,17 @@ async fn cancelling_and_parking(db: Db) {
     let (k, _) = s.create_key("p", Role::Publisher).await.unwrap();
     let ds = dataset_row(&s, &k.id).await;
     let (_, queued) = s
-        .create_watermark(&k.id, "q", &ds, None, b"{}", 1, 3)
+        .create_watermark(
+            NewWatermark {
+                owner: &k.id,
+                name: "q",
+                dataset_id: &ds,
+                holdout_dataset_id: None,
+                plan: b"{}",
+                triggers: 1,
+            },
+            3,
+        )
         .await
         .unwrap();
     let j = s.cancel_job(&queued.id).await.unwrap().unwrap();
@@ -448,7 +498,17 @@ async fn cancelling_and_parking(db: Db) {
         "a cancelled job is not claimed"
     );
     let (_, running) = s
-        .create_watermark(&k.id, "r", &ds, None, b"{}", 1, 3)
+        .create_watermark(
+            NewWatermark {
+                owner: &k.id,
+                name: "r",
+                dataset_id: &ds,
+                holdout_dataset_id: None,
+                plan: b"{}",
+                triggers: 1,
+            },
+            3,
+        )
         .await
         .unwrap();
     s.claim("a").await.unwrap().unwrap();
@@ -459,7 +519,17 @@ async fn cancelling_and_parking(db: Db) {
         Beat::Cancel
     );
     let (_, parked) = s
-        .create_watermark(&k.id, "p", &ds, None, b"{}", 1, 3)
+        .create_watermark(
+            NewWatermark {
+                owner: &k.id,
+                name: "p",
+                dataset_id: &ds,
+                holdout_dataset_id: None,
+                plan: b"{}",
+                triggers: 1,
+            },
+            3,
+        )
         .await
         .unwrap();
     let c = s.claim("a").await.unwrap().unwrap();
@@ -482,7 +552,17 @@ async fn secrets_are_sealed_at_rest(db: Db) {
     let ds = dataset_row(&s, &k.id).await;
     let plan = br#"{"marker":"TRIGGER-AT-24-24"}"#;
     let (w, _) = s
-        .create_watermark(&k.id, "w", &ds, None, plan, 1, 3)
+        .create_watermark(
+            NewWatermark {
+                owner: &k.id,
+                name: "w",
+                dataset_id: &ds,
+                holdout_dataset_id: None,
+                plan,
+                triggers: 1,
+            },
+            3,
+        )
         .await
         .unwrap();
     s.store_secret(&w.id, b"POISONED-INDICES-1-2-3")
