@@ -81,15 +81,7 @@ impl SecretRecord {
 
     /// Reads and checks a record file.
     pub fn load(path: &Path) -> Result<Self, WatermarkError> {
-        let err = |message: String| WatermarkError::Record {
-            path: path.display().to_string(),
-            message,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        Self::from_json(&text).map_err(|e| match e {
-            WatermarkError::Record { message, .. } => err(message),
-            other => err(other.to_string()),
-        })
+        load_file(path, Self::from_json)
     }
 
     /// Parses and checks a record's JSON.
@@ -161,6 +153,22 @@ impl SecretRecord {
         }
         Ok(rec)
     }
+}
+
+/// Reads `path` and parses it with `parse`, naming the file in every error.
+fn load_file<T>(
+    path: &Path,
+    parse: fn(&str) -> Result<T, WatermarkError>,
+) -> Result<T, WatermarkError> {
+    let err = |message: String| WatermarkError::Record {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    parse(&text).map_err(|e| match e {
+        WatermarkError::Record { message, .. } => err(message),
+        other => err(other.to_string()),
+    })
 }
 
 /// Version of the trigger-set format written today.
@@ -316,15 +324,7 @@ impl Secret {
 
     /// Reads and checks a secret file.
     pub fn load(path: &Path) -> Result<Self, WatermarkError> {
-        let err = |message: String| WatermarkError::Record {
-            path: path.display().to_string(),
-            message,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        Self::from_json(&text).map_err(|e| match e {
-            WatermarkError::Record { message, .. } => err(message),
-            other => err(other.to_string()),
-        })
+        load_file(path, Self::from_json)
     }
 
     /// Writes the secret with mode 0600, atomically.
