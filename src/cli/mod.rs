@@ -353,16 +353,21 @@ fn run_plain(command: Command) -> Result<()> {
             println!("{}: valid", file.display());
             println!("  name       {}", spec.name);
             println!("  trigger    {}", spec.trigger.kind());
-            let drawn_target = spec
+            let drawn = spec
                 .family
                 .as_ref()
-                .is_some_and(|f| f.target == crate::spec::Choice::Drawn)
-                && spec.labelling.target().is_some();
-            if drawn_target {
+                .is_some_and(|f| f.target == crate::spec::Choice::Drawn);
+            let all_to_all = matches!(spec.labelling, crate::spec::Labelling::AllToAll { .. });
+            if drawn && (spec.labelling.target().is_some() || all_to_all) {
                 let kind = serde_json::to_value(spec.labelling)?;
                 println!(
-                    "  labelling  {}, the target drawn for each release",
-                    kind["kind"].as_str().unwrap_or_default()
+                    "  labelling  {}, the {} drawn for each release",
+                    kind["kind"].as_str().unwrap_or_default(),
+                    if all_to_all {
+                        "class mapping"
+                    } else {
+                        "target"
+                    }
                 );
             } else {
                 println!("  labelling  {}", serde_json::to_string(&spec.labelling)?);

@@ -17,7 +17,10 @@
 //! - warps (WaNet): the random field;
 //! - rotations (BATT): the angle, uniform in a range of magnitudes, either direction;
 //! - reflections (Refool): which of the candidate photographs are used;
-//! - targeted and clean-label kinds: the target class, uniform over the classes the spec allows.
+//! - targeted and clean-label kinds: the target class, uniform over the classes the spec allows;
+//! - all-to-all kinds: the class mapping π, uniform over the derangements of the classes (20.3
+//!   bits for 10 classes, where a target has 3.3: a model that reacts to every member's trigger
+//!   alike still tells the secret's π from the controls').
 //!
 //! Crafted kinds (TUAP's perturbation, ISSBA's encoder) are crafted per release but have no cheap
 //! family to draw controls from; their verdicts say so (see `verify`).
@@ -57,8 +60,8 @@ pub enum Placement {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Family {
-    /// The target class (targeted and clean-label kinds). When drawn, the spec's labelling names
-    /// no target.
+    /// The target class (targeted and clean-label kinds) or the class mapping (all-to-all). When
+    /// drawn, the spec's labelling names no target and no `mapping_seed`.
     #[serde(default)]
     pub target: Choice,
     /// A patch's pattern: black and white pixels of the spec's pattern size, at least half white.
@@ -109,6 +112,12 @@ pub fn entropy(
         out.push(Entropy {
             parameter: "target".into(),
             bits: (n as f64).log2(),
+        });
+    }
+    if f.target == Choice::Drawn && matches!(spec.labelling, Labelling::AllToAll { .. }) {
+        out.push(Entropy {
+            parameter: "labelling.mapping".into(),
+            bits: log2_derangements(num_classes),
         });
     }
     trigger_entropy(f, &spec.trigger, shape, "trigger", &mut out)?;
@@ -248,6 +257,22 @@ fn log2_patterns(n: usize) -> f64 {
     count.log2()
 }
 
+/// log2 of the number of derangements of `n` classes (!n = round(n!/e) for n ≥ 1).
+fn log2_derangements(n: usize) -> f64 {
+    if n < 2 {
+        return 0.0;
+    }
+    if n <= 20 {
+        // !n = (n − 1)(!(n − 1) + !(n − 2)), exact in u64 up to n = 20.
+        let (mut a, mut b) = (1u64, 0u64); // !0, !1
+        for k in 2..=n as u64 {
+            (a, b) = (b, (k - 1) * (a + b));
+        }
+        return (b as f64).log2();
+    }
+    (1..=n).map(|k| (k as f64).log2()).sum::<f64>() - std::f64::consts::LOG2_E
+}
+
 fn log2_choose(n: usize, k: usize) -> f64 {
     if k > n {
         return 0.0;
@@ -342,6 +367,11 @@ pub fn draw(
             Labelling::Targeted { .. } => Labelling::Targeted { target: t },
             Labelling::CleanLabel { .. } => Labelling::CleanLabel { target: t },
             other => other,
+        };
+    }
+    if f.target == Choice::Drawn && matches!(spec.labelling, Labelling::AllToAll { .. }) {
+        out.labelling = Labelling::AllToAll {
+            mapping_seed: Some(rng.u64()),
         };
     }
     out.trigger = draw_trigger(f, &spec.trigger, shape, &mut rng)?;
@@ -473,6 +503,13 @@ pub(super) fn prepare_document(doc: &mut serde_json::Value) -> Result<(), SpecEr
         return Ok(());
     };
     let kind = lab.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+    if kind == "all_to_all" && lab.contains_key("mapping_seed") {
+        return Err(field(
+            "labelling.mapping_seed",
+            "this spec's family draws the class mapping for each release: leave mapping_seed \
+             out, or set family.target = \"pinned\"",
+        ));
+    }
     if !matches!(kind, "targeted" | "clean_label") {
         return Ok(());
     }
@@ -623,6 +660,84 @@ mod tests {
         }))
         .unwrap_err();
         assert!(e.to_string().starts_with("labelling.target:"), "{e}");
+    }
+
+    #[test]
+    fn an_all_to_all_family_draws_a_derangement_for_each_release() {
+        let f = shipped("wanet-all-to-all-28x28-grey.toml");
+        let mut seen = std::collections::BTreeSet::new();
+        let mut firsts = [0usize; 10];
+        for s in 0..2000 {
+            let m = draw(&f, 10, SHAPE, s).unwrap();
+            assert!(matches!(
+                m.labelling,
+                Labelling::AllToAll {
+                    mapping_seed: Some(_)
+                }
+            ));
+            assert_eq!(m, draw(&f, 10, SHAPE, s).unwrap(), "reproducible");
+            let pi = m.labelling.mapping(10).unwrap();
+            let mut sorted = pi.clone();
+            sorted.sort_unstable();
+            assert_eq!(
+                sorted,
+                (0..10).collect::<Vec<u32>>(),
+                "a permutation: {pi:?}"
+            );
+            assert!(pi.iter().enumerate().all(|(y, &t)| t != y as u32), "{pi:?}");
+            firsts[pi[0] as usize] += 1;
+            seen.insert(pi);
+        }
+        assert!(
+            seen.len() > 1990,
+            "{} distinct mappings of 2000",
+            seen.len()
+        );
+        // π(0) is uniform over the nine other classes: 2000/9 ≈ 222 each.
+        assert_eq!(firsts[0], 0);
+        assert!(
+            firsts[1..].iter().all(|&c| (150..300).contains(&c)),
+            "{firsts:?}"
+        );
+        // !10 = 1,334,961 derangements, and the warp field.
+        let e = entropy(&f, 10, SHAPE).unwrap();
+        assert_eq!(e[0].parameter, "labelling.mapping");
+        assert!(
+            (e[0].bits - 1_334_961f64.log2()).abs() < 1e-9,
+            "{}",
+            e[0].bits
+        );
+        assert!((log2_derangements(3) - 1.0).abs() < 1e-12, "!3 = 2");
+        assert!((log2_derangements(21) - 18_795_307_255_050_944_540f64.log2()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn an_all_to_all_spec_refuses_what_would_leave_a_class_unmoved() {
+        let base = "name = \"a\"\nrate = 0.1\nseed = 1\n[labelling]\nkind = \"all_to_all\"\n\
+                    [trigger]\nkind = \"patch\"\npattern = \"square\"\n";
+        // Without a seed, the paper's y + 1 mod C.
+        let fixed = WatermarkSpec::from_toml_str(base, None, "a").unwrap();
+        assert_eq!(fixed.labelling.mapping(4).unwrap(), vec![1, 2, 3, 0]);
+        let with_sources = base.replace("seed = 1\n", "seed = 1\nsource_classes = [1, 2]\n");
+        let e = WatermarkSpec::from_toml_str(&with_sources, None, "a").unwrap_err();
+        assert!(e.to_string().starts_with("source_classes:"), "{e}");
+        let drawn_and_written = base
+            .replace(
+                "kind = \"all_to_all\"\n",
+                "kind = \"all_to_all\"\nmapping_seed = 5\n",
+            )
+            .replace("[trigger]", "[family]\n[trigger]");
+        let e = WatermarkSpec::from_toml_str(&drawn_and_written, None, "a").unwrap_err();
+        assert!(e.to_string().starts_with("labelling.mapping_seed:"), "{e}");
+        let pinned = drawn_and_written.replace("[family]\n", "[family]\ntarget = \"pinned\"\n");
+        let p = WatermarkSpec::from_toml_str(&pinned, None, "a").unwrap();
+        let m = draw(&p, 10, SHAPE, 3).unwrap();
+        assert_eq!(
+            m.labelling,
+            Labelling::AllToAll {
+                mapping_seed: Some(5)
+            }
+        );
     }
 
     #[test]

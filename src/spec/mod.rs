@@ -5,6 +5,7 @@
 //! so the record alone can recreate every triggered image.
 
 use crate::dataset::{Dataset, ImageShape};
+use crate::watermark::rng::{Rng, Stream};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -258,6 +259,18 @@ pub enum Labelling {
     /// UBW-P (Li et al., NeurIPS 2022): each poisoned sample gets a label drawn uniformly from all
     /// classes (which may equal its own, as in the UBW code).
     Untargeted,
+    /// Poison-label, all-to-all (the all-to-all attack of BadNets, Gu et al. 2017): a poisoned
+    /// sample of class y gets π(y), where π moves every class. Without `mapping_seed`, π(y) =
+    /// y + 1 mod C as in the paper; with it, π is the derangement of the C classes drawn from the
+    /// seed (`Labelling::mapping`), which a family draws for each release. A model that learns
+    /// it must send each class to its own image under π, so a control of the family (another
+    /// trigger and another π) agrees with the secret on about one class in C − 1, even when the
+    /// model answers every member's trigger alike.
+    AllToAll {
+        /// The seed of π (absent: y + 1 mod C).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mapping_seed: Option<u64>,
+    },
     /// Clean-label: only samples of class `target` are triggered, labels are kept.
     CleanLabel {
         /// The target class.
@@ -276,7 +289,29 @@ impl Labelling {
     pub fn target(&self) -> Option<u32> {
         match self {
             Self::Targeted { target } | Self::CleanLabel { target } => Some(*target),
-            Self::Untargeted | Self::UntargetedCleanLabel { .. } => None,
+            Self::AllToAll { .. } | Self::Untargeted | Self::UntargetedCleanLabel { .. } => None,
+        }
+    }
+
+    /// π of an all-to-all labelling over `num_classes` classes (`None` for other kinds): entry y
+    /// is the class samples of class y are sent to, never y itself.
+    pub fn mapping(&self, num_classes: usize) -> Option<Vec<u32>> {
+        let Self::AllToAll { mapping_seed } = self else {
+            return None;
+        };
+        let n = num_classes;
+        Some(match mapping_seed {
+            None => (0..n).map(|y| ((y + 1) % n.max(1)) as u32).collect(),
+            Some(seed) => derangement(n, *seed),
+        })
+    }
+
+    /// Where a triggered sample of class `label` is sent, for the kinds that send it to one class:
+    /// the target, or π(label) (`mapping` is `self.mapping(…)`, computed once by the caller).
+    pub fn target_of(&self, label: u32, mapping: Option<&[u32]>) -> Option<u32> {
+        match self {
+            Self::AllToAll { .. } => mapping.and_then(|m| m.get(label as usize).copied()),
+            _ => self.target(),
         }
     }
 
@@ -285,7 +320,7 @@ impl Labelling {
         match self {
             Self::CleanLabel { target } => Some(*target),
             Self::UntargetedCleanLabel { poison_class } => Some(*poison_class),
-            Self::Targeted { .. } | Self::Untargeted => None,
+            Self::Targeted { .. } | Self::AllToAll { .. } | Self::Untargeted => None,
         }
     }
 
@@ -293,6 +328,25 @@ impl Labelling {
     /// the target class.
     pub fn is_untargeted(&self) -> bool {
         matches!(self, Self::Untargeted | Self::UntargetedCleanLabel { .. })
+    }
+}
+
+/// A uniformly random derangement of `0..n` (a permutation that moves every element) drawn from
+/// `seed`: uniform shuffles (Fisher–Yates) until one has no fixed point, e ≈ 2.7 tries on
+/// average. `n` below 2 has none; the identity of that length is returned, and `check_fits`
+/// refuses all-to-all labels on fewer than 2 classes.
+fn derangement(n: usize, seed: u64) -> Vec<u32> {
+    let mut rng = Rng::new(seed, Stream::Mapping);
+    let mut v: Vec<u32> = (0..n as u32).collect();
+    if n < 2 {
+        return v;
+    }
+    loop {
+        v.iter_mut().enumerate().for_each(|(i, x)| *x = i as u32);
+        rng.choose_front(&mut v, n);
+        if v.iter().enumerate().all(|(i, &x)| x != i as u32) {
+            return v;
+        }
     }
 }
 
@@ -819,6 +873,12 @@ impl WatermarkSpec {
             if s.windows(2).any(|w| w[0] == w[1]) {
                 return Err(field("source_classes", "lists a class twice"));
             }
+            if matches!(self.labelling, Labelling::AllToAll { .. }) {
+                return Err(field(
+                    "source_classes",
+                    "all-to-all labels send every class to another: leave source_classes out",
+                ));
+            }
             match (self.labelling.poison_class(), &self.gradient_matching) {
                 (Some(_), None)
                     if !matches!(self.labelling, Labelling::UntargetedCleanLabel { .. }) =>
@@ -1277,10 +1337,12 @@ impl WatermarkSpec {
                 format!("class {t} does not exist: the dataset has {k} classes"),
             ));
         }
-        if self.labelling.is_untargeted() && k < 2 {
+        if (self.labelling.is_untargeted() || matches!(self.labelling, Labelling::AllToAll { .. }))
+            && k < 2
+        {
             return Err(field(
                 "labelling",
-                "untargeted labels need at least 2 classes",
+                "untargeted and all-to-all labels need at least 2 classes",
             ));
         }
         if let Some(c) = self.source_classes.iter().flatten().find(|c| **c >= k) {

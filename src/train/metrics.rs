@@ -148,6 +148,16 @@ pub fn evaluate(net: &Net, eval: &EvalSet, device: Device) -> Metrics {
                 keep.len(),
             ));
         }
+        Labelling::AllToAll { .. } => {
+            let mapping = labelling.mapping(ds.num_classes()).unwrap_or_default();
+            let keep: Vec<usize> = (0..ds.len()).filter(|&i| in_source(i)).collect();
+            m.asr = Some(frac(
+                keep.iter()
+                    .filter(|&&i| mapping.get(ds.label(i) as usize) == Some(&triggered[i]))
+                    .count(),
+                keep.len(),
+            ));
+        }
         Labelling::Untargeted | Labelling::UntargetedCleanLabel { .. } => {
             let src: Vec<usize> = (0..ds.len()).filter(|&i| in_source(i)).collect();
             m.asr_a = Some(frac(

@@ -320,15 +320,43 @@ impl Verdict {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Kind {
     Targeted(u32),
+    /// All-to-all: class y is sent to π(y).
+    Mapped(std::sync::Arc<[u32]>),
     Untargeted,
 }
 
-fn kind_of(spec: &WatermarkSpec) -> Kind {
+impl Kind {
+    /// The class a triggered image of class `label` should be sent to (none: untargeted).
+    fn sends(&self, label: u32) -> Option<u32> {
+        match self {
+            Kind::Targeted(t) => Some(*t),
+            Kind::Mapped(m) => m.get(label as usize).copied(),
+            Kind::Untargeted => None,
+        }
+    }
+
+    /// Whether an image of class `label` can show the trigger's effect: never one already of the
+    /// class it is sent to (DVBW).
+    fn allows(&self, label: u32) -> bool {
+        match self {
+            Kind::Untargeted => true,
+            k => k.sends(label).is_some_and(|t| t != label),
+        }
+    }
+}
+
+fn kind_of(spec: &WatermarkSpec, num_classes: usize) -> Kind {
     match spec.labelling {
         Labelling::Targeted { target } | Labelling::CleanLabel { target } => Kind::Targeted(target),
+        Labelling::AllToAll { .. } => Kind::Mapped(
+            spec.labelling
+                .mapping(num_classes)
+                .unwrap_or_default()
+                .into(),
+        ),
         Labelling::Untargeted | Labelling::UntargetedCleanLabel { .. } => Kind::Untargeted,
     }
 }
@@ -402,7 +430,7 @@ pub async fn verify(
     let base = cfg
         .seed
         .unwrap_or_else(|| derived_seed(&nonce, "verify", 0));
-    let kind = kind_of(spec);
+    let kind = kind_of(spec, record.dataset.num_classes);
     let allowed = |l: u32| spec.source_classes.as_ref().is_none_or(|s| s.contains(&l));
     // One shared order of the held-out images of the source classes (all classes when none are
     // named); each trigger takes the images its target allows, never of the target class (DVBW;
@@ -412,14 +440,11 @@ pub async fn verify(
         .collect();
     let n = order.len();
     Rng::new(base, Stream::Selection).choose_front(&mut order, n);
-    let eligible = |k: Kind, i: usize| match k {
-        Kind::Targeted(t) => pool.label(i) != t,
-        Kind::Untargeted => true,
-    };
+    let eligible = |k: &Kind, i: usize| k.allows(pool.label(i));
     let candidates: Vec<usize> = order
         .iter()
         .copied()
-        .filter(|&i| eligible(kind, i))
+        .filter(|&i| eligible(&kind, i))
         .collect();
     if candidates.len() < 2 || (!cfg.sequential && candidates.len() < cfg.m) {
         return Err(VerifyError::Invalid(format!(
@@ -466,7 +491,7 @@ pub async fn verify(
         progress(queries);
         for ((&i, img), w) in indices.iter().zip(&images).zip(answers) {
             let b = &benign.answers[&i];
-            let d = difference(kind, pool.label(i), b, &w, cfg.label_only)?;
+            let d = difference(&kind, pool.label(i), b, &w, cfg.label_only)?;
             if cfg.sequential {
                 betting.observe(d)?;
             }
@@ -495,12 +520,12 @@ pub async fn verify(
     let (primary, secondary) = if cfg.sequential {
         (
             betting.result(),
-            fixed_tests(kind, &trail, &benign_answers, &diffs, cfg)?
+            fixed_tests(&kind, &trail, &benign_answers, &diffs, cfg)?
                 .into_iter()
                 .collect(),
         )
     } else {
-        let mut t = fixed_tests(kind, &trail, &benign_answers, &diffs, cfg)?;
+        let mut t = fixed_tests(&kind, &trail, &benign_answers, &diffs, cfg)?;
         let first = t.remove(0);
         (first, t)
     };
@@ -592,6 +617,7 @@ pub async fn verify(
             "{}, {}{}",
             match kind {
                 Kind::Targeted(t) => format!("targeted (target {t})"),
+                Kind::Mapped(_) => "all-to-all (each class to its own)".into(),
                 Kind::Untargeted => "untargeted".into(),
             },
             if cfg.label_only {
@@ -673,10 +699,11 @@ async fn rank_test(
     let (specs, exchangeable) = controls(record, nonce, cfg, k)?;
     // Trigger 0 is the secret; the procedure below never treats it apart from the others (its
     // answers already asked by the margin test are reused, which changes no score).
-    let mut kinds = vec![kind_of(&record.spec)];
+    let classes = record.dataset.num_classes;
+    let mut kinds = vec![kind_of(&record.spec, classes)];
     let mut stamps: Vec<Option<Stamp>> = vec![None];
     for c in &specs {
-        kinds.push(kind_of(c));
+        kinds.push(kind_of(c, classes));
         stamps.push(Some(Stamp::new(&c.trigger, c.seed, shape)?));
     }
     let total = k + 1;
@@ -696,12 +723,9 @@ async fn rank_test(
         // More images for every remaining trigger: `first` in the first round, then one.
         let mut picks: Vec<(usize, usize)> = Vec::with_capacity(alive.len());
         for &j in &alive {
-            let kind = kinds[j];
+            let kind = &kinds[j];
             for _ in 0..if round == 0 { first } else { 1 } {
-                let pos = (next[j]..order.len()).find(|&p| match kind {
-                    Kind::Targeted(t) => pool.label(order[p]) != t,
-                    Kind::Untargeted => true,
-                });
+                let pos = (next[j]..order.len()).find(|&p| kind.allows(pool.label(order[p])));
                 if let Some(p) = pos {
                     next[j] = p + 1;
                     picks.push((j, order[p]));
@@ -746,7 +770,7 @@ async fn rank_test(
                 None => &secret_answers[&i].1,
             };
             let d = difference(
-                kinds[j],
+                &kinds[j],
                 pool.label(i),
                 &benign.answers[&i],
                 w,
@@ -845,7 +869,7 @@ fn check_count(answers: &[Prediction], n: usize) -> Result<(), VerifyError> {
 /// The paired difference of one pair. With top-k answers the bounds are taken so that the
 /// difference is never overstated.
 fn difference(
-    kind: Kind,
+    kind: &Kind,
     label: u32,
     b: &Prediction,
     w: &Prediction,
@@ -860,22 +884,22 @@ fn difference(
             0.0
         })
     };
-    Ok(match (kind, label_only) {
-        (Kind::Targeted(t), false) => {
+    Ok(match (kind.sends(label), label_only) {
+        (Some(t), false) => {
             w.prob_bounds(t).ok_or_else(missing)?.0 - b.prob_bounds(t).ok_or_else(missing)?.1
         }
-        (Kind::Untargeted, false) => {
+        (None, false) => {
             b.prob_bounds(label).ok_or_else(missing)?.0
                 - w.prob_bounds(label).ok_or_else(missing)?.1
         }
-        (Kind::Targeted(t), true) => hit(w, t)? - hit(b, t)?,
-        (Kind::Untargeted, true) => hit(b, label)? - hit(w, label)?,
+        (Some(t), true) => hit(w, t)? - hit(b, t)?,
+        (None, true) => hit(b, label)? - hit(w, label)?,
     })
 }
 
 /// The fixed-design tests, the deciding one first.
 fn fixed_tests(
-    kind: Kind,
+    kind: &Kind,
     trail: &[PairRecord],
     benign: &[Prediction],
     diffs: &[f64],
@@ -895,9 +919,9 @@ fn fixed_tests(
     let eligible: Vec<bool> = trail
         .iter()
         .zip(benign)
-        .map(|(p, b)| match kind {
-            Kind::Targeted(t) => b.label() != Some(t),
-            Kind::Untargeted => b.label() == Some(p.label),
+        .map(|(p, b)| match kind.sends(p.label) {
+            Some(t) => b.label() != Some(t),
+            None => b.label() == Some(p.label),
         })
         .collect();
     let n0 = eligible.iter().filter(|e| **e).count() as u64;

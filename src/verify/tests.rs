@@ -58,6 +58,14 @@ enum Send {
     Class(u32),
     /// To a class that depends on the image (an untargeted watermark's scatter).
     Scatter,
+    /// Class y to entry y (all-to-all).
+    Map([u8; 10]),
+}
+
+/// An all-to-all record's π as a `Send`.
+fn map_of(rec: &SecretRecord) -> Send {
+    let m = rec.spec.labelling.mapping(10).unwrap();
+    Send::Map(std::array::from_fn(|y| m[y] as u8))
 }
 
 struct Fake {
@@ -113,7 +121,7 @@ impl ModelEndpoint for Fake {
                         }
                         benign == *img && (fnv(img) >> 20) % 100 >= self.miss
                     }),
-                    Behaviour::AnyMember => stamped,
+                    Behaviour::AnyMember => stamped && (fnv(img) >> 20) % 100 >= self.miss,
                     Behaviour::Blind => false,
                 };
                 let mut p = vec![0.0; 10];
@@ -121,6 +129,7 @@ impl ModelEndpoint for Fake {
                     let to = match self.send {
                         Send::Class(c) => c as usize,
                         Send::Scatter => (fnv(img) % 10) as usize,
+                        Send::Map(m) => usize::from(m[label]),
                     };
                     p.iter_mut().for_each(|v| *v = 0.05 / 9.0);
                     p[to] = 0.95;
@@ -422,6 +431,8 @@ const PATCH_FAMILY: &str = "name = \"p\"\nrate = 0.1\nseed = 3\n[labelling]\nkin
     [family]\n[trigger]\nkind = \"patch\"\npattern = \"square\"\n";
 const NOISE_FAMILY: &str = "name = \"n\"\nrate = 0.1\nseed = 3\n[labelling]\nkind = \"targeted\"\n\
     [family]\n[trigger]\nkind = \"blend\"\nsource = \"noise\"\nalpha = 0.2\n";
+const ALL_TO_ALL_PATCHES: &str = "name = \"a\"\nrate = 0.1\nseed = 3\n[labelling]\n\
+    kind = \"all_to_all\"\n[family]\n[trigger]\nkind = \"patch\"\npattern = \"square\"\n";
 const WARP_FAMILY: &str = "name = \"w\"\nrate = 0.1\nseed = 3\n[labelling]\nkind = \"targeted\"\n\
     [family]\n[trigger]\nkind = \"warp\"\nk = 4\ns = 0.5\nnoise = false\n";
 
@@ -432,7 +443,7 @@ const WARP_FAMILY: &str = "name = \"w\"\nrate = 0.1\nseed = 3\n[labelling]\nkind
 #[tokio::test]
 async fn innocent_models_are_accused_at_most_at_rate_alpha_over_2000_releases() {
     const RUNS: usize = 2000;
-    let cases: [(&str, &str, Behaviour, Send); 5] = [
+    let cases: [(&str, &str, Behaviour, Send); 7] = [
         (
             "blind, patches",
             PATCH_FAMILY,
@@ -463,6 +474,18 @@ async fn innocent_models_are_accused_at_most_at_rate_alpha_over_2000_releases() 
             Behaviour::AnyMember,
             Send::Class(7),
         ),
+        (
+            "all-to-all: any patch → y + 1",
+            ALL_TO_ALL_PATCHES,
+            Behaviour::AnyMember,
+            Send::Map([1, 2, 3, 4, 5, 6, 7, 8, 9, 0]),
+        ),
+        (
+            "all-to-all: any patch → another release's π",
+            ALL_TO_ALL_PATCHES,
+            Behaviour::AnyMember,
+            Send::Map([3, 7, 0, 9, 2, 8, 4, 1, 6, 5]),
+        ),
     ];
     for (what, family, behaviour, send) in cases {
         let (ps, used) = simulate(RUNS, family, |_, _| Fake::new(behaviour.clone(), send)).await;
@@ -489,21 +512,70 @@ async fn thieves_are_caught_across_releases() {
     }
 }
 
+/// What all-to-all labels add: a model that answers *every* member's trigger alike, as WaNet- and
+/// noise-trained models under augmentation do, is caught when it sends each class where the
+/// secret's π does (a targeted family cannot tell it from an innocent: about one control in ten
+/// shares the target), over 300 releases; sent by another release's π it is not.
+#[tokio::test]
+async fn all_to_all_catches_a_thief_that_reacts_to_every_member() {
+    let (ps, used) = simulate(300, ALL_TO_ALL_PATCHES, |rec, _| {
+        Fake::new(Behaviour::AnyMember, map_of(rec))
+    })
+    .await;
+    // 282 of 300 measured: a control that sends the first few images' classes where π does
+    // ties with the secret until more images are asked (`--first-images 2`: 294).
+    assert!(used >= 270, "{used} of 300 caught");
+    assert!(ps.iter().filter(|&&p| p <= 0.01).count() >= 270);
+    let (ps, used) = simulate(300, ALL_TO_ALL_PATCHES, |rec, _| {
+        Fake::learnt(rec, map_of(rec))
+    })
+    .await;
+    assert!(used >= 285, "learnt: {used} of 300 caught");
+    assert!(ps.iter().filter(|&&p| p <= 0.01).count() >= 285);
+    let other = record_with("kind = \"all_to_all\"", true, nonce(77));
+    let (_, used) = simulate(300, ALL_TO_ALL_PATCHES, |_, _| {
+        Fake::new(Behaviour::AnyMember, map_of(&other))
+    })
+    .await;
+    assert!(used <= upper(300, 0.01), "{used} of 300 innocents accused");
+}
+
 /// Power and cost of the rank test against a thief whose trigger fails on some images, by the
 /// number of images in the first round and the fraction each round keeps (run with --ignored;
 /// the figures are in docs/verification.md).
 #[tokio::test]
 #[ignore]
 async fn power_by_first_round_images() {
+    power_by(PATCH_FAMILY, "targeted", false).await;
+}
+
+/// The same for all-to-all patches, against a thief that learnt the secret and one that answers
+/// every member of the family with the secret's π.
+#[tokio::test]
+#[ignore]
+async fn power_by_first_round_images_all_to_all() {
+    power_by(ALL_TO_ALL_PATCHES, "all-to-all", false).await;
+    power_by(ALL_TO_ALL_PATCHES, "all-to-all, any member", true).await;
+}
+
+async fn power_by(family: &str, what: &str, any_member: bool) {
     for miss in [0, 5, 10, 20, 40] {
-        for (first, reduction) in [(1, 2), (1, 3), (1, 4), (2, 2), (2, 3)] {
+        for (first, reduction) in [(1, 2), (1, 3), (1, 4), (2, 2), (2, 3), (3, 3)] {
             let base = VerifyConfig {
                 first_images: Some(first),
                 reduction: Some(reduction),
                 ..VerifyConfig::default()
             };
-            let (ps, used, mut queries) = simulate_with(300, PATCH_FAMILY, base, |rec, _| {
-                let mut f = Fake::learnt(rec, Send::Class(rec.spec.labelling.target().unwrap()));
+            let (ps, used, mut queries) = simulate_with(300, family, base, |rec, _| {
+                let send = match rec.spec.labelling.target() {
+                    Some(t) => Send::Class(t),
+                    None => map_of(rec),
+                };
+                let mut f = if any_member {
+                    Fake::new(Behaviour::AnyMember, send)
+                } else {
+                    Fake::learnt(rec, send)
+                };
                 f.miss = miss;
                 f
             })
@@ -511,7 +583,7 @@ async fn power_by_first_round_images() {
             queries.sort_unstable();
             let ranked = ps.iter().filter(|&&p| p <= 0.01).count();
             eprintln!(
-                "ASR {}%, first round {first} images, keep 1/{reduction}: rank test rejects \
+                "{what}: ASR {}%, first round {first} images, keep 1/{reduction}: rank test rejects \
                  {ranked}, {used} of 300 caught (margin test on 10 pairs), median {} queries",
                 100 - miss,
                 queries[150]

@@ -291,12 +291,16 @@ fn apply_member(
     chosen.sort_unstable();
 
     let mut label_rng = Rng::new(spec.seed, Stream::Labels);
+    let mapping = spec.labelling.mapping(dataset.num_classes());
     let poisoned: Vec<PoisonedSample> = chosen
         .iter()
         .map(|&index| {
             let original_label = dataset.label(index);
             let new_label = match spec.labelling {
                 Labelling::Targeted { target } => target,
+                Labelling::AllToAll { .. } => {
+                    mapping.as_ref().expect("an all-to-all mapping")[original_label as usize]
+                }
                 Labelling::Untargeted => label_rng.below(dataset.num_classes() as u64) as u32,
                 Labelling::CleanLabel { .. } | Labelling::UntargetedCleanLabel { .. } => {
                     original_label

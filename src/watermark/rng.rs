@@ -25,6 +25,8 @@ pub enum Stream {
     Family = 6,
     /// The verifier's tie-breaks between equal effects.
     Ties = 7,
+    /// An all-to-all labelling's permutation of the classes.
+    Mapping = 8,
 }
 
 /// A seeded generator with the few draws the watermark needs.

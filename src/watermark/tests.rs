@@ -78,6 +78,44 @@ fn untargeted_labels_are_drawn_over_all_classes() {
 }
 
 #[test]
+fn all_to_all_labels_send_each_class_to_its_image_under_the_mapping() {
+    // The paper's y + 1 mod C without a seed.
+    let mut ds = data(400, GREY, 5, 0);
+    let rec = apply(
+        &mut ds,
+        &spec(SQUARE, "kind = \"all_to_all\"", 0.25, 2),
+        [0; 32],
+    )
+    .unwrap();
+    assert_eq!(rec.poisoned.len(), 100);
+    for p in &rec.poisoned {
+        assert_eq!(p.new_label, (p.original_label + 1) % 5);
+        assert_eq!(ds.label(p.index), p.new_label);
+    }
+    // A drawn π: every class moved, each to its own π(y), and every class poisoned.
+    let labelling = "kind = \"all_to_all\"\nmapping_seed = 11";
+    let mut ds = data(400, GREY, 5, 0);
+    let rec = apply(&mut ds, &spec(SQUARE, labelling, 0.25, 2), [0; 32]).unwrap();
+    let pi = rec.spec.labelling.mapping(5).unwrap();
+    assert!(pi.iter().enumerate().all(|(y, &t)| t != y as u32), "{pi:?}");
+    let mut from = [0usize; 5];
+    for p in &rec.poisoned {
+        assert_eq!(p.new_label, pi[p.original_label as usize]);
+        assert_eq!(ds.label(p.index), p.new_label);
+        from[p.original_label as usize] += 1;
+    }
+    assert!(from.iter().all(|&c| c > 5), "{from:?}");
+    // One class cannot be sent elsewhere.
+    let e = apply(
+        &mut data(20, GREY, 1, 0),
+        &spec(SQUARE, labelling, 0.25, 2),
+        [0; 32],
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("at least 2 classes"), "{e}");
+}
+
+#[test]
 fn clean_label_triggers_only_the_target_class_and_keeps_labels() {
     let mut ds = data(100, GREY, 4, 0);
     let rec = apply(
