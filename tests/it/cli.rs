@@ -260,6 +260,59 @@ fn families_show_their_entropy_and_fixed_triggers_need_consent() {
     assert!(text(&o).contains("bits of secret"), "{}", text(&o));
 }
 
+/// An all-to-all family through the CLI: `spec check` names the drawn class mapping, and the
+/// release sends every poisoned sample of class y to π(y), the secret's derangement.
+#[test]
+fn an_all_to_all_release_sends_each_class_where_its_secret_mapping_does() {
+    let spec = spec_path("badnets-square-all-to-all-28x28-grey.toml");
+    let o = hallmark(&["spec", "check", &spec]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("all_to_all, the class mapping drawn for each release"),
+        "{t}"
+    );
+    assert!(t.contains("labelling.mapping            20.3 bits"), "{t}");
+    let dir = tempfile::tempdir().unwrap();
+    let input = small_idx(&dir.path().join("in"), 300);
+    let (out, secret) = (dir.path().join("rel"), dir.path().join("s.json"));
+    let o = hallmark(&[
+        "watermark",
+        "--spec",
+        &spec,
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--secret",
+        secret.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let rec = hallmark::watermark::SecretRecord::load(&secret).unwrap();
+    let pi = rec.spec.labelling.mapping(10).unwrap();
+    assert!(pi.iter().enumerate().all(|(y, &t)| t != y as u32), "{pi:?}");
+    let raw = fs::read(out.join("train-labels-idx1-ubyte.gz")).unwrap();
+    let labels = hallmark::dataset::idx::parse(hallmark::dataset::idx::maybe_gunzip(raw).unwrap())
+        .unwrap()
+        .data;
+    assert_eq!(rec.poisoned.len(), 30);
+    let mut moved = std::collections::BTreeSet::new();
+    for p in &rec.poisoned {
+        assert_eq!(p.original_label, p.index as u32 % 10);
+        assert_eq!(p.new_label, pi[p.original_label as usize]);
+        assert_eq!(u32::from(labels[p.index]), p.new_label);
+        moved.insert(p.original_label);
+    }
+    assert!(
+        moved.len() >= 8,
+        "poisoned samples come from every class: {moved:?}"
+    );
+    let untouched = (0..300)
+        .filter(|i| rec.poisoned.iter().all(|p| p.index != *i))
+        .all(|i| u32::from(labels[i]) == i as u32 % 10);
+    assert!(untouched, "other samples keep their labels");
+}
+
 #[test]
 fn a_tampered_secret_record_is_refused() {
     let t = tempfile::tempdir().unwrap();
