@@ -306,15 +306,6 @@ impl Labelling {
         })
     }
 
-    /// Where a triggered sample of class `label` is sent, for the kinds that send it to one class:
-    /// the target, or π(label) (`mapping` is `self.mapping(…)`, computed once by the caller).
-    pub fn target_of(&self, label: u32, mapping: Option<&[u32]>) -> Option<u32> {
-        match self {
-            Self::AllToAll { .. } => mapping.and_then(|m| m.get(label as usize).copied()),
-            _ => self.target(),
-        }
-    }
-
     /// The only class whose samples may be poisoned, for clean-label kinds.
     pub fn poison_class(&self) -> Option<u32> {
         match self {
