@@ -440,11 +440,10 @@ pub async fn verify(
         .collect();
     let n = order.len();
     Rng::new(base, Stream::Selection).choose_front(&mut order, n);
-    let eligible = |k: &Kind, i: usize| k.allows(pool.label(i));
     let candidates: Vec<usize> = order
         .iter()
         .copied()
-        .filter(|&i| eligible(&kind, i))
+        .filter(|&i| kind.allows(pool.label(i)))
         .collect();
     if candidates.len() < 2 || (!cfg.sequential && candidates.len() < cfg.m) {
         return Err(VerifyError::Invalid(format!(
