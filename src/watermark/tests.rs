@@ -446,3 +446,70 @@ fn a_trigger_set_that_is_not_one_release_is_refused() {
         .to_string();
     assert!(e.contains("trigger 3 of 3"), "{e}");
 }
+
+/// Every shipped spec's release of one fixed dataset with one fixed nonce, pinned by its public
+/// commitment and the release's sha256. A change to a shipped spec, to how a family member is
+/// drawn, to a record's fields or their order, or to stamping changes a line: every commitment
+/// already published would stop matching, so such a change must come with a new record version
+/// (older records keep verifying as they were written) and a deliberate update of the file:
+/// `HALLMARK_UPDATE_GOLDEN=1 cargo test --lib shipped_specs_give_the_pinned_commitments`.
+/// Crafted specs are pinned with their crafting left out (it needs the trainer), ISSBA and TUAP by
+/// their spec (their trigger is made by the trainer first); a release with three triggers pins the set commitment.
+#[test]
+fn shipped_specs_give_the_pinned_commitments() {
+    use std::fmt::Write;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let golden = root.join("src/watermark/golden-commitments.txt");
+    let mut paths: Vec<_> = ["watermark_specs", "watermark_specs/fixed"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(root.join(d)).unwrap())
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    paths.sort();
+    let mut got = String::new();
+    for path in &paths {
+        let spec = WatermarkSpec::from_toml_file(path).unwrap();
+        let shape = spec.image.unwrap();
+        let mut ds = data(200, shape, 10, 7);
+        let name = path.strip_prefix(root).unwrap().display().to_string();
+        if matches!(spec.crafting(), Some("encoder" | "uap")) {
+            // ISSBA's encoder and TUAP's perturbation are made by the trainer before anything is
+            // stamped: only the spec itself is pinned.
+            let c = crate::spec::sha256_hex(&crate::spec::canonical_json(&spec));
+            writeln!(got, "{name} spec {c}").unwrap();
+            continue;
+        }
+        let w = apply_crafted(&mut ds, &spec, [9; 32], &mut |_, _| Ok(()))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(w.record.dataset.sha256_after, ds.sha256());
+        writeln!(got, "{name} {} {}", w.record.commitment(), ds.sha256()).unwrap();
+        if name == "watermark_specs/badnets-square-28x28-grey.toml" {
+            let mut ds = data(200, shape, 10, 7);
+            let set = apply_triggers(&mut ds, &spec, [9; 32], 3).unwrap();
+            assert!(matches!(set.secret, Secret::Set(_)));
+            let c = set.secret.commitment();
+            writeln!(got, "{name}@3-triggers {c} {}", ds.sha256()).unwrap();
+        }
+    }
+    assert!(paths.len() >= 40, "only {} shipped specs", paths.len());
+    if std::env::var_os("HALLMARK_UPDATE_GOLDEN").is_some() {
+        std::fs::write(&golden, &got).unwrap();
+    }
+    let want = std::fs::read_to_string(&golden).unwrap_or_default();
+    let (got_lines, want_lines): (Vec<_>, Vec<_>) = (got.lines().collect(), want.lines().collect());
+    let changed: Vec<_> = got_lines
+        .iter()
+        .filter(|l| !want_lines.contains(l))
+        .chain(want_lines.iter().filter(|l| !got_lines.contains(l)))
+        .collect();
+    assert!(
+        changed.is_empty() && !want_lines.is_empty(),
+        "commitments differ from {} (lines only on one side):\n{}",
+        golden.display(),
+        changed
+            .iter()
+            .map(|l| format!("  {l}\n"))
+            .collect::<String>()
+    );
+}
