@@ -11,6 +11,20 @@ fn fixtures() -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
+/// The cases under `key`: at least five of them, so that a fixture emptied or renamed by mistake
+/// fails the test instead of leaving its loop with nothing to check.
+fn cases<'a>(f: &'a Value, key: &str) -> &'a [Value] {
+    let cases = f[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("stats_scipy.json has no {key}"));
+    assert!(
+        cases.len() >= 5,
+        "stats_scipy.json: {} cases of {key}",
+        cases.len()
+    );
+    cases
+}
+
 fn close(a: f64, b: f64, rel: f64, what: &str) {
     let tol = rel * b.abs().max(1e-300);
     assert!(
@@ -30,7 +44,7 @@ fn floats(v: &Value) -> Vec<f64> {
 #[test]
 fn paired_t_matches_scipy() {
     let f = fixtures();
-    for c in f["ttest"].as_array().unwrap() {
+    for c in cases(&f, "ttest") {
         let r = paired_t(
             &floats(&c["d"]),
             c["tau"].as_f64().unwrap(),
@@ -52,7 +66,7 @@ fn paired_t_matches_scipy() {
 fn wilcoxon_matches_scipy() {
     let f = fixtures();
     for (key, rel) in [("wilcoxon_exact", 1e-9), ("wilcoxon_approx", 1e-6)] {
-        for c in f[key].as_array().unwrap() {
+        for c in cases(&f, key) {
             let r = wilcoxon(&floats(&c["d"]), c["tau"].as_f64().unwrap(), 0.01).unwrap();
             assert_eq!(
                 r.test.contains("exact"),
@@ -69,7 +83,7 @@ fn wilcoxon_matches_scipy() {
 #[test]
 fn binomial_and_mcnemar_match_scipy() {
     let f = fixtures();
-    for c in f["binomial"].as_array().unwrap() {
+    for c in cases(&f, "binomial") {
         let r = binomial(
             c["k"].as_u64().unwrap(),
             c["n"].as_u64().unwrap(),
@@ -85,7 +99,7 @@ fn binomial_and_mcnemar_match_scipy() {
             "Clopper-Pearson",
         );
     }
-    for c in f["mcnemar"].as_array().unwrap() {
+    for c in cases(&f, "mcnemar") {
         let (a, b) = (c["n01"].as_u64().unwrap(), c["n10"].as_u64().unwrap());
         let r = mcnemar(a, b, a + b + 5, 0.01).unwrap();
         close(r.p_value, c["pvalue"].as_f64().unwrap(), 1e-9, "McNemar");
