@@ -70,25 +70,56 @@ async fn server_errors_are_retried_and_then_succeed() {
     assert_eq!(p[2], Prediction::Probs(vec![0.25, 0.75]));
 }
 
+/// Answers 429 with `Retry-After: 2` the first time and the probabilities after, noting when
+/// each request arrived.
+struct RateLimited(std::sync::Mutex<Vec<std::time::Instant>>);
+
+impl wiremock::Respond for RateLimited {
+    fn respond(&self, _: &wiremock::Request) -> ResponseTemplate {
+        let mut seen = self.0.lock().unwrap();
+        seen.push(std::time::Instant::now());
+        if seen.len() == 1 {
+            ResponseTemplate::new(429).insert_header("retry-after", "2")
+        } else {
+            ResponseTemplate::new(200).set_body_json(v2_probs(1))
+        }
+    }
+}
+
+/// The retry after a 429 waits the seconds the server asked for: without the header the first
+/// back-off is 50-100 ms, so a client that ignored it would be back within a fraction of the two
+/// seconds. (Measured by the server's clock: paused tokio time would also jump the client's own
+/// request timeout while the real socket is waiting.)
 #[tokio::test]
 async fn rate_limits_are_retried_after_the_server_says() {
     let server = MockServer::start().await;
     metadata_404(&server).await;
+    let arrivals = std::sync::Arc::new(RateLimited(Default::default()));
     Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(429).insert_header("retry-after", "0"))
-        .up_to_n_times(1)
-        .expect(1)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(v2_probs(1)))
-        .expect(1)
+        .respond_with(SharedResponder(arrivals.clone()))
+        .expect(2)
         .mount(&server)
         .await;
     let ep = HttpEndpoint::connect(cfg(&server, Protocol::V2), 1)
         .await
         .unwrap();
     assert!(ep.predict(&images(1), SHAPE).await.is_ok());
+    let seen = arrivals.0.lock().unwrap();
+    assert_eq!(seen.len(), 2);
+    let waited = seen[1] - seen[0];
+    assert!(
+        waited >= Duration::from_secs(2),
+        "retried after {waited:?}, not the 2 s the server asked for"
+    );
+}
+
+/// A responder shared with the test, which reads what it saw.
+struct SharedResponder(std::sync::Arc<RateLimited>);
+
+impl wiremock::Respond for SharedResponder {
+    fn respond(&self, request: &wiremock::Request) -> ResponseTemplate {
+        self.0.respond(request)
+    }
 }
 
 #[tokio::test]
