@@ -1329,7 +1329,9 @@ async fn the_openapi_document_is_valid_and_covers_every_route() {
 }
 
 /// schemathesis (installed by the test command in target/schemathesis-venv) generates requests
-/// from /openapi.json: no 5xx, every response conforms to the document.
+/// from /openapi.json: no 5xx, every response conforms to the document. It runs once with each
+/// role's key, so that the handlers an administrator may not use (creating watermarks is a
+/// publisher's, verifications an auditor's) are reached past the role check too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
     let st =
@@ -1340,33 +1342,119 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
     );
     let app = TestApp::spawn(Db::Sqlite).await;
     let (_, p) = app.new_key("publisher", "p").await;
-    register_subset(&app, &p, 50).await;
-    let out = tokio::process::Command::new(st)
-        .args([
-            "run",
-            &format!("{}/openapi.json", app.url),
-            "--checks",
-            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
-            "--max-examples",
-            "25",
-            "--seed",
-            "1",
-            "--header",
-            &format!("Authorization: Bearer {}", app.admin),
-            "--no-color",
-        ])
-        .env("SCHEMATHESIS_HOOKS", "")
-        .output()
-        .await
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("{text}");
-    assert!(out.status.success(), "schemathesis failed:\n{text}");
+    let (auditor_id, a) = app.new_key("auditor", "a").await;
+    let ds = register_subset(&app, &p, 50).await;
+    // The auditor holds a grant on a finished watermark, so that its requests are checked past
+    // the access rules.
+    let (s, v) = app
+        .post(
+            "/v1/watermarks",
+            &p,
+            json!({"name": "release", "dataset_id": ds,
+                   "spec": spec_text("badnets-square-28x28-grey.toml"), "seed": 5}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let wm = v["watermark"]["id"].as_str().unwrap().to_string();
+    let job = app
+        .wait_job(
+            v["job"]["id"].as_str().unwrap(),
+            &p,
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let (s, v) = app
+        .post(
+            &format!("/v1/watermarks/{wm}/grants"),
+            &p,
+            json!({"auditor_id": auditor_id}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    // The administrator comes last: its run revokes the keys it finds. Each role's own
+    // operations must be answered past the role check at least once.
+    let runs = [
+        (
+            "auditor",
+            a,
+            &["POST /v1/verifications", "GET /v1/watermarks"][..],
+        ),
+        (
+            "publisher",
+            p,
+            &[
+                "POST /v1/watermarks",
+                "POST /v1/watermarks/import",
+                "POST /v1/datasets",
+            ],
+        ),
+        (
+            "admin",
+            app.admin.clone(),
+            &["POST /v1/keys", "GET /v1/keys"],
+        ),
+    ];
+    for (role, key, own) in runs {
+        let out = tokio::process::Command::new(&st)
+            .args([
+                "run",
+                &format!("{}/openapi.json", app.url),
+                "--checks",
+                "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+                "--max-examples",
+                "25",
+                "--seed",
+                "1",
+                "--generation-database",
+                "none",
+                "--header",
+                &format!("Authorization: Bearer {key}"),
+                "--no-color",
+            ])
+            .env("SCHEMATHESIS_HOOKS", "")
+            // Its cache of failing cases goes to the test's own folder, not the working tree.
+            .current_dir(app.dir.path())
+            .output()
+            .await
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("== as {role}\n{text}");
+        assert!(
+            out.status.success(),
+            "schemathesis as {role} failed:\n{text}"
+        );
+        let refused = refused_operations(&text);
+        for op in own {
+            assert!(
+                !refused.iter().any(|r| r == op),
+                "schemathesis as {role}: {op} only ever answered 401/403:\n{text}"
+            );
+        }
+    }
     app.stop().await;
+}
+
+/// The operations schemathesis lists as answering only 401 or 403 (its "Authentication failed"
+/// warning: a "401 Unauthorized (N operations):" or "403 Forbidden ..." line, then "  - METHOD
+/// PATH" lines).
+fn refused_operations(report: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut inside = false;
+    for line in report.lines() {
+        if line.starts_with("401 Unauthorized (") || line.starts_with("403 Forbidden (") {
+            inside = true;
+        } else if let Some(op) = line.strip_prefix("  - ").filter(|_| inside) {
+            out.push(op.trim().to_string());
+        } else {
+            inside = false;
+        }
+    }
+    out
 }
 
 /// The auditor flow end to end: a publisher imports the secret of a release that a real
