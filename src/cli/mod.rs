@@ -8,10 +8,12 @@ mod serve;
 mod train;
 
 use crate::dataset::{self, Format, Layout, ReleaseInfo, Split};
-use crate::endpoint::{Datatype, EndpointConfig, HttpEndpoint, OutputKind, Protocol, TensorLayout};
+use crate::endpoint::{
+    Datatype, EndpointSettings, HttpEndpoint, OutputKind, Protocol, TensorLayout,
+};
 use crate::fsutil::AtomicDir;
 use crate::spec::WatermarkSpec;
-use crate::verify::{self, Decision, VerifyConfig};
+use crate::verify::{self, Decision, VerifySettings};
 use crate::watermark::{self, SecretRecord};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -249,18 +251,19 @@ pub struct VerifyArgs {
     /// Query in rounds and stop as soon as the anytime-valid test decides.
     #[arg(long)]
     pub sequential: bool,
-    /// Pairs of the fixed design (the most the sequential design may use).
-    #[arg(long, default_value_t = 100)]
-    pub m: usize,
-    /// Margin of the null hypothesis.
-    #[arg(long, default_value_t = 0.2)]
-    pub tau: f64,
-    /// Significance level.
-    #[arg(long, default_value_t = 0.01)]
-    pub alpha: f64,
-    /// Pairs per round in sequential mode.
-    #[arg(long, default_value_t = 4)]
-    pub round: usize,
+    /// Pairs of the fixed design (the most the sequential design may use): 2 to 10000, default
+    /// 100.
+    #[arg(long)]
+    pub m: Option<usize>,
+    /// Margin of the null hypothesis: in [0, 1), default 0.2.
+    #[arg(long)]
+    pub tau: Option<f64>,
+    /// Significance level: in (0, 1), default 0.01.
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// Pairs per round in sequential mode: 1 to 1000, default 4.
+    #[arg(long)]
+    pub round: Option<usize>,
     /// Research override of the seed of the image order, the controls and their tie-breaks,
     /// which otherwise derive from the secret record (so a re-run repeats the verdict); an
     /// override is written in the verdict.
@@ -288,13 +291,13 @@ pub struct VerifyArgs {
     /// Tensor layout (from V2 metadata when absent, else nchw).
     #[arg(long, value_enum)]
     pub layout: Option<TensorLayout>,
-    /// Pixels are multiplied by this before normalisation.
-    #[arg(long, default_value_t = 1.0 / 255.0)]
-    pub scale: f64,
-    /// Per-channel means subtracted after scaling (comma-separated).
+    /// Pixels are multiplied by this before normalisation (default 1/255).
+    #[arg(long)]
+    pub scale: Option<f64>,
+    /// Per-channel means subtracted after scaling (comma-separated, at most 4).
     #[arg(long, value_delimiter = ',')]
     pub mean: Vec<f64>,
-    /// Per-channel standard deviations divided by (comma-separated).
+    /// Per-channel standard deviations divided by (comma-separated, at most 4, positive).
     #[arg(long, value_delimiter = ',')]
     pub std: Vec<f64>,
     /// Output tensor name or key.
@@ -305,20 +308,20 @@ pub struct VerifyArgs {
     /// from the arg-max of a score output where the model gives no label output).
     #[arg(long, value_enum, default_value_t = OutputKind::Auto)]
     pub output: OutputKind,
-    /// Images per request (lowered to the server's published limit, or halved when the server
-    /// refuses a batch as too large).
-    #[arg(long, default_value_t = 32)]
-    pub batch_size: usize,
-    /// Requests in flight at once.
-    #[arg(long, default_value_t = 4)]
-    pub concurrency: usize,
-    /// Seconds before a request times out; the first contact waits as long for a server that is
-    /// still starting.
-    #[arg(long, default_value_t = 30.0)]
-    pub timeout: f64,
-    /// Retries after 5xx, 429, timeouts and connection errors.
-    #[arg(long, default_value_t = 3)]
-    pub retries: u32,
+    /// Images per request, 1 to 1024, default 32 (lowered to the server's published limit, or
+    /// halved when the server refuses a batch as too large).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Requests in flight at once: 1 to 64, default 4.
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Seconds before a request times out, at most 600, default 30; the first contact waits as
+    /// long for a server that is still starting.
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    /// Retries after 5xx, 429, timeouts and connection errors: at most 10, default 3.
+    #[arg(long)]
+    pub retries: Option<u32>,
     /// --protocol json: file holding the request body with "$INSTANCES" where the batch goes.
     #[arg(long)]
     pub template: Option<PathBuf>,
@@ -856,56 +859,60 @@ fn verify_cmd(a: VerifyArgs) -> Result<u8> {
     let jitter = a.seed.unwrap_or_else(|| {
         u64::from_le_bytes(watermark::random_nonce()[..8].try_into().expect("8 bytes"))
     });
-    let mut ep = EndpointConfig::new(
-        a.endpoint.clone().unwrap_or_default(),
-        a.protocol.unwrap_or(Protocol::V2),
-        a.model.clone(),
-    );
-    ep.version = a.model_version.clone();
-    ep.input_name = a.input_name.clone();
-    ep.datatype = a.datatype;
-    ep.layout = a.layout;
-    ep.scale = a.scale;
-    ep.mean = a.mean.clone();
-    ep.std = a.std.clone();
-    ep.output_name = a.output_name.clone();
-    ep.output = if a.label_only {
-        OutputKind::Labels
-    } else {
-        a.output
-    };
-    ep.batch_size = a.batch_size;
-    ep.concurrency = a.concurrency;
-    if !(a.timeout.is_finite() && a.timeout > 0.0) {
-        bail!("--timeout must be a positive number of seconds");
-    }
-    ep.timeout = Duration::from_secs_f64(a.timeout);
-    ep.retries = a.retries;
-    ep.allow_private = a.allow_private;
-    if let Some(t) = &a.template {
-        ep.template = Some(
+    // The same settings, ranges and defaults as the HTTP API's (`EndpointSettings`).
+    let flag = |e: crate::endpoint::SettingError| anyhow::anyhow!("{}: {}", e.flag(), e.message);
+    let template = match &a.template {
+        Some(t) => Some(
             std::fs::read_to_string(t).with_context(|| format!("cannot read {}", t.display()))?,
-        );
+        ),
+        None => None,
+    };
+    let ep = EndpointSettings {
+        version: a.model_version.clone(),
+        input_name: a.input_name.clone(),
+        datatype: a.datatype,
+        layout: a.layout,
+        scale: a.scale,
+        mean: a.mean.clone(),
+        std: a.std.clone(),
+        output_name: a.output_name.clone(),
+        output: Some(if a.label_only {
+            OutputKind::Labels
+        } else {
+            a.output
+        }),
+        batch_size: a.batch_size,
+        concurrency: a.concurrency,
+        timeout_secs: a.timeout,
+        retries: a.retries,
+        template,
+        output_pointer: a.output_pointer.clone(),
+        ..EndpointSettings::new(
+            a.endpoint.clone().unwrap_or_default(),
+            a.protocol.unwrap_or(Protocol::V2),
+            a.model.clone(),
+        )
     }
-    ep.output_pointer = a.output_pointer.clone();
-    let cfg = VerifyConfig {
+    .into_config(a.allow_private)
+    .map_err(flag)?;
+    let cfg = VerifySettings {
         m: a.m,
         tau: a.tau,
         alpha: a.alpha,
         label_only: a.label_only,
         sequential: a.sequential,
-        batch_pairs: a.round,
+        round: a.round,
         seed: a.seed,
         controls: a.controls,
         first_images: a.first_images,
-        reduction: None,
-    };
-    cfg.check().map_err(|e| anyhow::anyhow!("--{e}"))?;
+    }
+    .into_config()
+    .map_err(flag)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let pb = bar(
-        (2 * a.m + (cfg.first_image_count() + 1) * (cfg.control_count() + 1)) as u64,
+        (2 * cfg.m + (cfg.first_image_count() + 1) * (cfg.control_count() + 1)) as u64,
         "querying",
     );
     let local = a.local_model.clone();
@@ -936,7 +943,7 @@ fn verify_cmd(a: VerifyArgs) -> Result<u8> {
     json.push(b'\n');
     crate::fsutil::write_file_atomic(&a.report, &json, 0o644, a.force)
         .with_context(|| format!("cannot write {}", a.report.display()))?;
-    print_verdict(&verdict, a.alpha);
+    print_verdict(&verdict, cfg.alpha);
     println!("report:   {}", a.report.display());
     Ok(if verdict.decision == Decision::Used {
         0

@@ -553,14 +553,16 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let vcfg = crate::verify::VerifyConfig {
-        m: a.m,
-        tau: a.tau,
-        alpha: a.alpha,
+    let vcfg = crate::verify::VerifySettings {
+        m: Some(a.m),
+        tau: Some(a.tau),
+        alpha: Some(a.alpha),
         label_only: a.label_only,
         sequential: a.sequential,
         ..Default::default()
-    };
+    }
+    .into_config()
+    .map_err(|e| anyhow::anyhow!("{}: {}", e.flag(), e.message))?;
     let info = |cfg: &TrainConfig| ModelInfo {
         arch: cfg.arch,
         shape: clean.shape(),

@@ -9,9 +9,12 @@
 mod guard;
 mod http;
 mod protocol;
+mod settings;
 
 pub use guard::{AddressPolicy, check_address};
 pub use http::HttpEndpoint;
+pub(crate) use settings::in_range;
+pub use settings::{EndpointSettings, SettingError};
 
 use crate::dataset::ImageShape;
 use serde::{Deserialize, Serialize};
@@ -253,18 +256,27 @@ impl EndpointConfig {
 /// take the request elsewhere on the server (`../`, `?`, `#`, `%2f`). Model servers name models
 /// with letters, digits and `._-` (and `:` or `+` in some); anything else is refused.
 pub fn check_path_segment(what: &str, s: &str) -> Result<(), EndpointError> {
-    let plain = s.len() <= 256
-        && s != "."
-        && s != ".."
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-:+".contains(c));
-    if s.is_empty() || plain {
+    if is_path_segment(s) {
         Ok(())
     } else {
         Err(EndpointError::Config(format!(
-            "{what} {s:?} is not one plain path segment (letters, digits and ._-:+ only)"
+            "{what} {s:?} {NOT_A_SEGMENT}"
         )))
     }
+}
+
+/// What [`check_path_segment`] refuses.
+const NOT_A_SEGMENT: &str = "is not one plain path segment (letters, digits and ._-:+ only)";
+
+/// Whether `s` is empty or one plain path segment (at most 256 of letters, digits and ._-:+,
+/// not `.` or `..`).
+fn is_path_segment(s: &str) -> bool {
+    s.is_empty()
+        || (s.len() <= 256
+            && s != "."
+            && s != ".."
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-:+".contains(c)))
 }
 
 /// A model that answers batches of images.

@@ -2,8 +2,6 @@
 //! auditor). The job sends benign and triggered images built on the server; the client never
 //! sees the trigger.
 
-use std::time::Duration;
-
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
@@ -12,67 +10,15 @@ use utoipa_axum::routes;
 
 use super::error::{ApiError, ApiJson, ApiPath, ErrorBody};
 use super::{AppState, Caller, owns};
-use crate::endpoint::{
-    AddressPolicy, Datatype, EndpointConfig, OutputKind, Protocol, TensorLayout, check_address,
-};
+use crate::endpoint::{AddressPolicy, EndpointSettings, OutputKind, check_address};
 use crate::jobs::VerifyPlan;
 use crate::store::{Job, Role, VerificationInfo};
-use crate::verify::VerifyConfig;
+use crate::verify::VerifySettings;
 
 pub(super) fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(create_verification, list_verifications))
         .routes(routes!(get_verification))
-}
-
-/// Where the model is and how it speaks.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct EndpointRequest {
-    /// Base URL of the model server (the full URL for `json`).
-    pub url: String,
-    /// `v2` (KServe V2, Triton, MLServer), `tfserving`, `kserve-v1`, `torchserve` or `json`.
-    #[schema(value_type = String)]
-    pub protocol: Protocol,
-    /// Model name (not used by `json`).
-    #[serde(default)]
-    pub model: String,
-    /// Model version.
-    pub version: Option<String>,
-    /// Input tensor name; from the server's metadata when absent.
-    pub input_name: Option<String>,
-    /// `FP32`, `FP64` or `UINT8`.
-    #[schema(value_type = Option<String>)]
-    pub datatype: Option<Datatype>,
-    /// `nchw`, `nhwc`, `nhw` or `flat`.
-    #[schema(value_type = Option<String>)]
-    pub layout: Option<TensorLayout>,
-    /// Pixels are multiplied by this (default 1/255).
-    pub scale: Option<f64>,
-    /// Per-channel mean subtracted after scaling.
-    #[serde(default)]
-    pub mean: Vec<f64>,
-    /// Per-channel standard deviation.
-    #[serde(default)]
-    pub std: Vec<f64>,
-    /// Output tensor name or key.
-    pub output_name: Option<String>,
-    /// `auto` (default: logits or probabilities, from the output's name or first answer),
-    /// `probabilities`, `logits` or `labels`.
-    #[schema(value_type = Option<String>)]
-    pub output: Option<OutputKind>,
-    /// Images per request (1 to 1024, default 32).
-    pub batch_size: Option<usize>,
-    /// Requests in flight (1 to 64, default 4).
-    pub concurrency: Option<usize>,
-    /// Seconds per request (default 30, at most 600).
-    pub timeout_secs: Option<f64>,
-    /// Retries after 5xx, 429 or connection errors (at most 10, default 3).
-    pub retries: Option<u32>,
-    /// `json` protocol: the body, with `"$INSTANCES"` where the batch goes.
-    pub template: Option<String>,
-    /// `json` protocol: JSON pointer to the predictions.
-    pub output_pointer: Option<String>,
 }
 
 /// A verification to run.
@@ -84,7 +30,7 @@ pub struct CreateVerificationRequest {
     /// Benign images (the caller's dataset); the watermark's held-out set when absent.
     pub holdout_dataset_id: Option<String>,
     /// The model.
-    pub endpoint: EndpointRequest,
+    pub endpoint: EndpointSettings,
     /// Pairs (fixed design) or the most pairs (sequential); default 100, at most 10000.
     pub m: Option<usize>,
     /// Margin of the null hypothesis (default 0.2).
@@ -114,58 +60,6 @@ pub struct CreateVerificationResponse {
     pub verification: VerificationInfo,
     /// Poll `/v1/jobs/{id}`.
     pub job: Job,
-}
-
-fn endpoint_config(e: EndpointRequest, allow_private: bool) -> Result<EndpointConfig, ApiError> {
-    crate::endpoint::check_path_segment("endpoint.model", &e.model)
-        .map_err(|err| ApiError::invalid(err.to_string()))?;
-    if let Some(v) = &e.version {
-        crate::endpoint::check_path_segment("endpoint.version", v)
-            .map_err(|err| ApiError::invalid(err.to_string()))?;
-    }
-    let mut c = EndpointConfig::new(e.url, e.protocol, e.model);
-    c.version = e.version;
-    c.input_name = e.input_name;
-    c.datatype = e.datatype;
-    c.layout = e.layout;
-    if let Some(s) = e.scale {
-        if !(s.is_finite() && s != 0.0) {
-            return Err(ApiError::invalid(
-                "endpoint.scale: a finite non-zero number",
-            ));
-        }
-        c.scale = s;
-    }
-    if e.mean.len() > 4 || e.std.len() > 4 || e.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
-        return Err(ApiError::invalid(
-            "endpoint.mean/std: at most 4 values; std positive",
-        ));
-    }
-    c.mean = e.mean;
-    c.std = e.std;
-    c.output_name = e.output_name;
-    c.output = e.output.unwrap_or(OutputKind::Auto);
-    c.batch_size = e.batch_size.unwrap_or(32);
-    if !(1..=1024).contains(&c.batch_size) {
-        return Err(ApiError::invalid("endpoint.batch_size: 1 to 1024"));
-    }
-    c.concurrency = e.concurrency.unwrap_or(4);
-    if !(1..=64).contains(&c.concurrency) {
-        return Err(ApiError::invalid("endpoint.concurrency: 1 to 64"));
-    }
-    let t = e.timeout_secs.unwrap_or(30.0);
-    if !(t.is_finite() && t > 0.0 && t <= 600.0) {
-        return Err(ApiError::invalid("endpoint.timeout_secs: (0, 600]"));
-    }
-    c.timeout = Duration::from_secs_f64(t);
-    c.retries = e.retries.unwrap_or(3);
-    if c.retries > 10 {
-        return Err(ApiError::invalid("endpoint.retries: at most 10"));
-    }
-    c.template = e.template;
-    c.output_pointer = e.output_pointer;
-    c.allow_private = allow_private;
-    Ok(c)
 }
 
 /// Verifies a model endpoint: answers 202 with the job that queries it.
@@ -206,7 +100,10 @@ async fn create_verification(
             ));
         }
     };
-    let endpoint = endpoint_config(req.endpoint, s.cfg.allow_private_endpoints)?;
+    let endpoint = req
+        .endpoint
+        .into_config(s.cfg.allow_private_endpoints)
+        .map_err(|e| ApiError::invalid(format!("endpoint.{e}")))?;
     if w.owner_id != caller.id()
         && let Some(Some(allowed)) = s.store.grant_endpoints(&w.id, caller.id()).await?
     {
@@ -228,31 +125,19 @@ async fn create_verification(
     check_address(&url, policy)
         .await
         .map_err(|e| ApiError::endpoint_refused(format!("endpoint.url: {e}")))?;
-    let config = VerifyConfig {
-        m: req.m.unwrap_or(100),
-        tau: req.tau.unwrap_or(0.2),
-        alpha: req.alpha.unwrap_or(0.01),
+    let config = VerifySettings {
+        m: req.m,
+        tau: req.tau,
+        alpha: req.alpha,
         label_only: req.label_only.unwrap_or(false),
         sequential: req.sequential.unwrap_or(false),
-        batch_pairs: req.round.unwrap_or(4),
+        round: req.round,
         seed: req.seed,
         controls: req.controls,
         first_images: req.first_images,
-        reduction: None,
-    };
-    if !(2..=10_000).contains(&config.m) {
-        return Err(ApiError::invalid("m: 2 to 10000"));
     }
-    if !(0.0..1.0).contains(&config.tau) {
-        return Err(ApiError::invalid("tau: in [0, 1)"));
-    }
-    if !(config.alpha > 0.0 && config.alpha < 1.0) {
-        return Err(ApiError::invalid("alpha: in (0, 1)"));
-    }
-    if !(1..=1000).contains(&config.batch_pairs) {
-        return Err(ApiError::invalid("round: 1 to 1000"));
-    }
-    config.check().map_err(ApiError::invalid)?;
+    .into_config()
+    .map_err(|e| ApiError::invalid(e.to_string()))?;
     if config.label_only {
         let mut e = endpoint;
         e.output = OutputKind::Labels;

@@ -36,7 +36,7 @@
 //! written in the verdict.
 
 use crate::dataset::{Dataset, ImageShape};
-use crate::endpoint::{EndpointError, ModelEndpoint, Prediction};
+use crate::endpoint::{EndpointError, ModelEndpoint, Prediction, SettingError, in_range};
 use crate::spec::family::{derived_seed, has_exchangeable_controls};
 use crate::spec::{
     BlendSource, Labelling, Patch, PatchPattern, Position, Rotate, Trigger, WatermarkSpec,
@@ -65,9 +65,9 @@ pub enum VerifyError {
     Invalid(String),
 }
 
-/// Settings of a verification.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VerifyConfig {
+/// The settings of a verification as plain data; [`VerifyConfig::new`] checks them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerifyFields {
     /// Pairs of the fixed design; the most pairs the sequential design may use.
     pub m: usize,
     /// Margin of the null hypothesis.
@@ -99,7 +99,7 @@ pub struct VerifyConfig {
     pub reduction: Option<usize>,
 }
 
-impl Default for VerifyConfig {
+impl Default for VerifyFields {
     fn default() -> Self {
         Self {
             m: 100,
@@ -116,7 +116,7 @@ impl Default for VerifyConfig {
     }
 }
 
-impl VerifyConfig {
+impl VerifyFields {
     /// The number of controls the rank test draws.
     pub fn control_count(&self) -> usize {
         self.controls
@@ -132,41 +132,128 @@ impl VerifyConfig {
     pub fn reduction_factor(&self) -> usize {
         self.reduction.unwrap_or(3)
     }
+}
 
-    /// Checks the settings; the message names the setting.
-    pub fn check(&self) -> Result<(), String> {
-        if self.m < 2 {
-            return Err(format!("m: need at least 2 pairs, got {}", self.m));
-        }
-        if !(0.0..1.0).contains(&self.tau) {
-            return Err(format!("tau: must be in [0, 1), got {}", self.tau));
-        }
-        if !(self.alpha > 0.0 && self.alpha < 1.0) {
-            return Err(format!("alpha: must be in (0, 1), got {}", self.alpha));
-        }
-        if self.batch_pairs == 0 {
-            return Err("batch: must be at least 1".into());
-        }
-        if self.first_images.is_some_and(|n| !(1..=100).contains(&n)) {
-            return Err("first_images: 1 to 100".into());
-        }
-        if self.reduction.is_some_and(|n| !(2..=10).contains(&n)) {
-            return Err("reduction: 2 to 10".into());
-        }
-        let k = self.control_count();
-        if k > 100_000 {
-            return Err(format!("controls: at most 100000, got {k}"));
-        }
-        if 1.0 / (k as f64 + 1.0) > self.alpha + 1e-12 {
-            return Err(format!(
-                "controls: with {k} controls the smallest rank p-value is 1/{}, above alpha {}; \
-                 draw at least {}",
-                k + 1,
-                self.alpha,
-                ((1.0 / self.alpha) - 1e-9).ceil() as usize - 1
+/// Settings of a verification, every one in its range: made only by [`VerifyConfig::new`] (or
+/// read back from a report, checked the same way), read through its fields.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "VerifyFields", into = "VerifyFields")]
+pub struct VerifyConfig(VerifyFields);
+
+impl std::ops::Deref for VerifyConfig {
+    type Target = VerifyFields;
+    fn deref(&self) -> &VerifyFields {
+        &self.0
+    }
+}
+
+impl TryFrom<VerifyFields> for VerifyConfig {
+    type Error = SettingError;
+    fn try_from(f: VerifyFields) -> Result<Self, SettingError> {
+        Self::new(f)
+    }
+}
+
+impl From<VerifyConfig> for VerifyFields {
+    fn from(c: VerifyConfig) -> Self {
+        c.0
+    }
+}
+
+impl VerifyConfig {
+    /// Checks the settings; the error names the setting (by its name in the HTTP API) and its
+    /// range.
+    pub fn new(f: VerifyFields) -> Result<Self, SettingError> {
+        in_range("m", f.m, 2, 10_000)?;
+        if !(0.0..1.0).contains(&f.tau) {
+            return Err(SettingError::new(
+                "tau",
+                format!("in [0, 1), got {}", f.tau),
             ));
         }
-        Ok(())
+        if !(f.alpha > 0.0 && f.alpha < 1.0) {
+            return Err(SettingError::new(
+                "alpha",
+                format!("in (0, 1), got {}", f.alpha),
+            ));
+        }
+        in_range("round", f.batch_pairs, 1, 1000)?;
+        if let Some(n) = f.first_images {
+            in_range("first_images", n, 1, 100)?;
+        }
+        if let Some(n) = f.reduction {
+            in_range("reduction", n, 2, 10)?;
+        }
+        let k = f.control_count();
+        if k > 100_000 {
+            return Err(SettingError::new(
+                "controls",
+                format!("at most 100000, got {k}"),
+            ));
+        }
+        if 1.0 / (k as f64 + 1.0) > f.alpha + 1e-12 {
+            return Err(SettingError::new(
+                "controls",
+                format!(
+                    "with {k} controls the smallest rank p-value is 1/{}, above alpha {}; \
+                     draw at least {}",
+                    k + 1,
+                    f.alpha,
+                    ((1.0 / f.alpha) - 1e-9).ceil() as usize - 1
+                ),
+            ));
+        }
+        Ok(Self(f))
+    }
+
+    /// The same settings with `change` made to them, checked again.
+    pub fn with(&self, change: impl FnOnce(&mut VerifyFields)) -> Result<Self, SettingError> {
+        let mut f = self.0.clone();
+        change(&mut f);
+        Self::new(f)
+    }
+}
+
+/// What a user may say about the test: `hallmark verify`'s flags and the HTTP API's fields,
+/// each left to its default when absent.
+#[derive(Debug, Clone, Default)]
+pub struct VerifySettings {
+    /// Pairs (fixed design) or the most pairs (sequential); default 100.
+    pub m: Option<usize>,
+    /// Margin of the null hypothesis (default 0.2).
+    pub tau: Option<f64>,
+    /// Significance level (default 0.01).
+    pub alpha: Option<f64>,
+    /// Use only predicted labels.
+    pub label_only: bool,
+    /// Stop as soon as the evidence is decisive.
+    pub sequential: bool,
+    /// Pairs per round in sequential mode (default 4).
+    pub round: Option<usize>,
+    /// Research override of the seed.
+    pub seed: Option<u64>,
+    /// Controls of the rank test.
+    pub controls: Option<usize>,
+    /// Images each trigger is queried on in the rank test's first round.
+    pub first_images: Option<usize>,
+}
+
+impl VerifySettings {
+    /// The checked configuration.
+    pub fn into_config(self) -> Result<VerifyConfig, SettingError> {
+        let d = VerifyFields::default();
+        VerifyConfig::new(VerifyFields {
+            m: self.m.unwrap_or(d.m),
+            tau: self.tau.unwrap_or(d.tau),
+            alpha: self.alpha.unwrap_or(d.alpha),
+            label_only: self.label_only,
+            sequential: self.sequential,
+            batch_pairs: self.round.unwrap_or(d.batch_pairs),
+            seed: self.seed,
+            controls: self.controls,
+            first_images: self.first_images,
+            reduction: None,
+        })
     }
 }
 
@@ -424,7 +511,6 @@ pub async fn verify(
             record.dataset.shape
         )));
     }
-    cfg.check().map_err(VerifyError::Invalid)?;
     let nonce = hex::decode(&record.nonce)
         .map_err(|_| VerifyError::Invalid("the record's nonce is not hex".into()))?;
     let base = cfg

@@ -175,11 +175,12 @@ fn target_of(rec: &SecretRecord) -> u32 {
 }
 
 fn cfg(sequential: bool, label_only: bool) -> VerifyConfig {
-    VerifyConfig {
-        sequential,
-        label_only,
-        ..VerifyConfig::default()
-    }
+    VerifyConfig::default()
+        .with(|f| {
+            f.sequential = sequential;
+            f.label_only = label_only;
+        })
+        .unwrap()
 }
 
 async fn run(model: &Fake, rec: &SecretRecord, c: &VerifyConfig) -> Verdict {
@@ -300,10 +301,7 @@ async fn a_rerun_repeats_the_verdict_and_only_a_research_seed_changes_the_draw()
         let c = run(
             &model,
             &rec,
-            &VerifyConfig {
-                seed: Some(12),
-                ..cfg(false, false)
-            },
+            &cfg(false, false).with(|f| f.seed = Some(12)).unwrap(),
         )
         .await;
         let idx = |v: &Verdict| v.trail.iter().map(|p| p.index).collect::<Vec<_>>();
@@ -339,19 +337,39 @@ async fn label_answers_with_a_probability_test_are_a_clear_error() {
 
 #[test]
 fn too_few_controls_for_alpha_are_refused_by_name() {
-    let c = VerifyConfig {
-        controls: Some(19),
-        ..VerifyConfig::default()
-    };
-    let e = c.check().unwrap_err();
-    assert!(e.starts_with("controls:") && e.contains("99"), "{e}");
+    let e = VerifyConfig::default()
+        .with(|f| f.controls = Some(19))
+        .unwrap_err();
+    assert_eq!(e.field, "controls");
+    assert!(e.message.contains("99"), "{e}");
     assert_eq!(VerifyConfig::default().control_count(), 99);
-    let c = VerifyConfig {
-        alpha: 0.05,
-        ..VerifyConfig::default()
-    };
+    let c = VerifyConfig::default().with(|f| f.alpha = 0.05).unwrap();
     assert_eq!(c.control_count(), 19);
-    assert!(c.check().is_ok());
+    // Out of range, each by its name; a report holding such settings is refused when read.
+    for (field, change) in [
+        (
+            "m",
+            (|f: &mut VerifyFields| f.m = 1) as fn(&mut VerifyFields),
+        ),
+        ("m", |f| f.m = 10_001),
+        ("tau", |f| f.tau = 1.0),
+        ("alpha", |f| f.alpha = f64::NAN),
+        ("round", |f| f.batch_pairs = 0),
+        ("first_images", |f| f.first_images = Some(0)),
+        ("reduction", |f| f.reduction = Some(1)),
+    ] {
+        assert_eq!(
+            VerifyConfig::default().with(change).unwrap_err().field,
+            field
+        );
+    }
+    let mut json = serde_json::to_value(VerifyConfig::default()).unwrap();
+    assert_eq!(
+        serde_json::from_value::<VerifyConfig>(json.clone()).unwrap(),
+        VerifyConfig::default()
+    );
+    json["m"] = 1.into();
+    assert!(serde_json::from_value::<VerifyConfig>(json).is_err());
 }
 
 #[test]
@@ -399,7 +417,7 @@ async fn simulate_with(
 ) -> (Vec<f64>, usize, Vec<usize>) {
     let spec = WatermarkSpec::from_toml_str(family_spec, None, "sim").unwrap();
     let held_out = pool(300);
-    let c = VerifyConfig { m: 10, ..base };
+    let c = base.with(|f| f.m = 10).unwrap();
     let mut ps = Vec::with_capacity(runs);
     let mut used = 0;
     let mut queries = Vec::with_capacity(runs);
@@ -561,11 +579,12 @@ async fn power_by_first_round_images_all_to_all() {
 async fn power_by(family: &str, what: &str, any_member: bool) {
     for miss in [0, 5, 10, 20, 40] {
         for (first, reduction) in [(1, 2), (1, 3), (1, 4), (2, 2), (2, 3), (3, 3)] {
-            let base = VerifyConfig {
-                first_images: Some(first),
-                reduction: Some(reduction),
-                ..VerifyConfig::default()
-            };
+            let base = VerifyConfig::default()
+                .with(|f| {
+                    f.first_images = Some(first);
+                    f.reduction = Some(reduction);
+                })
+                .unwrap();
             let (ps, used, mut queries) = simulate_with(300, family, base, |rec, _| {
                 let send = match rec.spec.labelling.target() {
                     Some(t) => Send::Class(t),

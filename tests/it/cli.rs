@@ -407,6 +407,73 @@ fn a_release_with_several_triggers_needs_one_chosen_to_verify() {
     assert!(text(&o).contains("one fixed trigger"), "{}", text(&o));
 }
 
+/// `hallmark verify` checks its endpoint and test settings as the HTTP API does (the same ranges,
+/// the same words, the flag's name in place of the field's) before it contacts anything: a zero
+/// standard deviation would otherwise divide every pixel by zero and send infinities.
+#[test]
+fn verify_refuses_settings_out_of_range_by_flag() {
+    let t = tempfile::tempdir().unwrap();
+    let input = small_idx(&t.path().join("in"), 100);
+    let (out, secret) = (t.path().join("rel"), t.path().join("secret.json"));
+    let o = hallmark(&[
+        "watermark",
+        "--spec",
+        &spec_path("badnets-square-28x28-grey.toml"),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--secret",
+        secret.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let report = t.path().join("v.json");
+    for (flag, value, says) in [
+        ("--std", "0", "--std: at most 4 positive finite values"),
+        (
+            "--std",
+            "0.5,nan",
+            "--std: at most 4 positive finite values",
+        ),
+        ("--mean", "inf", "--mean: at most 4 finite values"),
+        ("--scale", "0", "--scale: a finite non-zero number"),
+        ("--batch-size", "0", "--batch-size: 1 to 1024, got 0"),
+        ("--concurrency", "100", "--concurrency: 1 to 64, got 100"),
+        ("--timeout", "0", "--timeout: seconds in (0, 600]"),
+        ("--retries", "11", "--retries: 0 to 10, got 11"),
+        ("--m", "1", "--m: 2 to 10000, got 1"),
+        ("--tau", "1", "--tau: in [0, 1), got 1"),
+        ("--alpha", "0", "--alpha: in (0, 1), got 0"),
+        ("--round", "0", "--round: 1 to 1000, got 0"),
+        ("--controls", "9", "--controls: with 9 controls"),
+        (
+            "--model",
+            "../x",
+            "--model: \"../x\" is not one plain path segment",
+        ),
+    ] {
+        let o = hallmark(&[
+            "verify",
+            "--secret",
+            secret.to_str().unwrap(),
+            "--data",
+            input.to_str().unwrap(),
+            "--endpoint",
+            "http://127.0.0.1:9",
+            "--protocol",
+            "v2",
+            "--allow-private",
+            "--report",
+            report.to_str().unwrap(),
+            flag,
+            value,
+        ]);
+        assert!(!o.status.success());
+        assert!(text(&o).contains(says), "{flag} {value}: {}", text(&o));
+        assert!(!report.exists());
+    }
+}
+
 #[test]
 fn image_folders_are_watermarked_into_png_trees() {
     let t = tempfile::tempdir().unwrap();

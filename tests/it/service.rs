@@ -1227,6 +1227,52 @@ async fn bad_specs_and_private_endpoints_are_refused_before_any_work() {
             "{model}: {v}"
         );
     }
+    // Settings out of range, in the same words as `hallmark verify` (tests/it/cli.rs).
+    for (endpoint, says) in [
+        (
+            json!({"std": [0.0]}),
+            "endpoint.std: at most 4 positive finite values",
+        ),
+        (
+            json!({"batch_size": 0}),
+            "endpoint.batch_size: 1 to 1024, got 0",
+        ),
+        (
+            json!({"timeout_secs": 0}),
+            "endpoint.timeout_secs: seconds in (0, 600]",
+        ),
+        (json!({"retries": 11}), "endpoint.retries: 0 to 10, got 11"),
+    ] {
+        let mut e = json!({"url": "http://8.8.8.8:9/", "protocol": "v2", "model": "m"});
+        e.as_object_mut()
+            .unwrap()
+            .extend(endpoint.as_object().unwrap().clone());
+        let (s, v) = app
+            .post(
+                "/v1/verifications",
+                &p,
+                json!({"watermark_id": wm, "endpoint": e}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(m.starts_with(says), "{m}");
+    }
+    for (test, says) in [
+        (json!({"m": 1}), "m: 2 to 10000, got 1"),
+        (json!({"round": 0}), "round: 1 to 1000, got 0"),
+        (json!({"controls": 9}), "controls: with 9 controls"),
+    ] {
+        let mut body = json!({"watermark_id": wm,
+            "endpoint": {"url": "http://8.8.8.8:9/", "protocol": "v2", "model": "m"}});
+        body.as_object_mut()
+            .unwrap()
+            .extend(test.as_object().unwrap().clone());
+        let (s, v) = app.post("/v1/verifications", &p, body).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(m.starts_with(says), "{m}");
+    }
     let (_, jobs) = app.get("/v1/jobs", &p).await;
     assert_eq!(
         jobs.as_array().unwrap().len(),
