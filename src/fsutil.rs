@@ -99,10 +99,11 @@ pub fn escapes_roots(
             if !inside(&p) {
                 return Ok(Some(p.strip_prefix(base).unwrap_or(&p).to_path_buf()));
             }
-            if depth > 0 && p.is_dir() {
-                if let Some(out) = walk(&p, base, depth - 1, inside)? {
-                    return Ok(Some(out));
-                }
+            if depth > 0
+                && p.is_dir()
+                && let Some(out) = walk(&p, base, depth - 1, inside)?
+            {
+                return Ok(Some(out));
             }
         }
         Ok(None)

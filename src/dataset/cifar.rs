@@ -40,8 +40,8 @@ impl Variant {
     /// The variant whose record size divides `len`, when exactly one does.
     pub fn detect(len: usize) -> Option<Self> {
         match (
-            len % Self::Cifar10.record_len() == 0,
-            len % Self::Cifar100.record_len() == 0,
+            len.is_multiple_of(Self::Cifar10.record_len()),
+            len.is_multiple_of(Self::Cifar100.record_len()),
         ) {
             (true, false) => Some(Self::Cifar10),
             (false, true) => Some(Self::Cifar100),
@@ -79,7 +79,7 @@ pub fn parse(bytes: &[u8], variant: Variant) -> Result<Batch, ParseError> {
             "empty file: a batch holds at least one record",
         ));
     }
-    if bytes.len() % rec != 0 {
+    if !bytes.len().is_multiple_of(rec) {
         let whole = bytes.len() / rec;
         return Err(ParseError::new(
             Some((whole * rec) as u64),

@@ -231,7 +231,7 @@ impl Places {
                     (r - 1, k - c)
                 } else {
                     let j = k - 2 * c;
-                    (1 + j / 2, if j % 2 == 0 { 0 } else { c - 1 })
+                    (1 + j / 2, if j.is_multiple_of(2) { 0 } else { c - 1 })
                 }
             }
             _ => (k / c, k % c),

@@ -62,7 +62,7 @@ enum Plan {
 /// twice that at half, then `tail`.
 fn body(shape: ImageShape, out_c: i64, width: i64, tail: &[Plan]) -> Vec<Plan> {
     use Plan::*;
-    let even = shape.height % 2 == 0 && shape.width % 2 == 0;
+    let even = shape.height.is_multiple_of(2) && shape.width.is_multiple_of(2);
     let (w, w2) = (width, 2 * width);
     let mut p = vec![Conv { out: w, stride: 1 }, Relu];
     if even {
