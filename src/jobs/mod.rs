@@ -227,10 +227,18 @@ impl Runner {
         }
     }
 
-    async fn run_one(&self, worker: &str, job: Claimed, mut shutdown: watch::Receiver<bool>) {
+    async fn run_one(&self, worker: &str, job: Claimed, shutdown: watch::Receiver<bool>) {
+        use tracing::Instrument;
+        // The span is entered only while this job's future runs (never held across an await,
+        // which would put other tasks' logs on this thread inside the job's span).
         let span =
             tracing::info_span!("job", id = %job.id, kind = ?job.kind, attempt = job.attempt);
-        let _enter = span.enter();
+        self.run_in_span(worker, job, shutdown)
+            .instrument(span)
+            .await
+    }
+
+    async fn run_in_span(&self, worker: &str, job: Claimed, mut shutdown: watch::Receiver<bool>) {
         tracing::info!("started");
         let progress = Arc::new(Progress::default());
         let work = self.execute(worker, &job, progress.clone());
