@@ -848,7 +848,10 @@ fn verify_cmd(a: VerifyArgs) -> Result<u8> {
         Option<watermark::SpentTrigger>,
         dataset::Dataset,
     );
-    let loading = std::thread::spawn(move || -> Result<Loaded> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let loading = runtime.spawn_blocking(move || -> Result<Loaded> {
         let all = watermark::Secret::load(&secret)?;
         let (record, spent) = all
             .trigger(number)
@@ -908,9 +911,6 @@ fn verify_cmd(a: VerifyArgs) -> Result<u8> {
     }
     .into_config()
     .map_err(flag)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     let pb = bar(
         (2 * cfg.m + (cfg.first_image_count() + 1) * (cfg.control_count() + 1)) as u64,
         "querying",
@@ -918,19 +918,22 @@ fn verify_cmd(a: VerifyArgs) -> Result<u8> {
     let local = a.local_model.clone();
     let verdict = runtime.block_on(async {
         let progress = |q: usize| pb.set_position(q as u64);
-        let join = |l: std::thread::JoinHandle<Result<Loaded>>| {
-            l.join()
+        let loaded = async {
+            loading
+                .await
                 .map_err(|_| anyhow::anyhow!("loading the inputs panicked"))?
         };
         if let Some(dir) = local {
-            let (record, spent, pool) = join(loading)?;
-            let endpoint = local_endpoint(&dir)?;
+            let (record, spent, pool) = loaded.await?;
+            let endpoint = tokio::task::spawn_blocking(move || local_endpoint(&dir))
+                .await
+                .map_err(|_| anyhow::anyhow!("loading the model panicked"))??;
             let mut v = verify::verify(endpoint.as_ref(), &record, &pool, &cfg, &progress).await?;
             v.trigger = spent;
             return anyhow::Ok(v);
         }
         let endpoint = HttpEndpoint::connect(ep, jitter).await;
-        let (record, spent, pool) = join(loading)?;
+        let (record, spent, pool) = loaded.await?;
         let mut endpoint = endpoint?;
         endpoint.set_class_names(pool.class_names().map(<[String]>::to_vec));
         let mut v = verify::verify(&endpoint, &record, &pool, &cfg, &progress).await?;

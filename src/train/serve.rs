@@ -354,8 +354,9 @@ async fn infer_version(
 }
 
 /// A local model answers verification queries in-process (offline verification, no HTTP).
+/// Inference runs on tokio's blocking pool, off the runtime's worker threads.
 pub struct LocalEndpoint {
-    model: Mutex<LoadedModel>,
+    model: Arc<Mutex<LoadedModel>>,
     label: String,
 }
 
@@ -363,7 +364,7 @@ impl LocalEndpoint {
     /// Wraps a loaded model; `label` names it in reports.
     pub fn new(model: LoadedModel, label: String) -> Self {
         Self {
-            model: Mutex::new(model),
+            model: Arc::new(Mutex::new(model)),
             label,
         }
     }
@@ -380,36 +381,44 @@ impl crate::endpoint::ModelEndpoint for LocalEndpoint {
         images: &[Vec<u8>],
         shape: ImageShape,
     ) -> Result<Vec<crate::endpoint::Prediction>, crate::endpoint::EndpointError> {
-        let model = self.model.lock().expect("model lock");
-        if shape != model.info.shape {
-            return Err(crate::endpoint::EndpointError::Config(format!(
-                "the model takes {} images, not {shape}",
-                model.info.shape
-            )));
-        }
         let mut bytes = Vec::with_capacity(images.len() * shape.len());
         for img in images {
             bytes.extend_from_slice(img);
         }
-        let (h, w, c) = (
-            shape.height as i64,
-            shape.width as i64,
-            shape.channels as i64,
-        );
-        let x = Tensor::from_slice(&bytes)
-            .view([images.len() as i64, h, w, c])
-            .permute([0, 3, 1, 2])
-            .to_kind(Kind::Float)
-            .divide_scalar(255.0);
-        let probs = model.probabilities(&x);
-        let k = model.info.classes;
-        let flat =
-            Vec::<f32>::try_from(probs.flatten(0, -1).to_kind(Kind::Float)).unwrap_or_default();
-        Ok(flat
-            .chunks(k)
-            .map(|row| {
-                crate::endpoint::Prediction::Probs(row.iter().map(|&v| f64::from(v)).collect())
-            })
-            .collect())
+        let n = images.len() as i64;
+        let model = self.model.clone();
+        tokio::task::spawn_blocking(move || {
+            let model = model.lock().expect("model lock");
+            if shape != model.info.shape {
+                return Err(crate::endpoint::EndpointError::Config(format!(
+                    "the model takes {} images, not {shape}",
+                    model.info.shape
+                )));
+            }
+            let (h, w, c) = (
+                shape.height as i64,
+                shape.width as i64,
+                shape.channels as i64,
+            );
+            let x = Tensor::from_slice(&bytes)
+                .view([n, h, w, c])
+                .permute([0, 3, 1, 2])
+                .to_kind(Kind::Float)
+                .divide_scalar(255.0);
+            let probs = model.probabilities(&x);
+            let k = model.info.classes;
+            let flat =
+                Vec::<f32>::try_from(probs.flatten(0, -1).to_kind(Kind::Float)).unwrap_or_default();
+            Ok(flat
+                .chunks(k)
+                .map(|row| {
+                    crate::endpoint::Prediction::Probs(row.iter().map(|&v| f64::from(v)).collect())
+                })
+                .collect())
+        })
+        .await
+        .map_err(|e| {
+            crate::endpoint::EndpointError::Config(format!("local inference failed: {e}"))
+        })?
     }
 }

@@ -47,6 +47,7 @@ use crate::watermark::{SecretRecord, Stamp, WatermarkError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Why a verification could not be completed.
 #[derive(Debug, thiserror::Error)]
@@ -411,7 +412,7 @@ impl Verdict {
 enum Kind {
     Targeted(u32),
     /// All-to-all: class y is sent to π(y).
-    Mapped(std::sync::Arc<[u32]>),
+    Mapped(Arc<[u32]>),
     Untargeted,
 }
 
@@ -538,7 +539,11 @@ pub async fn verify(
             if cfg.sequential { 2 } else { cfg.m }
         )));
     }
-    let stamp = Stamp::new(&spec.trigger, spec.seed, shape)?;
+    let (trigger, seed) = (spec.trigger.clone(), spec.seed);
+    let secret_stamp = tokio::task::spawn_blocking(move || Stamp::new(&trigger, seed, shape))
+        .await
+        .map_err(|e| VerifyError::Invalid(format!("making the trigger failed: {e}")))??;
+    let stamps = Arc::new(vec![secret_stamp]);
     let mut benign = Benign {
         pool,
         answers: HashMap::new(),
@@ -564,12 +569,11 @@ pub async fn verify(
             candidates[trail.len()..trail.len() + take].to_vec()
         };
         queries += benign.fetch(endpoint, &indices).await?;
-        let mut images = Vec::with_capacity(take);
-        for &i in &indices {
-            let mut triggered = pool.image(i).to_vec();
-            stamp.apply(&mut triggered);
-            images.push(triggered);
-        }
+        let work = indices
+            .iter()
+            .map(|&i| (0, pool.image(i).to_vec()))
+            .collect();
+        let images = stamp_all(&stamps, work).await?;
         let answers = endpoint.predict(&images, shape).await?;
         check_count(&answers, images.len())?;
         queries += images.len();
@@ -624,7 +628,7 @@ pub async fn verify(
         cfg,
         &order,
         &mut benign,
-        &stamp,
+        &stamps[0],
         &secret_answers,
         &mut queries,
         progress,
@@ -763,6 +767,31 @@ fn controls(
     }
 }
 
+/// Stamps each image with the stamp it names (an index into `stamps`). Costly stamps run on
+/// tokio's blocking pool: some triggers run a network for every image (ISSBA's encoder, IAD's
+/// and LIRA's generators), which must not hold up the runtime's other tasks (the service's
+/// requests, a job's heartbeats); a patch, blend or warp takes microseconds and is done here.
+async fn stamp_all(
+    stamps: &Arc<Vec<Stamp>>,
+    work: Vec<(usize, Vec<u8>)>,
+) -> Result<Vec<Vec<u8>>, VerifyError> {
+    let run = |stamps: &[Stamp], work: Vec<(usize, Vec<u8>)>| -> Vec<Vec<u8>> {
+        work.into_iter()
+            .map(|(j, mut img)| {
+                stamps[j].apply(&mut img);
+                img
+            })
+            .collect()
+    };
+    if !work.iter().any(|(j, _)| stamps[*j].is_costly()) {
+        return Ok(run(stamps, work));
+    }
+    let stamps = stamps.clone();
+    tokio::task::spawn_blocking(move || run(&stamps, work))
+        .await
+        .map_err(|e| VerifyError::Invalid(format!("stamping failed: {e}")))
+}
+
 /// Scores the secret and the K controls by successive elimination and ranks the secret.
 #[allow(clippy::too_many_arguments)]
 async fn rank_test(
@@ -786,11 +815,20 @@ async fn rank_test(
     // answers already asked by the margin test are reused, which changes no score).
     let classes = record.dataset.num_classes;
     let mut kinds = vec![kind_of(&record.spec, classes)];
-    let mut stamps: Vec<Option<Stamp>> = vec![None];
     for c in &specs {
         kinds.push(kind_of(c, classes));
-        stamps.push(Some(Stamp::new(&c.trigger, c.seed, shape)?));
     }
+    let secret = secret_stamp.clone();
+    let stamps = tokio::task::spawn_blocking(move || {
+        let mut stamps = vec![secret];
+        for c in &specs {
+            stamps.push(Stamp::new(&c.trigger, c.seed, shape)?);
+        }
+        Ok::<_, WatermarkError>(stamps)
+    })
+    .await
+    .map_err(|e| VerifyError::Invalid(format!("making the controls failed: {e}")))??;
+    let stamps = Arc::new(stamps);
     let total = k + 1;
     let mut ties = Rng::new(base, Stream::Ties);
     let tie: Vec<u64> = (0..total).map(|_| ties.u64()).collect();
@@ -824,20 +862,16 @@ async fn rank_test(
         let sent = benign.fetch(endpoint, &needed).await?;
         *queries += sent;
         own_queries += sent;
-        let mut to_ask: Vec<(usize, usize)> = Vec::new();
-        let mut images: Vec<Vec<u8>> = Vec::new();
-        for &(j, i) in &picks {
-            if j == 0 && secret_answers.contains_key(&i) {
-                continue;
-            }
-            let mut img = pool.image(i).to_vec();
-            match &stamps[j] {
-                Some(s) => s.apply(&mut img),
-                None => secret_stamp.apply(&mut img),
-            }
-            to_ask.push((j, i));
-            images.push(img);
-        }
+        let to_ask: Vec<(usize, usize)> = picks
+            .iter()
+            .copied()
+            .filter(|&(j, i)| !(j == 0 && secret_answers.contains_key(&i)))
+            .collect();
+        let work = to_ask
+            .iter()
+            .map(|&(j, i)| (j, pool.image(i).to_vec()))
+            .collect();
+        let images = stamp_all(&stamps, work).await?;
         let mut answers: HashMap<(usize, usize), Prediction> = HashMap::new();
         for (chunk_pairs, chunk_images) in to_ask.chunks(256).zip(images.chunks(256)) {
             let a = endpoint.predict(chunk_images, shape).await?;

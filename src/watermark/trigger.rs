@@ -47,6 +47,16 @@ pub fn blend_byte(x: u8, one_minus_w: f32, w_times_p: f32) -> u8 {
 }
 
 impl Stamp {
+    /// Whether stamping one image costs more than a pass over its pixels: a network run
+    /// (ISSBA, IAD, LIRA), a reflection or PhysicalBA's transformations. Callers on an async
+    /// runtime stamp such triggers on a blocking thread.
+    pub fn is_costly(&self) -> bool {
+        matches!(
+            self,
+            Self::Reflect(_) | Self::Physical(_) | Self::Generated(_)
+        )
+    }
+
     /// Renders `trigger` for images of `shape`; seeded parts draw from `seed`.
     pub fn new(trigger: &Trigger, seed: u64, shape: ImageShape) -> Result<Self, WatermarkError> {
         let (pattern, weight) = match trigger {
