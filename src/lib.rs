@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod dataset;
 pub mod endpoint;
+mod error_code;
 pub mod fsutil;
 pub mod http;
 pub mod jobs;
@@ -16,3 +17,5 @@ pub mod store;
 pub mod train;
 pub mod verify;
 pub mod watermark;
+
+pub use error_code::ErrorCode;

@@ -109,7 +109,7 @@ mod tests {
             l.check("a").unwrap();
         }
         let e = l.check("a").unwrap_err();
-        assert_eq!(e.code(), "rate_limited");
+        assert_eq!(e.code(), crate::ErrorCode::RateLimited);
         l.check("b").unwrap();
     }
 }

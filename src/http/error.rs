@@ -6,6 +6,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::ErrorCode;
 use crate::store::StoreError;
 
 /// The error body.
@@ -18,10 +19,8 @@ pub struct ErrorBody {
 /// Code and message.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
-    /// Stable, machine-readable: `unauthorized`, `forbidden`, `not_found`, `invalid_request`,
-    /// `invalid_spec`, `endpoint_refused`, `conflict`, `method_not_allowed`, `payload_too_large`, `unsupported_media_type`, `rate_limited`,
-    /// `timeout`, `unavailable`, `internal`.
-    pub code: String,
+    /// Stable, machine-readable (the HTTP status follows from it).
+    pub code: ErrorCode,
     /// For people.
     pub message: String,
 }
@@ -29,16 +28,14 @@ pub struct ErrorDetail {
 /// An error a handler returns.
 #[derive(Debug)]
 pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
+    code: ErrorCode,
     message: String,
     retry_after: Option<u64>,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
-            status,
             code,
             message: message.into(),
             retry_after: None,
@@ -47,96 +44,77 @@ impl ApiError {
     /// 401: no or unknown key.
     pub fn unauthorized() -> Self {
         Self::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            ErrorCode::Unauthorized,
             "missing or unknown API key: send `Authorization: Bearer <key>`",
         )
     }
     /// 403: the key's role may not do this.
     pub fn forbidden(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+        Self::new(ErrorCode::Forbidden, message)
     }
     /// 404 (also for things that exist but the caller may not see).
     pub fn not_found(what: &str) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no such {what}"),
-        )
+        Self::new(ErrorCode::NotFound, format!("no such {what}"))
     }
     /// 400 with a field or reason.
     pub fn invalid(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+        Self::new(ErrorCode::InvalidRequest, message)
     }
     /// 422: the watermark spec is invalid.
     pub fn invalid_spec(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_spec", message)
+        Self::new(ErrorCode::InvalidSpec, message)
     }
     /// 422: the endpoint is not allowed (SSRF rules) or malformed.
     pub fn endpoint_refused(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "endpoint_refused",
-            message,
-        )
+        Self::new(ErrorCode::EndpointRefused, message)
     }
     /// 409: the resource is not in a state that allows this.
     pub fn conflict(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::CONFLICT, "conflict", message)
+        Self::new(ErrorCode::Conflict, message)
     }
     /// 409: every trigger of a watermark with several has been spent by a verification.
     pub fn triggers_spent(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::CONFLICT, "triggers_spent", message)
+        Self::new(ErrorCode::TriggersSpent, message)
     }
     /// 403: a per-key quota (datasets, upload bytes) is used up.
     pub fn quota(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, "quota_exceeded", message)
+        Self::new(ErrorCode::QuotaExceeded, message)
     }
     /// 405.
     pub fn method_not_allowed() -> Self {
         Self::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
+            ErrorCode::MethodNotAllowed,
             "this route does not take that method",
         )
     }
     /// 413.
     pub fn too_large(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
+        Self::new(ErrorCode::PayloadTooLarge, message)
     }
     /// 429 with Retry-After.
     pub fn rate_limited(retry_after: u64) -> Self {
-        let mut e = Self::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            "too many requests for this API key",
-        );
+        let mut e = Self::new(ErrorCode::RateLimited, "too many requests for this API key");
         e.retry_after = Some(retry_after.max(1));
         e
     }
     /// 503: the request took longer than the configured timeout.
     pub fn timeout() -> Self {
         Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "timeout",
+            ErrorCode::Timeout,
             "the request took longer than the server allows",
         )
     }
     /// 503: a dependency is down.
     pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+        Self::new(ErrorCode::Unavailable, message)
     }
     /// 500: logged here once, never detailed to the client.
     pub fn internal(err: impl std::fmt::Display) -> Self {
         tracing::error!(error = %err, "internal error");
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "internal error (logged on the server)",
-        )
+        Self::new(ErrorCode::Internal, "internal error (logged on the server)")
     }
     /// The stable code.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         self.code
     }
 }
@@ -151,11 +129,13 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
             error: ErrorDetail {
-                code: self.code.into(),
+                code: self.code,
                 message: self.message,
             },
         };
-        let mut r = (self.status, axum::Json(body)).into_response();
+        let status =
+            StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut r = (status, axum::Json(body)).into_response();
         if let Some(s) = self.retry_after {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
@@ -169,8 +149,7 @@ impl From<JsonRejection> for ApiError {
         match r.status() {
             StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large(r.body_text()),
             StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
+                ErrorCode::UnsupportedMediaType,
                 "expected `Content-Type: application/json`",
             ),
             _ => ApiError::invalid(r.body_text()),

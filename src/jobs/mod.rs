@@ -17,6 +17,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
+use crate::ErrorCode;
 use crate::dataset::{self, Format, Split};
 use crate::endpoint::{EndpointConfig, HttpEndpoint};
 use crate::fsutil::AtomicDir;
@@ -79,13 +80,13 @@ pub struct RunnerConfig {
 #[derive(Debug)]
 pub struct JobError {
     /// Stable machine-readable code.
-    pub code: &'static str,
+    pub code: ErrorCode,
     /// What went wrong.
     pub message: String,
 }
 
 impl JobError {
-    fn new(code: &'static str, message: impl Into<String>) -> Self {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             code,
             message: message.into(),
@@ -96,7 +97,7 @@ impl JobError {
 impl From<StoreError> for JobError {
     fn from(e: StoreError) -> Self {
         tracing::error!(error = %e, "storage error in a job");
-        Self::new("internal", "storage error (see the server log)")
+        Self::new(ErrorCode::Internal, "storage error (see the server log)")
     }
 }
 
@@ -255,7 +256,7 @@ impl Runner {
                         Ok(true) => tracing::info!("succeeded"),
                         Ok(false) => tracing::warn!("lost its lease before finishing; result discarded"),
                         Err(e) => {
-                            tracing::warn!(code = e.code, message = %e.message, "failed");
+                            tracing::warn!(code = %e.code, message = %e.message, "failed");
                             if let Err(se) = self.store.end_job(&job.id, worker, JobState::Failed, e.code, &e.message).await {
                                 tracing::error!(error = %se, "could not record the failure");
                             }
@@ -274,7 +275,7 @@ impl Runner {
                         }
                         Ok(Beat::Cancel) => {
                             tracing::info!("cancelled");
-                            let _ = self.store.end_job(&job.id, worker, JobState::Cancelled, "cancelled", "cancelled by a client").await;
+                            let _ = self.store.end_job(&job.id, worker, JobState::Cancelled, ErrorCode::Cancelled, "cancelled by a client").await;
                             return;
                         }
                         Err(e) => tracing::error!(error = %e, "heartbeat failed"),
@@ -320,28 +321,28 @@ impl Runner {
             .store
             .get_watermark(id)
             .await?
-            .ok_or_else(|| JobError::new("not_found", "the watermark was deleted"))?;
+            .ok_or_else(|| JobError::new(ErrorCode::NotFound, "the watermark was deleted"))?;
         let plan = self
             .store
             .watermark_plan(id)
             .await?
-            .ok_or_else(|| JobError::new("invalid", "the watermark has no plan"))?;
+            .ok_or_else(|| JobError::new(ErrorCode::Invalid, "the watermark has no plan"))?;
         let plan: WatermarkPlan = serde_json::from_slice(&plan)
-            .map_err(|e| JobError::new("internal", format!("stored plan: {e}")))?;
+            .map_err(|e| JobError::new(ErrorCode::Internal, format!("stored plan: {e}")))?;
         let spec = WatermarkSpec::from_json_value(plan.spec)
-            .map_err(|e| JobError::new("invalid_spec", e.to_string()))?;
+            .map_err(|e| JobError::new(ErrorCode::InvalidSpec, e.to_string()))?;
         let nonce: [u8; 32] = hex::decode(&plan.nonce)
             .ok()
             .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| JobError::new("internal", "stored nonce is not 32 bytes"))?;
+            .ok_or_else(|| JobError::new(ErrorCode::Internal, "stored nonce is not 32 bytes"))?;
         let ds_id = wm
             .dataset_id
-            .ok_or_else(|| JobError::new("invalid", "the watermark names no dataset"))?;
+            .ok_or_else(|| JobError::new(ErrorCode::Invalid, "the watermark names no dataset"))?;
         let ds = self
             .store
             .get_dataset(&ds_id)
             .await?
-            .ok_or_else(|| JobError::new("not_found", "the dataset was deleted"))?;
+            .ok_or_else(|| JobError::new(ErrorCode::NotFound, "the dataset was deleted"))?;
         let dest = Self::release_dir(&self.cfg.data_dir, id);
         let triggers = plan.triggers;
         progress.total.store(4, Ordering::Relaxed);
@@ -351,27 +352,28 @@ impl Runner {
             let mut loaded = read_registered(&ds, &roots, &limits)?;
             if loaded.dataset.sha256() != ds.sha256 {
                 return Err(JobError::new(
-                    "dataset_changed",
+                    ErrorCode::DatasetChanged,
                     "the dataset's files changed since it was registered (sha256 differs)",
                 ));
             }
             p.done.store(1, Ordering::Relaxed);
             let marked = watermark::apply_triggers(&mut loaded.dataset, &spec, nonce, triggers)
-                .map_err(|e| JobError::new("invalid_spec", e.to_string()))?;
+                .map_err(|e| JobError::new(ErrorCode::InvalidSpec, e.to_string()))?;
             p.done.store(2, Ordering::Relaxed);
             let commitment = marked.secret.commitment();
             if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| JobError::new("io", format!("{}: {e}", parent.display())))?;
+                std::fs::create_dir_all(parent).map_err(|e| {
+                    JobError::new(ErrorCode::Io, format!("{}: {e}", parent.display()))
+                })?;
             }
             // This worker holds the job's lease, so what an earlier, killed attempt left half
             // written can go.
             crate::fsutil::remove_leftovers(&dest)
-                .map_err(|e| JobError::new("io", format!("{}: {e}", dest.display())))?;
+                .map_err(|e| JobError::new(ErrorCode::Io, format!("{}: {e}", dest.display())))?;
             // Overwrite: an earlier attempt may have moved an identical release into place
             // before its process died.
             let dir = AtomicDir::create(&dest, true)
-                .map_err(|e| JobError::new("io", format!("{}: {e}", dest.display())))?;
+                .map_err(|e| JobError::new(ErrorCode::Io, format!("{}: {e}", dest.display())))?;
             let mut info = dataset::write_release(
                 &loaded.dataset,
                 &loaded.layout,
@@ -379,15 +381,20 @@ impl Runner {
                 &marked.image_hashes,
                 &|| {},
             )
-            .map_err(|e| JobError::new("io", e.to_string()))?;
+            .map_err(|e| JobError::new(ErrorCode::Io, e.to_string()))?;
             info.commitment = Some(commitment.clone());
             dataset::write_release_info(dir.path(), &info)
-                .map_err(|e| JobError::new("io", e.to_string()))?;
+                .map_err(|e| JobError::new(ErrorCode::Io, e.to_string()))?;
             p.done.store(3, Ordering::Relaxed);
             Ok((dir, marked.secret, commitment, info.dataset_sha256))
         })
         .await
-        .map_err(|e| JobError::new("internal", format!("the watermark task panicked: {e}")))??;
+        .map_err(|e| {
+            JobError::new(
+                ErrorCode::Internal,
+                format!("the watermark task panicked: {e}"),
+            )
+        })??;
         let (dir, secret, commitment, sha_after) = written;
         // The secret is stored before the release becomes visible: a release never exists
         // without its secret.
@@ -397,8 +404,8 @@ impl Runner {
         let dest = Self::release_dir(&self.cfg.data_dir, id);
         tokio::task::spawn_blocking(move || dir.commit())
             .await
-            .map_err(|e| JobError::new("internal", format!("commit task panicked: {e}")))?
-            .map_err(|e| JobError::new("io", format!("{}: {e}", dest.display())))?;
+            .map_err(|e| JobError::new(ErrorCode::Internal, format!("commit task panicked: {e}")))?
+            .map_err(|e| JobError::new(ErrorCode::Io, format!("{}: {e}", dest.display())))?;
         progress.done.store(4, Ordering::Relaxed);
         self.store.heartbeat(&job.id, worker, 4, 4).await?;
         Ok(self
@@ -427,34 +434,41 @@ impl Runner {
             .store
             .get_verification(&job.resource_id)
             .await?
-            .ok_or_else(|| JobError::new("not_found", "the verification was deleted"))?;
+            .ok_or_else(|| JobError::new(ErrorCode::NotFound, "the verification was deleted"))?;
         let mut plan: VerifyPlan = serde_json::from_value(v.request.clone())
-            .map_err(|e| JobError::new("internal", format!("stored request: {e}")))?;
+            .map_err(|e| JobError::new(ErrorCode::Internal, format!("stored request: {e}")))?;
         plan.endpoint.allow_private = self.cfg.allow_private_endpoints;
         let record = self
             .store
             .secret_record(&v.watermark_id)
             .await?
-            .ok_or_else(|| JobError::new("not_ready", "the watermark has no secret record yet"))?;
+            .ok_or_else(|| {
+                JobError::new(
+                    ErrorCode::NotReady,
+                    "the watermark has no secret record yet",
+                )
+            })?;
         let secret = Secret::from_json(
             std::str::from_utf8(&record)
-                .map_err(|_| JobError::new("internal", "secret record is not UTF-8"))?,
+                .map_err(|_| JobError::new(ErrorCode::Internal, "secret record is not UTF-8"))?,
         )
-        .map_err(|e| JobError::new("internal", format!("secret record: {e}")))?;
+        .map_err(|e| JobError::new(ErrorCode::Internal, format!("secret record: {e}")))?;
         let (record, spent) = secret
             .trigger(v.spent_trigger.map(|n| n as usize))
-            .map_err(|e| JobError::new("internal", format!("secret record: {e}")))?;
+            .map_err(|e| JobError::new(ErrorCode::Internal, format!("secret record: {e}")))?;
         let ds = self
             .store
             .get_dataset(&v.holdout_dataset_id)
             .await?
-            .ok_or_else(|| JobError::new("not_found", "the held-out dataset was deleted"))?;
+            .ok_or_else(|| {
+                JobError::new(ErrorCode::NotFound, "the held-out dataset was deleted")
+            })?;
         let (roots, limits) = (self.cfg.dataset_roots.clone(), self.cfg.dataset_limits);
         let pool = tokio::task::spawn_blocking(move || {
             read_registered(&ds, &roots, &limits).map(|l| l.dataset)
         })
         .await
-        .map_err(|e| JobError::new("internal", format!("reading task panicked: {e}")))??;
+        .map_err(|e| JobError::new(ErrorCode::Internal, format!("reading task panicked: {e}")))??;
         progress.total.store(
             (2 * plan.config.m + 2 * (plan.config.control_count() + 1)) as i64,
             Ordering::Relaxed,
@@ -463,15 +477,17 @@ impl Runner {
         let jitter = plan.config.seed.unwrap_or(plan_jitter(record));
         let mut endpoint = HttpEndpoint::connect(plan.endpoint.clone(), jitter)
             .await
-            .map_err(|e| JobError::new("endpoint", e.to_string()))?;
+            .map_err(|e| JobError::new(ErrorCode::Endpoint, e.to_string()))?;
         endpoint.set_class_names(pool.class_names().map(<[String]>::to_vec));
         let p = progress.clone();
         let report = move |q: usize| p.done.store(q as i64, Ordering::Relaxed);
         let mut verdict = verify::verify(&endpoint, record, &pool, &plan.config, &report)
             .await
             .map_err(|e| match e {
-                verify::VerifyError::Endpoint(e) => JobError::new("endpoint", e.to_string()),
-                other => JobError::new("invalid", other.to_string()),
+                verify::VerifyError::Endpoint(e) => {
+                    JobError::new(ErrorCode::Endpoint, e.to_string())
+                }
+                other => JobError::new(ErrorCode::Invalid, other.to_string()),
             })?;
         verdict.trigger = spent;
         let decision = match verdict.decision {
@@ -484,7 +500,7 @@ impl Runner {
             .heartbeat(&job.id, worker, queried, queried)
             .await?;
         let json = serde_json::to_value(&verdict)
-            .map_err(|e| JobError::new("internal", format!("verdict: {e}")))?;
+            .map_err(|e| JobError::new(ErrorCode::Internal, format!("verdict: {e}")))?;
         Ok(self
             .store
             .finish_verification(
@@ -509,35 +525,35 @@ fn read_registered(
     let format: Format = ds
         .format
         .parse()
-        .map_err(|e: String| JobError::new("internal", e))?;
+        .map_err(|e: String| JobError::new(ErrorCode::Internal, e))?;
     let split = ds
         .split
         .as_deref()
         .map(str::parse::<Split>)
         .transpose()
-        .map_err(|e: String| JobError::new("internal", e))?;
+        .map_err(|e: String| JobError::new(ErrorCode::Internal, e))?;
     let path = Path::new(&ds.path);
     match crate::fsutil::escapes_roots(path, roots, 4) {
         Ok(None) => {}
         Ok(Some(entry)) if entry == Path::new(".") => {
             return Err(JobError::new(
-                "dataset_unreadable",
+                ErrorCode::DatasetUnreadable,
                 "the dataset is no longer below a configured dataset root",
             ));
         }
         Ok(Some(entry)) => {
             return Err(JobError::new(
-                "dataset_unreadable",
+                ErrorCode::DatasetUnreadable,
                 format!(
                     "{} is a link that leads out of the dataset roots",
                     entry.display()
                 ),
             ));
         }
-        Err(e) => return Err(JobError::new("dataset_unreadable", e.to_string())),
+        Err(e) => return Err(JobError::new(ErrorCode::DatasetUnreadable, e.to_string())),
     }
     dataset::read_limited(path, Some(format), split, &|| {}, limits)
-        .map_err(|e| JobError::new("dataset_unreadable", e.to_string()))
+        .map_err(|e| JobError::new(ErrorCode::DatasetUnreadable, e.to_string()))
 }
 
 fn hostname() -> String {

@@ -10,6 +10,7 @@
 
 mod seal;
 
+use crate::ErrorCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -289,7 +290,7 @@ pub struct Job {
     /// Whether a client asked to cancel it.
     pub cancel_requested: bool,
     /// Stable code of the failure.
-    pub error_code: Option<String>,
+    pub error_code: Option<ErrorCode>,
     /// Why it failed.
     pub error: Option<String>,
     /// Unix milliseconds.
@@ -389,7 +390,10 @@ fn job_from(r: &AnyRow) -> Result<Job, StoreError> {
         attempts: r.try_get("attempts")?,
         max_attempts: r.try_get("max_attempts")?,
         cancel_requested: r.try_get::<i64, _>("cancel_requested")? != 0,
-        error_code: r.try_get("error_code")?,
+        error_code: r
+            .try_get::<Option<String>, _>("error_code")?
+            .map(|c| ErrorCode::parse(&c).ok_or_else(|| corrupt("jobs.error_code", &c)))
+            .transpose()?,
         error: r.try_get("error")?,
         created_at: r.try_get("created_at")?,
         started_at: r.try_get("started_at")?,
@@ -917,7 +921,7 @@ impl Store {
         id: &str,
         worker: &str,
         state: JobState,
-        code: Option<&str>,
+        code: Option<ErrorCode>,
         message: Option<&str>,
     ) -> Result<bool, StoreError> {
         let r = sqlx::query(
@@ -926,7 +930,7 @@ impl Store {
              WHERE id = $5 AND worker = $6 AND state = 'running'",
         )
         .bind(state.as_str())
-        .bind(code)
+        .bind(code.map(ErrorCode::as_str))
         .bind(message)
         .bind(now_ms())
         .bind(id)
@@ -942,7 +946,7 @@ impl Store {
         id: &str,
         worker: &str,
         state: JobState,
-        code: &str,
+        code: ErrorCode,
         message: &str,
     ) -> Result<bool, StoreError> {
         let mut conn = self.pool.acquire().await?;
@@ -968,10 +972,11 @@ impl Store {
         let now = now_ms();
         sqlx::query(
             "UPDATE jobs SET state = 'cancelled', cancel_requested = 1, finished_at = $1, \
-             error_code = 'cancelled', error = 'cancelled by a client' \
-             WHERE id = $2 AND state = 'queued'",
+             error_code = $2, error = 'cancelled by a client' \
+             WHERE id = $3 AND state = 'queued'",
         )
         .bind(now)
+        .bind(ErrorCode::Cancelled.as_str())
         .bind(id)
         .execute(&self.pool)
         .await?;
@@ -987,12 +992,13 @@ impl Store {
     pub async fn reap(&self, stale_before: i64) -> Result<Reaped, StoreError> {
         let failed = sqlx::query(
             "UPDATE jobs SET state = 'failed', worker = NULL, finished_at = $1, \
-             error_code = 'worker_lost', \
+             error_code = $3, \
              error = 'the worker running this job stopped responding on its last allowed attempt' \
              WHERE state = 'running' AND heartbeat_at < $2 AND attempts >= max_attempts",
         )
         .bind(now_ms())
         .bind(stale_before)
+        .bind(ErrorCode::WorkerLost.as_str())
         .execute(&self.pool)
         .await?
         .rows_affected();

@@ -463,7 +463,7 @@ async fn dead_workers_jobs_are_requeued_then_failed(db: Db) {
     assert_eq!((r.requeued, r.failed), (0, 1));
     let j = s.get_job(&job.id).await.unwrap().unwrap();
     assert_eq!(j.state, JobState::Failed);
-    assert_eq!(j.error_code.as_deref(), Some("worker_lost"));
+    assert_eq!(j.error_code, Some(hallmark::ErrorCode::WorkerLost));
     let runs = s.job_runs(&job.id).await.unwrap();
     assert_eq!(runs, vec![(1, "a".to_string()), (2, "b".to_string())]);
 }
@@ -1371,6 +1371,18 @@ async fn the_openapi_document_is_valid_and_covers_every_route() {
     ];
     assert_eq!(documented, expected);
     assert!(doc["components"]["securitySchemes"]["api_key"].is_object());
+    // Every error code a client may read (error bodies, failed jobs) is listed.
+    let codes: Vec<&str> = doc["components"]["schemas"]["ErrorCode"]["enum"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no ErrorCode enum: {}", doc["components"]["schemas"]))
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    let all: Vec<&str> = hallmark::ErrorCode::ALL
+        .iter()
+        .map(|c| c.as_str())
+        .collect();
+    assert_eq!(codes, all);
     app.stop().await;
 }
 
