@@ -411,14 +411,9 @@ fn run_plain(command: Command) -> Result<()> {
                     }
                 }
             }
-            if let Some(section) = spec.crafting() {
-                let c = match section {
-                    "adversarial" => "label-consistent PGD",
-                    "uap" => "TUAP (universal adversarial perturbation)",
-                    "encoder" => "ISSBA encoder",
-                    _ => "gradient matching",
-                };
-                if spec.needs_model() {
+            if let Some(crafting) = spec.crafting() {
+                let c = crafting.describe();
+                if crafting.needs_model() {
                     println!("  crafting   {c}, against a model (--craft-model DIR)");
                 } else {
                     println!("  crafting   {c}, trained on the data (feature train)");
@@ -574,10 +569,11 @@ fn watermark_cmd(a: WatermarkArgs) -> Result<()> {
     let mut loaded = read_input(&a.input)?;
     check_secrecy(&spec, &loaded.dataset, a.public_trigger)?;
     let nonce = a.nonce.unwrap_or_else(watermark::random_nonce);
-    if let (2.., Some(section)) = (triggers, spec.crafting()) {
+    if let (2.., Some(crafting)) = (triggers, spec.crafting()) {
         bail!(
             "--triggers {triggers}: a release with several triggers needs a spec without \
-             crafting ([{section}] crafts one trigger's poisons)"
+             crafting ([{}] crafts one trigger's poisons)",
+            crafting.section()
         );
     }
     let pb = spinner("watermarking");

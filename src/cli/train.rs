@@ -582,7 +582,7 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
         Some(path) => {
             let s = crate::spec::WatermarkSpec::from_toml_file(path)
                 .with_context(|| format!("--other-family {}", path.display()))?;
-            if s.needs_model() || s.encoder.is_some() {
+            if s.crafting().is_some() {
                 bail!(
                     "--other-family {}: a crafted or encoded spec; give a poison-only one",
                     path.display()

@@ -822,23 +822,22 @@ impl WatermarkSpec {
         Ok(())
     }
 
-    /// The section of the crafting that needs a model (`adversarial`, `uap` or
-    /// `gradient_matching`), if the spec has one.
-    pub fn crafting(&self) -> Option<&'static str> {
+    /// How the spec's poisons or trigger are crafted, if they are.
+    pub fn crafting(&self) -> Option<Crafting> {
         [
-            (self.adversarial.is_some(), "adversarial"),
-            (self.uap.is_some(), "uap"),
-            (self.gradient_matching.is_some(), "gradient_matching"),
-            (self.encoder.is_some(), "encoder"),
+            (self.adversarial.is_some(), Crafting::Adversarial),
+            (self.uap.is_some(), Crafting::Uap),
+            (self.gradient_matching.is_some(), Crafting::GradientMatching),
+            (self.encoder.is_some(), Crafting::Encoder),
         ]
         .into_iter()
-        .find_map(|(on, name)| on.then_some(name))
+        .find_map(|(on, c)| on.then_some(c))
     }
 
     /// Whether applying the spec needs a model to craft its poisons with (ISSBA's encoder is
     /// trained from the data alone).
     pub fn needs_model(&self) -> bool {
-        self.crafting().is_some_and(|c| c != "encoder")
+        self.crafting().is_some_and(Crafting::needs_model)
     }
 
     /// Checks every field on its own (fit to a dataset is [`WatermarkSpec::check_fits`]).
@@ -1597,6 +1596,52 @@ fn load_reflections(
             })
         })
         .collect()
+}
+
+/// How a spec's poisons or trigger are made by the trainer, by the spec section that says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Crafting {
+    /// `[adversarial]`: label-consistent PGD perturbations against a benign model.
+    Adversarial,
+    /// `[uap]`: TUAP, a targeted universal adversarial perturbation found with a benign model.
+    Uap,
+    /// `[gradient_matching]`: Sleeper Agent or UBW-C poisons matched to a surrogate's gradients.
+    GradientMatching,
+    /// `[encoder]`: ISSBA's encoder, trained on the data alone.
+    Encoder,
+}
+
+impl Crafting {
+    /// The spec section that asks for it.
+    pub fn section(self) -> &'static str {
+        match self {
+            Self::Adversarial => "adversarial",
+            Self::Uap => "uap",
+            Self::GradientMatching => "gradient_matching",
+            Self::Encoder => "encoder",
+        }
+    }
+
+    /// What it is, for people.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Adversarial => "label-consistent PGD",
+            Self::Uap => "TUAP (universal adversarial perturbation)",
+            Self::GradientMatching => "gradient matching",
+            Self::Encoder => "ISSBA encoder",
+        }
+    }
+
+    /// Whether crafting needs a benign model (everything but ISSBA's encoder).
+    pub fn needs_model(self) -> bool {
+        self != Self::Encoder
+    }
+
+    /// Whether the crafting makes the trigger itself (TUAP's perturbation, ISSBA's encoder), so
+    /// nothing can be stamped before it has run.
+    pub fn makes_trigger(self) -> bool {
+        matches!(self, Self::Uap | Self::Encoder)
+    }
 }
 
 /// Compact JSON of a value, fields in declaration order: the canonical form hashed by

@@ -94,10 +94,10 @@ pub fn apply_with_hashes(
     spec: &WatermarkSpec,
     nonce: [u8; 32],
 ) -> Result<Watermarked, WatermarkError> {
-    if let Some(section) = spec.crafting() {
+    if let Some(crafting) = spec.crafting() {
         return Err(WatermarkError::Spec(SpecError::Field {
-            field: section.into(),
-            message: if spec.needs_model() {
+            field: crafting.section().into(),
+            message: if crafting.needs_model() {
                 "crafting the poisons needs a benign model (feature `train`: \
                  hallmark watermark --craft-model DIR)"
             } else {
@@ -183,9 +183,9 @@ pub fn apply_triggers(
                 .into(),
         }));
     }
-    if let Some(section) = spec.crafting() {
+    if let Some(crafting) = spec.crafting() {
         return Err(WatermarkError::Spec(SpecError::Field {
-            field: section.into(),
+            field: crafting.section().into(),
             message: "a release with several triggers needs a spec without crafting".into(),
         }));
     }

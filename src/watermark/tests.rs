@@ -473,7 +473,10 @@ fn shipped_specs_give_the_pinned_commitments() {
         let shape = spec.image.unwrap();
         let mut ds = data(200, shape, 10, 7);
         let name = path.strip_prefix(root).unwrap().display().to_string();
-        if matches!(spec.crafting(), Some("encoder" | "uap")) {
+        if spec
+            .crafting()
+            .is_some_and(crate::spec::Crafting::makes_trigger)
+        {
             // ISSBA's encoder and TUAP's perturbation are made by the trainer before anything is
             // stamped: only the spec itself is pinned.
             let c = crate::spec::sha256_hex(&crate::spec::canonical_json(&spec));
