@@ -1,5 +1,20 @@
 //! hallmark: secret, poison-only backdoor watermarks for image datasets, and black-box
 //! verification of whether a suspicious model was trained on a watermarked release.
+//!
+//! # Layout
+//!
+//! Read in this order; each module's own comment says what it holds.
+//! - [`dataset`]: images and labels in memory, and the formats they are read from and written to.
+//! - [`spec`]: a watermark spec (a trigger family, labelling, rate) parsed and checked.
+//! - [`watermark`]: stamping a dataset with a spec, the secret record and its commitment.
+//! - [`endpoint`]: a model behind HTTP (or in-process) answering batches of images, and the
+//!   checked settings a user gives for it.
+//! - [`stats`] and [`verify`]: the tests, and the verification that runs them against a model.
+//! - [`store`], [`jobs`], [`http`], [`config`]: the service (database, durable jobs, API).
+//! - `train` (feature `train`): the trainer that reproduces the attacks, for calibration.
+//! - [`cli`]: the command line; it parses, calls the modules above and prints.
+//!
+//! [`ErrorCode`] holds every code a client of the service reads.
 #![warn(missing_docs)]
 
 pub mod cli;
