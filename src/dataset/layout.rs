@@ -15,7 +15,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// On-disk dataset formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     /// IDX images + labels files (MNIST, Fashion-MNIST), gzipped or raw.
@@ -28,6 +28,19 @@ pub enum Format {
     Cifar100,
     /// An ImageFolder tree.
     Folder,
+}
+
+impl Format {
+    /// The format's name, as written in the database and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Idx => "idx",
+            Self::Cifar => "cifar",
+            Self::Cifar10 => "cifar10",
+            Self::Cifar100 => "cifar100",
+            Self::Folder => "folder",
+        }
+    }
 }
 
 impl std::str::FromStr for Format {
@@ -47,13 +60,23 @@ impl std::str::FromStr for Format {
 }
 
 /// Which split to read where a folder holds both.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Split {
     /// Training split (`train-*`, `data_batch_*`, `train/`).
     Train,
     /// Test split (`t10k-*`, `test_batch`, `test/`).
     Test,
+}
+
+impl Split {
+    /// The split's name, as written in the database and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Train => "train",
+            Self::Test => "test",
+        }
+    }
 }
 
 impl std::str::FromStr for Split {
@@ -122,17 +145,22 @@ impl Layout {
 
     /// The format name written to `release.json`.
     pub fn format_name(&self) -> &'static str {
+        self.format().as_str()
+    }
+
+    /// The format of this layout (CIFAR with its variant).
+    pub fn format(&self) -> Format {
         match self {
-            Self::Idx { .. } => "idx",
+            Self::Idx { .. } => Format::Idx,
             Self::Cifar {
                 variant: Variant::Cifar10,
                 ..
-            } => "cifar10",
+            } => Format::Cifar10,
             Self::Cifar {
                 variant: Variant::Cifar100,
                 ..
-            } => "cifar100",
-            Self::Folder => "folder",
+            } => Format::Cifar100,
+            Self::Folder => Format::Folder,
         }
     }
 }

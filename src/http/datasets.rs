@@ -89,11 +89,8 @@ async fn describe(
             owner_id: owner,
             name,
             path: path.to_string_lossy().into_owned(),
-            format: loaded.layout.format_name().into(),
-            split: split.map(|s| match s {
-                Split::Train => "train".into(),
-                Split::Test => "test".into(),
-            }),
+            format: loaded.layout.format(),
+            split,
             count: loaded.dataset.len() as i64,
             num_classes: loaded.dataset.num_classes() as i64,
             shape: format!("{}x{}x{}", shape.height, shape.width, shape.channels),

@@ -18,14 +18,14 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
 use crate::ErrorCode;
-use crate::dataset::{self, Format, Split};
+use crate::dataset;
 use crate::endpoint::{EndpointConfig, HttpEndpoint};
 use crate::fsutil::AtomicDir;
 use crate::spec::WatermarkSpec;
 use crate::store::{
     Beat, Claimed, DatasetInfo, JobKind, JobState, ReleaseFacts, Store, StoreError,
 };
-use crate::verify::{self, Decision, VerifyConfig};
+use crate::verify::{self, VerifyConfig};
 use crate::watermark::{self, Secret};
 
 /// What a watermark job applies: the spec and the nonce, fixed when the job is created so that
@@ -490,11 +490,7 @@ impl Runner {
                 other => JobError::new(ErrorCode::Invalid, other.to_string()),
             })?;
         verdict.trigger = spent;
-        let decision = match verdict.decision {
-            Decision::Used => "used",
-            Decision::NotShown => "not_shown",
-            Decision::Inconclusive => "inconclusive",
-        };
+        let decision = verdict.decision;
         let queried = verdict.queries as i64;
         self.store
             .heartbeat(&job.id, worker, queried, queried)
@@ -522,16 +518,7 @@ fn read_registered(
     roots: &[PathBuf],
     limits: &dataset::Limits,
 ) -> Result<dataset::Loaded, JobError> {
-    let format: Format = ds
-        .format
-        .parse()
-        .map_err(|e: String| JobError::new(ErrorCode::Internal, e))?;
-    let split = ds
-        .split
-        .as_deref()
-        .map(str::parse::<Split>)
-        .transpose()
-        .map_err(|e: String| JobError::new(ErrorCode::Internal, e))?;
+    let (format, split) = (ds.format, ds.split);
     let path = Path::new(&ds.path);
     match crate::fsutil::escapes_roots(path, roots, 4) {
         Ok(None) => {}

@@ -11,6 +11,8 @@
 mod seal;
 
 use crate::ErrorCode;
+use crate::dataset::{Format, Split};
+use crate::verify::Decision;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -116,9 +118,9 @@ pub struct DatasetInfo {
     #[serde(skip)]
     pub path: String,
     /// On-disk format.
-    pub format: String,
+    pub format: Format,
     /// Split read where the folder holds several.
-    pub split: Option<String>,
+    pub split: Option<Split>,
     /// Samples.
     pub count: i64,
     /// Classes.
@@ -180,8 +182,8 @@ pub struct VerificationInfo {
     /// The request as submitted (endpoint and test settings).
     #[schema(value_type = Object)]
     pub request: serde_json::Value,
-    /// `used`, `not_shown` or `inconclusive`, once done.
-    pub decision: Option<String>,
+    /// The verdict's decision, once done.
+    pub decision: Option<Decision>,
     /// The primary test's p-value, once done.
     pub p_value: Option<f64>,
     /// The whole verdict with the audit trail, once done.
@@ -407,8 +409,14 @@ fn dataset_from(r: &AnyRow) -> Result<DatasetInfo, StoreError> {
         owner_id: r.try_get("owner_id")?,
         name: r.try_get("name")?,
         path: r.try_get("path")?,
-        format: r.try_get("format")?,
-        split: r.try_get("split")?,
+        format: r
+            .try_get::<String, _>("format")?
+            .parse()
+            .map_err(|e: String| corrupt("datasets.format", &e))?,
+        split: r
+            .try_get::<Option<String>, _>("split")?
+            .map(|s| s.parse().map_err(|e: String| corrupt("datasets.split", &e)))
+            .transpose()?,
         count: r.try_get("count")?,
         num_classes: r.try_get("num_classes")?,
         shape: r.try_get("shape")?,
@@ -466,7 +474,10 @@ fn verification_from(r: &AnyRow, sealer: &Sealer) -> Result<VerificationInfo, St
         holdout_dataset_id: r.try_get("holdout_dataset_id")?,
         job_id: r.try_get("job_id")?,
         request: json_column(r, "request")?.unwrap_or(serde_json::Value::Null),
-        decision: r.try_get("decision")?,
+        decision: r
+            .try_get::<Option<String>, _>("decision")?
+            .map(|d| Decision::parse(&d).ok_or_else(|| corrupt("verifications.decision", &d)))
+            .transpose()?,
         p_value: r.try_get("p_value")?,
         verdict,
         spent_trigger: r.try_get("spent_trigger")?,
@@ -516,10 +527,10 @@ pub struct NewDataset {
     pub name: String,
     /// Files on the server.
     pub path: String,
-    /// Format name.
-    pub format: String,
+    /// Format.
+    pub format: Format,
     /// Split, where one was chosen.
-    pub split: Option<String>,
+    pub split: Option<Split>,
     /// Samples.
     pub count: i64,
     /// Classes.
@@ -730,8 +741,8 @@ impl Store {
         .bind(&d.owner_id)
         .bind(&d.name)
         .bind(&d.path)
-        .bind(&d.format)
-        .bind(&d.split)
+        .bind(d.format.as_str())
+        .bind(d.split.map(Split::as_str))
         .bind(d.count)
         .bind(d.num_classes)
         .bind(&d.shape)
@@ -1477,7 +1488,7 @@ impl Store {
         worker: &str,
         id: &str,
         verdict: &serde_json::Value,
-        decision: &str,
+        decision: Decision,
         p_value: f64,
     ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
@@ -1492,7 +1503,7 @@ impl Store {
             verdict.to_string().as_bytes(),
             &format!("verifications/{id}/verdict"),
         ))
-        .bind(decision)
+        .bind(decision.as_str())
         .bind(p_value)
         .bind(id)
         .execute(&mut *tx)

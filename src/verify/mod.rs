@@ -259,7 +259,7 @@ impl VerifySettings {
 }
 
 /// The conclusion.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Decision {
     /// Both tests rejected: evidence the model was trained on the release.
@@ -269,6 +269,24 @@ pub enum Decision {
     /// Both tests rejected, but the controls are not exchangeable with the secret (a fixed,
     /// public trigger, or a crafted kind without a family), so the rank p-value is not proof.
     Inconclusive,
+}
+
+impl Decision {
+    /// The decision's name, as written in the database and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Used => "used",
+            Self::NotShown => "not_shown",
+            Self::Inconclusive => "inconclusive",
+        }
+    }
+
+    /// The decision named `s`, if any.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Used, Self::NotShown, Self::Inconclusive]
+            .into_iter()
+            .find(|d| d.as_str() == s)
+    }
 }
 
 /// One queried pair, for the audit trail.

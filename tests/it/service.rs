@@ -243,7 +243,7 @@ async fn dataset_row(store: &Store, owner: &str) -> String {
             owner_id: owner.into(),
             name: "d".into(),
             path: "/nowhere".into(),
-            format: "idx".into(),
+            format: hallmark::dataset::Format::Idx,
             split: None,
             count: 10,
             num_classes: 10,
