@@ -25,8 +25,9 @@
 
 use tch::{Device, Kind, Tensor, nn};
 
-use super::fit::{TrainConfig, labels_tensor, to_tensor};
+use super::fit::TrainConfig;
 use super::model::Net;
+use super::tensor::{labels_tensor, to_tensor};
 use crate::dataset::Dataset;
 use crate::spec::{
     Adversarial, GradientMatching, Labelling, Perturbation, Trigger, Uap, WatermarkSpec,
@@ -48,8 +49,7 @@ pub struct Surrogate<'a> {
     pub retrain: Option<TrainConfig>,
 }
 
-/// Progress of crafting: step, of steps, current loss.
-pub type Progress<'a> = dyn Fn(usize, usize, f64) + 'a;
+pub use super::Progress;
 
 /// Watermarks `dataset` with `spec`, crafting its poisons against `s` when the spec asks for it
 /// (label-consistent or gradient matching); other specs are applied as they are.

@@ -4,6 +4,7 @@
 //! seeded, with a checkpoint after every epoch from which an interrupted run resumes exactly.
 
 use super::model::{Arch, Net};
+use super::tensor::{labels_tensor, to_tensor};
 use super::{TrainError, metrics};
 use crate::dataset::{Dataset, ImageShape};
 use crate::watermark::rng::{Rng, Stream};
@@ -129,33 +130,6 @@ pub struct Trained {
     pub history: Vec<EpochReport>,
     /// The trigger an IAD or LIRA attack learnt, for the attacker's secret record.
     pub trigger: Option<crate::spec::Generated>,
-}
-
-/// Pixels of images `indices` as a float tensor [n, C, H, W] in [0, 1] on `device`.
-pub fn to_tensor(ds: &Dataset, indices: &[usize], device: Device) -> Tensor {
-    let s = ds.shape();
-    let mut bytes = Vec::with_capacity(indices.len() * s.len());
-    for &i in indices {
-        bytes.extend_from_slice(ds.image(i));
-    }
-    Tensor::from_slice(&bytes)
-        .view([
-            indices.len() as i64,
-            s.height as i64,
-            s.width as i64,
-            s.channels as i64,
-        ])
-        .permute([0, 3, 1, 2])
-        .to_kind(Kind::Float)
-        .divide_scalar(255.0)
-        .contiguous()
-        .to_device(device)
-}
-
-/// Labels of `indices` as an int64 tensor.
-pub fn labels_tensor(ds: &Dataset, indices: &[usize], device: Device) -> Tensor {
-    let v: Vec<i64> = indices.iter().map(|&i| i64::from(ds.label(i))).collect();
-    Tensor::from_slice(&v).to_device(device)
 }
 
 fn augment(x: Tensor, cfg: &TrainConfig, rng: &mut Rng, shape: ImageShape) -> Tensor {

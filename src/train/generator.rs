@@ -272,7 +272,7 @@ pub fn train_encoder(
     spec: &WatermarkSpec,
     e: Encoder,
     device: Device,
-    progress: &super::craft::Progress<'_>,
+    progress: &super::Progress<'_>,
 ) -> Result<(Generated, IssbaReport), WatermarkError> {
     let Trigger::Generated(g) = &spec.trigger else {
         return Err(WatermarkError::Craft(
@@ -292,7 +292,7 @@ pub fn train_encoder(
     let m = e.samples.min(idx.len());
     rng.choose_front(&mut idx, m);
     idx.truncate(m);
-    let x_all = super::fit::to_tensor(dataset, &idx, device);
+    let x_all = super::tensor::to_tensor(dataset, &idx, device);
 
     let vs = nn::VarStore::new(device);
     let root = vs.root();
@@ -393,7 +393,7 @@ pub fn issba(
     spec: &WatermarkSpec,
     nonce: [u8; 32],
     device: Device,
-    progress: &super::craft::Progress<'_>,
+    progress: &super::Progress<'_>,
 ) -> Result<(Watermarked, IssbaReport), WatermarkError> {
     let Some(e) = spec.encoder else {
         return Err(WatermarkError::Craft(
@@ -774,7 +774,8 @@ mod tests {
     /// The exported networks, run in plain Rust on bytes, make the images the trainer makes in
     /// libtorch (to one grey level: float summation order differs).
     fn check_export(l: &Learner, ds: &Dataset) {
-        let x = super::super::fit::to_tensor(ds, &(0..ds.len()).collect::<Vec<_>>(), Device::Cpu);
+        let x =
+            super::super::tensor::to_tensor(ds, &(0..ds.len()).collect::<Vec<_>>(), Device::Cpu);
         let want: Vec<f32> = Vec::<f32>::try_from(
             (l.triggered(&x) * 255.0)
                 .round()

@@ -13,8 +13,8 @@
 //! When a spec names source classes, only their test images count (Sleeper Agent's and UBW-C's
 //! ASR are over the source class).
 
-use super::fit::to_tensor;
 use super::model::Net;
+use super::tensor::to_tensor;
 use crate::dataset::Dataset;
 use crate::spec::Labelling;
 use crate::watermark::Stamp;

@@ -8,9 +8,13 @@ pub mod generator;
 pub mod metrics;
 pub mod model;
 pub mod serve;
+pub mod tensor;
 
 pub use fit::{Attack, Schedule, TrainConfig, Trained, train, train_attacked};
 pub use model::{Arch, Net};
+
+/// Progress of crafting or of training a generator: step, of steps, current loss.
+pub type Progress<'a> = dyn Fn(usize, usize, f64) + 'a;
 
 /// libtorch's random generator is global to the process: seeding it and initialising a network
 /// from it must not interleave with another thread's draws, or the same seed gives other weights.

@@ -449,7 +449,7 @@ fn physical_ba_backdoor_survives_transformed_queries() {
     for i in 0..triggered.len() {
         stamp.apply(triggered.image_mut(i));
     }
-    let x = hallmark::train::fit::to_tensor(
+    let x = hallmark::train::tensor::to_tensor(
         &triggered,
         &(0..triggered.len()).collect::<Vec<_>>(),
         tch::Device::Cpu,

@@ -1,6 +1,7 @@
 use super::*;
 use crate::dataset::{Format, Split};
 use crate::train::metrics::{EvalSet, evaluate};
+use crate::train::tensor::to_tensor;
 
 use crate::train::exclusive_torch as exclusive;
 
