@@ -1,3 +1,5 @@
+//! The `hallmark` binary: parses the command line and hands it to the library's `cli`.
+
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {

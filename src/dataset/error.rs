@@ -1,3 +1,5 @@
+//! The errors of reading and writing datasets, each naming the file (and record) at fault.
+
 use std::path::PathBuf;
 
 /// What went wrong reading or writing a dataset, and where.

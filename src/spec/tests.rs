@@ -1,3 +1,5 @@
+//! Tests of `spec`.
+
 use super::*;
 
 fn parse(text: &str) -> Result<WatermarkSpec, SpecError> {

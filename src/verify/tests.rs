@@ -1,3 +1,5 @@
+//! Tests of `verify`.
+
 use super::*;
 use crate::endpoint::{EndpointError, ModelEndpoint, Prediction};
 use crate::spec::WatermarkSpec;

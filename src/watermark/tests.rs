@@ -1,3 +1,5 @@
+//! Tests of `watermark`.
+
 use super::*;
 use crate::dataset::{Dataset, ImageShape};
 use crate::spec::WatermarkSpec;

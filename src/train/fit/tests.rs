@@ -1,3 +1,5 @@
+//! Tests of `train::fit`.
+
 use super::*;
 use crate::dataset::{Format, Split};
 use crate::train::metrics::{EvalSet, evaluate};
