@@ -38,15 +38,6 @@ impl SettingError {
     }
 }
 
-/// Default images per request.
-pub const DEFAULT_BATCH_SIZE: usize = 32;
-/// Default requests in flight.
-pub const DEFAULT_CONCURRENCY: usize = 4;
-/// Default seconds per request.
-pub const DEFAULT_TIMEOUT_SECS: f64 = 30.0;
-/// Default retries.
-pub const DEFAULT_RETRIES: u32 = 3;
-
 /// Where the model is and how it speaks.
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -123,8 +114,9 @@ impl EndpointSettings {
         }
     }
 
-    /// The endpoint's configuration, every setting in its range; `allow_private` lets the
-    /// endpoint be a private, loopback or link-local address.
+    /// The endpoint's configuration, every setting in its range and every absent one at
+    /// [`EndpointConfig::new`]'s default; `allow_private` lets the endpoint be a private,
+    /// loopback or link-local address.
     pub fn into_config(self, allow_private: bool) -> Result<EndpointConfig, SettingError> {
         let segment = |field: &'static str, s: &str| {
             if is_path_segment(s) {
@@ -169,20 +161,20 @@ impl EndpointSettings {
         c.mean = self.mean;
         c.std = self.std;
         c.output_name = self.output_name;
-        c.output = self.output.unwrap_or(OutputKind::Auto);
+        c.output = self.output.unwrap_or(c.output);
         c.batch_size = in_range(
             "batch_size",
-            self.batch_size.unwrap_or(DEFAULT_BATCH_SIZE),
+            self.batch_size.unwrap_or(c.batch_size),
             1,
             1024,
         )?;
         c.concurrency = in_range(
             "concurrency",
-            self.concurrency.unwrap_or(DEFAULT_CONCURRENCY),
+            self.concurrency.unwrap_or(c.concurrency),
             1,
             64,
         )?;
-        let t = self.timeout_secs.unwrap_or(DEFAULT_TIMEOUT_SECS);
+        let t = self.timeout_secs.unwrap_or(c.timeout.as_secs_f64());
         if !(t.is_finite() && t > 0.0 && t <= 600.0) {
             return Err(SettingError::new(
                 "timeout_secs",
@@ -190,7 +182,7 @@ impl EndpointSettings {
             ));
         }
         c.timeout = Duration::from_secs_f64(t);
-        c.retries = in_range("retries", self.retries.unwrap_or(DEFAULT_RETRIES), 0, 10)?;
+        c.retries = in_range("retries", self.retries.unwrap_or(c.retries), 0, 10)?;
         c.template = self.template;
         c.output_pointer = self.output_pointer;
         c.allow_private = allow_private;
@@ -227,7 +219,7 @@ mod tests {
         let c = EndpointSettings::new("http://m", Protocol::V2, "m")
             .into_config(false)
             .unwrap();
-        assert_eq!(c.batch_size, DEFAULT_BATCH_SIZE);
+        assert_eq!(c.batch_size, 32);
         assert_eq!(c.timeout, Duration::from_secs(30));
         assert_eq!(c.scale, 1.0 / 255.0);
         let cases: [(&str, SettingError); 11] = [
