@@ -167,6 +167,23 @@ impl TestApp {
         )
     }
 
+    /// Creates a watermark as `key` (answered 202) and waits for its job to succeed; returns the
+    /// watermark's id and the finished job.
+    pub async fn publish(&self, key: &str, body: Value) -> (String, Value) {
+        let (s, v) = self.post("/v1/watermarks", key, body).await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+        let wm = v["watermark"]["id"].as_str().unwrap().to_string();
+        let job = self
+            .wait_job(
+                v["job"]["id"].as_str().unwrap(),
+                key,
+                Duration::from_secs(60),
+            )
+            .await;
+        assert_eq!(job["state"], "succeeded", "{job}");
+        (wm, job)
+    }
+
     /// Polls a job until it ends.
     pub async fn wait_job(&self, id: &str, key: &str, limit: Duration) -> Value {
         let deadline = Instant::now() + limit;
@@ -618,24 +635,13 @@ async fn publisher_watermarks_and_auditor_sees_only_what_is_granted(db: Db) {
     let (_, publisher) = app.new_key("publisher", "pub").await;
     let (auditor_id, auditor) = app.new_key("auditor", "aud").await;
     let ds = register_subset(&app, &publisher, 600).await;
-    let (s, v) = app
-        .post(
-            "/v1/watermarks",
+    let (wm, job) = app
+        .publish(
             &publisher,
             json!({"name": "release 1", "dataset_id": ds,
                    "spec": spec_text("badnets-square-28x28-grey.toml"), "seed": 5}),
         )
         .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
-    let wm = v["watermark"]["id"].as_str().unwrap().to_string();
-    let job = app
-        .wait_job(
-            v["job"]["id"].as_str().unwrap(),
-            &publisher,
-            Duration::from_secs(60),
-        )
-        .await;
-    assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(job["progress_done"], job["progress_total"]);
     let runs = app
         .store()
@@ -764,24 +770,13 @@ async fn each_verification_spends_its_own_trigger(db: Db) {
     let (_, publisher) = app.new_key("publisher", "pub").await;
     let (auditor_id, auditor) = app.new_key("auditor", "aud").await;
     let ds = register_subset(&app, &publisher, 600).await;
-    let (s, v) = app
-        .post(
-            "/v1/watermarks",
+    let (wm, _) = app
+        .publish(
             &publisher,
             json!({"name": "three", "dataset_id": ds, "holdout_dataset_id": ds, "triggers": 3,
                    "spec": spec_text("badnets-square-28x28-grey.toml")}),
         )
         .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
-    let wm = v["watermark"]["id"].as_str().unwrap().to_string();
-    let job = app
-        .wait_job(
-            v["job"]["id"].as_str().unwrap(),
-            &publisher,
-            Duration::from_secs(60),
-        )
-        .await;
-    assert_eq!(job["state"], "succeeded", "{job}");
     let (_, w) = app.get(&format!("/v1/watermarks/{wm}"), &publisher).await;
     assert_eq!(
         (w["triggers"].as_i64(), w["triggers_spent"].as_i64()),
@@ -1404,24 +1399,13 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
     let ds = register_subset(&app, &p, 50).await;
     // The auditor holds a grant on a finished watermark, so that its requests are checked past
     // the access rules.
-    let (s, v) = app
-        .post(
-            "/v1/watermarks",
+    let (wm, _) = app
+        .publish(
             &p,
             json!({"name": "release", "dataset_id": ds,
                    "spec": spec_text("badnets-square-28x28-grey.toml"), "seed": 5}),
         )
         .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
-    let wm = v["watermark"]["id"].as_str().unwrap().to_string();
-    let job = app
-        .wait_job(
-            v["job"]["id"].as_str().unwrap(),
-            &p,
-            Duration::from_secs(60),
-        )
-        .await;
-    assert_eq!(job["state"], "succeeded", "{job}");
     let (s, v) = app
         .post(
             &format!("/v1/watermarks/{wm}/grants"),
