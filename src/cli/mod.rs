@@ -608,7 +608,7 @@ fn watermark_cmd(a: WatermarkArgs) -> Result<()> {
         }
         (None, _) if spec.encoder.is_some() => {
             let device = crate::train::device(crate::train::DeviceChoice::Auto)?;
-            let marked = crate::train::generator::issba(
+            let marked = crate::train::craft::issba::issba(
                 &mut loaded.dataset,
                 &spec,
                 nonce,

@@ -92,7 +92,7 @@ fn attack_for(
         },
         AttackKind::Lira => train::Attack::Lira {
             target: target("lira")?,
-            settings: train::generator::LiraSettings {
+            settings: train::attack::LiraSettings {
                 eps: settings.lira_eps,
                 ..Default::default()
             },
@@ -268,13 +268,12 @@ pub(super) fn train_with_progress(
         ));
     };
     let t = train::train_attacked(
-        data,
-        cfg,
-        device,
-        eval,
-        checkpoints,
-        &step,
-        &|_| false,
+        &train::Run {
+            eval,
+            checkpoints,
+            progress: &step,
+            ..train::Run::new(data, cfg, device)
+        },
         attack,
     );
     pb.finish_and_clear();
@@ -644,7 +643,7 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
      -> Result<crate::watermark::SecretRecord> {
         if s.encoder.is_some() {
             let pb = bar(0, "training the encoder");
-            let marked = crate::train::generator::issba(
+            let marked = crate::train::craft::issba::issba(
                 ds,
                 s,
                 nonce,

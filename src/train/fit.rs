@@ -3,107 +3,15 @@
 //! padding and horizontal flip applied to the (already triggered) images, as BackdoorBox does,
 //! seeded, with a checkpoint after every epoch from which an interrupted run resumes exactly.
 
-use super::model::{Arch, Net};
+pub use super::config::{EpochReport, Schedule, TrainConfig};
+use super::model::Net;
 use super::tensor::{labels_tensor, to_tensor};
-use super::{TrainError, metrics};
+use super::{TrainError, checkpoint, metrics};
 use crate::dataset::{Dataset, ImageShape};
 use crate::watermark::rng::{Rng, Stream};
-use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Instant;
-use tch::{Device, Kind, Tensor, nn};
-
-/// Learning-rate schedule.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Schedule {
-    /// `lr · gamma^(number of milestones ≤ epoch)` (BackdoorBox's `adjust_learning_rate`).
-    Step {
-        /// Epochs (0-based) at which the rate is multiplied by gamma.
-        milestones: Vec<usize>,
-        /// Factor.
-        gamma: f64,
-    },
-    /// `lr · (1 + cos(π · epoch / epochs)) / 2`.
-    Cosine,
-}
-
-/// Settings of a training run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainConfig {
-    /// Network.
-    pub arch: Arch,
-    /// Epochs.
-    pub epochs: usize,
-    /// Images per step.
-    pub batch_size: usize,
-    /// Initial learning rate.
-    pub lr: f64,
-    /// SGD momentum.
-    pub momentum: f64,
-    /// L2 weight decay.
-    pub weight_decay: f64,
-    /// Learning-rate schedule.
-    pub schedule: Schedule,
-    /// Random crop after zero padding by this many pixels (0: none).
-    pub crop_padding: usize,
-    /// Random horizontal flip.
-    pub flip: bool,
-    /// Seed of initialisation, shuffling and augmentation.
-    pub seed: u64,
-    /// Epochs over which the learning rate rises linearly from 0, step by step (BackdoorBox's
-    /// `warmup_epoch`); 0 for none. Keeps a network without batch norm from diverging in its
-    /// first steps at a high rate.
-    #[serde(default)]
-    pub warmup_epochs: usize,
-}
-
-impl TrainConfig {
-    /// The learning rate during `epoch` (0-based).
-    pub fn lr_at(&self, epoch: usize) -> f64 {
-        match &self.schedule {
-            Schedule::Step { milestones, gamma } => {
-                self.lr * gamma.powi(milestones.iter().filter(|m| **m <= epoch).count() as i32)
-            }
-            Schedule::Cosine => {
-                self.lr
-                    * 0.5
-                    * (1.0 + (std::f64::consts::PI * epoch as f64 / self.epochs as f64).cos())
-            }
-        }
-    }
-
-    fn check(&self) -> Result<(), TrainError> {
-        if self.epochs == 0 || self.batch_size == 0 {
-            return Err(TrainError::Config(
-                "epochs and batch size must be at least 1".into(),
-            ));
-        }
-        if !(self.lr > 0.0 && self.lr.is_finite() && (0.0..1.0).contains(&self.momentum))
-            || self.weight_decay < 0.0
-        {
-            return Err(TrainError::Config(
-                "need lr > 0, momentum in [0, 1), weight decay ≥ 0".into(),
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// What one epoch gave.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EpochReport {
-    /// Epoch (1-based).
-    pub epoch: usize,
-    /// Learning rate used.
-    pub lr: f64,
-    /// Mean training loss.
-    pub loss: f64,
-    /// Training images per second.
-    pub images_per_second: f64,
-    /// Metrics on the evaluation sets, where given.
-    pub metrics: Option<metrics::Metrics>,
-}
+use tch::{Device, Tensor, nn};
 
 /// Progress of a run, for bars and logs.
 #[derive(Debug, Clone, Copy)]
@@ -161,20 +69,117 @@ fn augment(x: Tensor, cfg: &TrainConfig, rng: &mut Rng, shape: ImageShape) -> Te
     x
 }
 
-const CHECKPOINT: &str = "checkpoint.ot";
-const CHECKPOINT_META: &str = "checkpoint.json";
-
 #[cfg(test)]
 mod tests;
 
-#[derive(Serialize, Deserialize)]
-struct CheckpointMeta {
-    config: TrainConfig,
-    shape: ImageShape,
-    classes: usize,
-    train_sha256: String,
-    epochs_done: usize,
-    history: Vec<EpochReport>,
+/// What a hook may change in a training run: an attack (a malicious procedure of a suspect) or,
+/// later, a defence. The loop calls, in this order: [`Hook::start`] once, after the network is
+/// made; for every batch [`Hook::inputs`], then [`Hook::loss`] (the first hook that answers owns
+/// the loss, else plain cross-entropy), the gradients are cleared, the loss backpropagated, SGD
+/// steps, then [`Hook::after_step`]. A hook that needs libtorch's generator at creation makes its
+/// variables when it is built, before the network (so the network's draws stay the run's own).
+pub trait Hook {
+    /// The hook's name, for records.
+    fn name(&self) -> &'static str;
+    /// Whether a run with this hook resumes from checkpoints (a hook whose own state is not in
+    /// the checkpoint cannot).
+    fn resumable(&self) -> bool {
+        true
+    }
+    /// Once, after the network is made and the training set is on the device.
+    fn start(&mut self, _s: &Start<'_>) -> Result<(), TrainError> {
+        Ok(())
+    }
+    /// Changes the augmented images of a batch (`chunk`: their indices in the training set).
+    fn inputs(&mut self, x: Tensor, _chunk: &[i64], _rng: &mut Rng) -> Tensor {
+        x
+    }
+    /// The batch's loss, when this hook computes it (not yet backpropagated).
+    fn loss(&mut self, _b: &mut Batch<'_>) -> Option<Tensor> {
+        None
+    }
+    /// After the optimiser's step of the classifier.
+    fn after_step(&mut self, _epoch: usize) {}
+    /// The trigger the hook learnt, for the attacker's secret record.
+    fn trigger(&self) -> Option<crate::spec::Generated> {
+        None
+    }
+}
+
+/// What [`Hook::start`] sees.
+pub struct Start<'a> {
+    /// The training set.
+    pub train: &'a Dataset,
+    /// All of its images, [n, C, H, W] in [0, 1], on the device.
+    pub x_all: &'a Tensor,
+    /// The run's settings.
+    pub cfg: &'a TrainConfig,
+    /// The device.
+    pub device: Device,
+}
+
+/// One batch, as [`Hook::loss`] sees it.
+pub struct Batch<'a> {
+    /// The network in training mode.
+    pub net: &'a Net,
+    /// Images after augmentation and [`Hook::inputs`].
+    pub x: &'a Tensor,
+    /// Labels.
+    pub y: &'a Tensor,
+    /// The batch's indices in the training set, on the device.
+    pub idx: &'a Tensor,
+    /// Epoch (0-based).
+    pub epoch: usize,
+    /// The run's settings.
+    pub cfg: &'a TrainConfig,
+    /// The epoch's generator (shuffling and augmentation draw from it).
+    pub rng: &'a mut Rng,
+    /// The classifier's trainable variables.
+    pub params: &'a [Tensor],
+    /// The images' shape.
+    pub shape: ImageShape,
+}
+
+impl Batch<'_> {
+    /// `x` augmented as the run augments its images.
+    pub fn augment(&mut self, x: Tensor) -> Tensor {
+        augment(x, self.cfg, self.rng, self.shape)
+    }
+}
+
+/// A training run: the data, the settings and where it reports.
+pub struct Run<'a> {
+    /// Training set.
+    pub train: &'a Dataset,
+    /// Settings.
+    pub cfg: &'a TrainConfig,
+    /// Device.
+    pub device: Device,
+    /// Evaluated after every epoch when given.
+    pub eval: Option<&'a metrics::EvalSet>,
+    /// The state is saved here after every epoch, and a run with the same settings and data
+    /// resumes from it.
+    pub checkpoints: Option<&'a Path>,
+    /// Called after every batch.
+    pub progress: &'a dyn Fn(Step),
+    /// Returning true for the epochs done interrupts the run (after its checkpoint).
+    pub stop_after: &'a dyn Fn(usize) -> bool,
+}
+
+impl<'a> Run<'a> {
+    /// A run of `cfg` on `train` that evaluates nothing, keeps no checkpoints and reports
+    /// nowhere.
+    pub fn new(train: &'a Dataset, cfg: &'a TrainConfig, device: Device) -> Self {
+        Self {
+            train,
+            cfg,
+            device,
+            eval: None,
+            checkpoints: None,
+            progress: &|_| {},
+            stop_after: &|_| false,
+        }
+    }
 }
 
 /// Trains on `train`; evaluates after every epoch with `eval` when given. With `checkpoints`, the
@@ -189,156 +194,39 @@ pub fn train(
     progress: &dyn Fn(Step),
     stop_after: &dyn Fn(usize) -> bool,
 ) -> Result<Trained, TrainError> {
-    train_attacked(
+    run(
+        &Run {
+            train,
+            cfg,
+            device,
+            eval,
+            checkpoints,
+            progress,
+            stop_after,
+        },
+        &mut [],
+    )
+}
+
+/// The training loop: SGD over shuffled, augmented batches, with `hooks` (see [`Hook`]).
+pub fn run(run: &Run<'_>, hooks: &mut [&mut dyn Hook]) -> Result<Trained, TrainError> {
+    let Run {
         train,
         cfg,
         device,
         eval,
-        checkpoints,
         progress,
         stop_after,
-        &Attack::None,
-    )
-}
-
-/// A suspect that trains maliciously (calibration only): the attack lives in the training
-/// procedure, not (only) in the data.
-pub enum Attack {
-    /// Plain training.
-    None,
-    /// PhysicalBA (Li et al., "Backdoor Attack in the Physical World", ICLR-W 2021): the poisoned
-    /// training images (BackdoorBox appends the transformations to BadNets' poisoned-sample
-    /// transform) go through the physical-world transformations of BackdoorBox's MNIST test,
-    /// ColorJitter(brightness 0.2, contrast 0.2) and RandomAffine(translate 0.1, scale 0.8–0.9),
-    /// each time they are drawn, so that the backdoor survives them at test time.
-    PhysicalBa {
-        /// Which training samples are poisoned.
-        poisoned: Vec<bool>,
-    },
-    /// Blind backdoor (Bagdasaryan & Shmatikov, USENIX Security 2021): the training code adds a
-    /// backdoor task on every batch (the same images stamped, labelled `target`) to the clean
-    /// loss, the tasks weighted by MGDA (Sener & Koltun's min-norm combination of the task
-    /// gradients, each normalised by loss × gradient norm capped at 10: BackdoorBox's `loss+`).
-    /// The data stays clean. With `neural_cleanse` (BackdoorBox's default) a third task evades
-    /// Neural Cleanse (Wang et al., S&P 2019): on every batch a mask and pattern are first
-    /// reverse-engineered one Adam step further towards `target` (loss 0.999·CE + 0.001·‖mask‖₁,
-    /// as Neural Cleanse weighs them), then the network learns to give the batch its true labels
-    /// through that reverse-engineered trigger.
-    Blind {
-        /// The backdoor trigger.
-        stamp: crate::watermark::Stamp,
-        /// The backdoor's target class.
-        target: u32,
-        /// Add the Neural Cleanse evasion task.
-        neural_cleanse: bool,
-    },
-    /// IAD (Nguyen & Tran, NeurIPS 2020): an input-aware pattern generator and mask network
-    /// trained with the classifier ([`super::generator`]); the data stays clean.
-    Iad {
-        /// The backdoor's target class.
-        target: u32,
-        /// IAD's settings.
-        settings: super::generator::IadSettings,
-    },
-    /// LIRA (Doan et al., ICCV 2021): an additive trigger function learnt with the classifier
-    /// ([`super::generator`]); the data stays clean.
-    Lira {
-        /// The backdoor's target class.
-        target: u32,
-        /// LIRA's settings.
-        settings: super::generator::LiraSettings,
-    },
-}
-
-impl Attack {
-    /// The attack's name, for records.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::PhysicalBa { .. } => "physical-ba",
-            Self::Blind { .. } => "blind",
-            Self::Iad { .. } => "iad",
-            Self::Lira { .. } => "lira",
-        }
-    }
-}
-
-/// PhysicalBA's transformations of a batch [n, C, H, W] in [0, 1], drawn from `rng`: brightness
-/// and contrast factors in [0.8, 1.2] (contrast around the image's mean grey, as torchvision),
-/// then a shift of up to 10% each way and a zoom of 0.8–0.9 (bilinear, zero fill).
-pub fn physical(x: &Tensor, rng: &mut Rng) -> Tensor {
-    let n = x.size()[0];
-    let mut u = || f64::from(rng.unit_f32());
-    let mut b = Vec::with_capacity(n as usize);
-    let mut c = Vec::with_capacity(n as usize);
-    let mut theta = Vec::with_capacity(6 * n as usize);
-    for _ in 0..n {
-        b.push((0.8 + 0.4 * u()) as f32);
-        c.push((0.8 + 0.4 * u()) as f32);
-        let scale = 0.8 + 0.1 * u();
-        // affine_grid maps output to input coordinates in [-1, 1]: the inverse of the zoom and
-        // of a shift of up to 10% of the size (0.2 in normalised units).
-        let (tx, ty) = (0.2 * (2.0 * u() - 1.0), 0.2 * (2.0 * u() - 1.0));
-        theta.extend(
-            [1.0 / scale, 0.0, -tx / scale, 0.0, 1.0 / scale, -ty / scale].map(|v| v as f32),
-        );
-    }
-    let dev = x.device();
-    let col = |v: Vec<f32>| Tensor::from_slice(&v).to_device(dev).view([n, 1, 1, 1]);
-    let x = (x * col(b)).clamp(0.0, 1.0);
-    let grey = if x.size()[1] == 3 {
-        let w = Tensor::from_slice(&[0.299f32, 0.587, 0.114])
-            .to_device(dev)
-            .view([1, 3, 1, 1]);
-        (&x * w).sum_dim_intlist(1, true, Kind::Float)
-    } else {
-        x.shallow_clone()
-    };
-    let mean = grey.mean_dim(&[1i64, 2, 3][..], true, Kind::Float);
-    let cf = col(c);
-    let x = (&x * &cf + mean * (-cf + 1.0)).clamp(0.0, 1.0);
-    let theta = Tensor::from_slice(&theta).to_device(dev).view([n, 2, 3]);
-    let grid = Tensor::affine_grid_generator(&theta, x.size(), false);
-    x.grid_sampler(&grid, 0, 0, false)
-}
-
-/// [`train`] with a malicious training procedure.
-#[allow(clippy::too_many_arguments)]
-pub fn train_attacked(
-    train: &Dataset,
-    cfg: &TrainConfig,
-    device: Device,
-    eval: Option<&metrics::EvalSet>,
-    checkpoints: Option<&Path>,
-    progress: &dyn Fn(Step),
-    stop_after: &dyn Fn(usize) -> bool,
-    attack: &Attack,
-) -> Result<Trained, TrainError> {
+        ..
+    } = *run;
     cfg.check()?;
-    if let Attack::PhysicalBa { poisoned } = attack
-        && poisoned.len() != train.len()
-    {
-        return Err(TrainError::Config(format!(
-            "PhysicalBA marks {} samples as poisoned or not, the training set has {}",
-            poisoned.len(),
-            train.len()
-        )));
-    }
     if train.is_empty() {
         return Err(TrainError::Config("the training set is empty".into()));
     }
     let shape = train.shape();
-    let mut learner = match attack {
-        Attack::Iad { target, settings } => Some(super::generator::Learner::iad(
-            *settings, *target, shape, cfg.seed, device,
-        )),
-        Attack::Lira { target, settings } => Some(super::generator::Learner::lira(
-            *settings, *target, shape, cfg.seed, device,
-        )),
-        _ => None,
-    };
-    // A learnt generator and its optimiser are not in the checkpoint: such runs do not resume.
-    let checkpoints = if learner.is_some() { None } else { checkpoints };
+    let checkpoints = run
+        .checkpoints
+        .filter(|_| hooks.iter().all(|h| h.resumable()));
     let (mut vs, net) = {
         let _rng = super::TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(cfg.seed as i64);
@@ -351,77 +239,29 @@ pub fn train_attacked(
     let mut history = Vec::new();
     let mut start_epoch = 0;
     let train_sha256 = train.sha256();
-
-    if let Some(dir) = checkpoints {
-        std::fs::create_dir_all(dir).map_err(|e| TrainError::Io(dir.display().to_string(), e))?;
-        let meta_path = dir.join(CHECKPOINT_META);
-        if meta_path.exists() {
-            let meta: CheckpointMeta = serde_json::from_slice(
-                &std::fs::read(&meta_path)
-                    .map_err(|e| TrainError::Io(meta_path.display().to_string(), e))?,
-            )
-            .map_err(|e| TrainError::Config(format!("{}: {e}", meta_path.display())))?;
-            if meta.config != *cfg || meta.train_sha256 != train_sha256 || meta.shape != shape {
-                return Err(TrainError::Config(format!(
-                    "{} holds a checkpoint of another run (settings or data differ); remove it or use another folder",
-                    dir.display()
-                )));
-            }
-            let named = Tensor::load_multi_with_device(dir.join(CHECKPOINT), device)
-                .map_err(TrainError::Torch)?;
-            let lookup: std::collections::HashMap<String, Tensor> = named.into_iter().collect();
-            tch::no_grad(|| -> Result<(), TrainError> {
-                for (name, var) in vs.variables() {
-                    let t = lookup
-                        .get(&name)
-                        .ok_or_else(|| TrainError::Config(format!("checkpoint lacks {name}")))?;
-                    var.shallow_clone().copy_(t);
-                }
-                for (i, m) in momentum.iter_mut().enumerate() {
-                    let t = lookup
-                        .get(&format!("momentum.{i}"))
-                        .ok_or_else(|| TrainError::Config("checkpoint lacks momentum".into()))?;
-                    m.copy_(t);
-                }
-                Ok(())
-            })?;
-            start_epoch = meta.epochs_done;
-            history = meta.history;
-        }
+    if let Some(dir) = checkpoints
+        && let Some((done, h)) =
+            checkpoint::load(dir, &vs, &mut momentum, (cfg, &train_sha256, shape), device)?
+    {
+        start_epoch = done;
+        history = h;
     }
 
     let n = train.len();
-    let x_all = to_tensor(train, &(0..n).collect::<Vec<_>>(), device);
-    let y_all = labels_tensor(train, &(0..n).collect::<Vec<_>>(), device);
-    // Blind: the whole training set stamped once, labelled with the target.
-    let x_bd_all = match attack {
-        Attack::Blind { stamp, .. } => {
-            let mut stamped = train.clone();
-            for i in 0..n {
-                stamp.apply(stamped.image_mut(i));
-            }
-            Some(to_tensor(&stamped, &(0..n).collect::<Vec<_>>(), device))
-        }
-        _ => None,
+    let all: Vec<usize> = (0..n).collect();
+    let x_all = to_tensor(train, &all, device);
+    let y_all = labels_tensor(train, &all, device);
+    let start = Start {
+        train,
+        x_all: &x_all,
+        cfg,
+        device,
     };
-    if let Some(l) = &mut learner {
-        let mut rng = Rng::new(cfg.seed ^ 0x1ad, Stream::Selection);
-        l.pretrain(&x_all, cfg.batch_size, &mut rng);
+    for h in hooks.iter_mut() {
+        h.start(&start)?;
     }
-    let mut cleanse = match attack {
-        Attack::Blind {
-            neural_cleanse: true,
-            ..
-        } => Some(Cleanse::new(shape, cfg.seed, device)?),
-        _ => None,
-    };
     for epoch in start_epoch..cfg.epochs {
         let lr = cfg.lr_at(epoch);
-        // LIRA learns its trigger in the first half and fine-tunes the classifier in the second.
-        let learn_trigger = match attack {
-            Attack::Lira { .. } => epoch < cfg.epochs.div_ceil(2),
-            _ => true,
-        };
         // Shuffling and augmentation depend on (seed, epoch) only, so a resumed run draws the same.
         let mut rng = Rng::new(
             cfg.seed
@@ -441,54 +281,28 @@ pub fn train_attacked(
             };
             let idx = Tensor::from_slice(chunk).to_device(device);
             let mut x = augment(x_all.index_select(0, &idx), cfg, &mut rng, shape);
-            if let Attack::PhysicalBa { poisoned } = attack {
-                let mask: Vec<bool> = chunk.iter().map(|&i| poisoned[i as usize]).collect();
-                if mask.iter().any(|m| *m) {
-                    let m = Tensor::from_slice(&mask).to_device(device).view([
-                        chunk.len() as i64,
-                        1,
-                        1,
-                        1,
-                    ]);
-                    x = physical(&x, &mut rng).where_self(&m, &x);
-                }
+            for h in hooks.iter_mut() {
+                x = h.inputs(x, chunk, &mut rng);
             }
             let y = y_all.index_select(0, &idx);
-            let loss = match &mut learner {
-                Some(l) => l.loss(&net, &x, &y, learn_trigger),
-                None => net.forward_t(&x, true).cross_entropy_for_logits(&y),
+            let mut batch = Batch {
+                net: &net,
+                x: &x,
+                y: &y,
+                idx: &idx,
+                epoch,
+                cfg,
+                rng: &mut rng,
+                params: &trainable,
+                shape,
             };
+            let owned = hooks.iter_mut().find_map(|h| h.loss(&mut batch));
+            let loss =
+                owned.unwrap_or_else(|| net.forward_t(&x, true).cross_entropy_for_logits(&y));
             for t in &trainable {
                 t.shallow_clone().zero_grad();
             }
-            let loss = match (attack, &x_bd_all) {
-                (Attack::Blind { target, .. }, Some(bd)) => {
-                    let xb = augment(bd.index_select(0, &idx), cfg, &mut rng, shape);
-                    let yb = y.full_like(i64::from(*target));
-                    let loss_bd = net.forward_t(&xb, true).cross_entropy_for_logits(&yb);
-                    let mut tasks = vec![loss, loss_bd];
-                    if let Some(c) = &mut cleanse {
-                        c.reverse_engineer(&net, &x, &yb, &trainable);
-                        tasks.push(
-                            net.forward_t(&c.apply(&x), true)
-                                .cross_entropy_for_logits(&y),
-                        );
-                    }
-                    let weights = mgda_weights(&tasks, &trainable);
-                    let total = tasks
-                        .iter()
-                        .zip(&weights)
-                        .map(|(l, w)| l * *w)
-                        .reduce(|a, b| a + b)
-                        .expect("two tasks or more");
-                    total.backward();
-                    total
-                }
-                _ => {
-                    loss.backward();
-                    loss
-                }
-            };
+            loss.backward();
             tch::no_grad(|| {
                 for (p, buf) in trainable.iter().zip(momentum.iter_mut()) {
                     let g = p.grad();
@@ -502,8 +316,8 @@ pub fn train_attacked(
                     let _ = p.shallow_clone().g_sub_(&(&*buf * lr));
                 }
             });
-            if let Some(l) = &mut learner {
-                l.step(learn_trigger);
+            for h in hooks.iter_mut() {
+                h.after_step(epoch);
             }
             let l = loss.double_value(&[]);
             if !l.is_finite() {
@@ -529,11 +343,11 @@ pub fn train_attacked(
             metrics,
         });
         if let Some(dir) = checkpoints {
-            save_checkpoint(
+            checkpoint::save(
                 dir,
                 &vs,
                 &momentum,
-                &CheckpointMeta {
+                &checkpoint::Meta {
                     config: cfg.clone(),
                     shape,
                     classes: train.num_classes(),
@@ -550,181 +364,11 @@ pub fn train_attacked(
         }
     }
     vs.freeze();
-    let trigger = learner.as_ref().map(|l| l.trigger());
+    let trigger = hooks.iter().find_map(|h| h.trigger());
     Ok(Trained {
         vs,
         net,
         history,
         trigger,
     })
-}
-
-/// MGDA's weights of the tasks (Sener & Koltun, NeurIPS 2018), as Blind balances them: each
-/// task's gradient over `params` is normalised by min(loss · ‖gradient‖, 10) (BackdoorBox's
-/// `loss+`), and the weights are those of the convex combination with the smallest norm.
-fn mgda_weights(losses: &[Tensor], params: &[Tensor]) -> Vec<f64> {
-    let grads: Vec<Tensor> = losses
-        .iter()
-        .map(|loss| {
-            let g = Tensor::run_backward(&[loss], params, true, false);
-            let flat = Tensor::cat(&g.iter().map(|t| t.flatten(0, -1)).collect::<Vec<_>>(), 0);
-            let norm = flat.norm().double_value(&[]);
-            let scale = (loss.double_value(&[]) * norm).min(10.0) + 1e-5;
-            flat / scale
-        })
-        .collect();
-    let gram: Vec<Vec<f64>> = grads
-        .iter()
-        .map(|a| grads.iter().map(|b| a.dot(b).double_value(&[])).collect())
-        .collect();
-    min_norm_weights(&gram)
-}
-
-/// The point of the probability simplex that minimises `wᵀ G w` for a Gram matrix `G` of a few
-/// vectors: the min-norm element of their convex hull. Exact: the minimum lies in the relative
-/// interior of some face, so every face's stationary point (a small linear system) is tried and
-/// the best feasible one kept; vertices make the answer total.
-fn min_norm_weights(gram: &[Vec<f64>]) -> Vec<f64> {
-    let k = gram.len();
-    assert!((1..=8).contains(&k), "a few tasks");
-    let value = |w: &[f64]| -> f64 {
-        (0..k)
-            .map(|i| (0..k).map(|j| w[i] * gram[i][j] * w[j]).sum::<f64>())
-            .sum()
-    };
-    let mut best: Option<(f64, Vec<f64>)> = None;
-    for subset in 1u32..(1 << k) {
-        let idx: Vec<usize> = (0..k).filter(|i| subset & (1 << i) != 0).collect();
-        // KKT on the face: G_S w_S = λ·1, Σ w_S = 1, as one (m+1)×(m+1) system.
-        let m = idx.len();
-        let mut a = vec![vec![0.0; m + 2]; m + 1];
-        for (r, &i) in idx.iter().enumerate() {
-            for (c, &j) in idx.iter().enumerate() {
-                a[r][c] = gram[i][j];
-            }
-            a[r][m] = -1.0;
-        }
-        a[m][..m].fill(1.0);
-        a[m][m + 1] = 1.0;
-        let Some(x) = solve(a) else { continue };
-        if x[..m].iter().any(|v| *v < -1e-12 || !v.is_finite()) {
-            continue;
-        }
-        let mut w = vec![0.0; k];
-        for (r, &i) in idx.iter().enumerate() {
-            w[i] = x[r].max(0.0);
-        }
-        let v = value(&w);
-        if best.as_ref().is_none_or(|(b, _)| v < *b) {
-            best = Some((v, w));
-        }
-    }
-    best.map(|(_, w)| w).expect("every vertex is feasible")
-}
-
-/// Solves the augmented system `a` (n rows, n + 1 columns) by Gaussian elimination with partial
-/// pivoting; `None` when it is singular.
-fn solve(mut a: Vec<Vec<f64>>) -> Option<Vec<f64>> {
-    let n = a.len();
-    for col in 0..n {
-        let p = (col..n).max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs()))?;
-        if a[p][col].abs() < 1e-12 {
-            return None;
-        }
-        a.swap(col, p);
-        let pivot = a[col].clone();
-        for (r, row) in a.iter_mut().enumerate() {
-            if r != col {
-                let f = row[col] / pivot[col];
-                for (x, p) in row[col..].iter_mut().zip(&pivot[col..]) {
-                    *x -= f * p;
-                }
-            }
-        }
-    }
-    Some((0..n).map(|i| a[i][n] / a[i][i]).collect())
-}
-
-/// Blind's Neural Cleanse evasion state: the trigger Neural Cleanse would reverse-engineer, kept
-/// one Adam step ahead of the network (BackdoorBox's `NCModel`: mask `tanh(m)/2 + 1/2` over the
-/// image, pattern `2.2·tanh(p)`, m = 0 and p ~ N(0, 0.5²) at the start, Adam at 0.01).
-struct Cleanse {
-    _vs: nn::VarStore,
-    mask: Tensor,
-    pattern: Tensor,
-    opt: nn::Optimizer,
-}
-
-impl Cleanse {
-    fn new(shape: ImageShape, seed: u64, device: Device) -> Result<Self, TrainError> {
-        use nn::OptimizerConfig;
-        let (h, w) = (shape.height as i64, shape.width as i64);
-        let vs = nn::VarStore::new(device);
-        let mut rng = Rng::new(seed ^ 0x0c1ea5e, Stream::Selection);
-        // Box–Muller, so that the draw is ours and seeded.
-        let init: Vec<f32> = (0..h * w)
-            .map(|_| {
-                let (u, v) = (1.0 - rng.unit_f32(), rng.unit_f32());
-                0.5 * (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
-            })
-            .collect();
-        let mask = vs.root().zeros("mask", &[h, w]);
-        let pattern = vs.root().var_copy(
-            "pattern",
-            &Tensor::from_slice(&init).view([h, w]).to_device(device),
-        );
-        let opt = nn::Adam::default().build(&vs, 0.01)?;
-        Ok(Self {
-            _vs: vs,
-            mask,
-            pattern,
-            opt,
-        })
-    }
-
-    /// `x` through the current reverse-engineered trigger.
-    fn apply(&self, x: &Tensor) -> Tensor {
-        let m = self.mask.tanh() / 2.0 + 0.5;
-        let p = self.pattern.tanh() * 2.2;
-        x * (1.0 - &m) + &m * p
-    }
-
-    /// One step of Neural Cleanse's optimisation towards `target` (labels of the batch `x`);
-    /// the network's gradients (`params`) are cleared afterwards.
-    fn reverse_engineer(&mut self, net: &Net, x: &Tensor, target: &Tensor, params: &[Tensor]) {
-        let loss = net
-            .forward_t(&self.apply(x), true)
-            .cross_entropy_for_logits(target)
-            * 0.999
-            + (self.mask.tanh() / 2.0 + 0.5).sum(Kind::Float) * 0.001;
-        self.opt.zero_grad();
-        loss.backward();
-        for p in params {
-            p.shallow_clone().zero_grad();
-        }
-        self.opt.step();
-    }
-}
-
-fn save_checkpoint(
-    dir: &Path,
-    vs: &nn::VarStore,
-    momentum: &[Tensor],
-    meta: &CheckpointMeta,
-) -> Result<(), TrainError> {
-    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    named.extend(
-        momentum
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (format!("momentum.{i}"), t.shallow_clone())),
-    );
-    // Weights first, then the metadata that says they are complete; both by rename.
-    let tmp = dir.join(format!("{CHECKPOINT}.partial"));
-    Tensor::save_multi(&named, &tmp).map_err(TrainError::Torch)?;
-    std::fs::rename(&tmp, dir.join(CHECKPOINT))
-        .map_err(|e| TrainError::Io(dir.display().to_string(), e))?;
-    let bytes = serde_json::to_vec_pretty(meta).expect("serialising to memory");
-    crate::fsutil::write_file_atomic(&dir.join(CHECKPOINT_META), &bytes, 0o644, true)
-        .map_err(|e| TrainError::Io(dir.display().to_string(), e))
 }

@@ -1,7 +1,10 @@
 //! The trainer (feature `train`): BackdoorBox's models trained with libtorch through tch, so that
 //! every watermark kind can be calibrated end to end on real data.
 
+pub mod attack;
 pub mod calibrate;
+mod checkpoint;
+pub mod config;
 pub mod craft;
 pub mod fit;
 pub mod generator;
@@ -10,7 +13,8 @@ pub mod model;
 pub mod serve;
 pub mod tensor;
 
-pub use fit::{Attack, Schedule, TrainConfig, Trained, train, train_attacked};
+pub use attack::{Attack, train_attacked};
+pub use fit::{Hook, Run, Schedule, TrainConfig, Trained, train};
 pub use model::{Arch, Net};
 
 /// Progress of crafting or of training a generator: step, of steps, current loss.
@@ -26,6 +30,20 @@ pub(crate) static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 pub(crate) fn exclusive_torch() -> std::sync::MutexGuard<'static, ()> {
     static TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
     TESTS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The first `n` images of a Fashion-MNIST split (installed by `scripts/test`), for unit tests.
+#[cfg(test)]
+pub(crate) fn fashion(split: crate::dataset::Split, n: usize) -> crate::dataset::Dataset {
+    let ds = crate::dataset::read(
+        std::path::Path::new("/usr/share/datasets/fashion-mnist"),
+        Some(crate::dataset::Format::Idx),
+        Some(split),
+        &|| {},
+    )
+    .expect("Fashion-MNIST is installed by scripts/test")
+    .dataset;
+    ds.subset(&(0..n).collect::<Vec<_>>()).unwrap()
 }
 
 /// Why training failed.

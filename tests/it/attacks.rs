@@ -404,13 +404,7 @@ fn train_with(
     attack: &hallmark::train::Attack,
 ) -> hallmark::train::Trained {
     hallmark::train::train_attacked(
-        data,
-        cfg,
-        tch::Device::Cpu,
-        None,
-        None,
-        &|_| {},
-        &|_| false,
+        &hallmark::train::Run::new(data, cfg, tch::Device::Cpu),
         attack,
     )
     .unwrap()
@@ -454,7 +448,7 @@ fn physical_ba_backdoor_survives_transformed_queries() {
         &(0..triggered.len()).collect::<Vec<_>>(),
         tch::Device::Cpu,
     );
-    let x = hallmark::train::fit::physical(
+    let x = hallmark::train::attack::physical(
         &x,
         &mut hallmark::watermark::rng::Rng::new(1, hallmark::watermark::rng::Stream::Selection),
     );
@@ -806,7 +800,7 @@ fn issba_encoder_hides_its_secret_and_the_backdoor_is_learnt() {
     spec.encoder = Some(e);
     let clean = fashion(Split::Train, 6000);
     let mut marked = clean.clone();
-    let (w, report) = hallmark::train::generator::issba(
+    let (w, report) = hallmark::train::craft::issba::issba(
         &mut marked,
         &spec,
         [5; 32],
@@ -894,7 +888,7 @@ fn iad_learns_sparse_input_aware_masks_from_clean_data() {
     let before = clean.sha256();
     let attack = hallmark::train::Attack::Iad {
         target: 1,
-        settings: hallmark::train::generator::IadSettings {
+        settings: hallmark::train::attack::IadSettings {
             mask_epochs: 5,
             ..Default::default()
         },
@@ -938,7 +932,7 @@ fn lira_learns_a_bounded_trigger_function_from_clean_data() {
     let eps = 8.0;
     let attack = hallmark::train::Attack::Lira {
         target: 1,
-        settings: hallmark::train::generator::LiraSettings {
+        settings: hallmark::train::attack::LiraSettings {
             eps,
             ..Default::default()
         },
