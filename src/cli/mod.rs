@@ -578,60 +578,50 @@ fn watermark_cmd(a: WatermarkArgs) -> Result<()> {
     }
     let pb = spinner("watermarking");
     #[cfg(feature = "train")]
-    let marked = match (&a.craft_model, spec.needs_model()) {
-        (Some(dir), true) => {
-            let device = crate::train::device(crate::train::DeviceChoice::Auto)?;
-            let model = crate::train::serve::LoadedModel::load(dir, device)?;
-            // Retraining the surrogate (gradient matching) repeats the model's own training.
-            let retrain =
-                model.info.training.get("config").and_then(|c| {
-                    serde_json::from_value::<crate::train::TrainConfig>(c.clone()).ok()
-                });
-            let surrogate = crate::train::craft::Surrogate {
-                net: model.net(),
-                vs: model.vs(),
-                retrain,
-            };
-            crate::train::craft::craft(
-                &mut loaded.dataset,
-                &spec,
-                nonce,
-                &surrogate,
-                device,
-                &|step, of, loss| {
-                    pb.set_message(format!(
-                        "crafting poisons: step {step}/{of}, loss {loss:.4}"
-                    ))
-                },
-            )
-            .map(watermark::Watermarked::into_release)
-        }
-        (None, _) if spec.encoder.is_some() => {
-            let device = crate::train::device(crate::train::DeviceChoice::Auto)?;
-            let marked = crate::train::craft::issba::issba(
-                &mut loaded.dataset,
-                &spec,
-                nonce,
-                device,
-                &|step, of, loss| {
-                    pb.set_message(format!(
-                        "training the ISSBA encoder: step {step}/{of}, loss {loss:.4}"
-                    ))
-                },
+    let marked = {
+        if a.craft_model.is_some() && !spec.needs_model() {
+            bail!(
+                "--craft-model is for specs whose poisons are crafted with a model ([adversarial] \
+                 or [gradient_matching] settings)"
             );
-            marked.map(|(m, report)| {
-                pb.println(report.to_string());
-                m.into_release()
-            })
         }
-        (Some(_), false) => bail!(
-            "--craft-model is for specs whose poisons are crafted with a model ([adversarial] or \
-             [gradient_matching] settings)"
-        ),
-        (None, _) => watermark::apply_triggers(&mut loaded.dataset, &spec, nonce, triggers),
+        match spec.crafting() {
+            None => watermark::mark(&mut loaded.dataset, &spec, nonce, triggers, None),
+            Some(crafting) => {
+                let device = crate::train::device(crate::train::DeviceChoice::Auto)?;
+                let model = a
+                    .craft_model
+                    .as_deref()
+                    .map(|dir| crate::train::serve::LoadedModel::load(dir, device))
+                    .transpose()?;
+                let progress = |step, of, loss| {
+                    pb.set_message(format!(
+                        "{}: step {step}/{of}, loss {loss:.4}",
+                        crafting.describe()
+                    ))
+                };
+                let report =
+                    |r: &crate::train::craft::issba::IssbaReport| pb.println(r.to_string());
+                let crafter = crate::train::craft::Crafter {
+                    device,
+                    surrogate: model.as_ref().map(|m| crate::train::craft::Surrogate {
+                        net: m.net(),
+                        vs: m.vs(),
+                        // Retraining the surrogate (gradient matching) repeats the model's own
+                        // training.
+                        retrain: m.info.training.get("config").and_then(|c| {
+                            serde_json::from_value::<crate::train::TrainConfig>(c.clone()).ok()
+                        }),
+                    }),
+                    progress: &progress,
+                    report: &report,
+                };
+                watermark::mark(&mut loaded.dataset, &spec, nonce, triggers, Some(&crafter))
+            }
+        }
     };
     #[cfg(not(feature = "train"))]
-    let marked = watermark::apply_triggers(&mut loaded.dataset, &spec, nonce, triggers);
+    let marked = watermark::mark(&mut loaded.dataset, &spec, nonce, triggers, None);
     pb.finish_and_clear();
     let watermark::WatermarkedRelease {
         secret,

@@ -357,7 +357,7 @@ impl Runner {
                 ));
             }
             p.done.store(1, Ordering::Relaxed);
-            let marked = watermark::apply_triggers(&mut loaded.dataset, &spec, nonce, triggers)
+            let marked = watermark::mark(&mut loaded.dataset, &spec, nonce, triggers, None)
                 .map_err(|e| JobError::new(ErrorCode::InvalidSpec, e.to_string()))?;
             p.done.store(2, Ordering::Relaxed);
             let commitment = marked.secret.commitment();

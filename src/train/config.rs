@@ -51,6 +51,14 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// The same settings with another seed.
+    pub fn with_seed(&self, seed: u64) -> Self {
+        Self {
+            seed,
+            ..self.clone()
+        }
+    }
+
     /// The learning rate during `epoch` (0-based).
     pub fn lr_at(&self, epoch: usize) -> f64 {
         match &self.schedule {

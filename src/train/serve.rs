@@ -43,6 +43,27 @@ pub struct LoadedModel {
     device: Device,
 }
 
+/// Saves a trained model as `model.ot` + `model.json` in `dir` (what [`LoadedModel::load`]
+/// reads), each by rename.
+pub fn save_model(
+    t: &super::Trained,
+    info: &ModelInfo,
+    dir: &std::path::Path,
+) -> Result<(), TrainError> {
+    let io = |e| TrainError::Io(dir.display().to_string(), e);
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let tmp = dir.join("model.ot.partial");
+    t.vs.save(&tmp)?;
+    std::fs::rename(&tmp, dir.join("model.ot")).map_err(io)?;
+    crate::fsutil::write_file_atomic(
+        &dir.join("model.json"),
+        &serde_json::to_vec_pretty(info).expect("serialising to memory"),
+        0o644,
+        true,
+    )
+    .map_err(io)
+}
+
 impl LoadedModel {
     /// Loads `model.ot` and `model.json` from `dir`.
     pub fn load(dir: &std::path::Path, device: Device) -> Result<Self, TrainError> {

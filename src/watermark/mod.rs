@@ -109,6 +109,37 @@ pub fn apply_with_hashes(
     apply_crafted(dataset, spec, nonce, &mut |_, _| Ok(()))
 }
 
+/// Crafts the release of a spec that cannot be stamped from the spec alone (poisons crafted
+/// with a model, a trigger made by training: [`crate::spec::Crafting`]). The trainer provides
+/// one (`train::craft::Crafter`, feature `train`).
+pub trait Craft {
+    /// Watermarks `dataset` with `spec` (one trigger).
+    fn craft(
+        &self,
+        dataset: &mut Dataset,
+        spec: &WatermarkSpec,
+        nonce: [u8; 32],
+    ) -> Result<Watermarked, WatermarkError>;
+}
+
+/// Watermarks `dataset` with `triggers` triggers of `spec`: the one entry point of the CLI, the
+/// service's jobs and calibration. A spec with crafting goes to `craft` (one trigger only);
+/// without a crafter, such a spec is refused with what it needs.
+pub fn mark(
+    dataset: &mut Dataset,
+    spec: &WatermarkSpec,
+    nonce: [u8; 32],
+    triggers: usize,
+    craft: Option<&dyn Craft>,
+) -> Result<WatermarkedRelease, WatermarkError> {
+    match (spec.crafting(), craft) {
+        (Some(_), Some(c)) if triggers == 1 => {
+            c.craft(dataset, spec, nonce).map(Watermarked::into_release)
+        }
+        _ => apply_triggers(dataset, spec, nonce, triggers),
+    }
+}
+
 /// The trigger a release of `spec` carries: the member of the spec's family drawn with a seed
 /// derived from the record's nonce (the spec itself when it has no family).
 pub fn draw_release(

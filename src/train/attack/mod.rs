@@ -10,7 +10,9 @@ pub use physical::physical;
 
 use super::TrainError;
 use super::fit::{Hook, Run, TrainConfig, Trained};
-use crate::dataset::Dataset;
+use crate::dataset::{Dataset, ImageShape};
+use crate::watermark::SecretRecord;
+use clap::ValueEnum;
 use tch::Device;
 
 /// A suspect that trains maliciously (calibration only): the attack lives in the training
@@ -60,6 +62,108 @@ pub enum Attack {
         /// LIRA's settings.
         settings: LiraSettings,
     },
+}
+
+/// The malicious training procedures by name (`hallmark train --attack`, calibration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttackKind {
+    /// Plain training.
+    None,
+    /// PhysicalBA's physical-world transformations of the poisoned training images.
+    PhysicalBa,
+    /// Blind backdoor: the trigger of a secret record added in the loss.
+    Blind,
+    /// IAD: an input-aware trigger generator and mask learnt with the classifier.
+    Iad,
+    /// LIRA: an additive trigger function learnt with the classifier.
+    Lira,
+}
+
+/// Settings of the attacks that have any.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttackOptions {
+    /// LIRA's eps: the largest change of one pixel value, 0–255 scale.
+    pub lira_eps: f64,
+    /// Blind with its Neural Cleanse evasion task (BackdoorBox's default).
+    pub blind_neural_cleanse: bool,
+}
+
+impl Default for AttackOptions {
+    fn default() -> Self {
+        Self {
+            lira_eps: LiraSettings::default().eps,
+            blind_neural_cleanse: true,
+        }
+    }
+}
+
+impl AttackKind {
+    /// Whether the attack learns its own trigger while training (the data stays clean).
+    pub fn learns_trigger(self) -> bool {
+        matches!(self, Self::Iad | Self::Lira)
+    }
+
+    /// The attack, with what it takes from the release's secret `record` (PhysicalBA's poisoned
+    /// samples, Blind's trigger, every targeted attack's target class).
+    pub fn attack(
+        self,
+        record: Option<&SecretRecord>,
+        shape: ImageShape,
+        options: AttackOptions,
+    ) -> Result<Attack, TrainError> {
+        let name = self
+            .to_possible_value()
+            .map_or_else(|| format!("{self:?}"), |v| v.get_name().to_string());
+        let record = || {
+            record.ok_or_else(|| {
+                TrainError::Config(format!(
+                    "--attack {name} takes {} from a secret record: add --secret FILE",
+                    match self {
+                        Self::PhysicalBa => "the poisoned samples",
+                        Self::Blind => "its trigger",
+                        _ => "its target class",
+                    }
+                ))
+            })
+        };
+        let target = |r: &SecretRecord| {
+            r.spec.labelling.target().ok_or_else(|| {
+                TrainError::Config(format!(
+                    "--attack {name} needs a targeted watermark (the record's spec has no target)"
+                ))
+            })
+        };
+        Ok(match self {
+            Self::None => Attack::None,
+            Self::PhysicalBa => {
+                let r = record()?;
+                let mut poisoned = vec![false; r.dataset.count];
+                for p in &r.poisoned {
+                    poisoned[p.index] = true;
+                }
+                Attack::PhysicalBa { poisoned }
+            }
+            Self::Blind => {
+                let r = record()?;
+                Attack::Blind {
+                    target: target(r)?,
+                    stamp: crate::watermark::Stamp::new(&r.spec.trigger, r.spec.seed, shape)?,
+                    neural_cleanse: options.blind_neural_cleanse,
+                }
+            }
+            Self::Iad => Attack::Iad {
+                target: target(record()?)?,
+                settings: Default::default(),
+            },
+            Self::Lira => Attack::Lira {
+                target: target(record()?)?,
+                settings: LiraSettings {
+                    eps: options.lira_eps,
+                    ..Default::default()
+                },
+            },
+        })
+    }
 }
 
 /// Trains `run` with the malicious procedure `attack`.

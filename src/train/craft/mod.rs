@@ -22,7 +22,7 @@ use super::fit::TrainConfig;
 use super::model::Net;
 use super::tensor::{labels_tensor, to_tensor};
 use crate::dataset::Dataset;
-use crate::spec::{Adversarial, Perturbation, Trigger, WatermarkSpec};
+use crate::spec::{Adversarial, Crafting, Perturbation, Trigger, WatermarkSpec};
 use crate::watermark::{self, WatermarkError, Watermarked};
 
 /// Images per batch.
@@ -40,6 +40,40 @@ pub struct Surrogate<'a> {
 }
 
 pub use super::Progress;
+
+/// The trainer's [`watermark::Craft`]: ISSBA's encoder trained on the data, or poisons crafted
+/// against a benign model (label-consistent, TUAP, gradient matching).
+pub struct Crafter<'a> {
+    /// Device.
+    pub device: Device,
+    /// The benign model, for specs that craft against one.
+    pub surrogate: Option<Surrogate<'a>>,
+    /// Progress of crafting or of the encoder's training.
+    pub progress: &'a Progress<'a>,
+    /// Told what a trained ISSBA encoder reached.
+    pub report: &'a dyn Fn(&issba::IssbaReport),
+}
+
+impl watermark::Craft for Crafter<'_> {
+    fn craft(
+        &self,
+        dataset: &mut Dataset,
+        spec: &WatermarkSpec,
+        nonce: [u8; 32],
+    ) -> Result<Watermarked, WatermarkError> {
+        match (spec.crafting(), &self.surrogate) {
+            (Some(Crafting::Encoder), _) => {
+                let (marked, report) =
+                    issba::issba(dataset, spec, nonce, self.device, self.progress)?;
+                (self.report)(&report);
+                Ok(marked)
+            }
+            (Some(_), Some(s)) => craft(dataset, spec, nonce, s, self.device, self.progress),
+            // Refused with what the spec needs.
+            _ => watermark::apply_with_hashes(dataset, spec, nonce),
+        }
+    }
+}
 
 /// Watermarks `dataset` with `spec`, crafting its poisons against `s` when the spec asks for it
 /// (label-consistent or gradient matching); other specs are applied as they are.

@@ -1,10 +1,6 @@
-//! Calibration: how often a watermark kind is detected, and how rarely an innocent model is
-//! accused. For one spec and dataset, N watermarked models (the spec re-seeded per model) and N
-//! independent models of each kind (trained on the clean data; trained on data watermarked with a
-//! different, random trigger of the same kind) are trained, served over HTTP, and verified with
-//! the watermarked models' secrets, through the same path as `hallmark verify`.
+//! The calibration table: one row per trained model, its rates, markdown and plot.
 
-use super::metrics::Metrics;
+use crate::train::metrics::Metrics;
 use crate::verify::{Decision, Verdict};
 use serde::{Deserialize, Serialize};
 
