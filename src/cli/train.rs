@@ -1,15 +1,15 @@
-//! The trainer's commands (feature `train`): `train`, `serve-model`, `calibrate`.
+//! `hallmark train` (feature `train`), and the training settings it shares with `calibrate`.
 
 use super::{DataArgs, bar, parse_split};
 use crate::dataset::{self, Dataset, Split};
 use crate::train::attack::{AttackKind, AttackOptions};
-use crate::train::calibrate::{self, describe, learned_record};
+use crate::train::calibrate::{describe, learned_record};
 use crate::train::metrics::EvalSet;
+use crate::train::serve::ModelInfo;
 use crate::train::serve::save_model;
-use crate::train::serve::{LoadedModel, ModelInfo, ModelServer};
 use crate::train::{self, Arch, DeviceChoice, Schedule, TrainConfig};
 use crate::watermark::SecretRecord;
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use std::path::{Path, PathBuf};
 
@@ -85,14 +85,14 @@ pub struct TrainSettings {
 }
 
 impl TrainSettings {
-    fn attack_options(&self) -> AttackOptions {
+    pub(super) fn attack_options(&self) -> AttackOptions {
         AttackOptions {
             lira_eps: self.lira_eps,
             blind_neural_cleanse: !self.blind_without_neural_cleanse,
         }
     }
 
-    fn config(&self, seed: u64) -> TrainConfig {
+    pub(super) fn config(&self, seed: u64) -> TrainConfig {
         TrainConfig {
             arch: self.arch,
             epochs: self.epochs,
@@ -146,24 +146,7 @@ pub struct TrainArgs {
     pub out: PathBuf,
 }
 
-/// Arguments of `hallmark serve-model`.
-#[derive(Debug, Args)]
-pub struct ServeModelArgs {
-    /// Folder written by `hallmark train`.
-    #[arg(long)]
-    pub model: PathBuf,
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:8500")]
-    pub bind: String,
-    /// Model name in URLs (default: the folder's name).
-    #[arg(long)]
-    pub name: Option<String>,
-    /// Device.
-    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
-    pub device: DeviceChoice,
-}
-
-fn load_test(path: &Path, split: Option<Split>) -> Result<Dataset> {
+pub(super) fn load_test(path: &Path, split: Option<Split>) -> Result<Dataset> {
     Ok(dataset::read(path, None, split, &|| {})?.dataset)
 }
 
@@ -286,167 +269,5 @@ pub(super) fn train_cmd(a: TrainArgs) -> Result<()> {
         );
     }
     println!("{}", a.out.display());
-    Ok(())
-}
-
-pub(super) fn serve_model_cmd(a: ServeModelArgs) -> Result<()> {
-    let device = train::device(a.device)?;
-    let model = LoadedModel::load(&a.model, device)?;
-    let name = a.name.clone().unwrap_or_else(|| {
-        a.model
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into())
-    });
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let server = ModelServer::bind(&a.bind, &name, model)
-            .await
-            .with_context(|| format!("cannot listen on {}", a.bind))?;
-        eprintln!(
-            "serving {name} over the V2 protocol on http://{}:{} (Ctrl-C stops)",
-            a.bind.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h),
-            server.port()
-        );
-        server
-            .run_until_stopped(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await?;
-        anyhow::Ok(())
-    })?;
-    Ok(())
-}
-
-/// Arguments of `hallmark calibrate`.
-#[derive(Debug, Args)]
-pub struct CalibrateArgs {
-    /// The watermark spec to calibrate.
-    #[arg(long)]
-    pub spec: PathBuf,
-    /// Clean training data.
-    #[command(flatten)]
-    pub train_data: DataArgs,
-    /// Held-out data: metrics and verification queries.
-    #[arg(long)]
-    pub test_data: PathBuf,
-    /// Split of --test-data.
-    #[arg(long, value_parser = parse_split)]
-    pub test_split: Option<Split>,
-    /// Watermarked models, and independent models of each kind.
-    #[arg(long, default_value_t = 3)]
-    pub models: usize,
-    /// Base seed of training.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Training settings.
-    #[command(flatten)]
-    pub settings: TrainSettings,
-    /// Verification pairs (the cap in sequential mode).
-    #[arg(long, default_value_t = 100)]
-    pub m: usize,
-    /// Margin.
-    #[arg(long, default_value_t = 0.2)]
-    pub tau: f64,
-    /// Significance level.
-    #[arg(long, default_value_t = 0.01)]
-    pub alpha: f64,
-    /// Use the sequential test.
-    #[arg(long)]
-    pub sequential: bool,
-    /// Use predicted labels only.
-    #[arg(long)]
-    pub label_only: bool,
-    /// Output folder: calibration.json, calibration.md, calibration.png, secrets/.
-    #[arg(long)]
-    pub out: PathBuf,
-    /// Keep the models of an earlier run into --out (same spec and settings; --models may be
-    /// larger) and train only the missing ones. Results are saved after each watermarked index.
-    #[arg(long)]
-    pub resume: bool,
-    /// A folder where clean models are kept and shared between calibrations: a clean model of
-    /// the same training settings, seed, data and hallmark executable is loaded, not retrained.
-    #[arg(long)]
-    pub clean_cache: Option<PathBuf>,
-    /// Also train, for each index, a model on a release of this other spec (a family whose
-    /// trigger sits at the same place, say), verified with the calibrated secret: a real
-    /// backdoor that is not this release's, which must not be accused.
-    #[arg(long)]
-    pub other_family: Option<PathBuf>,
-}
-
-/// Shows a calibration's progress: one bar per task, lines above it.
-struct BarObserver {
-    bar: std::sync::Mutex<Option<indicatif::ProgressBar>>,
-}
-
-impl calibrate::Observer for BarObserver {
-    fn note(&self, line: &str) {
-        match &*self.bar.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some(pb) => pb.println(line),
-            None => eprintln!("{line}"),
-        }
-    }
-
-    fn progress(&self, done: u64, total: u64, message: &str) {
-        let mut bar = self.bar.lock().unwrap_or_else(|e| e.into_inner());
-        let pb = bar.get_or_insert_with(|| super::bar(total, ""));
-        pb.set_length(total);
-        pb.set_position(done);
-        pb.set_message(message.to_string());
-    }
-
-    fn task_done(&self) {
-        if let Some(pb) = self.bar.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            pb.finish_and_clear();
-        }
-    }
-}
-
-pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
-    if let Some(t) = a.settings.threads {
-        tch::set_num_threads(t);
-    }
-    let verify = crate::verify::VerifySettings {
-        m: Some(a.m),
-        tau: Some(a.tau),
-        alpha: Some(a.alpha),
-        label_only: a.label_only,
-        sequential: a.sequential,
-        ..Default::default()
-    }
-    .into_config()
-    .map_err(|e| anyhow!("{}: {}", e.flag(), e.message))?;
-    let other_family = a
-        .other_family
-        .as_deref()
-        .map(|path| {
-            crate::spec::WatermarkSpec::from_toml_file(path)
-                .with_context(|| format!("--other-family {}", path.display()))
-        })
-        .transpose()?;
-    let plan = calibrate::Plan {
-        spec: crate::spec::WatermarkSpec::from_toml_file(&a.spec)?,
-        clean: a.train_data.load()?,
-        test: load_test(&a.test_data, a.test_split)?,
-        models: a.models,
-        seed: a.seed,
-        train: a.settings.config(a.seed),
-        attack: a.settings.attack,
-        attack_options: a.settings.attack_options(),
-        verify,
-        device: train::device(a.settings.device)?,
-        out: a.out.clone(),
-        resume: a.resume,
-        clean_cache: a.clean_cache.clone(),
-        other_family,
-    };
-    let observer = BarObserver {
-        bar: std::sync::Mutex::new(None),
-    };
-    let cal = calibrate::run(&plan, &observer)?;
-    println!("{}", cal.markdown());
     Ok(())
 }

@@ -1,0 +1,141 @@
+//! `hallmark calibrate` (feature `train`): parses its arguments into a
+//! [`crate::train::calibrate::Plan`], shows progress, prints the table.
+
+use super::train::{TrainSettings, load_test};
+use super::{DataArgs, parse_split};
+use crate::dataset::Split;
+use crate::train::{self, calibrate};
+use anyhow::{Context, Result, anyhow};
+use clap::Args;
+use std::path::PathBuf;
+
+/// Arguments of `hallmark calibrate`.
+#[derive(Debug, Args)]
+pub struct CalibrateArgs {
+    /// The watermark spec to calibrate.
+    #[arg(long)]
+    pub spec: PathBuf,
+    /// Clean training data.
+    #[command(flatten)]
+    pub train_data: DataArgs,
+    /// Held-out data: metrics and verification queries.
+    #[arg(long)]
+    pub test_data: PathBuf,
+    /// Split of --test-data.
+    #[arg(long, value_parser = parse_split)]
+    pub test_split: Option<Split>,
+    /// Watermarked models, and independent models of each kind.
+    #[arg(long, default_value_t = 3)]
+    pub models: usize,
+    /// Base seed of training.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Training settings.
+    #[command(flatten)]
+    pub settings: TrainSettings,
+    /// Verification pairs (the cap in sequential mode).
+    #[arg(long, default_value_t = 100)]
+    pub m: usize,
+    /// Margin.
+    #[arg(long, default_value_t = 0.2)]
+    pub tau: f64,
+    /// Significance level.
+    #[arg(long, default_value_t = 0.01)]
+    pub alpha: f64,
+    /// Use the sequential test.
+    #[arg(long)]
+    pub sequential: bool,
+    /// Use predicted labels only.
+    #[arg(long)]
+    pub label_only: bool,
+    /// Output folder: calibration.json, calibration.md, calibration.png, secrets/.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Keep the models of an earlier run into --out (same spec and settings; --models may be
+    /// larger) and train only the missing ones. Results are saved after each watermarked index.
+    #[arg(long)]
+    pub resume: bool,
+    /// A folder where clean models are kept and shared between calibrations: a clean model of
+    /// the same training settings, seed, data and hallmark executable is loaded, not retrained.
+    #[arg(long)]
+    pub clean_cache: Option<PathBuf>,
+    /// Also train, for each index, a model on a release of this other spec (a family whose
+    /// trigger sits at the same place, say), verified with the calibrated secret: a real
+    /// backdoor that is not this release's, which must not be accused.
+    #[arg(long)]
+    pub other_family: Option<PathBuf>,
+}
+
+/// Shows a calibration's progress: one bar per task, lines above it.
+struct BarObserver {
+    bar: std::sync::Mutex<Option<indicatif::ProgressBar>>,
+}
+
+impl calibrate::Observer for BarObserver {
+    fn note(&self, line: &str) {
+        match &*self.bar.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(pb) => pb.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn progress(&self, done: u64, total: u64, message: &str) {
+        let mut bar = self.bar.lock().unwrap_or_else(|e| e.into_inner());
+        let pb = bar.get_or_insert_with(|| super::bar(total, ""));
+        pb.set_length(total);
+        pb.set_position(done);
+        pb.set_message(message.to_string());
+    }
+
+    fn task_done(&self) {
+        if let Some(pb) = self.bar.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            pb.finish_and_clear();
+        }
+    }
+}
+
+pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
+    if let Some(t) = a.settings.threads {
+        tch::set_num_threads(t);
+    }
+    let verify = crate::verify::VerifySettings {
+        m: Some(a.m),
+        tau: Some(a.tau),
+        alpha: Some(a.alpha),
+        label_only: a.label_only,
+        sequential: a.sequential,
+        ..Default::default()
+    }
+    .into_config()
+    .map_err(|e| anyhow!("{}: {}", e.flag(), e.message))?;
+    let other_family = a
+        .other_family
+        .as_deref()
+        .map(|path| {
+            crate::spec::WatermarkSpec::from_toml_file(path)
+                .with_context(|| format!("--other-family {}", path.display()))
+        })
+        .transpose()?;
+    let plan = calibrate::Plan {
+        spec: crate::spec::WatermarkSpec::from_toml_file(&a.spec)?,
+        clean: a.train_data.load()?,
+        test: load_test(&a.test_data, a.test_split)?,
+        models: a.models,
+        seed: a.seed,
+        train: a.settings.config(a.seed),
+        attack: a.settings.attack,
+        attack_options: a.settings.attack_options(),
+        verify,
+        device: train::device(a.settings.device)?,
+        out: a.out.clone(),
+        resume: a.resume,
+        clean_cache: a.clean_cache.clone(),
+        other_family,
+    };
+    let observer = BarObserver {
+        bar: std::sync::Mutex::new(None),
+    };
+    let cal = calibrate::run(&plan, &observer)?;
+    println!("{}", cal.markdown());
+    Ok(())
+}

@@ -1,0 +1,109 @@
+//! `hallmark spec check` and `hallmark spec commitment`.
+
+use crate::spec::WatermarkSpec;
+use crate::watermark;
+use anyhow::Result;
+use clap::Subcommand;
+use std::path::PathBuf;
+
+/// `hallmark spec …`.
+#[derive(Debug, Subcommand)]
+pub enum SpecCommand {
+    /// Load and validate a spec; print what it does.
+    Check {
+        /// The spec file.
+        file: PathBuf,
+    },
+    /// Recompute the commitment of a secret record (of a release with several triggers: each
+    /// trigger's on stderr, the release's on stdout).
+    Commitment {
+        /// The secret record file.
+        secret: PathBuf,
+    },
+}
+
+pub(super) fn spec_cmd(command: SpecCommand) -> Result<()> {
+    match command {
+        SpecCommand::Check { file } => {
+            let spec = WatermarkSpec::from_toml_file(&file)?;
+            println!("{}: valid", file.display());
+            println!("  name       {}", spec.name);
+            println!("  trigger    {}", spec.trigger.kind());
+            let drawn = spec
+                .family
+                .as_ref()
+                .is_some_and(|f| f.target == crate::spec::Choice::Drawn);
+            let all_to_all = matches!(spec.labelling, crate::spec::Labelling::AllToAll { .. });
+            if drawn && (spec.labelling.target().is_some() || all_to_all) {
+                let kind = serde_json::to_value(spec.labelling)?;
+                println!(
+                    "  labelling  {}, the {} drawn for each release",
+                    kind["kind"].as_str().unwrap_or_default(),
+                    if all_to_all {
+                        "class mapping"
+                    } else {
+                        "target"
+                    }
+                );
+            } else {
+                println!("  labelling  {}", serde_json::to_string(&spec.labelling)?);
+            }
+            println!("  rate       {}", spec.rate);
+            println!("  seed       {}", spec.seed);
+            if let Some(s) = spec.image {
+                println!("  image      {s}");
+            }
+            match (&spec.family, spec.image) {
+                (None, _) => println!(
+                    "  family     none: a fixed, public trigger (publish with --public-trigger)"
+                ),
+                (Some(_), shape) => {
+                    // Entropy depends on the image size; 10 classes when the spec cannot say.
+                    let shape = shape.unwrap_or(crate::dataset::ImageShape {
+                        height: 28,
+                        width: 28,
+                        channels: 1,
+                    });
+                    let parts = crate::spec::family::entropy(&spec, 10, shape)?;
+                    let total: f64 = parts.iter().map(|e| e.bits).sum();
+                    println!(
+                        "  family     {total:.1} bits of secret per release ({shape} images, 10 classes){}",
+                        if total < crate::spec::family::MIN_ENTROPY_BITS {
+                            ": too few to publish without --public-trigger"
+                        } else {
+                            ""
+                        }
+                    );
+                    for e in parts {
+                        println!("    {:<28} {:.1} bits", e.parameter, e.bits);
+                    }
+                    if !crate::spec::family::has_exchangeable_controls(&spec) {
+                        println!(
+                            "    (crafted trigger: the verifier cannot draw controls of its family)"
+                        );
+                    }
+                }
+            }
+            if let Some(crafting) = spec.crafting() {
+                let c = crafting.describe();
+                if crafting.needs_model() {
+                    println!("  crafting   {c}, against a model (--craft-model DIR)");
+                } else {
+                    println!("  crafting   {c}, trained on the data (feature train)");
+                }
+            }
+            println!("  sha256     {}", spec.sha256());
+            Ok(())
+        }
+        SpecCommand::Commitment { secret } => {
+            let secret = watermark::Secret::load(&secret)?;
+            if let watermark::Secret::Set(set) = &secret {
+                for (i, c) in set.commitments().iter().enumerate() {
+                    eprintln!("trigger {}: {c}", i + 1);
+                }
+            }
+            println!("{}", secret.commitment());
+            Ok(())
+        }
+    }
+}

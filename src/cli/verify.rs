@@ -1,0 +1,337 @@
+//! `hallmark verify`: tests a model behind an endpoint (or a local model) with a secret record.
+
+use super::{DataArgs, bar, check_writable};
+use crate::dataset;
+use crate::endpoint::{
+    Datatype, EndpointSettings, HttpEndpoint, OutputKind, Protocol, TensorLayout,
+};
+use crate::verify::{self, Decision, VerifySettings};
+use crate::watermark::{self, SecretRecord};
+use anyhow::{Context, Result};
+use clap::Args;
+use std::path::{Path, PathBuf};
+
+/// Arguments of `hallmark verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The secret record of the watermark.
+    #[arg(long)]
+    pub secret: PathBuf,
+    /// Which trigger of a release with several (`hallmark watermark --triggers N`) this
+    /// verification spends, 1 to N. Spend each once: the endpoint sees the triggered queries.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=16))]
+    pub trigger: Option<u64>,
+    /// Held-out benign images (never training images), e.g. the test split's IDX files.
+    #[command(flatten)]
+    pub held_out: DataArgs,
+    /// Base URL of the model server (the full URL for --protocol json).
+    #[arg(long, required_unless_present = "local_model", requires = "protocol")]
+    pub endpoint: Option<String>,
+    /// Verify a model folder written by `hallmark train` offline, in-process (feature `train`).
+    #[arg(long, conflicts_with = "endpoint")]
+    pub local_model: Option<PathBuf>,
+    /// Wire protocol.
+    #[arg(long, value_enum)]
+    pub protocol: Option<Protocol>,
+    /// Model name.
+    #[arg(long, default_value = "")]
+    pub model: String,
+    /// Model version.
+    #[arg(long)]
+    pub model_version: Option<String>,
+    /// Use predicted labels only.
+    #[arg(long)]
+    pub label_only: bool,
+    /// Query in rounds and stop as soon as the anytime-valid test decides.
+    #[arg(long)]
+    pub sequential: bool,
+    /// Pairs of the fixed design (the most the sequential design may use): 2 to 10000, default
+    /// 100.
+    #[arg(long)]
+    pub m: Option<usize>,
+    /// Margin of the null hypothesis: in [0, 1), default 0.2.
+    #[arg(long)]
+    pub tau: Option<f64>,
+    /// Significance level: in (0, 1), default 0.01.
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// Pairs per round in sequential mode: 1 to 1000, default 4.
+    #[arg(long)]
+    pub round: Option<usize>,
+    /// Research override of the seed of the image order, the controls and their tie-breaks,
+    /// which otherwise derive from the secret record (so a re-run repeats the verdict); an
+    /// override is written in the verdict.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Controls drawn from the trigger's family for the rank test (default ⌈1/alpha⌉ − 1).
+    #[arg(long)]
+    pub controls: Option<usize>,
+    /// Images each trigger is queried on in the rank test's first round (default 1; 2 spares a
+    /// trigger that fails on one image, at the price of K + 1 more queries).
+    #[arg(long)]
+    pub first_images: Option<usize>,
+    /// Where to write the full JSON report.
+    #[arg(long)]
+    pub report: PathBuf,
+    /// Allow private, loopback and link-local endpoint addresses.
+    #[arg(long)]
+    pub allow_private: bool,
+    /// Input tensor name (from V2 metadata when absent).
+    #[arg(long)]
+    pub input_name: Option<String>,
+    /// Input datatype (from V2 metadata when absent, else FP32).
+    #[arg(long, value_enum)]
+    pub datatype: Option<Datatype>,
+    /// Tensor layout (from V2 metadata when absent, else nchw).
+    #[arg(long, value_enum)]
+    pub layout: Option<TensorLayout>,
+    /// Pixels are multiplied by this before normalisation (default 1/255).
+    #[arg(long)]
+    pub scale: Option<f64>,
+    /// Per-channel means subtracted after scaling (comma-separated, at most 4).
+    #[arg(long, value_delimiter = ',')]
+    pub mean: Vec<f64>,
+    /// Per-channel standard deviations divided by (comma-separated, at most 4, positive).
+    #[arg(long, value_delimiter = ',')]
+    pub std: Vec<f64>,
+    /// Output tensor name or key.
+    #[arg(long)]
+    pub output_name: Option<String>,
+    /// What the output holds: auto settles logits or probabilities from the output's name or the
+    /// first answer, and says which in the report (labels are implied by --label-only, and come
+    /// from the arg-max of a score output where the model gives no label output).
+    #[arg(long, value_enum, default_value_t = OutputKind::Auto)]
+    pub output: OutputKind,
+    /// Images per request, 1 to 1024, default 32 (lowered to the server's published limit, or
+    /// halved when the server refuses a batch as too large).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Requests in flight at once: 1 to 64, default 4.
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Seconds before a request times out, at most 600, default 30; the first contact waits as
+    /// long for a server that is still starting.
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    /// Retries after 5xx, 429, timeouts and connection errors: at most 10, default 3.
+    #[arg(long)]
+    pub retries: Option<u32>,
+    /// --protocol json: file holding the request body with "$INSTANCES" where the batch goes.
+    #[arg(long)]
+    pub template: Option<PathBuf>,
+    /// --protocol json: JSON pointer to the predictions in the response.
+    #[arg(long)]
+    pub output_pointer: Option<String>,
+    /// Replace an existing report.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[cfg(feature = "train")]
+fn local_endpoint(dir: &Path) -> Result<Box<dyn crate::endpoint::ModelEndpoint>> {
+    let model = crate::train::serve::LoadedModel::load(
+        dir,
+        crate::train::device(crate::train::DeviceChoice::Auto)?,
+    )?;
+    Ok(Box::new(crate::train::serve::LocalEndpoint::new(
+        model,
+        dir.display().to_string(),
+    )))
+}
+
+#[cfg(not(feature = "train"))]
+fn local_endpoint(_: &Path) -> Result<Box<dyn crate::endpoint::ModelEndpoint>> {
+    anyhow::bail!("--local-model needs hallmark built with the `train` feature")
+}
+
+/// Prints a verdict's decision, its reason and the tests behind it.
+fn print_verdict(verdict: &verify::Verdict, alpha: f64) {
+    let p = &verdict.primary;
+    println!(
+        "verdict: {}",
+        match verdict.decision {
+            Decision::Used =>
+                "USED: evidence that the model was trained on the watermarked release",
+            Decision::NotShown =>
+                "NOT SHOWN: no evidence that the model was trained on the release",
+            Decision::Inconclusive =>
+                "INCONCLUSIVE: the model reacts to the trigger, but the trigger is not secret",
+        }
+    );
+    println!("why:      {}", verdict.reason);
+    println!("protocol: {}", verdict.protocol);
+    if let Some(t) = &verdict.trigger {
+        println!(
+            "trigger:  {} of {} (release commitment {})",
+            t.number, t.of, t.release_commitment
+        );
+    }
+    println!("model:    {}", verdict.endpoint);
+    println!(
+        "margin:   {}, {} pairs: p = {:.3e} (alpha {}), effect {:.4} (lower {:.0}% bound {:.4}, margin {})",
+        p.test,
+        p.n,
+        p.p_value,
+        alpha,
+        p.effect,
+        100.0 * p.ci_level,
+        p.ci_low,
+        p.tau
+    );
+    if let Some(r) = &verdict.rank {
+        println!(
+            "rank:     secret {} of {} {} triggers{}: p = {:.3} (secret effect {:.4} on {} images)",
+            r.rank,
+            r.controls + 1,
+            r.kind,
+            if r.exchangeable {
+                " of its family"
+            } else {
+                " (controls not drawn from a secret family)"
+            },
+            r.p_value,
+            r.secret.effect,
+            r.secret.images
+        );
+    }
+    if let Some(d) = &verdict.dispersion {
+        println!(
+            "scatter:  {} answers moved, entropy {:.3} nats (needs {:.3}): {}",
+            d.moved,
+            d.entropy,
+            d.threshold,
+            if d.passed {
+                "dispersed"
+            } else {
+                "concentrated"
+            }
+        );
+    }
+    println!(
+        "queries:  {} images ({} pairs, {} for the rank test){}",
+        verdict.queries,
+        verdict.pairs,
+        verdict.rank.as_ref().map_or(0, |r| r.queries),
+        match verdict.config.seed {
+            Some(s) => format!(", research seed {s}"),
+            None => String::new(),
+        }
+    );
+}
+
+pub(super) fn verify_cmd(a: VerifyArgs) -> Result<u8> {
+    check_writable(&a.report, a.force)?;
+    // The record and the held-out images load while the endpoint is contacted.
+    let (secret, held_out) = (a.secret.clone(), a.held_out.clone());
+    let number = a.trigger.map(|n| n as usize);
+    type Loaded = (
+        SecretRecord,
+        Option<watermark::SpentTrigger>,
+        dataset::Dataset,
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let loading = runtime.spawn_blocking(move || -> Result<Loaded> {
+        let all = watermark::Secret::load(&secret)?;
+        let (record, spent) = all
+            .trigger(number)
+            .map_err(|m| anyhow::anyhow!("{}: {m}", secret.display()))?;
+        Ok((record.clone(), spent, held_out.load()?))
+    });
+    // Only the retries' jitter is random; the verification itself derives from the record.
+    let jitter = a.seed.unwrap_or_else(|| {
+        u64::from_le_bytes(watermark::random_nonce()[..8].try_into().expect("8 bytes"))
+    });
+    // The same settings, ranges and defaults as the HTTP API's (`EndpointSettings`).
+    let flag = |e: crate::endpoint::SettingError| anyhow::anyhow!("{}: {}", e.flag(), e.message);
+    let template = match &a.template {
+        Some(t) => Some(
+            std::fs::read_to_string(t).with_context(|| format!("cannot read {}", t.display()))?,
+        ),
+        None => None,
+    };
+    let ep = EndpointSettings {
+        version: a.model_version.clone(),
+        input_name: a.input_name.clone(),
+        datatype: a.datatype,
+        layout: a.layout,
+        scale: a.scale,
+        mean: a.mean.clone(),
+        std: a.std.clone(),
+        output_name: a.output_name.clone(),
+        output: Some(if a.label_only {
+            OutputKind::Labels
+        } else {
+            a.output
+        }),
+        batch_size: a.batch_size,
+        concurrency: a.concurrency,
+        timeout_secs: a.timeout,
+        retries: a.retries,
+        template,
+        output_pointer: a.output_pointer.clone(),
+        ..EndpointSettings::new(
+            a.endpoint.clone().unwrap_or_default(),
+            a.protocol.unwrap_or(Protocol::V2),
+            a.model.clone(),
+        )
+    }
+    .into_config(a.allow_private)
+    .map_err(flag)?;
+    let cfg = VerifySettings {
+        m: a.m,
+        tau: a.tau,
+        alpha: a.alpha,
+        label_only: a.label_only,
+        sequential: a.sequential,
+        round: a.round,
+        seed: a.seed,
+        controls: a.controls,
+        first_images: a.first_images,
+    }
+    .into_config()
+    .map_err(flag)?;
+    let pb = bar(
+        (2 * cfg.m + (cfg.first_image_count() + 1) * (cfg.control_count() + 1)) as u64,
+        "querying",
+    );
+    let local = a.local_model.clone();
+    let verdict = runtime.block_on(async {
+        let progress = |q: usize| pb.set_position(q as u64);
+        let loaded = async {
+            loading
+                .await
+                .map_err(|_| anyhow::anyhow!("loading the inputs panicked"))?
+        };
+        if let Some(dir) = local {
+            let (record, spent, pool) = loaded.await?;
+            let endpoint = tokio::task::spawn_blocking(move || local_endpoint(&dir))
+                .await
+                .map_err(|_| anyhow::anyhow!("loading the model panicked"))??;
+            let mut v = verify::verify(endpoint.as_ref(), &record, &pool, &cfg, &progress).await?;
+            v.trigger = spent;
+            return anyhow::Ok(v);
+        }
+        let endpoint = HttpEndpoint::connect(ep, jitter).await;
+        let (record, spent, pool) = loaded.await?;
+        let mut endpoint = endpoint?;
+        endpoint.set_class_names(pool.class_names().map(<[String]>::to_vec));
+        let mut v = verify::verify(&endpoint, &record, &pool, &cfg, &progress).await?;
+        v.trigger = spent;
+        anyhow::Ok(v)
+    });
+    pb.finish_and_clear();
+    let verdict = verdict?;
+    let mut json = serde_json::to_vec_pretty(&verdict)?;
+    json.push(b'\n');
+    crate::fsutil::write_file_atomic(&a.report, &json, 0o644, a.force)
+        .with_context(|| format!("cannot write {}", a.report.display()))?;
+    print_verdict(&verdict, cfg.alpha);
+    println!("report:   {}", a.report.display());
+    Ok(if verdict.decision == Decision::Used {
+        0
+    } else {
+        1
+    })
+}
