@@ -72,6 +72,18 @@ pub enum Command {
     Calibrate(Box<calibrate::CalibrateArgs>),
 }
 
+impl Command {
+    /// Whether the command runs a server until stopped.
+    pub fn is_server(&self) -> bool {
+        match self {
+            Self::Serve(_) => true,
+            #[cfg(feature = "train")]
+            Self::ServeModel(_) => true,
+            _ => false,
+        }
+    }
+}
+
 /// Where a dataset is read from.
 #[derive(Debug, Args)]
 pub struct InputArgs {

@@ -528,3 +528,24 @@ fn walk(p: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// Output piped into a reader that stops early ends the command quietly: no panic, no
+/// "Broken pipe" message.
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hallmark"))
+        .args(["openapi"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the reading end before the document (tens of kilobytes) is written.
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !err.contains("panicked") && !err.contains("Broken pipe"),
+        "{err}"
+    );
+}
