@@ -586,132 +586,151 @@ impl HttpEndpoint {
         images: &[Vec<u8>],
         shape: ImageShape,
     ) -> Result<Vec<Prediction>, EndpointError> {
+        match self.cfg.protocol {
+            Protocol::V2 => self.predict_v2(images, shape).await,
+            Protocol::Tfserving | Protocol::KserveV1 | Protocol::Json => {
+                self.predict_instances(images, shape).await
+            }
+            Protocol::Torchserve => self.predict_torchserve(images, shape).await,
+        }
+    }
+
+    /// One V2 `infer` request for the batch.
+    async fn predict_v2(
+        &self,
+        images: &[Vec<u8>],
+        shape: ImageShape,
+    ) -> Result<Vec<Prediction>, EndpointError> {
         let n = images.len();
         let names = self.cfg.class_names.as_deref();
-        match self.cfg.protocol {
-            Protocol::V2 => {
-                let url = self.url(&format!("{}/infer", self.model_path()))?;
-                let id = format!("hallmark-{}", self.requests.fetch_add(1, Ordering::Relaxed));
-                let body = protocol::v2_request(
-                    images,
-                    shape,
-                    &self.encoding,
-                    &self.input_name,
-                    self.output_name.as_deref(),
-                    &id,
-                );
-                let v = self.post_json(&url, body, n).await?;
-                let answer = self
-                    .read_scores(|kind| {
-                        protocol::v2_answer(&v, n, self.output_name.as_deref(), kind, names)
-                    })
-                    .map_err(|m| self.invalid(&url, m))?;
-                if answer.argmax {
-                    let _ = self.reading.argmax_of.set(answer.output);
-                }
-                Ok(answer.predictions)
-            }
-            Protocol::Tfserving | Protocol::KserveV1 | Protocol::Json => {
-                let instances = protocol::instances(
-                    images,
-                    shape,
-                    &self.encoding,
-                    self.cfg.input_name.as_deref(),
-                );
-                let (url, body, pointer) = if self.cfg.protocol == Protocol::Json {
-                    let template = self.cfg.template.as_deref().expect("checked in connect");
-                    let body = template.replacen(
-                        "\"$INSTANCES\"",
-                        std::str::from_utf8(&instances).expect("JSON is UTF-8"),
-                        1,
-                    );
-                    (
-                        self.base.clone(),
-                        body.into_bytes(),
-                        self.cfg
-                            .output_pointer
-                            .clone()
-                            .unwrap_or_else(|| "/predictions".into()),
-                    )
-                } else {
-                    let mut path = format!("v1/models/{}", self.cfg.model);
-                    if let Some(v) = &self.cfg.version {
-                        path.push_str(&format!("/versions/{v}"));
-                    }
-                    path.push_str(":predict");
-                    let mut body = b"{\"instances\":".to_vec();
-                    body.extend(instances);
-                    body.push(b'}');
-                    (self.url(&path)?, body, "/predictions".into())
-                };
-                let v = self.post_json(&url, body, n).await?;
-                let preds = v
-                    .pointer(&pointer)
-                    .or_else(|| v.get("outputs"))
-                    .and_then(Value::as_array)
-                    .ok_or_else(|| {
-                        self.invalid(&url, format!("no predictions array at {pointer}"))
-                    })?;
-                if preds.len() != n {
-                    return Err(
-                        self.invalid(&url, format!("{} predictions for {n} images", preds.len()))
-                    );
-                }
-                self.read_scores(|kind| {
-                    preds
-                        .iter()
-                        .enumerate()
-                        .map(|(i, p)| {
-                            protocol::instance_prediction(
-                                p,
-                                self.output_name.as_deref(),
-                                kind,
-                                names,
-                                &format!("image {i}"),
-                            )
-                        })
-                        .collect()
-                })
-                .map_err(|m| self.invalid(&url, m))
-            }
-            Protocol::Torchserve => {
-                let mut path = format!("predictions/{}", self.cfg.model);
-                if let Some(v) = &self.cfg.version {
-                    path.push_str(&format!("/{v}"));
-                }
-                let url = self.url(&path)?;
-                let mut out = Vec::with_capacity(n);
-                for img in images {
-                    let png = crate::dataset::folder::encode_png(img, shape).map_err(|e| {
-                        EndpointError::Config(format!("cannot encode a query image: {e}"))
-                    })?;
-                    let (status, bytes) = self
-                        .send(
-                            || {
-                                self.client
-                                    .post(url.clone())
-                                    .header(
-                                        reqwest::header::CONTENT_TYPE,
-                                        "application/octet-stream",
-                                    )
-                                    .body(png.clone())
-                            },
-                            &url,
-                            answer_cap(1),
-                        )
-                        .await?;
-                    if !(200..300).contains(&status) {
-                        return Err(status_error(&url, status, &bytes));
-                    }
-                    let v = protocol::lenient_json(&bytes).map_err(|m| self.invalid(&url, m))?;
-                    out.push(
-                        self.read_scores(|kind| protocol::torchserve_prediction(&v, kind, names))
-                            .map_err(|m| self.invalid(&url, m))?,
-                    );
-                }
-                Ok(out)
-            }
+        let url = self.url(&format!("{}/infer", self.model_path()))?;
+        let id = format!("hallmark-{}", self.requests.fetch_add(1, Ordering::Relaxed));
+        let body = protocol::v2_request(
+            images,
+            shape,
+            &self.encoding,
+            &self.input_name,
+            self.output_name.as_deref(),
+            &id,
+        );
+        let v = self.post_json(&url, body, n).await?;
+        let answer = self
+            .read_scores(|kind| {
+                protocol::v2_answer(&v, n, self.output_name.as_deref(), kind, names)
+            })
+            .map_err(|m| self.invalid(&url, m))?;
+        if answer.argmax {
+            let _ = self.reading.argmax_of.set(answer.output);
         }
+        Ok(answer.predictions)
+    }
+
+    /// One `instances` request for the batch (TF Serving, KServe V1, a JSON template).
+    async fn predict_instances(
+        &self,
+        images: &[Vec<u8>],
+        shape: ImageShape,
+    ) -> Result<Vec<Prediction>, EndpointError> {
+        let n = images.len();
+        let names = self.cfg.class_names.as_deref();
+        let instances = protocol::instances(
+            images,
+            shape,
+            &self.encoding,
+            self.cfg.input_name.as_deref(),
+        );
+        let (url, body, pointer) = if self.cfg.protocol == Protocol::Json {
+            let template = self.cfg.template.as_deref().expect("checked in connect");
+            let body = template.replacen(
+                "\"$INSTANCES\"",
+                std::str::from_utf8(&instances).expect("JSON is UTF-8"),
+                1,
+            );
+            (
+                self.base.clone(),
+                body.into_bytes(),
+                self.cfg
+                    .output_pointer
+                    .clone()
+                    .unwrap_or_else(|| "/predictions".into()),
+            )
+        } else {
+            let mut path = format!("v1/models/{}", self.cfg.model);
+            if let Some(v) = &self.cfg.version {
+                path.push_str(&format!("/versions/{v}"));
+            }
+            path.push_str(":predict");
+            let mut body = b"{\"instances\":".to_vec();
+            body.extend(instances);
+            body.push(b'}');
+            (self.url(&path)?, body, "/predictions".into())
+        };
+        let v = self.post_json(&url, body, n).await?;
+        let preds = v
+            .pointer(&pointer)
+            .or_else(|| v.get("outputs"))
+            .and_then(Value::as_array)
+            .ok_or_else(|| self.invalid(&url, format!("no predictions array at {pointer}")))?;
+        if preds.len() != n {
+            return Err(self.invalid(&url, format!("{} predictions for {n} images", preds.len())));
+        }
+        self.read_scores(|kind| {
+            preds
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    protocol::instance_prediction(
+                        p,
+                        self.output_name.as_deref(),
+                        kind,
+                        names,
+                        &format!("image {i}"),
+                    )
+                })
+                .collect()
+        })
+        .map_err(|m| self.invalid(&url, m))
+    }
+
+    /// One TorchServe request per image (PNG bodies).
+    async fn predict_torchserve(
+        &self,
+        images: &[Vec<u8>],
+        shape: ImageShape,
+    ) -> Result<Vec<Prediction>, EndpointError> {
+        let n = images.len();
+        let names = self.cfg.class_names.as_deref();
+        let mut path = format!("predictions/{}", self.cfg.model);
+        if let Some(v) = &self.cfg.version {
+            path.push_str(&format!("/{v}"));
+        }
+        let url = self.url(&path)?;
+        let mut out = Vec::with_capacity(n);
+        for img in images {
+            let png = crate::dataset::folder::encode_png(img, shape)
+                .map_err(|e| EndpointError::Config(format!("cannot encode a query image: {e}")))?;
+            let (status, bytes) = self
+                .send(
+                    || {
+                        self.client
+                            .post(url.clone())
+                            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                            .body(png.clone())
+                    },
+                    &url,
+                    answer_cap(1),
+                )
+                .await?;
+            if !(200..300).contains(&status) {
+                return Err(status_error(&url, status, &bytes));
+            }
+            let v = protocol::lenient_json(&bytes).map_err(|m| self.invalid(&url, m))?;
+            out.push(
+                self.read_scores(|kind| protocol::torchserve_prediction(&v, kind, names))
+                    .map_err(|m| self.invalid(&url, m))?,
+            );
+        }
+        Ok(out)
     }
 
     /// Whether the model is ready, from the status code alone: servers answer readiness with an
