@@ -1,0 +1,409 @@
+//! Durable jobs: queued, claimed under a lease, beaten, finished, parked, reaped.
+
+use super::*;
+
+/// What a job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    /// Writes a watermarked release.
+    Watermark,
+    /// Runs a verification.
+    Verify,
+}
+
+impl JobKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Watermark => "watermark",
+            JobKind::Verify => "verify",
+        }
+    }
+    fn parse(s: &str) -> Result<Self, StoreError> {
+        match s {
+            "watermark" => Ok(JobKind::Watermark),
+            "verify" => Ok(JobKind::Verify),
+            _ => Err(corrupt("jobs.kind", s)),
+        }
+    }
+}
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Waiting for a worker.
+    Queued,
+    /// A worker holds it.
+    Running,
+    /// Done.
+    Succeeded,
+    /// Stopped with an error.
+    Failed,
+    /// Cancelled by a client.
+    Cancelled,
+}
+
+impl JobState {
+    /// The state's name in the database and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+    fn parse(s: &str) -> Result<Self, StoreError> {
+        match s {
+            "queued" => Ok(JobState::Queued),
+            "running" => Ok(JobState::Running),
+            "succeeded" => Ok(JobState::Succeeded),
+            "failed" => Ok(JobState::Failed),
+            "cancelled" => Ok(JobState::Cancelled),
+            _ => Err(corrupt("jobs.state", s)),
+        }
+    }
+    /// Whether the job will not change any more.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+/// A job's status.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Job {
+    /// Identifier.
+    pub id: String,
+    /// What it does.
+    pub kind: JobKind,
+    /// The key that created it.
+    pub owner_id: String,
+    /// The watermark or verification it works for.
+    pub resource_id: String,
+    /// Where it is.
+    pub state: JobState,
+    /// Units of work done.
+    pub progress_done: i64,
+    /// Units of work in all (0 while unknown).
+    pub progress_total: i64,
+    /// Times a worker started it.
+    pub attempts: i64,
+    /// Most starts before it is failed.
+    pub max_attempts: i64,
+    /// Whether a client asked to cancel it.
+    pub cancel_requested: bool,
+    /// Stable code of the failure.
+    pub error_code: Option<ErrorCode>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// Unix milliseconds of the first start.
+    pub started_at: Option<i64>,
+    /// Unix milliseconds.
+    pub finished_at: Option<i64>,
+}
+
+/// A job a worker has claimed.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// Identifier.
+    pub id: String,
+    /// What to do.
+    pub kind: JobKind,
+    /// The watermark or verification.
+    pub resource_id: String,
+    /// This start's number (1 for the first).
+    pub attempt: i64,
+}
+
+/// What a heartbeat learnt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Beat {
+    /// Go on.
+    Continue,
+    /// A client asked to cancel.
+    Cancel,
+    /// The job is no longer this worker's (its lease expired and it was given away, or it was
+    /// cancelled while queued): stop without writing anything.
+    Lost,
+}
+
+/// What the reaper did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reaped {
+    /// Jobs put back in the queue.
+    pub requeued: u64,
+    /// Jobs failed after their last attempt.
+    pub failed: u64,
+}
+
+const JOB_COLUMNS: &str = "id, kind, owner_id, resource_id, state, progress_done, progress_total, \
+     attempts, max_attempts, cancel_requested, error_code, error, created_at, started_at, finished_at";
+
+fn job_from(r: &AnyRow) -> Result<Job, StoreError> {
+    Ok(Job {
+        id: r.try_get("id")?,
+        kind: JobKind::parse(&r.try_get::<String, _>("kind")?)?,
+        owner_id: r.try_get("owner_id")?,
+        resource_id: r.try_get("resource_id")?,
+        state: JobState::parse(&r.try_get::<String, _>("state")?)?,
+        progress_done: r.try_get("progress_done")?,
+        progress_total: r.try_get("progress_total")?,
+        attempts: r.try_get("attempts")?,
+        max_attempts: r.try_get("max_attempts")?,
+        cancel_requested: r.try_get::<i64, _>("cancel_requested")? != 0,
+        error_code: r
+            .try_get::<Option<String>, _>("error_code")?
+            .map(|c| ErrorCode::parse(&c).ok_or_else(|| corrupt("jobs.error_code", &c)))
+            .transpose()?,
+        error: r.try_get("error")?,
+        created_at: r.try_get("created_at")?,
+        started_at: r.try_get("started_at")?,
+        finished_at: r.try_get("finished_at")?,
+    })
+}
+
+impl Store {
+    pub(super) async fn insert_job(
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        id: &str,
+        kind: JobKind,
+        owner: &str,
+        resource: &str,
+        max_attempts: i64,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO jobs (id, kind, owner_id, resource_id, state, max_attempts, created_at) \
+             VALUES ($1, $2, $3, $4, 'queued', $5, $6)",
+        )
+        .bind(id)
+        .bind(kind.as_str())
+        .bind(owner)
+        .bind(resource)
+        .bind(max_attempts)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// A job by id.
+    pub async fn get_job(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(job_from).transpose()
+    }
+
+    /// Jobs of one owner (every job when `owner` is `None`), newest first, at most `limit`.
+    pub async fn list_jobs(&self, owner: Option<&str>, limit: i64) -> Result<Vec<Job>, StoreError> {
+        let rows = self
+            .owned_rows(
+                "jobs",
+                JOB_COLUMNS,
+                owner,
+                "created_at DESC, id DESC",
+                Some(limit),
+            )
+            .await?;
+        rows.iter().map(job_from).collect()
+    }
+
+    /// Claims the oldest queued job for `worker`, atomically: two claimers never get the same
+    /// job. Records the start in `job_runs`.
+    pub async fn claim(&self, worker: &str) -> Result<Option<Claimed>, StoreError> {
+        let lock = match self.backend {
+            Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        };
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(&format!(
+            "UPDATE jobs SET state = 'running', worker = $1, attempts = attempts + 1, \
+             heartbeat_at = $2, started_at = COALESCE(started_at, $2) \
+             WHERE state = 'queued' AND id = (SELECT id FROM jobs WHERE state = 'queued' \
+             ORDER BY created_at, id LIMIT 1{lock}) \
+             RETURNING id, kind, resource_id, attempts"
+        ))
+        .bind(worker)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        let claimed = Claimed {
+            id: row.try_get("id")?,
+            kind: JobKind::parse(&row.try_get::<String, _>("kind")?)?,
+            resource_id: row.try_get("resource_id")?,
+            attempt: row.try_get("attempts")?,
+        };
+        sqlx::query(
+            "INSERT INTO job_runs (job_id, attempt, worker, started_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&claimed.id)
+        .bind(claimed.attempt)
+        .bind(worker)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(claimed))
+    }
+
+    /// Renews `worker`'s lease on a job and records its progress.
+    pub async fn heartbeat(
+        &self,
+        id: &str,
+        worker: &str,
+        done: i64,
+        total: i64,
+    ) -> Result<Beat, StoreError> {
+        let row = sqlx::query(
+            "UPDATE jobs SET heartbeat_at = $1, progress_done = $2, progress_total = $3 \
+             WHERE id = $4 AND worker = $5 AND state = 'running' RETURNING cancel_requested",
+        )
+        .bind(now_ms())
+        .bind(done)
+        .bind(total)
+        .bind(id)
+        .bind(worker)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            None => Beat::Lost,
+            Some(r) if r.try_get::<i64, _>("cancel_requested")? != 0 => Beat::Cancel,
+            Some(_) => Beat::Continue,
+        })
+    }
+
+    pub(super) async fn finish(
+        conn: &mut sqlx::AnyConnection,
+        id: &str,
+        worker: &str,
+        state: JobState,
+        code: Option<ErrorCode>,
+        message: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE jobs SET state = $1, error_code = $2, error = $3, finished_at = $4, \
+             worker = NULL, progress_done = CASE WHEN $1 = 'succeeded' THEN progress_total ELSE progress_done END \
+             WHERE id = $5 AND worker = $6 AND state = 'running'",
+        )
+        .bind(state.as_str())
+        .bind(code.map(ErrorCode::as_str))
+        .bind(message)
+        .bind(now_ms())
+        .bind(id)
+        .bind(worker)
+        .execute(conn)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Ends a running job of `worker` as failed or cancelled; false when it was no longer its.
+    pub async fn end_job(
+        &self,
+        id: &str,
+        worker: &str,
+        state: JobState,
+        code: ErrorCode,
+        message: &str,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        Self::finish(&mut conn, id, worker, state, Some(code), Some(message)).await
+    }
+
+    /// Puts a running job back in the queue without counting the attempt (graceful shutdown).
+    pub async fn park(&self, id: &str, worker: &str) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE jobs SET state = 'queued', worker = NULL, heartbeat_at = NULL, \
+             attempts = attempts - 1 WHERE id = $1 AND worker = $2 AND state = 'running'",
+        )
+        .bind(id)
+        .bind(worker)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Asks a job to stop: a queued job is cancelled at once, a running one when its worker next
+    /// beats. Returns the job as it now stands.
+    pub async fn cancel_job(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        let now = now_ms();
+        sqlx::query(
+            "UPDATE jobs SET state = 'cancelled', cancel_requested = 1, finished_at = $1, \
+             error_code = $2, error = 'cancelled by a client' \
+             WHERE id = $3 AND state = 'queued'",
+        )
+        .bind(now)
+        .bind(ErrorCode::Cancelled.as_str())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        sqlx::query("UPDATE jobs SET cancel_requested = 1 WHERE id = $1 AND state = 'running'")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        self.get_job(id).await
+    }
+
+    /// Requeues running jobs whose lease ran out before `stale_before` (their worker died), or
+    /// fails them when they have used every attempt.
+    pub async fn reap(&self, stale_before: i64) -> Result<Reaped, StoreError> {
+        let failed = sqlx::query(
+            "UPDATE jobs SET state = 'failed', worker = NULL, finished_at = $1, \
+             error_code = $3, \
+             error = 'the worker running this job stopped responding on its last allowed attempt' \
+             WHERE state = 'running' AND heartbeat_at < $2 AND attempts >= max_attempts",
+        )
+        .bind(now_ms())
+        .bind(stale_before)
+        .bind(ErrorCode::WorkerLost.as_str())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        let requeued = sqlx::query(
+            "UPDATE jobs SET state = 'queued', worker = NULL, heartbeat_at = NULL \
+             WHERE state = 'running' AND heartbeat_at < $1",
+        )
+        .bind(stale_before)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(Reaped { requeued, failed })
+    }
+
+    /// The workers that started a job, by attempt.
+    pub async fn job_runs(&self, id: &str) -> Result<Vec<(i64, String)>, StoreError> {
+        let rows =
+            sqlx::query("SELECT attempt, worker FROM job_runs WHERE job_id = $1 ORDER BY attempt")
+                .bind(id)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("attempt")?, r.try_get("worker")?)))
+            .collect()
+    }
+
+    /// Number of jobs per state and kind, for metrics.
+    pub async fn job_counts(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT kind, state, COUNT(*) AS n FROM jobs GROUP BY kind, state ORDER BY kind, state",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("kind")?, r.try_get("state")?, r.try_get("n")?)))
+            .collect()
+    }
+}
