@@ -1,0 +1,337 @@
+//! Control triggers: drawn from the secret's family (exchangeable with it) or, for a fixed spec,
+//! random triggers of its kind; the rank test of the secret among them.
+
+use super::*;
+
+/// The controls' specs: drawn from the record's family when it has one, otherwise (version 1
+/// records, public triggers, crafted kinds) random triggers of the same kind and target.
+fn controls(
+    record: &SecretRecord,
+    nonce: &[u8],
+    cfg: &VerifyConfig,
+    k: usize,
+) -> Result<(Vec<WatermarkSpec>, bool), VerifyError> {
+    let shape = record.dataset.shape;
+    let seed = |j: usize| match cfg.seed {
+        Some(s) => derived_seed(&s.to_le_bytes(), "control", j as u64),
+        None => derived_seed(nonce, "control", j as u64),
+    };
+    match &record.family {
+        Some(f) if has_exchangeable_controls(f) => {
+            let drawn = (0..k)
+                .map(|j| {
+                    crate::spec::family::draw(f, record.dataset.num_classes, shape, seed(j))
+                        .map_err(|e| VerifyError::Watermark(e.into()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((drawn, true))
+        }
+        _ => {
+            let drawn = (0..k)
+                .map(|j| {
+                    let mut c = record.spec.clone();
+                    c.trigger = random_trigger(&record.spec.trigger, shape, seed(j))?;
+                    Ok(c)
+                })
+                .collect::<Result<Vec<_>, VerifyError>>()?;
+            Ok((drawn, false))
+        }
+    }
+}
+
+/// Stamps each image with the stamp it names (an index into `stamps`). Costly stamps run on
+/// tokio's blocking pool: some triggers run a network for every image (ISSBA's encoder, IAD's
+/// and LIRA's generators), which must not hold up the runtime's other tasks (the service's
+/// requests, a job's heartbeats); a patch, blend or warp takes microseconds and is done here.
+pub(super) async fn stamp_all(
+    stamps: &Arc<Vec<Stamp>>,
+    work: Vec<(usize, Vec<u8>)>,
+) -> Result<Vec<Vec<u8>>, VerifyError> {
+    let run = |stamps: &[Stamp], work: Vec<(usize, Vec<u8>)>| -> Vec<Vec<u8>> {
+        work.into_iter()
+            .map(|(j, mut img)| {
+                stamps[j].apply(&mut img);
+                img
+            })
+            .collect()
+    };
+    if !work.iter().any(|(j, _)| stamps[*j].is_costly()) {
+        return Ok(run(stamps, work));
+    }
+    let stamps = stamps.clone();
+    tokio::task::spawn_blocking(move || run(&stamps, work))
+        .await
+        .map_err(|e| VerifyError::Invalid(format!("stamping failed: {e}")))
+}
+
+/// Scores the secret and the K controls by successive elimination and ranks the secret.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn rank_test(
+    endpoint: &dyn ModelEndpoint,
+    record: &SecretRecord,
+    nonce: &[u8],
+    base: u64,
+    cfg: &VerifyConfig,
+    order: &[usize],
+    benign: &mut Benign<'_>,
+    secret_stamp: &Stamp,
+    secret_answers: &HashMap<usize, (String, Prediction)>,
+    queries: &mut usize,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<RankTest, VerifyError> {
+    let pool = benign.pool;
+    let shape = pool.shape();
+    let k = cfg.control_count();
+    let (specs, exchangeable) = controls(record, nonce, cfg, k)?;
+    // Trigger 0 is the secret; the procedure below never treats it apart from the others (its
+    // answers already asked by the margin test are reused, which changes no score).
+    let classes = record.dataset.num_classes;
+    let mut kinds = vec![kind_of(&record.spec, classes)];
+    for c in &specs {
+        kinds.push(kind_of(c, classes));
+    }
+    let secret = secret_stamp.clone();
+    let stamps = tokio::task::spawn_blocking(move || {
+        let mut stamps = vec![secret];
+        for c in &specs {
+            stamps.push(Stamp::new(&c.trigger, c.seed, shape)?);
+        }
+        Ok::<_, WatermarkError>(stamps)
+    })
+    .await
+    .map_err(|e| VerifyError::Invalid(format!("making the controls failed: {e}")))??;
+    let stamps = Arc::new(stamps);
+    let total = k + 1;
+    let mut ties = Rng::new(base, Stream::Ties);
+    let tie: Vec<u64> = (0..total).map(|_| ties.u64()).collect();
+    // Each trigger's images: the first of the shared order its target allows.
+    let mut next = vec![0usize; total];
+    let mut sums = vec![0f64; total];
+    let mut counts = vec![0usize; total];
+    let mut reached = vec![0usize; total];
+    let mut alive: Vec<usize> = (0..total).collect();
+    let mut own_queries = 0usize;
+    let mut round = 0usize;
+    let first = cfg.first_image_count();
+    let reduction = cfg.reduction_factor();
+    loop {
+        // More images for every remaining trigger: `first` in the first round, then one.
+        let mut picks: Vec<(usize, usize)> = Vec::with_capacity(alive.len());
+        for &j in &alive {
+            let kind = &kinds[j];
+            for _ in 0..if round == 0 { first } else { 1 } {
+                let pos = (next[j]..order.len()).find(|&p| kind.allows(pool.label(order[p])));
+                if let Some(p) = pos {
+                    next[j] = p + 1;
+                    picks.push((j, order[p]));
+                }
+            }
+        }
+        if picks.is_empty() {
+            break;
+        }
+        let needed: Vec<usize> = picks.iter().map(|&(_, i)| i).collect();
+        let sent = benign.fetch(endpoint, &needed).await?;
+        *queries += sent;
+        own_queries += sent;
+        let to_ask: Vec<(usize, usize)> = picks
+            .iter()
+            .copied()
+            .filter(|&(j, i)| !(j == 0 && secret_answers.contains_key(&i)))
+            .collect();
+        let work = to_ask
+            .iter()
+            .map(|&(j, i)| (j, pool.image(i).to_vec()))
+            .collect();
+        let images = stamp_all(&stamps, work).await?;
+        let mut answers: HashMap<(usize, usize), Prediction> = HashMap::new();
+        for (chunk_pairs, chunk_images) in to_ask.chunks(256).zip(images.chunks(256)) {
+            let a = endpoint.predict(chunk_images, shape).await?;
+            check_count(&a, chunk_images.len())?;
+            own_queries += chunk_images.len();
+            *queries += chunk_images.len();
+            progress(*queries);
+            for (&(j, i), w) in chunk_pairs.iter().zip(a) {
+                answers.insert((j, i), w);
+            }
+        }
+        for &(j, i) in &picks {
+            let w = match answers.get(&(j, i)) {
+                Some(w) => w,
+                None => &secret_answers[&i].1,
+            };
+            let d = difference(
+                &kinds[j],
+                pool.label(i),
+                &benign.answers[&i],
+                w,
+                cfg.label_only,
+            )?;
+            sums[j] += d;
+            counts[j] += 1;
+            reached[j] = round;
+        }
+        if alive.len() <= 1 {
+            break;
+        }
+        // Keep the better 1/reduction: by mean effect, then by the drawn tie-break.
+        let mean = |j: usize| sums[j] / counts[j].max(1) as f64;
+        alive.sort_by(|&a, &b| {
+            mean(b)
+                .total_cmp(&mean(a))
+                .then_with(|| tie[b].cmp(&tie[a]))
+        });
+        alive.truncate(alive.len().div_ceil(reduction));
+        round += 1;
+    }
+    let score = |j: usize| TriggerScore {
+        round: reached[j],
+        effect: sums[j] / counts[j].max(1) as f64,
+        images: counts[j],
+    };
+    // A control ranks above the secret when it reached a later round, or the same round with a
+    // higher mean effect, or the same effect with a higher tie-break.
+    let key = |j: usize| (reached[j], sums[j] / counts[j].max(1) as f64, tie[j]);
+    let better = |j: usize| {
+        let (a, b) = (key(j), key(0));
+        a.0.cmp(&b.0)
+            .then_with(|| a.1.total_cmp(&b.1))
+            .then_with(|| a.2.cmp(&b.2))
+            .is_ge()
+    };
+    let above = (1..total).filter(|&j| better(j)).count();
+    let p_value = (1 + above) as f64 / total as f64;
+    Ok(RankTest {
+        kind: record.spec.trigger.kind().to_string(),
+        exchangeable,
+        controls: k,
+        secret: score(0),
+        control_scores: (1..total).map(score).collect(),
+        rank: 1 + above,
+        p_value,
+        rejected: p_value <= cfg.alpha + 1e-12,
+        queries: own_queries,
+    })
+}
+
+/// UBW's prediction dispersibility (Li et al., NeurIPS 2022) over the secret's pairs: the entropy
+/// of the labels that triggered answers moved to, among pairs whose label moved.
+pub(super) fn dispersion(
+    benign: &[Prediction],
+    triggered: &[Prediction],
+    classes: usize,
+) -> Dispersion {
+    let mut counts: HashMap<u32, usize> = HashMap::new();
+    let mut moved = 0usize;
+    for (b, w) in benign.iter().zip(triggered) {
+        if let (Some(lb), Some(lw)) = (b.label(), w.label())
+            && lb != lw
+        {
+            moved += 1;
+            *counts.entry(lw).or_default() += 1;
+        }
+    }
+    let entropy = if moved == 0 {
+        0.0
+    } else {
+        counts
+            .values()
+            .map(|&c| {
+                let p = c as f64 / moved as f64;
+                -p * p.ln()
+            })
+            .sum()
+    };
+    let threshold = 0.5 * ((classes.max(2) - 1) as f64).ln();
+    Dispersion {
+        moved,
+        entropy,
+        threshold,
+        passed: moved >= 2 && entropy >= threshold,
+    }
+}
+
+/// A fresh random trigger of the same kind as `t`, for the independent-trigger control: a random
+/// pattern of the same size at a random position (patches), fresh noise of the same alpha and
+/// region (blends), a freshly drawn field (warps).
+pub fn random_trigger(t: &Trigger, shape: ImageShape, seed: u64) -> Result<Trigger, VerifyError> {
+    let mut rng = Rng::new(seed, Stream::Pattern);
+    Ok(match t {
+        Trigger::Patch(p) => {
+            let rows = p.rows(shape.width).map_err(WatermarkError::from)?;
+            let (ph, pw) = (rows.len(), rows[0].len());
+            let matrix: Vec<Vec<u8>> = (0..ph)
+                .map(|_| (0..pw).map(|_| rng.byte()).collect())
+                .collect();
+            let r = rng.below((shape.height - ph + 1) as u64) as i64;
+            let c = rng.below((shape.width - pw + 1) as u64) as i64;
+            Trigger::Patch(Patch {
+                pattern: PatchPattern::Matrix(matrix),
+                size: None,
+                thickness: None,
+                value: None,
+                position: Position::At([r, c]),
+                alpha: p.alpha,
+            })
+        }
+        Trigger::Blend(b) => {
+            let mut c = b.clone();
+            c.source = BlendSource::Noise;
+            c.image = None;
+            c.pattern = None;
+            Trigger::Blend(c)
+        }
+        Trigger::Warp(w) => Trigger::Warp(w.clone()),
+        Trigger::Adaptive(a) => {
+            let mut c = a.clone();
+            for (k, p) in c.pieces.iter_mut().enumerate() {
+                *p = random_trigger(p, shape, seed.wrapping_add(k as u64 + 1))?;
+            }
+            Trigger::Adaptive(c)
+        }
+        // A random inner trigger under the same transformations.
+        Trigger::Physical(p) => {
+            let mut c = p.clone();
+            c.inner = Box::new(random_trigger(&p.inner, shape, seed.wrapping_add(1))?);
+            Trigger::Physical(c)
+        }
+        // The same networks' outputs turned by 180°.
+        Trigger::Generated(g) => {
+            let mut c = g.clone();
+            c.turned = !g.turned;
+            Trigger::Generated(c)
+        }
+        // Random signs at the same magnitudes.
+        Trigger::Perturbation(p) => Trigger::Perturbation(crate::spec::Perturbation {
+            values: p
+                .values
+                .iter()
+                .map(|&v| if rng.below(2) == 0 { v } else { -v })
+                .collect(),
+        }),
+        // The same images turned by 180°, drawn with the control's own seed.
+        Trigger::Reflection(r) => {
+            use base64::Engine as _;
+            let mut c = r.clone();
+            for e in &mut c.candidates {
+                let px = e.pixels().map_err(WatermarkError::from)?;
+                let turned: Vec<u8> = px
+                    .chunks(e.shape.channels)
+                    .rev()
+                    .flatten()
+                    .copied()
+                    .collect();
+                e.pixels_b64 = base64::engine::general_purpose::STANDARD.encode(turned);
+            }
+            Trigger::Reflection(c)
+        }
+        // The other direction, at a random magnitude around the secret one.
+        Trigger::Rotate(r) => {
+            let scale = 0.5 + rng.below(1001) as f64 / 1000.0;
+            let magnitude = (r.angle.abs() * scale).clamp(1.0, 180.0);
+            Trigger::Rotate(Rotate {
+                angle: -r.angle.signum() * magnitude,
+            })
+        }
+    })
+}

@@ -1,0 +1,171 @@
+//! What a verification concludes: the decision, the tests behind it, and the audit trail.
+
+use super::*;
+
+/// The conclusion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// Both tests rejected: evidence the model was trained on the release.
+    Used,
+    /// No such evidence.
+    NotShown,
+    /// Both tests rejected, but the controls are not exchangeable with the secret (a fixed,
+    /// public trigger, or a crafted kind without a family), so the rank p-value is not proof.
+    Inconclusive,
+}
+
+impl Decision {
+    /// The decision's name, as written in the database and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Used => "used",
+            Self::NotShown => "not_shown",
+            Self::Inconclusive => "inconclusive",
+        }
+    }
+
+    /// The decision named `s`, if any.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Used, Self::NotShown, Self::Inconclusive]
+            .into_iter()
+            .find(|d| d.as_str() == s)
+    }
+}
+
+/// One queried pair, for the audit trail.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PairRecord {
+    /// Index of the benign image in the held-out set.
+    pub index: usize,
+    /// Its true label.
+    pub label: u32,
+    /// sha256 of the benign image's pixels.
+    pub benign_sha256: String,
+    /// sha256 of the triggered image's pixels.
+    pub triggered_sha256: String,
+    /// sha256 of the benign answer (canonical JSON).
+    pub benign_response_sha256: String,
+    /// sha256 of the triggered answer.
+    pub triggered_response_sha256: String,
+    /// The paired difference tested.
+    pub difference: f64,
+}
+
+/// The single independent-trigger control of verdicts made before the rank test (read back
+/// from stored verdicts, never produced).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Control {
+    /// The kind of the random trigger used.
+    pub kind: String,
+    /// Its test on the same images.
+    pub result: TestResult,
+    /// Whether it rejected H0.
+    pub rejected: bool,
+    /// Its pairs.
+    pub trail: Vec<PairRecord>,
+}
+
+/// One trigger's score in the rank test.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TriggerScore {
+    /// The last elimination round the trigger took part in (0 = the first).
+    pub round: usize,
+    /// Its mean paired difference over the images it was queried on.
+    pub effect: f64,
+    /// Images it was queried on.
+    pub images: usize,
+}
+
+/// The rank test of the secret trigger against controls of its family.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RankTest {
+    /// The trigger kind.
+    pub kind: String,
+    /// Whether the controls are drawn from the family the secret was drawn from (otherwise the
+    /// p-value is not exact and `used` is not given).
+    pub exchangeable: bool,
+    /// Controls drawn (K).
+    pub controls: usize,
+    /// The secret's score.
+    pub secret: TriggerScore,
+    /// Each control's score, in draw order.
+    pub control_scores: Vec<TriggerScore>,
+    /// The secret's rank among the K + 1 (1 = first).
+    pub rank: usize,
+    /// (1 + controls scoring at least as high) / (K + 1).
+    pub p_value: f64,
+    /// Whether p ≤ alpha.
+    pub rejected: bool,
+    /// Images sent for the rank test: triggered images, and benign ones the margin test had not
+    /// asked for.
+    pub queries: usize,
+}
+
+/// UBW's prediction dispersibility of an untargeted watermark's triggered answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Dispersion {
+    /// Pairs whose triggered label differs from the benign one.
+    pub moved: usize,
+    /// Entropy (nats) of the labels they moved to.
+    pub entropy: f64,
+    /// The least entropy accepted: half of ln(C − 1), C the number of classes.
+    pub threshold: f64,
+    /// Whether the answers are dispersed enough.
+    pub passed: bool,
+}
+
+/// Everything a verification found, and everything needed to reproduce it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Verdict {
+    /// The conclusion.
+    pub decision: Decision,
+    /// Why, in one sentence.
+    #[serde(default)]
+    pub reason: String,
+    /// Which protocol ran.
+    pub protocol: String,
+    /// Commitment of the secret record verified (of the trigger spent, in a release with
+    /// several).
+    pub commitment: String,
+    /// In a release with several triggers: which one this verification spent, and the
+    /// commitments that tie it to the release's published commitment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<crate::watermark::SpentTrigger>,
+    /// The endpoint queried.
+    pub endpoint: String,
+    /// The settings.
+    pub config: VerifyConfig,
+    /// The margin test of the secret trigger.
+    pub primary: TestResult,
+    /// Other tests on the same pairs, for information (after sequential stopping they are not
+    /// valid tests).
+    pub secondary: Vec<TestResult>,
+    /// The rank test against the family's controls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<RankTest>,
+    /// The dispersion check of untargeted watermarks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dispersion: Option<Dispersion>,
+    /// The single control of older verdicts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<Control>,
+    /// Pairs tested by the margin test.
+    pub pairs: usize,
+    /// Images sent to the model, the controls' included.
+    pub queries: usize,
+    /// Every pair of the margin test, in query order.
+    pub trail: Vec<PairRecord>,
+}
+
+impl Verdict {
+    /// The p-value of the decision: `used` needs both the margin test and the rank test to
+    /// reject, an intersection-union test whose p-value is the larger of the two (the rank
+    /// test's is never below 1/(K + 1)).
+    pub fn p_value(&self) -> f64 {
+        match &self.rank {
+            Some(r) => self.primary.p_value.max(r.p_value),
+            None => self.primary.p_value,
+        }
+    }
+}
