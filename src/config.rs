@@ -240,7 +240,7 @@ impl PartialConfig {
         });
         let secret_key = self
             .secret_key
-            .map(|k| parse_key(&k).map_err(|m| invalid("secret_key", m)))
+            .map(|k| parse_key(&k).map_err(|m| invalid("secret_key", m.0)))
             .transpose()?;
         let workers = self.workers.unwrap_or(2);
         if workers == 0 || workers > 256 {
@@ -306,11 +306,11 @@ impl PartialConfig {
 }
 
 /// Parses 64 hex digits into a key.
-pub fn parse_key(text: &str) -> Result<[u8; 32], String> {
+pub fn parse_key(text: &str) -> Result<[u8; 32], crate::Invalid> {
     let bytes = hex::decode(text.trim()).map_err(|e| format!("not hex: {e}"))?;
     bytes
         .try_into()
-        .map_err(|b: Vec<u8>| format!("{} bytes; expected 32 (64 hex digits)", b.len()))
+        .map_err(|b: Vec<u8>| format!("{} bytes; expected 32 (64 hex digits)", b.len()).into())
 }
 
 impl ServeConfig {
@@ -334,9 +334,9 @@ impl ServeConfig {
             None => (self.data_dir.join("secret.key"), true),
         };
         match std::fs::read_to_string(&path) {
-            Ok(text) => parse_key(&text).map_err(|message| ConfigError::File {
+            Ok(text) => parse_key(&text).map_err(|m| ConfigError::File {
                 path: path.clone(),
-                message,
+                message: m.0,
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && may_create => {
                 if self.database_url.starts_with("postgres") {

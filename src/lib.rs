@@ -24,6 +24,7 @@ pub mod endpoint;
 mod error_code;
 pub mod fsutil;
 pub mod http;
+mod invalid;
 pub mod jobs;
 pub mod spec;
 pub mod stats;
@@ -34,3 +35,4 @@ pub mod verify;
 pub mod watermark;
 
 pub use error_code::ErrorCode;
+pub use invalid::Invalid;

@@ -20,6 +20,7 @@ pub use spec::SpecCommand;
 pub use verify::VerifyArgs;
 pub use watermark::{Compress, WatermarkArgs};
 
+use crate::Invalid;
 use crate::dataset::{self, Format, Layout, ReleaseInfo, Split};
 use crate::fsutil::AtomicDir;
 use anyhow::{Context, Result, bail};
@@ -98,10 +99,10 @@ pub struct InputArgs {
     pub split: Option<Split>,
 }
 
-fn parse_format(s: &str) -> Result<Format, String> {
+fn parse_format(s: &str) -> Result<Format, Invalid> {
     s.parse()
 }
-fn parse_split(s: &str) -> Result<Split, String> {
+fn parse_split(s: &str) -> Result<Split, Invalid> {
     s.parse()
 }
 

@@ -1,5 +1,6 @@
 //! `hallmark serve`, `hallmark keys` and `hallmark health`.
 
+use crate::Invalid;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
@@ -80,14 +81,14 @@ pub enum KeysCommand {
     },
 }
 
-fn parse_role(s: &str) -> Result<Role, String> {
+fn parse_role(s: &str) -> Result<Role, Invalid> {
     match s {
         "admin" => Ok(Role::Admin),
         "publisher" => Ok(Role::Publisher),
         "auditor" => Ok(Role::Auditor),
-        _ => Err(format!(
+        _ => Err(Invalid(format!(
             "unknown role {s:?}: expected admin, publisher or auditor"
-        )),
+        ))),
     }
 }
 

@@ -70,10 +70,10 @@ pub struct WatermarkArgs {
     pub craft_model: Option<PathBuf>,
 }
 
-fn parse_nonce(s: &str) -> Result<[u8; 32], String> {
+fn parse_nonce(s: &str) -> Result<[u8; 32], crate::Invalid> {
     let v = hex::decode(s).map_err(|e| format!("not hex: {e}"))?;
     v.try_into()
-        .map_err(|v: Vec<u8>| format!("{} bytes, the nonce has 32", v.len()))
+        .map_err(|v: Vec<u8>| format!("{} bytes, the nonce has 32", v.len()).into())
 }
 
 /// Refuses a trigger that is not secret enough unless the publisher says it may be public.

@@ -117,7 +117,7 @@ pub fn read_limited(
     };
     limits
         .check(headers.len(), shape)
-        .map_err(|m| DatasetError::input(root, m))?;
+        .map_err(|m| DatasetError::input(root, m.0))?;
     let mut pixels = vec![0u8; headers.len() * shape.len()];
     pixels
         .par_chunks_mut(shape.len())

@@ -7,6 +7,7 @@ use super::hash::dataset_sha256;
 use super::idx;
 use super::manifest::{MANIFEST, ReleaseFile, ReleaseInfo, write_manifest};
 use super::{Dataset, DatasetError, ImageShape, Limits};
+use crate::Invalid;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -44,7 +45,7 @@ impl Format {
 }
 
 impl std::str::FromStr for Format {
-    type Err = String;
+    type Err = Invalid;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "idx" => Ok(Self::Idx),
@@ -52,9 +53,9 @@ impl std::str::FromStr for Format {
             "cifar10" => Ok(Self::Cifar10),
             "cifar100" => Ok(Self::Cifar100),
             "folder" => Ok(Self::Folder),
-            _ => Err(format!(
+            _ => Err(Invalid(format!(
                 "unknown format {s:?}: expected idx, cifar, cifar10, cifar100 or folder"
-            )),
+            ))),
         }
     }
 }
@@ -80,12 +81,14 @@ impl Split {
 }
 
 impl std::str::FromStr for Split {
-    type Err = String;
+    type Err = Invalid;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "train" => Ok(Self::Train),
             "test" => Ok(Self::Test),
-            _ => Err(format!("unknown split {s:?}: expected train or test")),
+            _ => Err(Invalid(format!(
+                "unknown split {s:?}: expected train or test"
+            ))),
         }
     }
 }
@@ -427,7 +430,7 @@ fn read_idx(
     };
     limits
         .check(images.dims[0], shape)
-        .map_err(|m| DatasetError::input(&images_path, m))?;
+        .map_err(|m| DatasetError::input(&images_path, m.0))?;
     let [n_labels] = labels.dims.as_slice() else {
         return Err(DatasetError::malformed(
             &labels_path,

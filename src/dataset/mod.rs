@@ -20,6 +20,7 @@ pub use manifest::{
     write_release_info,
 };
 
+use crate::Invalid;
 use serde::{Deserialize, Serialize};
 
 /// Bounds on what reading a dataset may allocate, checked against what the files declare (image
@@ -48,12 +49,12 @@ impl Default for Limits {
 
 impl Limits {
     /// Whether `count` images of `shape` fit; the message says what is over.
-    pub fn check(&self, count: usize, shape: ImageShape) -> Result<(), String> {
+    pub fn check(&self, count: usize, shape: ImageShape) -> Result<(), Invalid> {
         if shape.height > self.max_side || shape.width > self.max_side {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "images of {}×{} exceed the longest side allowed, {}",
                 shape.height, shape.width, self.max_side
-            ));
+            )));
         }
         let bytes = count
             .checked_mul(shape.height)
@@ -61,10 +62,10 @@ impl Limits {
             .and_then(|n| n.checked_mul(shape.channels));
         match bytes {
             Some(b) if b <= self.max_bytes => Ok(()),
-            _ => Err(format!(
+            _ => Err(Invalid(format!(
                 "{count} images of {shape} exceed the dataset size limit of {} bytes",
                 self.max_bytes
-            )),
+            ))),
         }
     }
 }

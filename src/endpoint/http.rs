@@ -8,6 +8,7 @@ use super::{
     Datatype, EndpointConfig, EndpointError, ModelEndpoint, OutputKind, Prediction, Protocol,
     TensorLayout,
 };
+use crate::Invalid;
 use crate::dataset::ImageShape;
 use futures_util::StreamExt;
 use serde_json::Value;
@@ -217,7 +218,10 @@ impl HttpEndpoint {
     /// no probability can (rows inside [0, 1] that do not sum to 1 stay an error: they may be
     /// broken probabilities). The first answer to settle it wins, so every batch of a run is
     /// read alike.
-    fn read_scores<T>(&self, read: impl Fn(OutputKind) -> Result<T, String>) -> Result<T, String> {
+    fn read_scores<T>(
+        &self,
+        read: impl Fn(OutputKind) -> Result<T, Invalid>,
+    ) -> Result<T, Invalid> {
         let kind = self.kind();
         if kind != OutputKind::Auto {
             return read(kind);
@@ -227,7 +231,7 @@ impl HttpEndpoint {
                 OutputKind::Probabilities,
                 "the first answer's rows are probabilities",
             ),
-            Err(e) if e.contains(protocol::NOT_A_PROBABILITY) => (
+            Err(e) if e.0.contains(protocol::NOT_A_PROBABILITY) => (
                 OutputKind::Logits,
                 "the first answer holds scores outside [0, 1], which no probability can be",
             ),
@@ -543,10 +547,10 @@ impl HttpEndpoint {
         }
     }
 
-    fn invalid(&self, url: &url::Url, message: String) -> EndpointError {
+    fn invalid(&self, url: &url::Url, message: Invalid) -> EndpointError {
         EndpointError::Invalid {
             url: url.to_string(),
-            message,
+            message: message.0,
         }
     }
 
@@ -670,9 +674,14 @@ impl HttpEndpoint {
             .pointer(&pointer)
             .or_else(|| v.get("outputs"))
             .and_then(Value::as_array)
-            .ok_or_else(|| self.invalid(&url, format!("no predictions array at {pointer}")))?;
+            .ok_or_else(|| {
+                self.invalid(&url, Invalid(format!("no predictions array at {pointer}")))
+            })?;
         if preds.len() != n {
-            return Err(self.invalid(&url, format!("{} predictions for {n} images", preds.len())));
+            return Err(self.invalid(
+                &url,
+                Invalid(format!("{} predictions for {n} images", preds.len())),
+            ));
         }
         self.read_scores(|kind| {
             preds

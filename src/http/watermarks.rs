@@ -1,6 +1,7 @@
 //! `/v1/watermarks`: watermarked releases. The spec, trigger, poisoned indices and secret record
 //! stay sealed on the server; only the owning publisher may read the secret record back.
 
+use crate::Invalid;
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
@@ -105,10 +106,10 @@ pub struct GrantRequest {
 }
 
 /// `scheme://host:port` of an http(s) URL.
-pub(super) fn origin(url: &str) -> Result<String, String> {
+pub(super) fn origin(url: &str) -> Result<String, Invalid> {
     let u = url::Url::parse(url).map_err(|e| format!("{url:?}: {e}"))?;
     if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
-        return Err(format!("{url:?}: not an http or https URL"));
+        return Err(Invalid(format!("{url:?}: not an http or https URL")));
     }
     Ok(u.origin().ascii_serialization())
 }

@@ -44,10 +44,13 @@ fn dataset_from(r: &AnyRow) -> Result<DatasetInfo, StoreError> {
         format: r
             .try_get::<String, _>("format")?
             .parse()
-            .map_err(|e: String| corrupt("datasets.format", &e))?,
+            .map_err(|e: crate::Invalid| corrupt("datasets.format", &e.0))?,
         split: r
             .try_get::<Option<String>, _>("split")?
-            .map(|s| s.parse().map_err(|e: String| corrupt("datasets.split", &e)))
+            .map(|s| {
+                s.parse()
+                    .map_err(|e: crate::Invalid| corrupt("datasets.split", &e.0))
+            })
             .transpose()?,
         count: r.try_get("count")?,
         num_classes: r.try_get("num_classes")?,

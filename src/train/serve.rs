@@ -8,6 +8,7 @@
 
 use super::model::{Arch, Net};
 use super::{TrainError, metrics};
+use crate::Invalid;
 use crate::dataset::ImageShape;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -224,60 +225,63 @@ struct RequestedOutput {
     name: String,
 }
 
-fn flatten_numbers(v: &Value, out: &mut Vec<f64>) -> Result<(), String> {
+fn flatten_numbers(v: &Value, out: &mut Vec<f64>) -> Result<(), Invalid> {
     match v {
         Value::Array(a) => a.iter().try_for_each(|x| flatten_numbers(x, out)),
         Value::Number(n) => {
             out.push(n.as_f64().ok_or("a number is out of range")?);
             Ok(())
         }
-        other => Err(format!("data holds {other}, not a number")),
+        other => Err(Invalid(format!("data holds {other}, not a number"))),
     }
 }
 
 /// Turns a V2 input into a [N, C, H, W] float tensor in [0, 1].
-fn input_tensor(input: &InferInput, shape: ImageShape) -> Result<Tensor, String> {
+fn input_tensor(input: &InferInput, shape: ImageShape) -> Result<Tensor, Invalid> {
     let (c, h, w) = (
         shape.channels as i64,
         shape.height as i64,
         shape.width as i64,
     );
     if input.shape.iter().any(|d| *d <= 0) || input.shape.is_empty() {
-        return Err(format!(
+        return Err(Invalid(format!(
             "input {}: shape {:?} has a non-positive dimension",
             input.name, input.shape
-        ));
+        )));
     }
     let n = input.shape[0];
     let per: i64 = input.shape[1..].iter().product();
     if per != c * h * w {
-        return Err(format!(
+        return Err(Invalid(format!(
             "input {}: shape {:?} does not hold {}×{}×{} images",
             input.name, input.shape, c, h, w
-        ));
+        )));
     }
     let mut data = Vec::with_capacity((n * per) as usize);
     flatten_numbers(&input.data, &mut data).map_err(|e| format!("input {}: {e}", input.name))?;
     if data.len() as i64 != n * per {
-        return Err(format!(
+        return Err(Invalid(format!(
             "input {}: shape {:?} needs {} values, data has {}",
             input.name,
             input.shape,
             n * per,
             data.len()
-        ));
+        )));
     }
     if let Some(v) = data.iter().find(|v| !v.is_finite()) {
-        return Err(format!("input {}: value {v} is not finite", input.name));
+        return Err(Invalid(format!(
+            "input {}: value {v} is not finite",
+            input.name
+        )));
     }
     let scale = match input.datatype.as_str() {
         "FP32" | "FP64" | "FP16" => 1.0,
         "UINT8" => 1.0 / 255.0,
         other => {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "input {}: datatype {other} is not supported (FP32, FP64, UINT8)",
                 input.name
-            ));
+            )));
         }
     };
     let t = Tensor::from_slice(&data).to_kind(Kind::Float) * scale;
@@ -290,10 +294,10 @@ fn input_tensor(input: &InferInput, shape: ImageShape) -> Result<Tensor, String>
         [a, b] if c == 1 && *a == h && *b == w => t.view([n, 1, h, w]),
         [_] => t.view([n, h, w, c]).permute([0, 3, 1, 2]).contiguous(),
         _ => {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "input {}: layout of shape {:?} not understood",
                 input.name, input.shape
-            ));
+            )));
         }
     })
 }
@@ -333,7 +337,7 @@ async fn infer(
     }
     let x = match input_tensor(input, s.info.shape) {
         Ok(x) => x,
-        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+        Err(m) => return error(StatusCode::BAD_REQUEST, m.0),
     };
     let state = s.clone();
     let probs = tokio::task::spawn_blocking(move || {

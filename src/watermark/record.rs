@@ -1,6 +1,7 @@
 //! The secret record of a watermark and its public commitment.
 
 use super::WatermarkError;
+use crate::Invalid;
 use crate::dataset::ImageShape;
 use crate::spec::{WatermarkSpec, canonical_json, sha256_hex};
 use serde::{Deserialize, Serialize};
@@ -386,22 +387,22 @@ impl Secret {
     pub fn trigger(
         &self,
         number: Option<usize>,
-    ) -> Result<(&SecretRecord, Option<SpentTrigger>), String> {
+    ) -> Result<(&SecretRecord, Option<SpentTrigger>), Invalid> {
         match (self, number) {
             (Secret::One(r), None | Some(1)) => Ok((r, None)),
-            (Secret::One(_), Some(n)) => Err(format!(
+            (Secret::One(_), Some(n)) => Err(Invalid(format!(
                 "trigger {n}: this release carries one trigger (trigger 1)"
-            )),
-            (Secret::Set(s), None) => Err(format!(
+            ))),
+            (Secret::Set(s), None) => Err(Invalid(format!(
                 "this release carries {} triggers: choose the one to spend (1 to {}); spend each \
                  once, since a verification shows its trigger to the endpoint",
                 s.triggers.len(),
                 s.triggers.len()
-            )),
-            (Secret::Set(s), Some(n)) if n == 0 || n > s.triggers.len() => Err(format!(
+            ))),
+            (Secret::Set(s), Some(n)) if n == 0 || n > s.triggers.len() => Err(Invalid(format!(
                 "trigger {n}: this release carries triggers 1 to {}",
                 s.triggers.len()
-            )),
+            ))),
             (Secret::Set(s), Some(n)) => {
                 let commitments = s.commitments();
                 Ok((

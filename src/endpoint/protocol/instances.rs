@@ -2,6 +2,7 @@
 //! with the batch in place of `"$INSTANCES"`.
 
 use super::{Encoding, flatten, label_of, number, probability_row};
+use crate::Invalid;
 use crate::dataset::ImageShape;
 use crate::endpoint::{OutputKind, Prediction};
 use serde_json::Value;
@@ -43,7 +44,7 @@ pub fn instance_prediction(
     kind: OutputKind,
     class_names: Option<&[String]>,
     at: &str,
-) -> Result<Prediction, String> {
+) -> Result<Prediction, Invalid> {
     match v {
         Value::Object(map) => {
             let keys: &[&str] = match kind {
@@ -95,9 +96,11 @@ pub fn instance_prediction(
         Value::Number(_) | Value::String(_) if kind == OutputKind::Labels => {
             label_of(v, class_names, at).map(Prediction::Label)
         }
-        Value::Null => Err(format!("{at}: a non-finite value (NaN or Infinity)")),
-        other => Err(format!(
+        Value::Null => Err(Invalid(format!(
+            "{at}: a non-finite value (NaN or Infinity)"
+        ))),
+        other => Err(Invalid(format!(
             "{at}: the model returned {other}, not scores; configure the output as labels if it only gives labels"
-        )),
+        ))),
     }
 }

@@ -6,6 +6,7 @@
 //! must be finite, every row must have the expected length, and probabilities must sum to 1.
 
 use super::{Datatype, OutputKind, Prediction, TensorLayout};
+use crate::Invalid;
 use crate::dataset::ImageShape;
 use serde::Serialize;
 use serde::ser::{SerializeSeq, Serializer};
@@ -203,7 +204,7 @@ impl Serialize for Nested<'_> {
 /// Parses JSON, turning the bare tokens `NaN`, `Infinity` and `-Infinity` that TF Serving may
 /// send into `null` first, so that they reach validation as non-finite values rather than
 /// failing as unreadable JSON.
-pub fn lenient_json(bytes: &[u8]) -> Result<Value, String> {
+pub fn lenient_json(bytes: &[u8]) -> Result<Value, Invalid> {
     if let Ok(v) = serde_json::from_slice(bytes) {
         return Ok(v);
     }
@@ -239,7 +240,7 @@ pub fn lenient_json(bytes: &[u8]) -> Result<Value, String> {
             rest = &rest[c.len_utf8()..];
         }
     }
-    serde_json::from_str(&out).map_err(|e| format!("not JSON: {e}"))
+    serde_json::from_str(&out).map_err(|e| Invalid(format!("not JSON: {e}")))
 }
 
 /// The message of an error body, whatever its shape, else the raw text (shortened).
@@ -285,13 +286,15 @@ pub(super) fn flatten(v: &Value, out: &mut Vec<Value>) {
     }
 }
 
-pub(super) fn number(v: &Value, at: &str) -> Result<f64, String> {
+pub(super) fn number(v: &Value, at: &str) -> Result<f64, Invalid> {
     match v {
         Value::Number(n) => n
             .as_f64()
-            .ok_or_else(|| format!("{at}: {n} is not a number")),
-        Value::Null => Err(format!("{at}: a non-finite value (NaN or Infinity)")),
-        other => Err(format!("{at}: expected a number, found {other}")),
+            .ok_or_else(|| Invalid(format!("{at}: {n} is not a number"))),
+        Value::Null => Err(Invalid(format!(
+            "{at}: a non-finite value (NaN or Infinity)"
+        ))),
+        other => Err(Invalid(format!("{at}: expected a number, found {other}"))),
     }
 }
 
@@ -299,15 +302,15 @@ pub(super) fn number(v: &Value, at: &str) -> Result<f64, String> {
 pub const NOT_A_PROBABILITY: &str = "is outside [0, 1]";
 
 /// A probability row from a vector of scores, validated (probabilities) or normalised (logits).
-pub fn probability_row(row: Vec<f64>, kind: OutputKind, at: &str) -> Result<Prediction, String> {
+pub fn probability_row(row: Vec<f64>, kind: OutputKind, at: &str) -> Result<Prediction, Invalid> {
     if row.len() < 2 {
-        return Err(format!(
+        return Err(Invalid(format!(
             "{at}: {} scores; a classifier gives at least 2",
             row.len()
-        ));
+        )));
     }
     if let Some(v) = row.iter().find(|v| !v.is_finite()) {
-        return Err(format!("{at}: non-finite score {v}"));
+        return Err(Invalid(format!("{at}: non-finite score {v}")));
     }
     match kind {
         OutputKind::Logits => {
@@ -320,15 +323,15 @@ pub fn probability_row(row: Vec<f64>, kind: OutputKind, at: &str) -> Result<Pred
         }
         _ => {
             if let Some(v) = row.iter().find(|v| !(-1e-6..=1.0 + 1e-6).contains(*v)) {
-                return Err(format!(
+                return Err(Invalid(format!(
                     "{at}: probability {v} {NOT_A_PROBABILITY} (logits? configure the output as logits)"
-                ));
+                )));
             }
             let sum: f64 = row.iter().sum();
             if (sum - 1.0).abs() > 1e-3 {
-                return Err(format!(
+                return Err(Invalid(format!(
                     "{at}: probabilities sum to {sum}, not 1 within 1e-3"
-                ));
+                )));
             }
             Ok(Prediction::Probs(row))
         }
@@ -336,14 +339,14 @@ pub fn probability_row(row: Vec<f64>, kind: OutputKind, at: &str) -> Result<Pred
 }
 
 /// A label from a number or a string (`"3"`, a class name, or Triton's `"score:index[:name]"`).
-pub fn label_of(v: &Value, class_names: Option<&[String]>, at: &str) -> Result<u32, String> {
+pub fn label_of(v: &Value, class_names: Option<&[String]>, at: &str) -> Result<u32, Invalid> {
     match v {
         Value::Number(n) => {
             let f = n.as_f64().unwrap_or(f64::NAN);
             if f.is_finite() && f >= 0.0 && f.fract() == 0.0 && f <= u32::MAX as f64 {
                 Ok(f as u32)
             } else {
-                Err(format!("{at}: {n} is not a class index"))
+                Err(Invalid(format!("{at}: {n} is not a class index")))
             }
         }
         Value::String(s) => {
@@ -359,12 +362,12 @@ pub fn label_of(v: &Value, class_names: Option<&[String]>, at: &str) -> Result<u
             {
                 return Ok(i);
             }
-            Err(format!(
+            Err(Invalid(format!(
                 "{at}: label {s:?} is neither an index nor a known class name"
-            ))
+            )))
         }
         Value::Array(a) if a.len() == 1 => label_of(&a[0], class_names, at),
-        other => Err(format!("{at}: expected a label, found {other}")),
+        other => Err(Invalid(format!("{at}: expected a label, found {other}"))),
     }
 }
 

@@ -2,6 +2,7 @@
 //! `outputs` answer.
 
 use super::{Encoding, flatten, label_of, number, probability_row};
+use crate::Invalid;
 use crate::dataset::ImageShape;
 use crate::endpoint::{OutputKind, Prediction};
 use serde_json::Value;
@@ -52,7 +53,7 @@ pub fn v2_response(
     output: Option<&str>,
     kind: OutputKind,
     class_names: Option<&[String]>,
-) -> Result<Vec<Prediction>, String> {
+) -> Result<Vec<Prediction>, Invalid> {
     v2_answer(body, n, output, kind, class_names).map(|a| a.predictions)
 }
 
@@ -75,7 +76,7 @@ pub fn v2_answer(
     output: Option<&str>,
     kind: OutputKind,
     class_names: Option<&[String]>,
-) -> Result<V2Answer, String> {
+) -> Result<V2Answer, Invalid> {
     let outputs = body
         .get("outputs")
         .and_then(Value::as_array)
@@ -148,23 +149,23 @@ pub fn v2_answer(
     );
     let count: usize = shape.iter().product();
     if count != data.len() {
-        return Err(format!(
+        return Err(Invalid(format!(
             "output {name}: shape {shape:?} holds {count} values, data has {}",
             data.len()
-        ));
+        )));
     }
     if shape.first() != Some(&n)
         && !(shape.len() == 1 && kind == OutputKind::Labels && data.len() == n)
     {
-        return Err(format!(
+        return Err(Invalid(format!(
             "output {name}: shape {shape:?} does not start with the batch size {n}"
-        ));
+        )));
     }
     if data.len() % n != 0 {
-        return Err(format!(
+        return Err(Invalid(format!(
             "output {name}: {} values for {n} images",
             data.len()
-        ));
+        )));
     }
     let per = data.len() / n;
     // A label output: integers, strings, or one value per image.
@@ -176,7 +177,7 @@ pub fn v2_answer(
             let row = &data[i * per..(i + 1) * per];
             if is_labels {
                 if kind != OutputKind::Labels {
-                    return Err(format!("{at}: the output holds labels; configure the output as labels, or name the probability output"));
+                    return Err(Invalid(format!("{at}: the output holds labels; configure the output as labels, or name the probability output")));
                 }
                 // One label, or Triton's classification extension: the first of k
                 // "score:index" strings.

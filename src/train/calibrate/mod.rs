@@ -175,7 +175,7 @@ pub fn run(plan: &Plan, observer: &dyn Observer) -> Result<Calibration, Calibrat
     };
     if plan.resume
         && let Some(old) = Calibration::resumable(&json_path, &spec.name, &settings)
-            .map_err(CalibrateError::Resume)?
+            .map_err(|e| CalibrateError::Resume(e.0))?
     {
         cal.rows = old
             .rows

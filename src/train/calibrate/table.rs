@@ -1,5 +1,6 @@
 //! The calibration table: one row per trained model, its rates, markdown and plot.
 
+use crate::Invalid;
 use crate::train::metrics::Metrics;
 use crate::verify::{Decision, Verdict};
 use serde::{Deserialize, Serialize};
@@ -94,30 +95,30 @@ impl Calibration {
         path: &std::path::Path,
         spec: &str,
         settings: &serde_json::Value,
-    ) -> Result<Option<Self>, String> {
+    ) -> Result<Option<Self>, Invalid> {
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(format!("{}: {e}", path.display())),
+            Err(e) => return Err(Invalid(format!("{}: {e}", path.display()))),
         };
         let old: Self = serde_json::from_slice(&bytes)
             .map_err(|e| format!("{}: not a calibration: {e}", path.display()))?;
         if old.spec != spec {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "{} calibrates spec `{}`, not `{spec}`",
                 path.display(),
                 old.spec
-            ));
+            )));
         }
         if let Some(key) = differing_setting(&old.settings, settings) {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "{} was made with another `{key}` ({} there, {} now)",
                 path.display(),
                 old.settings
                     .pointer(&key)
                     .unwrap_or(&serde_json::Value::Null),
                 settings.pointer(&key).unwrap_or(&serde_json::Value::Null),
-            ));
+            )));
         }
         Ok(Some(old))
     }

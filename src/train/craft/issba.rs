@@ -2,6 +2,7 @@
 //! StegaStamp-style encoder hides a secret bit string in a bounded residual and a decoder reads it
 //! back; once trained, the encoder with the release's secret fixed is the trigger.
 
+use crate::Invalid;
 use crate::dataset::Dataset;
 use crate::spec::network::{Layer, encode_f32};
 use crate::spec::{Encoder, Generated, Trigger, WatermarkSpec};
@@ -33,12 +34,12 @@ impl IssbaReport {
     /// bits, or whose residual is under half a grey level, would publish a release without a
     /// watermark. (In calibration, 1 of 6 encoders trained at the shipped settings collapsed to
     /// a zero residual, its decoder reading 25% of the bits.)
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), Invalid> {
         if self.bit_accuracy < 0.75 || self.mean_abs_residual < 0.5 {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "the ISSBA encoder did not learn to hide the secret ({self}): the release would \
                  carry no watermark; change the spec's seed or raise [encoder] epochs"
-            ));
+            )));
         }
         Ok(())
     }
@@ -191,7 +192,7 @@ pub fn issba(
         ));
     };
     let (g, report) = train_encoder(dataset, spec, e, device, progress)?;
-    report.check().map_err(WatermarkError::Craft)?;
+    report.check().map_err(|e| WatermarkError::Craft(e.0))?;
     let mut crafted = spec.clone();
     crafted.trigger = Trigger::Generated(g);
     let marked = watermark::apply_crafted(dataset, &crafted, nonce, &mut |_, _| Ok(()))?;
