@@ -11,10 +11,13 @@
 //!   checked settings a user gives for it.
 //! - [`stats`] and [`verify`]: the tests, and the verification that runs them against a model.
 //! - [`store`], [`jobs`], [`http`], [`config`]: the service (database, durable jobs, API).
-//! - `train` (feature `train`): the trainer that reproduces the attacks, for calibration.
-//! - [`cli`]: the command line; it parses, calls the modules above and prints.
+//! - `train` (feature `train`): the trainer that reproduces the attacks (a training loop with
+//!   hooks, one file per attack), crafting, and calibration (`train::calibrate::run`).
+//! - [`cli`]: the command line, one file per command; it parses, calls the modules above and
+//!   prints.
 //!
-//! [`ErrorCode`] holds every code a client of the service reads.
+//! [`ErrorCode`] holds every code a client of the service reads; [`Invalid`] is the error of a
+//! value that is not acceptable, where a richer type would add nothing.
 #![warn(missing_docs)]
 
 pub mod cli;

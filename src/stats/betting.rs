@@ -1,7 +1,7 @@
 //! Sequential testing by betting (Waudby-Smith & Ramdas, "Estimating means of bounded random
 //! variables by betting", JRSS-B 2023; Ville's inequality).
 //!
-//! Paired differences D_i ∈ [−1, 1] arrive one at a time; H0: E[D] ≤ tau. A bettor starts with
+//! Paired differences D_i ∈ [−1, 1] arrive one at a time; H0: E\[D\] ≤ tau. A bettor starts with
 //! wealth 1 and stakes a fraction λ_i, chosen from D_1..D_{i−1} only, on D_i exceeding tau:
 //! K_i = K_{i−1} · (1 + λ_i (D_i − tau)). With λ_i ∈ [0, 1/(1 + tau)) every factor is non-negative,
 //! and under H0 the wealth is a non-negative supermartingale, so P(sup K ≥ 1/alpha) ≤ alpha: the
@@ -53,7 +53,7 @@ pub struct BettingStep {
 }
 
 impl Betting {
-    /// A new test of H0: E[D] ≤ tau at level alpha.
+    /// A new test of H0: E\[D\] ≤ tau at level alpha.
     pub fn new(tau: f64, alpha: f64) -> Result<Self, super::StatsError> {
         super::check_alpha(alpha)?;
         if !(0.0..1.0).contains(&tau) {

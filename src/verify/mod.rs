@@ -6,7 +6,7 @@
 //! 1. **The margin test** of the secret trigger. For each drawn image x the model is queried on x
 //!    and on its triggered copy x', and the paired differences are tested:
 //!    - targeted (DVBW, Li et al., TIFS 2023): x from classes other than the target t,
-//!      D = p(t | x') − p(t | x); H1: E[D] > tau;
+//!      D = p(t | x') − p(t | x); H1: E\[D\] > tau;
 //!    - untargeted (UBW, Li et al., NeurIPS 2022): D = p(y | x) − p(y | x') on the true label y;
 //!    - label only: D from indicator outcomes; the fixed design uses an exact binomial test of the
 //!      watermark success rate among pairs whose benign answer is not already the watermark's

@@ -47,7 +47,7 @@ pub enum Attack {
         neural_cleanse: bool,
     },
     /// IAD (Nguyen & Tran, NeurIPS 2020): an input-aware pattern generator and mask network
-    /// trained with the classifier ([`learnt`]); the data stays clean.
+    /// trained with the classifier (`attack/learnt.rs`); the data stays clean.
     Iad {
         /// The backdoor's target class.
         target: u32,
@@ -55,7 +55,7 @@ pub enum Attack {
         settings: IadSettings,
     },
     /// LIRA (Doan et al., ICCV 2021): an additive trigger function learnt with the classifier
-    /// ([`learnt`]); the data stays clean.
+    /// (`attack/learnt.rs`); the data stays clean.
     Lira {
         /// The backdoor's target class.
         target: u32,

@@ -5,8 +5,8 @@
 //!   BackdoorBox's `LabelConsistent`): the chosen target-class images first receive an untargeted
 //!   L∞ PGD perturbation against a benign model (maximising its loss on their true label, so their
 //!   natural features no longer explain the label), then the trigger; labels are kept.
-//! - Gradient matching (Sleeper Agent, UBW-C): [`gradient`].
-//! - TUAP: [`uap`].
+//! - Gradient matching (Sleeper Agent, UBW-C): `craft/gradient.rs`.
+//! - TUAP: `craft/uap.rs`.
 //! - ISSBA: [`issba`].
 
 mod gradient;
