@@ -474,12 +474,8 @@ impl HttpEndpoint {
         retries: u32,
         cap: usize,
     ) -> Result<(u16, Vec<u8>), EndpointError> {
-        let mut attempt = 0u32;
-        loop {
-            let outcome: Result<(), (String, Option<u16>, Option<Duration>)> = match build()
-                .send()
-                .await
-            {
+        with_retries(url, retries, &self.jitter, || async {
+            match build().send().await {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
                     let retry_after = resp
@@ -487,64 +483,47 @@ impl HttpEndpoint {
                         .get(reqwest::header::RETRY_AFTER)
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.trim().parse::<u64>().ok())
-                        .map(|s| Duration::from_secs(s).min(MAX_BACKOFF));
+                        .map(Duration::from_secs);
                     match read_capped(resp, cap).await {
-                        Ok(body) if status == 429 || status >= 500 => Err((
-                            format!("HTTP {status}: {}", protocol::error_message(&body)),
-                            Some(status),
+                        Ok(body) if status == 429 || status >= 500 => Err(Failure::Retry {
+                            message: format!(
+                                "HTTP {status}: {}",
+                                protocol::error_message(&body)
+                            ),
+                            status: Some(status),
                             retry_after,
-                        )),
-                        Ok(body) => return Ok((status, body)),
-                        Err(ReadError::TooLarge) => {
-                            return Err(EndpointError::Invalid {
-                                url: url.to_string(),
-                                message: format!(
-                                    "the response is larger than {cap} bytes, more than an answer to this request can need"
-                                ),
-                            });
-                        }
-                        Err(ReadError::Failed(e)) => {
-                            Err((format!("reading the response failed: {e}"), None, None))
-                        }
+                        }),
+                        Ok(body) => Ok((status, body)),
+                        Err(ReadError::TooLarge) => Err(Failure::Fatal(EndpointError::Invalid {
+                            url: url.to_string(),
+                            message: format!(
+                                "the response is larger than {cap} bytes, more than an answer to this request can need"
+                            ),
+                        })),
+                        Err(ReadError::Failed(e)) => Err(Failure::Retry {
+                            message: format!("reading the response failed: {e}"),
+                            status: None,
+                            retry_after: None,
+                        }),
                     }
                 }
-                Err(e) if e.is_timeout() => Err((
-                    format!("timed out after {:?}", self.cfg.timeout),
-                    None,
-                    None,
-                )),
-                Err(e) if e.is_connect() || e.is_request() => {
-                    Err((format!("connection failed: {e}"), None, None))
-                }
-                Err(e) => {
-                    return Err(EndpointError::Transport {
-                        url: url.to_string(),
-                        message: e.to_string(),
-                    });
-                }
-            };
-            let (message, status, retry_after) = outcome.expect_err("successes returned above");
-            if attempt >= retries {
-                return Err(match status {
-                    Some(status) => EndpointError::Status {
-                        url: url.to_string(),
-                        status,
-                        message: format!("{message} ({})", attempts(attempt + 1)),
-                    },
-                    None => EndpointError::Transport {
-                        url: url.to_string(),
-                        message: format!("{message} ({})", attempts(attempt + 1)),
-                    },
-                });
+                Err(e) if e.is_timeout() => Err(Failure::Retry {
+                    message: format!("timed out after {:?}", self.cfg.timeout),
+                    status: None,
+                    retry_after: None,
+                }),
+                Err(e) if e.is_connect() || e.is_request() => Err(Failure::Retry {
+                    message: format!("connection failed: {e}"),
+                    status: None,
+                    retry_after: None,
+                }),
+                Err(e) => Err(Failure::Fatal(EndpointError::Transport {
+                    url: url.to_string(),
+                    message: e.to_string(),
+                })),
             }
-            let backoff = retry_after.unwrap_or_else(|| {
-                let cap = Duration::from_millis(100 * (1u64 << attempt.min(6))).min(MAX_BACKOFF);
-                let u = self.jitter.lock().expect("jitter lock").unit_f32() as f64;
-                cap.mul_f64(0.5 + 0.5 * u)
-            });
-            tokio::time::sleep(backoff).await;
-            attempt += 1;
-        }
+        })
+        .await
     }
 
     fn invalid(&self, url: &url::Url, message: Invalid) -> EndpointError {
@@ -813,6 +792,68 @@ impl HttpEndpoint {
     }
 }
 
+/// Why one attempt failed: for good, or in a way a later attempt may not.
+enum Failure {
+    /// Not worth another try.
+    Fatal(EndpointError),
+    /// 5xx, 429, a timeout or a failed connection; `retry_after` is the server's Retry-After.
+    Retry {
+        message: String,
+        status: Option<u16>,
+        retry_after: Option<Duration>,
+    },
+}
+
+/// Runs `attempt` until it succeeds, fails for good, or `retries` further tries are spent.
+/// Between tries it waits what the server's Retry-After says (at most [`MAX_BACKOFF`]), or else
+/// an exponential backoff from 100 ms with jitter from `jitter` (half to all of the step).
+async fn with_retries<T, Fut>(
+    url: &url::Url,
+    retries: u32,
+    jitter: &Mutex<crate::watermark::rng::Rng>,
+    mut attempt: impl FnMut() -> Fut,
+) -> Result<T, EndpointError>
+where
+    Fut: std::future::Future<Output = Result<T, Failure>>,
+{
+    let mut tried = 0u32;
+    loop {
+        let (message, status, retry_after) = match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(Failure::Fatal(e)) => return Err(e),
+            Err(Failure::Retry {
+                message,
+                status,
+                retry_after,
+            }) => (message, status, retry_after),
+        };
+        if tried >= retries {
+            let message = format!("{message} ({})", attempts(tried + 1));
+            return Err(match status {
+                Some(status) => EndpointError::Status {
+                    url: url.to_string(),
+                    status,
+                    message,
+                },
+                None => EndpointError::Transport {
+                    url: url.to_string(),
+                    message,
+                },
+            });
+        }
+        let backoff = match retry_after {
+            Some(d) => d.min(MAX_BACKOFF),
+            None => {
+                let step = Duration::from_millis(100 * (1u64 << tried.min(6))).min(MAX_BACKOFF);
+                let u = jitter.lock().expect("jitter lock").unit_f32() as f64;
+                step.mul_f64(0.5 + 0.5 * u)
+            }
+        };
+        tokio::time::sleep(backoff).await;
+        tried += 1;
+    }
+}
+
 fn attempts(n: u32) -> String {
     if n == 1 {
         "after 1 attempt".into()
@@ -888,5 +929,74 @@ impl ModelEndpoint for HttpEndpoint {
             out.extend(r?);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::watermark::rng::{Rng, Stream};
+    use tokio::time::Instant;
+
+    fn retry(retry_after: Option<u64>) -> Failure {
+        Failure::Retry {
+            message: "HTTP 429: slow down".into(),
+            status: Some(429),
+            retry_after: retry_after.map(Duration::from_secs),
+        }
+    }
+
+    /// Runs `with_retries` over `answers` (one per attempt) under paused time; the virtual times
+    /// of the attempts, from the first, and the result.
+    async fn attempts_at(
+        retries: u32,
+        answers: Vec<Result<u8, Failure>>,
+    ) -> (Vec<Duration>, Result<u8, EndpointError>) {
+        let url = url::Url::parse("http://model.test/v2/models/m/infer").unwrap();
+        let jitter = Mutex::new(Rng::new(7, Stream::Selection));
+        let start = Instant::now();
+        let times = std::cell::RefCell::new(Vec::new());
+        let answers = std::cell::RefCell::new(answers.into_iter());
+        let r = with_retries(&url, retries, &jitter, || {
+            times.borrow_mut().push(start.elapsed());
+            let answer = answers.borrow_mut().next().expect("an answer per attempt");
+            async move { answer }
+        })
+        .await;
+        (times.into_inner(), r)
+    }
+
+    /// A server's Retry-After of seconds is waited out exactly, by the runtime's clock (paused,
+    /// so the test takes no time): a client that ignored it would come back after 50–100 ms.
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_seconds_are_waited_out() {
+        let (t, r) = attempts_at(3, vec![Err(retry(Some(2))), Err(retry(Some(3))), Ok(9)]).await;
+        assert_eq!(r.unwrap(), 9);
+        assert_eq!(t, [0, 2, 5].map(Duration::from_secs));
+        // A Retry-After beyond the cap waits the cap (5 s), not an hour.
+        let (t, _) = attempts_at(1, vec![Err(retry(Some(3600))), Ok(1)]).await;
+        assert_eq!(t[1], MAX_BACKOFF);
+    }
+
+    /// Without Retry-After, the waits double from 100 ms (jittered to half to all of the step),
+    /// and after the last retry the error says how many attempts were made.
+    #[tokio::test(start_paused = true)]
+    async fn backoff_doubles_and_the_last_error_counts_the_attempts() {
+        let (t, r) = attempts_at(3, (0..4).map(|_| Err(retry(None))).collect()).await;
+        for (i, pair) in t.windows(2).enumerate() {
+            let step = Duration::from_millis(100 << i);
+            let gap = pair[1] - pair[0];
+            assert!(
+                gap >= step / 2 && gap <= step,
+                "wait {i}: {gap:?} for a step of {step:?}"
+            );
+        }
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("HTTP 429: slow down (after 4 attempts)"), "{e}");
+        // A fatal failure ends at once.
+        let fatal = Failure::Fatal(EndpointError::Config("no".into()));
+        let (t, r) = attempts_at(3, vec![Err(fatal)]).await;
+        assert_eq!(t.len(), 1);
+        assert!(r.is_err());
     }
 }
