@@ -1,8 +1,9 @@
 //! `hallmark serve-model` (feature `train`): a trained model over the Open Inference Protocol V2.
 
+use crate::train::gate::{Gate, GateKind, OnFlag};
 use crate::train::serve::{LoadedModel, ModelServer};
 use crate::train::{self, DeviceChoice};
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -21,6 +22,36 @@ pub struct ServeModelArgs {
     /// Device.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
+    /// Put a gate in front of the model, as a thief who dodges verification would: `strip`
+    /// flags a query whose answers stay certain when it is blended with clean images (STRIP);
+    /// `median` flags one whose answer moves under 3×3 median smoothing (feature squeezing).
+    /// Needs --gate-data.
+    #[arg(long, value_enum)]
+    pub gate: Option<GateKind>,
+    /// Clean images that set the gate's threshold (for --false-flag-rate of them flagged).
+    #[command(flatten)]
+    pub gate_data: Option<GateData>,
+    /// Share of clean images the gate may flag.
+    #[arg(long, default_value_t = 0.05)]
+    pub false_flag_rate: f64,
+    /// What a flagged query gets: an HTTP 403 refusal, or equal probabilities for every class.
+    #[arg(long, value_enum, default_value_t = OnFlag::Refuse)]
+    pub on_flag: OnFlag,
+}
+
+/// The gate's clean images.
+#[derive(Debug, Clone, clap::Args)]
+#[group(required = false, multiple = true)]
+pub struct GateData {
+    /// Clean images (any format hallmark reads).
+    #[arg(long = "gate-data", required = false)]
+    pub path: PathBuf,
+    /// Split of --gate-data.
+    #[arg(long = "gate-split", value_parser = super::parse_split)]
+    pub split: Option<crate::dataset::Split>,
+    /// Keep only the first N images of --gate-data.
+    #[arg(long = "gate-limit")]
+    pub limit: Option<usize>,
 }
 
 pub(super) fn serve_model_cmd(a: ServeModelArgs) -> Result<()> {
@@ -32,11 +63,32 @@ pub(super) fn serve_model_cmd(a: ServeModelArgs) -> Result<()> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into())
     });
+    let gate = match (a.gate, &a.gate_data) {
+        (None, _) => None,
+        (Some(_), None) => bail!("--gate needs --gate-data (clean images)"),
+        (Some(kind), Some(d)) => {
+            let mut clean = crate::dataset::read(&d.path, None, d.split, &|| {})?.dataset;
+            if let Some(n) = d.limit
+                && n < clean.len()
+            {
+                clean = clean.subset(&(0..n).collect::<Vec<_>>())?;
+            }
+            let g = Gate::calibrate(kind, &model, &clean, a.false_flag_rate, a.on_flag)?;
+            eprintln!(
+                "gate: {kind:?}, threshold {:.4} (flags {:.1}% of {} clean images), {:?} on flag",
+                g.threshold,
+                a.false_flag_rate * 100.0,
+                clean.len(),
+                a.on_flag
+            );
+            Some(g)
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let server = ModelServer::bind(&a.bind, &name, model)
+        let server = ModelServer::bind_gated(&a.bind, &name, model, gate)
             .await
             .with_context(|| format!("cannot listen on {}", a.bind))?;
         eprintln!(

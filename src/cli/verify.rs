@@ -207,6 +207,13 @@ fn print_verdict(verdict: &verify::Verdict, alpha: f64) {
             }
         );
     }
+    if let Some(w) = &verdict.withheld {
+        println!(
+            "withheld: {} triggered and {} benign answers of {} pairs ({} refused, the rest \
+             flattened); {}: p = {:.3}",
+            w.triggered, w.benign, verdict.pairs, w.refused, w.test.test, w.test.p_value
+        );
+    }
     println!(
         "queries:  {} images ({} pairs, {} for the rank test){}",
         verdict.queries,

@@ -785,11 +785,34 @@ impl HttpEndpoint {
                     out.extend(self.predict_chunk(&images[half..], shape).await?);
                     Ok(out)
                 }
+                // A gate in front of the model refuses what it finds suspicious: the refused
+                // images are found by halving, each recorded as withheld. (An endpoint that
+                // refuses everything, a protocol or key problem, is an error of the verification,
+                // which needs benign answers.)
+                Err(EndpointError::Status { status, .. }) if refusal(status) => {
+                    if let [_] = images {
+                        return Ok(vec![Prediction::Withheld {
+                            status: Some(status),
+                        }]);
+                    }
+                    let half = images.len().div_ceil(2);
+                    let mut out = self.predict_chunk(&images[..half], shape).await?;
+                    out.extend(self.predict_chunk(&images[half..], shape).await?);
+                    Ok(out)
+                }
                 Err(e) => Err(self.explain(e).await),
                 ok => ok,
             }
         })
     }
+}
+
+/// Whether a status is a gate's refusal of what a request holds (403 Forbidden, 406 Not
+/// Acceptable, 409 Conflict, 451 Unavailable For Legal Reasons). Other client errors stay
+/// errors: 400 and 422 are how servers reject a schema or a shape, 401 a missing key, 404 a
+/// missing model, 413 a size limit, 429 a rate limit (retried).
+fn refusal(status: u16) -> bool {
+    matches!(status, 403 | 406 | 409 | 451)
 }
 
 /// Why one attempt failed: for good, or in a way a later attempt may not.

@@ -30,6 +30,14 @@ pub enum Prediction {
     TopK(Vec<(u32, f64)>),
     /// Only a label.
     Label(u32),
+    /// No answer: the server refused this image's request (its HTTP status) while it answers
+    /// others sent alike, or flattened the answer (every class equally likely, as a gate that
+    /// answers all-zero logits does; `status` is then absent). A verification records it and
+    /// counts it as evidence (docs/verification.md), never as a failure.
+    Withheld {
+        /// The refusal's HTTP status.
+        status: Option<u16>,
+    },
 }
 
 impl Prediction {
@@ -43,6 +51,21 @@ impl Prediction {
                 .map(|(i, _)| i as u32),
             Self::TopK(v) => v.first().map(|(c, _)| *c),
             Self::Label(l) => Some(*l),
+            Self::Withheld { .. } => None,
+        }
+    }
+
+    /// Whether the answer was withheld: refused, or flattened to equal scores for every class.
+    pub fn is_withheld(&self) -> bool {
+        match self {
+            Self::Withheld { .. } => true,
+            Self::Probs(p) => {
+                p.len() > 1
+                    && p.iter()
+                        .all(|v| (v - p[0]).abs() <= 1e-9 * p[0].abs().max(1.0))
+            }
+            Self::TopK(v) => v.len() > 1 && v.iter().all(|(_, p)| (p - v[0].1).abs() <= 1e-9),
+            Self::Label(_) => false,
         }
     }
 
@@ -56,7 +79,7 @@ impl Prediction {
                 Some((_, p)) => (*p, *p),
                 None => (0.0, v.iter().map(|(_, p)| *p).fold(1.0, f64::min)),
             }),
-            Self::Label(_) => None,
+            Self::Label(_) | Self::Withheld { .. } => None,
         }
     }
 }

@@ -7,6 +7,7 @@ mod checkpoint;
 pub mod config;
 pub mod craft;
 pub mod fit;
+pub mod gate;
 pub mod generator;
 pub mod metrics;
 pub mod model;

@@ -120,6 +120,7 @@ struct Served {
     name: String,
     model: Mutex<LoadedModel>,
     info: ModelInfo,
+    gate: Option<super::gate::Gate>,
 }
 
 /// The V2 server, bound and ready to run.
@@ -135,11 +136,23 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 impl ModelServer {
     /// Binds `addr` (port 0 for any free port) to serve `model` as `name`.
     pub async fn bind(addr: &str, name: &str, model: LoadedModel) -> std::io::Result<Self> {
+        Self::bind_gated(addr, name, model, None).await
+    }
+
+    /// [`Self::bind`] with `gate` in front of the model: a request with a flagged image is
+    /// refused (HTTP 403), or its flagged images are answered with equal probabilities.
+    pub async fn bind_gated(
+        addr: &str,
+        name: &str,
+        model: LoadedModel,
+        gate: Option<super::gate::Gate>,
+    ) -> std::io::Result<Self> {
         let info = model.info.clone();
         let state = Arc::new(Served {
             name: name.to_string(),
             model: Mutex::new(model),
             info,
+            gate,
         });
         let router = Router::new()
             .route("/v2/health/live", get(|| async { StatusCode::OK }))
@@ -340,16 +353,30 @@ async fn infer(
         Err(m) => return error(StatusCode::BAD_REQUEST, m.0),
     };
     let state = s.clone();
-    let probs = tokio::task::spawn_blocking(move || {
+    let answered = tokio::task::spawn_blocking(move || {
         let model = state.model.lock().expect("model lock");
-        model.probabilities(&x)
+        let flags = state.gate.as_ref().map(|g| g.flags(&model, &x));
+        (model.probabilities(&x), flags)
     })
     .await;
-    let Ok(probs) = probs else {
+    let Ok((mut probs, flags)) = answered else {
         return error(StatusCode::INTERNAL_SERVER_ERROR, "inference failed");
     };
     let n = probs.size()[0];
     let k = s.info.classes as i64;
+    if let (Some(gate), Some(flags)) = (&s.gate, flags)
+        && flags.iter().any(|f| *f)
+    {
+        match gate.on_flag {
+            super::gate::OnFlag::Refuse => {
+                return error(StatusCode::FORBIDDEN, "request refused");
+            }
+            super::gate::OnFlag::Uniform => {
+                let mask = Tensor::from_slice(&flags).view([n, 1]);
+                probs = probs.full_like(1.0 / k as f64).where_self(&mask, &probs);
+            }
+        }
+    }
     let mut outputs = Vec::new();
     for w in &wanted {
         if w == "probs" {

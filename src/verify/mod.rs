@@ -56,7 +56,9 @@ mod verdict;
 pub use config::{VerifyConfig, VerifyFields, VerifySettings};
 pub use control::random_trigger;
 use control::{dispersion, rank_test, stamp_all};
-pub use verdict::{Control, Decision, Dispersion, PairRecord, RankTest, TriggerScore, Verdict};
+pub use verdict::{
+    Control, Decision, Dispersion, PairRecord, RankTest, TriggerScore, Verdict, Withheld,
+};
 
 /// Why a verification could not be completed.
 #[derive(Debug, thiserror::Error)]
@@ -311,6 +313,17 @@ pub async fn verify(
         )
     });
 
+    // 4. What the endpoint withheld.
+    let withheld = withheld_counts(&benign_answers, &triggered_answers, cfg)?;
+    if withheld.as_ref().is_some_and(|w| w.benign == trail.len()) {
+        return Err(VerifyError::Invalid(format!(
+            "the endpoint withheld every benign answer ({} of {}): it answers no query, so \
+             nothing can be tested",
+            trail.len(),
+            trail.len()
+        )));
+    }
+
     let margin = primary.rejects(cfg.alpha);
     let dispersed = dispersion.as_ref().is_none_or(|d| d.passed);
     let (decision, reason) = match (margin, rank.rejected, dispersed, rank.exchangeable) {
@@ -361,6 +374,18 @@ pub async fn verify(
         ),
     };
     let mut reason = reason;
+    if let Some(w) = &withheld {
+        reason.push_str(&format!(
+            "; the endpoint withheld {} of {} triggered answers and {} of {} benign ones \
+             (McNemar p = {:.3}), each withheld triggered answer counted as the largest effect \
+             for the secret and its controls alike",
+            w.triggered,
+            trail.len(),
+            w.benign,
+            trail.len(),
+            w.test.p_value
+        ));
+    }
     if let Some(s) = cfg.seed {
         reason.push_str(&format!(
             " (research seed {s} replaced the record's own draw of images and controls)"
@@ -391,6 +416,7 @@ pub async fn verify(
         secondary,
         rank: Some(rank),
         dispersion,
+        withheld,
         control: None,
         pairs: trail.len(),
         queries,
@@ -417,6 +443,14 @@ fn difference(
     w: &Prediction,
     label_only: bool,
 ) -> Result<f64, VerifyError> {
+    // A withheld answer (refused or flattened) says nothing about the model's scores: a withheld
+    // triggered answer is the largest effect, a withheld benign one leaves the pair at 0, for
+    // every trigger alike (docs/verification.md).
+    match (b.is_withheld(), w.is_withheld()) {
+        (true, _) => return Ok(0.0),
+        (false, true) => return Ok(1.0),
+        (false, false) => {}
+    }
     let missing =
         || VerifyError::Invalid("the endpoint gives labels only; use the label-only test".into());
     let hit = |p: &Prediction, c: u32| -> Result<f64, VerifyError> {
@@ -437,6 +471,44 @@ fn difference(
         (Some(t), true) => hit(w, t)? - hit(b, t)?,
         (None, true) => hit(b, label)? - hit(w, label)?,
     })
+}
+
+/// Counts of withheld answers among the pairs (`None` when none was withheld), with the exact
+/// McNemar test of triggered against benign withholding.
+fn withheld_counts(
+    benign: &[Prediction],
+    triggered: &[Prediction],
+    cfg: &VerifyConfig,
+) -> Result<Option<Withheld>, VerifyError> {
+    let pairs: Vec<(bool, bool)> = benign
+        .iter()
+        .zip(triggered)
+        .map(|(b, w)| (b.is_withheld(), w.is_withheld()))
+        .collect();
+    let count = |f: &dyn Fn(&(bool, bool)) -> bool| pairs.iter().filter(|p| f(p)).count();
+    let (b, w, both) = (count(&|p| p.0), count(&|p| p.1), count(&|p| p.0 && p.1));
+    if b + w == 0 {
+        return Ok(None);
+    }
+    let refused = benign
+        .iter()
+        .chain(triggered)
+        .filter(|p| matches!(p, Prediction::Withheld { status: Some(_) }))
+        .count();
+    let mut test = stats::mcnemar(
+        (w - both) as u64,
+        (b - both) as u64,
+        pairs.len() as u64,
+        cfg.alpha,
+    )?;
+    test.test = "exact McNemar test of withheld triggered against benign answers".into();
+    Ok(Some(Withheld {
+        benign: b,
+        triggered: w,
+        both,
+        refused,
+        test,
+    }))
 }
 
 /// The fixed-design tests, the deciding one first.

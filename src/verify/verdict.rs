@@ -115,6 +115,27 @@ pub struct Dispersion {
     pub passed: bool,
 }
 
+/// Answers withheld among the margin test's pairs: a gate in front of the model refused the
+/// request or flattened the answer. A withheld triggered answer with its benign twin answered
+/// counts as the largest effect (1), for the secret and for every control alike, so a gate that
+/// withholds what it finds suspicious gives evidence instead of ending the verification; a
+/// withheld benign answer makes its pair count 0.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Withheld {
+    /// Pairs whose benign answer was withheld.
+    pub benign: usize,
+    /// Pairs whose triggered answer was withheld.
+    pub triggered: usize,
+    /// Pairs with both withheld.
+    pub both: usize,
+    /// Withheld answers refused with an HTTP status (the rest were flattened).
+    pub refused: usize,
+    /// Exact McNemar test that triggered answers are withheld more often than benign ones
+    /// (reported beside the decision, which already counts withheld answers through the margin
+    /// and rank tests).
+    pub test: crate::stats::TestResult,
+}
+
 /// Everything a verification found, and everything needed to reproduce it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Verdict {
@@ -147,6 +168,10 @@ pub struct Verdict {
     /// The dispersion check of untargeted watermarks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dispersion: Option<Dispersion>,
+    /// Answers the endpoint withheld (refused or flattened) among the margin test's pairs, when
+    /// it withheld any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub withheld: Option<Withheld>,
     /// The single control of older verdicts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control: Option<Control>,
