@@ -66,34 +66,6 @@ pub struct CalibrateArgs {
     pub other_family: Option<PathBuf>,
 }
 
-/// Shows a calibration's progress: one bar per task, lines above it.
-struct BarObserver {
-    bar: std::sync::Mutex<Option<indicatif::ProgressBar>>,
-}
-
-impl calibrate::Observer for BarObserver {
-    fn note(&self, line: &str) {
-        match &*self.bar.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some(pb) => pb.println(line),
-            None => eprintln!("{line}"),
-        }
-    }
-
-    fn progress(&self, done: u64, total: u64, message: &str) {
-        let mut bar = self.bar.lock().unwrap_or_else(|e| e.into_inner());
-        let pb = bar.get_or_insert_with(|| super::bar(total, ""));
-        pb.set_length(total);
-        pb.set_position(done);
-        pb.set_message(message.to_string());
-    }
-
-    fn task_done(&self) {
-        if let Some(pb) = self.bar.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            pb.finish_and_clear();
-        }
-    }
-}
-
 pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
     if let Some(t) = a.settings.threads {
         tch::set_num_threads(t);
@@ -132,9 +104,7 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
         clean_cache: a.clean_cache.clone(),
         other_family,
     };
-    let observer = BarObserver {
-        bar: std::sync::Mutex::new(None),
-    };
+    let observer = super::BarObserver::default();
     let cal = calibrate::run(&plan, &observer)?;
     println!("{}", cal.markdown());
     Ok(())

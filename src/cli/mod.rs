@@ -164,6 +164,37 @@ pub fn run(cli: Cli) -> Result<u8> {
     }
 }
 
+/// Shows the progress of training and calibration: one bar per task, lines above it.
+#[cfg(feature = "train")]
+#[derive(Default)]
+struct BarObserver {
+    bar: std::sync::Mutex<Option<indicatif::ProgressBar>>,
+}
+
+#[cfg(feature = "train")]
+impl crate::train::calibrate::Observer for BarObserver {
+    fn note(&self, line: &str) {
+        match &*self.bar.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(pb) => pb.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn progress(&self, done: u64, total: u64, message: &str) {
+        let mut current = self.bar.lock().unwrap_or_else(|e| e.into_inner());
+        let pb = current.get_or_insert_with(|| bar(total, ""));
+        pb.set_length(total);
+        pb.set_position(done);
+        pb.set_message(message.to_string());
+    }
+
+    fn task_done(&self) {
+        if let Some(pb) = self.bar.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            pb.finish_and_clear();
+        }
+    }
+}
+
 fn spinner(msg: &'static str) -> ProgressBar {
     let pb = ProgressBar::new_spinner().with_message(msg);
     pb.enable_steady_tick(Duration::from_millis(120));

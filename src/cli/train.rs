@@ -1,9 +1,9 @@
 //! `hallmark train` (feature `train`), and the training settings it shares with `calibrate`.
 
-use super::{DataArgs, bar, parse_split};
+use super::{DataArgs, parse_split};
 use crate::dataset::{self, Dataset, Split};
 use crate::train::attack::{AttackKind, AttackOptions};
-use crate::train::calibrate::{describe, learned_record};
+use crate::train::calibrate::{self, describe, learned_record};
 use crate::train::metrics::EvalSet;
 use crate::train::serve::ModelInfo;
 use crate::train::serve::save_model;
@@ -150,37 +150,6 @@ pub(super) fn load_test(path: &Path, split: Option<Split>) -> Result<Dataset> {
     Ok(dataset::read(path, None, split, &|| {})?.dataset)
 }
 
-/// Trains with a progress bar; returns the trained network.
-pub(super) fn train_with_progress(
-    data: &Dataset,
-    cfg: &TrainConfig,
-    device: tch::Device,
-    eval: Option<&EvalSet>,
-    checkpoints: Option<&Path>,
-    label: &str,
-    attack: &train::Attack,
-) -> Result<train::Trained> {
-    let pb = bar((cfg.epochs * data.len()) as u64, "training");
-    let step = |s: train::fit::Step| {
-        pb.set_position(((s.epoch - 1) * s.of + s.images) as u64);
-        pb.set_message(format!(
-            "{label} epoch {}/{} loss {:.4} {:.0} img/s",
-            s.epoch, cfg.epochs, s.loss, s.rate
-        ));
-    };
-    let t = train::train_attacked(
-        &train::Run {
-            eval,
-            checkpoints,
-            progress: &step,
-            ..train::Run::new(data, cfg, device)
-        },
-        attack,
-    );
-    pb.finish_and_clear();
-    Ok(t?)
-}
-
 pub(super) fn train_cmd(a: TrainArgs) -> Result<()> {
     if let Some(t) = a.settings.threads {
         tch::set_num_threads(t);
@@ -219,14 +188,16 @@ pub(super) fn train_cmd(a: TrainArgs) -> Result<()> {
         a.settings
             .attack
             .attack(record.as_ref(), data.shape(), a.settings.attack_options())?;
-    let t = train_with_progress(
-        &data,
-        &cfg,
-        device,
-        eval.as_ref(),
-        Some(&a.out.join("checkpoint")),
+    let checkpoints = a.out.join("checkpoint");
+    let t = calibrate::train_observed(
+        &train::Run {
+            eval: eval.as_ref(),
+            checkpoints: Some(&checkpoints),
+            ..train::Run::new(&data, &cfg, device)
+        },
         "",
         &attack,
+        &super::BarObserver::default(),
     )?;
     let mut last = t.history.last().cloned();
     if let (Some(path), Some(r), Some(g)) = (&a.learned_secret, &record, &t.trigger) {

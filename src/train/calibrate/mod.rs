@@ -201,9 +201,7 @@ pub fn run(plan: &Plan, observer: &dyn Observer) -> Result<Calibration, Calibrat
     let benign_cfg = plan.train.with_seed(plan.seed + seeds::BENIGN);
     let benign = if spec.needs_model() && (0..plan.models).any(|i| !cal.has_index(i)) {
         Some(train_observed(
-            clean,
-            &benign_cfg,
-            plan.device,
+            &super::Run::new(clean, &benign_cfg, plan.device),
             "benign model for crafting",
             &super::Attack::None,
             observer,
@@ -354,7 +352,12 @@ pub fn run(plan: &Plan, observer: &dyn Observer) -> Result<Calibration, Calibrat
                     LoadedModel::load(dir, plan.device)?
                 }
                 _ => {
-                    let t = train_observed(data, &cfg, plan.device, &label, &attack, observer)?;
+                    let t = train_observed(
+                        &super::Run::new(data, &cfg, plan.device),
+                        &label,
+                        &attack,
+                        observer,
+                    )?;
                     // The watermarked model's learnt trigger is the secret every model is
                     // verified with.
                     if kind == ModelKind::Watermarked
@@ -389,16 +392,16 @@ pub fn run(plan: &Plan, observer: &dyn Observer) -> Result<Calibration, Calibrat
     Ok(cal)
 }
 
-/// Trains with progress told to `observer` as "`label` epoch e/E loss … img/s".
+/// Trains `run` (its own progress replaced) with progress told to `observer` as "`label` epoch
+/// e/E loss … img/s".
 pub fn train_observed(
-    data: &Dataset,
-    cfg: &TrainConfig,
-    device: Device,
+    run: &super::Run<'_>,
     label: &str,
     attack: &super::Attack,
     observer: &dyn Observer,
 ) -> Result<Trained, TrainError> {
-    let total = (cfg.epochs * data.len()) as u64;
+    let cfg = run.cfg;
+    let total = (cfg.epochs * run.train.len()) as u64;
     let step = |s: super::fit::Step| {
         observer.progress(
             ((s.epoch - 1) * s.of + s.images) as u64,
@@ -412,7 +415,7 @@ pub fn train_observed(
     let t = super::train_attacked(
         &super::Run {
             progress: &step,
-            ..super::Run::new(data, cfg, device)
+            ..*run
         },
         attack,
     );
