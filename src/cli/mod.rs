@@ -6,6 +6,8 @@
 #[cfg(feature = "train")]
 mod calibrate;
 mod convert;
+#[cfg(feature = "train")]
+mod repair;
 mod serve;
 #[cfg(feature = "train")]
 mod serve_model;
@@ -64,6 +66,10 @@ pub enum Command {
     /// Train a model on a dataset or release (feature `train`).
     #[cfg(feature = "train")]
     Train(Box<train::TrainArgs>),
+    /// Remove a watermark from a trained model as a thief would, with a little clean data
+    /// (fine-tuning, fine-pruning, NAD, MCR, distillation; feature `train`).
+    #[cfg(feature = "train")]
+    Repair(Box<repair::RepairArgs>),
     /// Serve a trained model over the Open Inference Protocol V2 (feature `train`).
     #[cfg(feature = "train")]
     ServeModel(serve_model::ServeModelArgs),
@@ -145,6 +151,8 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Train(a) => done(train::train_cmd(*a)),
         #[cfg(feature = "train")]
         Command::ServeModel(a) => done(serve_model::serve_model_cmd(a)),
+        #[cfg(feature = "train")]
+        Command::Repair(a) => done(repair::repair_cmd(*a)),
         #[cfg(feature = "train")]
         Command::Calibrate(a) => done(calibrate::calibrate_cmd(*a)),
         Command::Watermark(a) => done(watermark::watermark_cmd(a)),

@@ -217,6 +217,7 @@ pub(super) fn train_cmd(a: TrainArgs) -> Result<()> {
         classes: data.num_classes(),
         training: serde_json::json!({"config": cfg, "attack": attack.name(), "device": format!("{device:?}"), "train_samples": data.len(),
                                      "train_sha256": data.sha256(), "history": t.history}),
+        pruned: Vec::new(),
     };
     save_model(&t, &info, &a.out)?;
     crate::fsutil::write_file_atomic(

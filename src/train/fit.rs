@@ -40,7 +40,7 @@ pub struct Trained {
     pub trigger: Option<crate::spec::Generated>,
 }
 
-fn augment(x: Tensor, cfg: &TrainConfig, rng: &mut Rng, shape: ImageShape) -> Tensor {
+pub(crate) fn augment(x: Tensor, cfg: &TrainConfig, rng: &mut Rng, shape: ImageShape) -> Tensor {
     let mut x = x;
     if cfg.crop_padding > 0 {
         let p = cfg.crop_padding as i64;
@@ -164,6 +164,18 @@ pub struct Run<'a> {
     pub progress: &'a dyn Fn(Step),
     /// Returning true for the epochs done interrupts the run (after its checkpoint).
     pub stop_after: &'a dyn Fn(usize) -> bool,
+    /// Start from this network's weights (and pruning) instead of a fresh initialisation: a
+    /// defender fine-tuning a suspect model. Such a run keeps no checkpoints.
+    pub init: Option<Init<'a>>,
+}
+
+/// The weights a run starts from.
+#[derive(Clone, Copy)]
+pub struct Init<'a> {
+    /// Variables to copy (of a network of the run's architecture).
+    pub vs: &'a nn::VarStore,
+    /// Channels of the last block to prune.
+    pub pruned: &'a [i64],
 }
 
 impl<'a> Run<'a> {
@@ -178,6 +190,7 @@ impl<'a> Run<'a> {
             checkpoints: None,
             progress: &|_| {},
             stop_after: &|_| false,
+            init: None,
         }
     }
 }
@@ -203,6 +216,7 @@ pub fn train(
             checkpoints,
             progress,
             stop_after,
+            init: None,
         },
         &mut [],
     )
@@ -226,14 +240,20 @@ pub fn run(run: &Run<'_>, hooks: &mut [&mut dyn Hook]) -> Result<Trained, TrainE
     let shape = train.shape();
     let checkpoints = run
         .checkpoints
-        .filter(|_| hooks.iter().all(|h| h.resumable()));
-    let (mut vs, net) = {
+        .filter(|_| run.init.is_none() && hooks.iter().all(|h| h.resumable()));
+    let (mut vs, mut net) = {
         let _rng = super::TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(cfg.seed as i64);
         let vs = nn::VarStore::new(device);
         let net = Net::new(&vs.root(), cfg.arch, shape, train.num_classes() as i64);
         (vs, net)
     };
+    if let Some(init) = &run.init {
+        // Fails on variables of another architecture.
+        vs.copy(init.vs)?;
+        net.prune(init.pruned, device)
+            .map_err(|e| TrainError::Config(e.to_string()))?;
+    }
     let trainable = vs.trainable_variables();
     let mut momentum: Vec<Tensor> = trainable.iter().map(|t| t.zeros_like()).collect();
     let mut history = Vec::new();

@@ -11,11 +11,12 @@ pub mod gate;
 pub mod generator;
 pub mod metrics;
 pub mod model;
+pub mod repair;
 pub mod serve;
 pub mod tensor;
 
 pub use attack::{Attack, train_attacked};
-pub use fit::{Hook, Run, Schedule, TrainConfig, Trained, train};
+pub use fit::{Hook, Init, Run, Schedule, TrainConfig, Trained, train};
 pub use model::{Arch, Net};
 
 /// Progress of crafting or of training a generator: step, of steps, current loss.

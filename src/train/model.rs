@@ -24,13 +24,6 @@ pub enum Arch {
     SmallCnn,
 }
 
-/// A network and the shape it was built for.
-#[derive(Debug)]
-pub struct Net {
-    arch: Arch,
-    body: nn::SequentialT,
-}
-
 /// PyTorch's default initialisation of `nn.Conv2d` and `nn.Linear`, which BackdoorBox's models
 /// use: weights Kaiming-uniform with a = √5 (bound 1/√fan_in), biases uniform in ±1/√fan_in.
 /// tch's own default (gain √2, zero conv biases) starts 2.4× wider per layer.
@@ -106,6 +99,22 @@ fn basic_block(p: nn::Path, c_in: i64, c_out: i64, stride: i64) -> impl ModuleT 
     })
 }
 
+/// A network: its convolutional blocks, then a head that pools and classifies. The blocks'
+/// outputs are what defences look at (NAD's attention maps, the channels fine-pruning removes);
+/// a pruning mask, when set, zeroes channels of the last block's output, as Fine-Pruning (Liu et
+/// al., RAID 2018) removes them.
+#[derive(Debug)]
+pub struct Net {
+    arch: Arch,
+    blocks: Vec<nn::SequentialT>,
+    head: nn::SequentialT,
+    /// Channels of the last block's output.
+    channels: i64,
+    /// Pruned channels of the last block, sorted, and their mask [1, C, 1, 1].
+    pruned: Vec<i64>,
+    mask: Option<Tensor>,
+}
+
 impl Net {
     /// Builds `arch` under `p` for images of `shape` and `classes` outputs.
     pub fn new(p: &nn::Path, arch: Arch, shape: ImageShape, classes: i64) -> Self {
@@ -114,39 +123,52 @@ impl Net {
             shape.height as i64,
             shape.width as i64,
         );
-        let body = match arch {
+        // Variables are made in the same order as when the network was one sequence, so a seed
+        // gives the same weights.
+        let (blocks, channels, head) = match arch {
             Arch::BaselineMnist => {
                 // 28×28 → 24 → 12 → 8 → 4: 32·4·4 = 512 features, as BackdoorBox's fc1 expects.
                 let (h2, w2) = (((h - 4) / 2 - 4) / 2, ((w - 4) / 2 - 4) / 2);
-                nn::seq_t()
+                let b1 = nn::seq_t()
                     .add(conv(p / "conv1", c, 16, 5, 1, 0, true))
-                    .add_fn(|x| x.relu().avg_pool2d_default(2))
+                    .add_fn(|x| x.relu().avg_pool2d_default(2));
+                let b2 = nn::seq_t()
                     .add(conv(p / "conv2", 16, 32, 5, 1, 0, true))
-                    .add_fn(|x| x.relu().avg_pool2d_default(2).flatten(1, -1))
+                    .add_fn(|x| x.relu());
+                let head = nn::seq_t()
+                    .add_fn(|x| x.avg_pool2d_default(2).flatten(1, -1))
                     .add(linear(p / "fc1", 32 * h2 * w2, 512))
                     .add_fn(|x| x.relu())
-                    .add(linear(p / "fc2", 512, classes))
+                    .add(linear(p / "fc2", 512, classes));
+                (vec![b1, b2], 32, head)
             }
             Arch::Resnet18 => {
-                let mut s = nn::seq_t()
+                let stem = nn::seq_t()
                     .add(conv(p / "conv1", c, 64, 3, 1, 1, false))
                     .add(nn::batch_norm2d(p / "bn1", 64, Default::default()))
                     .add_fn(|x| x.relu());
+                let mut blocks = vec![stem];
                 let mut c_in = 64;
                 for (i, (c_out, stride)) in [(64, 1), (128, 2), (256, 2), (512, 2)]
                     .into_iter()
                     .enumerate()
                 {
                     let layer = p / format!("layer{}", i + 1);
-                    s = s
-                        .add(basic_block(&layer / "0", c_in, c_out, stride))
-                        .add(basic_block(&layer / "1", c_out, c_out, 1));
+                    blocks.push(
+                        nn::seq_t()
+                            .add(basic_block(&layer / "0", c_in, c_out, stride))
+                            .add(basic_block(&layer / "1", c_out, c_out, 1)),
+                    );
                     c_in = c_out;
                 }
-                s.add_fn(|x| x.adaptive_avg_pool2d([1, 1]).flatten(1, -1))
-                    .add(linear(p / "linear", 512, classes))
+                let head = nn::seq_t()
+                    .add_fn(|x| x.adaptive_avg_pool2d([1, 1]).flatten(1, -1))
+                    .add(linear(p / "linear", 512, classes));
+                (blocks, 512, head)
             }
             Arch::Vgg11 => {
+                // One block per pooling stage.
+                let mut blocks = Vec::new();
                 let mut s = nn::seq_t();
                 let mut c_in = c;
                 let (mut hh, mut ww) = (h, w);
@@ -161,6 +183,7 @@ impl Net {
                             hh /= 2;
                             ww /= 2;
                         }
+                        blocks.push(std::mem::replace(&mut s, nn::seq_t()));
                     } else {
                         s = s
                             .add(conv(p / format!("features{i}"), c_in, v, 3, 1, 1, false))
@@ -173,15 +196,17 @@ impl Net {
                         c_in = v;
                     }
                 }
-                s.add_fn(|x| x.adaptive_avg_pool2d([1, 1]).flatten(1, -1))
-                    .add(linear(p / "classifier", 512, classes))
+                let head = nn::seq_t()
+                    .add_fn(|x| x.adaptive_avg_pool2d([1, 1]).flatten(1, -1))
+                    .add(linear(p / "classifier", 512, classes));
+                (blocks, 512, head)
             }
             Arch::SmallCnn => {
-                let mut s = nn::seq_t();
+                let mut blocks = Vec::new();
                 let mut c_in = c;
                 let (mut hh, mut ww) = (h, w);
                 for (i, c_out) in [32, 64, 128].into_iter().enumerate() {
-                    s = s
+                    let mut s = nn::seq_t()
                         .add(conv(p / format!("conv{i}"), c_in, c_out, 3, 1, 1, false))
                         .add(nn::batch_norm2d(
                             p / format!("bn{i}"),
@@ -195,14 +220,24 @@ impl Net {
                         hh /= 2;
                         ww /= 2;
                     }
+                    blocks.push(s);
                     c_in = c_out;
                 }
-                s.add_fn(|x| x.adaptive_avg_pool2d([1, 1]).flatten(1, -1))
+                let head = nn::seq_t()
+                    .add_fn(|x| x.adaptive_avg_pool2d([1, 1]).flatten(1, -1))
                     .add_fn_t(|x, train| x.dropout(0.25, train))
-                    .add(linear(p / "fc", 128, classes))
+                    .add(linear(p / "fc", 128, classes));
+                (blocks, 128, head)
             }
         };
-        Self { arch, body }
+        Self {
+            arch,
+            blocks,
+            head,
+            channels,
+            pruned: Vec::new(),
+            mask: None,
+        }
     }
 
     /// Which network this is.
@@ -210,9 +245,61 @@ impl Net {
         self.arch
     }
 
+    /// Channels of the last block's output (what fine-pruning ranks).
+    pub fn channels(&self) -> i64 {
+        self.channels
+    }
+
+    /// The pruned channels of the last block, sorted.
+    pub fn pruned(&self) -> &[i64] {
+        &self.pruned
+    }
+
+    /// Zeroes `channels` of the last block's output from now on (replacing any earlier mask).
+    pub fn prune(&mut self, channels: &[i64], device: tch::Device) -> Result<(), crate::Invalid> {
+        if let Some(&c) = channels.iter().find(|&&c| c < 0 || c >= self.channels) {
+            return Err(crate::Invalid(format!(
+                "cannot prune channel {c}: the last block has {} channels",
+                self.channels
+            )));
+        }
+        let mut pruned = channels.to_vec();
+        pruned.sort_unstable();
+        pruned.dedup();
+        self.mask = (!pruned.is_empty()).then(|| {
+            let mut m = vec![1f32; self.channels as usize];
+            for &c in &pruned {
+                m[c as usize] = 0.0;
+            }
+            Tensor::from_slice(&m)
+                .view([1, self.channels, 1, 1])
+                .to_device(device)
+        });
+        self.pruned = pruned;
+        Ok(())
+    }
+
+    /// Every block's output (the last one masked) and the logits.
+    pub fn features_t(&self, xs: &Tensor, train: bool) -> (Vec<Tensor>, Tensor) {
+        let mut out = Vec::with_capacity(self.blocks.len());
+        let mut x = xs.shallow_clone();
+        for (i, b) in self.blocks.iter().enumerate() {
+            x = b.forward_t(&x, train);
+            if i + 1 == self.blocks.len()
+                && let Some(m) = &self.mask
+            {
+                // Not in place: the block's output is kept for the backward pass.
+                x = x.g_mul(m);
+            }
+            out.push(x.shallow_clone());
+        }
+        let logits = self.head.forward_t(&x, train);
+        (out, logits)
+    }
+
     /// Logits for a batch [N, C, H, W] of values in [0, 1].
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        self.body.forward_t(xs, train)
+        self.features_t(xs, train).1
     }
 }
 

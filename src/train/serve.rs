@@ -33,6 +33,9 @@ pub struct ModelInfo {
     /// Training settings and results, for the record.
     #[serde(default)]
     pub training: Value,
+    /// Channels of the last block that a fine-pruning repair removed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pruned: Vec<i64>,
 }
 
 /// A model loaded for inference.
@@ -56,9 +59,13 @@ pub fn save_model(
     let tmp = dir.join("model.ot.partial");
     t.vs.save(&tmp)?;
     std::fs::rename(&tmp, dir.join("model.ot")).map_err(io)?;
+    let info = ModelInfo {
+        pruned: t.net.pruned().to_vec(),
+        ..info.clone()
+    };
     crate::fsutil::write_file_atomic(
         &dir.join("model.json"),
-        &serde_json::to_vec_pretty(info).expect("serialising to memory"),
+        &serde_json::to_vec_pretty(&info).expect("serialising to memory"),
         0o644,
         true,
     )
@@ -74,7 +81,13 @@ impl LoadedModel {
         )
         .map_err(|e| TrainError::Config(format!("{}: {e}", meta.display())))?;
         let mut vs = nn::VarStore::new(device);
-        let net = Net::new(&vs.root(), info.arch, info.shape, info.classes as i64);
+        let mut net = {
+            // Making the network draws from libtorch's generator (see `TORCH_RNG`).
+            let _rng = super::TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+            Net::new(&vs.root(), info.arch, info.shape, info.classes as i64)
+        };
+        net.prune(&info.pruned, device)
+            .map_err(|e| TrainError::Config(format!("{}: {e}", meta.display())))?;
         vs.load(dir.join("model.ot"))?;
         vs.freeze();
         Ok(Self {
@@ -82,6 +95,31 @@ impl LoadedModel {
             net,
             vs,
             device,
+        })
+    }
+
+    /// A copy with its own variables (and the same pruning).
+    pub fn try_clone(&self) -> Result<Self, TrainError> {
+        let mut vs = nn::VarStore::new(self.device);
+        let mut net = {
+            // Making the network draws from libtorch's generator (see `TORCH_RNG`).
+            let _rng = super::TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+            Net::new(
+                &vs.root(),
+                self.info.arch,
+                self.info.shape,
+                self.info.classes as i64,
+            )
+        };
+        net.prune(self.net.pruned(), self.device)
+            .map_err(|e| TrainError::Config(e.to_string()))?;
+        vs.copy(&self.vs)?;
+        vs.freeze();
+        Ok(Self {
+            info: self.info.clone(),
+            net,
+            vs,
+            device: self.device,
         })
     }
 

@@ -46,6 +46,7 @@ async fn a_served_model_answers_v2_requests_and_rejects_malformed_ones() {
         shape: data.shape(),
         classes: 10,
         training: Value::Null,
+        pruned: Vec::new(),
     };
     let server = ModelServer::bind(
         "127.0.0.1:0",
@@ -410,4 +411,87 @@ fn hallmark_train_then_offline_verify_of_the_local_model() {
             }
         }
     }
+
+    // The thief repairs the watermarked model: half the last block's channels pruned, then
+    // fine-tuned on 1,000 clean training images. The repaired model is written with its pruning,
+    // metrics before and after, and verifies to a verdict.
+    let repair = |defence: &str, clean: &str, out: &str| {
+        hm(&[
+            "repair",
+            "--model",
+            &p("marked"),
+            "--defence",
+            defence,
+            "--prune-rate",
+            "0.5",
+            "--clean-data",
+            clean,
+            "--clean-split",
+            "train",
+            "--clean-limit",
+            "1000",
+            "--epochs",
+            "2",
+            "--threads",
+            "2",
+            "--device",
+            "cpu",
+            "--test-data",
+            fm,
+            "--test-split",
+            "test",
+            "--secret",
+            &p("s.json"),
+            "--out",
+            &p(out),
+        ])
+    };
+    let o = repair("fine-pruning", fm, "repaired");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("pruned 16 of 32 channels"), "{err}");
+    eprintln!("fine-pruning: {err}");
+    let r: Value =
+        serde_json::from_slice(&std::fs::read(t.path().join("repaired/repair.json")).unwrap())
+            .unwrap();
+    assert_eq!(r["report"]["pruned"].as_array().unwrap().len(), 16, "{r}");
+    for when in ["before", "after"] {
+        assert!(r[when]["benign_accuracy"].as_f64().unwrap() > 0.5, "{r}");
+        assert!(r[when]["asr"].is_number(), "{r}");
+    }
+    let info: Value =
+        serde_json::from_slice(&std::fs::read(t.path().join("repaired/model.json")).unwrap())
+            .unwrap();
+    assert_eq!(info["pruned"], r["report"]["pruned"]);
+    assert_eq!(
+        info["training"]["repair"]["config"]["defence"],
+        "fine-pruning"
+    );
+    let o = hm(&[
+        "verify",
+        "--secret",
+        &p("s.json"),
+        "--data",
+        fm,
+        "--split",
+        "test",
+        "--local-model",
+        &p("repaired"),
+        "--report",
+        &p("repaired.json"),
+    ]);
+    assert!(
+        matches!(o.status.code(), Some(0 | 1)),
+        "a verdict, not an error: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // Clean data that is not a dataset is an error naming it, and nothing is written.
+    let o = repair("fine-tuning", &p("nowhere"), "not-written");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("nowhere"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!t.path().join("not-written").exists());
 }

@@ -195,6 +195,7 @@ pub fn run(plan: &Plan, observer: &dyn Observer) -> Result<Calibration, Calibrat
         shape: clean.shape(),
         classes: clean.num_classes(),
         training: serde_json::json!({ "config": cfg }),
+        pruned: Vec::new(),
     };
     // Label-consistent and gradient-matching specs are crafted against a benign model trained
     // first on the clean data (unless a resumed run has nothing left to craft).
