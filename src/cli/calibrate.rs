@@ -5,7 +5,7 @@ use super::train::{TrainSettings, load_test};
 use super::{DataArgs, parse_split};
 use crate::dataset::Split;
 use crate::train::{self, calibrate};
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -64,6 +64,66 @@ pub struct CalibrateArgs {
     /// backdoor that is not this release's, which must not be accused.
     #[arg(long)]
     pub other_family: Option<PathBuf>,
+    /// Robustness: put every model through each of these defences (comma-separated) and verify
+    /// it again: fine-tuning, fine-pruning, nad, mcr, distillation (repairs, see `hallmark
+    /// repair`), gate-strip, gate-median (gates that refuse flagged queries). Needs
+    /// --defence-data.
+    #[arg(long, value_delimiter = ',')]
+    pub defence: Vec<calibrate::Countermeasure>,
+    /// The thief's clean data for --defence (BackdoorBench's defender: 5% of the training set),
+    /// apart from the training and test data.
+    #[arg(long)]
+    pub defence_data: Option<PathBuf>,
+    /// Split of --defence-data.
+    #[arg(long, value_parser = parse_split)]
+    pub defence_split: Option<Split>,
+    /// Keep only the first N images of --defence-data.
+    #[arg(long)]
+    pub defence_limit: Option<usize>,
+    /// Epochs of each repair (at learning rate 0.01, cosine, with the models' augmentation).
+    #[arg(long, default_value_t = 10)]
+    pub defence_epochs: usize,
+    /// Fine-pruning: share of the last block's channels removed.
+    #[arg(long, default_value_t = 0.2)]
+    pub prune_rate: f64,
+    /// Gates: share of clean images flagged.
+    #[arg(long, default_value_t = 0.05)]
+    pub false_flag_rate: f64,
+}
+
+fn defences(a: &CalibrateArgs) -> Result<Option<calibrate::DefencePlan>> {
+    let path = match (&a.defence_data, a.defence.is_empty()) {
+        (_, true) => return Ok(None),
+        (None, false) => bail!("--defence needs --defence-data (the thief's clean images)"),
+        (Some(p), false) => p,
+    };
+    let mut clean = crate::dataset::read(path, None, a.defence_split, &|| {})
+        .with_context(|| format!("--defence-data {}", path.display()))?
+        .dataset;
+    if let Some(n) = a.defence_limit
+        && n < clean.len()
+    {
+        clean = clean.subset(&(0..n).collect::<Vec<_>>())?;
+    }
+    let train = crate::train::TrainConfig {
+        epochs: a.defence_epochs,
+        lr: 0.01,
+        schedule: crate::train::Schedule::Cosine,
+        warmup_epochs: 0,
+        ..a.settings.config(a.seed)
+    };
+    Ok(Some(calibrate::DefencePlan {
+        list: a.defence.clone(),
+        clean,
+        repair: crate::train::repair::RepairConfig {
+            prune_rate: a.prune_rate,
+            ..crate::train::repair::RepairConfig::new(
+                crate::train::repair::Defence::FineTuning,
+                train,
+            )
+        },
+        false_flag_rate: a.false_flag_rate,
+    }))
 }
 
 pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
@@ -103,6 +163,7 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
         resume: a.resume,
         clean_cache: a.clean_cache.clone(),
         other_family,
+        defences: defences(&a)?,
     };
     let observer = super::BarObserver::default();
     let cal = calibrate::run(&plan, &observer)?;

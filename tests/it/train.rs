@@ -218,19 +218,64 @@ fn a_small_calibration_detects_the_watermarked_model_and_accuses_no_other() {
     assert!(err.contains("`/train/epochs` (3 there, 2 now)"), "{err}");
     assert_eq!(rows(&out), second, "a refused resume changes nothing");
 
-    // Another calibration loads the clean models from the cache instead of training them.
+    // Another calibration loads the clean models from the cache instead of training them; this
+    // one also puts every model through two of a thief's defences (fine-pruning, a STRIP gate
+    // that refuses what it flags) and verifies it again.
     let other = t.path().join("other");
-    let o = calibrate(&other, "1", "3", &[]);
+    let o = calibrate(
+        &other,
+        "1",
+        "3",
+        &[
+            "--defence",
+            "fine-pruning,gate-strip",
+            "--defence-data",
+            "/usr/share/datasets/fashion-mnist",
+            "--defence-split",
+            "train",
+            "--defence-limit",
+            "500",
+            "--defence-epochs",
+            "1",
+        ],
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("Clean #0: loaded from"), "{err}");
     let clean = |rows: &[Value]| {
         rows.iter()
-            .find(|r| r["kind"] == "clean" && r["index"] == 0)
+            .find(|r| r["kind"] == "clean" && r["index"] == 0 && r["defence"].is_null())
             .unwrap()["metrics"]
             .clone()
     };
-    assert_eq!(clean(&rows(&other)), clean(&first));
+    let defended = rows(&other);
+    assert_eq!(clean(&defended), clean(&first));
+    assert_eq!(
+        defended.len(),
+        9,
+        "3 models, each as trained and after 2 defences"
+    );
+    for d in ["fine-pruning", "gate-strip"] {
+        let rs: Vec<&Value> = defended.iter().filter(|r| r["defence"] == d).collect();
+        assert_eq!(rs.len(), 3, "{d}: {defended:?}");
+        for r in rs {
+            // A defence never makes an independent model look guilty.
+            if r["kind"] != "watermarked" {
+                assert_eq!(r["decision"], "not_shown", "{r}");
+            }
+            // The gate refused some queries (5% of clean images are flagged by construction).
+            assert_eq!(r["withheld"].is_array(), d == "gate-strip", "{r}");
+        }
+    }
+    let md = std::fs::read_to_string(other.join("calibration.md")).unwrap();
+    assert!(
+        md.contains("| defence | watermarked detected | independent accused |")
+            && md.contains("| gate-strip | "),
+        "{md}"
+    );
+    // Defences are settings: a resume with others is refused.
+    let o = calibrate(&other, "1", "3", &["--resume"]);
+    assert!(!o.status.success());
 }
 
 #[test]

@@ -12,11 +12,13 @@ mod cache;
 mod table;
 
 pub use cache::CleanCache;
-pub use table::{Calibration, ModelKind, Row};
+pub use table::{Calibration, DefenceSummary, ModelKind, Row};
 
 use super::attack::{AttackKind, AttackOptions};
 use super::craft::{Crafter, Surrogate};
+use super::gate::{Gate, GateKind, OnFlag};
 use super::metrics::{EvalSet, Metrics};
+use super::repair::{Defence, RepairConfig};
 use super::serve::{LoadedModel, ModelInfo, ModelServer, save_model};
 use super::{TrainConfig, TrainError, Trained};
 use crate::dataset::Dataset;
@@ -82,6 +84,62 @@ pub struct Plan {
     /// Also train, for each index, a model on a release of this other (poison-only) spec,
     /// verified with the calibrated secret.
     pub other_family: Option<WatermarkSpec>,
+    /// Put every model through each of these defences and verify it again.
+    pub defences: Option<DefencePlan>,
+}
+
+/// A thief's countermeasure every calibrated model goes through (one at a time), then verified
+/// again: a repair of the model, or a gate in front of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Countermeasure {
+    /// The model repaired (see [`super::repair`]).
+    Repair(Defence),
+    /// The model served behind a gate that refuses flagged queries (see [`super::gate`]).
+    Gate(GateKind),
+}
+
+impl Countermeasure {
+    /// Its name, as `--defence` takes it.
+    pub fn name(self) -> String {
+        use clap::ValueEnum;
+        match self {
+            Self::Repair(d) => d.name().to_string(),
+            Self::Gate(g) => format!(
+                "gate-{}",
+                g.to_possible_value()
+                    .map_or("?".into(), |v| v.get_name().to_string())
+            ),
+        }
+    }
+}
+
+impl std::str::FromStr for Countermeasure {
+    type Err = crate::Invalid;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        use clap::ValueEnum;
+        if let Some(g) = s.strip_prefix("gate-") {
+            return GateKind::from_str(g, false)
+                .map(Self::Gate)
+                .map_err(|_| crate::Invalid(format!("unknown gate `{g}` in `{s}`")));
+        }
+        Defence::from_str(s, false).map(Self::Repair).map_err(|_| {
+            crate::Invalid(format!(
+                "unknown defence `{s}`: expected fine-tuning, fine-pruning, nad, mcr, distillation, gate-strip or gate-median"
+            ))
+        })
+    }
+}
+
+/// The defences of a robustness calibration.
+pub struct DefencePlan {
+    /// Each model goes through each of these.
+    pub list: Vec<Countermeasure>,
+    /// The thief's clean data: repairs train on it, gates set their threshold on it.
+    pub clean: Dataset,
+    /// Repairs' settings (the defence is replaced by each of `list`'s).
+    pub repair: RepairConfig,
+    /// Gates flag this share of clean images, and refuse what they flag.
+    pub false_flag_rate: f64,
 }
 
 /// Who follows a calibration: the CLI shows progress bars and lines.
@@ -141,6 +199,13 @@ fn settings(plan: &Plan) -> serde_json::Value {
     }
     if let Some(o) = &plan.other_family {
         s["other_family"] = o.name.clone().into();
+    }
+    if let Some(d) = &plan.defences {
+        s["defences"] = serde_json::json!({
+            "list": d.list.iter().map(|c| c.name()).collect::<Vec<_>>(),
+            "repair": d.repair, "false_flag_rate": d.false_flag_rate,
+            "clean_samples": d.clean.len(), "clean_sha256": d.clean.sha256(),
+        });
     }
     s
 }
@@ -374,18 +439,38 @@ pub fn run(plan: &Plan, observer: &dyn Observer) -> Result<Calibration, Calibrat
                     LoadedModel::from_trained(t, info(&cfg), plan.device)
                 }
             };
+            // The defended copies first: verifying the model hands it to its server.
+            let mut defended = Vec::new();
+            for &c in plan.defences.iter().flat_map(|d| &d.list) {
+                let d = plan.defences.as_ref().expect("iterating its list");
+                let (m, gate) = defend(&model, c, d, &cfg, &label, plan.device, observer)?;
+                defended.push((c.name(), m, gate));
+            }
             let metrics = model.evaluate(&eval);
-            let verdict = serve_and_verify(&rt, model, &record, test, &plan.verify)?;
-            let row = Row::new(kind, i, seed, metrics, &verdict);
-            observer.note(&format!(
-                "{label}: {} → {:?} (p = {:.2e}, effect {:.4}, {} queries)",
-                describe(&row.metrics),
-                row.decision,
-                row.p_value,
-                row.effect,
-                row.queries
-            ));
-            cal.rows.push(row);
+            let verdict = serve_and_verify(&rt, model, None, &record, test, &plan.verify)?;
+            let mut rows = vec![Row::new(kind, i, seed, metrics, &verdict)];
+            for (name, m, gate) in defended {
+                let metrics = m.evaluate(&eval);
+                let verdict = serve_and_verify(&rt, m, gate, &record, test, &plan.verify)?;
+                rows.push(Row::new(kind, i, seed, metrics, &verdict).defended(&name));
+            }
+            for row in rows {
+                observer.note(&format!(
+                    "{label}{}: {} → {:?} (p = {:.2e}, effect {:.4}, {} queries{})",
+                    row.defence
+                        .as_deref()
+                        .map_or(String::new(), |d| format!(" after {d}")),
+                    describe(&row.metrics),
+                    row.decision,
+                    row.p_value,
+                    row.effect,
+                    row.queries,
+                    row.withheld.map_or(String::new(), |(b, t)| format!(
+                        ", withheld {b} benign / {t} triggered"
+                    )),
+                ));
+                cal.rows.push(row);
+            }
         }
         save(&mut cal)?;
     }
@@ -454,11 +539,65 @@ pub fn learned_record(
     r
 }
 
-/// Serves `model` over the V2 protocol on a local port and verifies it with `record`, through
-/// the same HTTP path as `hallmark verify`.
+/// `model` after the countermeasure `c`: a repaired copy, or the model itself (reloaded) with a
+/// gate calibrated on the defender's clean data.
+fn defend(
+    model: &LoadedModel,
+    c: Countermeasure,
+    plan: &DefencePlan,
+    models: &TrainConfig,
+    label: &str,
+    device: Device,
+    observer: &dyn Observer,
+) -> Result<(LoadedModel, Option<Gate>), CalibrateError> {
+    match c {
+        Countermeasure::Repair(d) => {
+            let mut cfg = RepairConfig {
+                defence: d,
+                ..plan.repair.clone()
+            };
+            // A fresh student trains as the models did (their learning rate and schedule), for
+            // the repairs' epochs; the others fine-tune a trained network at the repairs' rate.
+            if d == Defence::Distillation {
+                cfg.train = TrainConfig {
+                    epochs: cfg.train.epochs,
+                    ..models.clone()
+                };
+            }
+            let name = c.name();
+            let progress = |s: super::fit::Step| {
+                observer.progress(
+                    s.images as u64,
+                    s.of as u64,
+                    &format!("{label} {name} epoch {} loss {:.4}", s.epoch, s.loss),
+                );
+            };
+            let (t, _) = super::repair::repair(model, &plan.clean, &cfg, device, &progress)?;
+            observer.task_done();
+            Ok((
+                LoadedModel::from_trained(t, model.info.clone(), device),
+                None,
+            ))
+        }
+        Countermeasure::Gate(kind) => {
+            let gate = Gate::calibrate(
+                kind,
+                model,
+                &plan.clean,
+                plan.false_flag_rate,
+                OnFlag::Refuse,
+            )?;
+            Ok((model.try_clone()?, Some(gate)))
+        }
+    }
+}
+
+/// Serves `model` (behind `gate` when given) over the V2 protocol on a local port and verifies it
+/// with `record`, through the same HTTP path as `hallmark verify`.
 fn serve_and_verify(
     rt: &tokio::runtime::Runtime,
     model: LoadedModel,
+    gate: Option<Gate>,
     record: &SecretRecord,
     test: &Dataset,
     cfg: &VerifyConfig,
@@ -466,7 +605,7 @@ fn serve_and_verify(
     use crate::endpoint::{EndpointConfig, HttpEndpoint, OutputKind, Protocol};
     let local = Path::new("the local model server");
     rt.block_on(async {
-        let server = ModelServer::bind("127.0.0.1:0", "model", model)
+        let server = ModelServer::bind_gated("127.0.0.1:0", "model", model, gate)
             .await
             .map_err(io(local))?;
         let port = server.port();

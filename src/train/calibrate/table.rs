@@ -55,6 +55,12 @@ pub struct Row {
     /// Its rank among the K + 1 triggers.
     #[serde(default)]
     pub rank: Option<usize>,
+    /// The thief's defence the model went through before it was verified (none: as trained).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub defence: Option<String>,
+    /// Answers withheld (refused or flattened) for benign and for triggered queries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub withheld: Option<(usize, usize)>,
 }
 
 impl Row {
@@ -72,8 +78,37 @@ impl Row {
             pairs: v.pairs,
             rank_p: v.rank.as_ref().map(|r| r.p_value),
             rank: v.rank.as_ref().map(|r| r.rank),
+            defence: None,
+            withheld: v.withheld.as_ref().map(|w| (w.benign, w.triggered)),
         }
     }
+
+    /// The same row for a model that went through `defence`.
+    pub fn defended(self, defence: &str) -> Self {
+        Self {
+            defence: Some(defence.to_string()),
+            ..self
+        }
+    }
+}
+
+/// How one defence fared in a calibration.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DefenceSummary {
+    /// The defence.
+    pub defence: String,
+    /// Watermarked models still detected after it.
+    pub detected: usize,
+    /// Watermarked models put through it.
+    pub watermarked: usize,
+    /// Independent models accused after it (must be 0).
+    pub accused: usize,
+    /// Independent models put through it.
+    pub independent: usize,
+    /// Mean change of the watermarked models' benign accuracy (what the defence cost the thief).
+    pub accuracy_change: Option<f64>,
+    /// Mean attack success (targeted) or triggered misclassification (untargeted) after it.
+    pub asr: Option<f64>,
 }
 
 /// A whole calibration.
@@ -137,34 +172,99 @@ impl Calibration {
         ]
         .iter()
         .chain(other_family.then_some(&ModelKind::OtherFamily))
-        .all(|k| self.rows.iter().any(|r| r.index == index && r.kind == *k))
+        .all(|k| {
+            self.rows
+                .iter()
+                .any(|r| r.index == index && r.kind == *k && r.defence.is_none())
+        })
     }
 
-    /// Fraction of watermarked models detected.
+    /// Fraction of watermarked models (as trained) detected.
     pub fn true_positive_rate(&self) -> f64 {
-        rate(self.rows.iter().filter(|r| r.kind.should_detect()), |r| {
-            r.decision == Decision::Used
-        })
+        rate(
+            self.rows
+                .iter()
+                .filter(|r| r.kind.should_detect() && r.defence.is_none()),
+            |r| r.decision == Decision::Used,
+        )
     }
 
-    /// Fraction of independent models accused.
+    /// Fraction of independent models (as trained) accused.
     pub fn false_positive_rate(&self) -> f64 {
-        rate(self.rows.iter().filter(|r| !r.kind.should_detect()), |r| {
-            r.decision == Decision::Used
-        })
+        rate(
+            self.rows
+                .iter()
+                .filter(|r| !r.kind.should_detect() && r.defence.is_none()),
+            |r| r.decision == Decision::Used,
+        )
+    }
+
+    /// The defences in the table, in order of first appearance.
+    pub fn defences(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for d in self.rows.iter().filter_map(|r| r.defence.as_deref()) {
+            if !out.contains(&d) {
+                out.push(d);
+            }
+        }
+        out
+    }
+
+    /// Per defence: watermarked models detected and of how many, independent models accused and
+    /// of how many, and the mean change of benign accuracy of the watermarked models.
+    pub fn defence_summary(&self) -> Vec<DefenceSummary> {
+        self.defences()
+            .into_iter()
+            .map(|d| {
+                let rows = || {
+                    self.rows
+                        .iter()
+                        .filter(move |r| r.defence.as_deref() == Some(d))
+                };
+                let used = |r: &Row| r.decision == Decision::Used;
+                let marked: Vec<&Row> = rows().filter(|r| r.kind.should_detect()).collect();
+                let drops: Vec<f64> = marked
+                    .iter()
+                    .filter_map(|r| {
+                        let before = self.rows.iter().find(|b| {
+                            b.defence.is_none() && b.kind == r.kind && b.index == r.index
+                        })?;
+                        Some(r.metrics.benign_accuracy - before.metrics.benign_accuracy)
+                    })
+                    .collect();
+                let asr: Vec<f64> = marked
+                    .iter()
+                    .filter_map(|r| r.metrics.asr.or(r.metrics.asr_a))
+                    .collect();
+                let mean =
+                    |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+                DefenceSummary {
+                    defence: d.to_string(),
+                    detected: marked.iter().filter(|r| used(r)).count(),
+                    watermarked: marked.len(),
+                    accused: rows()
+                        .filter(|r| !r.kind.should_detect() && used(r))
+                        .count(),
+                    independent: rows().filter(|r| !r.kind.should_detect()).count(),
+                    accuracy_change: mean(&drops),
+                    asr: mean(&asr),
+                }
+            })
+            .collect()
     }
 
     /// A Markdown report: one line per model, then the rates.
     pub fn markdown(&self) -> String {
         let mut s = format!("## Calibration of `{}`\n\n", self.spec);
-        s.push_str("| model | seed | benign acc. | ASR | ASR-A | ASR-C | D_p | p-value | effect | rank (p) | queries | verdict |\n");
-        s.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+        s.push_str("| model | defence | seed | benign acc. | ASR | ASR-A | ASR-C | D_p | p-value | effect | rank (p) | queries | withheld (benign / triggered) | verdict |\n");
+        s.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
         let opt = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.4}"));
         for r in &self.rows {
             s.push_str(&format!(
-                "| {:?} #{} | {} | {:.4} | {} | {} | {} | {} | {:.2e} | {:.4} | {} | {} | {:?} |\n",
+                "| {:?} #{} | {} | {} | {:.4} | {} | {} | {} | {} | {:.2e} | {:.4} | {} | {} | {} | {:?} |\n",
                 r.kind,
                 r.index,
+                r.defence.as_deref().unwrap_or("–"),
                 r.seed,
                 r.metrics.benign_accuracy,
                 opt(r.metrics.asr),
@@ -178,16 +278,48 @@ impl Calibration {
                     _ => "–".into(),
                 },
                 r.queries,
+                r.withheld.map_or("–".into(), |(b, t)| format!("{b} / {t}")),
                 r.decision,
             ));
         }
         s.push_str(&format!(
             "\nTrue-positive rate {:.2} ({} watermarked models), false-positive rate {:.2} ({} independent models). ASR counts triggered test images whose true label is not the target.\n",
             self.true_positive_rate(),
-            self.rows.iter().filter(|r| r.kind.should_detect()).count(),
+            self.rows
+                .iter()
+                .filter(|r| r.kind.should_detect() && r.defence.is_none())
+                .count(),
             self.false_positive_rate(),
-            self.rows.iter().filter(|r| !r.kind.should_detect()).count()
+            self.rows
+                .iter()
+                .filter(|r| !r.kind.should_detect() && r.defence.is_none())
+                .count()
         ));
+        let summary = self.defence_summary();
+        if !summary.is_empty() {
+            s.push_str("\n| defence | watermarked detected | independent accused | benign acc. change | ASR after |\n| --- | --- | --- | --- | --- |\n");
+            let opt = |v: Option<f64>, sign: bool| {
+                v.map_or("–".to_string(), |v| {
+                    if sign {
+                        format!("{:+.1} pt", v * 100.0)
+                    } else {
+                        format!("{v:.3}")
+                    }
+                })
+            };
+            for d in summary {
+                s.push_str(&format!(
+                    "| {} | {}/{} | {}/{} | {} | {} |\n",
+                    d.defence,
+                    d.detected,
+                    d.watermarked,
+                    d.accused,
+                    d.independent,
+                    opt(d.accuracy_change, true),
+                    opt(d.asr, false)
+                ));
+            }
+        }
         s
     }
 
@@ -306,6 +438,8 @@ mod tests {
             pairs: 100,
             rank_p: None,
             rank: None,
+            defence: None,
+            withheld: None,
         }
     }
 
@@ -382,5 +516,55 @@ mod tests {
         // It counts among the independent models.
         with.rows.last_mut().unwrap().decision = Decision::Used;
         assert!((with.false_positive_rate() - 1.0 / 3.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn defended_rows_are_summarised_per_defence_and_leave_the_rates_of_the_models_as_trained() {
+        let mut cal = Calibration {
+            spec: "s".into(),
+            settings: json!({"models": 1}),
+            rows: vec![
+                row(ModelKind::Watermarked, 0),
+                row(ModelKind::Clean, 0),
+                row(ModelKind::OtherTrigger, 0),
+            ],
+        };
+        cal.rows[0].decision = Decision::Used;
+        // A defended copy alone does not complete an index.
+        let mut partial = cal.clone();
+        partial.rows.remove(1);
+        partial.rows.push(row(ModelKind::Clean, 0).defended("nad"));
+        assert!(!partial.has_index(0));
+        let mut fp = row(ModelKind::Watermarked, 0).defended("fine-pruning");
+        fp.metrics.benign_accuracy = 0.88;
+        fp.metrics.asr = Some(0.1);
+        let mut clean_fp = row(ModelKind::Clean, 0).defended("fine-pruning");
+        clean_fp.decision = Decision::Used;
+        let mut gate = row(ModelKind::Watermarked, 0).defended("gate-strip");
+        gate.decision = Decision::Used;
+        gate.withheld = Some((2, 17));
+        cal.rows.extend([fp, clean_fp, gate]);
+        assert!(cal.has_index(0));
+        assert_eq!(cal.true_positive_rate(), 1.0);
+        assert_eq!(cal.false_positive_rate(), 0.0);
+        assert_eq!(cal.defences(), vec!["fine-pruning", "gate-strip"]);
+        let s = cal.defence_summary();
+        assert_eq!(s[0].detected, 0);
+        assert_eq!((s[0].accused, s[0].independent), (1, 1));
+        assert!(
+            (s[0].accuracy_change.unwrap() + 0.02).abs() < 1e-12,
+            "{s:?}"
+        );
+        assert_eq!(s[0].asr, Some(0.1));
+        assert_eq!(
+            (s[1].detected, s[1].watermarked, s[1].independent),
+            (1, 1, 0)
+        );
+        let md = cal.markdown();
+        assert!(
+            md.contains("| fine-pruning | 0/1 | 1/1 | -2.0 pt | 0.100 |"),
+            "{md}"
+        );
+        assert!(md.contains("| 2 / 17 |"), "{md}");
     }
 }
