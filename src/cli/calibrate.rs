@@ -66,8 +66,8 @@ pub struct CalibrateArgs {
     pub other_family: Option<PathBuf>,
     /// Robustness: put every model through each of these defences (comma-separated) and verify
     /// it again: fine-tuning, fine-pruning, nad, mcr, distillation (repairs, see `hallmark
-    /// repair`), gate-strip, gate-median (gates that refuse flagged queries). Needs
-    /// --defence-data.
+    /// repair`), gate-strip, gate-median, gate-scale-up (gates that refuse flagged queries),
+    /// gate-shrinkpad, gate-jpeg (gates that change every query). Needs --defence-data.
     #[arg(long, value_delimiter = ',')]
     pub defence: Vec<calibrate::Countermeasure>,
     /// The thief's clean data for --defence (BackdoorBench's defender: 5% of the training set),

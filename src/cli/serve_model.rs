@@ -24,8 +24,10 @@ pub struct ServeModelArgs {
     pub device: DeviceChoice,
     /// Put a gate in front of the model, as a thief who dodges verification would: `strip`
     /// flags a query whose answers stay certain when it is blended with clean images (STRIP);
-    /// `median` flags one whose answer moves under 3×3 median smoothing (feature squeezing).
-    /// Needs --gate-data.
+    /// `median` flags one whose answer moves under 3×3 median smoothing (feature squeezing);
+    /// `scale-up` flags one whose answer survives amplified pixels (SCALE-UP); these need
+    /// --gate-data. `shrinkpad` (shrink and pad back) and `jpeg` (re-encode at quality 75)
+    /// change every query instead.
     #[arg(long, value_enum)]
     pub gate: Option<GateKind>,
     /// Clean images that set the gate's threshold (for --false-flag-rate of them flagged).
@@ -34,7 +36,8 @@ pub struct ServeModelArgs {
     /// Share of clean images the gate may flag.
     #[arg(long, default_value_t = 0.05)]
     pub false_flag_rate: f64,
-    /// What a flagged query gets: an HTTP 403 refusal, or equal probabilities for every class.
+    /// What a flagged query gets: an HTTP 403 refusal, equal probabilities for every class, or a
+    /// random class.
     #[arg(long, value_enum, default_value_t = OnFlag::Refuse)]
     pub on_flag: OnFlag,
 }
@@ -65,6 +68,10 @@ pub(super) fn serve_model_cmd(a: ServeModelArgs) -> Result<()> {
     });
     let gate = match (a.gate, &a.gate_data) {
         (None, _) => None,
+        (Some(kind), _) if kind.transforms() => {
+            eprintln!("gate: {kind:?}, applied to every query");
+            Some(Gate::transforming(kind)?)
+        }
         (Some(_), None) => bail!("--gate needs --gate-data (clean images)"),
         (Some(kind), Some(d)) => {
             let mut clean = crate::dataset::read(&d.path, None, d.split, &|| {})?.dataset;

@@ -15,6 +15,18 @@
 //! median-smoothed copy exceeds a threshold, set, as the paper does, for a stated false-flag rate
 //! on clean images. A sparse trigger does not survive the smoothing, so the backdoor's answer
 //! changes and the query is flagged.
+//!
+//! `scale-up` is SCALE-UP (Guo et al., "SCALE-UP: An Efficient Black-box Input-level Backdoor
+//! Detection via Analyzing Scaled Prediction Consistency", ICLR 2023): the query's pixels are
+//! multiplied by 3, 5, 7, 9 and 11 (clipped to [0, 1]); a backdoored input keeps its answer
+//! through the amplification, so the score is the share of scaled copies predicted as the query.
+//!
+//! `shrinkpad` and `jpeg` flag nothing: they change every query before the model sees it.
+//! ShrinkPad (Li et al., "Backdoor Attack in the Physical World", ICLR 2021 workshop; BackdoorBox
+//! `ShrinkPad`) shrinks the image by 4 pixels (bilinear) and pads it back at a random offset;
+//! JPEG re-encodes it at quality 75 (Dziugaite et al., "A study of the effect of JPG compression
+//! on adversarial images", 2016), which blurs fine trigger patterns. Their random offsets derive
+//! from the image itself, so the same query always gets the same answer.
 
 use super::TrainError;
 use super::serve::LoadedModel;
@@ -30,6 +42,9 @@ pub enum OnFlag {
     /// Answer every class equally likely (the softmax of all-zero logits, as DATABench's
     /// evasion does).
     Uniform,
+    /// Answer a class drawn at random (from the image's hash, so a repeated query gets the same
+    /// lie), with probability 1.
+    RandomLabel,
 }
 
 /// How a gate scores a query.
@@ -39,6 +54,121 @@ pub enum GateKind {
     Strip,
     /// Feature squeezing: how far the answer moves under 3×3 median smoothing.
     Median,
+    /// SCALE-UP: the share of amplified copies (×3 … ×11) that keep the query's answer.
+    ScaleUp,
+    /// ShrinkPad: every query shrunk by 4 pixels and padded back at a random offset.
+    Shrinkpad,
+    /// Every query re-encoded as JPEG at quality 75.
+    Jpeg,
+}
+
+impl GateKind {
+    /// Whether the gate changes every query instead of flagging some.
+    pub fn transforms(self) -> bool {
+        matches!(self, Self::Shrinkpad | Self::Jpeg)
+    }
+}
+
+/// SCALE-UP's amplification factors.
+const SCALES: [f64; 5] = [3.0, 5.0, 7.0, 9.0, 11.0];
+/// ShrinkPad's shrink, in pixels (BackdoorBox's `pad=4`).
+const SHRINK: i64 = 4;
+/// JPEG quality.
+const JPEG_QUALITY: u8 = 75;
+
+/// A number drawn from the pixels of image `i` of `x` (FNV-1a of their bytes).
+fn image_hash(x: &Tensor, i: i64) -> u64 {
+    let v = Vec::<f32>::try_from(x.get(i).flatten(0, -1)).unwrap_or_default();
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in v.iter().flat_map(|f| f.to_le_bytes()) {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Per image, the share of [`SCALES`]-amplified copies predicted as the image itself.
+pub fn scaled_consistency(model: &LoadedModel, x: &Tensor) -> Vec<f64> {
+    tch::no_grad(|| {
+        let base = model.probabilities(x).argmax(1, false);
+        let mut same = Tensor::zeros([x.size()[0]], (Kind::Double, tch::Device::Cpu));
+        for s in SCALES {
+            let p = model
+                .probabilities(&(x * s).clamp(0.0, 1.0))
+                .argmax(1, false);
+            same += p.eq_tensor(&base).to_kind(Kind::Double);
+        }
+        Vec::<f64>::try_from(same / SCALES.len() as f64).unwrap_or_default()
+    })
+}
+
+/// ShrinkPad: each image shrunk by [`SHRINK`] pixels and zero-padded back at an offset drawn
+/// from its hash.
+pub fn shrink_pad(x: &Tensor) -> Tensor {
+    let s = x.size();
+    let (h, w) = (s[2], s[3]);
+    if h <= SHRINK || w <= SHRINK {
+        return x.shallow_clone();
+    }
+    let small = x.upsample_bilinear2d([h - SHRINK, w - SHRINK], false, None, None);
+    let rows: Vec<Tensor> = (0..s[0])
+        .map(|i| {
+            let r = image_hash(x, i);
+            let (top, left) = (
+                (r % (SHRINK as u64 + 1)) as i64,
+                ((r >> 8) % (SHRINK as u64 + 1)) as i64,
+            );
+            small
+                .get(i)
+                .constant_pad_nd([left, SHRINK - left, top, SHRINK - top])
+        })
+        .collect();
+    Tensor::stack(&rows, 0)
+}
+
+/// Each image of `x` ([N, C, H, W] in [0, 1]) encoded as JPEG at [`JPEG_QUALITY`] and decoded.
+pub fn jpeg(x: &Tensor) -> Tensor {
+    use image::ImageEncoder;
+    let s = x.size();
+    let (c, h, w) = (s[1], s[2] as u32, s[3] as u32);
+    let rows: Vec<Tensor> = (0..s[0])
+        .map(|i| {
+            let hwc = (x.get(i).permute([1, 2, 0]).clamp(0.0, 1.0) * 255.0)
+                .round()
+                .to_kind(Kind::Uint8)
+                .contiguous();
+            let pixels = Vec::<u8>::try_from(hwc.flatten(0, -1)).unwrap_or_default();
+            let color = if c == 1 {
+                image::ExtendedColorType::L8
+            } else {
+                image::ExtendedColorType::Rgb8
+            };
+            let mut buf = Vec::new();
+            let decoded =
+                image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, JPEG_QUALITY)
+                    .write_image(&pixels, w, h, color)
+                    .ok()
+                    .and_then(|_| {
+                        image::load_from_memory_with_format(&buf, image::ImageFormat::Jpeg).ok()
+                    });
+            match decoded {
+                Some(img) => {
+                    let back = if c == 1 {
+                        img.to_luma8().into_raw()
+                    } else {
+                        img.to_rgb8().into_raw()
+                    };
+                    Tensor::from_slice(&back)
+                        .view([h as i64, w as i64, c])
+                        .permute([2, 0, 1])
+                        .to_kind(Kind::Float)
+                        / 255.0
+                }
+                // JPEG holds 1 or 3 channels: other images pass unchanged.
+                None => x.get(i),
+            }
+        })
+        .collect();
+    Tensor::stack(&rows, 0)
 }
 
 /// Clean images STRIP blends each query with.
@@ -93,6 +223,21 @@ pub fn strip_score(model: &LoadedModel, x: &Tensor, blends: &Tensor) -> Vec<f64>
 }
 
 impl Gate {
+    /// A gate that transforms every query (`shrinkpad`, `jpeg`) and needs no threshold.
+    pub fn transforming(kind: GateKind) -> Result<Self, TrainError> {
+        if !kind.transforms() {
+            return Err(TrainError::Config(format!(
+                "the {kind:?} gate flags queries: it needs clean images to set its threshold"
+            )));
+        }
+        Ok(Self {
+            kind,
+            threshold: f64::INFINITY,
+            on_flag: OnFlag::Refuse,
+            blends: Vec::new(),
+        })
+    }
+
     /// The gate whose threshold flags `false_flag_rate` of the clean images `clean` (the
     /// `1 − rate` quantile of their scores); STRIP keeps the first images of `clean` to blend
     /// with, and is calibrated on the others.
@@ -103,6 +248,9 @@ impl Gate {
         false_flag_rate: f64,
         on_flag: OnFlag,
     ) -> Result<Self, TrainError> {
+        if kind.transforms() {
+            return Self::transforming(kind);
+        }
         if !(0.0..1.0).contains(&false_flag_rate) {
             return Err(TrainError::Config(format!(
                 "the false-flag rate must lie in [0, 1), got {false_flag_rate}"
@@ -146,9 +294,11 @@ impl Gate {
         Ok(gate)
     }
 
-    /// The suspicion score of each image of `x`.
+    /// The suspicion score of each image of `x` (0 for a gate that transforms).
     pub fn scores(&self, model: &LoadedModel, x: &Tensor) -> Vec<f64> {
         match self.kind {
+            GateKind::Shrinkpad | GateKind::Jpeg => vec![0.0; x.size()[0] as usize],
+            GateKind::ScaleUp => scaled_consistency(model, x),
             GateKind::Median => squeeze_distance(model, x),
             GateKind::Strip => {
                 let s = x.size();
@@ -164,6 +314,35 @@ impl Gate {
             .into_iter()
             .map(|d| d > self.threshold)
             .collect()
+    }
+
+    /// What the model behind the gate answers for `x`: probabilities [N, K], and which images
+    /// were flagged (already answered as [`OnFlag`] says, except `Refuse`, which the server
+    /// answers for the whole request).
+    pub fn answer(&self, model: &LoadedModel, x: &Tensor) -> (Tensor, Vec<bool>) {
+        let probs = match self.kind {
+            GateKind::Shrinkpad => model.probabilities(&shrink_pad(x)),
+            GateKind::Jpeg => model.probabilities(&jpeg(x)),
+            _ => model.probabilities(x),
+        };
+        let flags = self.flags(model, x);
+        let (n, k) = (probs.size()[0], probs.size()[1]);
+        if !flags.iter().any(|f| *f) {
+            return (probs, flags);
+        }
+        let mask = Tensor::from_slice(&flags).view([n, 1]);
+        let probs = match self.on_flag {
+            OnFlag::Refuse => probs,
+            OnFlag::Uniform => probs.full_like(1.0 / k as f64).where_self(&mask, &probs),
+            OnFlag::RandomLabel => {
+                let labels: Vec<i64> = (0..n)
+                    .map(|i| (image_hash(x, i) % k as u64) as i64)
+                    .collect();
+                let lie = Tensor::from_slice(&labels).one_hot(k).to_kind(probs.kind());
+                lie.where_self(&mask, &probs)
+            }
+        };
+        (probs, flags)
     }
 }
 
@@ -181,5 +360,36 @@ mod tests {
         assert_eq!(m.size(), vec![1, 1, 5, 5]);
         let out = Vec::<f32>::try_from(m.flatten(0, -1)).unwrap();
         assert!(out.iter().all(|&p| (p - 0.2).abs() < 1e-6), "{out:?}");
+    }
+
+    /// ShrinkPad keeps the shape, moves the content and answers a repeated query alike; JPEG
+    /// keeps a flat image and blurs a checkerboard.
+    #[test]
+    fn shrinkpad_and_jpeg_change_queries_deterministically() {
+        let x = Tensor::rand([3, 1, 28, 28], (Kind::Float, tch::Device::Cpu));
+        let a = shrink_pad(&x);
+        assert_eq!(a.size(), x.size());
+        assert!(a.equal(&shrink_pad(&x)));
+        assert!(!a.equal(&x));
+        // A 4-pixel border in all is zero: the shrunk image is 24×24.
+        let zeros = a
+            .eq(0.0)
+            .to_kind(Kind::Float)
+            .sum(Kind::Float)
+            .double_value(&[]);
+        assert!(zeros >= 3.0 * (28.0 * 28.0 - 24.0 * 24.0), "{zeros}");
+        let flat = Tensor::full([1, 1, 16, 16], 0.5, (Kind::Float, tch::Device::Cpu));
+        let d = (jpeg(&flat) - &flat).abs().max().double_value(&[]);
+        assert!(d < 2.0 / 255.0, "{d}");
+        let mut v = vec![0f32; 256];
+        for (i, p) in v.iter_mut().enumerate() {
+            *p = ((i / 16 + i % 16) % 2) as f32;
+        }
+        let board = Tensor::from_slice(&v).view([1, 1, 16, 16]);
+        let d = (jpeg(&board) - &board)
+            .abs()
+            .mean(Kind::Float)
+            .double_value(&[]);
+        assert!(d > 0.05, "{d}");
     }
 }

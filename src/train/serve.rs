@@ -393,28 +393,26 @@ async fn infer(
     let state = s.clone();
     let answered = tokio::task::spawn_blocking(move || {
         let model = state.model.lock().expect("model lock");
-        let flags = state.gate.as_ref().map(|g| g.flags(&model, &x));
-        (model.probabilities(&x), flags)
+        match &state.gate {
+            Some(g) => {
+                let (p, flags) = g.answer(&model, &x);
+                (
+                    p,
+                    flags.iter().any(|f| *f) && g.on_flag == super::gate::OnFlag::Refuse,
+                )
+            }
+            None => (model.probabilities(&x), false),
+        }
     })
     .await;
-    let Ok((mut probs, flags)) = answered else {
+    let Ok((probs, refused)) = answered else {
         return error(StatusCode::INTERNAL_SERVER_ERROR, "inference failed");
     };
+    if refused {
+        return error(StatusCode::FORBIDDEN, "request refused");
+    }
     let n = probs.size()[0];
     let k = s.info.classes as i64;
-    if let (Some(gate), Some(flags)) = (&s.gate, flags)
-        && flags.iter().any(|f| *f)
-    {
-        match gate.on_flag {
-            super::gate::OnFlag::Refuse => {
-                return error(StatusCode::FORBIDDEN, "request refused");
-            }
-            super::gate::OnFlag::Uniform => {
-                let mask = Tensor::from_slice(&flags).view([n, 1]);
-                probs = probs.full_like(1.0 / k as f64).where_self(&mask, &probs);
-            }
-        }
-    }
     let mut outputs = Vec::new();
     for w in &wanted {
         if w == "probs" {
