@@ -363,10 +363,17 @@ mod tests {
     }
 
     /// ShrinkPad keeps the shape, moves the content and answers a repeated query alike; JPEG
-    /// keeps a flat image and blurs a checkerboard.
+    /// keeps a flat image and loses pixel noise.
     #[test]
     fn shrinkpad_and_jpeg_change_queries_deterministically() {
-        let x = Tensor::rand([3, 1, 28, 28], (Kind::Float, tch::Device::Cpu));
+        // Seeded pixel noise: pixel i of image j is a scrambled function of (i, j).
+        let noise = |n: usize, side: usize| {
+            let v: Vec<f32> = (0..n * side * side)
+                .map(|i| ((i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as f32 / 255.0)
+                .collect();
+            Tensor::from_slice(&v).view([n as i64, 1, side as i64, side as i64])
+        };
+        let x = noise(3, 28);
         let a = shrink_pad(&x);
         assert_eq!(a.size(), x.size());
         assert!(a.equal(&shrink_pad(&x)));
@@ -381,15 +388,12 @@ mod tests {
         let flat = Tensor::full([1, 1, 16, 16], 0.5, (Kind::Float, tch::Device::Cpu));
         let d = (jpeg(&flat) - &flat).abs().max().double_value(&[]);
         assert!(d < 2.0 / 255.0, "{d}");
-        let mut v = vec![0f32; 256];
-        for (i, p) in v.iter_mut().enumerate() {
-            *p = ((i / 16 + i % 16) % 2) as f32;
-        }
-        let board = Tensor::from_slice(&v).view([1, 1, 16, 16]);
-        let d = (jpeg(&board) - &board)
+        // Pixel noise is what JPEG's quantisation drops.
+        let noisy = noise(1, 16);
+        let d = (jpeg(&noisy) - &noisy)
             .abs()
             .mean(Kind::Float)
             .double_value(&[]);
-        assert!(d > 0.05, "{d}");
+        assert!(d > 0.015, "{d}");
     }
 }
