@@ -70,6 +70,13 @@ pub struct VerifyArgs {
     /// trigger that fails on one image, at the price of K + 1 more queries).
     #[arg(long)]
     pub first_images: Option<usize>,
+    /// Send this many benign decoys per image the tests ask for (0 to 10; their answers are
+    /// dropped), shuffled in, so that the audit's traffic looks like use.
+    #[arg(long)]
+    pub decoys: Option<f64>,
+    /// Send at most this many images a second (decoys included), in requests of 8.
+    #[arg(long)]
+    pub rate: Option<f64>,
     /// Where to write the full JSON report.
     #[arg(long)]
     pub report: PathBuf,
@@ -215,10 +222,15 @@ fn print_verdict(verdict: &verify::Verdict, alpha: f64) {
         );
     }
     println!(
-        "queries:  {} images ({} pairs, {} for the rank test){}",
+        "queries:  {} images ({} pairs, {} for the rank test){}{}",
         verdict.queries,
         verdict.pairs,
         verdict.rank.as_ref().map_or(0, |r| r.queries),
+        if verdict.decoys > 0 {
+            format!(", and {} benign decoys", verdict.decoys)
+        } else {
+            String::new()
+        },
         match verdict.config.seed {
             Some(s) => format!(", research seed {s}"),
             None => String::new(),
@@ -296,6 +308,8 @@ pub(super) fn verify_cmd(a: VerifyArgs) -> Result<u8> {
         seed: a.seed,
         controls: a.controls,
         first_images: a.first_images,
+        decoys: a.decoys,
+        rate: a.rate,
     }
     .into_config()
     .map_err(flag)?;

@@ -51,6 +51,12 @@ pub struct CreateVerificationRequest {
     pub controls: Option<usize>,
     /// Images each trigger is queried on in the rank test's first round (1 to 100, default 1).
     pub first_images: Option<usize>,
+    /// Benign decoys sent per image the tests ask for (0 to 10, default 0; their answers are
+    /// dropped), so that the audit's traffic looks like use.
+    pub decoys: Option<f64>,
+    /// At most this many images a second, decoys included, in requests of 8 (default: no
+    /// pacing).
+    pub rate: Option<f64>,
 }
 
 /// A queued verification and its job.
@@ -135,6 +141,8 @@ async fn create_verification(
         seed: req.seed,
         controls: req.controls,
         first_images: req.first_images,
+        decoys: req.decoys,
+        rate: req.rate,
     }
     .into_config()
     .map_err(|e| ApiError::invalid(e.to_string()))?;

@@ -35,6 +35,13 @@ pub struct VerifyFields {
     /// (default 3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reduction: Option<usize>,
+    /// Benign decoys sent per image the tests ask for (0 to 10; answers dropped), so that the
+    /// audit's traffic looks like use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoys: Option<f64>,
+    /// At most this many images a second (decoys included), in requests of 8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<f64>,
 }
 
 impl Default for VerifyFields {
@@ -50,6 +57,8 @@ impl Default for VerifyFields {
             controls: None,
             first_images: None,
             reduction: None,
+            decoys: None,
+            rate: None,
         }
     }
 }
@@ -122,6 +131,19 @@ impl VerifyConfig {
         if let Some(n) = f.reduction {
             in_range("reduction", n, 2, 10)?;
         }
+        if let Some(d) = f.decoys
+            && !(0.0..=10.0).contains(&d)
+        {
+            return Err(SettingError::new("decoys", format!("in [0, 10], got {d}")));
+        }
+        if let Some(r) = f.rate
+            && !(r > 0.0 && r.is_finite())
+        {
+            return Err(SettingError::new(
+                "rate",
+                format!("a positive number of images a second, got {r}"),
+            ));
+        }
         let k = f.control_count();
         if k > 100_000 {
             return Err(SettingError::new(
@@ -174,6 +196,10 @@ pub struct VerifySettings {
     pub controls: Option<usize>,
     /// Images each trigger is queried on in the rank test's first round.
     pub first_images: Option<usize>,
+    /// Benign decoys per image asked for.
+    pub decoys: Option<f64>,
+    /// At most this many images a second.
+    pub rate: Option<f64>,
 }
 
 impl VerifySettings {
@@ -191,6 +217,8 @@ impl VerifySettings {
             controls: self.controls,
             first_images: self.first_images,
             reduction: None,
+            decoys: self.decoys,
+            rate: self.rate,
         })
     }
 }

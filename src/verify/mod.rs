@@ -51,6 +51,7 @@ use std::sync::Arc;
 
 mod config;
 mod control;
+pub mod hygiene;
 mod verdict;
 
 pub use config::{VerifyConfig, VerifyFields, VerifySettings};
@@ -186,6 +187,10 @@ pub async fn verify(
     let base = cfg
         .seed
         .unwrap_or_else(|| derived_seed(&nonce, "verify", 0));
+    // Every query goes out shuffled, with the decoys and pacing asked for.
+    let hygienic =
+        hygiene::Hygienic::new(endpoint, pool, cfg.decoys.unwrap_or(0.0), cfg.rate, base);
+    let endpoint: &dyn ModelEndpoint = &hygienic;
     let kind = kind_of(spec, record.dataset.num_classes);
     let allowed = |l: u32| spec.source_classes.as_ref().is_none_or(|s| s.contains(&l));
     // One shared order of the held-out images of the source classes (all classes when none are
@@ -420,6 +425,7 @@ pub async fn verify(
         control: None,
         pairs: trail.len(),
         queries,
+        decoys: hygienic.decoys_sent(),
         trail,
     })
 }

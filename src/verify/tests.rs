@@ -612,3 +612,81 @@ async fn power_by(family: &str, what: &str, any_member: bool) {
         }
     }
 }
+
+/// Records the size of every request it passes on.
+struct Recorder<'a> {
+    inner: &'a Fake,
+    sizes: std::sync::Mutex<Vec<usize>>,
+}
+
+#[async_trait::async_trait]
+impl ModelEndpoint for Recorder<'_> {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+
+    async fn predict(
+        &self,
+        images: &[Vec<u8>],
+        shape: ImageShape,
+    ) -> Result<Vec<Prediction>, EndpointError> {
+        self.sizes.lock().unwrap().push(images.len());
+        self.inner.predict(images, shape).await
+    }
+}
+
+/// Decoys and pacing change the traffic, never the verdict: the same pairs, differences and
+/// p-values, with 1.5 decoys per query sent besides, in requests of at most 8 images, at most 50
+/// images a second (the runtime's clock is paused, so the waits are exact and cost nothing).
+#[tokio::test(start_paused = true)]
+async fn decoys_and_pacing_change_the_traffic_not_the_verdict() {
+    let rec = targeted(1);
+    let t = target_of(&rec);
+    let c = cfg(true, false);
+    let v = run(&Fake::learnt(&rec, Send::Class(t)), &rec, &c).await;
+    assert_eq!(v.decoys, 0);
+    let hygienic = c
+        .with(|f| {
+            f.decoys = Some(1.5);
+            f.rate = Some(50.0);
+        })
+        .unwrap();
+    let thief = Fake::learnt(&rec, Send::Class(t));
+    let recorder = Recorder {
+        inner: &thief,
+        sizes: Default::default(),
+    };
+    let start = tokio::time::Instant::now();
+    let w = verify(&recorder, &rec, &pool(500), &hygienic, &|_| {})
+        .await
+        .unwrap();
+    let elapsed = start.elapsed().as_secs_f64();
+    assert_eq!(w.decision, v.decision);
+    assert_eq!(w.primary.p_value, v.primary.p_value);
+    assert_eq!((w.pairs, w.queries), (v.pairs, v.queries));
+    let diffs = |v: &Verdict| v.trail.iter().map(|p| p.difference).collect::<Vec<_>>();
+    assert_eq!(diffs(&w), diffs(&v));
+    assert_eq!(
+        w.rank.as_ref().map(|r| r.rank),
+        v.rank.as_ref().map(|r| r.rank)
+    );
+    let sent = thief.calls.load(Ordering::Relaxed);
+    assert_eq!(sent, w.queries + w.decoys);
+    let ratio = w.decoys as f64 / w.queries as f64;
+    assert!(
+        (ratio - 1.5).abs() < 0.1,
+        "{} decoys for {} queries",
+        w.decoys,
+        w.queries
+    );
+    let sizes = recorder.sizes.lock().unwrap().clone();
+    assert!(sizes.iter().all(|&n| (1..=8).contains(&n)), "{sizes:?}");
+    // The last request may go at once when due: (sent − 8) images at 50 a second at least.
+    assert!(
+        elapsed >= (sent - 8) as f64 / 50.0 - 1e-6 && elapsed <= sent as f64 / 50.0 + 1.0,
+        "{sent} images in {elapsed} s"
+    );
+    // Out of range settings are refused by name.
+    assert!(c.with(|f| f.decoys = Some(11.0)).is_err());
+    assert!(c.with(|f| f.rate = Some(0.0)).is_err());
+}

@@ -179,8 +179,15 @@ pub struct Verdict {
     pub pairs: usize,
     /// Images sent to the model, the controls' included.
     pub queries: usize,
+    /// Benign decoys sent besides (their answers unused).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub decoys: usize,
     /// Every pair of the margin test, in query order.
     pub trail: Vec<PairRecord>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl Verdict {

@@ -27,6 +27,8 @@ pub enum Stream {
     Ties = 7,
     /// An all-to-all labelling's permutation of the classes.
     Mapping = 8,
+    /// The verifier's query traffic: the order images are sent in, and its decoys.
+    Traffic = 9,
 }
 
 /// A seeded generator with the few draws the watermark needs.
