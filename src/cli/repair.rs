@@ -158,6 +158,7 @@ pub(super) fn repair_cmd(a: RepairArgs) -> Result<()> {
                 flip: a.flip,
                 seed: a.seed,
                 warmup_epochs: 0,
+                defence: Default::default(),
             },
         )
     };

@@ -112,6 +112,7 @@ impl TrainSettings {
             flip: self.flip,
             seed,
             warmup_epochs: self.warmup_epochs,
+            defence: Default::default(),
         }
     }
 }
@@ -138,6 +139,11 @@ pub struct TrainArgs {
     /// Seed of initialisation, shuffling and augmentation.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Train defensively: `mixup` (MixUp, α = 1), `cutmix` (CutMix, as BackdoorBox runs it),
+    /// `abl` (Anti-Backdoor Learning: isolate the lowest-loss 1% early, unlearn them at the end;
+    /// at least 3 epochs). Not with --attack blind, iad or lira, which compute the loss.
+    #[arg(long, value_enum, default_value_t = crate::train::defence::TrainingDefence::None)]
+    pub defence: crate::train::defence::TrainingDefence,
     /// Training settings.
     #[command(flatten)]
     pub settings: TrainSettings,
@@ -181,7 +187,10 @@ pub(super) fn train_cmd(a: TrainArgs) -> Result<()> {
         }
         None => None,
     };
-    let cfg = a.settings.config(a.seed);
+    let cfg = TrainConfig {
+        defence: a.defence,
+        ..a.settings.config(a.seed)
+    };
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
     let attack =

@@ -1,6 +1,7 @@
 //! A training run's settings and what each epoch reports: plain data, shared by the loop, its
 //! checkpoints and the records of trained models.
 
+pub use super::defence::TrainingDefence;
 use super::model::Arch;
 use super::{TrainError, metrics};
 use serde::{Deserialize, Serialize};
@@ -48,6 +49,9 @@ pub struct TrainConfig {
     /// first steps at a high rate.
     #[serde(default)]
     pub warmup_epochs: usize,
+    /// A training-time defence (none by default).
+    #[serde(default, skip_serializing_if = "TrainingDefence::is_none")]
+    pub defence: TrainingDefence,
 }
 
 impl TrainConfig {

@@ -234,6 +234,11 @@ pub fn run(run: &Run<'_>, hooks: &mut [&mut dyn Hook]) -> Result<Trained, TrainE
         ..
     } = *run;
     cfg.check()?;
+    let mut defence = cfg.defence.hook(cfg)?;
+    let mut hooks: Vec<&mut dyn Hook> = hooks.iter_mut().map(|h| &mut **h).collect();
+    if let Some(d) = defence.as_mut() {
+        hooks.push(d.as_mut());
+    }
     if train.is_empty() {
         return Err(TrainError::Config("the training set is empty".into()));
     }

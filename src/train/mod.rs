@@ -6,6 +6,7 @@ pub mod calibrate;
 mod checkpoint;
 pub mod config;
 pub mod craft;
+pub mod defence;
 pub mod fit;
 pub mod gate;
 pub mod generator;

@@ -62,6 +62,7 @@ fn short_training(epochs: usize) -> TrainConfig {
         // A linear warm-up over the first epoch: at lr 0.05 without it, a network without
         // batch norm sometimes diverged in its first steps on one CPU path and not another.
         warmup_epochs: 1,
+        defence: Default::default(),
     }
 }
 

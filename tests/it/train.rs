@@ -36,6 +36,7 @@ async fn a_served_model_answers_v2_requests_and_rejects_malformed_ones() {
         flip: false,
         seed: 1,
         warmup_epochs: 0,
+        defence: Default::default(),
     };
     let t = train(&data, &cfg, tch::Device::Cpu, None, None, &|_| {}, &|_| {
         false

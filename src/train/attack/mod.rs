@@ -168,6 +168,14 @@ impl AttackKind {
 
 /// Trains `run` with the malicious procedure `attack`.
 pub fn train_attacked(run: &Run<'_>, attack: &Attack) -> Result<Trained, TrainError> {
+    // These attacks compute the loss themselves, and the first hook that does owns it.
+    if !run.cfg.defence.is_none() && !matches!(attack, Attack::None | Attack::PhysicalBa { .. }) {
+        return Err(TrainError::Config(format!(
+            "the training-time defence {:?} changes the loss, which --attack {} computes itself",
+            run.cfg.defence,
+            attack.name()
+        )));
+    }
     let mut hook = attack.hook(run.train, run.cfg, run.device)?;
     super::fit::run(run, &mut [hook.as_mut()])
 }

@@ -219,6 +219,7 @@ mod tests {
             flip: false,
             seed: 3,
             warmup_epochs: 0,
+            defence: Default::default(),
         };
         let benign =
             super::super::train(&clean, &cfg, Device::Cpu, None, None, &|_| {}, &|_| false)

@@ -25,6 +25,7 @@ fn cfg(epochs: usize) -> TrainConfig {
         flip: true,
         seed: 42,
         warmup_epochs: 0,
+        defence: Default::default(),
     }
 }
 

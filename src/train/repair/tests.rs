@@ -24,6 +24,7 @@ fn cfg(arch: Arch, epochs: usize) -> TrainConfig {
         flip: false,
         seed: 7,
         warmup_epochs: 0,
+        defence: Default::default(),
     }
 }
 
