@@ -11,7 +11,8 @@
 //!   the loss is LGA's sign(ℓ − γ)·ℓ (γ = 0.5), which keeps clean samples' loss near γ while
 //!   backdoor samples, learnt fastest, fall below it; then the 1% of training samples with the
 //!   lowest loss are isolated; the middle epochs train on the rest; the last fifth unlearn the
-//!   isolated samples by gradient ascent at a learning rate of 5e-4 (ABL's unlearning rate).
+//!   isolated samples by gradient ascent at a learning rate of 5e-4 (ABL's unlearning rate), with
+//!   the optimiser's momentum cleared (ABL unlearns with an optimiser of its own).
 
 use super::fit::{Batch, Hook, Start};
 use super::tensor::labels_tensor;
@@ -185,6 +186,12 @@ impl Hook for Abl {
 
     fn resumable(&self) -> bool {
         false
+    }
+
+    /// Unlearning is a new optimisation (ABL's own optimiser): the training's momentum would
+    /// carry it on for ten more steps.
+    fn fresh_optimiser(&self, epoch: usize) -> bool {
+        epoch == self.unlearn_from
     }
 
     fn start(&mut self, s: &Start<'_>) -> Result<(), TrainError> {

@@ -98,6 +98,11 @@ pub trait Hook {
     fn loss(&mut self, _b: &mut Batch<'_>) -> Option<Tensor> {
         None
     }
+    /// Whether the optimiser starts afresh (momentum cleared) at the start of `epoch` (0-based):
+    /// a phase of the hook's that is a new optimisation, as ABL's unlearning is.
+    fn fresh_optimiser(&self, _epoch: usize) -> bool {
+        false
+    }
     /// After the optimiser's step of the classifier.
     fn after_step(&mut self, _epoch: usize) {}
     /// The trigger the hook learnt, for the attacker's secret record.
@@ -286,6 +291,11 @@ pub fn run(run: &Run<'_>, hooks: &mut [&mut dyn Hook]) -> Result<Trained, TrainE
         h.start(&start)?;
     }
     for epoch in start_epoch..cfg.epochs {
+        if hooks.iter().any(|h| h.fresh_optimiser(epoch)) {
+            for buf in momentum.iter_mut() {
+                let _ = buf.zero_();
+            }
+        }
         let lr = cfg.lr_at(epoch);
         // Shuffling and augmentation depend on (seed, epoch) only, so a resumed run draws the same.
         let mut rng = Rng::new(
