@@ -293,8 +293,9 @@ mod tests {
         assert_eq!(abl.chosen.len(), 30);
         let hits = abl.chosen.iter().filter(|i| poisoned.contains(i)).count();
         eprintln!("ABL isolated {hits} poisoned of {}", abl.chosen.len());
-        // 20 of 30 on this machine; by chance 3 would be.
-        assert!(hits >= 12, "{hits} of {:?} poisoned", abl.chosen);
+        // 20, 16 and 13 of 30 under this machine's kernels, `ATEN_CPU_CAPABILITY=default` and
+        // `avx2`; by chance 3 would be.
+        assert!(hits >= 9, "{hits} of {:?} poisoned", abl.chosen);
         assert!(Abl::new(2).is_err());
     }
 }

@@ -123,6 +123,8 @@ fn nad_pulls_the_attention_maps_towards_the_teacher() {
     };
     let (_, report) = repair(&model, &clean, &c, Device::Cpu, &|_| {}).unwrap();
     let (first, last) = report.attention_loss.unwrap();
+    eprintln!("NAD attention loss {first} → {last}");
+    // 3.23 → 0.85 under this machine's kernels, `ATEN_CPU_CAPABILITY=default` and `avx2`.
     assert!(first > 0.0 && last < first * 0.8, "{first} → {last}");
     // The attention of a map is normalised per image.
     let a = nad::attention(&Tensor::rand([2, 4, 3, 3], (Kind::Float, Device::Cpu)));
@@ -190,6 +192,8 @@ fn distillation_trains_a_fresh_network_that_answers_like_the_model() {
         .to_kind(Kind::Float)
         .mean(Kind::Float)
         .double_value(&[]);
+    eprintln!("distilled student agrees with the model on {agree}");
+    // 0.757 to 0.763 under this machine's kernels, `ATEN_CPU_CAPABILITY=default` and `avx2`.
     assert!(agree > 0.6, "student and teacher agree on {agree}");
     // It did not start from the model's weights.
     let w = |vs: &tch::nn::VarStore| {
