@@ -74,7 +74,8 @@ pub struct VerifyArgs {
     /// dropped), shuffled in, so that the audit's traffic looks like use.
     #[arg(long)]
     pub decoys: Option<f64>,
-    /// Send at most this many images a second (decoys included), in requests of 8.
+    /// Send at most this many images a second (0.01 to 100000; decoys included), in requests of
+    /// 8.
     #[arg(long)]
     pub rate: Option<f64>,
     /// Where to write the full JSON report.

@@ -54,8 +54,8 @@ pub struct CreateVerificationRequest {
     /// Benign decoys sent per image the tests ask for (0 to 10, default 0; their answers are
     /// dropped), so that the audit's traffic looks like use.
     pub decoys: Option<f64>,
-    /// At most this many images a second, decoys included, in requests of 8 (default: no
-    /// pacing).
+    /// At most this many images a second (0.01 to 100000), decoys included, in requests of 8
+    /// (default: no pacing).
     pub rate: Option<f64>,
 }
 

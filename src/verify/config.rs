@@ -137,11 +137,11 @@ impl VerifyConfig {
             return Err(SettingError::new("decoys", format!("in [0, 10], got {d}")));
         }
         if let Some(r) = f.rate
-            && !(r > 0.0 && r.is_finite())
+            && !(0.01..=100_000.0).contains(&r)
         {
             return Err(SettingError::new(
                 "rate",
-                format!("a positive number of images a second, got {r}"),
+                format!("images a second in [0.01, 100000], got {r}"),
             ));
         }
         let k = f.control_count();

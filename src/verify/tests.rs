@@ -689,4 +689,5 @@ async fn decoys_and_pacing_change_the_traffic_not_the_verdict() {
     // Out of range settings are refused by name.
     assert!(c.with(|f| f.decoys = Some(11.0)).is_err());
     assert!(c.with(|f| f.rate = Some(0.0)).is_err());
+    assert!(c.with(|f| f.rate = Some(1e-300)).is_err());
 }
