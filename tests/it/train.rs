@@ -378,6 +378,44 @@ fn hallmark_train_then_offline_verify_of_the_local_model() {
     // is still caught (its triggered queries are the ones refused), the clean one never accused.
     let rt = tokio::runtime::Runtime::new().unwrap();
     let gate_data = fashion(Split::Test, 1000);
+    // Serves `model` behind `gate` on a loopback port and verifies it, the report in `report`.
+    let behind = |model: &str, gate: hallmark::train::gate::Gate, report: &str| {
+        let loaded = LoadedModel::load(&t.path().join(model), tch::Device::Cpu).unwrap();
+        let server = rt
+            .block_on(ModelServer::bind_gated(
+                "127.0.0.1:0",
+                "m",
+                loaded,
+                Some(gate),
+            ))
+            .unwrap();
+        let port = server.port();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handle = rt.spawn(server.run_until_stopped(async {
+            let _ = stopped.await;
+        }));
+        let o = hm(&[
+            "verify",
+            "--secret",
+            &p("s.json"),
+            "--data",
+            fm,
+            "--split",
+            "test",
+            "--endpoint",
+            &format!("http://127.0.0.1:{port}"),
+            "--protocol",
+            "v2",
+            "--model",
+            "m",
+            "--allow-private",
+            "--report",
+            report,
+        ]);
+        let _ = stop.send(());
+        rt.block_on(handle).unwrap().unwrap();
+        o
+    };
     for on_flag in [
         hallmark::train::gate::OnFlag::Refuse,
         hallmark::train::gate::OnFlag::Uniform,
@@ -393,40 +431,8 @@ fn hallmark_train_then_offline_verify_of_the_local_model() {
                 on_flag,
             )
             .unwrap();
-            let server = rt
-                .block_on(ModelServer::bind_gated(
-                    "127.0.0.1:0",
-                    "m",
-                    loaded,
-                    Some(gate),
-                ))
-                .unwrap();
-            let port = server.port();
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let handle = rt.spawn(server.run_until_stopped(async {
-                let _ = stopped.await;
-            }));
             let report = p(&format!("{model}-{on_flag:?}.json"));
-            let o = hm(&[
-                "verify",
-                "--secret",
-                &p("s.json"),
-                "--data",
-                fm,
-                "--split",
-                "test",
-                "--endpoint",
-                &format!("http://127.0.0.1:{port}"),
-                "--protocol",
-                "v2",
-                "--model",
-                "m",
-                "--allow-private",
-                "--report",
-                &report,
-            ]);
-            let _ = stop.send(());
-            rt.block_on(handle).unwrap().unwrap();
+            let o = behind(model, gate, &report);
             let out = format!(
                 "{model} behind {on_flag:?}: {}{}",
                 String::from_utf8_lossy(&o.stdout),
@@ -485,40 +491,8 @@ fn hallmark_train_then_offline_verify_of_the_local_model() {
             let gate =
                 hallmark::train::gate::Gate::calibrate(kind, &loaded, &gate_data, 0.05, on_flag)
                     .unwrap();
-            let server = rt
-                .block_on(ModelServer::bind_gated(
-                    "127.0.0.1:0",
-                    "m",
-                    loaded,
-                    Some(gate),
-                ))
-                .unwrap();
-            let port = server.port();
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let handle = rt.spawn(server.run_until_stopped(async {
-                let _ = stopped.await;
-            }));
             let report = p(&format!("{model}-{kind:?}.json"));
-            let o = hm(&[
-                "verify",
-                "--secret",
-                &p("s.json"),
-                "--data",
-                fm,
-                "--split",
-                "test",
-                "--endpoint",
-                &format!("http://127.0.0.1:{port}"),
-                "--protocol",
-                "v2",
-                "--model",
-                "m",
-                "--allow-private",
-                "--report",
-                &report,
-            ]);
-            let _ = stop.send(());
-            rt.block_on(handle).unwrap().unwrap();
+            let o = behind(model, gate, &report);
             let out = format!(
                 "{model} behind {kind:?}/{on_flag:?}: {}",
                 String::from_utf8_lossy(&o.stderr)

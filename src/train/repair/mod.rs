@@ -236,55 +236,27 @@ pub fn repair(
         losses: Vec::new(),
         attention_loss: None,
     };
+    let own = model.net().pruned();
+    let tune = |pruned: &[i64], c: &TrainConfig, hooks: &mut [&mut dyn fit::Hook]| {
+        fine_tune(model, pruned, clean, c, device, progress, hooks)
+    };
     let trained = match cfg.defence {
-        Defence::FineTuning => fine_tune(
-            model,
-            model.net().pruned(),
-            clean,
-            &train,
-            device,
-            progress,
-            &mut [],
-        )?,
+        Defence::FineTuning => tune(own, &train, &mut [])?,
         Defence::FinePruning => {
             report.activations = channel_activations(model.net(), clean, device);
             // Already pruned channels have zero activation and are counted in the rate.
             let pruned = least_active(&report.activations, cfg.prune_rate);
-            fine_tune(model, &pruned, clean, &train, device, progress, &mut [])?
+            tune(&pruned, &train, &mut [])?
         }
         Defence::Nad => {
-            let teacher = fine_tune(
-                model,
-                model.net().pruned(),
-                clean,
-                &teacher_cfg,
-                device,
-                progress,
-                &mut [],
-            )?;
+            let teacher = tune(own, &teacher_cfg, &mut [])?;
             let mut hook = nad::Nad::new(&teacher.net, cfg.nad_beta);
-            let t = fine_tune(
-                model,
-                model.net().pruned(),
-                clean,
-                &train,
-                device,
-                progress,
-                &mut [&mut hook],
-            )?;
+            let t = tune(own, &train, &mut [&mut hook])?;
             report.attention_loss = hook.first_and_last();
             t
         }
         Defence::Mcr => {
-            let end = fine_tune(
-                model,
-                model.net().pruned(),
-                clean,
-                &teacher_cfg,
-                device,
-                progress,
-                &mut [],
-            )?;
+            let end = tune(own, &teacher_cfg, &mut [])?;
             mcr::repair(model, &end, clean, &train, cfg.curve_t, device, progress)?
         }
         Defence::Distillation => {
