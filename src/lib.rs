@@ -12,7 +12,8 @@
 //! - [`stats`] and [`verify`]: the tests, and the verification that runs them against a model.
 //! - [`store`], [`jobs`], [`http`], [`config`]: the service (database, durable jobs, API).
 //! - `train` (feature `train`): the trainer that reproduces the attacks (a training loop with
-//!   hooks, one file per attack), crafting, and calibration (`train::calibrate::run`).
+//!   hooks, one file per attack), a thief's defences (training-time hooks, model repairs, gates
+//!   in front of a served model), crafting, and calibration (`train::calibrate::run`).
 //! - [`cli`]: the command line, one file per command; it parses, calls the modules above and
 //!   prints.
 //!
