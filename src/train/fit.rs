@@ -72,11 +72,12 @@ pub(crate) fn augment(x: Tensor, cfg: &TrainConfig, rng: &mut Rng, shape: ImageS
 #[cfg(test)]
 mod tests;
 
-/// What a hook may change in a training run: an attack (a malicious procedure of a suspect) or,
-/// later, a defence. The loop calls, in this order: [`Hook::start`] once, after the network is
-/// made; for every batch [`Hook::inputs`], then [`Hook::loss`] (the first hook that answers owns
-/// the loss, else plain cross-entropy), the gradients are cleared, the loss backpropagated, SGD
-/// steps, then [`Hook::after_step`]. A hook that needs libtorch's generator at creation makes its
+/// What a hook may change in a training run: an attack (a malicious procedure of a suspect) or a
+/// training-time defence (`super::defence`, appended after the run's own hooks). The loop calls,
+/// in this order: [`Hook::start`] once, after the network is made; at each epoch's start
+/// [`Hook::fresh_optimiser`]; for every batch [`Hook::inputs`], then [`Hook::loss`] (the first
+/// hook that answers owns the loss, else plain cross-entropy), the gradients are cleared, the
+/// loss backpropagated, SGD steps, then [`Hook::after_step`]. A hook that needs libtorch's generator at creation makes its
 /// variables when it is built, before the network (so the network's draws stay the run's own).
 pub trait Hook {
     /// The hook's name, for records.
