@@ -250,7 +250,8 @@ pub fn run(plan: &Plan, observer: &dyn Observer) -> Result<Calibration, Calibrat
             .collect();
         observer.note(&format!(
             "resuming: {} models of {} kept from {}",
-            cal.rows.len(),
+            // Models, not rows: a model's rows after each defence are one model.
+            cal.rows.iter().filter(|r| r.defence.is_none()).count(),
             (3 + usize::from(plan.other_family.is_some())) * plan.models,
             json_path.display()
         ));
