@@ -28,7 +28,7 @@ def main():
         rows = json.load(open(f"{out}/{spec}/calibration.json"))["rows"]
         base = {(r["kind"], r["index"]): r for r in rows if not r.get("defence")}
         order = [None] + list(dict.fromkeys(r["defence"] for r in rows if r.get("defence")))
-        survives, removed = [], []
+        survives, weakened, removed = [], [], []
         for d in order:
             rs = [r for r in rows if r.get("defence") == d]
             wm = [r for r in rs if r["kind"] == "watermarked"]
@@ -47,20 +47,26 @@ def main():
                   f"| {statistics.median(r['queries'] for r in wm):g} | {wh} | {accused}/{len(ind)} |")
             if d is None:
                 continue
-            (survives if used == len(wm) else removed).append((d, change))
+            if used == len(wm):
+                survives.append(d)
+            elif used == 0:
+                removed.append((d, change))
+            else:
+                weakened.append(f"{d} ({used}/{len(wm)})")
         cheapest = min(removed, key=lambda x: -x[1], default=None)
         detected_as_trained = all(r["decision"] == "used" for r in base.values()
                                   if r["kind"] == "watermarked")
-        verdicts.append((spec, [d for d, _ in survives], cheapest, detected_as_trained))
+        verdicts.append((spec, survives, weakened, cheapest, detected_as_trained))
     print()
-    print("| family | survives | cheapest defence that removes it (accuracy change) |")
-    print("| --- | --- | --- |")
-    for spec, survives, cheapest, detected in verdicts:
+    print("| family | survives (every watermarked model still `used`) | weakens (still `used` of) "
+          "| cheapest defence that removes it (accuracy change) |")
+    print("| --- | --- | --- | --- |")
+    for spec, survives, weakened, cheapest, detected in verdicts:
         if not detected:
-            print(f"| {spec} | – (not every watermarked model is detected as trained) | – |")
+            print(f"| {spec} | – (not every watermarked model is detected as trained) | – | – |")
             continue
         c = f"{cheapest[0]} ({cheapest[1] * 100:+.1f} pt)" if cheapest else "none"
-        print(f"| {spec} | {', '.join(survives) or 'none'} | {c} |")
+        print(f"| {spec} | {', '.join(survives) or 'none'} | {', '.join(weakened) or 'none'} | {c} |")
 
 
 main()
