@@ -97,14 +97,8 @@ fn defences(a: &CalibrateArgs) -> Result<Option<calibrate::DefencePlan>> {
         (None, false) => bail!("--defence needs --defence-data (the thief's clean images)"),
         (Some(p), false) => p,
     };
-    let mut clean = crate::dataset::read(path, None, a.defence_split, &|| {})
-        .with_context(|| format!("--defence-data {}", path.display()))?
-        .dataset;
-    if let Some(n) = a.defence_limit
-        && n < clean.len()
-    {
-        clean = clean.subset(&(0..n).collect::<Vec<_>>())?;
-    }
+    let clean = super::read_first(path, None, a.defence_split, a.defence_limit)
+        .with_context(|| format!("--defence-data {}", path.display()))?;
     let train = crate::train::TrainConfig {
         epochs: a.defence_epochs,
         lr: 0.01,

@@ -132,14 +132,24 @@ pub struct DataArgs {
 impl DataArgs {
     /// Reads the dataset (and keeps the first --limit samples).
     pub fn load(&self) -> Result<dataset::Dataset> {
-        let mut ds = dataset::read(&self.data, self.format, self.split, &|| {})?.dataset;
-        if let Some(n) = self.limit
-            && n < ds.len()
-        {
-            ds = ds.subset(&(0..n).collect::<Vec<_>>())?;
-        }
-        Ok(ds)
+        read_first(&self.data, self.format, self.split, self.limit)
     }
+}
+
+/// The dataset at `path` (format detected when `None`), its first `limit` samples when given.
+fn read_first(
+    path: &Path,
+    format: Option<Format>,
+    split: Option<Split>,
+    limit: Option<usize>,
+) -> Result<dataset::Dataset> {
+    let mut ds = dataset::read(path, format, split, &|| {})?.dataset;
+    if let Some(n) = limit
+        && n < ds.len()
+    {
+        ds = ds.subset(&(0..n).collect::<Vec<_>>())?;
+    }
+    Ok(ds)
 }
 
 /// Runs a parsed command line; the exit code.

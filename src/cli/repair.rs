@@ -4,10 +4,11 @@
 use super::parse_split;
 use super::train::{ScheduleKind, load_test};
 use crate::dataset::Split;
-use crate::train::metrics::{EvalSet, Metrics};
+use crate::train::calibrate::describe;
+use crate::train::metrics::EvalSet;
 use crate::train::repair::{Defence, RepairConfig, repair};
 use crate::train::serve::{LoadedModel, save_model};
-use crate::train::{self, DeviceChoice, Schedule, TrainConfig};
+use crate::train::{self, DeviceChoice, TrainConfig};
 use crate::watermark::SecretRecord;
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -101,17 +102,6 @@ pub struct RepairArgs {
     pub threads: Option<i32>,
 }
 
-fn describe(m: &Metrics) -> String {
-    let mut s = format!("benign accuracy {:.4}", m.benign_accuracy);
-    if let Some(a) = m.asr {
-        s += &format!(", attack success {a:.4}");
-    }
-    if let Some(a) = m.asr_a {
-        s += &format!(", triggered misclassified {a:.4}");
-    }
-    s
-}
-
 pub(super) fn repair_cmd(a: RepairArgs) -> Result<()> {
     if let Some(t) = a.threads {
         tch::set_num_threads(t);
@@ -119,12 +109,7 @@ pub(super) fn repair_cmd(a: RepairArgs) -> Result<()> {
     let device = train::device(a.device)?;
     let model = LoadedModel::load(&a.model, device)
         .with_context(|| format!("cannot load the model in {}", a.model.display()))?;
-    let mut clean = crate::dataset::read(&a.clean_data, None, a.clean_split, &|| {})?.dataset;
-    if let Some(n) = a.clean_limit
-        && n < clean.len()
-    {
-        clean = clean.subset(&(0..n).collect::<Vec<_>>())?;
-    }
+    let clean = super::read_first(&a.clean_data, None, a.clean_split, a.clean_limit)?;
     let record = a.secret.as_deref().map(SecretRecord::load).transpose()?;
     let eval = match (&a.test_data, &record) {
         (Some(p), r) => Some(EvalSet::new(load_test(p, a.test_split)?, r.as_ref())?),
@@ -147,13 +132,7 @@ pub(super) fn repair_cmd(a: RepairArgs) -> Result<()> {
                 lr: a.lr,
                 momentum: a.momentum,
                 weight_decay: a.weight_decay,
-                schedule: match a.schedule {
-                    ScheduleKind::Step => Schedule::Step {
-                        milestones: Vec::new(),
-                        gamma: 0.1,
-                    },
-                    ScheduleKind::Cosine => Schedule::Cosine,
-                },
+                schedule: a.schedule.schedule(&[], 0.1),
                 crop_padding: a.crop_padding,
                 flip: a.flip,
                 seed: a.seed,

@@ -74,12 +74,7 @@ pub(super) fn serve_model_cmd(a: ServeModelArgs) -> Result<()> {
         }
         (Some(_), None) => bail!("--gate needs --gate-data (clean images)"),
         (Some(kind), Some(d)) => {
-            let mut clean = crate::dataset::read(&d.path, None, d.split, &|| {})?.dataset;
-            if let Some(n) = d.limit
-                && n < clean.len()
-            {
-                clean = clean.subset(&(0..n).collect::<Vec<_>>())?;
-            }
+            let clean = super::read_first(&d.path, None, d.split, d.limit)?;
             let g = Gate::calibrate(kind, &model, &clean, a.false_flag_rate, a.on_flag)?;
             eprintln!(
                 "gate: {kind:?}, threshold {:.4} (flags {:.1}% of {} clean images), {:?} on flag",

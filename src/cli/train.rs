@@ -22,6 +22,20 @@ pub enum ScheduleKind {
     Cosine,
 }
 
+impl ScheduleKind {
+    /// The schedule; a step schedule drops by `gamma` after each of `milestones` epochs, as
+    /// PyTorch's MultiStepLR.
+    pub(super) fn schedule(self, milestones: &[usize], gamma: f64) -> Schedule {
+        match self {
+            Self::Step => Schedule::Step {
+                milestones: milestones.to_vec(),
+                gamma,
+            },
+            Self::Cosine => Schedule::Cosine,
+        }
+    }
+}
+
 /// Training settings shared by `train` and `calibrate`.
 #[derive(Debug, Clone, Args)]
 pub struct TrainSettings {
@@ -100,14 +114,7 @@ impl TrainSettings {
             lr: self.lr,
             momentum: self.momentum,
             weight_decay: self.weight_decay,
-            schedule: match self.schedule {
-                // A milestone m lowers the rate after m epochs, as PyTorch's MultiStepLR.
-                ScheduleKind::Step => Schedule::Step {
-                    milestones: self.milestones.clone(),
-                    gamma: self.gamma,
-                },
-                ScheduleKind::Cosine => Schedule::Cosine,
-            },
+            schedule: self.schedule.schedule(&self.milestones, self.gamma),
             crop_padding: self.crop_padding,
             flip: self.flip,
             seed,

@@ -228,6 +228,84 @@ pub fn train(
     )
 }
 
+/// The generator of epoch `epoch` (0-based) and the order of `n` samples it draws: shuffling
+/// and augmentation depend on (seed, epoch) only, so a resumed run draws the same.
+pub(crate) fn epoch_order(cfg: &TrainConfig, epoch: usize, n: usize) -> (Rng, Vec<i64>) {
+    let mut rng = Rng::new(
+        cfg.seed
+            .wrapping_add((epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+        Stream::Selection,
+    );
+    let mut order: Vec<i64> = (0..n as i64).collect();
+    rng.choose_front(&mut order, n);
+    (rng, order)
+}
+
+/// PyTorch's SGD step of `p` with gradient `g`: d = g + wd·p; buf = momentum·buf + d (buf = d at
+/// the first step, which zero-initialised buffers give too); p −= lr·buf. Call without grad.
+pub(crate) fn sgd_step(p: &Tensor, g: &Tensor, buf: &mut Tensor, cfg: &TrainConfig, lr: f64) {
+    let d = g + p * cfg.weight_decay;
+    let _ = buf.g_mul_scalar_(cfg.momentum).g_add_(&d);
+    let _ = p.shallow_clone().g_sub_(&(&*buf * lr));
+}
+
+/// An epoch's running loss, told to `progress` after every batch.
+pub(crate) struct EpochLoss {
+    epoch: usize,
+    of: usize,
+    started: Instant,
+    sum: f64,
+    seen: usize,
+}
+
+impl EpochLoss {
+    /// Epoch `epoch` (0-based) of `of` images, starting now.
+    pub(crate) fn new(epoch: usize, of: usize) -> Self {
+        Self {
+            epoch,
+            of,
+            started: Instant::now(),
+            sum: 0.0,
+            seen: 0,
+        }
+    }
+
+    /// Adds a batch of `images` with mean loss `loss`; a loss that is not finite is divergence.
+    pub(crate) fn add(
+        &mut self,
+        loss: f64,
+        images: usize,
+        progress: &dyn Fn(Step),
+    ) -> Result<(), TrainError> {
+        if !loss.is_finite() {
+            return Err(TrainError::Diverged {
+                epoch: self.epoch + 1,
+            });
+        }
+        self.sum += loss * images as f64;
+        self.seen += images;
+        progress(Step {
+            epoch: self.epoch + 1,
+            images: self.seen,
+            of: self.of,
+            loss: self.sum / self.seen as f64,
+            rate: self.seen as f64 / self.started.elapsed().as_secs_f64(),
+        });
+        Ok(())
+    }
+
+    /// The epoch's report at learning rate `lr`, its throughput measured now.
+    pub(crate) fn report(&self, lr: f64, metrics: Option<metrics::Metrics>) -> EpochReport {
+        EpochReport {
+            epoch: self.epoch + 1,
+            lr,
+            loss: self.sum / self.of as f64,
+            images_per_second: self.of as f64 / self.started.elapsed().as_secs_f64(),
+            metrics,
+        }
+    }
+}
+
 /// The training loop: SGD over shuffled, augmented batches, with `hooks` (see [`Hook`]).
 pub fn run(run: &Run<'_>, hooks: &mut [&mut dyn Hook]) -> Result<Trained, TrainError> {
     let Run {
@@ -298,16 +376,8 @@ pub fn run(run: &Run<'_>, hooks: &mut [&mut dyn Hook]) -> Result<Trained, TrainE
             }
         }
         let lr = cfg.lr_at(epoch);
-        // Shuffling and augmentation depend on (seed, epoch) only, so a resumed run draws the same.
-        let mut rng = Rng::new(
-            cfg.seed
-                .wrapping_add((epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
-            Stream::Selection,
-        );
-        let mut order: Vec<i64> = (0..n as i64).collect();
-        rng.choose_front(&mut order, n);
-        let started = Instant::now();
-        let (mut loss_sum, mut seen) = (0.0, 0usize);
+        let (mut rng, order) = epoch_order(cfg, epoch, n);
+        let mut epoch_loss = EpochLoss::new(epoch, n);
         let steps = n.div_ceil(cfg.batch_size);
         for (step, chunk) in order.chunks(cfg.batch_size).enumerate() {
             let lr = if epoch < cfg.warmup_epochs {
@@ -342,42 +412,20 @@ pub fn run(run: &Run<'_>, hooks: &mut [&mut dyn Hook]) -> Result<Trained, TrainE
             tch::no_grad(|| {
                 for (p, buf) in trainable.iter().zip(momentum.iter_mut()) {
                     let g = p.grad();
-                    if !g.defined() {
-                        continue;
+                    if g.defined() {
+                        sgd_step(p, &g, buf, cfg, lr);
                     }
-                    // PyTorch SGD: d = g + wd·p; buf = momentum·buf + d (buf = d at the first
-                    // step, which zero-initialised buffers give too); p -= lr·buf.
-                    let d = &g + p * cfg.weight_decay;
-                    let _ = buf.g_mul_scalar_(cfg.momentum).g_add_(&d);
-                    let _ = p.shallow_clone().g_sub_(&(&*buf * lr));
                 }
             });
             for h in hooks.iter_mut() {
                 h.after_step(epoch);
             }
-            let l = loss.double_value(&[]);
-            if !l.is_finite() {
-                return Err(TrainError::Diverged { epoch: epoch + 1 });
-            }
-            loss_sum += l * chunk.len() as f64;
-            seen += chunk.len();
-            progress(Step {
-                epoch: epoch + 1,
-                images: seen,
-                of: n,
-                loss: loss_sum / seen as f64,
-                rate: seen as f64 / started.elapsed().as_secs_f64(),
-            });
+            epoch_loss.add(loss.double_value(&[]), chunk.len(), progress)?;
         }
-        let secs = started.elapsed().as_secs_f64();
-        let metrics = eval.map(|e| metrics::evaluate(&net, e, device));
-        history.push(EpochReport {
-            epoch: epoch + 1,
-            lr,
-            loss: loss_sum / n as f64,
-            images_per_second: n as f64 / secs,
-            metrics,
-        });
+        // Throughput of the training alone, before the evaluation.
+        let mut report = epoch_loss.report(lr, None);
+        report.metrics = eval.map(|e| metrics::evaluate(&net, e, device));
+        history.push(report);
         if let Some(dir) = checkpoints {
             checkpoint::save(
                 dir,

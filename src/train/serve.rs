@@ -80,13 +80,7 @@ impl LoadedModel {
             &std::fs::read(&meta).map_err(|e| TrainError::Io(meta.display().to_string(), e))?,
         )
         .map_err(|e| TrainError::Config(format!("{}: {e}", meta.display())))?;
-        let mut vs = nn::VarStore::new(device);
-        let mut net = {
-            // Making the network draws from libtorch's generator (see `TORCH_RNG`).
-            let _rng = super::TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
-            Net::new(&vs.root(), info.arch, info.shape, info.classes as i64)
-        };
-        net.prune(&info.pruned, device)
+        let (mut vs, net) = Self::network(&info, &info.pruned, device)
             .map_err(|e| TrainError::Config(format!("{}: {e}", meta.display())))?;
         vs.load(dir.join("model.ot"))?;
         vs.freeze();
@@ -98,20 +92,25 @@ impl LoadedModel {
         })
     }
 
-    /// A copy with its own variables (and the same pruning).
-    pub fn try_clone(&self) -> Result<Self, TrainError> {
-        let mut vs = nn::VarStore::new(self.device);
+    /// A network of `info`'s shape with the channels `pruned`, and its fresh variables.
+    fn network(
+        info: &ModelInfo,
+        pruned: &[i64],
+        device: Device,
+    ) -> Result<(nn::VarStore, Net), Invalid> {
+        let vs = nn::VarStore::new(device);
         let mut net = {
             // Making the network draws from libtorch's generator (see `TORCH_RNG`).
             let _rng = super::TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
-            Net::new(
-                &vs.root(),
-                self.info.arch,
-                self.info.shape,
-                self.info.classes as i64,
-            )
+            Net::new(&vs.root(), info.arch, info.shape, info.classes as i64)
         };
-        net.prune(self.net.pruned(), self.device)
+        net.prune(pruned, device)?;
+        Ok((vs, net))
+    }
+
+    /// A copy with its own variables (and the same pruning).
+    pub fn try_clone(&self) -> Result<Self, TrainError> {
+        let (mut vs, net) = Self::network(&self.info, self.net.pruned(), self.device)
             .map_err(|e| TrainError::Config(e.to_string()))?;
         vs.copy(&self.vs)?;
         vs.freeze();

@@ -6,12 +6,10 @@
 //! recomputed on the clean data (the curve's weights were never trained with them).
 
 use crate::dataset::Dataset;
-use crate::train::fit::{self, EpochReport, Step, TrainConfig, Trained};
+use crate::train::fit::{self, Step, TrainConfig, Trained};
 use crate::train::serve::LoadedModel;
 use crate::train::tensor::{labels_tensor, to_tensor};
 use crate::train::{Net, TrainError};
-use crate::watermark::rng::{Rng, Stream};
-use std::time::Instant;
 use tch::{Device, Tensor, nn};
 
 fn curve(w0: &[Tensor], bend: &[Tensor], w1: &[Tensor], t: f64) -> Vec<Tensor> {
@@ -62,7 +60,7 @@ pub(super) fn repair(
     let params = vs.trainable_variables();
     let w0 = snapshot(&vs);
     let w1 = snapshot(&end.vs);
-    let mut bend: Vec<Tensor> = w0.iter().zip(&w1).map(|(a, b)| (a + b) * 0.5).collect();
+    let bend: Vec<Tensor> = w0.iter().zip(&w1).map(|(a, b)| (a + b) * 0.5).collect();
     let mut momentum: Vec<Tensor> = bend.iter().map(|t| t.zeros_like()).collect();
 
     let shape = clean.shape();
@@ -73,15 +71,8 @@ pub(super) fn repair(
     let mut history = Vec::new();
     for epoch in 0..cfg.epochs {
         let lr = cfg.lr_at(epoch);
-        let mut rng = Rng::new(
-            cfg.seed
-                .wrapping_add((epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
-            Stream::Selection,
-        );
-        let mut order: Vec<i64> = (0..n as i64).collect();
-        rng.choose_front(&mut order, n);
-        let started = Instant::now();
-        let (mut loss_sum, mut seen) = (0.0, 0usize);
+        let (mut rng, order) = fit::epoch_order(cfg, epoch, n);
+        let mut epoch_loss = fit::EpochLoss::new(epoch, n);
         for chunk in order.chunks(cfg.batch_size) {
             let t = rng.unit_f32() as f64;
             set(&params, &curve(&w0, &bend, &w1, t));
@@ -96,37 +87,16 @@ pub(super) fn repair(
             // dL/dθ = 2t(1 − t) dL/dφ; SGD with momentum and weight decay on θ.
             let scale = 2.0 * t * (1.0 - t);
             tch::no_grad(|| {
-                for ((p, th), buf) in params.iter().zip(bend.iter_mut()).zip(momentum.iter_mut()) {
+                for ((p, th), buf) in params.iter().zip(&bend).zip(momentum.iter_mut()) {
                     let g = p.grad();
-                    if !g.defined() {
-                        continue;
+                    if g.defined() {
+                        fit::sgd_step(th, &(&g * scale), buf, cfg, lr);
                     }
-                    let d = &g * scale + &*th * cfg.weight_decay;
-                    let _ = buf.g_mul_scalar_(cfg.momentum).g_add_(&d);
-                    let _ = th.g_sub_(&(&*buf * lr));
                 }
             });
-            let l = loss.double_value(&[]);
-            if !l.is_finite() {
-                return Err(TrainError::Diverged { epoch: epoch + 1 });
-            }
-            loss_sum += l * chunk.len() as f64;
-            seen += chunk.len();
-            progress(Step {
-                epoch: epoch + 1,
-                images: seen,
-                of: n,
-                loss: loss_sum / seen as f64,
-                rate: seen as f64 / started.elapsed().as_secs_f64(),
-            });
+            epoch_loss.add(loss.double_value(&[]), chunk.len(), progress)?;
         }
-        history.push(EpochReport {
-            epoch: epoch + 1,
-            lr,
-            loss: loss_sum / n as f64,
-            images_per_second: n as f64 / started.elapsed().as_secs_f64(),
-            metrics: None,
-        });
+        history.push(epoch_loss.report(lr, None));
     }
     set(&params, &curve(&w0, &bend, &w1, t_out));
     recompute_batch_norm(&vs, &net, &x_all, cfg.batch_size);
