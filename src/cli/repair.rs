@@ -1,11 +1,12 @@
 //! `hallmark repair` (feature `train`): what a thief runs on a model to remove a watermark before
-//! serving it (fine-tuning, fine-pruning, NAD, MCR, distillation), with a little clean data.
+//! serving it (fine-tuning, fine-pruning, NAD, MCR, distillation, ANP), with a little clean data.
 
 use super::parse_split;
 use super::train::{ScheduleKind, load_test};
 use crate::dataset::Split;
 use crate::train::calibrate::describe;
 use crate::train::metrics::EvalSet;
+use crate::train::repair::anp::AnpConfig;
 use crate::train::repair::{Defence, RepairConfig, repair};
 use crate::train::serve::{LoadedModel, save_model};
 use crate::train::{self, DeviceChoice, TrainConfig};
@@ -24,7 +25,8 @@ pub struct RepairArgs {
     /// channels of the last block (--prune-rate), then fine-tunes; `nad` fine-tunes a teacher,
     /// then the model with NAD's attention loss; `mcr` trains a curve of weights to a fine-tuned
     /// copy and takes the point at --curve-t; `distillation` trains a fresh network on the
-    /// model's answers.
+    /// model's answers; `anp` prunes the neurons that adversarial neuron noise turns into a
+    /// shortcut (--anp-*), without training the model.
     #[arg(long, value_enum)]
     pub defence: Defence,
     /// The defender's clean data (any format hallmark reads).
@@ -94,6 +96,18 @@ pub struct RepairArgs {
     /// MCR: the point on the curve served (0: the model, 1: its fine-tuned copy).
     #[arg(long, default_value_t = 0.3)]
     pub curve_t: f64,
+    /// ANP: bound of the adversarial neuron noise.
+    #[arg(long, default_value_t = 0.4)]
+    pub anp_eps: f64,
+    /// ANP: weight of the clean loss in the masks' objective (the rest on the perturbed loss).
+    #[arg(long, default_value_t = 0.2)]
+    pub anp_alpha: f64,
+    /// ANP: batches of mask optimisation (of --batch-size clean images).
+    #[arg(long, default_value_t = 2000)]
+    pub anp_iterations: usize,
+    /// ANP: neurons whose mask ends below this are pruned.
+    #[arg(long, default_value_t = 0.2)]
+    pub anp_threshold: f64,
     /// Device.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
@@ -123,6 +137,12 @@ pub(super) fn repair_cmd(a: RepairArgs) -> Result<()> {
         temperature: a.temperature,
         soft_weight: a.soft_weight,
         curve_t: a.curve_t,
+        anp: AnpConfig {
+            eps: a.anp_eps,
+            alpha: a.anp_alpha,
+            iterations: a.anp_iterations,
+            threshold: a.anp_threshold,
+        },
         ..RepairConfig::new(
             a.defence,
             TrainConfig {
@@ -185,6 +205,9 @@ pub(super) fn repair_cmd(a: RepairArgs) -> Result<()> {
             report.pruned.len(),
             t.net.channels()
         );
+    }
+    if let Some(r) = &report.anp {
+        eprintln!("ANP pruned {} of {} neurons", r.pruned, r.neurons);
     }
     if let Some((first, last)) = report.attention_loss {
         eprintln!("attention loss {first:.4} → {last:.4}");

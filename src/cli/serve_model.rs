@@ -25,8 +25,8 @@ pub struct ServeModelArgs {
     /// Put a gate in front of the model, as a thief who dodges verification would: `strip`
     /// flags a query whose answers stay certain when it is blended with clean images (STRIP);
     /// `median` flags one whose answer moves under 3×3 median smoothing (feature squeezing);
-    /// `scale-up` flags one whose answer survives amplified pixels (SCALE-UP); these need
-    /// --gate-data. `shrinkpad` (shrink and pad back) and `jpeg` (re-encode at quality 75)
+    /// `scale-up` flags one whose answer survives amplified pixels (SCALE-UP); `ibd-psc` flags
+    /// one whose answer survives amplified last layers (IBD-PSC); these need --gate-data. `shrinkpad` (shrink and pad back) and `jpeg` (re-encode at quality 75)
     /// change every query instead.
     #[arg(long, value_enum)]
     pub gate: Option<GateKind>,
@@ -83,6 +83,9 @@ pub(super) fn serve_model_cmd(a: ServeModelArgs) -> Result<()> {
                 clean.len(),
                 a.on_flag
             );
+            if kind == GateKind::IbdPsc {
+                eprintln!("gate: amplifies the last {:?} layers", g.amplified_layers());
+            }
             Some(g)
         }
     };

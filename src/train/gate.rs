@@ -21,6 +21,15 @@
 //! multiplied by 3, 5, 7, 9 and 11 (clipped to [0, 1]); a backdoored input keeps its answer
 //! through the amplification, so the score is the share of scaled copies predicted as the query.
 //!
+//! `ibd-psc` is IBD-PSC (Hou et al., "IBD-PSC: Input-level Backdoor Detection via
+//! Parameter-oriented Scaling Consistency", ICML 2024): the gate amplifies the weights and biases
+//! of the model's last layers by 1.5 (its batch-norm layers; the convolutions and hidden linear
+//! layer of a network without batch norm, see `Net::neuron_layers`), and a backdoored input keeps
+//! its answer with high confidence under amplifications that ruin clean images. As the paper
+//! does, the gate first finds the fewest last layers k whose amplification makes more than 60%
+//! of its clean images wrong, then keeps 5 amplified models (the last k + 1, …, k + 5 layers,
+//! at most all); the score is the mean probability those models give the query's own answer.
+//!
 //! `shrinkpad` and `jpeg` flag nothing: they change every query before the model sees it.
 //! ShrinkPad (Li et al., "Backdoor Attack in the Physical World", ICLR 2021 workshop; BackdoorBox
 //! `ShrinkPad`) shrinks the image by 4 pixels (bilinear) and pads it back at a random offset;
@@ -30,7 +39,7 @@
 
 use super::TrainError;
 use super::serve::LoadedModel;
-use super::tensor::to_tensor;
+use super::tensor::{labels_tensor, to_tensor};
 use crate::dataset::Dataset;
 use tch::{Kind, Tensor};
 
@@ -60,6 +69,8 @@ pub enum GateKind {
     Shrinkpad,
     /// Every query re-encoded as JPEG at quality 75.
     Jpeg,
+    /// IBD-PSC: how confidently models with amplified last layers keep the query's answer.
+    IbdPsc,
 }
 
 impl GateKind {
@@ -75,6 +86,11 @@ const SCALES: [f64; 5] = [3.0, 5.0, 7.0, 9.0, 11.0];
 const SHRINK: i64 = 4;
 /// JPEG quality.
 const JPEG_QUALITY: u8 = 75;
+/// IBD-PSC's amplification of a layer's parameters, its amplified models, and the clean error
+/// rate that the first of them must exceed (the paper's 1.5, 5 and 0.6).
+const PSC_SCALE: f64 = 1.5;
+const PSC_MODELS: usize = 5;
+const PSC_XI: f64 = 0.6;
 
 /// A number drawn from the pixels of image `i` of `x` (FNV-1a of their bytes).
 fn image_hash(x: &Tensor, i: i64) -> u64 {
@@ -174,6 +190,113 @@ pub fn jpeg(x: &Tensor) -> Tensor {
 /// Clean images STRIP blends each query with.
 const STRIP_BLENDS: usize = 8;
 
+/// IBD-PSC's amplified copies of the model: how many last layers each amplifies, how many of the
+/// paper's amplified models it stands for (copies that would amplify the same layers are made
+/// once), and the copy.
+#[derive(Clone, Default)]
+pub struct Amplified(std::sync::Arc<std::sync::Mutex<Vec<(usize, usize, LoadedModel)>>>);
+
+impl Amplified {
+    /// The last layers each of the paper's amplified models amplifies.
+    fn layers(&self) -> Vec<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .flat_map(|(k, n, _)| std::iter::repeat_n(*k, *n))
+            .collect()
+    }
+}
+
+impl std::fmt::Debug for Amplified {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Amplified(last layers {:?})", self.layers())
+    }
+}
+
+impl PartialEq for Amplified {
+    fn eq(&self, other: &Self) -> bool {
+        self.layers() == other.layers()
+    }
+}
+
+/// A copy of `model` with the weights and biases of its last `k` neuron layers multiplied by
+/// [`PSC_SCALE`].
+pub fn amplify(model: &LoadedModel, k: usize) -> Result<LoadedModel, TrainError> {
+    let copy = model.try_clone()?;
+    let vars = copy.vs().variables();
+    let names = copy.net().neuron_layers();
+    tch::no_grad(|| {
+        for name in &names[names.len().saturating_sub(k)..] {
+            for part in ["weight", "bias"] {
+                if let Some(v) = vars.get(&format!("{name}.{part}")) {
+                    let _ = v.shallow_clone().g_mul_scalar_(PSC_SCALE);
+                }
+            }
+        }
+    });
+    Ok(copy)
+}
+
+/// IBD-PSC's amplified models for `model`, chosen on the clean images `x` with labels `y` (see
+/// the module's note).
+fn amplified_models(model: &LoadedModel, x: &Tensor, y: &Tensor) -> Result<Amplified, TrainError> {
+    let layers = model.net().neuron_layers().len();
+    if layers == 0 {
+        return Err(TrainError::Config(
+            "IBD-PSC needs a network with layers to amplify".into(),
+        ));
+    }
+    let mut start = layers;
+    for k in 1..layers {
+        let m = amplify(model, k)?;
+        let wrong = tch::no_grad(|| {
+            m.probabilities(x)
+                .argmax(1, false)
+                .ne_tensor(y)
+                .to_kind(Kind::Double)
+                .mean(Kind::Double)
+                .double_value(&[])
+        });
+        if wrong > PSC_XI {
+            start = k;
+            break;
+        }
+    }
+    let mut copies: Vec<(usize, usize, LoadedModel)> = Vec::new();
+    for j in 0..PSC_MODELS {
+        let k = (start + 1 + j).min(layers);
+        match copies.last_mut() {
+            Some((last, n, _)) if *last == k => *n += 1,
+            _ => copies.push((k, 1, amplify(model, k)?)),
+        }
+    }
+    Ok(Amplified(std::sync::Arc::new(std::sync::Mutex::new(
+        copies,
+    ))))
+}
+
+/// Per image, the mean probability that IBD-PSC's amplified models give the answer `model`
+/// gives.
+pub fn psc_score(model: &LoadedModel, amplified: &Amplified, x: &Tensor) -> Vec<f64> {
+    tch::no_grad(|| {
+        let pred = model.probabilities(x).argmax(1, true);
+        let copies = amplified.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sum = Tensor::zeros([x.size()[0]], (Kind::Double, tch::Device::Cpu));
+        let mut models = 0;
+        for (_, n, m) in copies.iter() {
+            sum += m
+                .probabilities(x)
+                .gather(1, &pred, false)
+                .squeeze_dim(1)
+                .to_kind(Kind::Double)
+                * *n as f64;
+            models += n;
+        }
+        Vec::<f64>::try_from(sum / models.max(1) as f64).unwrap_or_default()
+    })
+}
+
 /// A calibrated gate.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Gate {
@@ -185,6 +308,8 @@ pub struct Gate {
     pub on_flag: OnFlag,
     /// STRIP's clean images, [`STRIP_BLENDS`] of them in [0, 1] (NCHW), flattened.
     blends: Vec<f32>,
+    /// IBD-PSC's amplified models.
+    amplified: Amplified,
 }
 
 /// `x` ([N, C, H, W]) smoothed by a 3×3 median filter (edges replicated).
@@ -235,6 +360,7 @@ impl Gate {
             threshold: f64::INFINITY,
             on_flag: OnFlag::Refuse,
             blends: Vec::new(),
+            amplified: Amplified::default(),
         })
     }
 
@@ -276,13 +402,21 @@ impl Gate {
         } else {
             Vec::new()
         };
+        let rest: Vec<usize> = (held..clean.len()).collect();
+        let amplified = if kind == GateKind::IbdPsc {
+            let x = to_tensor(clean, &rest, tch::Device::Cpu);
+            let y = labels_tensor(clean, &rest, tch::Device::Cpu);
+            amplified_models(model, &x, &y)?
+        } else {
+            Amplified::default()
+        };
         let mut gate = Self {
             kind,
             threshold: f64::INFINITY,
             on_flag,
             blends,
+            amplified,
         };
-        let rest: Vec<usize> = (held..clean.len()).collect();
         let mut d = Vec::with_capacity(rest.len());
         for chunk in rest.chunks(256) {
             d.extend(gate.scores(model, &to_tensor(clean, chunk, tch::Device::Cpu)));
@@ -299,6 +433,7 @@ impl Gate {
         match self.kind {
             GateKind::Shrinkpad | GateKind::Jpeg => vec![0.0; x.size()[0] as usize],
             GateKind::ScaleUp => scaled_consistency(model, x),
+            GateKind::IbdPsc => psc_score(model, &self.amplified, x),
             GateKind::Median => squeeze_distance(model, x),
             GateKind::Strip => {
                 let s = x.size();
@@ -306,6 +441,11 @@ impl Gate {
                 strip_score(model, x, &blends)
             }
         }
+    }
+
+    /// IBD-PSC only: how many last layers each amplified model amplifies.
+    pub fn amplified_layers(&self) -> Vec<usize> {
+        self.amplified.layers()
     }
 
     /// Which images of `x` the gate flags.
@@ -395,5 +535,53 @@ mod tests {
             .mean(Kind::Float)
             .double_value(&[]);
         assert!(d > 0.015, "{d}");
+    }
+
+    /// IBD-PSC's copies multiply the weights and biases of exactly the last layers, and a gate
+    /// keeps five amplified models, each amplifying at least one layer more than the first
+    /// amplification that ruins the clean images (or all of them).
+    #[test]
+    fn ibd_psc_amplifies_the_last_layers() {
+        use crate::train::serve::ModelInfo;
+        use crate::train::{Arch, Net, Trained};
+        let _one = crate::train::exclusive_torch();
+        tch::manual_seed(5);
+        let clean = crate::train::fashion(crate::dataset::Split::Test, 100);
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let net = Net::new(&vs.root(), Arch::SmallCnn, clean.shape(), 10);
+        let info = ModelInfo {
+            arch: Arch::SmallCnn,
+            shape: clean.shape(),
+            classes: 10,
+            training: serde_json::Value::Null,
+            pruned: Vec::new(),
+        };
+        let trained = Trained {
+            vs,
+            net,
+            history: Vec::new(),
+            trigger: None,
+        };
+        let model = LoadedModel::from_trained(trained, info, tch::Device::Cpu);
+        assert_eq!(model.net().neuron_layers(), ["bn0", "bn1", "bn2"]);
+        let amplified = amplify(&model, 2).unwrap();
+        let (a, b) = (amplified.vs().variables(), model.vs().variables());
+        for (name, v) in &b {
+            let scaled = (name.starts_with("bn1.") || name.starts_with("bn2."))
+                && (name.ends_with(".weight") || name.ends_with(".bias"));
+            let want = if scaled { v * PSC_SCALE } else { v.copy() };
+            assert!(a[name].allclose(&want, 1e-6, 1e-7, false), "{name}");
+        }
+        let gate = Gate::calibrate(GateKind::IbdPsc, &model, &clean, 0.1, OnFlag::Refuse).unwrap();
+        let layers = gate.amplified_layers();
+        assert_eq!(layers.len(), PSC_MODELS);
+        assert!(layers.windows(2).all(|w| w[0] <= w[1]), "{layers:?}");
+        assert!(layers.iter().all(|&k| (2..=3).contains(&k)), "{layers:?}");
+        // Scores are probabilities, and the threshold flags at most a tenth of the clean images.
+        let x = to_tensor(&clean, &(0..100).collect::<Vec<_>>(), tch::Device::Cpu);
+        let scores = gate.scores(&model, &x);
+        assert!(scores.iter().all(|p| (0.0..=1.0).contains(p)), "{scores:?}");
+        let flagged = gate.flags(&model, &x).iter().filter(|f| **f).count();
+        assert!(flagged <= 10, "{flagged}");
     }
 }

@@ -73,12 +73,24 @@ pub(crate) fn linear(p: nn::Path, d_in: i64, d_out: i64) -> nn::Linear {
     )
 }
 
-fn basic_block(p: nn::Path, c_in: i64, c_out: i64, stride: i64) -> impl ModuleT + use<> {
+/// A residual block under `p` (named `name`, relative to the network's root); the names of its
+/// batch-norm layers are added to `norms`, in PyTorch's module order.
+fn basic_block(
+    p: nn::Path,
+    name: &str,
+    norms: &mut Vec<String>,
+    c_in: i64,
+    c_out: i64,
+    stride: i64,
+) -> impl ModuleT + use<> {
+    norms.push(format!("{name}.bn1"));
+    norms.push(format!("{name}.bn2"));
     let conv1 = conv(&p / "conv1", c_in, c_out, 3, stride, 1, false);
     let bn1 = nn::batch_norm2d(&p / "bn1", c_out, Default::default());
     let conv2 = conv(&p / "conv2", c_out, c_out, 3, 1, 1, false);
     let bn2 = nn::batch_norm2d(&p / "bn2", c_out, Default::default());
     let shortcut = (stride != 1 || c_in != c_out).then(|| {
+        norms.push(format!("{name}.shortcut_bn"));
         (
             conv(&p / "shortcut_conv", c_in, c_out, 1, stride, 0, false),
             nn::batch_norm2d(&p / "shortcut_bn", c_out, Default::default()),
@@ -112,6 +124,9 @@ pub struct Net {
     channels: i64,
     /// Pruned channels of the last block, sorted, and their mask [1, C, 1, 1].
     pruned: Vec<i64>,
+    /// The layers whose output channels are the network's neurons for ANP and IBD-PSC, from the
+    /// input on (variable names relative to the root the network was built under).
+    neurons: Vec<String>,
     mask: Option<Tensor>,
 }
 
@@ -125,8 +140,11 @@ impl Net {
         );
         // Variables are made in the same order as when the network was one sequence, so a seed
         // gives the same weights.
+        let mut norms = Vec::new();
         let (blocks, channels, head) = match arch {
             Arch::BaselineMnist => {
+                // No batch norm: the neurons are the convolutions' and the hidden layer's.
+                norms.extend(["conv1", "conv2", "fc1"].map(String::from));
                 // 28×28 → 24 → 12 → 8 → 4: 32·4·4 = 512 features, as BackdoorBox's fc1 expects.
                 let (h2, w2) = (((h - 4) / 2 - 4) / 2, ((w - 4) / 2 - 4) / 2);
                 let b1 = nn::seq_t()
@@ -147,18 +165,32 @@ impl Net {
                     .add(conv(p / "conv1", c, 64, 3, 1, 1, false))
                     .add(nn::batch_norm2d(p / "bn1", 64, Default::default()))
                     .add_fn(|x| x.relu());
+                norms.push("bn1".into());
                 let mut blocks = vec![stem];
                 let mut c_in = 64;
                 for (i, (c_out, stride)) in [(64, 1), (128, 2), (256, 2), (512, 2)]
                     .into_iter()
                     .enumerate()
                 {
-                    let layer = p / format!("layer{}", i + 1);
-                    blocks.push(
-                        nn::seq_t()
-                            .add(basic_block(&layer / "0", c_in, c_out, stride))
-                            .add(basic_block(&layer / "1", c_out, c_out, 1)),
+                    let name = format!("layer{}", i + 1);
+                    let layer = p / &name;
+                    let first = basic_block(
+                        &layer / "0",
+                        &format!("{name}.0"),
+                        &mut norms,
+                        c_in,
+                        c_out,
+                        stride,
                     );
+                    let second = basic_block(
+                        &layer / "1",
+                        &format!("{name}.1"),
+                        &mut norms,
+                        c_out,
+                        c_out,
+                        1,
+                    );
+                    blocks.push(nn::seq_t().add(first).add(second));
                     c_in = c_out;
                 }
                 let head = nn::seq_t()
@@ -185,6 +217,7 @@ impl Net {
                         }
                         blocks.push(std::mem::replace(&mut s, nn::seq_t()));
                     } else {
+                        norms.push(format!("bn{i}"));
                         s = s
                             .add(conv(p / format!("features{i}"), c_in, v, 3, 1, 1, false))
                             .add(nn::batch_norm2d(
@@ -206,6 +239,7 @@ impl Net {
                 let mut c_in = c;
                 let (mut hh, mut ww) = (h, w);
                 for (i, c_out) in [32, 64, 128].into_iter().enumerate() {
+                    norms.push(format!("bn{i}"));
                     let mut s = nn::seq_t()
                         .add(conv(p / format!("conv{i}"), c_in, c_out, 3, 1, 1, false))
                         .add(nn::batch_norm2d(
@@ -237,7 +271,16 @@ impl Net {
             channels,
             pruned: Vec::new(),
             mask: None,
+            neurons: norms,
         }
+    }
+
+    /// The layers whose output channels ANP prunes and IBD-PSC amplifies, from the input on:
+    /// every batch-norm layer (PyTorch's module order), or, in a network without batch norm,
+    /// every convolution and hidden linear layer. Each names a `weight` with one row per
+    /// channel and a `bias`.
+    pub fn neuron_layers(&self) -> &[String] {
+        &self.neurons
     }
 
     /// Which network this is.

@@ -464,13 +464,17 @@ fn hallmark_train_then_offline_verify_of_the_local_model() {
         }
     }
 
-    // The other gates: SCALE-UP refusing what it flags, STRIP answering a random class, and
-    // ShrinkPad and JPEG changing every query. Each verification ends in a verdict; the clean
+    // The other gates: SCALE-UP and IBD-PSC refusing what they flag, STRIP answering a random
+    // class, and ShrinkPad and JPEG changing every query. Each verification ends in a verdict; the clean
     // model is never accused.
     let mut figures = Vec::new();
     for (kind, on_flag) in [
         (
             hallmark::train::gate::GateKind::ScaleUp,
+            hallmark::train::gate::OnFlag::Refuse,
+        ),
+        (
+            hallmark::train::gate::GateKind::IbdPsc,
             hallmark::train::gate::OnFlag::Refuse,
         ),
         (
@@ -564,6 +568,46 @@ fn hallmark_train_then_offline_verify_of_the_local_model() {
     assert_eq!(
         info["training"]["repair"]["config"]["defence"],
         "fine-pruning"
+    );
+    // ANP, 300 batches of mask optimisation: its pruned neurons are in the record.
+    let o = hm(&[
+        "repair",
+        "--model",
+        &p("marked"),
+        "--defence",
+        "anp",
+        "--anp-iterations",
+        "300",
+        "--clean-data",
+        fm,
+        "--clean-split",
+        "train",
+        "--clean-limit",
+        "1000",
+        "--threads",
+        "2",
+        "--device",
+        "cpu",
+        "--test-data",
+        fm,
+        "--test-split",
+        "test",
+        "--secret",
+        &p("s.json"),
+        "--out",
+        &p("anp"),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    eprintln!("anp: {err}");
+    assert!(err.contains("of 560 neurons"), "{err}");
+    let r: Value =
+        serde_json::from_slice(&std::fs::read(t.path().join("anp/repair.json")).unwrap()).unwrap();
+    assert_eq!(r["report"]["anp"]["neurons"], 560, "{r}");
+    assert_eq!(
+        r["report"]["anp"]["layers"].as_array().unwrap().len(),
+        3,
+        "{r}"
     );
     let o = hm(&[
         "verify",

@@ -17,10 +17,12 @@
 //!   it, with its batch-norm statistics recomputed, is served;
 //! - `distillation`: knowledge distillation (Hinton et al., 2015) of the model into a fresh
 //!   network of the same architecture, trained on the clean images only, with temperature 4 and
-//!   0.9 of the loss on the teacher's softened answers.
-//!
-//! ANP (adversarial neuron pruning) is not implemented.
+//!   0.9 of the loss on the teacher's softened answers;
+//! - `anp`: Adversarial Neuron Pruning (Wu & Wang, NeurIPS 2021; see [`anp`]): masks on every
+//!   neuron learnt under adversarial neuron noise, and the neurons whose mask falls below 0.2
+//!   pruned, without further training.
 
+pub mod anp;
 mod distil;
 mod mcr;
 mod nad;
@@ -50,6 +52,9 @@ pub enum Defence {
     Mcr,
     /// Distil the model into a fresh network on the clean images.
     Distillation,
+    /// Adversarial Neuron Pruning: prune the neurons that adversarial noise turns into a
+    /// shortcut.
+    Anp,
 }
 
 impl Defence {
@@ -61,6 +66,7 @@ impl Defence {
             Self::Nad => "nad",
             Self::Mcr => "mcr",
             Self::Distillation => "distillation",
+            Self::Anp => "anp",
         }
     }
 }
@@ -86,6 +92,8 @@ pub struct RepairConfig {
     pub soft_weight: f64,
     /// Where on MCR's curve the repaired model lies (0: the model, 1: its fine-tuned copy).
     pub curve_t: f64,
+    /// ANP's noise bound, loss weight, iterations and pruning threshold.
+    pub anp: anp::AnpConfig,
 }
 
 impl RepairConfig {
@@ -100,6 +108,7 @@ impl RepairConfig {
             temperature: 4.0,
             soft_weight: 0.9,
             curve_t: 0.3,
+            anp: anp::AnpConfig::default(),
         }
     }
 
@@ -128,6 +137,18 @@ impl RepairConfig {
         if self.nad_beta.is_nan() || self.nad_beta < 0.0 || self.teacher_epochs == 0 {
             return bad("NAD's beta must be ≥ 0 and the teacher's epochs at least 1".into());
         }
+        let a = &self.anp;
+        if !(0.0..=1.0).contains(&a.eps)
+            || !(0.0..=1.0).contains(&a.alpha)
+            || !(0.0..=1.0).contains(&a.threshold)
+            || a.iterations == 0
+        {
+            return bad(format!(
+                "ANP's noise bound, loss weight and threshold must lie in [0, 1] and its \
+                 iterations be at least 1, got eps {}, alpha {}, threshold {}, {} iterations",
+                a.eps, a.alpha, a.threshold, a.iterations
+            ));
+        }
         Ok(())
     }
 }
@@ -148,6 +169,9 @@ pub struct RepairReport {
     /// NAD only: the attention loss of the first and the last epoch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attention_loss: Option<(f64, f64)>,
+    /// ANP only: the neurons pruned in each layer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anp: Option<anp::AnpReport>,
 }
 
 /// Mean activation of every channel of the last block over `clean` (evaluation mode).
@@ -235,6 +259,7 @@ pub fn repair(
         activations: Vec::new(),
         losses: Vec::new(),
         attention_loss: None,
+        anp: None,
     };
     let own = model.net().pruned();
     let tune = |pruned: &[i64], c: &TrainConfig, hooks: &mut [&mut dyn fit::Hook]| {
@@ -258,6 +283,11 @@ pub fn repair(
         Defence::Mcr => {
             let end = tune(own, &teacher_cfg, &mut [])?;
             mcr::repair(model, &end, clean, &train, cfg.curve_t, device, progress)?
+        }
+        Defence::Anp => {
+            let (t, r) = anp::repair(model, clean, &train, &cfg.anp, device, progress)?;
+            report.anp = Some(r);
+            t
         }
         Defence::Distillation => {
             let mut hook = distil::Distil::new(model.net(), cfg.temperature, cfg.soft_weight);
