@@ -65,9 +65,11 @@ pub struct CalibrateArgs {
     #[arg(long)]
     pub other_family: Option<PathBuf>,
     /// Robustness: put every model through each of these defences (comma-separated) and verify
-    /// it again: fine-tuning, fine-pruning, nad, mcr, distillation (repairs, see `hallmark
-    /// repair`), gate-strip, gate-median, gate-scale-up (gates that refuse flagged queries),
-    /// gate-shrinkpad, gate-jpeg (gates that change every query). Needs --defence-data.
+    /// it again: fine-tuning, fine-pruning, nad, mcr, distillation, anp (repairs, see `hallmark
+    /// repair`), gate-strip, gate-median, gate-scale-up, gate-ibd-psc (gates that refuse
+    /// flagged queries), gate-shrinkpad, gate-jpeg (gates that change every query), which need
+    /// --defence-data; mixup, cutmix, abl (the model trained again with the training-time
+    /// defence, see `hallmark train --defence`).
     #[arg(long, value_delimiter = ',')]
     pub defence: Vec<calibrate::Countermeasure>,
     /// The thief's clean data for --defence (BackdoorBench's defender: 5% of the training set),
@@ -92,13 +94,23 @@ pub struct CalibrateArgs {
 }
 
 fn defences(a: &CalibrateArgs) -> Result<Option<calibrate::DefencePlan>> {
-    let path = match (&a.defence_data, a.defence.is_empty()) {
-        (_, true) => return Ok(None),
-        (None, false) => bail!("--defence needs --defence-data (the thief's clean images)"),
-        (Some(p), false) => p,
+    if a.defence.is_empty() {
+        return Ok(None);
+    }
+    let needs_data = a
+        .defence
+        .iter()
+        .any(|c| !matches!(c, calibrate::Countermeasure::Training(_)));
+    let clean = match &a.defence_data {
+        None if needs_data => {
+            bail!("--defence with repairs or gates needs --defence-data (the thief's clean images)")
+        }
+        None => None,
+        Some(path) => Some(
+            super::read_first(path, None, a.defence_split, a.defence_limit)
+                .with_context(|| format!("--defence-data {}", path.display()))?,
+        ),
     };
-    let clean = super::read_first(path, None, a.defence_split, a.defence_limit)
-        .with_context(|| format!("--defence-data {}", path.display()))?;
     let train = crate::train::TrainConfig {
         epochs: a.defence_epochs,
         lr: 0.01,

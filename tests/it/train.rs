@@ -220,8 +220,9 @@ fn a_small_calibration_detects_the_watermarked_model_and_accuses_no_other() {
     assert_eq!(rows(&out), second, "a refused resume changes nothing");
 
     // Another calibration loads the clean models from the cache instead of training them; this
-    // one also puts every model through two of a thief's defences (fine-pruning, a STRIP gate
-    // that refuses what it flags) and verifies it again.
+    // one also puts every model through three of a thief's defences (fine-pruning, a STRIP gate
+    // that refuses what it flags, and MixUp, for which the model is trained again) and verifies
+    // it again.
     let other = t.path().join("other");
     let o = calibrate(
         &other,
@@ -229,7 +230,7 @@ fn a_small_calibration_detects_the_watermarked_model_and_accuses_no_other() {
         "3",
         &[
             "--defence",
-            "fine-pruning,gate-strip",
+            "fine-pruning,gate-strip,mixup",
             "--defence-data",
             "/usr/share/datasets/fashion-mnist",
             "--defence-split",
@@ -253,10 +254,11 @@ fn a_small_calibration_detects_the_watermarked_model_and_accuses_no_other() {
     assert_eq!(clean(&defended), clean(&first));
     assert_eq!(
         defended.len(),
-        9,
-        "3 models, each as trained and after 2 defences"
+        12,
+        "3 models, each as trained and after 3 defences"
     );
-    for d in ["fine-pruning", "gate-strip"] {
+    assert!(err.contains("Watermarked #0 after mixup: "), "{err}");
+    for d in ["fine-pruning", "gate-strip", "mixup"] {
         let rs: Vec<&Value> = defended.iter().filter(|r| r["defence"] == d).collect();
         assert_eq!(rs.len(), 3, "{d}: {defended:?}");
         for r in rs {

@@ -16,6 +16,7 @@ pub use table::{Calibration, DefenceSummary, ModelKind, Row};
 
 use super::attack::{AttackKind, AttackOptions};
 use super::craft::{Crafter, Surrogate};
+use super::defence::TrainingDefence;
 use super::gate::{Gate, GateKind, OnFlag};
 use super::metrics::{EvalSet, Metrics};
 use super::repair::{Defence, RepairConfig};
@@ -89,13 +90,16 @@ pub struct Plan {
 }
 
 /// A thief's countermeasure every calibrated model goes through (one at a time), then verified
-/// again: a repair of the model, or a gate in front of it.
+/// again: a repair of the model, a gate in front of it, or a training-time defence (the model
+/// trained again, on the same data with the same seed, with the defence).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Countermeasure {
     /// The model repaired (see [`super::repair`]).
     Repair(Defence),
     /// The model served behind a gate that refuses flagged queries (see [`super::gate`]).
     Gate(GateKind),
+    /// The model trained with a training-time defence (see [`super::defence`]).
+    Training(TrainingDefence),
 }
 
 impl Countermeasure {
@@ -104,6 +108,9 @@ impl Countermeasure {
         use clap::ValueEnum;
         match self {
             Self::Repair(d) => d.name().to_string(),
+            Self::Training(d) => d
+                .to_possible_value()
+                .map_or("?".into(), |v| v.get_name().to_string()),
             Self::Gate(g) => format!(
                 "gate-{}",
                 g.to_possible_value()
@@ -122,9 +129,14 @@ impl std::str::FromStr for Countermeasure {
                 .map(Self::Gate)
                 .map_err(|_| crate::Invalid(format!("unknown gate `{g}` in `{s}`")));
         }
+        if let Ok(d) = TrainingDefence::from_str(s, false)
+            && !d.is_none()
+        {
+            return Ok(Self::Training(d));
+        }
         Defence::from_str(s, false).map(Self::Repair).map_err(|_| {
             crate::Invalid(format!(
-                "unknown defence `{s}`: expected fine-tuning, fine-pruning, nad, mcr, distillation, gate-strip, gate-median, gate-scale-up, gate-shrinkpad or gate-jpeg"
+                "unknown defence `{s}`: expected fine-tuning, fine-pruning, nad, mcr, distillation, anp, gate-strip, gate-median, gate-scale-up, gate-ibd-psc, gate-shrinkpad, gate-jpeg, mixup, cutmix or abl"
             ))
         })
     }
@@ -134,8 +146,9 @@ impl std::str::FromStr for Countermeasure {
 pub struct DefencePlan {
     /// Each model goes through each of these.
     pub list: Vec<Countermeasure>,
-    /// The thief's clean data: repairs train on it, gates set their threshold on it.
-    pub clean: Dataset,
+    /// The thief's clean data: repairs train on it, gates set their threshold on it (needed
+    /// when the list has any).
+    pub clean: Option<Dataset>,
     /// Repairs' settings (the defence is replaced by each of `list`'s).
     pub repair: RepairConfig,
     /// Gates flag this share of clean images, and refuse what they flag.
@@ -204,8 +217,11 @@ fn settings(plan: &Plan) -> serde_json::Value {
         s["defences"] = serde_json::json!({
             "list": d.list.iter().map(|c| c.name()).collect::<Vec<_>>(),
             "repair": d.repair, "false_flag_rate": d.false_flag_rate,
-            "clean_samples": d.clean.len(), "clean_sha256": d.clean.sha256(),
         });
+        if let Some(c) = &d.clean {
+            s["defences"]["clean_samples"] = c.len().into();
+            s["defences"]["clean_sha256"] = c.sha256().into();
+        }
     }
     s
 }
@@ -224,6 +240,25 @@ pub fn run(plan: &Plan, observer: &dyn Observer) -> Result<Calibration, Calibrat
             "the other family `{}` is crafted or encoded; give a poison-only spec",
             s.name
         )));
+    }
+    if let Some(d) = &plan.defences {
+        for c in &d.list {
+            let training = matches!(c, Countermeasure::Training(_));
+            if training && !matches!(plan.attack, AttackKind::None | AttackKind::PhysicalBa) {
+                return Err(CalibrateError::Config(format!(
+                    "the training-time defence {} changes the loss, which the attack {:?} \
+                     computes itself",
+                    c.name(),
+                    plan.attack
+                )));
+            }
+            if !training && d.clean.is_none() {
+                return Err(CalibrateError::Config(format!(
+                    "the defence {} needs the thief's clean data",
+                    c.name()
+                )));
+            }
+        }
     }
     let secrets = out.join("secrets");
     std::fs::create_dir_all(&secrets).map_err(io(&secrets))?;
@@ -444,7 +479,22 @@ pub fn run(plan: &Plan, observer: &dyn Observer) -> Result<Calibration, Calibrat
             let mut defended = Vec::new();
             for &c in plan.defences.iter().flat_map(|d| &d.list) {
                 let d = plan.defences.as_ref().expect("iterating its list");
-                let (m, gate) = defend(&model, c, d, &label, plan.device, observer)?;
+                let (m, gate) = match c {
+                    Countermeasure::Training(td) => {
+                        let cfg = TrainConfig {
+                            defence: td,
+                            ..cfg.clone()
+                        };
+                        let t = train_observed(
+                            &super::Run::new(data, &cfg, plan.device),
+                            &format!("{label} {}", c.name()),
+                            &attack,
+                            observer,
+                        )?;
+                        (LoadedModel::from_trained(t, info(&cfg), plan.device), None)
+                    }
+                    _ => defend(&model, c, d, &label, plan.device, observer)?,
+                };
                 defended.push((c.name(), m, gate));
             }
             let metrics = model.evaluate(&eval);
@@ -550,7 +600,16 @@ fn defend(
     device: Device,
     observer: &dyn Observer,
 ) -> Result<(LoadedModel, Option<Gate>), CalibrateError> {
+    let clean = || {
+        plan.clean.as_ref().ok_or_else(|| {
+            CalibrateError::Config(format!("the defence {} needs clean data", c.name()))
+        })
+    };
     match c {
+        Countermeasure::Training(_) => Err(CalibrateError::Config(format!(
+            "{} is a training-time defence: the model is trained again with it",
+            c.name()
+        ))),
         Countermeasure::Repair(d) => {
             // Distillation's fresh student too trains at the repairs' rate: its loss, scaled by
             // T² = 16, makes the models' rate (0.05) collapse BaselineMNIST to one class.
@@ -566,7 +625,7 @@ fn defend(
                     &format!("{label} {name} epoch {} loss {:.4}", s.epoch, s.loss),
                 );
             };
-            let (t, _) = super::repair::repair(model, &plan.clean, &cfg, device, &progress)?;
+            let (t, _) = super::repair::repair(model, clean()?, &cfg, device, &progress)?;
             observer.task_done();
             Ok((
                 LoadedModel::from_trained(t, model.info.clone(), device),
@@ -574,13 +633,8 @@ fn defend(
             ))
         }
         Countermeasure::Gate(kind) => {
-            let gate = Gate::calibrate(
-                kind,
-                model,
-                &plan.clean,
-                plan.false_flag_rate,
-                OnFlag::Refuse,
-            )?;
+            let gate =
+                Gate::calibrate(kind, model, clean()?, plan.false_flag_rate, OnFlag::Refuse)?;
             Ok((model.try_clone()?, Some(gate)))
         }
     }
