@@ -250,15 +250,22 @@ fn amplified_models(model: &LoadedModel, x: &Tensor, y: &Tensor) -> Result<Ampli
     let mut start = layers;
     for k in 1..layers {
         let m = amplify(model, k)?;
-        let wrong = tch::no_grad(|| {
-            m.probabilities(x)
-                .argmax(1, false)
-                .ne_tensor(y)
-                .to_kind(Kind::Double)
-                .mean(Kind::Double)
-                .double_value(&[])
-        });
-        if wrong > PSC_XI {
+        let n = x.size()[0];
+        let mut wrong = 0.0;
+        let mut i = 0;
+        while i < n {
+            let len = 256.min(n - i);
+            wrong += tch::no_grad(|| {
+                m.probabilities(&x.narrow(0, i, len))
+                    .argmax(1, false)
+                    .ne_tensor(&y.narrow(0, i, len))
+                    .to_kind(Kind::Double)
+                    .sum(Kind::Double)
+                    .double_value(&[])
+            });
+            i += len;
+        }
+        if wrong > PSC_XI * n as f64 {
             start = k;
             break;
         }
