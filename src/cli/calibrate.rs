@@ -88,6 +88,10 @@ pub struct CalibrateArgs {
     /// Fine-pruning: share of the last block's channels removed.
     #[arg(long, default_value_t = 0.2)]
     pub prune_rate: f64,
+    /// ANP: batches of mask optimisation (the paper's 2,000; fewer for a network that is slow to
+    /// run on this machine).
+    #[arg(long, default_value_t = 2000)]
+    pub anp_iterations: usize,
     /// Gates: share of clean images flagged.
     #[arg(long, default_value_t = 0.05)]
     pub false_flag_rate: f64,
@@ -123,6 +127,10 @@ fn defences(a: &CalibrateArgs) -> Result<Option<calibrate::DefencePlan>> {
         clean,
         repair: crate::train::repair::RepairConfig {
             prune_rate: a.prune_rate,
+            anp: crate::train::repair::anp::AnpConfig {
+                iterations: a.anp_iterations,
+                ..Default::default()
+            },
             ..crate::train::repair::RepairConfig::new(
                 crate::train::repair::Defence::FineTuning,
                 train,
