@@ -11,8 +11,9 @@
 //!   the loss is LGA's sign(ℓ − γ)·ℓ (γ = 0.5), which keeps clean samples' loss near γ while
 //!   backdoor samples, learnt fastest, fall below it; then the 1% of training samples with the
 //!   lowest loss are isolated; the middle epochs train on the rest; the last fifth unlearn the
-//!   isolated samples by gradient ascent at a learning rate of 5e-4 (ABL's unlearning rate), with
-//!   the optimiser's momentum cleared (ABL unlearns with an optimiser of its own).
+//!   isolated samples by gradient ascent at a learning rate of 5e-4 (ABL's unlearning rate, each
+//!   isolated sample's step per epoch as in ABL's batches of isolated samples), with the
+//!   optimiser's momentum cleared (ABL unlearns with an optimiser of its own).
 
 use super::fit::{Batch, Hook, Start};
 use super::tensor::labels_tensor;
@@ -228,9 +229,13 @@ impl Hook for Abl {
             let keep = 1.0 - &iso;
             Some((&per * &keep).sum(Kind::Float) / keep.sum(Kind::Float).clamp_min(1.0))
         } else {
-            // Unlearn the isolated ones: gradient ascent, its step scaled to ABL's rate.
+            // Unlearn the isolated ones: gradient ascent, its step scaled to ABL's rate. ABL
+            // unlearns in batches of isolated samples only, each step the mean over a full batch;
+            // here they are spread over the training batches, so their sum is divided by the
+            // batch size, which gives each isolated sample ABL's step per epoch (dividing by the
+            // few isolated samples of a batch made steps ~50× larger, and the loss diverged).
             let scale = ABL_UNLEARN_LR / b.cfg.lr_at(b.epoch).max(1e-12);
-            Some(-(&per * &iso).sum(Kind::Float) / iso.sum(Kind::Float).clamp_min(1.0) * scale)
+            Some(-(&per * &iso).sum(Kind::Float) / b.cfg.batch_size as f64 * scale)
         }
     }
 }
