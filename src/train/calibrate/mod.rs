@@ -485,12 +485,20 @@ pub fn run(plan: &Plan, observer: &dyn Observer) -> Result<Calibration, Calibrat
                             defence: td,
                             ..cfg.clone()
                         };
-                        let t = train_observed(
+                        let t = match train_observed(
                             &super::Run::new(data, &cfg, plan.device),
                             &format!("{label} {}", c.name()),
                             &attack,
                             observer,
-                        )?;
+                        ) {
+                            // A defence that breaks training leaves the thief nothing to serve:
+                            // no row, and the calibration goes on.
+                            Err(e @ TrainError::Diverged { .. }) => {
+                                observer.note(&format!("{label} with {}: {e}", c.name()));
+                                continue;
+                            }
+                            t => t?,
+                        };
                         (LoadedModel::from_trained(t, info(&cfg), plan.device), None)
                     }
                     _ => defend(&model, c, d, &label, plan.device, observer)?,
