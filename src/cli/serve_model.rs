@@ -77,10 +77,12 @@ pub(super) fn serve_model_cmd(a: ServeModelArgs) -> Result<()> {
             let clean = super::read_first(&d.path, None, d.split, d.limit)?;
             let g = Gate::calibrate(kind, &model, &clean, a.false_flag_rate, a.on_flag)?;
             eprintln!(
-                "gate: {kind:?}, threshold {:.4} (flags {:.1}% of {} clean images), {:?} on flag",
+                "gate: {kind:?}, threshold {:.4} (flags {:.1}% of {} clean images, {:.1}% asked), \
+                 {:?} on flag",
                 g.threshold,
-                a.false_flag_rate * 100.0,
+                g.clean_flag_rate * 100.0,
                 clean.len(),
+                a.false_flag_rate * 100.0,
                 a.on_flag
             );
             if kind == GateKind::IbdPsc {

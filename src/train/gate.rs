@@ -311,6 +311,9 @@ pub struct Gate {
     pub kind: GateKind,
     /// Flags queries whose score exceeds this.
     pub threshold: f64,
+    /// The share of the clean images it was calibrated on that it flags: at most the rate asked
+    /// for, less where many clean images share the top scores (0 for a gate that transforms).
+    pub clean_flag_rate: f64,
     /// What a flagged query gets.
     pub on_flag: OnFlag,
     /// STRIP's clean images, [`STRIP_BLENDS`] of them in [0, 1] (NCHW), flattened.
@@ -365,6 +368,7 @@ impl Gate {
         Ok(Self {
             kind,
             threshold: f64::INFINITY,
+            clean_flag_rate: 0.0,
             on_flag: OnFlag::Refuse,
             blends: Vec::new(),
             amplified: Amplified::default(),
@@ -420,6 +424,7 @@ impl Gate {
         let mut gate = Self {
             kind,
             threshold: f64::INFINITY,
+            clean_flag_rate: 0.0,
             on_flag,
             blends,
             amplified,
@@ -432,6 +437,8 @@ impl Gate {
         // The smallest threshold that flags at most the rate: the score at rank ⌈(1 − r)·n⌉.
         let k = ((1.0 - false_flag_rate) * d.len() as f64).ceil() as usize;
         gate.threshold = d[k.clamp(1, d.len()) - 1];
+        gate.clean_flag_rate =
+            d.iter().filter(|&&x| x > gate.threshold).count() as f64 / d.len() as f64;
         Ok(gate)
     }
 
@@ -590,5 +597,6 @@ mod tests {
         assert!(scores.iter().all(|p| (0.0..=1.0).contains(p)), "{scores:?}");
         let flagged = gate.flags(&model, &x).iter().filter(|f| **f).count();
         assert!(flagged <= 10, "{flagged}");
+        assert_eq!(gate.clean_flag_rate, flagged as f64 / 100.0);
     }
 }
