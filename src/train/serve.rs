@@ -108,11 +108,17 @@ impl LoadedModel {
         Ok((vs, net))
     }
 
-    /// A copy with its own variables (and the same pruning).
-    pub fn try_clone(&self) -> Result<Self, TrainError> {
+    /// A copy of its network (same pruning) with its own variables, which can be trained.
+    pub fn trainable_copy(&self) -> Result<(nn::VarStore, Net), TrainError> {
         let (mut vs, net) = Self::network(&self.info, self.net.pruned(), self.device)
             .map_err(|e| TrainError::Config(e.to_string()))?;
         vs.copy(&self.vs)?;
+        Ok((vs, net))
+    }
+
+    /// A copy with its own variables (and the same pruning).
+    pub fn try_clone(&self) -> Result<Self, TrainError> {
+        let (mut vs, net) = self.trainable_copy()?;
         vs.freeze();
         Ok(Self {
             info: self.info.clone(),

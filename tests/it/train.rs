@@ -519,11 +519,12 @@ fn hallmark_train_then_offline_verify_of_the_local_model() {
     // The thief repairs the watermarked model: half the last block's channels pruned, then
     // fine-tuned on 1,000 clean training images. The repaired model is written with its pruning,
     // metrics before and after, and verifies to a verdict.
-    let repair = |defence: &str, clean: &str, out: &str| {
-        hm(&[
+    let repair = |defence: &str, clean: &str, out: &str, more: &[&str]| {
+        let (model, secret, out) = (p("marked"), p("s.json"), p(out));
+        let mut args = vec![
             "repair",
             "--model",
-            &p("marked"),
+            &model,
             "--defence",
             defence,
             "--prune-rate",
@@ -545,12 +546,14 @@ fn hallmark_train_then_offline_verify_of_the_local_model() {
             "--test-split",
             "test",
             "--secret",
-            &p("s.json"),
+            &secret,
             "--out",
-            &p(out),
-        ])
+            &out,
+        ];
+        args.extend_from_slice(more);
+        hm(&args)
     };
-    let o = repair("fine-pruning", fm, "repaired");
+    let o = repair("fine-pruning", fm, "repaired", &[]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("pruned 16 of 32 channels"), "{err}");
@@ -572,33 +575,7 @@ fn hallmark_train_then_offline_verify_of_the_local_model() {
         "fine-pruning"
     );
     // ANP, 300 batches of mask optimisation: its pruned neurons are in the record.
-    let o = hm(&[
-        "repair",
-        "--model",
-        &p("marked"),
-        "--defence",
-        "anp",
-        "--anp-iterations",
-        "300",
-        "--clean-data",
-        fm,
-        "--clean-split",
-        "train",
-        "--clean-limit",
-        "1000",
-        "--threads",
-        "2",
-        "--device",
-        "cpu",
-        "--test-data",
-        fm,
-        "--test-split",
-        "test",
-        "--secret",
-        &p("s.json"),
-        "--out",
-        &p("anp"),
-    ]);
+    let o = repair("anp", fm, "anp", &["--anp-iterations", "300"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     eprintln!("anp: {err}");
@@ -630,7 +607,7 @@ fn hallmark_train_then_offline_verify_of_the_local_model() {
         String::from_utf8_lossy(&o.stderr)
     );
     // Clean data that is not a dataset is an error naming it, and nothing is written.
-    let o = repair("fine-tuning", &p("nowhere"), "not-written");
+    let o = repair("fine-tuning", &p("nowhere"), "not-written", &[]);
     assert_eq!(o.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("nowhere"),

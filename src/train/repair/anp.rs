@@ -195,24 +195,10 @@ pub(super) fn repair(
     device: Device,
     progress: &dyn Fn(Step),
 ) -> Result<(Trained, AnpReport), TrainError> {
-    let fresh = || -> Result<(nn::VarStore, Net), TrainError> {
-        let vs = nn::VarStore::new(device);
-        let mut net = Net::new(
-            &vs.root(),
-            model.info.arch,
-            model.info.shape,
-            model.info.classes as i64,
-        );
-        let mut vs = vs;
-        vs.copy(model.vs())?;
-        net.prune(model.net().pruned(), device)
-            .map_err(|e| TrainError::Config(e.to_string()))?;
-        Ok((vs, net))
-    };
     // The masks are learnt on a copy whose batch-norm statistics move (the paper trains in
     // training mode, dropout included, drawn from libtorch's generator seeded here); the pruning
     // is applied to another copy of the model as it was.
-    let (vs, net) = fresh()?;
+    let (vs, net) = model.trainable_copy()?;
     {
         let _rng = crate::train::TORCH_RNG
             .lock()
@@ -279,7 +265,7 @@ pub(super) fn repair(
         pass += 1;
     }
 
-    let (mut out_vs, out_net) = fresh()?;
+    let (mut out_vs, out_net) = model.trainable_copy()?;
     let vars = out_vs.variables();
     let mut report = AnpReport {
         layers: Vec::new(),

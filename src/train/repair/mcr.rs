@@ -46,17 +46,7 @@ pub(super) fn repair(
     device: Device,
     progress: &dyn Fn(Step),
 ) -> Result<Trained, TrainError> {
-    let vs = nn::VarStore::new(device);
-    let mut net = Net::new(
-        &vs.root(),
-        model.info.arch,
-        model.info.shape,
-        model.info.classes as i64,
-    );
-    let mut vs = vs;
-    vs.copy(model.vs())?;
-    net.prune(model.net().pruned(), device)
-        .map_err(|e| TrainError::Config(e.to_string()))?;
+    let (mut vs, net) = model.trainable_copy()?;
     let params = vs.trainable_variables();
     let w0 = snapshot(&vs);
     let w1 = snapshot(&end.vs);
