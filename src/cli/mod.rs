@@ -193,14 +193,22 @@ struct BarObserver {
 impl crate::train::calibrate::Observer for BarObserver {
     fn note(&self, line: &str) {
         match &*self.bar.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some(pb) => pb.println(line),
-            None => eprintln!("{line}"),
+            // A hidden bar (stderr is not a terminal: a log, CI) drops its println.
+            Some(pb) if !pb.is_hidden() => pb.println(line),
+            _ => eprintln!("{line}"),
         }
     }
 
     fn progress(&self, done: u64, total: u64, message: &str) {
         let mut current = self.bar.lock().unwrap_or_else(|e| e.into_inner());
-        let pb = current.get_or_insert_with(|| bar(total, ""));
+        let pb = current.get_or_insert_with(|| {
+            let pb = bar(total, "");
+            if pb.is_hidden() {
+                // Without a terminal, a log still shows when each task began.
+                eprintln!("{message}");
+            }
+            pb
+        });
         pb.set_length(total);
         pb.set_position(done);
         pb.set_message(message.to_string());
