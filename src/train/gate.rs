@@ -283,25 +283,36 @@ fn amplified_models(model: &LoadedModel, x: &Tensor, y: &Tensor) -> Result<Ampli
     ))))
 }
 
-/// Per image, the mean probability that IBD-PSC's amplified models give the answer `model`
-/// gives.
+/// Per image, how confidently IBD-PSC's amplified models keep the answer `model` gives: the
+/// mean over the copies of the answer's log-odds, z_answer − log Σ_{j ≠ answer} exp z_j, in
+/// double precision. The paper averages the answer's probability; the log-odds orders each
+/// copy's answers the same way, but a probability rounds to exactly 1 in single precision once
+/// the answer's logit leads by about 17, and an amplified model's answers often lead by far
+/// more: clean images then tie at 1 with triggered ones, the threshold for a false-flag rate is
+/// that tie, and the gate flags nothing (as measured on batch-norm networks before this score).
 pub fn psc_score(model: &LoadedModel, amplified: &Amplified, x: &Tensor) -> Vec<f64> {
     tch::no_grad(|| {
-        let pred = model.probabilities(x).argmax(1, true);
+        let pred = model.logits(x).argmax(1, true);
         let copies = amplified.0.lock().unwrap_or_else(|e| e.into_inner());
         let mut sum = Tensor::zeros([x.size()[0]], (Kind::Double, tch::Device::Cpu));
         let mut models = 0;
         for (_, n, m) in copies.iter() {
-            sum += m
-                .probabilities(x)
-                .gather(1, &pred, false)
-                .squeeze_dim(1)
-                .to_kind(Kind::Double)
-                * *n as f64;
+            sum += log_odds(&m.logits(x), &pred) * *n as f64;
             models += n;
         }
         Vec::<f64>::try_from(sum / models.max(1) as f64).unwrap_or_default()
     })
+}
+
+/// Per row of `logits` [N, K], the log-odds of class `pick` [N, 1]: its logit minus the
+/// log-sum-exp of the others, in double precision.
+fn log_odds(logits: &Tensor, pick: &Tensor) -> Tensor {
+    let z = logits.to_kind(Kind::Double);
+    let own = z.gather(1, pick, false).squeeze_dim(1);
+    let others = z
+        .scatter_value(1, pick, f64::NEG_INFINITY)
+        .logsumexp([1], false);
+    own - others
 }
 
 /// A calibrated gate.
@@ -504,6 +515,25 @@ impl Gate {
 mod tests {
     use super::*;
 
+    /// The log-odds of the answer equal log(p / (1 − p)) where the probability is
+    /// representable, and keep ordering answers whose single-precision probability is 1.
+    #[test]
+    fn log_odds_keep_ordering_saturated_answers() {
+        let z = Tensor::from_slice(&[0f32, 1.0, 2.0, 0.0, 40.0, 0.0, 0.0, 60.0, 0.0]).view([3, 3]);
+        let pick = Tensor::from_slice(&[2i64, 1, 1]).view([3, 1]);
+        let lo = Vec::<f64>::try_from(log_odds(&z, &pick)).unwrap();
+        let p = (2f64).exp() / (1.0 + 1f64.exp() + 2f64.exp());
+        assert!((lo[0] - (p / (1.0 - p)).ln()).abs() < 1e-9, "{lo:?}");
+        assert!((lo[1] - (40.0 - 2f64.ln())).abs() < 1e-9, "{lo:?}");
+        assert!((lo[2] - (60.0 - 2f64.ln())).abs() < 1e-9, "{lo:?}");
+        let probs = Vec::<f32>::try_from(z.softmax(1, Kind::Float).flatten(0, -1)).unwrap();
+        assert_eq!(
+            (probs[4], probs[7]),
+            (1.0, 1.0),
+            "single precision saturates"
+        );
+    }
+
     /// The median filter removes a lone bright pixel and keeps a flat image.
     #[test]
     fn median_smoothing_removes_a_speck() {
@@ -591,10 +621,11 @@ mod tests {
         assert_eq!(layers.len(), PSC_MODELS);
         assert!(layers.windows(2).all(|w| w[0] <= w[1]), "{layers:?}");
         assert!(layers.iter().all(|&k| (2..=3).contains(&k)), "{layers:?}");
-        // Scores are probabilities, and the threshold flags at most a tenth of the clean images.
+        // Scores are finite log-odds, and the threshold flags at most a tenth of the clean
+        // images.
         let x = to_tensor(&clean, &(0..100).collect::<Vec<_>>(), tch::Device::Cpu);
         let scores = gate.scores(&model, &x);
-        assert!(scores.iter().all(|p| (0.0..=1.0).contains(p)), "{scores:?}");
+        assert!(scores.iter().all(|p| p.is_finite()), "{scores:?}");
         let flagged = gate.flags(&model, &x).iter().filter(|f| **f).count();
         assert!(flagged <= 10, "{flagged}");
         assert_eq!(gate.clean_flag_rate, flagged as f64 / 100.0);

@@ -148,6 +148,15 @@ impl LoadedModel {
         metrics::probabilities(&self.net, &x.to_device(self.device)).to_device(Device::Cpu)
     }
 
+    /// Logits for a batch [N, C, H, W] of values in [0, 1], on the CPU.
+    pub fn logits(&self, x: &Tensor) -> Tensor {
+        tch::no_grad(|| {
+            self.net
+                .forward_t(&x.to_device(self.device), false)
+                .to_device(Device::Cpu)
+        })
+    }
+
     /// The network.
     pub fn net(&self) -> &Net {
         &self.net
