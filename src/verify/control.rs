@@ -115,25 +115,45 @@ pub(super) async fn rank_test(
     let first = cfg.first_image_count();
     let reduction = cfg.reduction_factor();
     loop {
-        // More images for every remaining trigger: `first` in the first round, then one.
+        // More images for every remaining trigger: `first` in the first round, then one. An
+        // image whose benign answer was withheld (a gate refused or flattened it) is passed over
+        // for the next one its target allows: its pair would say nothing about any trigger, and
+        // where every trigger's first image is the same (untargeted kinds) one refused benign
+        // answer would tie them all. Which images are passed over depends on the benign answers
+        // alone, the same for every trigger, so the triggers stay exchangeable.
         let mut picks: Vec<(usize, usize)> = Vec::with_capacity(alive.len());
-        for &j in &alive {
-            let kind = &kinds[j];
-            for _ in 0..if round == 0 { first } else { 1 } {
-                let pos = (next[j]..order.len()).find(|&p| kind.allows(pool.label(order[p])));
-                if let Some(p) = pos {
-                    next[j] = p + 1;
-                    picks.push((j, order[p]));
+        let mut wanted: Vec<(usize, usize)> = alive
+            .iter()
+            .map(|&j| (j, if round == 0 { first } else { 1 }))
+            .collect();
+        while !wanted.is_empty() {
+            let mut candidates = Vec::new();
+            for &(j, n) in &wanted {
+                let kind = &kinds[j];
+                for _ in 0..n {
+                    let pos = (next[j]..order.len()).find(|&p| kind.allows(pool.label(order[p])));
+                    if let Some(p) = pos {
+                        next[j] = p + 1;
+                        candidates.push((j, order[p]));
+                    }
+                }
+            }
+            let needed: Vec<usize> = candidates.iter().map(|&(_, i)| i).collect();
+            let sent = benign.fetch(endpoint, &needed).await?;
+            *queries += sent;
+            own_queries += sent;
+            wanted.clear();
+            for (j, i) in candidates {
+                if benign.answers[&i].is_withheld() {
+                    wanted.push((j, 1));
+                } else {
+                    picks.push((j, i));
                 }
             }
         }
         if picks.is_empty() {
             break;
         }
-        let needed: Vec<usize> = picks.iter().map(|&(_, i)| i).collect();
-        let sent = benign.fetch(endpoint, &needed).await?;
-        *queries += sent;
-        own_queries += sent;
         let to_ask: Vec<(usize, usize)> = picks
             .iter()
             .copied()

@@ -76,6 +76,8 @@ struct Fake {
     labels_only: bool,
     /// Percent of images on which a learnt trigger fails (100 − ASR).
     miss: u64,
+    /// A gate that refuses the benign (unstamped) images of this label.
+    refuse_benign: Option<usize>,
     calls: AtomicUsize,
 }
 
@@ -86,6 +88,7 @@ impl Fake {
             send,
             labels_only: false,
             miss: 0,
+            refuse_benign: None,
             calls: AtomicUsize::new(0),
         }
     }
@@ -113,6 +116,9 @@ impl ModelEndpoint for Fake {
             .map(|img| {
                 let mut label = label_of(img);
                 let stamped = img.iter().any(|&v| v != img[0]);
+                if !stamped && self.refuse_benign == Some(label) {
+                    return Prediction::Withheld { status: Some(403) };
+                }
                 let triggered = match &self.behaviour {
                     // The image is the secret's stamp on one of the pool's benign images.
                     Behaviour::Learnt(stamp) => (0..10u8).any(|l| {
@@ -286,6 +292,30 @@ async fn untargeted_watermarks_need_scattered_answers() {
     )
     .await;
     assert_eq!(blind.decision, Decision::NotShown);
+}
+
+/// A gate that refuses the benign answer of the first held-out image, which every trigger of an
+/// untargeted family is first scored on: the rank test passes over that image for the next one
+/// (for every trigger alike) instead of scoring all of them 0 and leaving the secret's rank to
+/// the tie-break. Before that rule this release's secret ranked far from first.
+#[tokio::test]
+async fn a_refused_benign_answer_does_not_tie_the_rank_test() {
+    let rec = record_with("kind = \"untargeted\"", true, nonce(4));
+    for seq in [false, true] {
+        let free = run(&Fake::learnt(&rec, Send::Scatter), &rec, &cfg(seq, false)).await;
+        let first = free.trail[0].label as usize;
+        let mut gated = Fake::learnt(&rec, Send::Scatter);
+        gated.refuse_benign = Some(first);
+        let v = run(&gated, &rec, &cfg(seq, false)).await;
+        let r = v.rank.as_ref().unwrap();
+        assert_eq!(r.rank, 1, "seq {seq}: {r:?}");
+        // As without the gate (sequential: too few pairs for this fake's ten grey images to
+        // scatter widely enough, whatever the gate).
+        assert_eq!(v.decision, free.decision, "seq {seq}: {}", v.reason);
+        assert_eq!(free.decision == Decision::Used, !seq, "{}", free.reason);
+        assert!(v.withheld.as_ref().is_some_and(|w| w.benign > 0), "seq {seq}");
+        assert_eq!(gated.calls.load(Ordering::Relaxed), v.queries, "seq {seq}");
+    }
 }
 
 #[tokio::test]
