@@ -313,7 +313,10 @@ async fn a_refused_benign_answer_does_not_tie_the_rank_test() {
         // scatter widely enough, whatever the gate).
         assert_eq!(v.decision, free.decision, "seq {seq}: {}", v.reason);
         assert_eq!(free.decision == Decision::Used, !seq, "{}", free.reason);
-        assert!(v.withheld.as_ref().is_some_and(|w| w.benign > 0), "seq {seq}");
+        assert!(
+            v.withheld.as_ref().is_some_and(|w| w.benign > 0),
+            "seq {seq}"
+        );
         assert_eq!(gated.calls.load(Ordering::Relaxed), v.queries, "seq {seq}");
     }
 }
