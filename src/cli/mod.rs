@@ -263,7 +263,7 @@ fn write_release(
 ) -> Result<ReleaseInfo> {
     let dir = AtomicDir::create(output, force)
         .with_context(|| format!("cannot create {}", output.display()))?;
-    let pb = if matches!(layout, Layout::Folder) {
+    let pb = if matches!(layout, Layout::Folder | Layout::Parquet(_)) {
         bar(ds.len() as u64, "writing")
     } else {
         spinner("writing")

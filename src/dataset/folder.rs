@@ -148,7 +148,7 @@ pub fn read_limited(
     Ok(Tree { dataset, files })
 }
 
-fn reader<'a>(
+pub(super) fn reader<'a>(
     bytes: &'a [u8],
     limits: &Limits,
 ) -> Result<image::ImageReader<std::io::Cursor<&'a [u8]>>, image::ImageError> {

@@ -29,6 +29,8 @@ pub enum Format {
     Cifar100,
     /// An ImageFolder tree.
     Folder,
+    /// Parquet files in the Hugging Face layout (an image struct of bytes and path, a label).
+    Parquet,
 }
 
 impl Format {
@@ -40,6 +42,7 @@ impl Format {
             Self::Cifar10 => "cifar10",
             Self::Cifar100 => "cifar100",
             Self::Folder => "folder",
+            Self::Parquet => "parquet",
         }
     }
 }
@@ -53,8 +56,9 @@ impl std::str::FromStr for Format {
             "cifar10" => Ok(Self::Cifar10),
             "cifar100" => Ok(Self::Cifar100),
             "folder" => Ok(Self::Folder),
+            "parquet" => Ok(Self::Parquet),
             _ => Err(Invalid(format!(
-                "unknown format {s:?}: expected idx, cifar, cifar10, cifar100 or folder"
+                "unknown format {s:?}: expected idx, cifar, cifar10, cifar100, folder or parquet"
             ))),
         }
     }
@@ -114,6 +118,8 @@ pub enum Layout {
     },
     /// ImageFolder tree of PNG files.
     Folder,
+    /// Parquet files.
+    Parquet(super::parquet::ParquetLayout),
 }
 
 impl Layout {
@@ -143,6 +149,10 @@ impl Layout {
                 }
             }
             Format::Folder => Self::Folder,
+            Format::Parquet => Self::Parquet(super::parquet::ParquetLayout::new_file(
+                "train-00000-of-00001.parquet",
+                dataset.len(),
+            )),
         })
     }
 
@@ -164,6 +174,7 @@ impl Layout {
                 ..
             } => Format::Cifar100,
             Self::Folder => Format::Folder,
+            Self::Parquet(_) => Format::Parquet,
         }
     }
 }
@@ -213,6 +224,15 @@ pub fn read_limited(
             };
             read_cifar(input, meta.is_dir(), variant, split, limits)
         }
+        Format::Parquet => {
+            let paths = super::parquet::files_of(input, split)?;
+            let (dataset, layout) = super::parquet::read(&paths, tick, limits)?;
+            Ok(Loaded {
+                dataset,
+                layout: Layout::Parquet(layout),
+                files: paths,
+            })
+        }
         Format::Folder => {
             if !meta.is_dir() {
                 return Err(DatasetError::input(
@@ -241,6 +261,13 @@ fn detect(input: &Path, is_dir: bool) -> Result<Format, DatasetError> {
             Ok(Format::Idx)
         } else if names.iter().any(|n| n.ends_with(".bin")) {
             Ok(Format::Cifar)
+        } else if names.iter().any(|n| n.ends_with(".parquet"))
+            || (input.join("data").is_dir()
+                && list_names(&input.join("data"))?
+                    .iter()
+                    .any(|n| n.ends_with(".parquet")))
+        {
+            Ok(Format::Parquet)
         } else {
             Ok(Format::Folder)
         }
@@ -258,6 +285,8 @@ fn detect(input: &Path, is_dir: bool) -> Result<Format, DatasetError> {
             && (idx::is_gzip(&head) || (head[0] == 0 && head[1] == 0 && n >= 3 && head[2] == 8))
         {
             Ok(Format::Idx)
+        } else if super::parquet::is_parquet(&head[..n]) {
+            Ok(Format::Parquet)
         } else if Variant::detect(len).is_some() {
             Ok(Format::Cifar)
         } else {
@@ -278,7 +307,7 @@ fn list_names(dir: &Path) -> Result<Vec<String>, DatasetError> {
     Ok(names)
 }
 
-fn split_prefixes(split: Split) -> &'static [&'static str] {
+pub(super) fn split_prefixes(split: Split) -> &'static [&'static str] {
     match split {
         Split::Train => &["train"],
         Split::Test => &["t10k", "test"],
@@ -692,6 +721,32 @@ pub fn write_release(
                 .collect::<Result<Vec<_>, _>>()?;
             let path = move |i| {
                 let (name, a, _) = ranges
+                    .iter()
+                    .find(|(_, a, b)| i >= *a && i < *b)
+                    .expect("in range");
+                format!("{name}#{}", i - a)
+            };
+            write_manifest(dir, dataset, hashes, &path)?;
+            files
+        }
+        Layout::Parquet(p) => {
+            let encoded = super::parquet::encode(dataset, p, hashes, tick)?;
+            let files = encoded
+                .par_iter()
+                .map(|(name, bytes)| write_plain(dir, name, &[bytes]))
+                .collect::<Result<Vec<_>, _>>()?;
+            let parts: Vec<(String, usize, usize)> = {
+                let mut start = 0;
+                p.files
+                    .iter()
+                    .map(|(name, n)| {
+                        start += n;
+                        (name.clone(), start - n, start)
+                    })
+                    .collect()
+            };
+            let path = move |i| {
+                let (name, a, _) = parts
                     .iter()
                     .find(|(_, a, b)| i >= *a && i < *b)
                     .expect("in range");

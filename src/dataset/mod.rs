@@ -11,6 +11,7 @@ mod hash;
 pub mod idx;
 mod layout;
 mod manifest;
+pub mod parquet;
 
 pub use error::{DatasetError, ParseError};
 pub use hash::{dataset_sha256, image_sha256s};

@@ -8,6 +8,7 @@ mod examples;
 mod fashion_mnist;
 mod formats;
 mod mlserver;
+mod parquet;
 mod security;
 mod service;
 mod service_process;

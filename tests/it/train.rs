@@ -281,6 +281,8 @@ fn a_small_calibration_detects_the_watermarked_model_and_accuses_no_other() {
     assert!(!o.status.success());
 }
 
+/// The whole path through a Parquet release in the Hugging Face layout: converted, watermarked,
+/// trained on, served, verified (the same pixels and labels as the IDX files it came from).
 #[test]
 fn hallmark_train_then_offline_verify_of_the_local_model() {
     let t = tempfile::tempdir().unwrap();
@@ -301,7 +303,7 @@ fn hallmark_train_then_offline_verify_of_the_local_model() {
         "--limit",
         "4000",
         "--to",
-        "idx",
+        "parquet",
         "--output",
         &p("clean"),
     ]);
