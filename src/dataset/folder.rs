@@ -124,18 +124,11 @@ pub fn read_limited(
         .zip(headers.into_par_iter())
         .zip(files.par_iter())
         .try_for_each(|((out, (bytes, _, _)), path)| {
-            let img = reader(&bytes, limits)
-                .and_then(|r| r.decode())
-                .map_err(|source| DatasetError::Image {
-                    path: path.clone(),
-                    action: "decode",
-                    source,
-                })?;
-            if channels == 3 {
-                out.copy_from_slice(img.to_rgb8().as_raw());
-            } else {
-                out.copy_from_slice(img.to_luma8().as_raw());
-            }
+            decode_into(&bytes, limits, channels, out).map_err(|source| DatasetError::Image {
+                path: path.clone(),
+                action: "decode",
+                source,
+            })?;
             tick();
             Ok::<_, DatasetError>(())
         })?;
@@ -146,6 +139,22 @@ pub fn read_limited(
         .map(|f| f.strip_prefix(root).map(Path::to_path_buf).unwrap_or(f))
         .collect();
     Ok(Tree { dataset, files })
+}
+
+/// Decodes an image file's `bytes` into `out` as `channels` (1: grey, 3: RGB) channels.
+pub(super) fn decode_into(
+    bytes: &[u8],
+    limits: &Limits,
+    channels: usize,
+    out: &mut [u8],
+) -> Result<(), image::ImageError> {
+    let img = reader(bytes, limits)?.decode()?;
+    if channels == 3 {
+        out.copy_from_slice(img.to_rgb8().as_raw());
+    } else {
+        out.copy_from_slice(img.to_luma8().as_raw());
+    }
+    Ok(())
 }
 
 pub(super) fn reader<'a>(

@@ -699,12 +699,7 @@ pub fn write_release(
                     dataset.shape()
                 )));
             }
-            let mut start = 0;
-            let mut ranges = Vec::new();
-            for (name, n) in parts {
-                ranges.push((name.clone(), start, start + n));
-                start += n;
-            }
+            let ranges = row_ranges(parts);
             let img = dataset.shape().len();
             let files = ranges
                 .par_iter()
@@ -719,14 +714,7 @@ pub fn write_release(
                     write_plain(dir, name, &[&bytes])
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let path = move |i| {
-                let (name, a, _) = ranges
-                    .iter()
-                    .find(|(_, a, b)| i >= *a && i < *b)
-                    .expect("in range");
-                format!("{name}#{}", i - a)
-            };
-            write_manifest(dir, dataset, hashes, &path)?;
+            write_manifest(dir, dataset, hashes, &ranged_path(ranges))?;
             files
         }
         Layout::Parquet(p) => {
@@ -735,24 +723,7 @@ pub fn write_release(
                 .par_iter()
                 .map(|(name, bytes)| write_plain(dir, name, &[bytes]))
                 .collect::<Result<Vec<_>, _>>()?;
-            let parts: Vec<(String, usize, usize)> = {
-                let mut start = 0;
-                p.files
-                    .iter()
-                    .map(|(name, n)| {
-                        start += n;
-                        (name.clone(), start - n, start)
-                    })
-                    .collect()
-            };
-            let path = move |i| {
-                let (name, a, _) = parts
-                    .iter()
-                    .find(|(_, a, b)| i >= *a && i < *b)
-                    .expect("in range");
-                format!("{name}#{}", i - a)
-            };
-            write_manifest(dir, dataset, hashes, &path)?;
+            write_manifest(dir, dataset, hashes, &ranged_path(row_ranges(&p.files)))?;
             files
         }
         Layout::Folder => {
@@ -773,6 +744,29 @@ pub fn write_release(
         manifest: MANIFEST.into(),
         commitment: None,
     })
+}
+
+/// Each file's name with its first and past-the-last sample, from the files' sample counts.
+fn row_ranges(parts: &[(String, usize)]) -> Vec<(String, usize, usize)> {
+    let mut start = 0;
+    parts
+        .iter()
+        .map(|(name, n)| {
+            start += n;
+            (name.clone(), start - n, start)
+        })
+        .collect()
+}
+
+/// A sample's manifest path, `file#record`, from [`row_ranges`].
+fn ranged_path(ranges: Vec<(String, usize, usize)>) -> impl Fn(usize) -> String + Sync {
+    move |i| {
+        let (name, a, _) = ranges
+            .iter()
+            .find(|(_, a, b)| i >= *a && i < *b)
+            .expect("in range");
+        format!("{name}#{}", i - a)
+    }
 }
 
 fn write_idx_file(

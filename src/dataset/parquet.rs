@@ -7,7 +7,7 @@
 //! pixels did not change keeps its original bytes (copied byte for byte), a changed image is
 //! re-encoded as PNG (lossless), a changed label is written in the label column's own type.
 
-use super::folder::{encode_png, reader};
+use super::folder::{decode_into, encode_png, reader};
 use super::{Dataset, DatasetError, ImageShape, Limits, image_sha256s};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{
@@ -299,14 +299,8 @@ pub fn read(
         .par_chunks_mut(shape.len())
         .zip(rows.par_iter())
         .try_for_each(|(out, &(bytes, _, f, row))| {
-            let img = reader(bytes, limits)
-                .and_then(|r| r.decode())
+            decode_into(bytes, limits, channels, out)
                 .map_err(|e| at(f, row, format!("cannot decode the image: {e}")))?;
-            if channels == 3 {
-                out.copy_from_slice(img.to_rgb8().as_raw());
-            } else {
-                out.copy_from_slice(img.to_luma8().as_raw());
-            }
             tick();
             Ok::<_, DatasetError>(())
         })?;
