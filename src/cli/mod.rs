@@ -263,7 +263,10 @@ fn write_release(
 ) -> Result<ReleaseInfo> {
     let dir = AtomicDir::create(output, force)
         .with_context(|| format!("cannot create {}", output.display()))?;
-    let pb = if matches!(layout, Layout::Folder | Layout::Parquet(_)) {
+    let pb = if matches!(
+        layout,
+        Layout::Folder | Layout::Parquet(_) | Layout::WebDataset(_)
+    ) {
         bar(ds.len() as u64, "writing")
     } else {
         spinner("writing")

@@ -31,6 +31,9 @@ pub enum Format {
     Folder,
     /// Parquet files in the Hugging Face layout (an image struct of bytes and path, a label).
     Parquet,
+    /// WebDataset tar shards (an image and a `.cls` or `.json` label per sample key).
+    #[serde(rename = "webdataset")]
+    WebDataset,
 }
 
 impl Format {
@@ -43,6 +46,7 @@ impl Format {
             Self::Cifar100 => "cifar100",
             Self::Folder => "folder",
             Self::Parquet => "parquet",
+            Self::WebDataset => "webdataset",
         }
     }
 }
@@ -57,8 +61,9 @@ impl std::str::FromStr for Format {
             "cifar100" => Ok(Self::Cifar100),
             "folder" => Ok(Self::Folder),
             "parquet" => Ok(Self::Parquet),
+            "webdataset" => Ok(Self::WebDataset),
             _ => Err(Invalid(format!(
-                "unknown format {s:?}: expected idx, cifar, cifar10, cifar100, folder or parquet"
+                "unknown format {s:?}: expected idx, cifar, cifar10, cifar100, folder, parquet or webdataset"
             ))),
         }
     }
@@ -120,6 +125,8 @@ pub enum Layout {
     Folder,
     /// Parquet files.
     Parquet(super::parquet::ParquetLayout),
+    /// WebDataset shards.
+    WebDataset(super::webdataset::ShardLayout),
 }
 
 impl Layout {
@@ -153,6 +160,9 @@ impl Layout {
                 "train-00000-of-00001.parquet",
                 dataset.len(),
             )),
+            Format::WebDataset => {
+                Self::WebDataset(super::webdataset::ShardLayout::new_shards(dataset.len()))
+            }
         })
     }
 
@@ -175,6 +185,7 @@ impl Layout {
             } => Format::Cifar100,
             Self::Folder => Format::Folder,
             Self::Parquet(_) => Format::Parquet,
+            Self::WebDataset(_) => Format::WebDataset,
         }
     }
 }
@@ -233,6 +244,15 @@ pub fn read_limited(
                 files: paths,
             })
         }
+        Format::WebDataset => {
+            let paths = super::webdataset::shards_of(input, split)?;
+            let (dataset, layout) = super::webdataset::read(&paths, tick, limits)?;
+            Ok(Loaded {
+                dataset,
+                layout: Layout::WebDataset(layout),
+                files: paths,
+            })
+        }
         Format::Folder => {
             if !meta.is_dir() {
                 return Err(DatasetError::input(
@@ -268,15 +288,19 @@ fn detect(input: &Path, is_dir: bool) -> Result<Format, DatasetError> {
                     .any(|n| n.ends_with(".parquet")))
         {
             Ok(Format::Parquet)
+        } else if names.iter().any(|n| n.ends_with(".tar")) {
+            Ok(Format::WebDataset)
         } else {
             Ok(Format::Folder)
         }
     } else {
-        let mut head = [0u8; 4];
+        let mut head = Vec::with_capacity(512);
         let n = {
             use std::io::Read;
-            let mut f = fs::File::open(input).map_err(|e| DatasetError::io(input, e))?;
-            f.read(&mut head).map_err(|e| DatasetError::io(input, e))?
+            let f = fs::File::open(input).map_err(|e| DatasetError::io(input, e))?;
+            f.take(512)
+                .read_to_end(&mut head)
+                .map_err(|e| DatasetError::io(input, e))?
         };
         let len = fs::metadata(input)
             .map_err(|e| DatasetError::io(input, e))?
@@ -287,6 +311,8 @@ fn detect(input: &Path, is_dir: bool) -> Result<Format, DatasetError> {
             Ok(Format::Idx)
         } else if super::parquet::is_parquet(&head[..n]) {
             Ok(Format::Parquet)
+        } else if super::webdataset::is_tar(&head[..n]) {
+            Ok(Format::WebDataset)
         } else if Variant::detect(len).is_some() {
             Ok(Format::Cifar)
         } else {
@@ -724,6 +750,15 @@ pub fn write_release(
                 .map(|(name, bytes)| write_plain(dir, name, &[bytes]))
                 .collect::<Result<Vec<_>, _>>()?;
             write_manifest(dir, dataset, hashes, &ranged_path(row_ranges(&p.files)))?;
+            files
+        }
+        Layout::WebDataset(l) => {
+            let encoded = super::webdataset::encode(dataset, l, hashes, tick)?;
+            let files = encoded
+                .par_iter()
+                .map(|(name, bytes)| write_plain(dir, name, &[bytes]))
+                .collect::<Result<Vec<_>, _>>()?;
+            write_manifest(dir, dataset, hashes, &ranged_path(row_ranges(&l.shards)))?;
             files
         }
         Layout::Folder => {

@@ -12,6 +12,7 @@ pub mod idx;
 mod layout;
 mod manifest;
 pub mod parquet;
+pub mod webdataset;
 
 pub use error::{DatasetError, ParseError};
 pub use hash::{dataset_sha256, image_sha256s};

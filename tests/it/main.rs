@@ -14,3 +14,4 @@ mod service;
 mod service_process;
 #[cfg(feature = "train")]
 mod train;
+mod webdataset;

@@ -7,7 +7,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn python() -> PathBuf {
+pub(crate) fn python() -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pyarrow-venv/bin/python");
     assert!(
         p.exists(),

@@ -1,0 +1,442 @@
+//! WebDataset shards: tar files in which the members that share a key (the path up to the first
+//! dot of the file name) form one sample: an image (`.jpg`, `.jpeg`, `.png`, `.webp`, `.bmp`), a
+//! label (`.cls`: the class number as text, or `.json` with an integer `label`), and any other
+//! members.
+//!
+//! A release keeps its input's shards, member order, names and headers: an unchanged image and
+//! every other member are copied byte for byte, a changed image is re-encoded as PNG (lossless)
+//! under its own member name, a changed label is rewritten in its `.cls` or `.json` member.
+
+use super::folder::{decode_into, encode_png, reader};
+use super::{Dataset, DatasetError, ImageShape, Limits, image_sha256s};
+use image::ImageDecoder;
+use rayon::prelude::*;
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+const IMAGE_EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "webp", "bmp"];
+/// Samples per shard of a dataset converted from another format.
+const SHARD_SAMPLES: usize = 10_000;
+
+/// How a WebDataset is laid out: its shards (name and samples, in order) and, for one read from
+/// shards, every member of every sample, to write them back with only the changes replaced.
+#[derive(Debug, Clone)]
+pub struct ShardLayout {
+    /// Shard file names and their sample counts, in order.
+    pub shards: Vec<(String, usize)>,
+    source: Option<Arc<Source>>,
+}
+
+impl PartialEq for ShardLayout {
+    fn eq(&self, other: &Self) -> bool {
+        self.shards == other.shards
+            && match (&self.source, &other.source) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
+    }
+}
+
+impl Eq for ShardLayout {}
+
+/// One member of a shard: its header, path and bytes.
+#[derive(Debug)]
+struct Member {
+    header: tar::Header,
+    path: String,
+    data: Vec<u8>,
+}
+
+/// A sample: its members in shard order, and which of them hold the image and the label.
+#[derive(Debug)]
+struct Sample {
+    key: String,
+    members: Vec<Member>,
+    image: usize,
+    label: usize,
+}
+
+#[derive(Debug)]
+struct Source {
+    samples: Vec<Sample>,
+    hashes: Vec<[u8; 32]>,
+}
+
+impl ShardLayout {
+    /// Shards of at most 10,000 samples, `train-000000.tar` and on, for `n` samples converted
+    /// from another format.
+    pub fn new_shards(n: usize) -> Self {
+        let shards = (0..n.div_ceil(SHARD_SAMPLES).max(1))
+            .map(|s| {
+                (
+                    format!("train-{s:06}.tar"),
+                    SHARD_SAMPLES.min(n - s * SHARD_SAMPLES),
+                )
+            })
+            .collect();
+        Self {
+            shards,
+            source: None,
+        }
+    }
+}
+
+/// The shards of a dataset folder (or the shard itself), in name order, for `split`.
+pub fn shards_of(input: &Path, split: Option<super::Split>) -> Result<Vec<PathBuf>, DatasetError> {
+    if input.is_file() {
+        return Ok(vec![input.to_path_buf()]);
+    }
+    let mut names: Vec<String> = fs::read_dir(input)
+        .map_err(|e| DatasetError::io(input, e))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tar") && !n.starts_with('.'))
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        return Err(DatasetError::input(input, "no .tar shard in it"));
+    }
+    let of = |s: super::Split| -> Vec<String> {
+        names
+            .iter()
+            .filter(|n| {
+                super::layout::split_prefixes(s)
+                    .iter()
+                    .any(|p| n.starts_with(p))
+            })
+            .cloned()
+            .collect()
+    };
+    let (train, test) = (of(super::Split::Train), of(super::Split::Test));
+    let chosen = match split {
+        Some(s) if !train.is_empty() || !test.is_empty() => {
+            let v = of(s);
+            if v.is_empty() {
+                return Err(DatasetError::input(
+                    input,
+                    format!("no {} shard (named {}-…) in it", s.as_str(), s.as_str()),
+                ));
+            }
+            v
+        }
+        None if !train.is_empty() && !test.is_empty() => {
+            return Err(DatasetError::input(
+                input,
+                "holds train and test shards; choose one with --split",
+            ));
+        }
+        _ => names,
+    };
+    Ok(chosen.into_iter().map(|n| input.join(n)).collect())
+}
+
+/// Whether `head` (a file's first 512 bytes) is a tar header (POSIX or GNU magic).
+pub fn is_tar(head: &[u8]) -> bool {
+    head.len() >= 262 && &head[257..262] == b"ustar"
+}
+
+/// The sample key and extension of a member path: the key is the path up to the first dot of
+/// its file name, the extension what follows, lower-cased.
+fn split_key(path: &str) -> (String, String) {
+    let name_start = path.rfind('/').map_or(0, |i| i + 1);
+    match path[name_start..].find('.') {
+        Some(d) => (
+            path[..name_start + d].to_string(),
+            path[name_start + d + 1..].to_ascii_lowercase(),
+        ),
+        None => (path.to_string(), String::new()),
+    }
+}
+
+/// Reads the shards `paths` (in order) as one dataset. `tick` once per decoded image.
+pub fn read(
+    paths: &[PathBuf],
+    tick: &(dyn Fn() + Sync),
+    limits: &Limits,
+) -> Result<(Dataset, ShardLayout), DatasetError> {
+    let mut samples: Vec<Sample> = Vec::new();
+    let mut shards = Vec::new();
+    let mut shard_of = Vec::new();
+    for (s, path) in paths.iter().enumerate() {
+        let f = fs::File::open(path).map_err(|e| DatasetError::io(path, e))?;
+        let mut ar = tar::Archive::new(f);
+        let bad =
+            |e: std::io::Error| DatasetError::input(path, format!("not a readable tar shard: {e}"));
+        let first = samples.len();
+        for entry in ar.entries().map_err(bad)? {
+            let mut e = entry.map_err(bad)?;
+            if !e.header().entry_type().is_file() {
+                continue;
+            }
+            let member = e.path().map_err(bad)?.to_string_lossy().into_owned();
+            let mut data = Vec::new();
+            e.read_to_end(&mut data)
+                .map_err(|err| DatasetError::input(path, format!("member {member}: {err}")))?;
+            if data.len() as u64 != e.header().size().map_err(bad)? {
+                return Err(DatasetError::input(
+                    path,
+                    format!("member {member} is truncated"),
+                ));
+            }
+            let (key, _) = split_key(&member);
+            let m = Member {
+                header: e.header().clone(),
+                path: member,
+                data,
+            };
+            // Members of one sample are consecutive (WebDataset writes them so).
+            let here = samples.len() > first;
+            match samples.last_mut() {
+                Some(last) if here && last.key == key => last.members.push(m),
+                _ => {
+                    if samples[first..].iter().any(|x| x.key == key) {
+                        return Err(DatasetError::input(
+                            path,
+                            format!("the members of sample {key} are not together"),
+                        ));
+                    }
+                    samples.push(Sample {
+                        key,
+                        members: vec![m],
+                        image: usize::MAX,
+                        label: usize::MAX,
+                    });
+                }
+            }
+        }
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        shards.push((name, samples.len() - first));
+        shard_of.resize(samples.len(), s);
+        if samples.len() > limits.max_files {
+            return Err(DatasetError::input(
+                path,
+                format!("more than {} samples", limits.max_files),
+            ));
+        }
+    }
+    if samples.is_empty() {
+        return Err(DatasetError::input(&paths[0], "no samples"));
+    }
+    let mut labels = Vec::with_capacity(samples.len());
+    for (sample, &s) in samples.iter_mut().zip(&shard_of) {
+        let at = |m: String| DatasetError::input(&paths[s], format!("sample {}: {m}", sample.key));
+        let ext = |i: usize| split_key(&sample.members[i].path).1;
+        sample.image = (0..sample.members.len())
+            .find(|&i| IMAGE_EXTENSIONS.contains(&ext(i).as_str()))
+            .ok_or_else(|| at("no image member (.jpg, .png, .webp, .bmp)".into()))?;
+        sample.label = (0..sample.members.len())
+            .find(|&i| ext(i) == "cls")
+            .or_else(|| (0..sample.members.len()).find(|&i| ext(i) == "json"))
+            .ok_or_else(|| at("no label member (.cls or .json)".into()))?;
+        let m = &sample.members[sample.label];
+        let label = if ext(sample.label) == "cls" {
+            std::str::from_utf8(&m.data)
+                .ok()
+                .and_then(|t| t.trim().parse::<u32>().ok())
+                .ok_or_else(|| at(format!("{} does not hold a class number", m.path)))?
+        } else {
+            serde_json::from_slice::<serde_json::Value>(&m.data)
+                .ok()
+                .and_then(|v| v.get("label")?.as_u64())
+                .and_then(|l| u32::try_from(l).ok())
+                .ok_or_else(|| at(format!("{} has no integer \"label\"", m.path)))?
+        };
+        labels.push(label);
+    }
+    let at = |k: usize, m: String| {
+        DatasetError::input(
+            &paths[shard_of[k]],
+            format!("{}: {m}", samples[k].members[samples[k].image].path),
+        )
+    };
+    let headers = samples
+        .par_iter()
+        .enumerate()
+        .map(|(k, s)| {
+            let d = reader(&s.members[s.image].data, limits)
+                .and_then(|r| r.into_decoder())
+                .map_err(|e| at(k, format!("cannot decode the image: {e}")))?;
+            Ok((d.dimensions(), d.color_type().has_color()))
+        })
+        .collect::<Result<Vec<_>, DatasetError>>()?;
+    let (width, height) = headers[0].0;
+    if let Some((k, ((w, h), _))) = headers
+        .iter()
+        .enumerate()
+        .find(|(_, (d, _))| *d != (width, height))
+    {
+        return Err(at(
+            k,
+            format!(
+                "the image is {w}×{h} but the first is {width}×{height}; images of mixed sizes are not read yet"
+            ),
+        ));
+    }
+    let channels = if headers.iter().any(|(_, c)| *c) {
+        3
+    } else {
+        1
+    };
+    let shape = ImageShape {
+        height: height as usize,
+        width: width as usize,
+        channels,
+    };
+    limits
+        .check(samples.len(), shape)
+        .map_err(|m| DatasetError::input(&paths[0], m.0))?;
+    let mut pixels = vec![0u8; samples.len() * shape.len()];
+    pixels
+        .par_chunks_mut(shape.len())
+        .zip(samples.par_iter().enumerate())
+        .try_for_each(|(out, (k, s))| {
+            decode_into(&s.members[s.image].data, limits, channels, out)
+                .map_err(|e| at(k, format!("cannot decode the image: {e}")))?;
+            tick();
+            Ok::<_, DatasetError>(())
+        })?;
+    let classes = labels.iter().copied().max().unwrap_or(0) as usize + 1;
+    let dataset = Dataset::new(shape, pixels, labels, classes)?;
+    let hashes = image_sha256s(&dataset);
+    Ok((
+        dataset,
+        ShardLayout {
+            shards,
+            source: Some(Arc::new(Source { samples, hashes })),
+        },
+    ))
+}
+
+/// Writes `dataset` as the shards of `layout`; returns each shard's bytes by name. Samples of a
+/// dataset read from shards keep every member but a changed image (PNG) or label; a dataset
+/// from elsewhere gets `<index>.png` and `<index>.cls` members.
+// The sample index reads the dataset, the source and the hashes alike.
+#[allow(clippy::needless_range_loop)]
+pub fn encode(
+    dataset: &Dataset,
+    layout: &ShardLayout,
+    image_hashes: &[[u8; 32]],
+    tick: &(dyn Fn() + Sync),
+) -> Result<Vec<(String, Vec<u8>)>, DatasetError> {
+    let total: usize = layout.shards.iter().map(|(_, n)| n).sum();
+    if total != dataset.len() {
+        return Err(DatasetError::Invalid(format!(
+            "the shards hold {total} samples; the dataset has {}",
+            dataset.len()
+        )));
+    }
+    let shape = dataset.shape();
+    let png = |i: usize| {
+        encode_png(dataset.image(i), shape)
+            .map_err(|e| DatasetError::Invalid(format!("cannot encode image {i} as PNG: {e}")))
+    };
+    let mut starts = Vec::new();
+    let mut start = 0;
+    for (_, n) in &layout.shards {
+        starts.push(start);
+        start += n;
+    }
+    layout
+        .shards
+        .par_iter()
+        .zip(starts)
+        .map(|((name, n), start)| {
+            let io = |e: std::io::Error| DatasetError::Invalid(format!("{name}: {e}"));
+            let mut b = tar::Builder::new(Vec::new());
+            for i in start..start + n {
+                let label = dataset.label(i);
+                match &layout.source {
+                    Some(src) if src.hashes.len() == dataset.len() => {
+                        let s = &src.samples[i];
+                        for (j, m) in s.members.iter().enumerate() {
+                            let mut data = std::borrow::Cow::Borrowed(&m.data);
+                            if j == s.image && src.hashes[i] != image_hashes[i] {
+                                data = std::borrow::Cow::Owned(png(i)?);
+                            }
+                            if j == s.label {
+                                data = std::borrow::Cow::Owned(relabel(m, label)?);
+                            }
+                            let mut h = m.header.clone();
+                            h.set_size(data.len() as u64);
+                            b.append_data(&mut h, &m.path, data.as_slice())
+                                .map_err(io)?;
+                        }
+                    }
+                    _ => {
+                        let key = format!("{i:06}");
+                        for (ext, data) in
+                            [("png", png(i)?), ("cls", label.to_string().into_bytes())]
+                        {
+                            let mut h = tar::Header::new_gnu();
+                            h.set_mode(0o644);
+                            h.set_mtime(0);
+                            h.set_entry_type(tar::EntryType::Regular);
+                            h.set_size(data.len() as u64);
+                            b.append_data(&mut h, format!("{key}.{ext}"), data.as_slice())
+                                .map_err(io)?;
+                        }
+                    }
+                }
+                tick();
+            }
+            Ok((name.clone(), b.into_inner().map_err(io)?))
+        })
+        .collect()
+}
+
+/// The label member `m` holding `label`: unchanged bytes where it already does.
+fn relabel(m: &Member, label: u32) -> Result<Vec<u8>, DatasetError> {
+    if split_key(&m.path).1 == "cls" {
+        let same = std::str::from_utf8(&m.data)
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok())
+            == Some(label);
+        return Ok(if same {
+            m.data.clone()
+        } else {
+            label.to_string().into_bytes()
+        });
+    }
+    let mut v: serde_json::Value = serde_json::from_slice(&m.data)
+        .map_err(|e| DatasetError::Invalid(format!("{}: {e}", m.path)))?;
+    if v.get("label").and_then(|l| l.as_u64()) == Some(label as u64) {
+        return Ok(m.data.clone());
+    }
+    v["label"] = label.into();
+    serde_json::to_vec(&v).map_err(|e| DatasetError::Invalid(format!("{}: {e}", m.path)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_end_at_the_first_dot_of_the_file_name() {
+        assert_eq!(
+            split_key("a/b.c/x001.seg.png"),
+            ("a/b.c/x001".into(), "seg.png".into())
+        );
+        assert_eq!(split_key("x001.JPG"), ("x001".into(), "jpg".into()));
+        assert_eq!(split_key("noext"), ("noext".into(), String::new()));
+    }
+
+    #[test]
+    fn converted_datasets_are_cut_into_shards_of_10000() {
+        let l = ShardLayout::new_shards(25_000);
+        assert_eq!(
+            l.shards,
+            [
+                ("train-000000.tar".to_string(), 10_000),
+                ("train-000001.tar".to_string(), 10_000),
+                ("train-000002.tar".to_string(), 5_000)
+            ]
+        );
+    }
+}
