@@ -141,6 +141,67 @@ pub fn read_limited(
     Ok(Tree { dataset, files })
 }
 
+/// Decodes encoded images that must share one size into one buffer of pixels, grey unless any
+/// is in colour: every header is read and the size checked against `limits` before anything is
+/// decoded. `at(k, message)` names image `k`'s place in an error; `whole` the dataset's.
+pub(super) fn decode_same_size(
+    images: &[&[u8]],
+    limits: &Limits,
+    tick: &(dyn Fn() + Sync),
+    at: &(dyn Fn(usize, String) -> DatasetError + Sync),
+    whole: &Path,
+) -> Result<(ImageShape, Vec<u8>), DatasetError> {
+    let headers = images
+        .par_iter()
+        .enumerate()
+        .map(|(k, bytes)| {
+            let d = reader(bytes, limits)
+                .and_then(|r| r.into_decoder())
+                .map_err(|e| at(k, format!("cannot decode the image: {e}")))?;
+            Ok((d.dimensions(), d.color_type().has_color()))
+        })
+        .collect::<Result<Vec<_>, DatasetError>>()?;
+    let Some(&((width, height), _)) = headers.first() else {
+        return Err(DatasetError::input(whole, "no images"));
+    };
+    if let Some((k, ((w, h), _))) = headers
+        .iter()
+        .enumerate()
+        .find(|(_, (d, _))| *d != (width, height))
+    {
+        return Err(at(
+            k,
+            format!(
+                "the image is {w}×{h} but the first is {width}×{height}; images of mixed sizes are not read yet"
+            ),
+        ));
+    }
+    let channels = if headers.iter().any(|(_, c)| *c) {
+        3
+    } else {
+        1
+    };
+    let shape = ImageShape {
+        height: height as usize,
+        width: width as usize,
+        channels,
+    };
+    limits
+        .check(images.len(), shape)
+        .map_err(|m| DatasetError::input(whole, m.0))?;
+    let mut pixels = vec![0u8; images.len() * shape.len()];
+    pixels
+        .par_chunks_mut(shape.len())
+        .zip(images.par_iter().enumerate())
+        .try_for_each(|(out, (k, bytes))| {
+            decode_into(bytes, limits, channels, out)
+                .map_err(|e| at(k, format!("cannot decode the image: {e}")))?;
+            tick();
+            Ok::<_, DatasetError>(())
+        })?;
+    Ok((shape, pixels))
+}
+
 /// Decodes an image file's `bytes` into `out` as `channels` (1: grey, 3: RGB) channels.
 pub(super) fn decode_into(
     bytes: &[u8],

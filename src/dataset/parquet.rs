@@ -7,8 +7,8 @@
 //! pixels did not change keeps its original bytes (copied byte for byte), a changed image is
 //! re-encoded as PNG (lossless), a changed label is written in the label column's own type.
 
-use super::folder::{decode_into, encode_png, reader};
-use super::{Dataset, DatasetError, ImageShape, Limits, image_sha256s};
+use super::folder::{decode_same_size, encode_png};
+use super::{Dataset, DatasetError, Limits, image_sha256s};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{
     Int8Type, Int16Type, Int32Type, Int64Type, UInt8Type, UInt16Type, UInt32Type, UInt64Type,
@@ -18,7 +18,6 @@ use arrow_array::{
     StructArray,
 };
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
-use image::ImageDecoder;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
@@ -247,43 +246,6 @@ pub fn read(
     }
     let at =
         |f: usize, row: usize, m: String| DatasetError::input(&paths[f], format!("row {row}: {m}"));
-    let headers = rows
-        .par_iter()
-        .map(|&(bytes, _, f, row)| {
-            let d = reader(bytes, limits)
-                .and_then(|r| r.into_decoder())
-                .map_err(|e| at(f, row, format!("cannot decode the image: {e}")))?;
-            Ok((d.dimensions(), d.color_type().has_color()))
-        })
-        .collect::<Result<Vec<_>, DatasetError>>()?;
-    let (width, height) = headers[0].0;
-    if let Some((k, ((w, h), _))) = headers
-        .iter()
-        .enumerate()
-        .find(|(_, (d, _))| *d != (width, height))
-    {
-        let (_, _, f, row) = rows[k];
-        return Err(at(
-            f,
-            row,
-            format!(
-                "the image is {w}×{h} but the first is {width}×{height}; images of mixed sizes are not read yet"
-            ),
-        ));
-    }
-    let channels = if headers.iter().any(|(_, c)| *c) {
-        3
-    } else {
-        1
-    };
-    let shape = ImageShape {
-        height: height as usize,
-        width: width as usize,
-        channels,
-    };
-    limits
-        .check(rows.len(), shape)
-        .map_err(|m| DatasetError::input(&paths[0], m.0))?;
     let mut labels = Vec::with_capacity(rows.len());
     for &(_, l, f, row) in &rows {
         labels.push(u32::try_from(l).map_err(|_| {
@@ -294,16 +256,14 @@ pub fn read(
             )
         })?);
     }
-    let mut pixels = vec![0u8; rows.len() * shape.len()];
-    pixels
-        .par_chunks_mut(shape.len())
-        .zip(rows.par_iter())
-        .try_for_each(|(out, &(bytes, _, f, row))| {
-            decode_into(bytes, limits, channels, out)
-                .map_err(|e| at(f, row, format!("cannot decode the image: {e}")))?;
-            tick();
-            Ok::<_, DatasetError>(())
-        })?;
+    let images: Vec<&[u8]> = rows.iter().map(|r| r.0).collect();
+    let (shape, pixels) = decode_same_size(
+        &images,
+        limits,
+        tick,
+        &|k, m| at(rows[k].2, rows[k].3, m),
+        &paths[0],
+    )?;
     let max = labels.iter().copied().max().unwrap_or(0) as usize + 1;
     let classes = names.as_ref().map_or(max, |n| n.len().max(max));
     let mut dataset = Dataset::new(shape, pixels, labels, classes)?;

@@ -7,9 +7,8 @@
 //! every other member are copied byte for byte, a changed image is re-encoded as PNG (lossless)
 //! under its own member name, a changed label is rewritten in its `.cls` or `.json` member.
 
-use super::folder::{decode_into, encode_png, reader};
-use super::{Dataset, DatasetError, ImageShape, Limits, image_sha256s};
-use image::ImageDecoder;
+use super::folder::{decode_same_size, encode_png};
+use super::{Dataset, DatasetError, Limits, image_sha256s};
 use rayon::prelude::*;
 use std::fs;
 use std::io::Read;
@@ -256,52 +255,11 @@ pub fn read(
             format!("{}: {m}", samples[k].members[samples[k].image].path),
         )
     };
-    let headers = samples
-        .par_iter()
-        .enumerate()
-        .map(|(k, s)| {
-            let d = reader(&s.members[s.image].data, limits)
-                .and_then(|r| r.into_decoder())
-                .map_err(|e| at(k, format!("cannot decode the image: {e}")))?;
-            Ok((d.dimensions(), d.color_type().has_color()))
-        })
-        .collect::<Result<Vec<_>, DatasetError>>()?;
-    let (width, height) = headers[0].0;
-    if let Some((k, ((w, h), _))) = headers
+    let images: Vec<&[u8]> = samples
         .iter()
-        .enumerate()
-        .find(|(_, (d, _))| *d != (width, height))
-    {
-        return Err(at(
-            k,
-            format!(
-                "the image is {w}×{h} but the first is {width}×{height}; images of mixed sizes are not read yet"
-            ),
-        ));
-    }
-    let channels = if headers.iter().any(|(_, c)| *c) {
-        3
-    } else {
-        1
-    };
-    let shape = ImageShape {
-        height: height as usize,
-        width: width as usize,
-        channels,
-    };
-    limits
-        .check(samples.len(), shape)
-        .map_err(|m| DatasetError::input(&paths[0], m.0))?;
-    let mut pixels = vec![0u8; samples.len() * shape.len()];
-    pixels
-        .par_chunks_mut(shape.len())
-        .zip(samples.par_iter().enumerate())
-        .try_for_each(|(out, (k, s))| {
-            decode_into(&s.members[s.image].data, limits, channels, out)
-                .map_err(|e| at(k, format!("cannot decode the image: {e}")))?;
-            tick();
-            Ok::<_, DatasetError>(())
-        })?;
+        .map(|s| s.members[s.image].data.as_slice())
+        .collect();
+    let (shape, pixels) = decode_same_size(&images, limits, tick, &at, &paths[0])?;
     let classes = labels.iter().copied().max().unwrap_or(0) as usize + 1;
     let dataset = Dataset::new(shape, pixels, labels, classes)?;
     let hashes = image_sha256s(&dataset);

@@ -93,12 +93,12 @@ fn make(mode: &str) -> tempfile::TempDir {
 
 fn no_tick() {}
 
-fn read(p: &Path, split: Option<Split>) -> Result<dataset::Loaded, DatasetError> {
+pub(crate) fn read(p: &Path, split: Option<Split>) -> Result<dataset::Loaded, DatasetError> {
     dataset::read(p, None, split, &no_tick)
 }
 
 /// The error of reading `p`, without printing a whole dataset where there is none.
-fn read_error(p: &Path, split: Option<Split>) -> String {
+pub(crate) fn read_error(p: &Path, split: Option<Split>) -> String {
     match read(p, split) {
         Ok(l) => panic!("read {} images", l.dataset.len()),
         Err(e) => e.to_string(),

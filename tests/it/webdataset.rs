@@ -2,10 +2,9 @@
 //! release that keeps every member but the changed ones byte for byte, and errors that name the
 //! shard and sample.
 
-use crate::parquet::python;
-use hallmark::dataset::{self, DatasetError, Format, Layout, Split, image_sha256s};
+use crate::parquet::{python, read, read_error};
+use hallmark::dataset::{self, Format, Layout, Split, image_sha256s};
 use serde_json::Value;
-use std::path::Path;
 use std::process::Command;
 
 /// Shards `train-000000.tar` (12 samples), `train-000001.tar` (8) and `test-000000.tar` (5):
@@ -85,17 +84,6 @@ fn make(mode: &str) -> tempfile::TempDir {
 }
 
 fn no_tick() {}
-
-fn read(p: &Path, split: Option<Split>) -> Result<dataset::Loaded, DatasetError> {
-    dataset::read(p, None, split, &no_tick)
-}
-
-fn read_error(p: &Path, split: Option<Split>) -> String {
-    match read(p, split) {
-        Ok(l) => panic!("read {} samples", l.dataset.len()),
-        Err(e) => e.to_string(),
-    }
-}
 
 #[test]
 fn shards_read_and_a_release_keeps_every_unchanged_member() {
