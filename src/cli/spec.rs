@@ -57,17 +57,33 @@ pub(super) fn spec_cmd(command: SpecCommand) -> Result<()> {
                 (None, _) => println!(
                     "  family     none: a fixed, public trigger (publish with --public-trigger)"
                 ),
-                (Some(_), shape) => {
-                    // Entropy depends on the image size; 10 classes when the spec cannot say.
-                    let shape = shape.unwrap_or(crate::dataset::ImageShape {
+                (Some(_), named) => {
+                    // Entropy may depend on the image size; 10 classes when the spec cannot say.
+                    let small = crate::dataset::ImageShape {
                         height: 28,
                         width: 28,
                         channels: 1,
-                    });
+                    };
+                    let shape = named.unwrap_or(small);
                     let parts = crate::spec::family::entropy(&spec, 10, shape)?;
                     let total: f64 = parts.iter().map(|e| e.bits).sum();
+                    let large = crate::dataset::ImageShape {
+                        height: 1024,
+                        width: 768,
+                        channels: 3,
+                    };
+                    let images = match named {
+                        Some(s) => format!("{s} images"),
+                        // An any-size family draws the same whatever the size.
+                        None if crate::spec::family::entropy_bits(&spec, 10, large)
+                            .is_ok_and(|b| b == total) =>
+                        {
+                            "images of any size".to_string()
+                        }
+                        None => format!("{shape} images"),
+                    };
                     println!(
-                        "  family     {total:.1} bits of secret per release ({shape} images, 10 classes){}",
+                        "  family     {total:.1} bits of secret per release ({images}, 10 classes){}",
                         if total < crate::spec::family::MIN_ENTROPY_BITS {
                             ": too few to publish without --public-trigger"
                         } else {

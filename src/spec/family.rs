@@ -163,7 +163,9 @@ fn trigger_entropy(
             if f.pattern == Choice::Drawn {
                 push("pattern", log2_patterns(ph * pw));
             }
-            if f.position != Placement::Pinned && ph <= shape.height && pw <= shape.width {
+            if f.position != Placement::Pinned && p.scale.is_some() {
+                push("position", (RelativePlaces(f.position).len() as f64).log2());
+            } else if f.position != Placement::Pinned && ph <= shape.height && pw <= shape.width {
                 let places = places(f.position, shape, ph, pw).len();
                 push("position", (places as f64).log2());
             }
@@ -235,6 +237,53 @@ impl Places {
                 }
             }
             _ => (k / c, k % c),
+        }
+    }
+}
+
+/// Steps of a drawn relative position along each axis: shares 0, 1/64, …, 1.
+const RELATIVE_STEPS: usize = 64;
+
+/// The relative positions a drawn patch of an any-size spec may take (its size is not known
+/// until it is stamped): a 65 × 65 grid of shares of the free room, or the grid's border.
+struct RelativePlaces(Placement);
+
+impl RelativePlaces {
+    fn len(&self) -> usize {
+        let n = RELATIVE_STEPS + 1;
+        match self.0 {
+            Placement::Edge => 4 * n - 4,
+            _ => n * n,
+        }
+    }
+
+    fn nth(&self, k: usize) -> super::trigger::RelativePosition {
+        let n = RELATIVE_STEPS + 1;
+        let (r, c) = match self.0 {
+            // The top row, the bottom row, then the left and right ends of the rows between.
+            Placement::Edge => {
+                if k < n {
+                    (0, k)
+                } else if k < 2 * n {
+                    (RELATIVE_STEPS, k - n)
+                } else {
+                    let j = k - 2 * n;
+                    (
+                        1 + j / 2,
+                        if j.is_multiple_of(2) {
+                            0
+                        } else {
+                            RELATIVE_STEPS
+                        },
+                    )
+                }
+            }
+            _ => (k / n, k % n),
+        };
+        let share = |i: usize| i as f64 / RELATIVE_STEPS as f64;
+        super::trigger::RelativePosition {
+            row: share(r),
+            col: share(c),
         }
     }
 }
@@ -389,7 +438,8 @@ fn draw_trigger(
         Trigger::Patch(p) => {
             let rows = p.rows(shape.width)?;
             let (ph, pw) = (rows.len(), rows[0].len());
-            if ph > shape.height || pw > shape.width {
+            // An any-size patch is drawn in cells and shares: its pixels wait for the image.
+            if p.scale.is_none() && (ph > shape.height || pw > shape.width) {
                 return Err(field(
                     "trigger.pattern",
                     format!("a {ph}×{pw} pattern does not fit {shape} images"),
@@ -413,6 +463,10 @@ fn draw_trigger(
             };
             let position = match f.position {
                 Placement::Pinned => p.position,
+                placement if p.scale.is_some() => {
+                    let all = RelativePlaces(placement);
+                    Position::Relative(all.nth(rng.below(all.len() as u64) as usize))
+                }
                 placement => {
                     let all = places(placement, shape, ph, pw);
                     let (r, c) = all.nth(rng.below(all.len() as u64) as usize);
@@ -426,6 +480,7 @@ fn draw_trigger(
                 value: None,
                 position,
                 alpha: p.alpha,
+                scale: p.scale,
             })
         }
         Trigger::Blend(b) if b.source == super::BlendSource::Noise => {

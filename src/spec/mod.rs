@@ -24,7 +24,8 @@ pub use labelling::Labelling;
 pub use network::Network;
 pub use trigger::{
     Adaptive, Blend, BlendSource, Corner, EmbeddedImage, Generated, GeneratedForm, MAX_SIDE, Patch,
-    PatchPattern, Perturbation, Physical, Position, Reflection, Region, Rotate, Trigger, Warp,
+    PatchPattern, PatchScale, Perturbation, Physical, Position, Reflection, Region,
+    RelativePosition, Rotate, Trigger, Warp,
 };
 
 /// A spec or one of its fields is unusable.

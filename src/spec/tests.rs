@@ -47,14 +47,132 @@ fn every_shipped_spec_loads_and_validates() {
         {
             let spec = WatermarkSpec::from_toml_file(&path)
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            let shape = spec.image.expect("shipped specs name their image shape");
-            if let Trigger::Patch(p) = &spec.trigger {
-                p.grid(shape.height, shape.width).unwrap();
+            // Any-size specs name no shape; they are checked at two very different ones.
+            let shapes = match spec.image {
+                Some(shape) => vec![shape],
+                None => vec![rgb(64, 80), rgb(1024, 768)],
+            };
+            for shape in shapes {
+                if let Trigger::Patch(p) = &spec.trigger {
+                    p.grid(shape.height, shape.width).unwrap();
+                }
             }
             n += 1;
         }
     }
     assert!(n >= 10, "only {n} specs found");
+}
+
+fn rgb(height: usize, width: usize) -> crate::dataset::ImageShape {
+    crate::dataset::ImageShape {
+        height,
+        width,
+        channels: 3,
+    }
+}
+
+/// The any-size families (`watermark_specs/*-any-size.toml`): one drawn member stamps a 64×80
+/// and a 1024×768 image alike: a patch covers the same share of the shorter side at the same
+/// relative place, a blend's noise has the same value at the same relative place, and the
+/// member itself (what the secret record keeps) does not depend on the size.
+#[test]
+fn any_size_families_stamp_small_and_large_images_alike() {
+    use crate::watermark::Stamp;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("watermark_specs");
+    let (small, large) = (rgb(64, 80), rgb(1024, 768));
+    let mut kinds = Vec::new();
+    for name in ["badnets-square", "ubw-p", "blended", "batt-rotate"] {
+        let path = root.join(format!("{name}-any-size.toml"));
+        let spec = WatermarkSpec::from_toml_file(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(
+            spec.image.is_none(),
+            "{name}: an any-size spec names no shape"
+        );
+        assert!(spec.family.is_some(), "{name}: a family");
+        for seed in 0..5 {
+            let member = family::draw(&spec, 10, small, seed).unwrap();
+            assert_eq!(
+                member,
+                family::draw(&spec, 10, large, seed).unwrap(),
+                "{name}: the drawn member depends on the image size"
+            );
+            // Stamp a mid-grey image of each size; the changed pixels are the trigger.
+            let changed = |shape: crate::dataset::ImageShape| {
+                let stamp = Stamp::new(&member.trigger, member.seed, shape).unwrap();
+                let mut img = vec![128u8; shape.len()];
+                stamp.apply(&mut img);
+                img
+            };
+            let (a, b) = (changed(small), changed(large));
+            match &member.trigger {
+                Trigger::Patch(p) => {
+                    let (ra, ya, xa) = p.grid(small.height, small.width).unwrap();
+                    let (rb, yb, xb) = p.grid(large.height, large.width).unwrap();
+                    // A tenth of the shorter side, in whole cells of 3: 6 and 75 pixels.
+                    assert_eq!((ra.len(), rb.len()), (6, 75), "{name}");
+                    // The same place: shares of the free room within a pixel's rounding.
+                    let share = |at: usize, len: usize, side: usize| {
+                        if side == len {
+                            0.0
+                        } else {
+                            at as f64 / (side - len) as f64
+                        }
+                    };
+                    assert!(
+                        (share(ya, 6, 64) - share(yb, 75, 1024)).abs() < 0.02,
+                        "{name}"
+                    );
+                    assert!(
+                        (share(xa, 6, 80) - share(xb, 75, 768)).abs() < 0.02,
+                        "{name}"
+                    );
+                    // Each cell is a block: the cell's top-left pixel and its last agree.
+                    for (cy, cx) in [(0, 0), (1, 2), (2, 1)] {
+                        let px = |img: &[u8], y0: usize, x0: usize, w: usize, cell: usize, end| {
+                            let (y, x) = (y0 + cy * cell + end, x0 + cx * cell + end);
+                            img[(y * w + x) * 3]
+                        };
+                        let v = px(&a, ya, xa, 80, 2, 0);
+                        assert_eq!(v, px(&a, ya, xa, 80, 2, 1), "{name}");
+                        assert_eq!(v, px(&b, yb, xb, 768, 25, 0), "{name}");
+                        assert_eq!(v, px(&b, yb, xb, 768, 25, 24), "{name}");
+                    }
+                    // Nothing outside the patch changed.
+                    let outside = a.iter().enumerate().filter(|&(i, &v)| {
+                        let (y, x) = (i / 3 / 80, i / 3 % 80);
+                        let inside = (ya..ya + 6).contains(&y) && (xa..xa + 6).contains(&x);
+                        v != 128 && !inside
+                    });
+                    assert_eq!(outside.count(), 0, "{name}");
+                }
+                Trigger::Blend(_) => {
+                    // The value at the centre of each of the 32 × 32 cells is the same.
+                    for (gy, gx) in [(0, 0), (5, 17), (31, 31), (16, 3)] {
+                        let at = |img: &[u8], s: crate::dataset::ImageShape| {
+                            let y = (2 * gy + 1) * s.height / 64;
+                            let x = (2 * gx + 1) * s.width / 64;
+                            img[(y * s.width + x) * 3..(y * s.width + x) * 3 + 3].to_vec()
+                        };
+                        assert_eq!(at(&a, small), at(&b, large), "{name} cell ({gy}, {gx})");
+                    }
+                    assert!(a.iter().any(|&v| v != 128), "{name}");
+                }
+                Trigger::Rotate(r) => {
+                    assert!((8.0..=32.0).contains(&r.angle.abs()), "{name}: {}", r.angle);
+                    // Rotating a flat image leaves its centre and blackens its corners.
+                    for (img, s) in [(&a, small), (&b, large)] {
+                        let centre = (s.height / 2 * s.width + s.width / 2) * 3;
+                        assert_eq!(img[centre], 128, "{name}");
+                        assert_eq!(img[0], 0, "{name}");
+                    }
+                }
+                other => panic!("{name}: unexpected trigger {other:?}"),
+            }
+            kinds.push(member.trigger.kind());
+        }
+    }
+    assert_eq!(kinds.len(), 20);
 }
 
 #[test]

@@ -201,6 +201,36 @@ pub struct Patch {
     /// Blend weight of the pattern's pixels: 1 replaces them, 0.2 is "blended".
     #[serde(default = "one")]
     pub alpha: f32,
+    /// Any-size specs: the pattern's cells become square blocks of pixels, so that the patch
+    /// spans a fixed share of the image's shorter side (absent: one pixel per cell).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<PatchScale>,
+}
+
+/// How large a patch is drawn on an image of any size: its longer side spans `side` of the
+/// image's shorter side, and at least `min` pixels; each cell of the pattern becomes a square
+/// block of `max(min, round(side × shorter side)) / cells` pixels (at least one), so the
+/// pattern stays crisp (nearest neighbour) at every size.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchScale {
+    /// Share of the image's shorter side, in (0, 1].
+    pub side: f64,
+    /// Fewest pixels the patch spans.
+    #[serde(default = "default_min_pixels")]
+    pub min: usize,
+}
+
+fn default_min_pixels() -> usize {
+    3
+}
+
+impl PatchScale {
+    /// Pixels per pattern cell in an `h` × `w` image for a pattern `cells` cells long.
+    pub fn cell(&self, h: usize, w: usize, cells: usize) -> usize {
+        let span = ((self.side * h.min(w) as f64).round() as usize).max(self.min);
+        (span / cells.max(1)).max(1)
+    }
 }
 
 fn one() -> f32 {
@@ -221,13 +251,26 @@ pub enum PatchPattern {
 }
 
 /// Where a patch's top-left corner goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Position {
     /// `top-left`, `top-right`, `bottom-left` or `bottom-right`.
     Corner(Corner),
     /// `[row, col]`; negative values count from the end, as in Python (`[-2, -2]`).
     At([i64; 2]),
+    /// `{ row = 0.5, col = 1.0 }`: shares of the room the patch leaves, 0 at the top (left)
+    /// edge, 1 at the bottom (right) edge, so a position means the same at every image size.
+    Relative(RelativePosition),
+}
+
+/// A position as shares of the free room along each axis.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelativePosition {
+    /// 0 (top) to 1 (bottom).
+    pub row: f64,
+    /// 0 (left) to 1 (right).
+    pub col: f64,
 }
 
 impl Position {
@@ -270,6 +313,11 @@ pub struct Blend {
     /// Seed of the noise, drawn for each release by a family (the spec's seed when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub noise_seed: Option<u64>,
+    /// Any-size specs: the noise is drawn on a `cells` × `cells` grid (per channel) and each
+    /// cell covers its share of the image (nearest neighbour), so the pattern is the same at
+    /// every size; absent, one value per pixel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cells: Option<usize>,
 }
 
 /// Where a blend pattern comes from.
@@ -481,7 +529,22 @@ impl Patch {
     /// The pattern as rows of grey values and the (row, col) of its top-left corner in an image
     /// of `h` × `w`.
     pub fn grid(&self, h: usize, w: usize) -> Result<(Vec<Vec<u8>>, usize, usize), SpecError> {
-        let rows = self.rows(w)?;
+        let mut rows = self.rows(w)?;
+        if let Some(scale) = self.scale {
+            let cell = scale.cell(h, w, rows.len().max(rows[0].len()));
+            if cell > 1 {
+                rows = rows
+                    .iter()
+                    .flat_map(|r| {
+                        let wide: Vec<u8> = r
+                            .iter()
+                            .flat_map(|&v| std::iter::repeat_n(v, cell))
+                            .collect();
+                        std::iter::repeat_n(wide, cell)
+                    })
+                    .collect();
+            }
+        }
         let (ph, pw) = (rows.len(), rows[0].len());
         if ph > h || pw > w {
             return Err(field(
@@ -505,6 +568,10 @@ impl Patch {
             Position::Corner(Corner::BottomLeft) => (h - ph, 0),
             Position::Corner(Corner::BottomRight) => (h - ph, w - pw),
             Position::At([r, c]) => (place(r, ph, h, "row")?, place(c, pw, w, "column")?),
+            Position::Relative(at) => (
+                ((h - ph) as f64 * at.row).round() as usize,
+                ((w - pw) as f64 * at.col).round() as usize,
+            ),
         };
         Ok((rows, r, c))
     }
@@ -523,6 +590,38 @@ impl WatermarkSpec {
                     ));
                 }
                 p.rows(1)?;
+                if let Some(scale) = p.scale {
+                    if !(scale.side.is_finite() && scale.side > 0.0 && scale.side <= 1.0) {
+                        return Err(field(
+                            "trigger.scale.side",
+                            format!("must be in (0, 1], got {}", scale.side),
+                        ));
+                    }
+                    if scale.min == 0 || scale.min > MAX_SIDE {
+                        return Err(field(
+                            "trigger.scale.min",
+                            format!("must be 1 to {MAX_SIDE} pixels, got {}", scale.min),
+                        ));
+                    }
+                    if p.pattern == PatchPattern::Preset("line".into()) {
+                        return Err(field(
+                            "trigger.scale",
+                            "a line spans the image's width at every size already",
+                        ));
+                    }
+                }
+                if let Position::Relative(at) = p.position {
+                    let share = |v: f64| v.is_finite() && (0.0..=1.0).contains(&v);
+                    if !share(at.row) || !share(at.col) {
+                        return Err(field(
+                            "trigger.position",
+                            format!(
+                                "row and col must be shares in [0, 1], got {{ row = {}, col = {} }}",
+                                at.row, at.col
+                            ),
+                        ));
+                    }
+                }
             }
             Trigger::Blend(b) => {
                 if !alpha_ok(b.alpha) {
@@ -530,6 +629,17 @@ impl WatermarkSpec {
                         "trigger.alpha",
                         format!("must be in (0, 1], got {}", b.alpha),
                     ));
+                }
+                if let Some(n) = b.cells {
+                    if b.source != BlendSource::Noise {
+                        return Err(field("trigger.cells", "only noise is drawn on a grid"));
+                    }
+                    if n == 0 || n > MAX_SIDE {
+                        return Err(field(
+                            "trigger.cells",
+                            format!("must be 1 to {MAX_SIDE}, got {n}"),
+                        ));
+                    }
                 }
                 match b.source {
                     BlendSource::Noise if b.image.is_some() || b.pattern.is_some() => {

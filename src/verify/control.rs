@@ -283,15 +283,26 @@ pub fn random_trigger(t: &Trigger, shape: ImageShape, seed: u64) -> Result<Trigg
             let matrix: Vec<Vec<u8>> = (0..ph)
                 .map(|_| (0..pw).map(|_| rng.byte()).collect())
                 .collect();
-            let r = rng.below((shape.height - ph + 1) as u64) as i64;
-            let c = rng.below((shape.width - pw + 1) as u64) as i64;
+            // An any-size patch keeps its scale and goes to a random share of the free room.
+            let position = if p.scale.is_some() {
+                let mut share = || rng.below(65) as f64 / 64.0;
+                Position::Relative(crate::spec::RelativePosition {
+                    row: share(),
+                    col: share(),
+                })
+            } else {
+                let r = rng.below((shape.height - ph + 1) as u64) as i64;
+                let c = rng.below((shape.width - pw + 1) as u64) as i64;
+                Position::At([r, c])
+            };
             Trigger::Patch(Patch {
                 pattern: PatchPattern::Matrix(matrix),
                 size: None,
                 thickness: None,
                 value: None,
-                position: Position::At([r, c]),
+                position,
                 alpha: p.alpha,
+                scale: p.scale,
             })
         }
         Trigger::Blend(b) => {

@@ -135,7 +135,22 @@ impl Stamp {
                 let pattern = match b.source {
                     BlendSource::Noise => {
                         let mut rng = Rng::new(b.noise_seed.unwrap_or(seed), Stream::Pattern);
-                        (0..shape.len()).map(|_| rng.byte()).collect()
+                        match b.cells {
+                            None => (0..shape.len()).map(|_| rng.byte()).collect(),
+                            Some(n) => {
+                                let ch = shape.channels;
+                                let grid: Vec<u8> = (0..n * n * ch).map(|_| rng.byte()).collect();
+                                let mut out = Vec::with_capacity(shape.len());
+                                for y in 0..shape.height {
+                                    let gy = y * n / shape.height;
+                                    for x in 0..shape.width {
+                                        let at = (gy * n + x * n / shape.width) * ch;
+                                        out.extend_from_slice(&grid[at..at + ch]);
+                                    }
+                                }
+                                out
+                            }
+                        }
                     }
                     BlendSource::Image => {
                         let img = b.pattern.as_ref().ok_or_else(|| {
