@@ -59,6 +59,12 @@ pub struct WatermarkArgs {
     /// Compression of IDX outputs.
     #[arg(long, value_enum, default_value_t = Compress::Auto)]
     pub compress: Compress,
+    /// Parquet and WebDataset releases: a poisoned JPEG image is encoded again as JPEG at its
+    /// original's quality (read from its quantisation table), but never below this one, where
+    /// the shipped triggers were measured to survive (docs/formats.md).
+    #[arg(long, default_value_t = dataset::encoding::MIN_JPEG_QUALITY,
+          value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub min_jpeg_quality: u8,
     /// Replace existing output and secret files.
     #[arg(long)]
     pub force: bool,
@@ -188,9 +194,17 @@ pub(super) fn watermark_cmd(a: WatermarkArgs) -> Result<()> {
     let marked = watermark::mark(&mut loaded.dataset, &spec, nonce, triggers, None);
     pb.finish_and_clear();
     let watermark::WatermarkedRelease {
-        secret,
-        image_hashes,
+        mut secret,
+        mut image_hashes,
     } = marked?;
+    loaded.layout.set_min_jpeg_quality(a.min_jpeg_quality);
+    if loaded
+        .layout
+        .settle_lossy(&mut loaded.dataset, &mut image_hashes)?
+        > 0
+    {
+        secret.set_sha256_after(&dataset::dataset_sha256(&loaded.dataset, &image_hashes));
+    }
     let commitment = secret.commitment();
     if let Layout::Idx { gzip, .. } = &mut loaded.layout {
         match a.compress {

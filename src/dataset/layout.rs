@@ -130,6 +130,32 @@ pub enum Layout {
 }
 
 impl Layout {
+    /// Changed JPEG images of a Parquet or WebDataset release are encoded again at no lower
+    /// quality than `q` (1–100); other formats have no JPEG to keep.
+    pub fn set_min_jpeg_quality(&mut self, q: u8) {
+        match self {
+            Self::Parquet(p) => p.min_jpeg_quality = q,
+            Self::WebDataset(w) => w.min_jpeg_quality = q,
+            Self::Idx { .. } | Self::Cifar { .. } | Self::Folder => {}
+        }
+    }
+
+    /// Settles the changed images that the release will store lossily (JPEG rows and members
+    /// of a Parquet or WebDataset input, [`super::encoding::settle_lossy`]): afterwards
+    /// `dataset` and `image_hashes` are what the written release decodes to. Returns how many
+    /// images changed so; the caller updates whatever it derived from the hashes.
+    pub fn settle_lossy(
+        &mut self,
+        dataset: &mut Dataset,
+        image_hashes: &mut [[u8; 32]],
+    ) -> Result<usize, DatasetError> {
+        match self {
+            Self::Parquet(p) => p.settle_lossy(dataset, image_hashes),
+            Self::WebDataset(w) => w.settle_lossy(dataset, image_hashes),
+            Self::Idx { .. } | Self::Cifar { .. } | Self::Folder => Ok(0),
+        }
+    }
+
     /// A layout for writing `dataset` in `format` with default file names.
     pub fn for_format(format: Format, dataset: &Dataset) -> Result<Self, DatasetError> {
         Ok(match format {

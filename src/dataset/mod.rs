@@ -5,6 +5,7 @@
 //! files are planar (CIFAR) are converted when read and written.
 
 pub mod cifar;
+pub mod encoding;
 mod error;
 pub mod folder;
 mod hash;

@@ -5,9 +5,11 @@
 //!
 //! A release keeps its input's files, schemas, row order and every other column: an image whose
 //! pixels did not change keeps its original bytes (copied byte for byte), a changed image is
-//! re-encoded as PNG (lossless), a changed label is written in the label column's own type.
+//! encoded again in its original's format (a JPEG as JPEG at its original's quality, see
+//! [`super::encoding`]), a changed label is written in the label column's own type.
 
-use super::folder::{decode_same_size, encode_png};
+use super::encoding::{MIN_JPEG_QUALITY, Settled, changed_bytes, settle_lossy};
+use super::folder::decode_same_size;
 use super::{Dataset, DatasetError, Limits, image_sha256s};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{
@@ -39,7 +41,10 @@ pub struct ParquetLayout {
     pub image_column: String,
     /// The label column.
     pub label_column: String,
+    /// The lowest quality a changed JPEG image is encoded again at ([`super::encoding`]).
+    pub min_jpeg_quality: u8,
     source: Option<Arc<Source>>,
+    settled: Settled,
 }
 
 impl PartialEq for ParquetLayout {
@@ -47,6 +52,7 @@ impl PartialEq for ParquetLayout {
         self.files == other.files
             && self.image_column == other.image_column
             && self.label_column == other.label_column
+            && self.min_jpeg_quality == other.min_jpeg_quality
             && match (&self.source, &other.source) {
                 (None, None) => true,
                 (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -66,13 +72,51 @@ struct Source {
 }
 
 impl ParquetLayout {
+    /// The stored bytes of row `i`'s image, for a dataset read from files.
+    fn original(&self, i: usize) -> Option<&[u8]> {
+        let src = self.source.as_ref()?;
+        let mut start = 0;
+        for (f, (_, rows)) in self.files.iter().enumerate() {
+            if i < start + rows {
+                let mut row = start;
+                for b in src.batches.get(f)? {
+                    if i < row + b.num_rows() {
+                        return image_bytes(b.column_by_name(&self.image_column)?, i - row);
+                    }
+                    row += b.num_rows();
+                }
+                return None;
+            }
+            start += rows;
+        }
+        None
+    }
+
+    /// [`super::encoding::settle_lossy`] for the images of this layout's files.
+    pub fn settle_lossy(
+        &mut self,
+        dataset: &mut Dataset,
+        image_hashes: &mut [[u8; 32]],
+    ) -> Result<usize, DatasetError> {
+        let Some(src) = self.source.clone() else {
+            return Ok(0);
+        };
+        let q = self.min_jpeg_quality;
+        let settled = settle_lossy(dataset, image_hashes, &src.hashes, &|i| self.original(i), q)?;
+        let n = settled.len();
+        self.settled = settled;
+        Ok(n)
+    }
+
     /// One new file, `name`, for a dataset of `rows` images (conversion from another format).
     pub fn new_file(name: &str, rows: usize) -> Self {
         Self {
             files: vec![(name.into(), rows)],
             image_column: "image".into(),
             label_column: "label".into(),
+            min_jpeg_quality: MIN_JPEG_QUALITY,
             source: None,
+            settled: Settled::new(),
         }
     }
 }
@@ -277,11 +321,13 @@ pub fn read(
         files,
         image_column,
         label_column,
+        min_jpeg_quality: MIN_JPEG_QUALITY,
         source: Some(Arc::new(Source {
             batches,
             schemas,
             hashes,
         })),
+        settled: Settled::new(),
     };
     Ok((dataset, layout))
 }
@@ -422,7 +468,7 @@ fn binary_like(bytes: &[Vec<u8>], like: &DataType) -> ArrayRef {
 
 /// Writes `dataset` as the Parquet files of `layout` into `dir`; returns each file's bytes by name
 /// for the caller to write and hash. Rows of a dataset read from Parquet keep everything but a
-/// changed image (PNG) or label; a dataset from elsewhere gets `image {bytes, path}` and `label`
+/// changed image (in its original's format) or label; a dataset from elsewhere gets `image {bytes, path}` and `label`
 /// columns, with its class names in the `huggingface` metadata.
 pub fn encode(
     dataset: &Dataset,
@@ -441,15 +487,25 @@ pub fn encode(
         )));
     }
     let shape = dataset.shape();
-    // A row's image: the original bytes where the pixels are unchanged, else PNG.
-    let image_of = |i: usize, original: Option<&[u8]>| -> Result<Vec<u8>, DatasetError> {
-        tick();
-        match original {
-            Some(b) => Ok(b.to_vec()),
-            None => encode_png(dataset.image(i), shape)
-                .map_err(|e| DatasetError::Invalid(format!("cannot encode image {i} as PNG: {e}"))),
-        }
-    };
+    // A row's image: the original bytes where the pixels are unchanged, else encoded again in
+    // the original's format (PNG for a new file).
+    let image_of =
+        |i: usize, original: Option<&[u8]>, same: bool| -> Result<Vec<u8>, DatasetError> {
+            tick();
+            match original {
+                Some(b) if same => Ok(b.to_vec()),
+                _ => changed_bytes(
+                    &layout.settled,
+                    i,
+                    &image_hashes[i],
+                    original,
+                    dataset.image(i),
+                    shape,
+                    layout.min_jpeg_quality,
+                )
+                .map_err(|e| DatasetError::Invalid(format!("cannot encode image {i}: {e}"))),
+            }
+        };
     let mut out = Vec::new();
     let mut start = 0usize;
     for (f, (name, rows)) in layout.files.iter().enumerate() {
@@ -468,7 +524,7 @@ pub fn encode(
                         .into_par_iter()
                         .map(|i| {
                             let same = src.hashes[i] == image_hashes[i];
-                            image_of(i, same.then(|| image_bytes(img, i - row)).flatten())
+                            image_of(i, image_bytes(img, i - row), same)
                         })
                         .collect::<Result<Vec<_>, _>>()?;
                     let new_image: ArrayRef = match img.data_type() {
@@ -526,7 +582,7 @@ pub fn encode(
                     let b = (a + 1024).min(end);
                     let bytes = (a..b)
                         .into_par_iter()
-                        .map(|i| image_of(i, None))
+                        .map(|i| image_of(i, None, false))
                         .collect::<Result<Vec<_>, _>>()?;
                     let paths: StringArray = (a..b)
                         .map(|i| Some(format!("{}.png", hex::encode(&image_hashes[i][..10]))))

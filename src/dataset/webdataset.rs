@@ -4,9 +4,11 @@
 //! members.
 //!
 //! A release keeps its input's shards, member order, names and headers: an unchanged image and
-//! every other member are copied byte for byte, a changed image is re-encoded as PNG (lossless)
-//! under its own member name, a changed label is rewritten in its `.cls` or `.json` member.
+//! every other member are copied byte for byte, a changed image is encoded again in its
+//! original's format under its own member name (a JPEG as JPEG at its original's quality, see
+//! [`super::encoding`]), a changed label is rewritten in its `.cls` or `.json` member.
 
+use super::encoding::{MIN_JPEG_QUALITY, Settled, changed_bytes, settle_lossy};
 use super::folder::{decode_same_size, encode_png};
 use super::{Dataset, DatasetError, Limits, image_sha256s};
 use rayon::prelude::*;
@@ -25,12 +27,16 @@ const SHARD_SAMPLES: usize = 10_000;
 pub struct ShardLayout {
     /// Shard file names and their sample counts, in order.
     pub shards: Vec<(String, usize)>,
+    /// The lowest quality a changed JPEG image is encoded again at ([`super::encoding`]).
+    pub min_jpeg_quality: u8,
     source: Option<Arc<Source>>,
+    settled: Settled,
 }
 
 impl PartialEq for ShardLayout {
     fn eq(&self, other: &Self) -> bool {
         self.shards == other.shards
+            && self.min_jpeg_quality == other.min_jpeg_quality
             && match (&self.source, &other.source) {
                 (None, None) => true,
                 (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -65,6 +71,31 @@ struct Source {
 }
 
 impl ShardLayout {
+    /// [`super::encoding::settle_lossy`] for the images of this layout's shards.
+    pub fn settle_lossy(
+        &mut self,
+        dataset: &mut Dataset,
+        image_hashes: &mut [[u8; 32]],
+    ) -> Result<usize, DatasetError> {
+        let Some(src) = self.source.clone() else {
+            return Ok(0);
+        };
+        let original = |i: usize| {
+            let s = src.samples.get(i)?;
+            s.members.get(s.image).map(|m| m.data.as_slice())
+        };
+        let settled = settle_lossy(
+            dataset,
+            image_hashes,
+            &src.hashes,
+            &original,
+            self.min_jpeg_quality,
+        )?;
+        let n = settled.len();
+        self.settled = settled;
+        Ok(n)
+    }
+
     /// Shards of at most 10,000 samples, `train-000000.tar` and on, for `n` samples converted
     /// from another format.
     pub fn new_shards(n: usize) -> Self {
@@ -78,7 +109,9 @@ impl ShardLayout {
             .collect();
         Self {
             shards,
+            min_jpeg_quality: MIN_JPEG_QUALITY,
             source: None,
+            settled: Settled::new(),
         }
     }
 }
@@ -267,7 +300,9 @@ pub fn read(
         dataset,
         ShardLayout {
             shards,
+            min_jpeg_quality: MIN_JPEG_QUALITY,
             source: Some(Arc::new(Source { samples, hashes })),
+            settled: Settled::new(),
         },
     ))
 }
@@ -316,7 +351,23 @@ pub fn encode(
                         for (j, m) in s.members.iter().enumerate() {
                             let mut data = std::borrow::Cow::Borrowed(&m.data);
                             if j == s.image && src.hashes[i] != image_hashes[i] {
-                                data = std::borrow::Cow::Owned(png(i)?);
+                                data = std::borrow::Cow::Owned(
+                                    changed_bytes(
+                                        &layout.settled,
+                                        i,
+                                        &image_hashes[i],
+                                        Some(&m.data),
+                                        dataset.image(i),
+                                        shape,
+                                        layout.min_jpeg_quality,
+                                    )
+                                    .map_err(|e| {
+                                        DatasetError::Invalid(format!(
+                                            "{name}: cannot encode {}: {e}",
+                                            m.path
+                                        ))
+                                    })?,
+                                );
                             }
                             if j == s.label {
                                 data = std::borrow::Cow::Owned(relabel(m, label)?);

@@ -365,6 +365,21 @@ impl Secret {
         self.records().map(|r| r.poisoned.len()).sum()
     }
 
+    /// Records `sha256` as the released dataset's hash in every record: a release whose
+    /// poisoned JPEG images were encoded again reads back as their decoded pixels
+    /// ([`crate::dataset::Layout::settle_lossy`]), and the record must name what is released.
+    /// Call before the commitment is taken.
+    pub fn set_sha256_after(&mut self, sha256: &str) {
+        match self {
+            Secret::One(r) => r.dataset.sha256_after = sha256.to_string(),
+            Secret::Set(s) => {
+                for r in &mut s.triggers {
+                    r.dataset.sha256_after = sha256.to_string();
+                }
+            }
+        }
+    }
+
     /// The records, in order.
     pub fn records(&self) -> impl Iterator<Item = &SecretRecord> {
         match self {

@@ -63,8 +63,9 @@ pq.write_table(table(range(35, 45)), out + "/data/test-00000-of-00001.parquet")
 /// its metadata) and every column but the image bytes and labels are equal, which rows' image
 /// bytes differ (and whether those are PNG), and the labels.
 const CHECK: &str = r#"
-import json, sys
+import io, json, sys
 import pyarrow.parquet as pq
+from PIL import Image
 orig, rel, names = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
 out = []
 for n in names:
@@ -76,6 +77,10 @@ for n in names:
         "paths_equal": [x["path"] for x in ia] == [x["path"] for x in ib],
         "changed": [i for i, (x, y) in enumerate(zip(ia, ib)) if x["bytes"] != y["bytes"]],
         "changed_png": [y["bytes"][:8] == b"\x89PNG\r\n\x1a\n" for x, y in zip(ia, ib) if x["bytes"] != y["bytes"]],
+        # A changed JPEG: still a JPEG, with its original's quantisation tables.
+        "changed_jpeg_same_tables": [
+            Image.open(io.BytesIO(y["bytes"])).quantization == Image.open(io.BytesIO(x["bytes"])).quantization
+            for x, y in zip(ia, ib) if x["bytes"] != y["bytes"] and x["bytes"][:3] == b"\xff\xd8\xff"],
         "labels": b.column("label").to_pylist(),
     })
 print(json.dumps(out))
@@ -136,20 +141,21 @@ fn hugging_face_parquet_reads_and_a_release_keeps_everything_unchanged() {
     // PNG rows decode exactly.
     assert_eq!(&ds.image(1)[..3], &[37, 91, 13]);
 
-    // A watermark's changes: one image (row 4 of the first file) and one label (row 5 of the
-    // second file).
+    // A watermark's changes: two images (row 4 of the first file, a PNG, and row 6, a JPEG) and
+    // one label (row 5 of the second file). The JPEG is encoded again before writing, and the
+    // dataset and hashes take what it decodes to.
     let mut marked = ds.clone();
     marked.image_mut(4)[0] ^= 0xff;
+    marked.image_mut(6)[..30].fill(255);
     marked.set_label(25, 0).unwrap();
+    let mut hashes = image_sha256s(&marked);
+    let mut layout = loaded.layout.clone();
+    assert_eq!(layout.settle_lossy(&mut marked, &mut hashes).unwrap(), 1);
+    assert_eq!(hashes, image_sha256s(&marked));
+    // Lossy, but the change is there.
+    assert!(marked.image(6)[..30].iter().all(|&v| v > 200));
     let rel = tempfile::tempdir().unwrap();
-    let info = dataset::write_release(
-        &marked,
-        &loaded.layout,
-        rel.path(),
-        &image_sha256s(&marked),
-        &no_tick,
-    )
-    .unwrap();
+    let info = dataset::write_release(&marked, &layout, rel.path(), &hashes, &no_tick).unwrap();
     assert_eq!(info.format, "parquet");
     assert_eq!(info.files.len(), 2);
     let manifest = std::fs::read_to_string(rel.path().join(dataset::MANIFEST)).unwrap();
@@ -175,10 +181,11 @@ fn hugging_face_parquet_reads_and_a_release_keeps_everything_unchanged() {
         assert_eq!(f["others_equal"], true, "{f}");
         assert_eq!(f["paths_equal"], true, "{f}");
     }
-    // Only the changed image was rewritten (as PNG); the JPEG and PNG rows around it are the
-    // original bytes.
-    assert_eq!(v[0]["changed"], serde_json::json!([4]));
-    assert_eq!(v[0]["changed_png"], serde_json::json!([true]));
+    // Only the changed images were rewritten, each in its own format; the JPEG and PNG rows
+    // around them are the original bytes.
+    assert_eq!(v[0]["changed"], serde_json::json!([4, 6]));
+    assert_eq!(v[0]["changed_png"], serde_json::json!([true, false]));
+    assert_eq!(v[0]["changed_jpeg_same_tables"], serde_json::json!([true]));
     assert_eq!(v[1]["changed"], serde_json::json!([]));
     let labels: Vec<i64> = serde_json::from_value(v[1]["labels"].clone()).unwrap();
     assert_eq!(labels[5], 0);

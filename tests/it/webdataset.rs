@@ -117,21 +117,19 @@ fn shards_read_and_a_release_keeps_every_unchanged_member() {
         ]
     );
 
-    // A watermark's changes: the image of s0001 (a PNG), the label of s0013 (a .json) and of
-    // s0014 (a .cls).
+    // A watermark's changes: the images of s0001 (a PNG) and s0003 (a JPEG, encoded again as a
+    // JPEG before writing), the label of s0013 (a .json) and of s0014 (a .cls).
     let mut marked = ds.clone();
     marked.image_mut(1)[0] ^= 0xff;
+    marked.image_mut(3)[..21].fill(255);
     marked.set_label(13, 2).unwrap();
     marked.set_label(14, 0).unwrap();
+    let mut hashes = image_sha256s(&marked);
+    let mut layout = loaded.layout.clone();
+    assert_eq!(layout.settle_lossy(&mut marked, &mut hashes).unwrap(), 1);
+    assert_eq!(hashes, image_sha256s(&marked));
     let rel = tempfile::tempdir().unwrap();
-    let info = dataset::write_release(
-        &marked,
-        &loaded.layout,
-        rel.path(),
-        &image_sha256s(&marked),
-        &no_tick,
-    )
-    .unwrap();
+    let info = dataset::write_release(&marked, &layout, rel.path(), &hashes, &no_tick).unwrap();
     assert_eq!(info.format, "webdataset");
     let o = Command::new(python())
         .args([
@@ -149,9 +147,16 @@ fn shards_read_and_a_release_keeps_every_unchanged_member() {
         assert_eq!(s["names_equal"], true, "{s}");
         assert_eq!(s["mtimes_equal"], true, "{s}");
     }
+    // The PNG stays a PNG, the JPEG a JPEG, under their own names.
+    let changed = v[0]["changed"].as_object().unwrap();
     assert_eq!(
-        v[0]["changed"],
-        serde_json::json!({"s0001.png": "89504e470d0a1a0a"})
+        changed.keys().collect::<Vec<_>>(),
+        ["s0001.png", "s0003.jpg"]
+    );
+    assert_eq!(changed["s0001.png"], "89504e470d0a1a0a");
+    assert!(
+        changed["s0003.jpg"].as_str().unwrap().starts_with("ffd8ff"),
+        "{changed:?}"
     );
     assert_eq!(
         v[1]["changed"],
