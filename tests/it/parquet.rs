@@ -324,3 +324,63 @@ fn fashion_mnist_as_parquet_is_watermarked_by_the_command_line() {
     assert!(relabelled.len() >= 150, "{v}");
     assert_eq!(v[3].as_array().unwrap().len(), 1, "{v}");
 }
+
+/// A release of JPEG rows through the command line, with an any-size spec: the poisoned JPEG
+/// rows stay JPEGs with their originals' quantisation tables, and the secret record names the
+/// dataset that the written release decodes to (its poisoned JPEGs settled before the record).
+#[test]
+fn poisoned_jpeg_rows_stay_jpegs_and_the_record_hashes_what_is_released() {
+    let t = make("good");
+    let (rel, secret) = (t.path().join("rel"), t.path().join("rel.secret.json"));
+    let spec =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("watermark_specs/badnets-square-any-size.toml");
+    let o = crate::cli::hallmark(&[
+        "watermark",
+        "--spec",
+        spec.to_str().unwrap(),
+        "--input",
+        t.path().join("data").to_str().unwrap(),
+        "--split",
+        "train",
+        "--output",
+        rel.to_str().unwrap(),
+        "--secret",
+        secret.to_str().unwrap(),
+        "--rate",
+        "0.5",
+        "--nonce",
+        &"07".repeat(32),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let record = hallmark::watermark::Secret::load(&secret).unwrap();
+    let released = read(&rel, None).unwrap().dataset;
+    assert_eq!(record.dataset().sha256_after, released.sha256());
+    let info: Value =
+        serde_json::from_slice(&std::fs::read(rel.join("release.json")).unwrap()).unwrap();
+    assert_eq!(info["dataset_sha256"], released.sha256());
+    assert_eq!(info["commitment"], record.commitment());
+
+    let o = Command::new(python())
+        .args([
+            "-c",
+            CHECK,
+            t.path().join("data").to_str().unwrap(),
+            rel.to_str().unwrap(),
+            "train-00000-of-00002.parquet,train-00001-of-00002.parquet",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let same_tables: Vec<bool> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|f| {
+            serde_json::from_value::<Vec<bool>>(f["changed_jpeg_same_tables"].clone()).unwrap()
+        })
+        .collect();
+    // Half of the 35 rows are poisoned; a third of the rows are JPEGs.
+    assert!(same_tables.len() >= 3, "{v}");
+    assert!(same_tables.iter().all(|&s| s), "{v}");
+}
