@@ -30,6 +30,7 @@ pub mod fsutil;
 pub mod http;
 mod invalid;
 pub mod jobs;
+pub mod report;
 pub mod spec;
 pub mod stats;
 pub mod store;

@@ -8,6 +8,7 @@ mod calibrate;
 mod convert;
 #[cfg(feature = "train")]
 mod repair;
+mod report;
 mod serve;
 #[cfg(feature = "train")]
 mod serve_model;
@@ -60,6 +61,9 @@ pub enum Command {
     Spec(SpecCommand),
     /// Read a dataset and write it in another format (with its manifest).
     Convert(ConvertArgs),
+    /// Write a verdict as a self-contained document (HTML with plots) for readers who are not
+    /// statisticians.
+    Report(report::ReportArgs),
     /// Test whether a model behind an HTTP endpoint was trained on a watermarked release.
     /// Exit code 0: evidence it was; 1: not shown (or inconclusive); 2: error.
     Verify(Box<VerifyArgs>),
@@ -168,6 +172,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Watermark(a) => done(watermark::watermark_cmd(a)),
         Command::Spec(c) => done(spec::spec_cmd(c)),
         Command::Convert(a) => done(convert::convert_cmd(a)),
+        Command::Report(a) => done(report::report_cmd(a)),
         Command::Serve(a) => done(serve::serve_cmd(a)),
         Command::Keys(c) => done(serve::keys_cmd(c)),
         Command::Health(a) => done(serve::health_cmd(a)),

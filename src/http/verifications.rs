@@ -19,6 +19,15 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(create_verification, list_verifications))
         .routes(routes!(get_verification))
+        .routes(routes!(get_report))
+}
+
+/// The report's format.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ReportQuery {
+    /// `html` (the default): one self-contained document, inline CSS and SVG plots, no script.
+    pub format: Option<String>,
 }
 
 /// A verification to run.
@@ -332,6 +341,67 @@ async fn get_verification(
         .await?
         .map(ApiJson)
         .ok_or_else(|| ApiError::not_found("verification"))
+}
+
+/// The verdict as a document for readers who are not statisticians: the decision in one
+/// sentence, what it shows and does not, the settings, every test, plots and a digest of the
+/// audit trail, with the sha256 of the verdict JSON the caller sees (an auditor's is redacted as
+/// in `GET /v1/verifications/{id}`). The same document as `hallmark report`.
+#[utoipa::path(get, path = "/v1/verifications/{id}/report", tag = "verifications",
+    params(("id" = String, Path), ReportQuery),
+    responses((status = 200, content_type = "text/html", body = String),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn get_report(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    axum::extract::Query(q): axum::extract::Query<ReportQuery>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    match q.format.as_deref() {
+        None | Some("html") => {}
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "format: html is the one format, got {other:?}"
+            )));
+        }
+    }
+    let v = s
+        .store
+        .get_verification(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("verification"))?;
+    let v = shown(&s, &caller, v)
+        .await?
+        .ok_or_else(|| ApiError::not_found("verification"))?;
+    let verdict = v
+        .verdict
+        .as_ref()
+        .ok_or_else(|| ApiError::conflict("the verification has no verdict yet"))?;
+    let imported = s
+        .store
+        .get_watermark(&v.watermark_id)
+        .await?
+        .map(|w| w.created_at);
+    let ctx = crate::report::Context {
+        verification_id: Some(v.id.clone()),
+        finished_at: None,
+        record_imported_at: imported.map(crate::report::utc),
+        json_link: Some(format!("/v1/verifications/{}", v.id)),
+    };
+    let doc = crate::report::html(verdict, &ctx).map_err(ApiError::internal)?;
+    Ok((
+        [
+            (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                axum::http::header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; style-src 'unsafe-inline'; img-src data:",
+            ),
+        ],
+        doc,
+    )
+        .into_response())
 }
 
 #[cfg(test)]

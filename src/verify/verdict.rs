@@ -42,7 +42,9 @@ pub struct PairRecord {
     pub label: u32,
     /// sha256 of the benign image's pixels.
     pub benign_sha256: String,
-    /// sha256 of the triggered image's pixels.
+    /// sha256 of the triggered image's pixels (absent where the verdict is shown to anyone but
+    /// the watermark's owner).
+    #[serde(default)]
     pub triggered_sha256: String,
     /// sha256 of the benign answer (canonical JSON).
     pub benign_response_sha256: String,

@@ -549,3 +549,31 @@ fn output_into_a_closed_pipe_ends_quietly() {
         "{err}"
     );
 }
+
+/// `hallmark report` refuses what is not a verdict with an error naming the file, and writes
+/// nothing.
+#[test]
+fn report_names_a_file_that_is_not_a_verdict() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("report.html");
+    let missing = t.path().join("missing.json");
+    let o = hallmark(&[
+        "report",
+        missing.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("missing.json"), "{}", text(&o));
+    let not = t.path().join("spec.json");
+    fs::write(&not, r#"{"decision": "used", "reason": "forged"}"#).unwrap();
+    let o = hallmark(&[
+        "report",
+        not.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("not a hallmark verdict"), "{}", text(&o));
+    assert!(!out.exists());
+}

@@ -147,6 +147,24 @@ impl TestApp {
         (status, v)
     }
 
+    /// A GET whose answer is text (a report): status, content type and body.
+    pub async fn get_text(&self, path: &str, key: &str) -> (StatusCode, String, String) {
+        let resp = self
+            .client
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let kind = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        (status, kind, resp.text().await.unwrap())
+    }
+
     pub async fn get(&self, path: &str, key: &str) -> (StatusCode, Value) {
         self.call(reqwest::Method::GET, path, key, None).await
     }
@@ -1351,6 +1369,7 @@ async fn the_openapi_document_is_valid_and_covers_every_route() {
         "GET /v1/keys/me",
         "GET /v1/verifications",
         "GET /v1/verifications/{id}",
+        "GET /v1/verifications/{id}/report",
         "GET /v1/watermarks",
         "GET /v1/watermarks/{id}",
         "GET /v1/watermarks/{id}/grants",
@@ -1602,6 +1621,29 @@ async fn an_auditor_verifies_real_model_servers_through_the_service() {
             .get(&format!("/v1/verifications/{id}"), &publisher)
             .await;
         assert!(full["verdict"]["trail"][0]["triggered_sha256"].is_string());
+        // The report: each reader's document ties itself to the verdict JSON that reader sees,
+        // and the auditor's shows nothing of the redacted fields.
+        let path = format!("/v1/verifications/{id}/report?format=html");
+        for (key, json) in [(&publisher, &full), (&auditor, &seen)] {
+            let (s, kind, doc) = app.get_text(&path, key).await;
+            assert_eq!(s, StatusCode::OK, "{doc}");
+            assert!(kind.starts_with("text/html"), "{kind}");
+            assert!(doc.contains(&hallmark::report::verdict_sha256(&json["verdict"])));
+            assert!(doc.contains(&format!("/v1/verifications/{id}")));
+        }
+        let (_, _, doc) = app.get_text(&path, &auditor).await;
+        let hidden = full["verdict"]["trail"][0]["triggered_sha256"]
+            .as_str()
+            .unwrap();
+        assert!(!doc.contains(hidden));
+        assert!(!doc.contains("(target "));
+        let (s, _, _) = app
+            .get_text(
+                &format!("/v1/verifications/{id}/report?format=pdf"),
+                &auditor,
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
     }
     app.stop().await;
 }

@@ -464,6 +464,16 @@ fn hallmark_train_then_offline_verify_of_the_local_model() {
                     hallmark::train::gate::OnFlag::Refuse => assert!(refused > 0, "{out}"),
                     _ => assert_eq!(refused, 0, "{out}"),
                 }
+                // The verdict as a document: the decision, the plots (differences, rank,
+                // withheld answers) and the sha256 of the verdict it reports.
+                let html = p(&format!("{model}-{on_flag:?}.html"));
+                let o = hm(&["report", &report, "--format", "html", "--out", &html]);
+                assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+                let doc = std::fs::read_to_string(&html).unwrap();
+                assert!(doc.contains("class=\"decision used\""), "{out}");
+                assert!(doc.contains(&hallmark::report::verdict_sha256(&v)));
+                assert_eq!(doc.matches("<svg").count(), 3, "{out}");
+                assert!(doc.contains(&format!("{} triggered", w["triggered"])));
             }
         }
     }
