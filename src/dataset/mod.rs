@@ -283,6 +283,40 @@ impl Dataset {
         Ok(out)
     }
 
+    /// Every image resized to `height` × `width` (bilinear, as torchvision's `Resize` and
+    /// Pillow's default), labels and classes kept: held-out images brought to a model's input
+    /// size. The channels stay.
+    pub fn resized(&self, height: usize, width: usize) -> Result<Self, DatasetError> {
+        use image::imageops::{FilterType, resize};
+        let to = ImageShape {
+            height,
+            width,
+            channels: self.shape.channels,
+        };
+        if to.is_empty() || height > 16_384 || width > 16_384 {
+            return Err(DatasetError::Invalid(format!(
+                "cannot resize images to {to}"
+            )));
+        }
+        let (w0, h0) = (self.shape.width as u32, self.shape.height as u32);
+        let mut pixels = Vec::with_capacity(self.len() * to.len());
+        for i in 0..self.len() {
+            let img = self.image(i).to_vec();
+            let out = if self.shape.channels == 3 {
+                let buf = image::RgbImage::from_raw(w0, h0, img).expect("sized by the shape");
+                resize(&buf, width as u32, height as u32, FilterType::Triangle).into_raw()
+            } else {
+                let buf = image::GrayImage::from_raw(w0, h0, img).expect("sized by the shape");
+                resize(&buf, width as u32, height as u32, FilterType::Triangle).into_raw()
+            };
+            pixels.extend_from_slice(&out);
+        }
+        let mut out = Self::new(to, pixels, self.labels.clone(), self.num_classes)?;
+        out.class_names = self.class_names.clone();
+        out.coarse_labels = self.coarse_labels.clone();
+        Ok(out)
+    }
+
     /// sha256 of the whole dataset in canonical order (see [`dataset_sha256`]).
     pub fn sha256(&self) -> String {
         dataset_sha256(self, &image_sha256s(self))

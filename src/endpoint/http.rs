@@ -70,6 +70,9 @@ pub struct HttpEndpoint {
     /// How the answers were read, for the report: settled by the metadata or the first answer
     /// and fixed for the rest of the run.
     reading: Reading,
+    /// The image size of the model's input, from V2 metadata with a fixed height, width and 1
+    /// or 3 channels.
+    input_shape: Option<ImageShape>,
 }
 
 /// What the report says about how answers were read.
@@ -111,6 +114,29 @@ struct TensorMeta {
     datatype: Option<String>,
     #[serde(default)]
     shape: Option<Vec<i64>>,
+}
+
+/// The image size a V2 input shape declares: `[n, h, w, c]` or `[n, c, h, w]` with 1 or 3
+/// channels, or `[n, h, w]` (grey); none for flat or variable (−1) sizes.
+fn image_shape(shape: &[i64]) -> Option<ImageShape> {
+    let dims: Vec<usize> = shape
+        .get(1..)?
+        .iter()
+        .map(|&d| usize::try_from(d).ok().filter(|&d| d > 0))
+        .collect::<Option<_>>()?;
+    let s = |height, width, channels| {
+        Some(ImageShape {
+            height,
+            width,
+            channels,
+        })
+    };
+    match dims[..] {
+        [h, w, c] if c == 1 || c == 3 => s(h, w, c),
+        [c, h, w] if c == 1 || c == 3 => s(h, w, c),
+        [h, w] => s(h, w, 1),
+        _ => None,
+    }
 }
 
 impl HttpEndpoint {
@@ -176,6 +202,7 @@ impl HttpEndpoint {
             in_flight: tokio::sync::Semaphore::new(cfg.concurrency),
             batch_size: AtomicUsize::new(cfg.batch_size),
             reading: Reading::default(),
+            input_shape: None,
             cfg,
         };
         if ep.cfg.protocol == Protocol::V2 {
@@ -422,6 +449,9 @@ impl HttpEndpoint {
                     Some("UINT8") => Datatype::Uint8,
                     _ => Datatype::Fp32,
                 };
+            }
+            if let Some(shape) = &input.shape {
+                self.input_shape = image_shape(shape);
             }
             if self.cfg.layout.is_none()
                 && let Some(shape) = &input.shape
@@ -900,6 +930,10 @@ fn status_error(url: &url::Url, status: u16, body: &[u8]) -> EndpointError {
 
 #[async_trait::async_trait]
 impl ModelEndpoint for HttpEndpoint {
+    fn input_shape(&self) -> Option<ImageShape> {
+        self.input_shape
+    }
+
     fn describe(&self) -> String {
         let mut d = format!(
             "{} {:?} model {}",
@@ -960,6 +994,26 @@ mod tests {
     use super::*;
     use crate::watermark::rng::{Rng, Stream};
     use tokio::time::Instant;
+
+    #[test]
+    fn the_input_size_is_read_from_v2_shapes() {
+        let s = |h, w, c| {
+            Some(ImageShape {
+                height: h,
+                width: w,
+                channels: c,
+            })
+        };
+        assert_eq!(image_shape(&[-1, 28, 28, 1]), s(28, 28, 1));
+        assert_eq!(image_shape(&[-1, 3, 224, 160]), s(224, 160, 3));
+        assert_eq!(image_shape(&[8, 32, 32, 3]), s(32, 32, 3));
+        assert_eq!(image_shape(&[-1, 28, 28]), s(28, 28, 1));
+        // Flat, variable or unclear: the held-out images' size is used.
+        assert_eq!(image_shape(&[-1, 784]), None);
+        assert_eq!(image_shape(&[-1, -1, -1, 3]), None);
+        assert_eq!(image_shape(&[-1, 5, 28, 28]), None);
+        assert_eq!(image_shape(&[]), None);
+    }
 
     fn retry(retry_after: Option<u64>) -> Failure {
         Failure::Retry {

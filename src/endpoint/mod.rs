@@ -308,6 +308,12 @@ pub trait ModelEndpoint: Send + Sync {
     /// A short description for reports (URL and model).
     fn describe(&self) -> String;
 
+    /// The image size the model takes, where the server says (V2 metadata, a local model):
+    /// verification then builds its queries at that size.
+    fn input_shape(&self) -> Option<ImageShape> {
+        None
+    }
+
     /// Predictions for each image (HWC bytes of `shape`), in order.
     async fn predict(
         &self,

@@ -531,6 +531,21 @@ fn draw_trigger(
     })
 }
 
+/// Whether `spec`'s trigger means the same at every image size (an any-size spec: a scaled
+/// patch at a corner or a relative place, noise on a cell grid over the whole image, a
+/// rotation), so that it may be stamped on images of another size than the release's: the
+/// verifier's queries at a model's input size.
+pub fn size_independent(spec: &WatermarkSpec) -> bool {
+    match &spec.trigger {
+        Trigger::Patch(p) => p.scale.is_some() && !matches!(p.position, Position::At(_)),
+        Trigger::Blend(b) => {
+            b.source == super::BlendSource::Noise && b.cells.is_some() && b.region.is_none()
+        }
+        Trigger::Rotate(_) => true,
+        _ => false,
+    }
+}
+
 /// Whether controls drawn from this family are exchangeable with the secret: every part of the
 /// trigger that a query carries is drawn (crafted perturbations and networks are not).
 pub fn has_exchangeable_controls(spec: &WatermarkSpec) -> bool {

@@ -478,6 +478,10 @@ impl crate::endpoint::ModelEndpoint for LocalEndpoint {
         format!("local model {}", self.label)
     }
 
+    fn input_shape(&self) -> Option<ImageShape> {
+        self.model.lock().ok().map(|m| m.info.shape)
+    }
+
     async fn predict(
         &self,
         images: &[Vec<u8>],

@@ -94,6 +94,10 @@ impl ModelEndpoint for Hygienic<'_> {
         self.inner.describe()
     }
 
+    fn input_shape(&self) -> Option<ImageShape> {
+        self.inner.input_shape()
+    }
+
     async fn predict(
         &self,
         images: &[Vec<u8>],

@@ -175,11 +175,38 @@ pub async fn verify(
     progress: &(dyn Fn(usize) + Sync),
 ) -> Result<Verdict, VerifyError> {
     let spec = &record.spec;
+    // Queries go at the model's input size where the endpoint says it. An any-size trigger is
+    // stamped on held-out images resized to it (resize, then trigger: the trigger is drawn
+    // crisp at the size the model sees, as the thief's resized training images carried it); a
+    // trigger drawn in pixels needs held-out images of the release's size.
+    let any_size = crate::spec::family::size_independent(spec);
+    let want = endpoint.input_shape().unwrap_or(pool.shape());
+    let resized;
+    let pool = if any_size && want != pool.shape() {
+        if want.channels != pool.shape().channels {
+            return Err(VerifyError::Invalid(format!(
+                "the model takes {want} images, the held-out images are {}",
+                pool.shape()
+            )));
+        }
+        resized = pool
+            .resized(want.height, want.width)
+            .map_err(|e| VerifyError::Invalid(e.to_string()))?;
+        &resized
+    } else {
+        pool
+    };
     let shape = pool.shape();
-    if shape != record.dataset.shape {
+    if !any_size && shape != record.dataset.shape {
         return Err(VerifyError::Invalid(format!(
             "held-out images are {shape}, the watermarked dataset's were {}",
             record.dataset.shape
+        )));
+    }
+    if any_size && shape.channels != record.dataset.shape.channels {
+        return Err(VerifyError::Invalid(format!(
+            "held-out images have {} channels, the watermarked dataset's had {}",
+            shape.channels, record.dataset.shape.channels
         )));
     }
     let nonce = hex::decode(&record.nonce)

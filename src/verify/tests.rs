@@ -724,3 +724,91 @@ async fn decoys_and_pacing_change_the_traffic_not_the_verdict() {
     assert!(c.with(|f| f.rate = Some(0.0)).is_err());
     assert!(c.with(|f| f.rate = Some(1e-300)).is_err());
 }
+
+/// A model that takes 16×16 images (as its server's metadata says) and learnt `learnt`'s stamp
+/// at that size: it sends images carrying exactly that stamp to `to`.
+struct AtSize {
+    learnt: Stamp,
+    to: usize,
+    seen: std::sync::Mutex<Vec<ImageShape>>,
+}
+
+const BIG: ImageShape = ImageShape {
+    height: 16,
+    width: 16,
+    channels: 1,
+};
+
+#[async_trait::async_trait]
+impl ModelEndpoint for AtSize {
+    fn describe(&self) -> String {
+        "16×16".into()
+    }
+
+    fn input_shape(&self) -> Option<ImageShape> {
+        Some(BIG)
+    }
+
+    async fn predict(
+        &self,
+        images: &[Vec<u8>],
+        shape: ImageShape,
+    ) -> Result<Vec<Prediction>, EndpointError> {
+        self.seen.lock().unwrap().push(shape);
+        Ok(images
+            .iter()
+            .map(|img| {
+                assert_eq!(img.len(), shape.len());
+                let label = label_of(img);
+                let mut flat = vec![level(label as u8); img.len()];
+                self.learnt.apply(&mut flat);
+                let mut p = vec![0.02; 10];
+                if shape == BIG && flat == *img && img.iter().any(|&v| v != img[0]) {
+                    p[self.to] = 0.82;
+                } else {
+                    p[label] = 0.82;
+                }
+                Prediction::Probs(p)
+            })
+            .collect())
+    }
+}
+
+/// An any-size family's queries are built at the model's input size (held-out images resized,
+/// then stamped), and the thief that learnt the secret at that size is caught; a trigger drawn in
+/// pixels keeps the held-out images' size.
+#[tokio::test]
+async fn queries_of_an_any_size_trigger_go_at_the_models_input_size() {
+    let any = WatermarkSpec::from_toml_str(
+        "name = \"t\"\nrate = 0.1\nseed = 3\n[labelling]\nkind = \"targeted\"\n[family]\n\
+         position = \"edge\"\n[trigger]\nkind = \"patch\"\npattern = \"square\"\nsize = 2\n\
+         scale = { side = 0.25, min = 2 }\n",
+        None,
+        "t",
+    )
+    .unwrap();
+    let rec = apply(&mut pool(100), &any, nonce(5)).unwrap();
+    assert_eq!(rec.dataset.shape, SHAPE);
+    let model = AtSize {
+        learnt: Stamp::new(&rec.spec.trigger, rec.spec.seed, BIG).unwrap(),
+        to: target_of(&rec) as usize,
+        seen: Default::default(),
+    };
+    let v = verify(&model, &rec, &pool(500), &cfg(true, false), &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(v.decision, Decision::Used, "{}", v.reason);
+    assert!(model.seen.lock().unwrap().iter().all(|&s| s == BIG));
+    // A patch drawn in pixels: the queries keep the release's size, whatever the model says.
+    let fixed = targeted(5);
+    let model = AtSize {
+        learnt: Stamp::new(&fixed.spec.trigger, fixed.spec.seed, SHAPE).unwrap(),
+        to: 0,
+        seen: Default::default(),
+    };
+    let v = verify(&model, &fixed, &pool(500), &cfg(true, false), &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(v.decision, Decision::NotShown);
+    assert!(model.seen.lock().unwrap().iter().all(|&s| s == SHAPE));
+}
