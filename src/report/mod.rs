@@ -96,10 +96,18 @@ pub fn headline(v: &Verdict) -> String {
     match v.decision {
         Decision::Used => format!(
             "The model reacts to this release's secret trigger as only a model trained on the \
-             release is expected to, and more than to any of {} other triggers of the same family \
-             drawn at random: this is evidence that it was trained on the watermarked release \
-             (the chance of so strong a result for a model that was not is at most {}).",
-            v.rank.as_ref().map_or(0, |r| r.controls),
+             release is expected to, and more than to {} drawn at random: this is evidence that \
+             it was trained on the watermarked release (the chance of so strong a result for a \
+             model that was not is at most {}).",
+            match &v.rank {
+                Some(r) if r.rank > 1 => format!(
+                    "all but {} of {} other triggers of the same family",
+                    r.rank - 1,
+                    r.controls
+                ),
+                Some(r) => format!("any of {} other triggers of the same family", r.controls),
+                None => "triggers of the same family".to_string(),
+            },
             num(v.p_value())
         ),
         Decision::NotShown => "The verification found no evidence that the model was trained on \

@@ -63,6 +63,11 @@ fn a_used_verdict_reads_as_used_with_every_test_and_plot() {
         "{h}"
     );
     assert!(h.contains("ranks <strong>1 of 100</strong>"));
+    assert!(h.contains("more than to any of 99 other triggers"));
+    // With more controls, a secret ranked second may still decide: the sentence says so.
+    let mut second = v.clone();
+    second["rank"]["rank"] = json!(2);
+    assert!(report(&second).contains("more than to all but 1 of 99 other triggers"));
     // Histogram, rank strip, evidence and withheld answers: four plots, each described.
     assert_eq!(h.matches("<svg").count(), 4);
     assert_eq!(h.matches("</svg>").count(), 4);
