@@ -384,9 +384,14 @@ async fn get_report(
         .get_watermark(&v.watermark_id)
         .await?
         .map(|w| w.created_at);
+    let finished = s
+        .store
+        .get_job(&v.job_id)
+        .await?
+        .and_then(|j| j.finished_at);
     let ctx = crate::report::Context {
         verification_id: Some(v.id.clone()),
-        finished_at: None,
+        finished_at: finished.map(crate::report::utc),
         record_imported_at: imported.map(crate::report::utc),
         json_link: Some(format!("/v1/verifications/{}", v.id)),
     };

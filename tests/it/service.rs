@@ -1630,6 +1630,11 @@ async fn an_auditor_verifies_real_model_servers_through_the_service() {
             assert!(kind.starts_with("text/html"), "{kind}");
             assert!(doc.contains(&hallmark::report::verdict_sha256(&json["verdict"])));
             assert!(doc.contains(&format!("/v1/verifications/{id}")));
+            assert!(doc.contains("<th scope=\"row\">Finished</th>"), "{doc}");
+            assert!(
+                doc.contains("<th scope=\"row\">Record imported</th>"),
+                "{doc}"
+            );
         }
         let (_, _, doc) = app.get_text(&path, &auditor).await;
         let hidden = full["verdict"]["trail"][0]["triggered_sha256"]
