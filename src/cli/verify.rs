@@ -78,6 +78,11 @@ pub struct VerifyArgs {
     /// 8.
     #[arg(long)]
     pub rate: Option<f64>,
+    /// Research setting for an any-size trigger and a model whose input size differs from the
+    /// held-out images': stamp at the held-out size, then resize each query (the default
+    /// resizes the held-out images, then stamps; docs/verification.md). Written in the verdict.
+    #[arg(long)]
+    pub trigger_then_resize: bool,
     /// Where to write the full JSON report.
     #[arg(long)]
     pub report: PathBuf,
@@ -313,6 +318,7 @@ pub(super) fn verify_cmd(a: VerifyArgs) -> Result<u8> {
         rate: a.rate,
     }
     .into_config()
+    .and_then(|c| c.with(|f| f.trigger_then_resize = a.trigger_then_resize))
     .map_err(flag)?;
     let pb = bar(
         (2 * cfg.m + (cfg.first_image_count() + 1) * (cfg.control_count() + 1)) as u64,

@@ -102,6 +102,21 @@ impl std::fmt::Display for ImageShape {
     }
 }
 
+/// One HWC image of `shape` resized to `height` × `width` (bilinear), its channels kept.
+pub fn resize_image(pixels: &[u8], shape: ImageShape, height: usize, width: usize) -> Vec<u8> {
+    use image::imageops::{FilterType, resize};
+    let (w0, h0) = (shape.width as u32, shape.height as u32);
+    let (w, h) = (width as u32, height as u32);
+    let img = pixels.to_vec();
+    if shape.channels == 3 {
+        let buf = image::RgbImage::from_raw(w0, h0, img).expect("sized by the shape");
+        resize(&buf, w, h, FilterType::Triangle).into_raw()
+    } else {
+        let buf = image::GrayImage::from_raw(w0, h0, img).expect("sized by the shape");
+        resize(&buf, w, h, FilterType::Triangle).into_raw()
+    }
+}
+
 /// A labelled image dataset held in memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dataset {
@@ -287,7 +302,6 @@ impl Dataset {
     /// Pillow's default), labels and classes kept: held-out images brought to a model's input
     /// size. The channels stay.
     pub fn resized(&self, height: usize, width: usize) -> Result<Self, DatasetError> {
-        use image::imageops::{FilterType, resize};
         let to = ImageShape {
             height,
             width,
@@ -298,18 +312,9 @@ impl Dataset {
                 "cannot resize images to {to}"
             )));
         }
-        let (w0, h0) = (self.shape.width as u32, self.shape.height as u32);
         let mut pixels = Vec::with_capacity(self.len() * to.len());
         for i in 0..self.len() {
-            let img = self.image(i).to_vec();
-            let out = if self.shape.channels == 3 {
-                let buf = image::RgbImage::from_raw(w0, h0, img).expect("sized by the shape");
-                resize(&buf, width as u32, height as u32, FilterType::Triangle).into_raw()
-            } else {
-                let buf = image::GrayImage::from_raw(w0, h0, img).expect("sized by the shape");
-                resize(&buf, width as u32, height as u32, FilterType::Triangle).into_raw()
-            };
-            pixels.extend_from_slice(&out);
+            pixels.extend_from_slice(&resize_image(self.image(i), self.shape, height, width));
         }
         let mut out = Self::new(to, pixels, self.labels.clone(), self.num_classes)?;
         out.class_names = self.class_names.clone();

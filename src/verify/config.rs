@@ -42,6 +42,11 @@ pub struct VerifyFields {
     /// At most this many images a second (decoys included), in requests of 8.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<f64>,
+    /// Research setting, for an any-size trigger and a model of another input size than the
+    /// held-out images: stamp the trigger at the held-out images' size, then resize every query
+    /// (the default resizes the held-out images, then stamps).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub trigger_then_resize: bool,
 }
 
 impl Default for VerifyFields {
@@ -59,6 +64,7 @@ impl Default for VerifyFields {
             reduction: None,
             decoys: None,
             rate: None,
+            trigger_then_resize: false,
         }
     }
 }
@@ -219,6 +225,7 @@ impl VerifySettings {
             reduction: None,
             decoys: self.decoys,
             rate: self.rate,
+            trigger_then_resize: false,
         })
     }
 }

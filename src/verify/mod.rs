@@ -165,6 +165,41 @@ impl Benign<'_> {
     }
 }
 
+/// An endpoint that resizes every image to `to` before the model sees it.
+struct Resizing<'a> {
+    inner: &'a dyn ModelEndpoint,
+    to: ImageShape,
+}
+
+#[async_trait::async_trait]
+impl ModelEndpoint for Resizing<'_> {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+
+    fn input_shape(&self) -> Option<ImageShape> {
+        self.inner.input_shape()
+    }
+
+    async fn predict(
+        &self,
+        images: &[Vec<u8>],
+        shape: ImageShape,
+    ) -> Result<Vec<Prediction>, EndpointError> {
+        if shape.channels != self.to.channels {
+            return Err(EndpointError::Config(format!(
+                "the model takes {} images, the queries are {shape}",
+                self.to
+            )));
+        }
+        let resized: Vec<Vec<u8>> = images
+            .iter()
+            .map(|img| crate::dataset::resize_image(img, shape, self.to.height, self.to.width))
+            .collect();
+        self.inner.predict(&resized, self.to).await
+    }
+}
+
 /// Verifies `record` against `endpoint` with images from `pool`. `progress` is told the number
 /// of images queried so far.
 pub async fn verify(
@@ -181,8 +216,20 @@ pub async fn verify(
     // trigger drawn in pixels needs held-out images of the release's size.
     let any_size = crate::spec::family::size_independent(spec);
     let want = endpoint.input_shape().unwrap_or(pool.shape());
+    // The research order: stamp at the held-out size, then resize each query on its way out.
+    let resize_last = any_size && want != pool.shape() && cfg.trigger_then_resize;
+    let resizing;
+    let endpoint: &dyn ModelEndpoint = if resize_last {
+        resizing = Resizing {
+            inner: endpoint,
+            to: want,
+        };
+        &resizing
+    } else {
+        endpoint
+    };
     let resized;
-    let pool = if any_size && want != pool.shape() {
+    let pool = if any_size && want != pool.shape() && !resize_last {
         if want.channels != pool.shape().channels {
             return Err(VerifyError::Invalid(format!(
                 "the model takes {want} images, the held-out images are {}",

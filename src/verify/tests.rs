@@ -799,6 +799,18 @@ async fn queries_of_an_any_size_trigger_go_at_the_models_input_size() {
         .unwrap();
     assert_eq!(v.decision, Decision::Used, "{}", v.reason);
     assert!(model.seen.lock().unwrap().iter().all(|&s| s == BIG));
+    // The research order: stamped at 8×8, then resized on the way out; the model still gets
+    // 16×16, but not the trigger it learnt.
+    model.seen.lock().unwrap().clear();
+    let late = cfg(true, false)
+        .with(|f| f.trigger_then_resize = true)
+        .unwrap();
+    let v = verify(&model, &rec, &pool(500), &late, &|_| {})
+        .await
+        .unwrap();
+    assert_ne!(v.decision, Decision::Used);
+    assert!(v.config.trigger_then_resize);
+    assert!(model.seen.lock().unwrap().iter().all(|&s| s == BIG));
     // A patch drawn in pixels: the queries keep the release's size, whatever the model says.
     let fixed = targeted(5);
     let model = AtSize {
