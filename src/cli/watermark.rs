@@ -193,18 +193,13 @@ pub(super) fn watermark_cmd(a: WatermarkArgs) -> Result<()> {
     #[cfg(not(feature = "train"))]
     let marked = watermark::mark(&mut loaded.dataset, &spec, nonce, triggers, None);
     pb.finish_and_clear();
-    let watermark::WatermarkedRelease {
-        mut secret,
-        mut image_hashes,
-    } = marked?;
+    let mut marked = marked?;
     loaded.layout.set_min_jpeg_quality(a.min_jpeg_quality);
-    if loaded
-        .layout
-        .settle_lossy(&mut loaded.dataset, &mut image_hashes)?
-        > 0
-    {
-        secret.set_sha256_after(&dataset::dataset_sha256(&loaded.dataset, &image_hashes));
-    }
+    marked.settle(&mut loaded.layout, &mut loaded.dataset)?;
+    let watermark::WatermarkedRelease {
+        secret,
+        image_hashes,
+    } = marked;
     let commitment = secret.commitment();
     if let Layout::Idx { gzip, .. } = &mut loaded.layout {
         match a.compress {

@@ -72,66 +72,18 @@ pub fn read_limited(
     if files.is_empty() {
         return Err(DatasetError::input(root, "no image in any class folder"));
     }
-    // Pass 1 reads every file and its header; pass 2 decodes each straight into its slot of the
-    // dataset's buffer, so the decoded pixels exist once.
-    let headers: Vec<(Vec<u8>, (u32, u32), bool)> = files
+    let bytes = files
         .par_iter()
-        .map(|path| {
-            let bytes = fs::read(path).map_err(|e| DatasetError::io(path, e))?;
-            let (dims, color) = {
-                let decoder = reader(&bytes, limits)
-                    .and_then(|r| r.into_decoder())
-                    .map_err(|source| DatasetError::Image {
-                        path: path.clone(),
-                        action: "decode",
-                        source,
-                    })?;
-                (decoder.dimensions(), decoder.color_type().has_color())
-            };
-            Ok((bytes, dims, color))
-        })
-        .collect::<Result<_, DatasetError>>()?;
-    let (width, height) = headers[0].1;
-    if let Some(((_, (w, h), _), path)) = headers
-        .iter()
-        .zip(&files)
-        .find(|((_, d, _), _)| *d != (width, height))
-    {
-        return Err(DatasetError::input(
-            path,
-            format!(
-                "image is {w}×{h} but {} is {width}×{height}; every image must have the same size",
-                files[0].display()
-            ),
-        ));
-    }
-    let channels = if headers.iter().any(|(_, _, color)| *color) {
-        3
-    } else {
-        1
-    };
-    let shape = ImageShape {
-        height: height as usize,
-        width: width as usize,
-        channels,
-    };
-    limits
-        .check(headers.len(), shape)
-        .map_err(|m| DatasetError::input(root, m.0))?;
-    let mut pixels = vec![0u8; headers.len() * shape.len()];
-    pixels
-        .par_chunks_mut(shape.len())
-        .zip(headers.into_par_iter())
-        .zip(files.par_iter())
-        .try_for_each(|((out, (bytes, _, _)), path)| {
-            decode_into(&bytes, limits, channels, out).map_err(|source| DatasetError::Image {
-                path: path.clone(),
-                action: "decode",
-                source,
-            })?;
-            tick();
-            Ok::<_, DatasetError>(())
-        })?;
+        .map(|path| fs::read(path).map_err(|e| DatasetError::io(path, e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let refs: Vec<&[u8]> = bytes.iter().map(Vec::as_slice).collect();
+    let (shape, pixels) = decode_same_size(
+        &refs,
+        limits,
+        tick,
+        &|k, message| DatasetError::input(&files[k], message),
+        root,
+    )?;
     let names = classes.iter().map(|(n, _)| n.clone()).collect();
     let dataset = Dataset::new(shape, pixels, labels, classes.len())?.with_class_names(names)?;
     let files = files
@@ -172,7 +124,7 @@ pub(super) fn decode_same_size(
         return Err(at(
             k,
             format!(
-                "the image is {w}×{h} but the first is {width}×{height}; images of mixed sizes are not read yet"
+                "the image is {w}×{h} but the first is {width}×{height}; every image must have the same size (mixed sizes are not read yet)"
             ),
         ));
     }

@@ -307,7 +307,8 @@ impl Dataset {
             width,
             channels: self.shape.channels,
         };
-        if to.is_empty() || height > 16_384 || width > 16_384 {
+        let side = Limits::default().max_side;
+        if to.is_empty() || height > side || width > side {
             return Err(DatasetError::Invalid(format!(
                 "cannot resize images to {to}"
             )));

@@ -361,16 +361,9 @@ impl Runner {
                 .map_err(|e| JobError::new(ErrorCode::InvalidSpec, e.to_string()))?;
             // Poisoned JPEG images are encoded again now, so that the record names what the
             // release decodes to.
-            let settled = loaded
-                .layout
-                .settle_lossy(&mut loaded.dataset, &mut marked.image_hashes)
+            marked
+                .settle(&mut loaded.layout, &mut loaded.dataset)
                 .map_err(|e| JobError::new(ErrorCode::Io, e.to_string()))?;
-            if settled > 0 {
-                marked.secret.set_sha256_after(&dataset::dataset_sha256(
-                    &loaded.dataset,
-                    &marked.image_hashes,
-                ));
-            }
             p.done.store(2, Ordering::Relaxed);
             let commitment = marked.secret.commitment();
             if let Some(parent) = dest.parent() {

@@ -10,6 +10,7 @@ mod svg;
 
 use crate::stats::{Betting, TestResult};
 use crate::verify::{Decision, Verdict};
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::fmt::Write;
 
@@ -245,7 +246,7 @@ figure{margin:1rem 0}figcaption{font-size:.9rem;color:#333}\
 /// The report of a verdict (its JSON as the reader holds it) as one self-contained HTML
 /// document.
 pub fn html(verdict: &serde_json::Value, ctx: &Context) -> Result<String, NotAVerdict> {
-    let v: Verdict = serde_json::from_value(verdict.clone())?;
+    let v = Verdict::deserialize(verdict)?;
     Ok(html_of(&v, &verdict_sha256(verdict), ctx))
 }
 

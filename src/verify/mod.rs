@@ -216,8 +216,9 @@ pub async fn verify(
     // trigger drawn in pixels needs held-out images of the release's size.
     let any_size = crate::spec::family::size_independent(spec);
     let want = endpoint.input_shape().unwrap_or(pool.shape());
+    let resize = any_size && want != pool.shape();
     // The research order: stamp at the held-out size, then resize each query on its way out.
-    let resize_last = any_size && want != pool.shape() && cfg.trigger_then_resize;
+    let resize_last = resize && cfg.trigger_then_resize;
     let resizing;
     let endpoint: &dyn ModelEndpoint = if resize_last {
         resizing = Resizing {
@@ -229,7 +230,7 @@ pub async fn verify(
         endpoint
     };
     let resized;
-    let pool = if any_size && want != pool.shape() && !resize_last {
+    let pool = if resize && !resize_last {
         if want.channels != pool.shape().channels {
             return Err(VerifyError::Invalid(format!(
                 "the model takes {want} images, the held-out images are {}",

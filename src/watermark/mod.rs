@@ -176,6 +176,23 @@ pub struct WatermarkedRelease {
     pub image_hashes: Vec<[u8; 32]>,
 }
 
+impl WatermarkedRelease {
+    /// Settles the changed images that `layout` will store lossily
+    /// ([`crate::dataset::Layout::settle_lossy`]) and, where any changed, names the dataset they
+    /// decode to in every record; before the commitment is taken.
+    pub fn settle(
+        &mut self,
+        layout: &mut crate::dataset::Layout,
+        dataset: &mut Dataset,
+    ) -> Result<(), DatasetError> {
+        if layout.settle_lossy(dataset, &mut self.image_hashes)? > 0 {
+            self.secret
+                .set_sha256_after(&dataset_sha256(dataset, &self.image_hashes));
+        }
+        Ok(())
+    }
+}
+
 /// The nonce of trigger `index` of a set, derived from the release's secret nonce, so that a
 /// re-run repeats the release and revealing one trigger's record reveals no other's nonce.
 pub fn trigger_nonce(master: &[u8; 32], index: usize) -> [u8; 32] {
