@@ -84,7 +84,7 @@ impl Store {
         Ok((info, key))
     }
 
-    fn key_from(r: &AnyRow) -> Result<ApiKey, StoreError> {
+    pub(super) fn key_from(r: &AnyRow) -> Result<ApiKey, StoreError> {
         Ok(ApiKey {
             id: r.try_get("id")?,
             name: r.try_get("name")?,
@@ -127,8 +127,9 @@ impl Store {
         rows.iter().map(Self::key_from).collect()
     }
 
-    /// Revokes a key; false when no live key has that id.
+    /// Revokes a key and ends its console sessions; false when no live key has that id.
     pub async fn revoke_key(&self, id: &str) -> Result<bool, StoreError> {
+        self.end_sessions_of(id).await?;
         let r =
             sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
                 .bind(now_ms())

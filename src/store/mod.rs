@@ -12,6 +12,7 @@ mod datasets;
 mod jobs;
 mod keys;
 mod seal;
+mod sessions;
 mod verifications;
 mod watermarks;
 
