@@ -176,7 +176,7 @@ fn dir_size(dir: &Path) -> u64 {
 #[utoipa::path(post, path = "/v1/datasets", tag = "datasets", request_body = RegisterDatasetRequest,
     responses((status = 201, body = DatasetInfo), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
-async fn register_dataset(
+pub(super) async fn register_dataset(
     State(s): State<AppState>,
     caller: Caller,
     ApiJson(req): ApiJson<RegisterDatasetRequest>,
@@ -245,7 +245,7 @@ fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
     request_body(content = UploadDatasetForm, content_type = "multipart/form-data"),
     responses((status = 201, body = DatasetInfo), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 413, body = ErrorBody)))]
-async fn upload_dataset(
+pub(super) async fn upload_dataset(
     State(s): State<AppState>,
     caller: Caller,
     form: Result<Multipart, MultipartRejection>,
@@ -352,7 +352,7 @@ async fn upload_dataset(
 /// The caller's datasets (every dataset for an admin).
 #[utoipa::path(get, path = "/v1/datasets", tag = "datasets",
     responses((status = 200, body = Vec<DatasetInfo>), (status = 401, body = ErrorBody)))]
-async fn list_datasets(
+pub(super) async fn list_datasets(
     State(s): State<AppState>,
     caller: Caller,
 ) -> Result<ApiJson<Vec<DatasetInfo>>, ApiError> {

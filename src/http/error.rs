@@ -117,6 +117,10 @@ impl ApiError {
     pub fn code(&self) -> ErrorCode {
         self.code
     }
+    /// What went wrong, as the client is told.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
 }
 
 impl From<StoreError> for ApiError {

@@ -40,7 +40,7 @@ pub struct CreateKeyResponse {
 #[utoipa::path(post, path = "/v1/keys", tag = "keys", request_body = CreateKeyRequest,
     responses((status = 201, body = CreateKeyResponse), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
-async fn create_key(
+pub(super) async fn create_key(
     State(s): State<AppState>,
     caller: Caller,
     ApiJson(req): ApiJson<CreateKeyRequest>,
@@ -57,7 +57,7 @@ async fn create_key(
 /// Lists keys (admin).
 #[utoipa::path(get, path = "/v1/keys", tag = "keys",
     responses((status = 200, body = Vec<ApiKey>), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
-async fn list_keys(
+pub(super) async fn list_keys(
     State(s): State<AppState>,
     caller: Caller,
 ) -> Result<ApiJson<Vec<ApiKey>>, ApiError> {
@@ -69,7 +69,7 @@ async fn list_keys(
 #[utoipa::path(delete, path = "/v1/keys/{id}", tag = "keys", params(("id" = String, Path)),
     responses((status = 204), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn revoke_key(
+pub(super) async fn revoke_key(
     State(s): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<String>,

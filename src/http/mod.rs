@@ -4,6 +4,7 @@
 //! job, map the result.
 
 mod auth;
+mod console;
 mod datasets;
 pub mod error;
 mod jobs;
@@ -258,6 +259,7 @@ pub fn router(state: AppState) -> Router {
             async move { axum::Json(doc.as_ref().clone()) }
         }),
     )
+    .merge(console::router())
     .route_layer(axum::middleware::from_fn_with_state(state.clone(), guard))
     .fallback(no_route)
     .method_not_allowed_fallback(wrong_method)

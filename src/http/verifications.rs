@@ -82,7 +82,7 @@ pub struct CreateVerificationResponse {
     responses((status = 202, body = CreateVerificationResponse), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
-async fn create_verification(
+pub(super) async fn create_verification(
     State(s): State<AppState>,
     caller: Caller,
     ApiJson(req): ApiJson<CreateVerificationRequest>,
@@ -310,7 +310,7 @@ async fn shown(
 /// The caller's verifications (every one for an admin), oldest first.
 #[utoipa::path(get, path = "/v1/verifications", tag = "verifications",
     responses((status = 200, body = Vec<VerificationInfo>), (status = 401, body = ErrorBody)))]
-async fn list_verifications(
+pub(super) async fn list_verifications(
     State(s): State<AppState>,
     caller: Caller,
 ) -> Result<ApiJson<Vec<VerificationInfo>>, ApiError> {
@@ -327,7 +327,7 @@ async fn list_verifications(
 /// One verification with, once done, its verdict and audit trail.
 #[utoipa::path(get, path = "/v1/verifications/{id}", tag = "verifications", params(("id" = String, Path)),
     responses((status = 200, body = VerificationInfo), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
-async fn get_verification(
+pub(super) async fn get_verification(
     State(s): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<String>,
@@ -352,7 +352,7 @@ async fn get_verification(
     responses((status = 200, content_type = "text/html", body = String),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn get_report(
+pub(super) async fn get_report(
     State(s): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<String>,

@@ -185,7 +185,7 @@ async fn own_dataset(s: &AppState, caller: &Caller, id: &str, what: &str) -> Res
 #[utoipa::path(post, path = "/v1/watermarks", tag = "watermarks", request_body = CreateWatermarkRequest,
     responses((status = 202, body = CreateWatermarkResponse), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 422, body = ErrorBody)))]
-async fn create_watermark(
+pub(super) async fn create_watermark(
     State(s): State<AppState>,
     caller: Caller,
     ApiJson(req): ApiJson<CreateWatermarkRequest>,
@@ -274,7 +274,7 @@ async fn create_watermark(
 #[utoipa::path(post, path = "/v1/watermarks/import", tag = "watermarks", request_body = ImportWatermarkRequest,
     responses((status = 201, body = WatermarkView), (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 422, body = ErrorBody)))]
-async fn import_watermark(
+pub(super) async fn import_watermark(
     State(s): State<AppState>,
     caller: Caller,
     ApiJson(req): ApiJson<ImportWatermarkRequest>,
@@ -362,7 +362,7 @@ async fn owned(s: &AppState, caller: &Caller, id: &str) -> Result<WatermarkInfo,
 /// (admin).
 #[utoipa::path(get, path = "/v1/watermarks", tag = "watermarks",
     responses((status = 200, body = Vec<WatermarkView>), (status = 401, body = ErrorBody)))]
-async fn list_watermarks(
+pub(super) async fn list_watermarks(
     State(s): State<AppState>,
     caller: Caller,
 ) -> Result<ApiJson<Vec<WatermarkView>>, ApiError> {
@@ -381,7 +381,7 @@ async fn list_watermarks(
 /// One watermark's public facts and state.
 #[utoipa::path(get, path = "/v1/watermarks/{id}", tag = "watermarks", params(("id" = String, Path)),
     responses((status = 200, body = WatermarkView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
-async fn get_watermark(
+pub(super) async fn get_watermark(
     State(s): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<String>,
@@ -415,7 +415,7 @@ async fn get_secret(
     request_body = GrantRequest,
     responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody)))]
-async fn grant(
+pub(super) async fn grant(
     State(s): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<String>,
@@ -446,7 +446,7 @@ async fn grant(
 /// The auditors granted (owner only).
 #[utoipa::path(get, path = "/v1/watermarks/{id}/grants", tag = "watermarks", params(("id" = String, Path)),
     responses((status = 200, body = Vec<String>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
-async fn list_grants(
+pub(super) async fn list_grants(
     State(s): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<String>,
@@ -459,7 +459,7 @@ async fn list_grants(
 #[utoipa::path(delete, path = "/v1/watermarks/{id}/grants/{auditor_id}", tag = "watermarks",
     params(("id" = String, Path), ("auditor_id" = String, Path)),
     responses((status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
-async fn revoke_grant(
+pub(super) async fn revoke_grant(
     State(s): State<AppState>,
     caller: Caller,
     ApiPath((id, auditor)): ApiPath<(String, String)>,

@@ -122,7 +122,7 @@ pub fn headline(v: &Verdict) -> String {
 }
 
 /// What the verdict proves and what it does not, as bullet points.
-fn meaning(v: &Verdict) -> (Vec<String>, Vec<String>) {
+pub fn meaning(v: &Verdict) -> (Vec<String>, Vec<String>) {
     let alpha = v.config.alpha;
     let tau = v.config.tau;
     let mut proves = Vec::new();
