@@ -3,6 +3,7 @@
 #[cfg(feature = "train")]
 mod attacks;
 mod cli;
+mod console;
 mod endpoint;
 mod examples;
 mod fashion_mnist;
