@@ -6,6 +6,7 @@
 //! same verdict; it prints the sha256 of the verdict's canonical JSON, so a reader can tie the
 //! document to the JSON it summarises.
 
+mod plot;
 mod svg;
 
 use crate::stats::{Betting, TestResult};
