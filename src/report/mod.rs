@@ -6,6 +6,7 @@
 //! same verdict; it prints the sha256 of the verdict's canonical JSON, so a reader can tie the
 //! document to the JSON it summarises.
 
+mod pdf;
 mod plot;
 mod svg;
 
@@ -186,23 +187,6 @@ pub fn meaning(v: &Verdict) -> (Vec<String>, Vec<String>) {
     (proves, not)
 }
 
-fn test_row(out: &mut String, name: &str, t: &TestResult, alpha: f64) {
-    let _ = writeln!(
-        out,
-        "<tr><th scope=\"row\">{}</th><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-        escape(name),
-        t.n,
-        num(t.effect),
-        num(t.ci_low),
-        num(t.p_value),
-        if t.p_value < alpha {
-            "rejects H₀"
-        } else {
-            "does not reject"
-        }
-    );
-}
-
 /// The wealth of the sequential betting test after each pair of the trail, replayed in query
 /// order (the test observes the pairs in that order).
 fn wealth_path(v: &Verdict) -> Vec<f64> {
@@ -248,77 +232,132 @@ figure{margin:1rem 0}figcaption{font-size:.9rem;color:#333}\
 /// document.
 pub fn html(verdict: &serde_json::Value, ctx: &Context) -> Result<String, NotAVerdict> {
     let v = Verdict::deserialize(verdict)?;
-    Ok(html_of(&v, &verdict_sha256(verdict), ctx))
+    Ok(render_html(&document(&v, &verdict_sha256(verdict), ctx)))
 }
 
-fn html_of(v: &Verdict, sha256: &str, ctx: &Context) -> String {
+/// The report of a verdict as a PDF document: the same content as [`html`], laid out on A4
+/// pages by [`pdf`]'s writer (no browser).
+pub fn pdf(verdict: &serde_json::Value, ctx: &Context) -> Result<Vec<u8>, NotAVerdict> {
+    let v = Verdict::deserialize(verdict)?;
+    Ok(pdf::render(&document(&v, &verdict_sha256(verdict), ctx)))
+}
+
+/// A plot of the report.
+pub(crate) enum Plot {
+    Histogram(Vec<f64>, f64),
+    Rank(f64, Vec<f64>),
+    Evidence(Vec<f64>, f64),
+    Bars(Vec<(&'static str, usize)>),
+}
+
+impl Plot {
+    fn draw(&self, c: &mut impl plot::Canvas) {
+        match self {
+            Plot::Histogram(d, tau) => plot::histogram(c, d, *tau),
+            Plot::Rank(secret, controls) => plot::rank_strip(c, *secret, controls),
+            Plot::Evidence(w, t) => plot::evidence(c, w, *t),
+            Plot::Bars(items) => plot::bars(c, items),
+        }
+    }
+
+    fn svg(&self) -> String {
+        match self {
+            Plot::Histogram(d, tau) => svg::histogram(d, *tau),
+            Plot::Rank(secret, controls) => svg::rank_strip(*secret, controls),
+            Plot::Evidence(w, t) => svg::evidence(w, *t),
+            Plot::Bars(items) => svg::bars(items),
+        }
+    }
+}
+
+/// One piece of the report. Text is HTML (escaped; `<strong>`, `<code>`, `<sup>` and links
+/// only), which the PDF writer reduces to plain text.
+pub(crate) enum Block {
+    Heading(String),
+    Para(String),
+    Bullets(Vec<String>),
+    /// Rows of a key and a value.
+    Facts(Vec<(String, String)>),
+    /// A table with a header row; the first cell of each row heads it.
+    Table(Vec<String>, Vec<Vec<String>>),
+    Figure(Plot, String),
+}
+
+/// The report's content, whatever its format.
+pub(crate) struct Document {
+    /// `used`, `not_shown` or `inconclusive`.
+    pub decision: &'static str,
+    /// The decision's title.
+    pub title: &'static str,
+    /// The decision in one sentence (HTML).
+    pub headline: String,
+    pub blocks: Vec<Block>,
+    /// sha256 of the verdict's canonical JSON.
+    pub sha256: String,
+}
+
+fn test_cells(name: &str, t: &TestResult, alpha: f64) -> Vec<String> {
+    vec![
+        escape(name),
+        t.n.to_string(),
+        num(t.effect),
+        num(t.ci_low),
+        num(t.p_value),
+        if t.p_value < alpha {
+            "rejects H₀".into()
+        } else {
+            "does not reject".into()
+        },
+    ]
+}
+
+fn document(v: &Verdict, sha256: &str, ctx: &Context) -> Document {
     let alpha = v.config.alpha;
-    let mut o = String::new();
-    let decision = v.decision.as_str();
+    let mut b = Vec::new();
     let title = match v.decision {
         Decision::Used => "Used: evidence of training on the release",
         Decision::NotShown => "Not shown: no evidence of training on the release",
         Decision::Inconclusive => "Inconclusive",
     };
-    let _ = write!(
-        o,
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
-         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
-         <title>hallmark verification report: {}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n\
-         <main>\n<h1>Verification report</h1>\n",
-        escape(title)
-    );
-    let _ = writeln!(
-        o,
-        "<p class=\"decision {decision}\" role=\"status\"><strong>{}.</strong> {}</p>",
-        escape(title),
-        headline(v)
-    );
     let (proves, not) = meaning(v);
-    o.push_str("<h2>What this shows</h2>\n<ul>\n");
-    for p in proves {
-        let _ = writeln!(o, "<li>{p}</li>");
-    }
-    o.push_str("</ul>\n<h2>What this does not show</h2>\n<ul>\n");
-    for p in not {
-        let _ = writeln!(o, "<li>{p}</li>");
-    }
-    o.push_str("</ul>\n");
-    let _ = writeln!(o, "<p>Why: {}</p>", escape(&v.reason));
+    b.push(Block::Heading("What this shows".into()));
+    b.push(Block::Bullets(proves));
+    b.push(Block::Heading("What this does not show".into()));
+    b.push(Block::Bullets(not));
+    b.push(Block::Para(format!("Why: {}", escape(&v.reason))));
 
     // The release and the model.
-    o.push_str("<h2>The release and the model</h2>\n<table>\n");
-    let mut row = |k: &str, val: String| {
-        let _ = writeln!(o, "<tr><th scope=\"row\">{k}</th><td>{val}</td></tr>");
-    };
-    row(
-        "Commitment of the secret record",
+    let mut facts = vec![(
+        "Commitment of the secret record".to_string(),
         format!("<code>{}</code>", escape(&v.commitment)),
-    );
+    )];
     if let Some(t) = &v.trigger {
-        row(
-            "Trigger spent",
+        facts.push((
+            "Trigger spent".into(),
             format!(
                 "{} of {} (release commitment <code>{}</code>)",
                 t.number,
                 t.of,
                 escape(&t.release_commitment)
             ),
-        );
+        ));
     }
     if let Some(at) = &ctx.record_imported_at {
-        row("Record imported", escape(at));
+        facts.push(("Record imported".into(), escape(at)));
     }
-    row("Model queried", escape(&v.endpoint));
-    row("Protocol", escape(&v.protocol));
+    facts.push(("Model queried".into(), escape(&v.endpoint)));
+    facts.push(("Protocol".into(), escape(&v.protocol)));
     if let Some(id) = &ctx.verification_id {
-        row("Verification", format!("<code>{}</code>", escape(id)));
+        facts.push((
+            "Verification".into(),
+            format!("<code>{}</code>", escape(id)),
+        ));
     }
     if let Some(at) = &ctx.finished_at {
-        row("Finished", escape(at));
+        facts.push(("Finished".into(), escape(at)));
     }
-    row(
-        "Queries",
+    facts.push((
+        "Queries".into(),
         format!(
             "{} images ({} pairs in the margin test){}",
             v.queries,
@@ -329,82 +368,91 @@ fn html_of(v: &Verdict, sha256: &str, ctx: &Context) -> String {
                 String::new()
             }
         ),
-    );
-    o.push_str("</table>\n");
+    ));
+    b.push(Block::Heading("The release and the model".into()));
+    b.push(Block::Facts(facts));
 
     // Settings.
     let c = &v.config;
-    o.push_str("<h2>Settings</h2>\n<table>\n");
-    let mut row = |k: &str, val: String| {
-        let _ = writeln!(o, "<tr><th scope=\"row\">{k}</th><td>{val}</td></tr>");
-    };
-    row(
-        "Significance level (alpha)",
-        format!(
-            "{} — the largest chance of accusing a model not trained on the release",
-            c.alpha
-        ),
-    );
-    row(
-        "Margin (tau)",
-        format!(
-            "{} — a model's answers must change by more than this under the trigger",
-            c.tau
-        ),
-    );
-    row(
-        "Design",
-        if c.sequential {
+    let mut facts = vec![
+        (
+            "Significance level (alpha)".to_string(),
             format!(
-                "sequential, at most {} pairs, in rounds of {}",
-                c.m, c.batch_pairs
-            )
-        } else {
-            format!("fixed, {} pairs", c.m)
-        },
-    );
-    row(
-        "Answers used",
-        if c.label_only {
-            "predicted labels only".into()
-        } else {
-            "class probabilities".into()
-        },
-    );
+                "{} — the largest chance of accusing a model not trained on the release",
+                c.alpha
+            ),
+        ),
+        (
+            "Margin (tau)".into(),
+            format!(
+                "{} — a model's answers must change by more than this under the trigger",
+                c.tau
+            ),
+        ),
+        (
+            "Design".into(),
+            if c.sequential {
+                format!(
+                    "sequential, at most {} pairs, in rounds of {}",
+                    c.m, c.batch_pairs
+                )
+            } else {
+                format!("fixed, {} pairs", c.m)
+            },
+        ),
+        (
+            "Answers used".into(),
+            if c.label_only {
+                "predicted labels only".into()
+            } else {
+                "class probabilities".into()
+            },
+        ),
+    ];
     if let Some(seed) = c.seed {
-        row("Seed", seed.to_string());
+        facts.push(("Seed".into(), seed.to_string()));
     }
-    o.push_str("</table>\n");
+    b.push(Block::Heading("Settings".into()));
+    b.push(Block::Facts(facts));
 
     // Tests.
-    o.push_str(
-        "<h2>Tests</h2>\n<table>\n<tr><th scope=\"col\">test</th><th scope=\"col\">pairs</th>\
-         <th scope=\"col\">effect</th><th scope=\"col\">lower bound</th><th scope=\"col\">p-value</th>\
-         <th scope=\"col\">at alpha</th></tr>\n",
-    );
-    test_row(
-        &mut o,
+    let mut rows = vec![test_cells(
         &format!("{} (decides)", v.primary.test),
         &v.primary,
         alpha,
-    );
+    )];
     for t in &v.secondary {
-        test_row(&mut o, &format!("{} (for information)", t.test), t, alpha);
+        rows.push(test_cells(
+            &format!("{} (for information)", t.test),
+            t,
+            alpha,
+        ));
     }
     if let Some(w) = &v.withheld {
-        test_row(
-            &mut o,
+        rows.push(test_cells(
             "withheld answers, exact McNemar (for information)",
             &w.test,
             alpha,
-        );
+        ));
     }
-    o.push_str("</table>\n");
+    b.push(Block::Heading("Tests".into()));
+    b.push(Block::Table(
+        [
+            "test",
+            "pairs",
+            "effect",
+            "lower bound",
+            "p-value",
+            "at alpha",
+        ]
+        .map(String::from)
+        .to_vec(),
+        rows,
+    ));
     if let Some(r) = &v.rank {
-        let _ = writeln!(
-            o,
-            "<p>Rank test: the secret {} trigger ranks <strong>{} of {}</strong> \
-             (p = {}; {} controls drawn from its family{}).</p>",
+        b.push(Block::Para(format!(
+            "Rank test: the secret {} trigger ranks <strong>{} of {}</strong> \
+             (p = {}; {} controls drawn from its family{}).",
             escape(&r.kind),
             r.rank,
             r.controls + 1,
@@ -415,80 +463,75 @@ fn html_of(v: &Verdict, sha256: &str, ctx: &Context) -> String {
             } else {
                 ", not exchangeable with the secret: the p-value is not proof"
             }
-        );
+        )));
     }
     if let Some(d) = &v.dispersion {
-        let _ = writeln!(
-            o,
-            "<p>Dispersion of an untargeted watermark: {} triggered answers moved, entropy {} nats \
-             (at least {} needed): {}.</p>",
+        b.push(Block::Para(format!(
+            "Dispersion of an untargeted watermark: {} triggered answers moved, entropy {} nats \
+             (at least {} needed): {}.",
             d.moved,
             num(d.entropy),
             num(d.threshold),
             if d.passed { "passed" } else { "not passed" }
-        );
+        )));
     }
 
     // Plots.
-    o.push_str("<h2>Plots</h2>\n");
+    b.push(Block::Heading("Plots".into()));
     let diffs: Vec<f64> = v.trail.iter().map(|p| p.difference).collect();
-    let _ = writeln!(
-        o,
-        "<figure>{}<figcaption>Paired differences of the secret trigger: for each benign image, \
-         how much the trigger moved the model's answer towards the watermark (1: fully, 0: not \
-         at all). The dashed line is the margin tau = {}.</figcaption></figure>",
-        svg::histogram(&diffs, v.config.tau),
-        v.config.tau
-    );
+    b.push(Block::Figure(
+        Plot::Histogram(diffs, c.tau),
+        format!(
+            "Paired differences of the secret trigger: for each benign image, how much the \
+             trigger moved the model's answer towards the watermark (1: fully, 0: not at all). \
+             The dashed line is the margin tau = {}.",
+            c.tau
+        ),
+    ));
     if let Some(r) = &v.rank {
         let controls: Vec<f64> = r.control_scores.iter().map(|s| s.effect).collect();
-        let _ = writeln!(
-            o,
-            "<figure>{}<figcaption>The secret trigger (red) among the {} controls of its family \
-             (grey), by mean effect on the images each was queried on; it ranks {} of {}.\
-             </figcaption></figure>",
-            svg::rank_strip(r.secret.effect, &controls),
-            r.controls,
-            r.rank,
-            r.controls + 1
-        );
+        b.push(Block::Figure(
+            Plot::Rank(r.secret.effect, controls),
+            format!(
+                "The secret trigger (red diamond) among the {} controls of its family (grey), by \
+                 mean effect on the images each was queried on; it ranks {} of {}.",
+                r.controls,
+                r.rank,
+                r.controls + 1
+            ),
+        ));
     }
     if c.sequential && !v.trail.is_empty() {
-        let wealth = wealth_path(v);
-        let _ = writeln!(
-            o,
-            "<figure>{}<figcaption>Evidence over the pairs queried: the sequential test's wealth \
-             (log scale). It decides when the wealth reaches 1/alpha = {} (dashed).\
-             </figcaption></figure>",
-            svg::evidence(&wealth, 1.0 / alpha),
-            num(1.0 / alpha)
-        );
+        b.push(Block::Figure(
+            Plot::Evidence(wealth_path(v), 1.0 / alpha),
+            format!(
+                "Evidence over the pairs queried: the sequential test's wealth (log scale). It \
+                 decides when the wealth reaches 1/alpha = {} (dashed).",
+                num(1.0 / alpha)
+            ),
+        ));
     }
     if let Some(w) = &v.withheld {
-        let _ = writeln!(
-            o,
-            "<figure>{}<figcaption>Answers the model's server withheld (refused or flattened) \
-             among the margin test's pairs: {} benign, {} triggered, {} both; {} refused with an \
-             HTTP error.</figcaption></figure>",
-            svg::bars(&[
+        b.push(Block::Figure(
+            Plot::Bars(vec![
                 ("benign", w.benign),
                 ("triggered", w.triggered),
-                ("both", w.both)
+                ("both", w.both),
             ]),
-            w.benign,
-            w.triggered,
-            w.both,
-            w.refused
-        );
+            format!(
+                "Answers the model's server withheld (refused or flattened) among the margin \
+                 test's pairs: {} benign, {} triggered, {} both; {} refused with an HTTP error.",
+                w.benign, w.triggered, w.both, w.refused
+            ),
+        ));
     }
 
     // Audit trail.
-    o.push_str("<h2>Audit trail</h2>\n");
-    let _ = writeln!(
-        o,
-        "<p>{} pairs, each with the sha256 of the benign and the triggered image and of the \
+    b.push(Block::Heading("Audit trail".into()));
+    b.push(Block::Para(format!(
+        "{} pairs, each with the sha256 of the benign and the triggered image and of the \
          model's answers to each. Digest of the trail (sha256 over one line per pair: index, \
-         label, and the hashes of the benign image and of both answers): <code>{}</code>.{}</p>",
+         label, and the hashes of the benign image and of both answers): <code>{}</code>.{}",
         v.trail.len(),
         trail_digest(v),
         match &ctx.json_link {
@@ -498,31 +541,121 @@ fn html_of(v: &Verdict, sha256: &str, ctx: &Context) -> String {
             ),
             None => String::new(),
         }
-    );
-    o.push_str(
-        "<table>\n<tr><th scope=\"col\">pair</th><th scope=\"col\">image</th>\
-         <th scope=\"col\">label</th><th scope=\"col\">difference</th>\
-         <th scope=\"col\">triggered answer sha256</th></tr>\n",
-    );
-    for (i, p) in v.trail.iter().take(10).enumerate() {
-        let _ = writeln!(
-            o,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
-            i + 1,
-            p.index,
-            p.label,
-            num(p.difference),
-            escape(&p.triggered_response_sha256)
-        );
-    }
-    o.push_str("</table>\n");
+    )));
+    let rows: Vec<Vec<String>> = v
+        .trail
+        .iter()
+        .take(10)
+        .enumerate()
+        .map(|(i, p)| {
+            vec![
+                (i + 1).to_string(),
+                p.index.to_string(),
+                p.label.to_string(),
+                num(p.difference),
+                format!("<code>{}</code>", escape(&p.triggered_response_sha256)),
+            ]
+        })
+        .collect();
+    b.push(Block::Table(
+        [
+            "pair",
+            "image",
+            "label",
+            "difference",
+            "triggered answer sha256",
+        ]
+        .map(String::from)
+        .to_vec(),
+        rows,
+    ));
     if v.trail.len() > 10 {
-        let _ = writeln!(o, "<p>The first 10 of {} pairs.</p>", v.trail.len());
+        b.push(Block::Para(format!(
+            "The first 10 of {} pairs.",
+            v.trail.len()
+        )));
+    }
+    Document {
+        decision: v.decision.as_str(),
+        title,
+        headline: headline(v),
+        blocks: b,
+        sha256: sha256.to_string(),
+    }
+}
+
+fn render_html(d: &Document) -> String {
+    let mut o = String::new();
+    let _ = write!(
+        o,
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
+         <title>hallmark verification report: {}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n\
+         <main>\n<h1>Verification report</h1>\n",
+        escape(d.title)
+    );
+    let _ = writeln!(
+        o,
+        "<p class=\"decision {}\" role=\"status\"><strong>{}.</strong> {}</p>",
+        d.decision,
+        escape(d.title),
+        d.headline
+    );
+    for block in &d.blocks {
+        match block {
+            Block::Heading(h) => {
+                let _ = writeln!(o, "<h2>{}</h2>", escape(h));
+            }
+            Block::Para(p) => {
+                let _ = writeln!(o, "<p>{p}</p>");
+            }
+            Block::Bullets(items) => {
+                o.push_str("<ul>\n");
+                for i in items {
+                    let _ = writeln!(o, "<li>{i}</li>");
+                }
+                o.push_str("</ul>\n");
+            }
+            Block::Facts(rows) => {
+                o.push_str("<table>\n");
+                for (k, val) in rows {
+                    let _ = writeln!(o, "<tr><th scope=\"row\">{k}</th><td>{val}</td></tr>");
+                }
+                o.push_str("</table>\n");
+            }
+            Block::Table(head, rows) => {
+                o.push_str("<table>\n<tr>");
+                for h in head {
+                    let _ = write!(o, "<th scope=\"col\">{}</th>", escape(h));
+                }
+                o.push_str("</tr>\n");
+                for r in rows {
+                    o.push_str("<tr>");
+                    for (i, cell) in r.iter().enumerate() {
+                        if i == 0 {
+                            let _ = write!(o, "<th scope=\"row\">{cell}</th>");
+                        } else {
+                            let _ = write!(o, "<td>{cell}</td>");
+                        }
+                    }
+                    o.push_str("</tr>\n");
+                }
+                o.push_str("</table>\n");
+            }
+            Block::Figure(plot, caption) => {
+                let _ = writeln!(
+                    o,
+                    "<figure>{}<figcaption>{caption}</figcaption></figure>",
+                    plot.svg(),
+                );
+            }
+        }
     }
     let _ = writeln!(
         o,
         "<h2>This document</h2>\n<p>It summarises the verdict whose canonical JSON has sha256 \
-         <code id=\"verdict-sha256\">{sha256}</code>.</p>\n</main>\n</body>\n</html>"
+         <code id=\"verdict-sha256\">{}</code>.</p>\n</main>\n</body>\n</html>",
+        d.sha256
     );
     o
 }

@@ -156,3 +156,50 @@ fn numbers_read_as_a_reader_expects() {
     assert_eq!(num(3.1e-7), "3.1 × 10<sup>-7</sup>");
     assert_eq!(num(f64::NAN), "–");
 }
+
+#[test]
+fn a_verdict_as_pdf_is_a_well_formed_file_with_its_hash_on_every_page() {
+    let diffs: Vec<f64> = (0..24)
+        .map(|i| 0.6 + 0.3 * ((i % 5) as f64 / 4.0))
+        .collect();
+    let v = verdict("used", &diffs, 1, "http://models.example/v2/models/m");
+    let doc = pdf(&v, &Context::default()).unwrap();
+    assert!(doc.starts_with(b"%PDF-1.4\n"));
+    assert!(doc.ends_with(b"%%EOF\n"));
+    let text = String::from_utf8_lossy(&doc).into_owned();
+    // The cross-reference table points at each object's start.
+    let xref: usize = text
+        .rsplit_once("startxref\n")
+        .unwrap()
+        .1
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Everything from the table on is ASCII.
+    let table = std::str::from_utf8(&doc[xref..]).unwrap();
+    assert!(table.starts_with("xref\n0 "));
+    for (i, line) in table
+        .lines()
+        .skip(3)
+        .take_while(|l| l.ends_with(" n "))
+        .enumerate()
+    {
+        let at: usize = line[..10].parse().unwrap();
+        assert!(
+            doc[at..].starts_with(format!("{} 0 obj\n", i + 1).as_bytes()),
+            "object {} is not at {at}",
+            i + 1
+        );
+    }
+    let pages = text.matches("/Type /Page ").count();
+    assert!(pages >= 2, "{pages} pages");
+    let sha = verdict_sha256(&v);
+    assert!(text.matches(&format!("sha256 {sha})")).count() >= pages);
+    assert!(text.contains("(Used: evidence of training on the release.)"));
+    // One verdict, one file.
+    assert_eq!(pdf(&v, &Context::default()).unwrap(), doc);
+    // Four plots' worth of drawing: the rank strip's 99 controls are circles.
+    assert!(text.matches(" c f").count() >= 99);
+}
