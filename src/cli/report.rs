@@ -11,6 +11,8 @@ use std::path::PathBuf;
 pub enum ReportFormat {
     /// One HTML file: inline CSS and SVG plots, no script, nothing fetched.
     Html,
+    /// A PDF (A4, standard fonts, vector plots), written without a browser.
+    Pdf,
 }
 
 /// Arguments of `hallmark report`.
@@ -45,10 +47,11 @@ pub(super) fn report_cmd(a: ReportArgs) -> Result<()> {
         ..crate::report::Context::default()
     };
     let doc = match a.format {
-        ReportFormat::Html => crate::report::html(&verdict_value, &ctx)
-            .with_context(|| format!("cannot report {}", a.verdict.display()))?,
-    };
-    crate::fsutil::write_file_atomic(&a.out, doc.as_bytes(), 0o644, true)
+        ReportFormat::Html => crate::report::html(&verdict_value, &ctx).map(String::into_bytes),
+        ReportFormat::Pdf => crate::report::pdf(&verdict_value, &ctx),
+    }
+    .with_context(|| format!("cannot report {}", a.verdict.display()))?;
+    crate::fsutil::write_file_atomic(&a.out, &doc, 0o644, true)
         .with_context(|| format!("cannot write {}", a.out.display()))?;
     eprintln!(
         "{}: verdict {} (sha256 {})",

@@ -26,7 +26,8 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ReportQuery {
-    /// `html` (the default): one self-contained document, inline CSS and SVG plots, no script.
+    /// `html` (the default): one self-contained document, inline CSS and SVG plots, no script;
+    /// `pdf`: the same content as a PDF (A4, vector plots).
     pub format: Option<String>,
 }
 
@@ -349,7 +350,8 @@ pub(super) async fn get_verification(
 /// in `GET /v1/verifications/{id}`). The same document as `hallmark report`.
 #[utoipa::path(get, path = "/v1/verifications/{id}/report", tag = "verifications",
     params(("id" = String, Path), ReportQuery),
-    responses((status = 200, content_type = "text/html", body = String),
+    responses((status = 200, description = "the report",
+            content((String = "text/html"), (String = "application/pdf"))),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub(super) async fn get_report(
@@ -359,14 +361,15 @@ pub(super) async fn get_report(
     axum::extract::Query(q): axum::extract::Query<ReportQuery>,
 ) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
-    match q.format.as_deref() {
-        None | Some("html") => {}
+    let pdf = match q.format.as_deref() {
+        None | Some("html") => false,
+        Some("pdf") => true,
         Some(other) => {
             return Err(ApiError::invalid(format!(
-                "format: html is the one format, got {other:?}"
+                "format: html or pdf, got {other:?}"
             )));
         }
-    }
+    };
     let v = s
         .store
         .get_verification(&id)
@@ -395,14 +398,30 @@ pub(super) async fn get_report(
         record_imported_at: imported.map(crate::report::utc),
         json_link: Some(format!("/v1/verifications/{}", v.id)),
     };
+    let csp = (
+        axum::http::header::CONTENT_SECURITY_POLICY,
+        "default-src 'none'; style-src 'unsafe-inline'; img-src data:",
+    );
+    if pdf {
+        let doc = crate::report::pdf(verdict, &ctx).map_err(ApiError::internal)?;
+        return Ok((
+            [
+                (axum::http::header::CONTENT_TYPE, "application/pdf"),
+                csp,
+                (
+                    axum::http::header::CONTENT_DISPOSITION,
+                    "inline; filename=\"verification-report.pdf\"",
+                ),
+            ],
+            doc,
+        )
+            .into_response());
+    }
     let doc = crate::report::html(verdict, &ctx).map_err(ApiError::internal)?;
     Ok((
         [
             (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            (
-                axum::http::header::CONTENT_SECURITY_POLICY,
-                "default-src 'none'; style-src 'unsafe-inline'; img-src data:",
-            ),
+            csp,
         ],
         doc,
     )
