@@ -454,6 +454,76 @@ fn publisher_and_auditor_walk_the_console_in_a_real_browser() {
         "{report}"
     );
     b.screenshot("08-publisher-report");
+    // The same report as PDF, from the API: pdftoppm renders its pages, pdftotext finds the
+    // decision and the sha256 of the verdict it summarises.
+    let id = id_in_url(&publisher_verification);
+    let pdf = shots.join("report.pdf");
+    let status = Command::new("curl")
+        .args(["-s", "-f", "-o"])
+        .arg(&pdf)
+        .args(["-H", &format!("Authorization: Bearer {publisher}")])
+        .arg(server.url(&format!("/v1/verifications/{id}/report?format=pdf")))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let verdict = api(
+        "GET",
+        &server.url(&format!("/v1/verifications/{id}")),
+        &publisher,
+    )
+    .1["verdict"]
+        .clone();
+    let text = Command::new("pdftotext")
+        .arg(&pdf)
+        .arg("-")
+        .output()
+        .unwrap();
+    assert!(text.status.success(), "pdftotext cannot read the report");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("Used: evidence of training on the release"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&hallmark::report::verdict_sha256(&verdict)),
+        "{text}"
+    );
+    for old in std::fs::read_dir(&shots).unwrap().flatten() {
+        if old.file_name().to_string_lossy().starts_with("report-pdf") {
+            std::fs::remove_file(old.path()).unwrap();
+        }
+    }
+    let render = Command::new("pdftoppm")
+        .args(["-png", "-r", "60"])
+        .arg(&pdf)
+        .arg(shots.join("report-pdf"))
+        .output()
+        .unwrap();
+    assert!(
+        render.status.success(),
+        "{}",
+        String::from_utf8_lossy(&render.stderr)
+    );
+    let pages: Vec<PathBuf> = std::fs::read_dir(&shots)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("report-pdf")
+        })
+        .collect();
+    assert!(pages.len() >= 2, "{} pages", pages.len());
+    for p in &pages {
+        let png = std::fs::read(p).unwrap();
+        assert!(
+            png.starts_with(b"\x89PNG") && png.len() > 5_000,
+            "{}",
+            p.display()
+        );
+    }
     b.go(&site);
     b.sign_out();
 

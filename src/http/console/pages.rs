@@ -1092,6 +1092,7 @@ pub(super) async fn verification(
                     "<section aria-labelledby=\"verdict\" class=\"verdict\"><h2 id=\"verdict\">Verdict: {}</h2>\
                      <p class=\"headline\">{}</p><h3>What it shows</h3><ul>{}</ul><h3>What it does not show</h3><ul>{}</ul>\
                      <p><a class=\"button\" href=\"/console/verifications/{id}/report\">Open the report</a> \
+                     <a href=\"/console/verifications/{id}/report?format=pdf\">the report as PDF</a> · \
                      <a href=\"/console/verifications/{id}/verdict.json\">the verdict as JSON</a> (every query's hashes)</p></section>",
                     decision_badge(parsed.decision),
                     crate::report::headline(&parsed),
