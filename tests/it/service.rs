@@ -315,6 +315,44 @@ on_both!(
     keys_authenticate_until_revoked
 );
 
+async fn console_sessions_end_by_sign_out_expiry_and_revocation(db: Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store_for(db, dir.path()).await;
+    let (alice, _) = s.create_key("alice", Role::Publisher).await.unwrap();
+    let (bob, _) = s.create_key("bob", Role::Auditor).await.unwrap();
+    let a1 = s.create_session(&alice.id, 60_000).await.unwrap();
+    let a2 = s.create_session(&alice.id, 60_000).await.unwrap();
+    let b1 = s.create_session(&bob.id, 60_000).await.unwrap();
+    let expired = s.create_session(&bob.id, -1).await.unwrap();
+    assert_eq!(a1.len(), 64);
+    assert_ne!(a1, a2);
+    assert_eq!(s.session_key(&a1).await.unwrap().unwrap().id, alice.id);
+    assert_eq!(
+        s.session_key(&b1).await.unwrap().unwrap().role,
+        Role::Auditor
+    );
+    assert!(s.session_key(&expired).await.unwrap().is_none());
+    assert!(s.session_key(&"0".repeat(64)).await.unwrap().is_none());
+    // Signing out ends one session; revoking the key ends all of its sessions.
+    assert!(s.end_session(&a1).await.unwrap());
+    assert!(!s.end_session(&a1).await.unwrap());
+    assert!(s.session_key(&a1).await.unwrap().is_none());
+    assert!(s.session_key(&a2).await.unwrap().is_some());
+    assert!(s.revoke_key(&alice.id).await.unwrap());
+    assert!(s.session_key(&a2).await.unwrap().is_none());
+    assert!(s.session_key(&b1).await.unwrap().is_some());
+    assert_eq!(
+        s.end_sessions_of(&bob.id).await.unwrap(),
+        2,
+        "b1 and the expired one"
+    );
+    assert!(s.session_key(&b1).await.unwrap().is_none());
+}
+on_both!(
+    console_sessions_end_on,
+    console_sessions_end_by_sign_out_expiry_and_revocation
+);
+
 async fn concurrent_claimers_never_share_a_job(db: Db) {
     let dir = tempfile::tempdir().unwrap();
     let s = store_for(db, dir.path()).await;
