@@ -81,8 +81,10 @@ impl Browser {
             "browserName": "chrome",
             "goog:chromeOptions": {
                 "binary": which("chromium").expect("chromium is missing: run scripts/test"),
+                // Scripts off: the console must work without them.
                 "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                         "--disable-dev-shm-usage", "--window-size=1280,1600"]
+                         "--disable-dev-shm-usage", "--window-size=1280,1600",
+                         "--blink-settings=scriptEnabled=false"]
             }
         }}});
         let session = curl("POST", &format!("{root}/session"), Some(&caps));
@@ -208,7 +210,9 @@ impl Browser {
             .and_then(|a| a.iter().find(|c| c["name"] == name).cloned())
     }
 
+    /// Saves a screenshot, and checks that every form control on the page has a label.
     fn screenshot(&self, name: &str) {
+        assert_labelled(&self.source(), name);
         let png = self.call("GET", "/screenshot", None);
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(png.as_str().unwrap_or_default())
@@ -230,6 +234,28 @@ impl Browser {
     fn sign_out(&self) {
         self.click("header form[action='/console/sign-out'] button");
         self.wait_for("Sign in with your API key", 10);
+    }
+}
+
+/// Every input (but hidden ones), select and textarea of `html` has an id that a
+/// `<label for>` names.
+fn assert_labelled(html: &str, page: &str) {
+    for tag in ["<input", "<select", "<textarea"] {
+        for (at, _) in html.match_indices(tag) {
+            let element = &html[at..at + html[at..].find('>').unwrap()];
+            if element.contains("type=\"hidden\"") {
+                continue;
+            }
+            let id = element
+                .split("id=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or_else(|| panic!("{page}: a control without an id: {element}"));
+            assert!(
+                html.contains(&format!("<label for=\"{id}\"")),
+                "{page}: no label for {element}"
+            );
+        }
     }
 }
 
