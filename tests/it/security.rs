@@ -121,8 +121,9 @@ fn fragments(r: &SecretRecord) -> Vec<String> {
 }
 
 /// A watermark of every trigger kind is verified through the service against a real model
-/// server; then every route an auditor or an admin can read is read, and none of the bytes that
-/// each record's secret is made of appears in any answer, nor in the database unsealed.
+/// server; then every route an auditor or an admin can read is read, and every console page,
+/// report and verdict they can open, and none of the bytes that each record's secret is made of
+/// appears in any answer, nor in the database unsealed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_route_shows_an_auditor_or_admin_anything_taken_from_the_secret() {
     let ml = tokio::task::spawn_blocking(crate::mlserver::start)
@@ -205,6 +206,92 @@ async fn no_route_shows_an_auditor_or_admin_anything_taken_from_the_secret() {
             assert_eq!(s, StatusCode::NOT_FOUND);
         }
     }
+    // The console's pages for the same keys: signed in as a browser would, every page, report
+    // (HTML and PDF) and verdict the auditor and the admin can open.
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let mut pages: Vec<(String, String)> = vec![];
+    for key in [&auditor, &app.admin] {
+        let r = browser
+            .post(format!("{}/console/sign-in", app.url))
+            .form(&[("key", key.as_str())])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::SEE_OTHER);
+        let cookie = r
+            .headers()
+            .get(reqwest::header::SET_COOKIE)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string();
+        let mut paths: Vec<String> = [
+            "/",
+            "/console/datasets",
+            "/console/watermarks",
+            "/console/verifications",
+        ]
+        .map(String::from)
+        .to_vec();
+        for (wm, v, _) in &ids {
+            paths.extend([
+                format!("/console/watermarks/{wm}"),
+                format!("/console/verifications/{v}"),
+                format!("/console/verifications/{v}/report"),
+                format!("/console/verifications/{v}/report?format=pdf"),
+                format!("/console/verifications/{v}/verdict.json"),
+            ]);
+        }
+        for path in paths {
+            let r = browser
+                .get(format!("{}{path}", app.url))
+                .header(reqwest::header::COOKIE, &cookie)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::OK, "{path}");
+            let body = r.bytes().await.unwrap();
+            pages.push((path, String::from_utf8_lossy(&body).into_owned()));
+        }
+    }
+    // The search can find what it looks for: the owner's console shows its own verdict whole.
+    let r = browser
+        .post(format!("{}/console/sign-in", app.url))
+        .form(&[("key", publisher.as_str())])
+        .send()
+        .await
+        .unwrap();
+    let owner_cookie = r.headers()[reqwest::header::SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let own = browser
+        .get(format!(
+            "{}/console/verifications/{}/verdict.json",
+            app.url, ids[0].1
+        ))
+        .header(reqwest::header::COOKIE, owner_cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        fragments(&records[0].1)
+            .iter()
+            .any(|f| own.contains(f.as_str())),
+        "the owner's verdict: {own:.300}"
+    );
     // The auditor's verdict still carries what it needs: decisions, statistics and the rank test
     // against the controls, for every kind.
     let (_, list) = app.get("/v1/verifications", &auditor).await;
@@ -239,6 +326,14 @@ async fn no_route_shows_an_auditor_or_admin_anything_taken_from_the_secret() {
                 assert!(
                     !text.contains(f.as_str()),
                     "{kind}: {path} shows {f:?} from the secret record"
+                );
+            }
+        }
+        for (path, text) in &pages {
+            for f in &secret {
+                assert!(
+                    !text.contains(f.as_str()),
+                    "{kind}: the console's {path} shows {f:?} from the secret record"
                 );
             }
         }
