@@ -271,8 +271,9 @@ pub(super) async fn upload_dataset(
             while let Some(mut field) = form.next_field().await.map_err(multipart_error)? {
                 match (field.name().unwrap_or(""), field.file_name()) {
                     ("name", None) => name = Some(field.text().await.map_err(multipart_error)?),
-                    ("format", None) => format = Some(field.text().await.map_err(multipart_error)?),
-                    ("split", None) => split = Some(field.text().await.map_err(multipart_error)?),
+                    // An empty field (an HTML form's "detect" choice) is an absent one.
+                    ("format", None) => format = Some(field.text().await.map_err(multipart_error)?).filter(|f| !f.is_empty()),
+                    ("split", None) => split = Some(field.text().await.map_err(multipart_error)?).filter(|s| !s.is_empty()),
                     (_, Some(file)) => {
                         let rel = upload_name(file)?;
                         if files >= s.cfg.max_upload_files {
