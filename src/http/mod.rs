@@ -259,7 +259,7 @@ pub fn router(state: AppState) -> Router {
             async move { axum::Json(doc.as_ref().clone()) }
         }),
     )
-    .merge(console::router())
+    .merge(console::router(&state.cfg))
     .route_layer(axum::middleware::from_fn_with_state(state.clone(), guard))
     .fallback(no_route)
     .method_not_allowed_fallback(wrong_method)

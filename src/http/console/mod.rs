@@ -14,7 +14,7 @@ use std::collections::HashMap;
 
 use axum::Router;
 use axum::extract::rejection::FormRejection;
-use axum::extract::{FromRequestParts, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::http::request::Parts;
 use axum::http::{Method, StatusCode};
@@ -33,7 +33,7 @@ pub const COOKIE: &str = "hallmark_session";
 const SESSION_MS: i64 = 8 * 3600 * 1000;
 
 /// The console's pages and form targets.
-pub(super) fn router() -> Router<AppState> {
+pub(super) fn router(cfg: &crate::config::ServeConfig) -> Router<AppState> {
     Router::new()
         .route("/", get(pages::home))
         .route("/console/style.css", get(style))
@@ -43,7 +43,10 @@ pub(super) fn router() -> Router<AppState> {
             "/console/datasets",
             get(pages::datasets).post(pages::register_dataset),
         )
-        .route("/console/datasets/upload", post(pages::upload_dataset))
+        .route(
+            "/console/datasets/upload",
+            post(pages::upload_dataset).layer(DefaultBodyLimit::max(cfg.upload_limit)),
+        )
         .route(
             "/console/watermarks",
             get(pages::watermarks).post(pages::create_watermark),
@@ -369,6 +372,54 @@ mod tests {
                 HeaderValue::from_str(&format!("{COOKIE}={junk}")).unwrap(),
             );
             assert_eq!(cookie_token(&h), None, "{junk}");
+        }
+    }
+
+    /// WCAG 2 relative luminance of `#rrggbb`.
+    fn luminance(hex: &str) -> f64 {
+        let c = |i: usize| {
+            let v = u8::from_str_radix(&hex[1 + i..3 + i], 16).unwrap() as f64 / 255.0;
+            if v <= 0.04045 {
+                v / 12.92
+            } else {
+                ((v + 0.055) / 1.055).powf(2.4)
+            }
+        };
+        0.2126 * c(0) + 0.7152 * c(2) + 0.0722 * c(4)
+    }
+
+    #[test]
+    fn the_stylesheet_s_text_colours_meet_wcag_aa_contrast() {
+        let css = include_str!("style.css");
+        let var = |name: &str| -> String {
+            let at = css.find(&format!("--{name}: ")).unwrap() + name.len() + 4;
+            css[at..at + 7].to_string()
+        };
+        let contrast = |a: &str, b: &str| {
+            let (x, y) = (luminance(a), luminance(b));
+            (x.max(y) + 0.05) / (x.min(y) + 0.05)
+        };
+        let header = "#14213d";
+        assert!(css.contains(&format!("background: {header}")));
+        let mut pairs: Vec<(String, String)> = [
+            ("ink", "bg"),
+            ("ink", "panel"),
+            ("muted", "bg"),
+            ("muted", "panel"),
+            ("accent", "bg"),
+            ("ok", "bg"),
+            ("bad", "bg"),
+            ("warn", "bg"),
+        ]
+        .iter()
+        .map(|(f, b)| (var(f), var(b)))
+        .collect();
+        // Buttons and the header: white text.
+        pairs.push(("#ffffff".into(), var("accent")));
+        pairs.push(("#ffffff".into(), header.into()));
+        for (fg, bg) in pairs {
+            let r = contrast(&fg, &bg);
+            assert!(r >= 4.5, "{fg} on {bg}: {r:.2}");
         }
     }
 

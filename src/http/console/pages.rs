@@ -237,6 +237,12 @@ fn checkbox(label: &str, name: &str, checked: bool, hint: &str) -> String {
     )
 }
 
+/// Form controls with ids under `prefix` instead of `f`, for a second form on a page that asks
+/// for the same fields (ids stay unique, so each label names its own control).
+fn scoped(prefix: &str, html: String) -> String {
+    html.replace("\"f-", &format!("\"{prefix}-"))
+}
+
 fn table(caption: &str, head: &[&str], rows: &[String], empty: &str) -> String {
     if rows.is_empty() {
         return format!("<p class=\"empty\">{}</p>", escape(empty));
@@ -382,7 +388,7 @@ pub(super) async fn datasets(State(s): State<AppState>, session: Session) -> Pag
          <form method=\"post\" action=\"/console/datasets\">{}{}{}{}{}<button type=\"submit\">Register</button></form></section>\
          <section aria-labelledby=\"upload\"><h2 id=\"upload\">Upload a dataset</h2>\
          <form method=\"post\" action=\"/console/datasets/upload?csrf={}\" enctype=\"multipart/form-data\">{}{}{}\
-         <div class=\"field\"><label for=\"f-files\">Files</label><input id=\"f-files\" name=\"files\" type=\"file\" multiple required></div>\
+         <div class=\"field\"><label for=\"u-files\">Files</label><input id=\"u-files\" name=\"files\" type=\"file\" multiple required></div>\
          <button type=\"submit\">Upload</button></form></section>",
         table(
             "Your datasets",
@@ -411,9 +417,9 @@ pub(super) async fn datasets(State(s): State<AppState>, session: Session) -> Pag
         select("Format", "format", &formats, ""),
         select("Split", "split", &splits, "Where the folder holds both."),
         session.csrf(),
-        input("Name", "name", "text", true, "", ""),
-        select("Format", "format", &formats, ""),
-        select("Split", "split", &splits, ""),
+        scoped("u", input("Name", "name", "text", true, "", "")),
+        scoped("u", select("Format", "format", &formats, "")),
+        scoped("u", select("Split", "split", &splits, "")),
     );
     Ok(layout(
         &session,
@@ -566,7 +572,9 @@ pub(super) async fn watermarks(State(s): State<AppState>, session: Session) -> P
                 "Only for fixed or low-entropy specs; their verdicts can say at most inconclusive."
             ),
         ));
-        body.push_str(&format!(
+        body.push_str(&scoped(
+            "i",
+            format!(
             "<section aria-labelledby=\"import\"><h2 id=\"import\">Import a secret record</h2>\
              <p>A release watermarked offline with <code>hallmark watermark</code>: its secret \
              record is sealed on the server and never shown again.</p>\
@@ -582,6 +590,7 @@ pub(super) async fn watermarks(State(s): State<AppState>, session: Session) -> P
                 &holdout,
                 "Benign images verifications use by default."
             ),
+        ),
         ));
     }
     Ok(layout(
