@@ -237,9 +237,14 @@ impl Browser {
     }
 }
 
-/// Every input (but hidden ones), select and textarea of `html` has an id that a
-/// `<label for>` names.
+/// Every input (but hidden ones), select and textarea of `html` has an id, no other element has,
+/// that a `<label for>` names.
 fn assert_labelled(html: &str, page: &str) {
+    let mut ids = std::collections::HashSet::new();
+    for (at, _) in html.match_indices(" id=\"") {
+        let id = html[at + 5..].split('"').next().unwrap();
+        assert!(ids.insert(id), "{page}: the id {id:?} is not unique");
+    }
     for tag in ["<input", "<select", "<textarea"] {
         for (at, _) in html.match_indices(tag) {
             let element = &html[at..at + html[at..].find('>').unwrap()];
@@ -376,7 +381,7 @@ fn publisher_and_auditor_walk_the_console_in_a_real_browser() {
         ("Fashion-MNIST train subset", clean.to_str().unwrap(), ""),
         ("Fashion-MNIST test", FASHION, "test"),
     ] {
-        b.type_into("form[action='/console/datasets'] #f-name", name);
+        b.type_into("#f-name", name);
         b.type_into("#f-path", path);
         if !split.is_empty() {
             b.choose("form[action='/console/datasets']", "split", split);
@@ -384,6 +389,23 @@ fn publisher_and_auditor_walk_the_console_in_a_real_browser() {
         b.click("form[action='/console/datasets'] button");
         b.wait_for(name, 60);
     }
+    // An upload from the browser: Fashion-MNIST's test split as two IDX files.
+    b.type_into("#u-name", "Uploaded test split");
+    let files = ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+        .map(|f| format!("{FASHION}/{f}"))
+        .join("\n");
+    let input = b.find("#u-files");
+    b.call(
+        "POST",
+        &format!("/element/{input}/value"),
+        Some(json!({ "text": files })),
+    );
+    b.click("form[action^='/console/datasets/upload'] button");
+    let text = b.wait_for("Uploaded test split", 60);
+    assert!(
+        text.contains("10000"),
+        "the upload holds 10,000 images: {text}"
+    );
     b.screenshot("04-publisher-datasets");
     let datasets = api("GET", &server.url("/v1/datasets"), &publisher).1;
     let dataset_id = |name: &str| {
@@ -404,10 +426,7 @@ fn publisher_and_auditor_walk_the_console_in_a_real_browser() {
 
     b.click("nav a[href='/console/watermarks']");
     b.wait_for("Watermark a release", 10);
-    b.type_into(
-        "form[action='/console/watermarks'] #f-name",
-        "Spring release",
-    );
+    b.type_into("#f-name", "Spring release");
     b.choose(
         "form[action='/console/watermarks']",
         "dataset_id",
@@ -431,17 +450,14 @@ fn publisher_and_auditor_walk_the_console_in_a_real_browser() {
 
     b.click("nav a[href='/console/watermarks']");
     b.wait_for("Import a secret record", 10);
-    b.type_into(
-        "form[action^='/console/watermarks/import'] #f-name",
-        "Offline release",
-    );
+    b.type_into("#i-name", "Offline release");
     b.choose(
         "form[action^='/console/watermarks/import']",
         "holdout_dataset_id",
         &test_id,
     );
     let record = ml.dir.path().join("badnets.secret.json");
-    let file = b.find("#f-record");
+    let file = b.find("#i-record");
     b.call(
         "POST",
         &format!("/element/{file}/value"),
