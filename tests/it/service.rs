@@ -1680,9 +1680,20 @@ async fn an_auditor_verifies_real_model_servers_through_the_service() {
             .unwrap();
         assert!(!doc.contains(hidden));
         assert!(!doc.contains("(target "));
-        let (s, _, _) = app
+        // The same report as PDF, redacted alike; an unknown format is refused.
+        let (s, kind, pdf) = app
             .get_text(
                 &format!("/v1/verifications/{id}/report?format=pdf"),
+                &auditor,
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(kind, "application/pdf");
+        assert!(pdf.starts_with("%PDF-1.4"));
+        assert!(!pdf.contains(hidden));
+        let (s, _, _) = app
+            .get_text(
+                &format!("/v1/verifications/{id}/report?format=docx"),
                 &auditor,
             )
             .await;
