@@ -314,19 +314,8 @@ fn id_in_url(url: &str) -> String {
 fn publisher_and_auditor_walk_the_console_in_a_real_browser() {
     let ml = crate::mlserver::start();
     let data = tempfile::tempdir().unwrap();
-    let db = format!(
-        "sqlite://{}?mode=rwc",
-        data.path().join("db.sqlite").display()
-    );
-    let server = Server::start_with(
-        data.path(),
-        &db,
-        &[ml.dir.path(), Path::new(FASHION)],
-        "server.log",
-        &["--allow-private-endpoints"],
-    );
+    let (server, admin_key) = Server::beside(&ml, data.path());
     let site = server.url("/");
-    let admin_key = std::fs::read_to_string(data.path().join("admin.key")).unwrap();
     let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/console-screenshots");
     let b = Browser::start(&shots);
 

@@ -2,7 +2,7 @@
 //! walk-through each drive the publisher and auditor flows against the real `hallmark serve`
 //! and a real MLServer; and every file and link the documentation names exists.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use crate::service::FASHION;
@@ -43,19 +43,8 @@ const NONCE7: &str = "0707070707070707070707070707070707070707070707070707070707
 fn every_example_client_walks_both_flows_to_a_verdict() {
     let ml = crate::mlserver::start();
     let data = tempfile::tempdir().unwrap();
-    let db = format!(
-        "sqlite://{}?mode=rwc",
-        data.path().join("db.sqlite").display()
-    );
-    let server = Server::start_with(
-        data.path(),
-        &db,
-        &[ml.dir.path(), Path::new(FASHION)],
-        "server.log",
-        &["--allow-private-endpoints"],
-    );
-    let admin = std::fs::read_to_string(data.path().join("admin.key")).unwrap();
-    let admin = admin.trim();
+    let (server, admin) = Server::beside(&ml, data.path());
+    let admin = admin.as_str();
     let url = server.url("");
     let endpoint = format!("http://127.0.0.1:{}", ml.port);
     let dataset = ml.dir.path().join("clean");

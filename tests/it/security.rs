@@ -120,6 +120,24 @@ fn fragments(r: &SecretRecord) -> Vec<String> {
     out
 }
 
+/// Signs `key` in to the console at `url` as a browser would: the session cookie to send back.
+async fn console_cookie(browser: &reqwest::Client, url: &str, key: &str) -> String {
+    let r = browser
+        .post(format!("{url}/console/sign-in"))
+        .form(&[("key", key)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    r.headers()[reqwest::header::SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
 /// A watermark of every trigger kind is verified through the service against a real model
 /// server; then every route an auditor or an admin can read is read, and every console page,
 /// report and verdict they can open, and none of the bytes that each record's secret is made of
@@ -214,23 +232,7 @@ async fn no_route_shows_an_auditor_or_admin_anything_taken_from_the_secret() {
         .unwrap();
     let mut pages: Vec<(String, String)> = vec![];
     for key in [&auditor, &app.admin] {
-        let r = browser
-            .post(format!("{}/console/sign-in", app.url))
-            .form(&[("key", key.as_str())])
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::SEE_OTHER);
-        let cookie = r
-            .headers()
-            .get(reqwest::header::SET_COOKIE)
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .split(';')
-            .next()
-            .unwrap()
-            .to_string();
+        let cookie = console_cookie(&browser, &app.url, key).await;
         let mut paths: Vec<String> = [
             "/",
             "/console/datasets",
@@ -261,19 +263,7 @@ async fn no_route_shows_an_auditor_or_admin_anything_taken_from_the_secret() {
         }
     }
     // The search can find what it looks for: the owner's console shows its own verdict whole.
-    let r = browser
-        .post(format!("{}/console/sign-in", app.url))
-        .form(&[("key", publisher.as_str())])
-        .send()
-        .await
-        .unwrap();
-    let owner_cookie = r.headers()[reqwest::header::SET_COOKIE]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
+    let owner_cookie = console_cookie(&browser, &app.url, &publisher).await;
     let own = browser
         .get(format!(
             "{}/console/verifications/{}/verdict.json",

@@ -79,6 +79,21 @@ impl Server {
         Server { child, port, log }
     }
 
+    /// A server on SQLite in `data`, allowed to query loopback model servers, with the MLServer
+    /// `ml`'s folder and Fashion-MNIST as dataset roots; and its bootstrap admin key.
+    pub fn beside(ml: &crate::mlserver::Server, data: &Path) -> (Server, String) {
+        let db = format!("sqlite://{}?mode=rwc", data.join("db.sqlite").display());
+        let server = Self::start_with(
+            data,
+            &db,
+            &[ml.dir.path(), Path::new(FASHION)],
+            "server.log",
+            &["--allow-private-endpoints"],
+        );
+        let admin = std::fs::read_to_string(data.join("admin.key")).unwrap();
+        (server, admin.trim().to_string())
+    }
+
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -184,9 +199,14 @@ fn a_server_killed_mid_job_resumes_it_after_restart_and_loses_nothing() {
         .unwrap();
         std::fs::create_dir_all(&folder).unwrap();
         let hashes = dataset::image_sha256s(&loaded.dataset);
-        let info =
-            dataset::write_release(&loaded.dataset, &Layout::Folder, &folder, &hashes, &|| {})
-                .unwrap();
+        let info = dataset::write_release(
+            &loaded.dataset,
+            &Layout::Folder(Default::default()),
+            &folder,
+            &hashes,
+            &|| {},
+        )
+        .unwrap();
         dataset::write_release_info(&folder, &info).unwrap();
     }
     let db = format!(
