@@ -270,7 +270,7 @@ fn write_release(
         .with_context(|| format!("cannot create {}", output.display()))?;
     let pb = if matches!(
         layout,
-        Layout::Folder | Layout::Parquet(_) | Layout::WebDataset(_)
+        Layout::Folder(_) | Layout::Parquet(_) | Layout::WebDataset(_)
     ) {
         bar(ds.len() as u64, "writing")
     } else {

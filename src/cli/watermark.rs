@@ -59,7 +59,7 @@ pub struct WatermarkArgs {
     /// Compression of IDX outputs.
     #[arg(long, value_enum, default_value_t = Compress::Auto)]
     pub compress: Compress,
-    /// Parquet and WebDataset releases: a poisoned JPEG image is encoded again as JPEG at its
+    /// Parquet, WebDataset and ImageFolder releases: a poisoned JPEG image is encoded again as JPEG at its
     /// original's quality (read from its quantisation table), but never below this one, where
     /// the shipped triggers were measured to survive (docs/formats.md).
     #[arg(long, default_value_t = dataset::encoding::MIN_JPEG_QUALITY,

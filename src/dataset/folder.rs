@@ -1,14 +1,134 @@
 //! ImageFolder trees: one sub-folder per class (classes sorted by folder name, as torchvision's
-//! `ImageFolder` does), images inside read from PNG, JPEG or BMP and written as PNG (lossless).
+//! `ImageFolder` does), images inside read from PNG, JPEG or BMP. A release of a tree that was
+//! read keeps every unchanged image's file byte for byte and encodes a changed one again in its
+//! original's format (a JPEG as JPEG at its original's quality, [`super::encoding`]); a tree
+//! written from another format is written as PNG (lossless).
 //!
 //! Written files are named by the sha256 of their pixels, so the names say nothing about where a
 //! sample came from (a relabelled, watermarked sample is not given away by an out-of-place name).
 
+use super::encoding::{self, Encoding, MIN_JPEG_QUALITY, Settled};
 use super::{Dataset, DatasetError, ImageShape, Limits};
 use image::{ColorType, ImageDecoder, ImageEncoder};
 use rayon::prelude::*;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// How an ImageFolder release is written: for a tree that was read, every image's original
+/// bytes (and the sha256 of the pixels they decode to), so that unchanged images are copied and
+/// changed ones encoded like their originals.
+#[derive(Debug, Clone)]
+pub struct FolderLayout {
+    /// The lowest quality a changed JPEG image is encoded again at ([`super::encoding`]).
+    pub min_jpeg_quality: u8,
+    source: Option<Arc<Source>>,
+    settled: Settled,
+}
+
+#[derive(Debug)]
+struct Source {
+    bytes: Vec<Vec<u8>>,
+    hashes: Vec<[u8; 32]>,
+}
+
+impl PartialEq for FolderLayout {
+    fn eq(&self, other: &Self) -> bool {
+        self.min_jpeg_quality == other.min_jpeg_quality
+            && match (&self.source, &other.source) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
+    }
+}
+
+impl Eq for FolderLayout {}
+
+impl Default for FolderLayout {
+    /// A tree written from another format: every image as PNG.
+    fn default() -> Self {
+        Self {
+            min_jpeg_quality: MIN_JPEG_QUALITY,
+            source: None,
+            settled: Settled::new(),
+        }
+    }
+}
+
+impl FolderLayout {
+    /// The source of a dataset of `n` images, if it is the tree that was read.
+    fn source(&self, n: usize) -> Option<&Source> {
+        self.source.as_deref().filter(|s| s.bytes.len() == n)
+    }
+
+    /// The file bytes image `i` was read from, for a dataset read from a tree of `n` images.
+    fn original(&self, n: usize, i: usize) -> Option<&[u8]> {
+        self.source(n).map(|s| s.bytes[i].as_slice())
+    }
+
+    /// Encodes again, now, each changed image whose original was a JPEG, so that the record's
+    /// hashes are of what the release decodes to ([`encoding::settle_lossy`]); returns how many.
+    pub fn settle_lossy(
+        &mut self,
+        dataset: &mut Dataset,
+        image_hashes: &mut [[u8; 32]],
+    ) -> Result<usize, DatasetError> {
+        let n = dataset.len();
+        let Some(src) = self.source.clone().filter(|s| s.bytes.len() == n) else {
+            return Ok(0);
+        };
+        let original = |i: usize| Some(src.bytes[i].as_slice());
+        let settled = encoding::settle_lossy(
+            dataset,
+            image_hashes,
+            &src.hashes,
+            &original,
+            self.min_jpeg_quality,
+        )?;
+        let k = settled.len();
+        self.settled = settled;
+        Ok(k)
+    }
+
+    /// The bytes written for image `i` and their file extension: the original file when the
+    /// pixels are unchanged, else the image encoded like its original (PNG when there is none).
+    fn bytes_of(
+        &self,
+        dataset: &Dataset,
+        i: usize,
+        hash: &[u8; 32],
+    ) -> Result<(std::borrow::Cow<'_, [u8]>, &'static str), image::ImageError> {
+        let n = dataset.len();
+        let original = self.original(n, i);
+        if let (Some(bytes), Some(src)) = (original, self.source(n))
+            && src.hashes[i] == *hash
+        {
+            return Ok((bytes.into(), extension(bytes)));
+        }
+        let bytes = encoding::changed_bytes(
+            &self.settled,
+            i,
+            hash,
+            original,
+            dataset.image(i),
+            dataset.shape(),
+            self.min_jpeg_quality,
+        )?;
+        let ext = extension(&bytes);
+        Ok((bytes.into(), ext))
+    }
+}
+
+/// The extension of a file holding `bytes`.
+fn extension(bytes: &[u8]) -> &'static str {
+    match Encoding::of(bytes) {
+        Encoding::Jpeg => "jpg",
+        Encoding::Webp => "webp",
+        Encoding::Other if bytes.starts_with(b"BM") => "bmp",
+        Encoding::Other => "png",
+    }
+}
 
 const EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "bmp"];
 
@@ -19,6 +139,8 @@ pub struct Tree {
     pub dataset: Dataset,
     /// Relative path of each sample's file.
     pub files: Vec<PathBuf>,
+    /// How to write it back with its files' bytes kept.
+    pub layout: FolderLayout,
 }
 
 /// Reads an ImageFolder tree. `tick` is called once per decoded image.
@@ -90,7 +212,18 @@ pub fn read_limited(
         .into_iter()
         .map(|f| f.strip_prefix(root).map(Path::to_path_buf).unwrap_or(f))
         .collect();
-    Ok(Tree { dataset, files })
+    let layout = FolderLayout {
+        source: Some(Arc::new(Source {
+            hashes: super::image_sha256s(&dataset),
+            bytes,
+        })),
+        ..FolderLayout::default()
+    };
+    Ok(Tree {
+        dataset,
+        files,
+        layout,
+    })
 }
 
 /// Decodes encoded images that must share one size into one buffer of pixels, grey unless any
@@ -241,24 +374,46 @@ pub fn class_dirs(dataset: &Dataset) -> Vec<String> {
     }
 }
 
-/// The relative file path each sample gets when written: `class/<pixel sha256 prefix>.png`,
-/// with a numeric suffix for identical images of the same class.
-pub fn output_paths(dataset: &Dataset, image_hashes: &[[u8; 32]]) -> Vec<String> {
+/// A file of a release: its path relative to the root and its bytes.
+type OutputFile<'a> = (String, std::borrow::Cow<'a, [u8]>);
+
+/// The relative file path each sample gets when written, `class/<pixel sha256 prefix>.<ext>`
+/// (a numeric suffix for identical images of the same class), and the bytes to write there.
+fn output_files<'a>(
+    dataset: &Dataset,
+    image_hashes: &[[u8; 32]],
+    layout: &'a FolderLayout,
+    tick: &(dyn Fn() + Sync),
+) -> Result<Vec<OutputFile<'a>>, DatasetError> {
     let dirs = class_dirs(dataset);
-    let mut seen = std::collections::HashMap::new();
-    (0..dataset.len())
+    let encoded = (0..dataset.len())
+        .into_par_iter()
+        .with_min_len(64)
         .map(|i| {
+            let r = layout
+                .bytes_of(dataset, i, &image_hashes[i])
+                .map_err(|e| DatasetError::Invalid(format!("cannot encode image {i}: {e}")));
+            tick();
+            r
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut seen = std::collections::HashMap::new();
+    Ok(encoded
+        .into_iter()
+        .enumerate()
+        .map(|(i, (bytes, ext))| {
             let stem = hex::encode(&image_hashes[i][..10]);
             let dir = &dirs[dataset.label(i) as usize];
             let k = seen.entry((dir.clone(), stem.clone())).or_insert(0usize);
             *k += 1;
-            if *k == 1 {
-                format!("{dir}/{stem}.png")
+            let path = if *k == 1 {
+                format!("{dir}/{stem}.{ext}")
             } else {
-                format!("{dir}/{stem}-{}.png", *k - 1)
-            }
+                format!("{dir}/{stem}-{}.{ext}", *k - 1)
+            };
+            (path, bytes)
         })
-        .collect()
+        .collect())
 }
 
 /// Encodes one image as PNG bytes.
@@ -278,13 +433,15 @@ pub fn encode_png(pixels: &[u8], shape: ImageShape) -> Result<Vec<u8>, image::Im
     Ok(out)
 }
 
-/// Writes every sample as `root/<path>` (paths from [`output_paths`]). `tick` per image.
+/// Writes every sample under `root` (one folder per class, files named by their pixels' hash)
+/// and returns each sample's relative path. `tick` per image.
 pub fn write(
     dataset: &Dataset,
-    paths: &[String],
+    image_hashes: &[[u8; 32]],
+    layout: &FolderLayout,
     root: &Path,
     tick: &(dyn Fn() + Sync),
-) -> Result<(), DatasetError> {
+) -> Result<Vec<String>, DatasetError> {
     for dir in class_dirs(dataset) {
         if dir.is_empty() || dir.contains(['/', '\\']) || dir == "." || dir == ".." {
             return Err(DatasetError::Invalid(format!(
@@ -294,20 +451,10 @@ pub fn write(
         let p = root.join(&dir);
         fs::create_dir_all(&p).map_err(|e| DatasetError::io(&p, e))?;
     }
-    let shape = dataset.shape();
-    (0..dataset.len())
-        .into_par_iter()
-        .with_min_len(64)
-        .try_for_each(|i| {
-            let path = root.join(&paths[i]);
-            let png =
-                encode_png(dataset.image(i), shape).map_err(|source| DatasetError::Image {
-                    path: path.clone(),
-                    action: "encode",
-                    source,
-                })?;
-            fs::write(&path, png).map_err(|e| DatasetError::io(&path, e))?;
-            tick();
-            Ok(())
-        })
+    let files = output_files(dataset, image_hashes, layout, tick)?;
+    files.par_iter().try_for_each(|(rel, bytes)| {
+        let path = root.join(rel);
+        fs::write(&path, bytes).map_err(|e| DatasetError::io(&path, e))
+    })?;
+    Ok(files.into_iter().map(|(p, _)| p).collect())
 }

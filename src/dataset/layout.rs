@@ -121,8 +121,8 @@ pub enum Layout {
         /// Files in order, with record counts.
         files: Vec<(String, usize)>,
     },
-    /// ImageFolder tree of PNG files.
-    Folder,
+    /// ImageFolder tree (PNG files, or the files of the tree that was read).
+    Folder(super::folder::FolderLayout),
     /// Parquet files.
     Parquet(super::parquet::ParquetLayout),
     /// WebDataset shards.
@@ -130,18 +130,19 @@ pub enum Layout {
 }
 
 impl Layout {
-    /// Changed JPEG images of a Parquet or WebDataset release are encoded again at no lower
-    /// quality than `q` (1–100); other formats have no JPEG to keep.
+    /// Changed JPEG images of a Parquet, WebDataset or ImageFolder release are encoded again at
+    /// no lower quality than `q` (1–100); other formats have no JPEG to keep.
     pub fn set_min_jpeg_quality(&mut self, q: u8) {
         match self {
             Self::Parquet(p) => p.min_jpeg_quality = q,
             Self::WebDataset(w) => w.min_jpeg_quality = q,
-            Self::Idx { .. } | Self::Cifar { .. } | Self::Folder => {}
+            Self::Folder(f) => f.min_jpeg_quality = q,
+            Self::Idx { .. } | Self::Cifar { .. } => {}
         }
     }
 
-    /// Settles the changed images that the release will store lossily (JPEG rows and members
-    /// of a Parquet or WebDataset input, [`super::encoding::settle_lossy`]): afterwards
+    /// Settles the changed images that the release will store lossily (JPEG rows, members and
+    /// files of a Parquet, WebDataset or ImageFolder input, [`super::encoding::settle_lossy`]): afterwards
     /// `dataset` and `image_hashes` are what the written release decodes to. Returns how many
     /// images changed so; the caller updates whatever it derived from the hashes.
     pub fn settle_lossy(
@@ -152,7 +153,8 @@ impl Layout {
         match self {
             Self::Parquet(p) => p.settle_lossy(dataset, image_hashes),
             Self::WebDataset(w) => w.settle_lossy(dataset, image_hashes),
-            Self::Idx { .. } | Self::Cifar { .. } | Self::Folder => Ok(0),
+            Self::Folder(f) => f.settle_lossy(dataset, image_hashes),
+            Self::Idx { .. } | Self::Cifar { .. } => Ok(0),
         }
     }
 
@@ -181,7 +183,7 @@ impl Layout {
                     files: vec![(name.into(), dataset.len())],
                 }
             }
-            Format::Folder => Self::Folder,
+            Format::Folder => Self::Folder(Default::default()),
             Format::Parquet => Self::Parquet(super::parquet::ParquetLayout::new_file(
                 "train-00000-of-00001.parquet",
                 dataset.len(),
@@ -209,7 +211,7 @@ impl Layout {
                 variant: Variant::Cifar100,
                 ..
             } => Format::Cifar100,
-            Self::Folder => Format::Folder,
+            Self::Folder(_) => Format::Folder,
             Self::Parquet(_) => Format::Parquet,
             Self::WebDataset(_) => Format::WebDataset,
         }
@@ -290,7 +292,7 @@ pub fn read_limited(
             let tree = folder::read_limited(&root, tick, limits)?;
             Ok(Loaded {
                 dataset: tree.dataset,
-                layout: Layout::Folder,
+                layout: Layout::Folder(tree.layout),
                 files: tree.files,
             })
         }
@@ -787,9 +789,8 @@ pub fn write_release(
             write_manifest(dir, dataset, hashes, &ranged_path(row_ranges(&l.shards)))?;
             files
         }
-        Layout::Folder => {
-            let paths = folder::output_paths(dataset, hashes);
-            folder::write(dataset, &paths, dir, tick)?;
+        Layout::Folder(f) => {
+            let paths = folder::write(dataset, hashes, f, dir, tick)?;
             let path = move |i: usize| paths[i].clone();
             write_manifest(dir, dataset, hashes, &path)?;
             Vec::new()

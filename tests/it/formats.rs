@@ -75,7 +75,7 @@ proptest! {
             Dataset::new(ds.shape(), px, ds.labels().to_vec(), ds.num_classes()).unwrap()
         } else { ds };
         let t = tempfile::tempdir().unwrap();
-        write(&ds, &Layout::Folder, t.path());
+        write(&ds, &Layout::Folder(Default::default()), t.path());
         // A release reads back with its manifest (and release.json) beside the class folders,
         // with the format given or detected.
         fs::write(t.path().join("release.json"), b"{}").unwrap();
@@ -300,4 +300,96 @@ proptest! {
         let _ = cifar::parse(&bytes, cifar::Variant::Cifar100);
         let _ = hallmark::watermark::SecretRecord::from_json(&String::from_utf8_lossy(&bytes));
     }
+}
+
+/// An ImageFolder of JPEGs (two qualities) and PNGs, watermarked through the command line: every
+/// unchanged file is in the release byte for byte, every poisoned JPEG is a JPEG again at its
+/// original's quality, and the record hashes what the release decodes to.
+#[test]
+fn an_image_folder_release_keeps_its_files_and_its_jpegs() {
+    use image::ImageEncoder;
+    use sha2::{Digest, Sha256};
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("data");
+    let mut originals = Vec::new();
+    for i in 0..24u32 {
+        let class = data.join(format!("c{}", i % 3));
+        fs::create_dir_all(&class).unwrap();
+        let pixels: Vec<u8> = (0..40 * 48 * 3)
+            .map(|k| ((k as u32 * 7 + i * 31) % 251) as u8)
+            .collect();
+        let mut bytes = Vec::new();
+        let name = if i % 4 == 3 {
+            image::codecs::png::PngEncoder::new(&mut bytes)
+                .write_image(&pixels, 48, 40, image::ExtendedColorType::Rgb8)
+                .unwrap();
+            format!("{i:02}.png")
+        } else {
+            let q = if i % 2 == 0 { 90 } else { 60 };
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, q)
+                .write_image(&pixels, 48, 40, image::ExtendedColorType::Rgb8)
+                .unwrap();
+            format!("{i:02}.jpg")
+        };
+        fs::write(class.join(&name), &bytes).unwrap();
+        originals.push(bytes);
+    }
+    let (rel, secret) = (t.path().join("rel"), t.path().join("rel.secret.json"));
+    let spec =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("watermark_specs/badnets-square-any-size.toml");
+    let o = crate::cli::hallmark(&[
+        "watermark",
+        "--spec",
+        spec.to_str().unwrap(),
+        "--input",
+        data.to_str().unwrap(),
+        "--output",
+        rel.to_str().unwrap(),
+        "--secret",
+        secret.to_str().unwrap(),
+        "--rate",
+        "0.5",
+        "--nonce",
+        &"07".repeat(32),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let record = hallmark::watermark::Secret::load(&secret).unwrap();
+    let released = read(&rel, None).unwrap().dataset;
+    assert_eq!(record.dataset().sha256_after, released.sha256());
+    // The release's files, by the sha256 of their bytes.
+    let mut files = Vec::new();
+    for class in fs::read_dir(&rel).unwrap().flatten() {
+        if class.path().is_dir() {
+            for f in fs::read_dir(class.path()).unwrap().flatten() {
+                files.push(fs::read(f.path()).unwrap());
+            }
+        }
+    }
+    assert_eq!(files.len(), originals.len());
+    let digest = |b: &[u8]| -> [u8; 32] { Sha256::digest(b).into() };
+    let released_digests: std::collections::HashSet<[u8; 32]> =
+        files.iter().map(|b| digest(b)).collect();
+    let kept = originals
+        .iter()
+        .filter(|b| released_digests.contains(&digest(b)))
+        .count();
+    let poisoned = record.poisoned_count();
+    assert!(poisoned >= 6, "{poisoned} poisoned");
+    assert_eq!(kept, originals.len() - poisoned, "unchanged files copied");
+    // Every changed file keeps its original's encoding: JPEGs at 90 or 60, PNGs as PNG.
+    let original_digests: std::collections::HashSet<[u8; 32]> =
+        originals.iter().map(|b| digest(b)).collect();
+    let changed: Vec<&Vec<u8>> = files
+        .iter()
+        .filter(|b| !original_digests.contains(&digest(b)))
+        .collect();
+    assert_eq!(changed.len(), poisoned);
+    let jpegs = changed
+        .iter()
+        .filter_map(|b| hallmark::dataset::encoding::jpeg_quality(b))
+        .collect::<Vec<_>>();
+    assert!(!jpegs.is_empty());
+    assert!(jpegs.iter().all(|q| *q == 90 || *q == 60), "{jpegs:?}");
+    let pngs = changed.iter().filter(|b| b.starts_with(b"\x89PNG")).count();
+    assert_eq!(jpegs.len() + pngs, poisoned);
 }
