@@ -260,13 +260,31 @@ impl Plot {
         }
     }
 
-    fn svg(&self) -> String {
+    /// What the plot shows, for screen readers.
+    fn label(&self) -> String {
         match self {
-            Plot::Histogram(d, tau) => svg::histogram(d, *tau),
-            Plot::Rank(secret, controls) => svg::rank_strip(*secret, controls),
-            Plot::Evidence(w, t) => svg::evidence(w, *t),
-            Plot::Bars(items) => svg::bars(items),
+            Plot::Histogram(d, tau) => format!(
+                "Histogram of {} paired differences between -1 and 1; margin tau {tau}",
+                d.len()
+            ),
+            Plot::Rank(secret, controls) => format!(
+                "Effect of the secret trigger, {secret:.3}, among {} controls of its family",
+                controls.len()
+            ),
+            Plot::Evidence(w, t) => format!(
+                "Wealth of the sequential test over {} pairs; it decides at {t}",
+                w.len()
+            ),
+            Plot::Bars(items) => items
+                .iter()
+                .map(|(l, c)| format!("{l}: {c}"))
+                .collect::<Vec<_>>()
+                .join(", "),
         }
+    }
+
+    fn svg(&self) -> String {
+        svg::render(&self.label(), |c| self.draw(c))
     }
 }
 

@@ -2,10 +2,11 @@
 //! screen readers.
 
 use super::escape;
-use super::plot::{self, Anchor, Canvas, H, W};
+use super::plot::{Anchor, Canvas, H, W};
 use std::fmt::Write;
 
-struct Svg(String);
+/// A canvas that writes SVG elements.
+pub(super) struct Svg(String);
 
 impl Svg {
     fn open(label: &str) -> Svg {
@@ -105,45 +106,9 @@ impl Canvas for Svg {
     }
 }
 
-/// A histogram of paired differences in [−1, 1], with a dashed line at `tau`.
-pub fn histogram(diffs: &[f64], tau: f64) -> String {
-    let mut s = Svg::open(&format!(
-        "Histogram of {} paired differences between -1 and 1; margin tau {tau}",
-        diffs.len()
-    ));
-    plot::histogram(&mut s, diffs, tau);
-    s.close()
-}
-
-/// The secret's effect among the controls'.
-pub fn rank_strip(secret: f64, controls: &[f64]) -> String {
-    let mut s = Svg::open(&format!(
-        "Effect of the secret trigger, {secret:.3}, among {} controls of its family",
-        controls.len()
-    ));
-    plot::rank_strip(&mut s, secret, controls);
-    s.close()
-}
-
-/// The sequential test's wealth after each pair (log scale).
-pub fn evidence(wealth: &[f64], threshold: f64) -> String {
-    let mut s = Svg::open(&format!(
-        "Wealth of the sequential test over {} pairs; it decides at {threshold}",
-        wealth.len()
-    ));
-    plot::evidence(&mut s, wealth, threshold);
-    s.close()
-}
-
-/// Labelled bars of counts.
-pub fn bars(items: &[(&str, usize)]) -> String {
-    let mut s = Svg::open(
-        &items
-            .iter()
-            .map(|(l, c)| format!("{l}: {c}"))
-            .collect::<Vec<_>>()
-            .join(", "),
-    );
-    plot::bars(&mut s, items);
+/// A plot as one inline SVG element described by `label`: `draw` draws it on the canvas.
+pub(super) fn render(label: &str, draw: impl FnOnce(&mut Svg)) -> String {
+    let mut s = Svg::open(label);
+    draw(&mut s);
     s.close()
 }
