@@ -1,6 +1,6 @@
 //! `hallmark watermark`: stamps a dataset and writes the release and its secret record.
 
-use super::{InputArgs, absolute, check_writable, read_input, spinner, write_release};
+use super::{InputArgs, absolute, bar, check_writable, read_input, spinner, write_release};
 use crate::dataset::{self, Layout};
 use crate::spec::WatermarkSpec;
 use crate::watermark;
@@ -65,6 +65,13 @@ pub struct WatermarkArgs {
     #[arg(long, default_value_t = dataset::encoding::MIN_JPEG_QUALITY,
           value_parser = clap::value_parser!(u8).range(1..=100))]
     pub min_jpeg_quality: u8,
+    /// Stream a Parquet or WebDataset release shard by shard, in parallel, with flat memory
+    /// whatever its size: each sample is chosen by a keyed function of the secret and its key
+    /// (shard and row, or WebDataset key), images may be of any size (the spec must be an
+    /// any-size family), untouched samples are copied without being decoded. The record is
+    /// version 3; docs/formats.md#streamed-releases.
+    #[arg(long)]
+    pub stream: bool,
     /// Replace existing output and secret files.
     #[arg(long)]
     pub force: bool,
@@ -83,11 +90,16 @@ fn parse_nonce(s: &str) -> Result<[u8; 32], crate::Invalid> {
 }
 
 /// Refuses a trigger that is not secret enough unless the publisher says it may be public.
-fn check_secrecy(spec: &WatermarkSpec, ds: &dataset::Dataset, public: bool) -> Result<()> {
+fn check_secrecy(
+    spec: &WatermarkSpec,
+    num_classes: usize,
+    shape: dataset::ImageShape,
+    public: bool,
+) -> Result<()> {
     if public {
         return Ok(());
     }
-    let bits = crate::spec::family::entropy_bits(spec, ds.num_classes(), ds.shape())?;
+    let bits = crate::spec::family::entropy_bits(spec, num_classes, shape)?;
     if spec.family.is_none() {
         bail!(
             "the spec `{}` has no [family] section: its trigger is fixed and public, so a model \
@@ -136,8 +148,12 @@ pub(super) fn watermark_cmd(a: WatermarkArgs) -> Result<()> {
              several triggers need a family to draw them from"
         );
     }
+    if a.stream {
+        return watermark_stream(&a, &spec);
+    }
     let mut loaded = read_input(&a.input)?;
-    check_secrecy(&spec, &loaded.dataset, a.public_trigger)?;
+    let ds = &loaded.dataset;
+    check_secrecy(&spec, ds.num_classes(), ds.shape(), a.public_trigger)?;
     let nonce = a.nonce.unwrap_or_else(watermark::random_nonce);
     if let (2.., Some(crafting)) = (triggers, spec.crafting()) {
         bail!(
@@ -240,6 +256,90 @@ pub(super) fn watermark_cmd(a: WatermarkArgs) -> Result<()> {
             format!(", {noise} noise-mode")
         },
         info.num_classes,
+        a.output.display()
+    );
+    eprintln!(
+        "secret record: {} (keep it secret; publish only the commitment)",
+        a.secret.display()
+    );
+    eprintln!("dataset sha256: {}", info.dataset_sha256);
+    println!("{commitment}");
+    Ok(())
+}
+
+/// `hallmark watermark --stream`: a Parquet or WebDataset release stamped shard by shard.
+fn watermark_stream(a: &WatermarkArgs, spec: &WatermarkSpec) -> Result<()> {
+    if a.triggers > 1 {
+        bail!("--stream stamps one trigger; --triggers {} needs the in-memory release", a.triggers);
+    }
+    #[cfg(feature = "train")]
+    if a.craft_model.is_some() {
+        bail!("--stream stamps sample by sample; crafted poisons (--craft-model) need the whole dataset");
+    }
+    let pb = spinner("reading labels");
+    let tick = || pb.inc(1);
+    let survey = dataset::stream::survey(&a.input.input, a.input.format, a.input.split, &tick);
+    pb.finish_and_clear();
+    let survey = survey?;
+    let shape = dataset::ImageShape {
+        height: 256,
+        width: 256,
+        channels: survey.channels,
+    };
+    check_secrecy(spec, survey.class_counts.len(), shape, a.public_trigger)?;
+    let nonce = a.nonce.unwrap_or_else(watermark::random_nonce);
+    let dir = crate::fsutil::AtomicDir::create(&a.output, a.force)
+        .with_context(|| format!("cannot create {}", a.output.display()))?;
+    let pb = bar(survey.count() as u64, "watermarking");
+    let tick = || pb.inc(1);
+    let limits = dataset::Limits::default();
+    let done = watermark::keyed::mark_stream(
+        &survey,
+        spec,
+        nonce,
+        a.min_jpeg_quality,
+        dir.path(),
+        &limits,
+        &tick,
+    );
+    pb.finish_and_clear();
+    let done = done?;
+    let rec = &done.record;
+    let keyed = rec.keyed.as_ref().expect("a streamed record is keyed");
+    let commitment = rec.commitment();
+    let info = dataset::ReleaseInfo {
+        format: survey.format.as_str().into(),
+        count: rec.dataset.count,
+        shape: rec.dataset.shape,
+        num_classes: rec.dataset.num_classes,
+        dataset_sha256: rec.dataset.sha256_after.clone(),
+        files: done.shards.iter().map(|s| s.file.clone()).collect(),
+        manifest: dataset::MANIFEST.into(),
+        commitment: Some(commitment.clone()),
+        stream: Some(dataset::StreamInfo {
+            min_size: keyed.min_size,
+            max_size: keyed.max_size,
+            hashing: "hallmark-stream-v1".into(),
+        }),
+    };
+    dataset::write_release_info(dir.path(), &info)?;
+    // The secret is written before the release is moved into place.
+    rec.save(&a.secret, a.force)
+        .with_context(|| format!("cannot write the secret record {}", a.secret.display()))?;
+    dir.commit()
+        .with_context(|| format!("cannot move the release into {}", a.output.display()))?;
+    eprintln!(
+        "watermarked {} samples in {} shards ({}): {} poisoned, {} classes, images {}×{} to {}×{}, \
+         release in {}",
+        info.count,
+        done.shards.len(),
+        spec.name,
+        rec.poisoned_count(),
+        info.num_classes,
+        keyed.min_size[0],
+        keyed.min_size[1],
+        keyed.max_size[0],
+        keyed.max_size[1],
         a.output.display()
     );
     eprintln!(

@@ -303,6 +303,28 @@ pub(super) fn decode_into(
     Ok(())
 }
 
+/// Decodes an image file's `bytes` at its own size as `channels` (1: grey, 3: RGB) channels,
+/// within `limits`.
+pub(crate) fn decode_any(
+    bytes: &[u8],
+    limits: &Limits,
+    channels: usize,
+) -> Result<(Vec<u8>, ImageShape), image::ImageError> {
+    let img = reader(bytes, limits)?.decode()?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let pixels = if channels == 3 {
+        img.to_rgb8().into_raw()
+    } else {
+        img.to_luma8().into_raw()
+    };
+    let shape = ImageShape {
+        height: h,
+        width: w,
+        channels,
+    };
+    Ok((pixels, shape))
+}
+
 pub(super) fn reader<'a>(
     bytes: &'a [u8],
     limits: &Limits,

@@ -299,7 +299,7 @@ pub fn read_limited(
     }
 }
 
-fn detect(input: &Path, is_dir: bool) -> Result<Format, DatasetError> {
+pub(super) fn detect(input: &Path, is_dir: bool) -> Result<Format, DatasetError> {
     if is_dir {
         let names = list_names(input)?;
         if names
@@ -805,6 +805,7 @@ pub fn write_release(
         files,
         manifest: MANIFEST.into(),
         commitment: None,
+        stream: None,
     })
 }
 

@@ -51,6 +51,22 @@ pub struct ReleaseInfo {
     /// Public commitment to the watermark's secret record, for a watermarked release.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commitment: Option<String>,
+    /// A streamed release (`hallmark watermark --stream`): its images' sizes, and how it is
+    /// hashed (`shape` then holds the largest size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamInfo>,
+}
+
+/// What `release.json` says of a streamed release ([`super::stream`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamInfo {
+    /// The smallest image (height, width).
+    pub min_size: [usize; 2],
+    /// The largest image (height, width).
+    pub max_size: [usize; 2],
+    /// How `dataset_sha256` and the manifest's hashes are taken: `hallmark-stream-v1`, over
+    /// each image's stored bytes (not its decoded pixels).
+    pub hashing: String,
 }
 
 /// Name of the manifest file in every release.

@@ -13,13 +13,14 @@ pub mod idx;
 mod layout;
 mod manifest;
 pub mod parquet;
+pub mod stream;
 pub mod webdataset;
 
 pub use error::{DatasetError, ParseError};
 pub use hash::{dataset_sha256, image_sha256s};
 pub use layout::{Format, Layout, Loaded, Split, read, read_limited, write_release};
 pub use manifest::{
-    MANIFEST, ManifestEntry, RELEASE_JSON, ReleaseFile, ReleaseInfo, read_manifest,
+    MANIFEST, ManifestEntry, RELEASE_JSON, ReleaseFile, ReleaseInfo, StreamInfo, read_manifest,
     write_release_info,
 };
 

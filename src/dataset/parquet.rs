@@ -335,7 +335,7 @@ pub fn read(
 /// The image column (a struct with a binary `bytes` field, or a binary column; named `image`
 /// or `img` by preference) and the label column (an integer column named `label` or `labels`,
 /// else the integer column of a `ClassLabel` feature in the Hugging Face metadata).
-fn find_columns(schema: &Schema) -> Result<(String, String), String> {
+pub(super) fn find_columns(schema: &Schema) -> Result<(String, String), String> {
     let is_image = |f: &Field| match f.data_type() {
         DataType::Struct(fields) => fields.iter().any(|g| {
             g.name() == "bytes" && matches!(g.data_type(), DataType::Binary | DataType::LargeBinary)
@@ -381,7 +381,7 @@ fn find_columns(schema: &Schema) -> Result<(String, String), String> {
 }
 
 /// The class names of a `ClassLabel` feature in the `huggingface` schema metadata.
-fn class_names(schema: &Schema, label: &str) -> Option<Vec<String>> {
+pub(super) fn class_names(schema: &Schema, label: &str) -> Option<Vec<String>> {
     let meta: serde_json::Value =
         serde_json::from_str(schema.metadata().get("huggingface")?).ok()?;
     let names = meta
@@ -390,7 +390,7 @@ fn class_names(schema: &Schema, label: &str) -> Option<Vec<String>> {
     names.iter().map(|n| n.as_str().map(String::from)).collect()
 }
 
-fn image_bytes(col: &ArrayRef, row: usize) -> Option<&[u8]> {
+pub(super) fn image_bytes(col: &ArrayRef, row: usize) -> Option<&[u8]> {
     match col.data_type() {
         DataType::Struct(_) => {
             let s = col.as_struct();
@@ -414,7 +414,7 @@ fn binary_value(a: &dyn Array, row: usize) -> Option<&[u8]> {
     }
 }
 
-fn label_value(col: &ArrayRef, row: usize) -> Option<i64> {
+pub(super) fn label_value(col: &ArrayRef, row: usize) -> Option<i64> {
     if col.is_null(row) {
         return None;
     }
@@ -432,7 +432,7 @@ fn label_value(col: &ArrayRef, row: usize) -> Option<i64> {
 }
 
 /// `labels` as an array of the integer type `like`.
-fn labels_like(labels: &[u32], like: &DataType) -> Result<ArrayRef, String> {
+pub(super) fn labels_like(labels: &[u32], like: &DataType) -> Result<ArrayRef, String> {
     use arrow_array::PrimitiveArray;
     fn conv<T: arrow_array::ArrowPrimitiveType>(
         labels: &[u32],
@@ -458,7 +458,7 @@ fn labels_like(labels: &[u32], like: &DataType) -> Result<ArrayRef, String> {
 }
 
 /// `bytes` as a binary array of the type `like` (Binary or LargeBinary).
-fn binary_like(bytes: &[Vec<u8>], like: &DataType) -> ArrayRef {
+pub(super) fn binary_like(bytes: &[Vec<u8>], like: &DataType) -> ArrayRef {
     let refs = bytes.iter().map(|b| Some(b.as_slice()));
     match like {
         DataType::LargeBinary => Arc::new(LargeBinaryArray::from_iter(refs)),

@@ -17,7 +17,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-const IMAGE_EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "webp", "bmp"];
+pub(super) const IMAGE_EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "webp", "bmp"];
 /// Samples per shard of a dataset converted from another format.
 const SHARD_SAMPLES: usize = 10_000;
 
@@ -173,7 +173,7 @@ pub fn is_tar(head: &[u8]) -> bool {
 
 /// The sample key and extension of a member path: the key is the path up to the first dot of
 /// its file name, the extension what follows, lower-cased.
-fn split_key(path: &str) -> (String, String) {
+pub(super) fn split_key(path: &str) -> (String, String) {
     let name_start = path.rfind('/').map_or(0, |i| i + 1);
     match path[name_start..].find('.') {
         Some(d) => (
@@ -268,18 +268,7 @@ pub fn read(
             .or_else(|| (0..sample.members.len()).find(|&i| ext(i) == "json"))
             .ok_or_else(|| at("no label member (.cls or .json)".into()))?;
         let m = &sample.members[sample.label];
-        let label = if ext(sample.label) == "cls" {
-            std::str::from_utf8(&m.data)
-                .ok()
-                .and_then(|t| t.trim().parse::<u32>().ok())
-                .ok_or_else(|| at(format!("{} does not hold a class number", m.path)))?
-        } else {
-            serde_json::from_slice::<serde_json::Value>(&m.data)
-                .ok()
-                .and_then(|v| v.get("label")?.as_u64())
-                .and_then(|l| u32::try_from(l).ok())
-                .ok_or_else(|| at(format!("{} has no integer \"label\"", m.path)))?
-        };
+        let label = parse_label(&m.path, &m.data).map_err(at)?;
         labels.push(label);
     }
     let at = |k: usize, m: String| {
@@ -400,26 +389,40 @@ pub fn encode(
         .collect()
 }
 
-/// The label member `m` holding `label`: unchanged bytes where it already does.
-fn relabel(m: &Member, label: u32) -> Result<Vec<u8>, DatasetError> {
-    if split_key(&m.path).1 == "cls" {
-        let same = std::str::from_utf8(&m.data)
+/// The class of a label member (`.cls`: the number as text; `.json`: an integer `label`).
+pub(super) fn parse_label(path: &str, data: &[u8]) -> Result<u32, String> {
+    if split_key(path).1 == "cls" {
+        std::str::from_utf8(data)
             .ok()
             .and_then(|t| t.trim().parse::<u32>().ok())
-            == Some(label);
-        return Ok(if same {
-            m.data.clone()
-        } else {
-            label.to_string().into_bytes()
-        });
+            .ok_or_else(|| format!("{path} does not hold a class number"))
+    } else {
+        serde_json::from_slice::<serde_json::Value>(data)
+            .ok()
+            .and_then(|v| v.get("label")?.as_u64())
+            .and_then(|l| u32::try_from(l).ok())
+            .ok_or_else(|| format!("{path} has no integer \"label\""))
     }
-    let mut v: serde_json::Value = serde_json::from_slice(&m.data)
-        .map_err(|e| DatasetError::Invalid(format!("{}: {e}", m.path)))?;
-    if v.get("label").and_then(|l| l.as_u64()) == Some(label as u64) {
-        return Ok(m.data.clone());
+}
+
+/// The label member `m` holding `label`: unchanged bytes where it already does.
+fn relabel(m: &Member, label: u32) -> Result<Vec<u8>, DatasetError> {
+    relabel_bytes(&m.path, &m.data, label)
+}
+
+/// The bytes of label member `path` (now `data`) holding `label`: unchanged where it already
+/// does.
+pub(super) fn relabel_bytes(path: &str, data: &[u8], label: u32) -> Result<Vec<u8>, DatasetError> {
+    if parse_label(path, data).ok() == Some(label) {
+        return Ok(data.to_vec());
     }
+    if split_key(path).1 == "cls" {
+        return Ok(label.to_string().into_bytes());
+    }
+    let mut v: serde_json::Value =
+        serde_json::from_slice(data).map_err(|e| DatasetError::Invalid(format!("{path}: {e}")))?;
     v["label"] = label.into();
-    serde_json::to_vec(&v).map_err(|e| DatasetError::Invalid(format!("{}: {e}", m.path)))
+    serde_json::to_vec(&v).map_err(|e| DatasetError::Invalid(format!("{path}: {e}")))
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! byte-identical.
 
 mod generator;
+pub mod keyed;
 mod physical;
 mod record;
 mod reflect;
@@ -15,7 +16,7 @@ mod trigger;
 mod warp;
 
 pub use record::{
-    DatasetFacts, MAX_TRIGGERS, PoisonedSample, Secret, SecretRecord, SpentTrigger, TriggerSet,
+    DatasetFacts, KEYED_VERSION, KeyedSelection, PoisonedKey, ShardFacts, MAX_TRIGGERS, PoisonedSample, Secret, SecretRecord, SpentTrigger, TriggerSet,
     set_commitment,
 };
 pub use trigger::{Stamp, blend_byte};
@@ -440,6 +441,7 @@ fn apply_member(
         poisoned,
         noise_indices,
         family: None,
+        keyed: None,
     };
     Ok(Watermarked {
         record,

@@ -7,10 +7,15 @@ use crate::spec::{WatermarkSpec, canonical_json, sha256_hex};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-/// Version of the record format written today. Version 2 added `family` (the trigger's family,
-/// from which the release's secret trigger and the verifier's controls are drawn); version 1
-/// records, whose trigger was written in the spec, are read and verified as before.
+/// Version of the record format written today for a release made in memory. Version 2 added
+/// `family` (the trigger's family, from which the release's secret trigger and the verifier's
+/// controls are drawn); version 1 records, whose trigger was written in the spec, are read and
+/// verified as before.
 pub const VERSION: u32 = 2;
+
+/// Version of the record of a streamed release ([`KeyedSelection`]): its samples are chosen by
+/// key, not by index.
+pub const KEYED_VERSION: u32 = 3;
 
 /// Everything needed to verify a watermark later: keep it secret.
 ///
@@ -37,6 +42,56 @@ pub struct SecretRecord {
     /// from it. Absent for a fixed, public trigger.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub family: Option<WatermarkSpec>,
+    /// A streamed release (version 3): the rule that chose its samples by key and, per shard,
+    /// the samples it poisoned; `poisoned` is then empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyed: Option<KeyedSelection>,
+}
+
+/// How a streamed release chose its samples ([`super::keyed`]) and which it poisoned.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyedSelection {
+    /// The rule ([`super::keyed::RULE`]).
+    pub rule: String,
+    /// An eligible sample's probability of being poisoned.
+    pub threshold: f64,
+    /// The channels the trigger was stamped in.
+    pub channels: usize,
+    /// The smallest image (height, width) of the release.
+    pub min_size: [usize; 2],
+    /// The largest image (height, width) of the release.
+    pub max_size: [usize; 2],
+    /// The release's shards, in name order.
+    pub shards: Vec<ShardFacts>,
+}
+
+/// One shard of a streamed release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardFacts {
+    /// File name.
+    pub name: String,
+    /// Samples in it.
+    pub count: usize,
+    /// sha256 of its samples before stamping (keys, labels and image bytes, in order).
+    pub sha256_before: String,
+    /// The same, as released.
+    pub sha256_after: String,
+    /// Its poisoned samples, in shard order.
+    pub poisoned: Vec<PoisonedKey>,
+}
+
+/// One poisoned sample of a streamed release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoisonedKey {
+    /// The sample's key (a Parquet row's number, a WebDataset sample's key).
+    pub key: String,
+    /// Label before.
+    pub original_label: u32,
+    /// Label in the release.
+    pub new_label: u32,
 }
 
 /// Facts about the watermarked dataset.
@@ -68,6 +123,14 @@ pub struct PoisonedSample {
 }
 
 impl SecretRecord {
+    /// How many samples the release poisoned (by index, or by key in a streamed release).
+    pub fn poisoned_count(&self) -> usize {
+        self.poisoned.len()
+            + self.keyed.as_ref().map_or(0, |k| {
+                k.shards.iter().map(|s| s.poisoned.len()).sum::<usize>()
+            })
+    }
+
     /// The public commitment: sha256 (hex) of the record's canonical JSON.
     pub fn commitment(&self) -> String {
         sha256_hex(&canonical_json(self))
@@ -102,11 +165,24 @@ impl SecretRecord {
         }
         let rec: Self =
             serde_json::from_str(text).map_err(|e| err(format!("not a secret record: {e}")))?;
-        if !(1..=VERSION).contains(&rec.version) {
+        if !(1..=KEYED_VERSION).contains(&rec.version) {
             return Err(err(format!(
-                "record version {} is not supported (expected 1 to {VERSION})",
+                "record version {} is not supported (expected 1 to {KEYED_VERSION})",
                 rec.version
             )));
+        }
+        match (&rec.keyed, rec.version == KEYED_VERSION) {
+            (Some(_), false) => {
+                return Err(err(format!(
+                    "keyed: only version {KEYED_VERSION} records choose samples by key"
+                )));
+            }
+            (None, true) => {
+                return Err(err(format!(
+                    "version {KEYED_VERSION} records need their `keyed` section"
+                )));
+            }
+            _ => {}
         }
         rec.spec.validate().map_err(|e| err(format!("spec.{e}")))?;
         if rec.spec.family.is_some() {
@@ -152,8 +228,67 @@ impl SecretRecord {
         if rec.noise_indices.iter().any(|&i| i >= d.count) {
             return Err(err("noise index out of range".into()));
         }
+        if let Some(k) = &rec.keyed {
+            check_keyed(&rec, k).map_err(err)?;
+        }
         Ok(rec)
     }
+}
+
+/// A streamed release's selection agrees with the record: its rule is known, its shards count
+/// the dataset's samples, and every poisoned key is one the rule chooses for this nonce, with
+/// labels in range.
+fn check_keyed(rec: &SecretRecord, k: &KeyedSelection) -> Result<(), String> {
+    if k.rule != super::keyed::RULE {
+        return Err(format!(
+            "keyed.rule: {:?} is not a known rule ({})",
+            k.rule,
+            super::keyed::RULE
+        ));
+    }
+    if !rec.poisoned.is_empty() || !rec.noise_indices.is_empty() {
+        return Err("a keyed record lists its poisoned samples per shard, not by index".into());
+    }
+    if !(k.threshold > 0.0 && k.threshold <= 1.0) {
+        return Err("keyed.threshold: not a probability".into());
+    }
+    let total: usize = k.shards.iter().map(|s| s.count).sum();
+    if total != rec.dataset.count {
+        return Err(format!(
+            "keyed.shards: {total} samples, the dataset has {}",
+            rec.dataset.count
+        ));
+    }
+    let nonce: [u8; 32] = hex::decode(&rec.nonce)
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .ok_or("nonce: not 32 bytes of hex")?;
+    let classes = rec.dataset.num_classes;
+    for s in &k.shards {
+        if s.poisoned.len() > s.count {
+            return Err(format!("keyed.shards {}: more poisoned than samples", s.name));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for p in &s.poisoned {
+            if !seen.insert(p.key.as_str()) {
+                return Err(format!("keyed.shards {}: key {} twice", s.name, p.key));
+            }
+            if p.original_label as usize >= classes || p.new_label as usize >= classes {
+                return Err(format!(
+                    "keyed.shards {}: sample {}: label out of range",
+                    s.name, p.key
+                ));
+            }
+            let key = format!("{}/{}", s.name, p.key);
+            if !super::keyed::rule_chooses(&nonce, k.threshold, &key) {
+                return Err(format!(
+                    "keyed.shards {}: sample {} is not one the rule chooses for this nonce",
+                    s.name, p.key
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reads `path` and parses it with `parse`, naming the file in every error.
@@ -362,7 +497,7 @@ impl Secret {
 
     /// Every poisoned sample of every trigger.
     pub fn poisoned_count(&self) -> usize {
-        self.records().map(|r| r.poisoned.len()).sum()
+        self.records().map(SecretRecord::poisoned_count).sum()
     }
 
     /// Records `sha256` as the released dataset's hash in every record: a release whose

@@ -13,6 +13,7 @@ mod parquet;
 mod security;
 mod service;
 mod service_process;
+mod stream;
 #[cfg(feature = "train")]
 mod train;
 mod webdataset;

@@ -1,0 +1,813 @@
+//! Parquet and WebDataset releases processed shard by shard, with memory bounded by a batch of
+//! samples per worker whatever the dataset's size, and shards in parallel over the cores.
+//!
+//! A first pass ([`survey`]) reads only the labels (the label column of a Parquet file, the
+//! `.cls`/`.json` members of a shard) and checks every sample's structure; the second
+//! ([`process`]) reads each shard once, asks a callback what becomes of each sample, and writes
+//! the shard again: untouched samples byte for byte (never decoded), changed images and labels
+//! replaced, every other column or member carried through. Images may be of any size.
+//!
+//! A streamed release has no pixel hash of the whole dataset (that would decode every image);
+//! its samples are hashed by their stored bytes: a shard's sha256 is over its samples in order,
+//! each as (key length u64 LE, key, label u32 LE, sha256 of the image's bytes), after the tag
+//! `hallmark-shard-v1`, and the release's over its shards in name order, each as (name length
+//! u64 LE, name, sample count u64 LE, shard sha256), after `hallmark-stream-v1`.
+
+use super::parquet::{
+    binary_like, class_names, find_columns, image_bytes, label_value, labels_like,
+};
+use super::webdataset::{IMAGE_EXTENSIONS, parse_label, relabel_bytes, split_key};
+use super::{DatasetError, Format, Limits, ReleaseFile, Split};
+use crate::watermark::keyed::Outcome;
+use arrow_array::cast::AsArray;
+use arrow_array::{Array, ArrayRef, RecordBatch, StructArray};
+use arrow_schema::DataType;
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+use std::fs;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Samples a worker holds at a time.
+const BATCH: usize = 256;
+
+/// One shard of a streamed dataset.
+#[derive(Debug, Clone)]
+pub struct ShardInfo {
+    /// Its file.
+    pub path: PathBuf,
+    /// Its file name (the release writes the same name).
+    pub name: String,
+    /// Samples in it.
+    pub count: usize,
+}
+
+/// What the label pass found.
+#[derive(Debug, Clone)]
+pub struct Survey {
+    /// Parquet or WebDataset.
+    pub format: Format,
+    /// The shards, in name order.
+    pub shards: Vec<ShardInfo>,
+    /// Samples of each class.
+    pub class_counts: Vec<usize>,
+    /// Class names (a Hugging Face `ClassLabel` feature), where the files have them.
+    pub class_names: Option<Vec<String>>,
+    /// 1 when the first image is grey, else 3.
+    pub channels: usize,
+}
+
+impl Survey {
+    /// Samples in all shards.
+    pub fn count(&self) -> usize {
+        self.shards.iter().map(|s| s.count).sum()
+    }
+}
+
+/// Lists the shards of `input` (a Parquet or WebDataset folder or file) and reads their labels.
+/// `tick` once per sample.
+pub fn survey(
+    input: &Path,
+    format: Option<Format>,
+    split: Option<Split>,
+    tick: &(dyn Fn() + Sync),
+) -> Result<Survey, DatasetError> {
+    let format = match format {
+        Some(f) => f,
+        None => super::layout::detect(input, input.is_dir())?,
+    };
+    let paths = match format {
+        Format::Parquet => super::parquet::files_of(input, split)?,
+        Format::WebDataset => super::webdataset::shards_of(input, split)?,
+        other => {
+            return Err(DatasetError::input(
+                input,
+                format!(
+                    "a streamed release reads Parquet or WebDataset shards, not {}",
+                    other.as_str()
+                ),
+            ));
+        }
+    };
+    let surveyed = paths
+        .par_iter()
+        .map(|p| match format {
+            Format::Parquet => survey_parquet(p, tick),
+            _ => survey_tar(p, tick),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut counts: Vec<usize> = Vec::new();
+    let mut names = None;
+    let mut channels = None;
+    let mut shards = Vec::new();
+    for (p, s) in paths.iter().zip(surveyed) {
+        if s.count == 0 {
+            return Err(DatasetError::input(p, "no samples"));
+        }
+        for (c, n) in s.counts.iter().enumerate() {
+            if counts.len() <= c {
+                counts.resize(c + 1, 0);
+            }
+            counts[c] += n;
+        }
+        if names.is_none() {
+            names = s.names;
+        }
+        channels = channels.or(s.channels);
+        shards.push(ShardInfo {
+            path: p.clone(),
+            name: file_name(p),
+            count: s.count,
+        });
+    }
+    if let Some(n) = &names {
+        if n.len() >= counts.len() {
+            counts.resize(n.len(), 0);
+        } else {
+            names = None;
+        }
+    }
+    Ok(Survey {
+        format,
+        shards,
+        class_counts: counts,
+        class_names: names,
+        channels: channels.unwrap_or(3),
+    })
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+struct Surveyed {
+    count: usize,
+    counts: Vec<usize>,
+    names: Option<Vec<String>>,
+    channels: Option<usize>,
+}
+
+fn count_label(counts: &mut Vec<usize>, label: u32) {
+    let l = label as usize;
+    if counts.len() <= l {
+        counts.resize(l + 1, 0);
+    }
+    counts[l] += 1;
+}
+
+/// The channels a stamp of this image is made in: 1 for a grey image, else 3.
+fn channels_of(bytes: &[u8]) -> Option<usize> {
+    use image::ImageDecoder;
+    let r = super::folder::reader(bytes, &Limits::default()).ok()?;
+    let d = r.into_decoder().ok()?;
+    Some(match d.color_type() {
+        image::ColorType::L8 | image::ColorType::L16 | image::ColorType::La8 => 1,
+        image::ColorType::La16 => 1,
+        _ => 3,
+    })
+}
+
+fn survey_parquet(path: &Path, tick: &(dyn Fn() + Sync)) -> Result<Surveyed, DatasetError> {
+    let open = || -> Result<ParquetRecordBatchReaderBuilder<fs::File>, DatasetError> {
+        let f = fs::File::open(path).map_err(|e| DatasetError::io(path, e))?;
+        ParquetRecordBatchReaderBuilder::try_new(f)
+            .map_err(|e| DatasetError::input(path, format!("not a readable Parquet file: {e}")))
+    };
+    let builder = open()?;
+    let schema = builder.schema().clone();
+    let (image, label) = find_columns(&schema).map_err(|m| DatasetError::input(path, m))?;
+    let names = class_names(&schema, &label);
+    let root = |name: &str| schema.index_of(name).expect("found column");
+    let mask = ProjectionMask::roots(builder.parquet_schema(), [root(&label)]);
+    let reader = builder
+        .with_projection(mask)
+        .with_batch_size(8192)
+        .build()
+        .map_err(|e| DatasetError::input(path, format!("cannot read: {e}")))?;
+    let mut counts = Vec::new();
+    let mut row = 0usize;
+    for b in reader {
+        let b = b.map_err(|e| {
+            DatasetError::input(path, format!("after row {row}, cannot read a row group: {e}"))
+        })?;
+        let col = b.column(0);
+        for r in 0..b.num_rows() {
+            let l = label_value(col, r)
+                .ok_or_else(|| DatasetError::input(path, format!("row {}: no label", row + r)))?;
+            let l = u32::try_from(l).map_err(|_| {
+                DatasetError::input(
+                    path,
+                    format!(
+                        "row {}: label {l} is not a class (unlabelled rows cannot be released)",
+                        row + r
+                    ),
+                )
+            })?;
+            count_label(&mut counts, l);
+            tick();
+        }
+        row += b.num_rows();
+    }
+    // The first image says whether the dataset is grey.
+    let builder = open()?;
+    let mask = ProjectionMask::roots(builder.parquet_schema(), [root(&image)]);
+    let mut first = builder
+        .with_projection(mask)
+        .with_limit(1)
+        .with_batch_size(1)
+        .build()
+        .map_err(|e| DatasetError::input(path, format!("cannot read: {e}")))?;
+    let channels = match first.next() {
+        Some(Ok(b)) if b.num_rows() > 0 => image_bytes(b.column(0), 0).and_then(channels_of),
+        _ => None,
+    };
+    Ok(Surveyed {
+        count: row,
+        counts,
+        names,
+        channels,
+    })
+}
+
+/// The members of one WebDataset sample as they stream by.
+struct Pending {
+    key: String,
+    members: Vec<(tar::Header, String, Vec<u8>)>,
+}
+
+/// Reads a shard's samples one at a time, in order: `each` gets every complete sample (its key
+/// and members). Members are read only where `want` says so (by extension); the others'
+/// bytes are skipped and left empty.
+fn for_each_sample(
+    path: &Path,
+    want: &dyn Fn(&str) -> bool,
+    each: &mut dyn FnMut(Pending) -> Result<(), DatasetError>,
+) -> Result<(), DatasetError> {
+    let f = fs::File::open(path).map_err(|e| DatasetError::io(path, e))?;
+    let mut ar = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, f));
+    let bad = |e: std::io::Error| DatasetError::input(path, format!("not a readable tar shard: {e}"));
+    let mut seen = std::collections::HashSet::new();
+    let mut cur: Option<Pending> = None;
+    for entry in ar.entries().map_err(bad)? {
+        let mut e = entry.map_err(bad)?;
+        if !e.header().entry_type().is_file() {
+            continue;
+        }
+        let member = e.path().map_err(bad)?.to_string_lossy().into_owned();
+        let (key, ext) = split_key(&member);
+        let size = e.header().size().map_err(bad)?;
+        let mut data = Vec::new();
+        if want(&ext) {
+            e.read_to_end(&mut data)
+                .map_err(|err| DatasetError::input(path, format!("member {member}: {err}")))?;
+            if data.len() as u64 != size {
+                return Err(DatasetError::input(path, format!("member {member} is truncated")));
+            }
+        } else {
+            // Skipping reads through the member; a short read means the shard ends inside it.
+            let n = std::io::copy(&mut e, &mut std::io::sink())
+                .map_err(|err| DatasetError::input(path, format!("member {member}: {err}")))?;
+            if n != size {
+                return Err(DatasetError::input(path, format!("member {member} is truncated")));
+            }
+        }
+        let header = e.header().clone();
+        match &mut cur {
+            Some(p) if p.key == key => p.members.push((header, member, data)),
+            _ => {
+                if !seen.insert(key.clone()) {
+                    return Err(DatasetError::input(
+                        path,
+                        format!("the members of sample {key} are not together"),
+                    ));
+                }
+                if let Some(done) = cur.take() {
+                    each(done)?;
+                }
+                cur = Some(Pending {
+                    key,
+                    members: vec![(header, member, data)],
+                });
+            }
+        }
+    }
+    if let Some(done) = cur {
+        each(done)?;
+    }
+    Ok(())
+}
+
+/// Which member of a sample is its image and which its label.
+fn roles(path: &Path, p: &Pending) -> Result<(usize, usize), DatasetError> {
+    let ext = |i: usize| split_key(&p.members[i].1).1;
+    let at = |m: &str| DatasetError::input(path, format!("sample {}: {m}", p.key));
+    let image = (0..p.members.len())
+        .find(|&i| IMAGE_EXTENSIONS.contains(&ext(i).as_str()))
+        .ok_or_else(|| at("no image member (.jpg, .png, .webp, .bmp)"))?;
+    let label = (0..p.members.len())
+        .find(|&i| ext(i) == "cls")
+        .or_else(|| (0..p.members.len()).find(|&i| ext(i) == "json"))
+        .ok_or_else(|| at("no label member (.cls or .json)"))?;
+    Ok((image, label))
+}
+
+fn survey_tar(path: &Path, tick: &(dyn Fn() + Sync)) -> Result<Surveyed, DatasetError> {
+    let mut counts = Vec::new();
+    let mut count = 0usize;
+    let mut channels = None;
+    let first_image = std::cell::Cell::new(true);
+    let want = |ext: &str| {
+        ext == "cls" || ext == "json" || (first_image.get() && IMAGE_EXTENSIONS.contains(&ext))
+    };
+    for_each_sample(path, &want, &mut |p| {
+        let (image, label) = roles(path, &p)?;
+        let (_, name, data) = &p.members[label];
+        let l = parse_label(name, data)
+            .map_err(|m| DatasetError::input(path, format!("sample {}: {m}", p.key)))?;
+        if first_image.get() {
+            channels = channels_of(&p.members[image].2);
+            first_image.set(false);
+        }
+        count_label(&mut counts, l);
+        count += 1;
+        tick();
+        Ok(())
+    })?;
+    Ok(Surveyed {
+        count,
+        counts,
+        names: None,
+        channels,
+    })
+}
+
+/// What becomes of one sample: its key within the release (`shard/key`), label and image bytes.
+pub type Decide<'a> = dyn Fn(&str, u32, &[u8]) -> Result<Outcome, String> + Sync + 'a;
+
+/// One shard as released.
+#[derive(Debug, Clone)]
+pub struct ShardOutput {
+    /// File name.
+    pub name: String,
+    /// Samples.
+    pub count: usize,
+    /// sha256 of its samples as read.
+    pub sha256_before: String,
+    /// sha256 of its samples as released.
+    pub sha256_after: String,
+    /// The changed samples: key within the shard, label before and after.
+    pub poisoned: Vec<(String, u32, u32)>,
+    /// The written file.
+    pub file: ReleaseFile,
+    /// Smallest (height, width) of its images.
+    pub min_size: [usize; 2],
+    /// Largest (height, width).
+    pub max_size: [usize; 2],
+}
+
+/// The sha256 of a release from its shards (the module's definition).
+pub fn release_sha256(shards: &[(String, usize, String)]) -> String {
+    let mut h = Sha256::new();
+    h.update(b"hallmark-stream-v1");
+    for (name, count, sha) in shards {
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update((*count as u64).to_le_bytes());
+        h.update(sha.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+/// A shard's running hash.
+struct ShardHash(Sha256);
+
+impl ShardHash {
+    fn new() -> Self {
+        let mut h = Sha256::new();
+        h.update(b"hallmark-shard-v1");
+        Self(h)
+    }
+    fn add(&mut self, key: &str, label: u32, image_sha: &[u8; 32]) {
+        self.0.update((key.len() as u64).to_le_bytes());
+        self.0.update(key.as_bytes());
+        self.0.update(label.to_le_bytes());
+        self.0.update(image_sha);
+    }
+    fn hex(self) -> String {
+        hex::encode(self.0.finalize())
+    }
+}
+
+/// A writer that hashes and counts what passes through it.
+struct Hashing<W> {
+    inner: W,
+    hash: Sha256,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<W: Write> Hashing<W> {
+    fn create(path: &Path) -> Result<Hashing<BufWriter<fs::File>>, DatasetError> {
+        let f = fs::File::create(path).map_err(|e| DatasetError::io(path, e))?;
+        Ok(Hashing {
+            inner: BufWriter::with_capacity(1 << 20, f),
+            hash: Sha256::new(),
+            bytes: 0,
+        })
+    }
+    fn finish(mut self, name: &str, path: &Path) -> Result<ReleaseFile, DatasetError> {
+        self.inner.flush().map_err(|e| DatasetError::io(path, e))?;
+        Ok(ReleaseFile {
+            name: name.to_string(),
+            bytes: self.bytes,
+            sha256: hex::encode(self.hash.finalize()),
+        })
+    }
+}
+
+/// One sample's fate, settled in parallel within a batch.
+struct Done {
+    before: [u8; 32],
+    after: [u8; 32],
+    label: u32,
+    outcome: Outcome,
+    size: [usize; 2],
+}
+
+/// Decides and hashes one sample: the header gives its size (an undecodable image is an error
+/// here, named by the caller), the callback its fate.
+fn settle(
+    decide: &Decide<'_>,
+    limits: &Limits,
+    key: &str,
+    label: u32,
+    bytes: &[u8],
+) -> Result<Done, String> {
+    let (w, h) = super::folder::reader(bytes, limits)
+        .and_then(|r| r.into_dimensions())
+        .map_err(|e| format!("not a readable image: {e}"))?;
+    let before: [u8; 32] = Sha256::digest(bytes).into();
+    let outcome = decide(key, label, bytes)?;
+    let (after, new_label) = match &outcome {
+        Outcome::Unchanged => (before, label),
+        Outcome::Poisoned {
+            new_label, bytes, ..
+        } => (Sha256::digest(bytes).into(), *new_label),
+    };
+    Ok(Done {
+        before,
+        after,
+        label: new_label,
+        outcome,
+        size: [h as usize, w as usize],
+    })
+}
+
+/// Everything a shard's pass accumulates besides its file.
+struct Tally {
+    count: usize,
+    before: ShardHash,
+    after: ShardHash,
+    poisoned: Vec<(String, u32, u32)>,
+    min: [usize; 2],
+    max: [usize; 2],
+    manifest: BufWriter<fs::File>,
+    index: usize,
+}
+
+impl Tally {
+    fn new(manifest: &Path, start: usize) -> Result<Self, DatasetError> {
+        let f = fs::File::create(manifest).map_err(|e| DatasetError::io(manifest, e))?;
+        Ok(Self {
+            count: 0,
+            before: ShardHash::new(),
+            after: ShardHash::new(),
+            poisoned: Vec::new(),
+            min: [usize::MAX; 2],
+            max: [0; 2],
+            manifest: BufWriter::new(f),
+            index: start,
+        })
+    }
+
+    fn add(&mut self, shard: &str, key: &str, label: u32, d: &Done) -> std::io::Result<()> {
+        self.before.add(key, label, &d.before);
+        self.after.add(key, d.label, &d.after);
+        if matches!(d.outcome, Outcome::Poisoned { .. }) {
+            self.poisoned.push((key.to_string(), label, d.label));
+        }
+        for k in 0..2 {
+            self.min[k] = self.min[k].min(d.size[k]);
+            self.max[k] = self.max[k].max(d.size[k]);
+        }
+        let entry = super::ManifestEntry {
+            index: self.index,
+            path: format!("{shard}#{key}"),
+            label: d.label,
+            sha256: hex::encode(d.after),
+        };
+        serde_json::to_writer(&mut self.manifest, &entry).map_err(std::io::Error::other)?;
+        self.manifest.write_all(b"\n")?;
+        self.index += 1;
+        self.count += 1;
+        Ok(())
+    }
+
+    fn finish(mut self, name: &str, file: ReleaseFile) -> std::io::Result<ShardOutput> {
+        self.manifest.flush()?;
+        Ok(ShardOutput {
+            name: name.to_string(),
+            count: self.count,
+            sha256_before: self.before.hex(),
+            sha256_after: self.after.hex(),
+            poisoned: self.poisoned,
+            file,
+            min_size: self.min,
+            max_size: self.max,
+        })
+    }
+}
+
+/// The name of shard `i`'s part of the manifest, in the output folder while it is written.
+fn manifest_part(dir: &Path, i: usize) -> PathBuf {
+    dir.join(format!(".manifest-part-{i:06}"))
+}
+
+/// Writes every shard of `survey` into `dir` (same names) with each sample as `decide` says,
+/// shards in parallel, and `manifest.jsonl` (each sample's index, `shard#key`, label, sha256 of
+/// its image's stored bytes). `tick` once per sample.
+pub fn process(
+    survey: &Survey,
+    dir: &Path,
+    decide: &Decide<'_>,
+    limits: &Limits,
+    tick: &(dyn Fn() + Sync),
+) -> Result<Vec<ShardOutput>, DatasetError> {
+    let mut starts = Vec::with_capacity(survey.shards.len());
+    let mut n = 0;
+    for s in &survey.shards {
+        starts.push(n);
+        n += s.count;
+    }
+    let outputs = survey
+        .shards
+        .par_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let tally = Tally::new(&manifest_part(dir, i), starts[i])?;
+            let out = match survey.format {
+                Format::Parquet => process_parquet(s, dir, decide, limits, tally, tick),
+                _ => process_tar(s, dir, decide, limits, tally, tick),
+            }?;
+            if out.count != s.count {
+                return Err(DatasetError::input(
+                    &s.path,
+                    format!("held {} samples, then {}: it changed while read", s.count, out.count),
+                ));
+            }
+            Ok(out)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let path = dir.join(super::MANIFEST);
+    let f = fs::File::create(&path).map_err(|e| DatasetError::io(&path, e))?;
+    let mut w = BufWriter::new(f);
+    for i in 0..survey.shards.len() {
+        let part = manifest_part(dir, i);
+        let mut r = fs::File::open(&part).map_err(|e| DatasetError::io(&part, e))?;
+        std::io::copy(&mut r, &mut w).map_err(|e| DatasetError::io(&path, e))?;
+        fs::remove_file(&part).map_err(|e| DatasetError::io(&part, e))?;
+    }
+    w.flush().map_err(|e| DatasetError::io(&path, e))?;
+    Ok(outputs)
+}
+
+fn process_parquet(
+    shard: &ShardInfo,
+    dir: &Path,
+    decide: &Decide<'_>,
+    limits: &Limits,
+    mut tally: Tally,
+    tick: &(dyn Fn() + Sync),
+) -> Result<ShardOutput, DatasetError> {
+    let path = &shard.path;
+    let f = fs::File::open(path).map_err(|e| DatasetError::io(path, e))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(f)
+        .map_err(|e| DatasetError::input(path, format!("not a readable Parquet file: {e}")))?;
+    let schema = builder.schema().clone();
+    let (image_column, label_column) =
+        find_columns(&schema).map_err(|m| DatasetError::input(path, m))?;
+    // Row groups as the input's, at most 10,000 rows or 64 MiB (a writer holds one in memory).
+    let group = builder
+        .metadata()
+        .row_groups()
+        .first()
+        .map_or(BATCH, |g| g.num_rows().max(1) as usize)
+        .min(10_000);
+    let reader = builder
+        .with_batch_size(BATCH)
+        .build()
+        .map_err(|e| DatasetError::input(path, format!("cannot read: {e}")))?;
+    let out_path = dir.join(&shard.name);
+    let props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(group))
+        .set_max_row_group_bytes(Some(64 << 20))
+        .build();
+    let bad_write = |e: parquet::errors::ParquetError| {
+        DatasetError::Invalid(format!("{}: cannot write: {e}", shard.name))
+    };
+    let mut w = ArrowWriter::try_new(
+        Hashing::<BufWriter<fs::File>>::create(&out_path)?,
+        schema.clone(),
+        Some(props),
+    )
+    .map_err(bad_write)?;
+    let mut row = 0usize;
+    for b in reader {
+        let b = b.map_err(|e| {
+            DatasetError::input(path, format!("after row {row}, cannot read a row group: {e}"))
+        })?;
+        let n = b.num_rows();
+        let img = b
+            .column_by_name(&image_column)
+            .expect("the reader keeps the schema");
+        let lab = b
+            .column_by_name(&label_column)
+            .expect("the reader keeps the schema");
+        let at = |r: usize, m: String| DatasetError::input(path, format!("row {}: {m}", row + r));
+        let done = (0..n)
+            .into_par_iter()
+            .map(|r| {
+                let bytes = image_bytes(img, r).ok_or_else(|| at(r, "no image bytes".into()))?;
+                let label = label_value(lab, r)
+                    .and_then(|l| u32::try_from(l).ok())
+                    .ok_or_else(|| at(r, "no class label".into()))?;
+                let key = (row + r).to_string();
+                let d = settle(decide, limits, &format!("{}/{key}", shard.name), label, bytes)
+                    .map_err(|m| at(r, m))?;
+                tick();
+                Ok((key, label, d))
+            })
+            .collect::<Result<Vec<_>, DatasetError>>()?;
+        for (key, label, d) in &done {
+            tally
+                .add(&shard.name, key, *label, d)
+                .map_err(|e| DatasetError::io(dir, e))?;
+        }
+        let changed = done
+            .iter()
+            .any(|(_, _, d)| matches!(d.outcome, Outcome::Poisoned { .. }));
+        let batch = if changed {
+            replaced(&b, &image_column, &label_column, &done)
+                .map_err(|m| DatasetError::Invalid(format!("{}: {m}", shard.name)))?
+        } else {
+            b
+        };
+        w.write(&batch).map_err(bad_write)?;
+        row += n;
+    }
+    let hashing = w.into_inner().map_err(bad_write)?;
+    let file = hashing.finish(&shard.name, &out_path)?;
+    tally
+        .finish(&shard.name, file)
+        .map_err(|e| DatasetError::io(dir, e))
+}
+
+/// `b` with the poisoned rows' image bytes and labels replaced, every other column as it was.
+fn replaced(
+    b: &RecordBatch,
+    image_column: &str,
+    label_column: &str,
+    done: &[(String, u32, Done)],
+) -> Result<RecordBatch, String> {
+    let img = b.column_by_name(image_column).expect("checked column");
+    let lab = b.column_by_name(label_column).expect("checked column");
+    let bytes: Vec<Vec<u8>> = done
+        .iter()
+        .enumerate()
+        .map(|(r, (_, _, d))| match &d.outcome {
+            Outcome::Poisoned { bytes, .. } => bytes.clone(),
+            Outcome::Unchanged => image_bytes(img, r).unwrap_or_default().to_vec(),
+        })
+        .collect();
+    let new_image: ArrayRef = match img.data_type() {
+        DataType::Struct(fields) => {
+            let s = img.as_struct();
+            let cols = fields
+                .iter()
+                .zip(s.columns())
+                .map(|(fd, c)| {
+                    if fd.name() == "bytes" {
+                        binary_like(&bytes, fd.data_type())
+                    } else {
+                        c.clone()
+                    }
+                })
+                .collect();
+            Arc::new(
+                StructArray::try_new(fields.clone(), cols, s.nulls().cloned())
+                    .map_err(|e| e.to_string())?,
+            )
+        }
+        t => binary_like(&bytes, t),
+    };
+    let labels: Vec<u32> = done.iter().map(|(_, _, d)| d.label).collect();
+    let new_label = labels_like(&labels, lab.data_type())?;
+    let schema = b.schema();
+    let cols = schema
+        .fields()
+        .iter()
+        .zip(b.columns())
+        .map(|(fd, c)| {
+            if fd.name() == image_column {
+                new_image.clone()
+            } else if fd.name() == label_column {
+                new_label.clone()
+            } else {
+                c.clone()
+            }
+        })
+        .collect();
+    RecordBatch::try_new(schema, cols).map_err(|e| e.to_string())
+}
+
+fn process_tar(
+    shard: &ShardInfo,
+    dir: &Path,
+    decide: &Decide<'_>,
+    limits: &Limits,
+    mut tally: Tally,
+    tick: &(dyn Fn() + Sync),
+) -> Result<ShardOutput, DatasetError> {
+    let path = &shard.path;
+    let out_path = dir.join(&shard.name);
+    let mut b = tar::Builder::new(Hashing::<BufWriter<fs::File>>::create(&out_path)?);
+    let mut pending: Vec<Pending> = Vec::with_capacity(BATCH);
+    let mut flush = |pending: &mut Vec<Pending>,
+                     b: &mut tar::Builder<Hashing<BufWriter<fs::File>>>|
+     -> Result<(), DatasetError> {
+        let done = pending
+            .par_iter()
+            .map(|p| {
+                let (image, label) = roles(path, p)?;
+                let at = |m: String| DatasetError::input(path, format!("sample {}: {m}", p.key));
+                let (_, lname, ldata) = &p.members[label];
+                let l = parse_label(lname, ldata).map_err(at)?;
+                let (_, iname, idata) = &p.members[image];
+                let d = settle(decide, limits, &format!("{}/{}", shard.name, p.key), l, idata)
+                    .map_err(|m| at(format!("{iname}: {m}")))?;
+                tick();
+                Ok((image, label, l, d))
+            })
+            .collect::<Result<Vec<_>, DatasetError>>()?;
+        let io = |e: std::io::Error| DatasetError::io(&out_path, e);
+        for (p, (image, label, l, d)) in pending.drain(..).zip(done) {
+            tally.add(&shard.name, &p.key, l, &d).map_err(io)?;
+            for (j, (header, name, data)) in p.members.into_iter().enumerate() {
+                let data = match (&d.outcome, j) {
+                    (Outcome::Poisoned { bytes, .. }, j) if j == image => bytes.clone(),
+                    (_, j) if j == label => relabel_bytes(&name, &data, d.label)?,
+                    _ => data,
+                };
+                let mut h = header;
+                h.set_size(data.len() as u64);
+                b.append_data(&mut h, &name, data.as_slice()).map_err(io)?;
+            }
+        }
+        Ok(())
+    };
+    for_each_sample(path, &|_| true, &mut |p| {
+        pending.push(p);
+        if pending.len() >= BATCH {
+            flush(&mut pending, &mut b)?;
+        }
+        Ok(())
+    })?;
+    flush(&mut pending, &mut b)?;
+    let hashing = b
+        .into_inner()
+        .map_err(|e| DatasetError::io(&out_path, e))?;
+    let file = hashing.finish(&shard.name, &out_path)?;
+    tally
+        .finish(&shard.name, file)
+        .map_err(|e| DatasetError::io(dir, e))
+}

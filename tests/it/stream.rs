@@ -1,0 +1,312 @@
+//! Streamed releases (`hallmark watermark --stream`): mixed-size colour Parquet and WebDataset
+//! shards, generated as a Hub publisher ships them (scripts/make-mixed-dataset.py), stamped
+//! shard by shard with samples chosen by key; what is untouched stays byte for byte, what is
+//! stamped carries the trigger at the same relative place at every size, a re-run on another
+//! number of threads writes the same bytes, and malformed shards are errors that name the
+//! shard and the row or member.
+
+use crate::cli::hallmark;
+use hallmark::watermark::{Secret, SecretRecord};
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const NONCE: &str = "00000000000000000000000000000000000000000000000000000000000000a7";
+
+fn make(format: &str, count: usize, shards: usize, spoil: &str) -> tempfile::TempDir {
+    let t = tempfile::tempdir().unwrap();
+    let o = Command::new(crate::parquet::python())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make-mixed-dataset.py"))
+        .args(["--format", format, "--count", &count.to_string()])
+        .args(["--shards", &shards.to_string(), "--min-side", "40", "--max-side", "200"])
+        .args(["--spoil", spoil, "--out"])
+        .arg(t.path().join("in"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    t
+}
+
+fn spec(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("watermark_specs")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Runs `hallmark watermark --stream` on `input` with `threads` worker threads.
+fn stream(input: &Path, out: &Path, secret: &Path, spec_file: &str, threads: &str) -> Output {
+    let o = Command::new(env!("CARGO_BIN_EXE_hallmark"))
+        .env("RAYON_NUM_THREADS", threads)
+        .args(["watermark", "--stream", "--spec", spec_file, "--nonce", NONCE, "--input"])
+        .arg(input)
+        .arg("--output")
+        .arg(out)
+        .arg("--secret")
+        .arg(secret)
+        .output()
+        .unwrap();
+    Output {
+        ok: o.status.success(),
+        stdout: String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+struct Output {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+/// For each pair of files: per sample (in order) its key, whether its image bytes changed,
+/// the image formats and sizes before and after, the labels before and after, whether every
+/// other column or member is unchanged, and for a changed PNG the bounding box of the changed
+/// pixels; for a changed JPEG whether its quantisation tables are its original's.
+const CHECK: &str = r#"
+import io, json, sys, tarfile
+from PIL import Image, ImageChops
+fmt, pairs = sys.argv[1], json.loads(sys.argv[2])
+def parquet(path):
+    import pyarrow.parquet as pq
+    t = pq.read_table(path)
+    img, lab = t.column("image").to_pylist(), t.column("label").to_pylist()
+    rest = [t.column(c).to_pylist() for c in ("caption", "id")]
+    meta = t.schema.metadata
+    return [(str(i), img[i]["bytes"], lab[i], [r[i] for r in rest] + [img[i]["path"]]) for i in range(len(img))], meta
+def shard(path):
+    out, cur = [], None
+    with tarfile.open(path) as tf:
+        for m in tf.getmembers():
+            key, ext = m.name.split(".", 1)
+            data = tf.extractfile(m).read()
+            if cur is None or cur[0] != key:
+                cur = [key, None, None, []]
+                out.append(cur)
+            if ext in ("jpg", "png"):
+                cur[1] = data
+            elif ext == "cls":
+                cur[2] = int(data)
+            elif ext == "json":
+                j = json.loads(data); cur[2] = j.pop("label"); cur[3].append(("json", j))
+            else:
+                cur[3].append((ext, data.decode()))
+            cur[3].append(("name", m.name))
+    return [tuple(s) for s in out], None
+res = []
+for a, b in pairs:
+    sa, ma = (parquet if fmt == "parquet" else shard)(a)
+    sb, mb = (parquet if fmt == "parquet" else shard)(b)
+    rows = []
+    for (ka, ia, la, oa), (kb, ib, lb, ob) in zip(sa, sb):
+        r = {"key": ka, "same_key": ka == kb, "changed": ia != ib, "label": [la, lb], "others_same": oa == ob}
+        if ia != ib:
+            A, B = Image.open(io.BytesIO(ia)), Image.open(io.BytesIO(ib))
+            r["formats"] = [A.format, B.format]
+            r["sizes"] = [list(A.size), list(B.size)]
+            if A.format == "PNG":
+                r["bbox"] = ImageChops.difference(A.convert("RGB"), B.convert("RGB")).getbbox()
+            else:
+                r["tables_same"] = A.quantization == B.quantization
+        rows.append(r)
+    res.append({"count": [len(sa), len(sb)], "meta_same": ma == mb, "rows": rows})
+print(json.dumps(res))
+"#;
+
+fn check(format: &str, input: &Path, output: &Path, names: &[String]) -> Vec<Value> {
+    let pairs: Vec<(PathBuf, PathBuf)> = names
+        .iter()
+        .map(|n| (input.join(n), output.join(n)))
+        .collect();
+    let o = Command::new(crate::parquet::python())
+        .args(["-c", CHECK, format])
+        .arg(serde_json::to_string(&pairs).unwrap())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice::<Vec<Value>>(&o.stdout).unwrap()
+}
+
+/// The whole check of one format's streamed release.
+fn a_streamed_release_of(format: &str, shard_dir: &str) {
+    let t = make(format, 240, 3, "");
+    let input = t.path().join("in");
+    let (out, secret) = (t.path().join("rel"), t.path().join("rel.secret.json"));
+    let o = stream(&input, &out, &secret, &spec("badnets-square-any-size.toml"), "2");
+    assert!(o.ok, "{}", o.stderr);
+    // The record loads, is a keyed version 3 record, and is what the printed commitment names.
+    let rec: SecretRecord = match Secret::load(&secret).unwrap() {
+        Secret::One(r) => *r,
+        Secret::Set(_) => panic!("one trigger"),
+    };
+    assert_eq!(rec.version, 3);
+    assert_eq!(rec.commitment(), o.stdout);
+    let keyed = rec.keyed.clone().expect("keyed");
+    assert_eq!(rec.dataset.count, 240);
+    assert!(keyed.min_size[0] >= 40 && keyed.max_size[0] <= 200, "{keyed:?}");
+    let target = match rec.spec.labelling {
+        hallmark::spec::Labelling::Targeted { target } => target,
+        ref l => panic!("{l:?}"),
+    };
+    // Rate 0.1 of 240: 24 expected; binomial, so within ±4.5 sd (sd 4.6).
+    let n = rec.poisoned_count();
+    assert!((4..=45).contains(&n), "{n} poisoned");
+
+    let names: Vec<String> = keyed.shards.iter().map(|s| s.name.clone()).collect();
+    assert_eq!(names.len(), 3);
+    let report = check(format, &input.join(shard_dir), &out, &names);
+    let mut rel_centres = Vec::new();
+    for (shard, facts) in report.iter().zip(&keyed.shards) {
+        assert_eq!(shard["count"][0], shard["count"][1]);
+        assert_eq!(shard["meta_same"], true, "the schema and its metadata are kept");
+        let poisoned: BTreeSet<&str> = facts.poisoned.iter().map(|p| p.key.as_str()).collect();
+        for row in shard["rows"].as_array().unwrap() {
+            let key = row["key"].as_str().unwrap();
+            assert_eq!(row["same_key"], true);
+            assert_eq!(row["others_same"], true, "{row}");
+            let hit = poisoned.contains(key);
+            // A poisoned image always changes (the patch covers pixels of other values).
+            assert_eq!(row["changed"], hit, "{row}");
+            let (before, after) = (row["label"][0].as_u64(), row["label"][1].as_u64());
+            if !hit {
+                assert_eq!(before, after, "{row}");
+                continue;
+            }
+            assert_eq!(after, Some(target as u64), "{row}");
+            assert_eq!(row["formats"][0], row["formats"][1], "same format: {row}");
+            assert_eq!(row["sizes"][0], row["sizes"][1], "same size: {row}");
+            if row["formats"][0] == "JPEG" {
+                assert_eq!(row["tables_same"], true, "a JPEG keeps its quality: {row}");
+            } else {
+                // A PNG changes only in the patch: a square of 10% of the shorter side (at
+                // least 3 pixels), at the same relative place whatever the size.
+                let (w, h) = (
+                    row["sizes"][0][0].as_f64().unwrap(),
+                    row["sizes"][0][1].as_f64().unwrap(),
+                );
+                let b: Vec<f64> = serde_json::from_value(row["bbox"].clone()).unwrap();
+                let side = (b[2] - b[0]).max(b[3] - b[1]);
+                let want = (0.1 * w.min(h)).max(3.0);
+                assert!((side - want).abs() <= 0.5 * want + 2.0, "{row}");
+                rel_centres.push(((b[0] + b[2]) / 2.0 / w, (b[1] + b[3]) / 2.0 / h));
+            }
+        }
+    }
+    // The square sits at one relative place in images of every size.
+    assert!(rel_centres.len() >= 2, "too few stamped PNGs to compare");
+    let (x0, y0) = rel_centres[0];
+    for (x, y) in &rel_centres {
+        assert!(
+            (x - x0).abs() < 0.06 && (y - y0).abs() < 0.06,
+            "{rel_centres:?}"
+        );
+    }
+    // The manifest lists every sample, by shard and key, with its released label.
+    let manifest = std::fs::read_to_string(out.join("manifest.jsonl")).unwrap();
+    assert_eq!(manifest.lines().count(), 240);
+    let info: Value =
+        serde_json::from_slice(&std::fs::read(out.join("release.json")).unwrap()).unwrap();
+    assert_eq!(info["commitment"], o.stdout.as_str());
+    assert_eq!(info["dataset_sha256"], rec.dataset.sha256_after.as_str());
+
+    // One thread instead of two: the same bytes, the same record.
+    let (out1, secret1) = (t.path().join("rel1"), t.path().join("rel1.secret.json"));
+    let o1 = stream(&input, &out1, &secret1, &spec("badnets-square-any-size.toml"), "1");
+    assert!(o1.ok, "{}", o1.stderr);
+    assert_eq!(o1.stdout, o.stdout);
+    for n in names.iter().map(String::as_str).chain(["manifest.jsonl", "release.json"]) {
+        assert!(
+            std::fs::read(out.join(n)).unwrap() == std::fs::read(out1.join(n)).unwrap(),
+            "{n} differs between runs"
+        );
+    }
+
+    // A record edited to claim a sample the rule did not choose is refused.
+    let mut v: Value = serde_json::from_slice(&std::fs::read(&secret).unwrap()).unwrap();
+    let shard0 = &mut v["keyed"]["shards"][0]["poisoned"];
+    let taken: BTreeSet<String> = shard0
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["key"].as_str().unwrap().to_string())
+        .collect();
+    let other = report[0]["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["key"].as_str().unwrap().to_string())
+        .find(|k| !taken.contains(k))
+        .unwrap();
+    shard0.as_array_mut().unwrap().push(serde_json::json!({
+        "key": other, "original_label": 0, "new_label": target
+    }));
+    let e = SecretRecord::from_json(&v.to_string()).unwrap_err().to_string();
+    assert!(e.contains("not one the rule chooses"), "{e}");
+}
+
+#[test]
+fn a_streamed_parquet_release_of_mixed_sizes_stamps_only_its_chosen_rows() {
+    a_streamed_release_of("parquet", "data");
+}
+
+#[test]
+fn a_streamed_webdataset_release_of_mixed_sizes_stamps_only_its_chosen_samples() {
+    a_streamed_release_of("webdataset", "");
+}
+
+#[test]
+fn malformed_shards_stop_a_streamed_release_naming_the_shard_and_sample() {
+    let cases = [
+        ("parquet", "bad-image", vec!["train-00000-of-00002.parquet", "row 3", "not a readable image"]),
+        ("webdataset", "bad-image", vec!["train-000000.tar", "s0000003", "not a readable image"]),
+        ("webdataset", "no-label", vec!["train-000000.tar", "sample s0000004", "no label member"]),
+        ("webdataset", "truncated", vec!["train-000001.tar"]),
+    ];
+    for (format, spoil, want) in cases {
+        let t = make(format, 24, 2, spoil);
+        let out = t.path().join("rel");
+        let o = stream(
+            &t.path().join("in"),
+            &out,
+            &t.path().join("s.json"),
+            &spec("badnets-square-any-size.toml"),
+            "2",
+        );
+        assert!(!o.ok, "{format} {spoil}: accepted");
+        for w in want {
+            assert!(o.stderr.contains(w), "{format} {spoil}: {w:?} not in {}", o.stderr);
+        }
+        assert!(!o.stderr.contains("panicked"), "{}", o.stderr);
+        assert!(!out.exists(), "no release is left behind");
+        assert!(!t.path().join("s.json").exists(), "no secret is left behind");
+    }
+    // A spec made for one image size cannot stamp images of every size.
+    let t = make("parquet", 24, 1, "");
+    let o = stream(
+        &t.path().join("in"),
+        &t.path().join("rel"),
+        &t.path().join("s.json"),
+        &spec("badnets-square-28x28-grey.toml"),
+        "2",
+    );
+    assert!(!o.ok);
+    assert!(o.stderr.contains("any-size family"), "{}", o.stderr);
+    // Only Parquet and WebDataset stream.
+    let o = hallmark(&[
+        "watermark",
+        "--stream",
+        "--spec",
+        &spec("badnets-square-any-size.toml"),
+        "--input",
+        crate::service::FASHION,
+        "--output",
+        t.path().join("rel2").to_str().unwrap(),
+        "--secret",
+        t.path().join("s2.json").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("Parquet or WebDataset"), "{e}");
+}
