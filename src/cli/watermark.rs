@@ -270,11 +270,16 @@ pub(super) fn watermark_cmd(a: WatermarkArgs) -> Result<()> {
 /// `hallmark watermark --stream`: a Parquet or WebDataset release stamped shard by shard.
 fn watermark_stream(a: &WatermarkArgs, spec: &WatermarkSpec) -> Result<()> {
     if a.triggers > 1 {
-        bail!("--stream stamps one trigger; --triggers {} needs the in-memory release", a.triggers);
+        bail!(
+            "--stream stamps one trigger; --triggers {} needs the in-memory release",
+            a.triggers
+        );
     }
     #[cfg(feature = "train")]
     if a.craft_model.is_some() {
-        bail!("--stream stamps sample by sample; crafted poisons (--craft-model) need the whole dataset");
+        bail!(
+            "--stream stamps sample by sample; crafted poisons (--craft-model) need the whole dataset"
+        );
     }
     let pb = spinner("reading labels");
     let tick = || pb.inc(1);

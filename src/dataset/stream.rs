@@ -196,7 +196,10 @@ fn survey_parquet(path: &Path, tick: &(dyn Fn() + Sync)) -> Result<Surveyed, Dat
     let mut row = 0usize;
     for b in reader {
         let b = b.map_err(|e| {
-            DatasetError::input(path, format!("after row {row}, cannot read a row group: {e}"))
+            DatasetError::input(
+                path,
+                format!("after row {row}, cannot read a row group: {e}"),
+            )
         })?;
         let col = b.column(0);
         for r in 0..b.num_rows() {
@@ -253,7 +256,8 @@ fn for_each_sample(
 ) -> Result<(), DatasetError> {
     let f = fs::File::open(path).map_err(|e| DatasetError::io(path, e))?;
     let mut ar = tar::Archive::new(std::io::BufReader::with_capacity(1 << 20, f));
-    let bad = |e: std::io::Error| DatasetError::input(path, format!("not a readable tar shard: {e}"));
+    let bad =
+        |e: std::io::Error| DatasetError::input(path, format!("not a readable tar shard: {e}"));
     let mut seen = std::collections::HashSet::new();
     let mut cur: Option<Pending> = None;
     for entry in ar.entries().map_err(bad)? {
@@ -269,14 +273,20 @@ fn for_each_sample(
             e.read_to_end(&mut data)
                 .map_err(|err| DatasetError::input(path, format!("member {member}: {err}")))?;
             if data.len() as u64 != size {
-                return Err(DatasetError::input(path, format!("member {member} is truncated")));
+                return Err(DatasetError::input(
+                    path,
+                    format!("member {member} is truncated"),
+                ));
             }
         } else {
             // Skipping reads through the member; a short read means the shard ends inside it.
             let n = std::io::copy(&mut e, &mut std::io::sink())
                 .map_err(|err| DatasetError::input(path, format!("member {member}: {err}")))?;
             if n != size {
-                return Err(DatasetError::input(path, format!("member {member} is truncated")));
+                return Err(DatasetError::input(
+                    path,
+                    format!("member {member} is truncated"),
+                ));
             }
         }
         let header = e.header().clone();
@@ -581,7 +591,10 @@ pub fn process(
             if out.count != s.count {
                 return Err(DatasetError::input(
                     &s.path,
-                    format!("held {} samples, then {}: it changed while read", s.count, out.count),
+                    format!(
+                        "held {} samples, then {}: it changed while read",
+                        s.count, out.count
+                    ),
                 ));
             }
             Ok(out)
@@ -644,7 +657,10 @@ fn process_parquet(
     let mut row = 0usize;
     for b in reader {
         let b = b.map_err(|e| {
-            DatasetError::input(path, format!("after row {row}, cannot read a row group: {e}"))
+            DatasetError::input(
+                path,
+                format!("after row {row}, cannot read a row group: {e}"),
+            )
         })?;
         let n = b.num_rows();
         let img = b
@@ -662,8 +678,14 @@ fn process_parquet(
                     .and_then(|l| u32::try_from(l).ok())
                     .ok_or_else(|| at(r, "no class label".into()))?;
                 let key = (row + r).to_string();
-                let d = settle(decide, limits, &format!("{}/{key}", shard.name), label, bytes)
-                    .map_err(|m| at(r, m))?;
+                let d = settle(
+                    decide,
+                    limits,
+                    &format!("{}/{key}", shard.name),
+                    label,
+                    bytes,
+                )
+                .map_err(|m| at(r, m))?;
                 tick();
                 Ok((key, label, d))
             })
@@ -773,8 +795,14 @@ fn process_tar(
                 let (_, lname, ldata) = &p.members[label];
                 let l = parse_label(lname, ldata).map_err(at)?;
                 let (_, iname, idata) = &p.members[image];
-                let d = settle(decide, limits, &format!("{}/{}", shard.name, p.key), l, idata)
-                    .map_err(|m| at(format!("{iname}: {m}")))?;
+                let d = settle(
+                    decide,
+                    limits,
+                    &format!("{}/{}", shard.name, p.key),
+                    l,
+                    idata,
+                )
+                .map_err(|m| at(format!("{iname}: {m}")))?;
                 tick();
                 Ok((image, label, l, d))
             })
@@ -803,9 +831,7 @@ fn process_tar(
         Ok(())
     })?;
     flush(&mut pending, &mut b)?;
-    let hashing = b
-        .into_inner()
-        .map_err(|e| DatasetError::io(&out_path, e))?;
+    let hashing = b.into_inner().map_err(|e| DatasetError::io(&out_path, e))?;
     let file = hashing.finish(&shard.name, &out_path)?;
     tally
         .finish(&shard.name, file)

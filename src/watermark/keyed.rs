@@ -135,7 +135,9 @@ impl KeyedMarker {
         let num_classes = class_counts.len();
         let n: usize = class_counts.iter().sum();
         if n == 0 {
-            return Err(WatermarkError::Selection("the dataset has no sample".into()));
+            return Err(WatermarkError::Selection(
+                "the dataset has no sample".into(),
+            ));
         }
         let shape = ImageShape {
             height: 256,
@@ -218,7 +220,10 @@ impl KeyedMarker {
 
     /// The stamp for images of `height` × `width`, made once per size.
     fn stamp(&self, height: usize, width: usize) -> Result<Arc<Stamp>, WatermarkError> {
-        let mut cache = self.stamps.lock().expect("the stamp cache is never poisoned");
+        let mut cache = self
+            .stamps
+            .lock()
+            .expect("the stamp cache is never poisoned");
         if let Some(s) = cache.get(&(height, width)) {
             return Ok(s.clone());
         }
@@ -406,7 +411,9 @@ mod tests {
         let counts = vec![2_000; 10];
         let m1 = KeyedMarker::new(&spec(ANY_SIZE[0]), [1; 32], &counts, 3, 30).unwrap();
         let m2 = KeyedMarker::new(&spec(ANY_SIZE[0]), [2; 32], &counts, 3, 30).unwrap();
-        let keys: Vec<String> = (0..20_000).map(|i| format!("shard-{}/{i}", i / 1000)).collect();
+        let keys: Vec<String> = (0..20_000)
+            .map(|i| format!("shard-{}/{i}", i / 1000))
+            .collect();
         let a: Vec<bool> = keys.iter().map(|k| m1.chooses(k, 3).is_some()).collect();
         let b: Vec<bool> = keys.iter().map(|k| m2.chooses(k, 3).is_some()).collect();
         let band = |n: f64, p: f64, got: usize| {
@@ -481,11 +488,17 @@ mod tests {
     #[test]
     fn keyed_marking_refuses_fixed_size_and_crafted_specs() {
         let counts = vec![100; 10];
-        let e = KeyedMarker::new(&spec("badnets-square-28x28-grey.toml"), [0; 32], &counts, 1, 30)
-            .unwrap_err();
+        let e = KeyedMarker::new(
+            &spec("badnets-square-28x28-grey.toml"),
+            [0; 32],
+            &counts,
+            1,
+            30,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("any-size family"), "{e}");
-        let e = KeyedMarker::new(&spec("ubw-c-28x28-grey.toml"), [0; 32], &counts, 1, 30)
-            .unwrap_err();
+        let e =
+            KeyedMarker::new(&spec("ubw-c-28x28-grey.toml"), [0; 32], &counts, 1, 30).unwrap_err();
         assert!(e.to_string().contains("crafted poisons"), "{e}");
     }
 }

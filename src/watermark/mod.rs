@@ -16,8 +16,8 @@ mod trigger;
 mod warp;
 
 pub use record::{
-    DatasetFacts, KEYED_VERSION, KeyedSelection, PoisonedKey, ShardFacts, MAX_TRIGGERS, PoisonedSample, Secret, SecretRecord, SpentTrigger, TriggerSet,
-    set_commitment,
+    DatasetFacts, KEYED_VERSION, KeyedSelection, MAX_TRIGGERS, PoisonedKey, PoisonedSample, Secret,
+    SecretRecord, ShardFacts, SpentTrigger, TriggerSet, set_commitment,
 };
 pub use trigger::{Stamp, blend_byte};
 pub use warp::WarpField;

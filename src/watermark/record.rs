@@ -266,7 +266,10 @@ fn check_keyed(rec: &SecretRecord, k: &KeyedSelection) -> Result<(), String> {
     let classes = rec.dataset.num_classes;
     for s in &k.shards {
         if s.poisoned.len() > s.count {
-            return Err(format!("keyed.shards {}: more poisoned than samples", s.name));
+            return Err(format!(
+                "keyed.shards {}: more poisoned than samples",
+                s.name
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         for p in &s.poisoned {

@@ -19,7 +19,14 @@ fn make(format: &str, count: usize, shards: usize, spoil: &str) -> tempfile::Tem
     let o = Command::new(crate::parquet::python())
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make-mixed-dataset.py"))
         .args(["--format", format, "--count", &count.to_string()])
-        .args(["--shards", &shards.to_string(), "--min-side", "40", "--max-side", "200"])
+        .args([
+            "--shards",
+            &shards.to_string(),
+            "--min-side",
+            "40",
+            "--max-side",
+            "200",
+        ])
         .args(["--spoil", spoil, "--out"])
         .arg(t.path().join("in"))
         .output()
@@ -40,7 +47,15 @@ fn spec(name: &str) -> String {
 fn stream(input: &Path, out: &Path, secret: &Path, spec_file: &str, threads: &str) -> Output {
     let o = Command::new(env!("CARGO_BIN_EXE_hallmark"))
         .env("RAYON_NUM_THREADS", threads)
-        .args(["watermark", "--stream", "--spec", spec_file, "--nonce", NONCE, "--input"])
+        .args([
+            "watermark",
+            "--stream",
+            "--spec",
+            spec_file,
+            "--nonce",
+            NONCE,
+            "--input",
+        ])
         .arg(input)
         .arg("--output")
         .arg(out)
@@ -134,7 +149,13 @@ fn a_streamed_release_of(format: &str, shard_dir: &str) {
     let t = make(format, 240, 3, "");
     let input = t.path().join("in");
     let (out, secret) = (t.path().join("rel"), t.path().join("rel.secret.json"));
-    let o = stream(&input, &out, &secret, &spec("badnets-square-any-size.toml"), "2");
+    let o = stream(
+        &input,
+        &out,
+        &secret,
+        &spec("badnets-square-any-size.toml"),
+        "2",
+    );
     assert!(o.ok, "{}", o.stderr);
     // The record loads, is a keyed version 3 record, and is what the printed commitment names.
     let rec: SecretRecord = match Secret::load(&secret).unwrap() {
@@ -145,7 +166,10 @@ fn a_streamed_release_of(format: &str, shard_dir: &str) {
     assert_eq!(rec.commitment(), o.stdout);
     let keyed = rec.keyed.clone().expect("keyed");
     assert_eq!(rec.dataset.count, 240);
-    assert!(keyed.min_size[0] >= 40 && keyed.max_size[0] <= 200, "{keyed:?}");
+    assert!(
+        keyed.min_size[0] >= 40 && keyed.max_size[0] <= 200,
+        "{keyed:?}"
+    );
     let target = match rec.spec.labelling {
         hallmark::spec::Labelling::Targeted { target } => target,
         ref l => panic!("{l:?}"),
@@ -160,7 +184,10 @@ fn a_streamed_release_of(format: &str, shard_dir: &str) {
     let mut rel_centres = Vec::new();
     for (shard, facts) in report.iter().zip(&keyed.shards) {
         assert_eq!(shard["count"][0], shard["count"][1]);
-        assert_eq!(shard["meta_same"], true, "the schema and its metadata are kept");
+        assert_eq!(
+            shard["meta_same"], true,
+            "the schema and its metadata are kept"
+        );
         let poisoned: BTreeSet<&str> = facts.poisoned.iter().map(|p| p.key.as_str()).collect();
         for row in shard["rows"].as_array().unwrap() {
             let key = row["key"].as_str().unwrap();
@@ -213,10 +240,20 @@ fn a_streamed_release_of(format: &str, shard_dir: &str) {
 
     // One thread instead of two: the same bytes, the same record.
     let (out1, secret1) = (t.path().join("rel1"), t.path().join("rel1.secret.json"));
-    let o1 = stream(&input, &out1, &secret1, &spec("badnets-square-any-size.toml"), "1");
+    let o1 = stream(
+        &input,
+        &out1,
+        &secret1,
+        &spec("badnets-square-any-size.toml"),
+        "1",
+    );
     assert!(o1.ok, "{}", o1.stderr);
     assert_eq!(o1.stdout, o.stdout);
-    for n in names.iter().map(String::as_str).chain(["manifest.jsonl", "release.json"]) {
+    for n in names
+        .iter()
+        .map(String::as_str)
+        .chain(["manifest.jsonl", "release.json"])
+    {
         assert!(
             std::fs::read(out.join(n)).unwrap() == std::fs::read(out1.join(n)).unwrap(),
             "{n} differs between runs"
@@ -242,7 +279,9 @@ fn a_streamed_release_of(format: &str, shard_dir: &str) {
     shard0.as_array_mut().unwrap().push(serde_json::json!({
         "key": other, "original_label": 0, "new_label": target
     }));
-    let e = SecretRecord::from_json(&v.to_string()).unwrap_err().to_string();
+    let e = SecretRecord::from_json(&v.to_string())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("not one the rule chooses"), "{e}");
 }
 
@@ -259,9 +298,25 @@ fn a_streamed_webdataset_release_of_mixed_sizes_stamps_only_its_chosen_samples()
 #[test]
 fn malformed_shards_stop_a_streamed_release_naming_the_shard_and_sample() {
     let cases = [
-        ("parquet", "bad-image", vec!["train-00000-of-00002.parquet", "row 3", "not a readable image"]),
-        ("webdataset", "bad-image", vec!["train-000000.tar", "s0000003", "not a readable image"]),
-        ("webdataset", "no-label", vec!["train-000000.tar", "sample s0000004", "no label member"]),
+        (
+            "parquet",
+            "bad-image",
+            vec![
+                "train-00000-of-00002.parquet",
+                "row 3",
+                "not a readable image",
+            ],
+        ),
+        (
+            "webdataset",
+            "bad-image",
+            vec!["train-000000.tar", "s0000003", "not a readable image"],
+        ),
+        (
+            "webdataset",
+            "no-label",
+            vec!["train-000000.tar", "sample s0000004", "no label member"],
+        ),
         ("webdataset", "truncated", vec!["train-000001.tar"]),
     ];
     for (format, spoil, want) in cases {
@@ -276,11 +331,18 @@ fn malformed_shards_stop_a_streamed_release_naming_the_shard_and_sample() {
         );
         assert!(!o.ok, "{format} {spoil}: accepted");
         for w in want {
-            assert!(o.stderr.contains(w), "{format} {spoil}: {w:?} not in {}", o.stderr);
+            assert!(
+                o.stderr.contains(w),
+                "{format} {spoil}: {w:?} not in {}",
+                o.stderr
+            );
         }
         assert!(!o.stderr.contains("panicked"), "{}", o.stderr);
         assert!(!out.exists(), "no release is left behind");
-        assert!(!t.path().join("s.json").exists(), "no secret is left behind");
+        assert!(
+            !t.path().join("s.json").exists(),
+            "no secret is left behind"
+        );
     }
     // A spec made for one image size cannot stamp images of every size.
     let t = make("parquet", 24, 1, "");
