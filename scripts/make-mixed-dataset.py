@@ -3,10 +3,11 @@
 Hugging Face Hub ships one: Parquet shards in the `datasets` layout (an `image` struct of bytes
 and path, a ClassLabel `label`, a `caption` and an `id` column) or WebDataset tar shards (`.jpg`
 or `.png`, a `.cls` or `.json` label, a `.txt` caption). Seeded: the same arguments give the
-same files.
+same files. 80% of the images are JPEG (--png-share 0.2 PNG).
 
     make-mixed-dataset.py --format parquet|webdataset --count N --shards S --out DIR
                           [--min-side 64] [--max-side 512] [--seed 0] [--spoil MODE]
+                          [--png-share 0.2]
 
 --spoil (tests of malformed input): bad-image (row/sample 3 is not an image), no-label
 (sample 4 of a WebDataset has no label member), truncated (the last shard is cut in the middle
@@ -24,7 +25,17 @@ from PIL import Image, ImageDraw
 CLASSES = ["airplane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def image(rng, min_side, max_side):
+TILE = 1024
+_TILES = []
+
+
+def tiles(rng):
+    if not _TILES:
+        _TILES.extend(Image.frombytes("L", (TILE, TILE), rng.randbytes(TILE * TILE)) for _ in range(4))
+    return _TILES
+
+
+def image(rng, min_side, max_side, png_share):
     w, h = rng.randint(min_side, max_side), rng.randint(min_side, max_side)
     im = Image.new("RGB", (w, h), tuple(rng.randrange(256) for _ in range(3)))
     d = ImageDraw.Draw(im)
@@ -33,8 +44,13 @@ def image(rng, min_side, max_side):
         x1, y1 = x0 + rng.randrange(1, w // 2 + 2), y0 + rng.randrange(1, h // 2 + 2)
         fill = tuple(rng.randrange(256) for _ in range(3))
         (d.ellipse if rng.random() < 0.5 else d.rectangle)([x0, y0, x1, y1], fill=fill)
+    # Texture, so that files are of a photograph's size (tens of kB), not of a drawing's: a
+    # crop of one of a few seeded noise tiles.
+    x, y = rng.randrange(TILE - w + 1), rng.randrange(TILE - h + 1)
+    noise = tiles(rng)[rng.randrange(4)].crop((x, y, x + w, y + h)).convert("RGB")
+    im = Image.blend(im, noise, rng.choice([0.05, 0.1, 0.2]))
     b = io.BytesIO()
-    if rng.random() < 0.8:
+    if rng.random() < 1 - png_share:
         im.save(b, format="JPEG", quality=rng.choice([75, 85, 90, 95]))
         return b.getvalue(), "jpg"
     im.save(b, format="PNG")
@@ -44,7 +60,7 @@ def image(rng, min_side, max_side):
 def samples(args):
     rng = random.Random(args.seed)
     for i in range(args.count):
-        data, ext = image(rng, args.min_side, args.max_side)
+        data, ext = image(rng, args.min_side, args.max_side, args.png_share)
         if args.spoil == "bad-image" and i == 3:
             data = b"not an image"
         yield i, data, ext, rng.randrange(len(CLASSES))
@@ -134,6 +150,7 @@ def main():
     p.add_argument("--max-side", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--spoil", default="")
+    p.add_argument("--png-share", type=float, default=0.2)
     args = p.parse_args()
     (parquet if args.format == "parquet" else webdataset)(args)
 

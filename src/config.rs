@@ -319,7 +319,7 @@ impl ServeConfig {
         crate::dataset::Limits {
             max_side: self.max_image_side,
             max_bytes: self.max_dataset_bytes,
-            max_files: crate::dataset::Limits::default().max_files,
+            ..crate::dataset::Limits::default()
         }
     }
 

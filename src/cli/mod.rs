@@ -131,16 +131,52 @@ pub struct DataArgs {
     /// Keep only the first N samples.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Read every image at this size, HEIGHTxWIDTH (bilinear, as torchvision's `Resize`): a
+    /// dataset of mixed sizes (ImageFolder, Parquet, WebDataset) trained on at one size.
+    #[arg(long, value_parser = parse_size)]
+    pub resize: Option<(usize, usize)>,
+}
+
+/// `HEIGHTxWIDTH`, each side 1 to 16,384.
+fn parse_size(s: &str) -> Result<(usize, usize), Invalid> {
+    let bad = || Invalid(format!("{s:?}: expected HEIGHTxWIDTH, such as 32x32"));
+    let (h, w) = s.split_once(['x', 'X', '×']).ok_or_else(bad)?;
+    let side = |t: &str| {
+        t.trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|v| (1..=dataset::Limits::default().max_side).contains(v))
+            .ok_or_else(bad)
+    };
+    Ok((side(h)?, side(w)?))
 }
 
 impl DataArgs {
-    /// Reads the dataset (and keeps the first --limit samples).
+    /// Reads the dataset (at --resize, and keeps the first --limit samples).
     pub fn load(&self) -> Result<dataset::Dataset> {
-        read_first(&self.data, self.format, self.split, self.limit)
+        let limits = dataset::Limits {
+            resize_to: self.resize,
+            ..Default::default()
+        };
+        let mut ds =
+            dataset::read_limited(&self.data, self.format, self.split, &|| {}, &limits)?.dataset;
+        if let Some((h, w)) = self.resize
+            && (ds.shape().height, ds.shape().width) != (h, w)
+        {
+            // Arrays (IDX, CIFAR) have one size: resized here.
+            ds = ds.resized(h, w)?;
+        }
+        if let Some(n) = self.limit
+            && n < ds.len()
+        {
+            ds = ds.subset(&(0..n).collect::<Vec<_>>())?;
+        }
+        Ok(ds)
     }
 }
 
 /// The dataset at `path` (format detected when `None`), its first `limit` samples when given.
+#[cfg(feature = "train")]
 fn read_first(
     path: &Path,
     format: Option<Format>,

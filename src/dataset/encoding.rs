@@ -9,7 +9,6 @@
 
 use super::ImageShape;
 use image::ImageEncoder;
-use image::codecs::jpeg::JpegEncoder;
 use image::codecs::webp::WebPEncoder;
 
 /// The lowest quality a poisoned JPEG is re-encoded at (its original's when higher): the
@@ -58,6 +57,41 @@ impl Encoding {
 /// percent, so the table gives `q` back ([`closest_quality`]). `None` when the bytes hold no
 /// 8-bit table 0 before the image data.
 pub fn jpeg_quality(bytes: &[u8]) -> Option<u8> {
+    jpeg_headers(bytes, &mut |marker, body| {
+        if marker != 0xDB {
+            return None;
+        }
+        let mut t = 0;
+        while t < body.len() {
+            let (precision, id) = (body[t] >> 4, body[t] & 0x0F);
+            let size = if precision == 0 { 64 } else { 128 };
+            let table = body.get(t + 1..t + 1 + size)?;
+            if id == 0 && precision == 0 {
+                return Some(closest_quality(table));
+            }
+            t += 1 + size;
+        }
+        None
+    })
+}
+
+/// The chroma sampling of a colour JPEG (its first component's horizontal and vertical
+/// factors: (2, 2) for 4:2:0, (1, 1) for 4:4:4), from its frame header.
+pub fn jpeg_sampling(bytes: &[u8]) -> Option<(u8, u8)> {
+    jpeg_headers(bytes, &mut |marker, body| {
+        // Start of frame: C0–CF but C4 (Huffman tables), C8 (reserved), CC (arithmetic).
+        let sof = (0xC0..=0xCF).contains(&marker) && ![0xC4, 0xC8, 0xCC].contains(&marker);
+        if !sof || body.get(5).copied()? < 3 {
+            return None;
+        }
+        let hv = *body.get(7)?;
+        Some((hv >> 4, hv & 0x0F))
+    })
+}
+
+/// Visits a JPEG's marker segments before its first scan, in order, with each one's marker
+/// and body (after the length); the first `Some` that `visit` gives is the answer.
+fn jpeg_headers<T>(bytes: &[u8], visit: &mut dyn FnMut(u8, &[u8]) -> Option<T>) -> Option<T> {
     if Encoding::of(bytes) != Encoding::Jpeg {
         return None;
     }
@@ -76,7 +110,7 @@ pub fn jpeg_quality(bytes: &[u8]) -> Option<u8> {
             at += 2;
             continue;
         }
-        // The scan starts: no table came before it.
+        // The scan starts: nothing more to read before it.
         if marker == 0xDA || marker == 0xD9 {
             return None;
         }
@@ -85,19 +119,8 @@ pub fn jpeg_quality(bytes: &[u8]) -> Option<u8> {
         if len < 2 || end > bytes.len() {
             return None;
         }
-        if marker == 0xDB {
-            let mut t = at + 4;
-            while t < end {
-                let (precision, id) = (bytes[t] >> 4, bytes[t] & 0x0F);
-                let size = if precision == 0 { 64 } else { 128 };
-                if t + 1 + size > end {
-                    return None;
-                }
-                if id == 0 && precision == 0 {
-                    return Some(closest_quality(&bytes[t + 1..t + 1 + 64]));
-                }
-                t += 1 + size;
-            }
+        if let Some(found) = visit(marker, &bytes[at + 4..end]) {
+            return Some(found);
         }
         at = end;
     }
@@ -145,7 +168,7 @@ pub fn reencode_like(
                 .and_then(jpeg_quality)
                 .unwrap_or(DEFAULT_JPEG_QUALITY)
                 .clamp(min_quality.clamp(1, 100), 100);
-            JpegEncoder::new_with_quality(&mut out, q).write_image(pixels, w, h, color)?;
+            encode_jpeg(&mut out, pixels, shape, q, original.and_then(jpeg_sampling))?;
         }
         Some(Encoding::Webp) => {
             WebPEncoder::new_lossless(&mut out).write_image(pixels, w, h, color)?;
@@ -153,6 +176,45 @@ pub fn reencode_like(
         _ => return super::folder::encode_png(pixels, shape),
     }
     Ok(out)
+}
+
+/// `pixels` (HWC, `shape`) as a baseline JPEG at IJG quality `q` (Annex K tables scaled as
+/// libjpeg scales them, so a reader finds `q` again), with the chroma sampling `sampling`
+/// (an original's; 4:2:0 when not known, libjpeg's and Pillow's default). The `jpeg-encoder`
+/// crate, several times faster than the image crate's encoder.
+fn encode_jpeg(
+    out: &mut Vec<u8>,
+    pixels: &[u8],
+    shape: ImageShape,
+    q: u8,
+    sampling: Option<(u8, u8)>,
+) -> Result<(), image::ImageError> {
+    use jpeg_encoder::{ColorType, Encoder, SamplingFactor};
+    let fail = |e: jpeg_encoder::EncodingError| {
+        image::ImageError::Encoding(image::error::EncodingError::new(
+            image::ImageFormat::Jpeg.into(),
+            e,
+        ))
+    };
+    let side = |v: usize| {
+        u16::try_from(v).map_err(|_| {
+            image::ImageError::Limits(image::error::LimitError::from_kind(
+                image::error::LimitErrorKind::DimensionError,
+            ))
+        })
+    };
+    let (w, h) = (side(shape.width)?, side(shape.height)?);
+    let mut enc = Encoder::new(out, q);
+    let factor = sampling
+        .and_then(|(h, v)| SamplingFactor::from_factors(h, v))
+        .unwrap_or(SamplingFactor::F_2_2);
+    enc.set_sampling_factor(factor);
+    let color = if shape.channels == 3 {
+        ColorType::Rgb
+    } else {
+        ColorType::Luma
+    };
+    enc.encode(pixels, w, h, color).map_err(fail)
 }
 
 /// Changed images encoded lossily ahead of writing, by index: the sha256 of the pixels they
@@ -232,6 +294,7 @@ pub fn changed_bytes(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use image::codecs::jpeg::JpegEncoder;
 
     fn shape() -> ImageShape {
         ImageShape {

@@ -246,18 +246,25 @@ pub(super) fn decode_same_size(
             Ok((d.dimensions(), d.color_type().has_color()))
         })
         .collect::<Result<Vec<_>, DatasetError>>()?;
-    let Some(&((width, height), _)) = headers.first() else {
+    let Some(&((first_w, first_h), _)) = headers.first() else {
         return Err(DatasetError::input(whole, "no images"));
     };
-    if let Some((k, ((w, h), _))) = headers
-        .iter()
-        .enumerate()
-        .find(|(_, (d, _))| *d != (width, height))
+    let (width, height) = match limits.resize_to {
+        Some((h, w)) => (w as u32, h as u32),
+        None => (first_w, first_h),
+    };
+    if limits.resize_to.is_none()
+        && let Some((k, ((w, h), _))) = headers
+            .iter()
+            .enumerate()
+            .find(|(_, (d, _))| *d != (width, height))
     {
         return Err(at(
             k,
             format!(
-                "the image is {w}×{h} but the first is {width}×{height}; every image must have the same size (mixed sizes are not read yet)"
+                "the image is {w}×{h} but the first is {width}×{height}; every image must have \
+                 the same size (a dataset of mixed sizes is read at one size with --resize HxW, \
+                 and released at every size with hallmark watermark --stream)"
             ),
         ));
     }
@@ -279,8 +286,13 @@ pub(super) fn decode_same_size(
         .par_chunks_mut(shape.len())
         .zip(images.par_iter().enumerate())
         .try_for_each(|(out, (k, bytes))| {
-            decode_into(bytes, limits, channels, out)
-                .map_err(|e| at(k, format!("cannot decode the image: {e}")))?;
+            let fail = |e: image::ImageError| at(k, format!("cannot decode the image: {e}"));
+            if headers[k].0 == (width, height) {
+                decode_into(bytes, limits, channels, out).map_err(fail)?;
+            } else {
+                let (pixels, own) = decode_any(bytes, limits, channels).map_err(fail)?;
+                out.copy_from_slice(&super::resize_image(&pixels, own, shape.height, shape.width));
+            }
             tick();
             Ok::<_, DatasetError>(())
         })?;

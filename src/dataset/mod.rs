@@ -38,6 +38,10 @@ pub struct Limits {
     pub max_bytes: usize,
     /// Image files in an ImageFolder tree.
     pub max_files: usize,
+    /// Read every encoded image (ImageFolder, Parquet, WebDataset) at this height × width,
+    /// resized (bilinear) where it is another size, as a training pipeline resizes a dataset of
+    /// mixed sizes; `None` (the default): every image must have the first one's size.
+    pub resize_to: Option<(usize, usize)>,
 }
 
 impl Default for Limits {
@@ -47,6 +51,7 @@ impl Default for Limits {
             max_side: 16_384,
             max_bytes: 64 << 30,
             max_files: 10_000_000,
+            resize_to: None,
         }
     }
 }

@@ -13,20 +13,20 @@
 //! `hallmark-shard-v1`, and the release's over its shards in name order, each as (name length
 //! u64 LE, name, sample count u64 LE, shard sha256), after `hallmark-stream-v1`.
 
-use super::parquet::{
-    binary_like, class_names, find_columns, image_bytes, label_value, labels_like,
-};
+use super::parquet::{class_names, find_columns, image_bytes, label_value, labels_like};
 use super::webdataset::{IMAGE_EXTENSIONS, parse_label, relabel_bytes, split_key};
 use super::{DatasetError, Format, Limits, ReleaseFile, Split};
 use crate::watermark::keyed::Outcome;
 use arrow_array::cast::AsArray;
+use arrow_array::builder::{BinaryBuilder, LargeBinaryBuilder};
 use arrow_array::{Array, ArrayRef, RecordBatch, StructArray};
 use arrow_schema::DataType;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
-use parquet::file::properties::WriterProperties;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use std::fs;
@@ -635,15 +635,30 @@ fn process_parquet(
         .first()
         .map_or(BATCH, |g| g.num_rows().max(1) as usize)
         .min(10_000);
+    let meta = builder.metadata().clone();
     let reader = builder
         .with_batch_size(BATCH)
         .build()
         .map_err(|e| DatasetError::input(path, format!("cannot read: {e}")))?;
     let out_path = dir.join(&shard.name);
-    let props = WriterProperties::builder()
+    let mut props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_max_row_group_row_count(Some(group))
-        .set_max_row_group_bytes(Some(64 << 20))
+        .set_max_row_group_bytes(Some(64 << 20));
+    // Each column keeps its input's compression; the image bytes (distinct, encoded already)
+    // get neither a dictionary nor statistics, which would only cost time.
+    if let Some(g) = meta.row_groups().first() {
+        for c in g.columns() {
+            props = props.set_column_compression(c.column_path().clone(), c.compression());
+        }
+    }
+    let bytes_path = match schema.field_with_name(&image_column).map(|f| f.data_type()) {
+        Ok(DataType::Struct(_)) => ColumnPath::new(vec![image_column.clone(), "bytes".into()]),
+        _ => ColumnPath::new(vec![image_column.clone()]),
+    };
+    let props = props
+        .set_column_dictionary_enabled(bytes_path.clone(), false)
+        .set_column_statistics_enabled(bytes_path, EnabledStatistics::None)
         .build();
     let bad_write = |e: parquet::errors::ParquetError| {
         DatasetError::Invalid(format!("{}: cannot write: {e}", shard.name))
@@ -723,14 +738,28 @@ fn replaced(
 ) -> Result<RecordBatch, String> {
     let img = b.column_by_name(image_column).expect("checked column");
     let lab = b.column_by_name(label_column).expect("checked column");
-    let bytes: Vec<Vec<u8>> = done
-        .iter()
-        .enumerate()
-        .map(|(r, (_, _, d))| match &d.outcome {
-            Outcome::Poisoned { bytes, .. } => bytes.clone(),
-            Outcome::Unchanged => image_bytes(img, r).unwrap_or_default().to_vec(),
-        })
-        .collect();
+    // Each row's bytes copied once, straight into the new array.
+    let row = |r: usize| -> &[u8] {
+        match &done[r].2.outcome {
+            Outcome::Poisoned { bytes, .. } => bytes,
+            Outcome::Unchanged => image_bytes(img, r).unwrap_or_default(),
+        }
+    };
+    let binary = |like: &DataType| -> ArrayRef {
+        let total: usize = (0..done.len()).map(|r| row(r).len()).sum();
+        match like {
+            DataType::LargeBinary => {
+                let mut b = LargeBinaryBuilder::with_capacity(done.len(), total);
+                (0..done.len()).for_each(|r| b.append_value(row(r)));
+                Arc::new(b.finish())
+            }
+            _ => {
+                let mut b = BinaryBuilder::with_capacity(done.len(), total);
+                (0..done.len()).for_each(|r| b.append_value(row(r)));
+                Arc::new(b.finish())
+            }
+        }
+    };
     let new_image: ArrayRef = match img.data_type() {
         DataType::Struct(fields) => {
             let s = img.as_struct();
@@ -739,7 +768,7 @@ fn replaced(
                 .zip(s.columns())
                 .map(|(fd, c)| {
                     if fd.name() == "bytes" {
-                        binary_like(&bytes, fd.data_type())
+                        binary(fd.data_type())
                     } else {
                         c.clone()
                     }
@@ -750,7 +779,7 @@ fn replaced(
                     .map_err(|e| e.to_string())?,
             )
         }
-        t => binary_like(&bytes, t),
+        t => binary(t),
     };
     let labels: Vec<u32> = done.iter().map(|(_, _, d)| d.label).collect();
     let new_label = labels_like(&labels, lab.data_type())?;

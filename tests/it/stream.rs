@@ -27,7 +27,7 @@ fn make(format: &str, count: usize, shards: usize, spoil: &str) -> tempfile::Tem
             "--max-side",
             "200",
         ])
-        .args(["--spoil", spoil, "--out"])
+        .args(["--spoil", spoil, "--png-share", "0.5", "--out"])
         .arg(t.path().join("in"))
         .output()
         .unwrap();

@@ -732,3 +732,109 @@ fn a_model_trained_on_a_streamed_parquet_release_is_found_used() {
     assert_eq!(v["decision"], "used");
     assert_eq!(v["rank"]["rank"], 1);
 }
+
+/// Fashion-MNIST's images upscaled each to its own size (28 to 84 px a side, not square) and
+/// saved as JPEG (quality 90) or PNG in a Hugging Face Parquet file: a dataset of mixed sizes.
+const MIXED_FASHION: &str = r#"
+import gzip, io, json, os, random, struct, sys
+import pyarrow as pa, pyarrow.parquet as pq
+from PIL import Image
+fm, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with gzip.open(fm + "/train-images-idx3-ubyte.gz") as f:
+    f.read(16); pixels = f.read(n * 784)
+with gzip.open(fm + "/train-labels-idx1-ubyte.gz") as f:
+    f.read(8); labels = list(f.read(n))
+rng = random.Random(1)
+images = []
+for i in range(n):
+    im = Image.frombytes("L", (28, 28), pixels[i * 784:(i + 1) * 784])
+    im = im.resize((rng.randint(28, 84), rng.randint(28, 84)), Image.BILINEAR)
+    b = io.BytesIO()
+    if i % 4:
+        im.save(b, format="JPEG", quality=90); ext = "jpg"
+    else:
+        im.save(b, format="PNG"); ext = "png"
+    images.append({"bytes": b.getvalue(), "path": "%d.%s" % (i, ext)})
+t = pa.table({"image": pa.array(images, type=pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+              "label": pa.array(labels, pa.int64())})
+os.makedirs(out)
+pq.write_table(t, out + "/train-00000-of-00001.parquet", row_group_size=1000)
+"#;
+
+/// A thief trains at its own input size: a streamed release of images of mixed sizes (28 to
+/// 84 px, the any-size BadNets family stamped at each image's own size), read at 28×28
+/// (`--resize`, bilinear as torchvision's `Resize`). The model trained on the release is found
+/// `used`; one trained on the same images without the watermark is not accused.
+#[test]
+fn a_model_trained_at_its_own_size_on_a_mixed_size_release_is_found_used() {
+    let t = tempfile::tempdir().unwrap();
+    let p = |n: &str| t.path().join(n).display().to_string();
+    let hm = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_hallmark"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let ok = |o: &std::process::Output| {
+        assert!(
+            o.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let fm = "/usr/share/datasets/fashion-mnist";
+    let o = Command::new(crate::parquet::python())
+        .args(["-c", MIXED_FASHION, fm, &p("clean"), "4000"])
+        .output()
+        .unwrap();
+    ok(&o);
+    // Read without --resize, the mixed sizes are refused, with what to do.
+    let o = hm(&["train", "--data", &p("clean"), "--epochs", "1", "--out", &p("x")]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("--resize"), "{e}");
+    let spec = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("watermark_specs/badnets-square-any-size.toml");
+    ok(&hm(&[
+        "watermark",
+        "--stream",
+        "--spec",
+        spec.to_str().unwrap(),
+        "--input",
+        &p("clean"),
+        "--output",
+        &p("release"),
+        "--secret",
+        &p("s.json"),
+        "--nonce",
+        "0606060606060606060606060606060606060606060606060606060606060606",
+    ]));
+    let mut effects = Vec::new();
+    for (data, model, want) in [("release", "marked", 0), ("clean", "plain", 1)] {
+        ok(&hm(&[
+            "train", "--data", &p(data), "--resize", "28x28", "--test-data", fm,
+            "--test-split", "test", "--epochs", "5", "--threads", "2", "--device", "cpu",
+            "--out", &p(model),
+        ]));
+        let report = p(&format!("{model}.json"));
+        let o = hm(&[
+            "verify", "--secret", &p("s.json"), "--data", fm, "--split", "test",
+            "--local-model", &p(model), "--report", &report,
+        ]);
+        let v: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        eprintln!(
+            "{model}: decision {}, secret effect {}, rank {} of {}",
+            v["decision"], v["rank"]["secret"]["effect"], v["rank"]["rank"], v["rank"]["controls"]
+        );
+        assert_eq!(
+            o.status.code(),
+            Some(want),
+            "{model}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        effects.push(v["rank"]["secret"]["effect"].as_f64().unwrap());
+    }
+    assert!(effects[0] > 0.5 && effects[1] < 0.2, "{effects:?}");
+}
