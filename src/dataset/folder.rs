@@ -291,7 +291,12 @@ pub(super) fn decode_same_size(
                 decode_into(bytes, limits, channels, out).map_err(fail)?;
             } else {
                 let (pixels, own) = decode_any(bytes, limits, channels).map_err(fail)?;
-                out.copy_from_slice(&super::resize_image(&pixels, own, shape.height, shape.width));
+                out.copy_from_slice(&super::resize_image(
+                    &pixels,
+                    own,
+                    shape.height,
+                    shape.width,
+                ));
             }
             tick();
             Ok::<_, DatasetError>(())

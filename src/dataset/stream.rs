@@ -17,8 +17,8 @@ use super::parquet::{class_names, find_columns, image_bytes, label_value, labels
 use super::webdataset::{IMAGE_EXTENSIONS, parse_label, relabel_bytes, split_key};
 use super::{DatasetError, Format, Limits, ReleaseFile, Split};
 use crate::watermark::keyed::Outcome;
-use arrow_array::cast::AsArray;
 use arrow_array::builder::{BinaryBuilder, LargeBinaryBuilder};
+use arrow_array::cast::AsArray;
 use arrow_array::{Array, ArrayRef, RecordBatch, StructArray};
 use arrow_schema::DataType;
 use parquet::arrow::ArrowWriter;

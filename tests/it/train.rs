@@ -790,12 +790,20 @@ fn a_model_trained_at_its_own_size_on_a_mixed_size_release_is_found_used() {
         .unwrap();
     ok(&o);
     // Read without --resize, the mixed sizes are refused, with what to do.
-    let o = hm(&["train", "--data", &p("clean"), "--epochs", "1", "--out", &p("x")]);
+    let o = hm(&[
+        "train",
+        "--data",
+        &p("clean"),
+        "--epochs",
+        "1",
+        "--out",
+        &p("x"),
+    ]);
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("--resize"), "{e}");
-    let spec = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("watermark_specs/badnets-square-any-size.toml");
+    let spec =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("watermark_specs/badnets-square-any-size.toml");
     ok(&hm(&[
         "watermark",
         "--stream",
@@ -813,14 +821,37 @@ fn a_model_trained_at_its_own_size_on_a_mixed_size_release_is_found_used() {
     let mut effects = Vec::new();
     for (data, model, want) in [("release", "marked", 0), ("clean", "plain", 1)] {
         ok(&hm(&[
-            "train", "--data", &p(data), "--resize", "28x28", "--test-data", fm,
-            "--test-split", "test", "--epochs", "5", "--threads", "2", "--device", "cpu",
-            "--out", &p(model),
+            "train",
+            "--data",
+            &p(data),
+            "--resize",
+            "28x28",
+            "--test-data",
+            fm,
+            "--test-split",
+            "test",
+            "--epochs",
+            "5",
+            "--threads",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            &p(model),
         ]));
         let report = p(&format!("{model}.json"));
         let o = hm(&[
-            "verify", "--secret", &p("s.json"), "--data", fm, "--split", "test",
-            "--local-model", &p(model), "--report", &report,
+            "verify",
+            "--secret",
+            &p("s.json"),
+            "--data",
+            fm,
+            "--split",
+            "test",
+            "--local-model",
+            &p(model),
+            "--report",
+            &report,
         ]);
         let v: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
         eprintln!(
@@ -836,5 +867,7 @@ fn a_model_trained_at_its_own_size_on_a_mixed_size_release_is_found_used() {
         );
         effects.push(v["rank"]["secret"]["effect"].as_f64().unwrap());
     }
+    // Measured: effects 0.92 to 0.96 (rank 1 of 100) and −0.003 to −0.001 (rank 83 to 89)
+    // under this machine's kernels, `ATEN_CPU_CAPABILITY=default` and `avx2`.
     assert!(effects[0] > 0.5 && effects[1] < 0.2, "{effects:?}");
 }
