@@ -2,7 +2,8 @@
 """Generates a labelled colour image dataset of mixed sizes, mostly JPEG, as a publisher on the
 Hugging Face Hub ships one: Parquet shards in the `datasets` layout (an `image` struct of bytes
 and path, a ClassLabel `label`, a `caption` and an `id` column) or WebDataset tar shards (`.jpg`
-or `.png`, a `.cls` or `.json` label, a `.txt` caption). Seeded: the same arguments give the
+or `.png`, a `.cls` or `.json` label, a `.txt` caption) or an ImageFolder tree (a folder per
+class). Seeded: the same arguments give the
 same files. 80% of the images are JPEG (--png-share 0.2 PNG).
 
     make-mixed-dataset.py --format parquet|webdataset --count N --shards S --out DIR
@@ -140,9 +141,18 @@ def webdataset(args):
             f.truncate(size // 2)
 
 
+def folder(args):
+    it = samples(args)
+    for i, data, ext, label in it:
+        d = os.path.join(args.out, CLASSES[label])
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "%07d.%s" % (i, ext)), "wb") as f:
+            f.write(data)
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--format", choices=["parquet", "webdataset"], required=True)
+    p.add_argument("--format", choices=["parquet", "webdataset", "folder"], required=True)
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--shards", type=int, default=1)
     p.add_argument("--out", required=True)
@@ -152,7 +162,7 @@ def main():
     p.add_argument("--spoil", default="")
     p.add_argument("--png-share", type=float, default=0.2)
     args = p.parse_args()
-    (parquet if args.format == "parquet" else webdataset)(args)
+    {"parquet": parquet, "webdataset": webdataset, "folder": folder}[args.format](args)
 
 
 if __name__ == "__main__":

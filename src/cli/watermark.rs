@@ -65,11 +65,12 @@ pub struct WatermarkArgs {
     #[arg(long, default_value_t = dataset::encoding::MIN_JPEG_QUALITY,
           value_parser = clap::value_parser!(u8).range(1..=100))]
     pub min_jpeg_quality: u8,
-    /// Stream a Parquet or WebDataset release shard by shard, in parallel, with flat memory
-    /// whatever its size: each sample is chosen by a keyed function of the secret and its key
-    /// (shard and row, or WebDataset key), images may be of any size (the spec must be an
-    /// any-size family), untouched samples are copied without being decoded. The record is
-    /// version 3; docs/formats.md#streamed-releases.
+    /// Stream a Parquet, WebDataset or ImageFolder release shard by shard (a class folder is an
+    /// ImageFolder's shard), in parallel, with flat memory whatever its size: each sample is
+    /// chosen by a keyed function of the secret and its key (shard and row, WebDataset key or
+    /// file path), images may be of any size (the spec must be an any-size family), untouched
+    /// samples are copied without being decoded. The record is version 3;
+    /// docs/formats.md#streamed-releases.
     #[arg(long)]
     pub stream: bool,
     /// Replace existing output and secret files.
@@ -267,7 +268,8 @@ pub(super) fn watermark_cmd(a: WatermarkArgs) -> Result<()> {
     Ok(())
 }
 
-/// `hallmark watermark --stream`: a Parquet or WebDataset release stamped shard by shard.
+/// `hallmark watermark --stream`: a Parquet, WebDataset or ImageFolder release stamped shard by
+/// shard.
 fn watermark_stream(a: &WatermarkArgs, spec: &WatermarkSpec) -> Result<()> {
     if a.triggers > 1 {
         bail!(
@@ -318,7 +320,7 @@ fn watermark_stream(a: &WatermarkArgs, spec: &WatermarkSpec) -> Result<()> {
         shape: rec.dataset.shape,
         num_classes: rec.dataset.num_classes,
         dataset_sha256: rec.dataset.sha256_after.clone(),
-        files: done.shards.iter().map(|s| s.file.clone()).collect(),
+        files: done.shards.iter().filter_map(|s| s.file.clone()).collect(),
         manifest: dataset::MANIFEST.into(),
         commitment: Some(commitment.clone()),
         stream: Some(dataset::StreamInfo {

@@ -121,7 +121,7 @@ impl FolderLayout {
 }
 
 /// The extension of a file holding `bytes`.
-fn extension(bytes: &[u8]) -> &'static str {
+pub(super) fn extension(bytes: &[u8]) -> &'static str {
     match Encoding::of(bytes) {
         Encoding::Jpeg => "jpg",
         Encoding::Webp => "webp",
@@ -155,28 +155,7 @@ pub fn read_limited(
     tick: &(dyn Fn() + Sync),
     limits: &Limits,
 ) -> Result<Tree, DatasetError> {
-    let mut classes = Vec::new();
-    for entry in read_dir_sorted(root)? {
-        let name = file_name(&entry);
-        if name.starts_with('.') {
-            continue;
-        }
-        // A release written by hallmark keeps its description beside the class folders.
-        if !entry.is_dir() && (name == "manifest.jsonl" || name == "release.json") {
-            continue;
-        }
-        if entry.is_dir() {
-            classes.push((name, entry));
-        } else {
-            return Err(DatasetError::input(
-                &entry,
-                "a file lies directly in the dataset root; an ImageFolder tree holds one folder per class",
-            ));
-        }
-    }
-    if classes.is_empty() {
-        return Err(DatasetError::input(root, "no class folders found"));
-    }
+    let classes = class_folders(root)?;
     let mut files = Vec::new();
     let mut labels = Vec::new();
     // An empty class folder keeps its class index (unlike torchvision, which refuses it), so
@@ -359,7 +338,36 @@ pub(super) fn reader<'a>(
     Ok(r)
 }
 
-fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DatasetError> {
+/// The class folders of an ImageFolder tree (name and path, in name order), each class's
+/// index its place.
+pub(super) fn class_folders(root: &Path) -> Result<Vec<(String, PathBuf)>, DatasetError> {
+    let mut classes = Vec::new();
+    for entry in read_dir_sorted(root)? {
+        let name = file_name(&entry);
+        if name.starts_with('.') {
+            continue;
+        }
+        // A release written by hallmark keeps its description beside the class folders.
+        if !entry.is_dir() && (name == "manifest.jsonl" || name == "release.json") {
+            continue;
+        }
+        if entry.is_dir() {
+            classes.push((name, entry));
+        } else {
+            return Err(DatasetError::input(
+                &entry,
+                "a file lies directly in the dataset root; an ImageFolder tree holds one folder per class",
+            ));
+        }
+    }
+    if classes.is_empty() {
+        return Err(DatasetError::input(root, "no class folders found"));
+    }
+    Ok(classes)
+}
+
+/// The image files under `dir` (recursively, in name order).
+pub(super) fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DatasetError> {
     for entry in read_dir_sorted(dir)? {
         let name = file_name(&entry);
         if name.starts_with('.') {

@@ -667,7 +667,10 @@ fn read_cifar(
     })
 }
 
-fn folder_split_root(input: &Path, split: Option<Split>) -> Result<PathBuf, DatasetError> {
+pub(super) fn folder_split_root(
+    input: &Path,
+    split: Option<Split>,
+) -> Result<PathBuf, DatasetError> {
     let has = |n: &str| input.join(n).is_dir();
     match split {
         Some(s) => split_prefixes(s)

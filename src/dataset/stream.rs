@@ -85,11 +85,13 @@ pub fn survey(
     let paths = match format {
         Format::Parquet => super::parquet::files_of(input, split)?,
         Format::WebDataset => super::webdataset::shards_of(input, split)?,
+        Format::Folder => return survey_folder(input, split, tick),
         other => {
             return Err(DatasetError::input(
                 input,
                 format!(
-                    "a streamed release reads Parquet or WebDataset shards, not {}",
+                    "a streamed release reads Parquet or WebDataset shards or an ImageFolder \
+                     tree, not {}",
                     other.as_str()
                 ),
             ));
@@ -138,6 +140,53 @@ pub fn survey(
         shards,
         class_counts: counts,
         class_names: names,
+        channels: channels.unwrap_or(3),
+    })
+}
+
+/// An ImageFolder tree: each class folder is a shard, its files (recursively, in name order)
+/// its samples, keyed by their path in the class folder.
+fn survey_folder(
+    input: &Path,
+    split: Option<Split>,
+    tick: &(dyn Fn() + Sync),
+) -> Result<Survey, DatasetError> {
+    if !input.is_dir() {
+        return Err(DatasetError::input(
+            input,
+            "an ImageFolder dataset is a folder, not a file",
+        ));
+    }
+    let root = super::layout::folder_split_root(input, split)?;
+    let classes = super::folder::class_folders(&root)?;
+    let mut shards = Vec::new();
+    let mut counts = Vec::new();
+    let mut channels = None;
+    for (name, dir) in &classes {
+        let mut files = Vec::new();
+        super::folder::collect_images(dir, &mut files)?;
+        if channels.is_none()
+            && let Some(f) = files.first()
+        {
+            let bytes = fs::read(f).map_err(|e| DatasetError::io(f, e))?;
+            channels = channels_of(&bytes);
+        }
+        files.iter().for_each(|_| tick());
+        counts.push(files.len());
+        shards.push(ShardInfo {
+            path: dir.clone(),
+            name: name.clone(),
+            count: files.len(),
+        });
+    }
+    if counts.iter().sum::<usize>() == 0 {
+        return Err(DatasetError::input(&root, "no image in any class folder"));
+    }
+    Ok(Survey {
+        format: Format::Folder,
+        shards,
+        class_counts: counts,
+        class_names: Some(classes.into_iter().map(|(n, _)| n).collect()),
         channels: channels.unwrap_or(3),
     })
 }
@@ -375,8 +424,8 @@ pub struct ShardOutput {
     pub sha256_after: String,
     /// The changed samples: key within the shard, label before and after.
     pub poisoned: Vec<(String, u32, u32)>,
-    /// The written file.
-    pub file: ReleaseFile,
+    /// The written file (none for an ImageFolder class, whose files the manifest lists).
+    pub file: Option<ReleaseFile>,
     /// Smallest (height, width) of its images.
     pub min_size: [usize; 2],
     /// Largest (height, width).
@@ -519,7 +568,8 @@ impl Tally {
         })
     }
 
-    fn add(&mut self, shard: &str, key: &str, label: u32, d: &Done) -> std::io::Result<()> {
+    /// Adds sample `key` (released at `path`, as the manifest names it) of class `label`.
+    fn add(&mut self, path: String, key: &str, label: u32, d: &Done) -> std::io::Result<()> {
         self.before.add(key, label, &d.before);
         self.after.add(key, d.label, &d.after);
         if matches!(d.outcome, Outcome::Poisoned { .. }) {
@@ -531,7 +581,7 @@ impl Tally {
         }
         let entry = super::ManifestEntry {
             index: self.index,
-            path: format!("{shard}#{key}"),
+            path,
             label: d.label,
             sha256: hex::encode(d.after),
         };
@@ -542,7 +592,7 @@ impl Tally {
         Ok(())
     }
 
-    fn finish(mut self, name: &str, file: ReleaseFile) -> std::io::Result<ShardOutput> {
+    fn finish(mut self, name: &str, file: Option<ReleaseFile>) -> std::io::Result<ShardOutput> {
         self.manifest.flush()?;
         Ok(ShardOutput {
             name: name.to_string(),
@@ -578,6 +628,13 @@ pub fn process(
         starts.push(n);
         n += s.count;
     }
+    let names = survey.class_names.clone().unwrap_or_default();
+    if survey.format == Format::Folder {
+        for n in &names {
+            let d = dir.join(n);
+            fs::create_dir_all(&d).map_err(|e| DatasetError::io(&d, e))?;
+        }
+    }
     let outputs = survey
         .shards
         .par_iter()
@@ -586,6 +643,13 @@ pub fn process(
             let tally = Tally::new(&manifest_part(dir, i), starts[i])?;
             let out = match survey.format {
                 Format::Parquet => process_parquet(s, dir, decide, limits, tally, tick),
+                Format::Folder => {
+                    let folder = Folder {
+                        label: i as u32,
+                        classes: &names,
+                    };
+                    process_folder(s, dir, decide, limits, tally, tick, &folder)
+                }
                 _ => process_tar(s, dir, decide, limits, tally, tick),
             }?;
             if out.count != s.count {
@@ -707,7 +771,7 @@ fn process_parquet(
             .collect::<Result<Vec<_>, DatasetError>>()?;
         for (key, label, d) in &done {
             tally
-                .add(&shard.name, key, *label, d)
+                .add(format!("{}#{key}", shard.name), key, *label, d)
                 .map_err(|e| DatasetError::io(dir, e))?;
         }
         let changed = done
@@ -725,7 +789,7 @@ fn process_parquet(
     let hashing = w.into_inner().map_err(bad_write)?;
     let file = hashing.finish(&shard.name, &out_path)?;
     tally
-        .finish(&shard.name, file)
+        .finish(&shard.name, Some(file))
         .map_err(|e| DatasetError::io(dir, e))
 }
 
@@ -838,7 +902,8 @@ fn process_tar(
             .collect::<Result<Vec<_>, DatasetError>>()?;
         let io = |e: std::io::Error| DatasetError::io(&out_path, e);
         for (p, (image, label, l, d)) in pending.drain(..).zip(done) {
-            tally.add(&shard.name, &p.key, l, &d).map_err(io)?;
+            let path = format!("{}#{}", shard.name, p.key);
+            tally.add(path, &p.key, l, &d).map_err(io)?;
             for (j, (header, name, data)) in p.members.into_iter().enumerate() {
                 let data = match (&d.outcome, j) {
                     (Outcome::Poisoned { bytes, .. }, j) if j == image => bytes.clone(),
@@ -863,6 +928,80 @@ fn process_tar(
     let hashing = b.into_inner().map_err(|e| DatasetError::io(&out_path, e))?;
     let file = hashing.finish(&shard.name, &out_path)?;
     tally
-        .finish(&shard.name, file)
+        .finish(&shard.name, Some(file))
+        .map_err(|e| DatasetError::io(dir, e))
+}
+
+/// What an ImageFolder class needs beyond its shard: its label and every class's folder name.
+struct Folder<'a> {
+    label: u32,
+    classes: &'a [String],
+}
+
+/// An ImageFolder class: every file read once and written into the folder of its released
+/// class, as `class/<name>.<ext>`, the name the first 32 hex digits of sha256(key ‖ the
+/// released bytes' sha256), so that a file's name says nothing of its origin or whether it
+/// moved (as the in-memory release names its files by their pixels).
+fn process_folder(
+    shard: &ShardInfo,
+    dir: &Path,
+    decide: &Decide<'_>,
+    limits: &Limits,
+    mut tally: Tally,
+    tick: &(dyn Fn() + Sync),
+    folder: &Folder<'_>,
+) -> Result<ShardOutput, DatasetError> {
+    let mut files = Vec::new();
+    super::folder::collect_images(&shard.path, &mut files)?;
+    for chunk in files.chunks(BATCH) {
+        let done = chunk
+            .par_iter()
+            .map(|f| {
+                let bytes = fs::read(f).map_err(|e| DatasetError::io(f, e))?;
+                let key = f
+                    .strip_prefix(&shard.path)
+                    .unwrap_or(f)
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+                    .join("/");
+                let d = settle(
+                    decide,
+                    limits,
+                    &format!("{}/{key}", shard.name),
+                    folder.label,
+                    &bytes,
+                )
+                .map_err(|m| DatasetError::input(f, m))?;
+                let out: &[u8] = match &d.outcome {
+                    Outcome::Poisoned { bytes, .. } => bytes,
+                    Outcome::Unchanged => &bytes,
+                };
+                let class = folder.classes.get(d.label as usize).ok_or_else(|| {
+                    DatasetError::input(f, format!("class {} has no folder", d.label))
+                })?;
+                let mut h = Sha256::new();
+                h.update(key.as_bytes());
+                h.update([0]);
+                h.update(d.after);
+                let name = format!(
+                    "{class}/{}.{}",
+                    &hex::encode(h.finalize())[..32],
+                    super::folder::extension(out)
+                );
+                let path = dir.join(&name);
+                fs::write(&path, out).map_err(|e| DatasetError::io(&path, e))?;
+                tick();
+                Ok((key, name, d))
+            })
+            .collect::<Result<Vec<_>, DatasetError>>()?;
+        for (key, name, d) in &done {
+            tally
+                .add(name.clone(), key, folder.label, d)
+                .map_err(|e| DatasetError::io(dir, e))?;
+        }
+    }
+    tally
+        .finish(&shard.name, None)
         .map_err(|e| DatasetError::io(dir, e))
 }

@@ -372,3 +372,91 @@ fn malformed_shards_stop_a_streamed_release_naming_the_shard_and_sample() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("Parquet or WebDataset"), "{e}");
 }
+
+/// An ImageFolder tree of mixed sizes streamed class folder by class folder: every file not in
+/// the record is released byte for byte in its class's folder; every poisoned one moves to the
+/// target's folder, stamped, at its size and in its format; file names say nothing of origin.
+#[test]
+fn a_streamed_image_folder_release_keeps_its_files_and_moves_the_poisoned() {
+    use sha2::{Digest, Sha256};
+    let t = make("folder", 240, 1, "");
+    let input = t.path().join("in");
+    let (out, secret) = (t.path().join("rel"), t.path().join("rel.secret.json"));
+    let o = stream(
+        &input,
+        &out,
+        &secret,
+        &spec("badnets-square-any-size.toml"),
+        "2",
+    );
+    assert!(o.ok, "{}", o.stderr);
+    let rec = SecretRecord::load(&secret).unwrap();
+    let keyed = rec.keyed.clone().unwrap();
+    let target = match rec.spec.labelling {
+        hallmark::spec::Labelling::Targeted { target } => target as usize,
+        ref l => panic!("{l:?}"),
+    };
+    let classes: Vec<String> = keyed.shards.iter().map(|s| s.name.clone()).collect();
+    // The released files, by class folder, as (sha256 of bytes) multisets.
+    let mut released: Vec<Vec<[u8; 32]>> = vec![Vec::new(); classes.len()];
+    let mut files = 0;
+    for (c, name) in classes.iter().enumerate() {
+        for e in std::fs::read_dir(out.join(name)).unwrap() {
+            let p = e.unwrap().path();
+            let stem = p.file_stem().unwrap().to_string_lossy().into_owned();
+            assert!(
+                stem.len() == 32 && stem.chars().all(|x| x.is_ascii_hexdigit()),
+                "{p:?}"
+            );
+            released[c].push(Sha256::digest(std::fs::read(&p).unwrap()).into());
+            files += 1;
+        }
+    }
+    assert_eq!(files, 240);
+    let manifest: Vec<Value> = std::fs::read_to_string(out.join("manifest.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut index = 0;
+    let mut moved = 0;
+    for (c, facts) in keyed.shards.iter().enumerate() {
+        let poisoned: BTreeSet<&str> = facts.poisoned.iter().map(|p| p.key.as_str()).collect();
+        let mut names: Vec<String> = std::fs::read_dir(input.join(&facts.name))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names.len(), facts.count);
+        for n in names {
+            let bytes = std::fs::read(input.join(&facts.name).join(&n)).unwrap();
+            let sha: [u8; 32] = Sha256::digest(&bytes).into();
+            let entry = &manifest[index];
+            index += 1;
+            let path = entry["path"].as_str().unwrap();
+            if !poisoned.contains(n.as_str()) {
+                assert!(
+                    released[c].contains(&sha),
+                    "{}/{n} not released as it was",
+                    facts.name
+                );
+                assert_eq!(path.split('/').next(), Some(facts.name.as_str()));
+                continue;
+            }
+            moved += 1;
+            assert_eq!(
+                path.split('/').next(),
+                Some(classes[target].as_str()),
+                "{entry}"
+            );
+            assert_eq!(entry["label"], target);
+            let after = std::fs::read(out.join(path)).unwrap();
+            assert_ne!(after, bytes, "{n} was not stamped");
+            let dims = |b: &[u8]| image::load_from_memory(b).unwrap().to_rgb8().dimensions();
+            assert_eq!(dims(&after), dims(&bytes), "{n}");
+            assert_eq!(after[..2], bytes[..2], "{n} keeps its format");
+        }
+    }
+    assert_eq!(moved, rec.poisoned_count());
+    assert!(moved >= 4, "{moved}");
+}
