@@ -146,29 +146,7 @@ impl KeyedMarker {
         };
         let member = super::draw_release(spec, num_classes, shape, &nonce)?;
         let family = spec.family.as_ref().map(|_| spec.clone());
-        let mut eligible = vec![true; num_classes];
-        match (member.labelling.poison_class(), &member.source_classes) {
-            (Some(c), _) => {
-                eligible.iter_mut().for_each(|e| *e = false);
-                if let Some(e) = eligible.get_mut(c as usize) {
-                    *e = true;
-                }
-            }
-            (None, Some(src)) => {
-                for (c, e) in eligible.iter_mut().enumerate() {
-                    *e = src.contains(&(c as u32));
-                }
-            }
-            (None, None) => {}
-        }
-        if let Labelling::Targeted { target } = member.labelling
-            && target as usize >= num_classes
-        {
-            return refuse(
-                "labelling.target",
-                format!("class {target} is not below the class count {num_classes}"),
-            );
-        }
+        let eligible = eligible_classes(&member, num_classes)?;
         let eligible_n: usize = class_counts
             .iter()
             .zip(&eligible)
@@ -194,6 +172,41 @@ impl KeyedMarker {
             min_jpeg_quality,
             key: selection_key(&nonce),
             eligible,
+            stamps: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The marker a streamed release's record describes (version 3): the same trigger, choice
+    /// and labels as the release it was written for, so that another engine (the Python
+    /// package, on Ray or Spark) stamps a batch exactly as `hallmark watermark --stream` did.
+    pub fn from_record(
+        rec: &super::SecretRecord,
+        min_jpeg_quality: u8,
+    ) -> Result<Self, WatermarkError> {
+        let k = rec.keyed.as_ref().ok_or_else(|| {
+            WatermarkError::Selection(
+                "not the record of a streamed release (version 3): its samples were chosen by \
+                 index, not by key"
+                    .into(),
+            )
+        })?;
+        let nonce: [u8; 32] = hex::decode(&rec.nonce)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| WatermarkError::Selection("nonce: not 32 bytes of hex".into()))?;
+        let num_classes = rec.dataset.num_classes;
+        let member = rec.spec.clone();
+        Ok(Self {
+            threshold: k.threshold,
+            mapping: member.labelling.mapping(num_classes),
+            eligible: eligible_classes(&member, num_classes)?,
+            member,
+            family: rec.family.clone(),
+            nonce,
+            num_classes,
+            channels: k.channels,
+            min_jpeg_quality,
+            key: selection_key(&nonce),
             stamps: Mutex::new(HashMap::new()),
         })
     }
@@ -285,6 +298,37 @@ impl KeyedMarker {
             }
         }
     }
+}
+
+/// Which classes a member may poison: a clean-label kind's class, the source classes, or all.
+fn eligible_classes(
+    member: &WatermarkSpec,
+    num_classes: usize,
+) -> Result<Vec<bool>, WatermarkError> {
+    let mut eligible = vec![true; num_classes];
+    match (member.labelling.poison_class(), &member.source_classes) {
+        (Some(c), _) => {
+            eligible.iter_mut().for_each(|e| *e = false);
+            if let Some(e) = eligible.get_mut(c as usize) {
+                *e = true;
+            }
+        }
+        (None, Some(src)) => {
+            for (c, e) in eligible.iter_mut().enumerate() {
+                *e = src.contains(&(c as u32));
+            }
+        }
+        (None, None) => {}
+    }
+    if let Labelling::Targeted { target } = member.labelling
+        && target as usize >= num_classes
+    {
+        return Err(WatermarkError::Spec(SpecError::Field {
+            field: "labelling.target".into(),
+            message: format!("class {target} is not below the class count {num_classes}"),
+        }));
+    }
+    Ok(eligible)
 }
 
 /// Whether a record's poisoned key was chosen by its rule: a record edited by hand is refused.

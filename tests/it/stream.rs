@@ -460,3 +460,114 @@ fn a_streamed_image_folder_release_keeps_its_files_and_moves_the_poisoned() {
     assert_eq!(moved, rec.poisoned_count());
     assert!(moved >= 4, "{moved}");
 }
+
+/// Stamps the Parquet shards in `argv[1]` on a local Ray cluster of two workers with the
+/// streamed release's record `argv[2]` (Ray Data `map_batches`, two actors each holding a
+/// `hallmark.Marker`), and prints, per file and row, the released label, the image's sha256
+/// and the worker's process id; also whether `hallmark.read_record` gives the record back.
+const RAY: &str = r#"
+import hashlib, json, os, sys
+import pyarrow as pa, pyarrow.fs, pyarrow.parquet as pq
+import ray, hallmark
+inp, secret = sys.argv[1], sys.argv[2]
+files = sorted(f for f in os.listdir(inp) if f.endswith(".parquet"))
+# Rows are keyed by file and row number; the generated `id` column counts rows across files.
+starts = {f: pq.read_table(os.path.join(inp, f), columns=["id"]).column("id")[0].as_py() for f in files}
+# Four logical CPUs: two for the stamping actors, the rest for reading the shards.
+ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+         runtime_env={"env_vars": {"RAYON_NUM_THREADS": "1"}})
+
+class Stamp:
+    def __init__(self, secret):
+        self.marker = hallmark.Marker.from_record(secret)
+    def __call__(self, batch):
+        name = [os.path.basename(p) for p in batch.column("path").to_pylist()]
+        ids = batch.column("id").to_pylist()
+        keys = ["%s/%d" % (n, i - starts[n]) for n, i in zip(name, ids)]
+        images = [r["bytes"] for r in batch.column("image").to_pylist()]
+        labels, out, poisoned = self.marker.stamp_batch(keys, batch.column("label").to_pylist(), images)
+        return pa.table({"key": keys, "label": labels,
+                         "sha256": [hashlib.sha256(b).hexdigest() for b in out],
+                         "poisoned": poisoned, "pid": [os.getpid()] * len(keys)})
+
+ds = ray.data.read_parquet([os.path.join(inp, f) for f in files], include_paths=True,
+                           filesystem=pa.fs.LocalFileSystem())
+# Eight blocks, and one at a time per actor, so that both actors take batches.
+pool = ray.data.ActorPoolStrategy(size=2, max_tasks_in_flight_per_actor=1)
+rows = ds.repartition(8).map_batches(Stamp, fn_constructor_args=(secret,), batch_format="pyarrow",
+                                     batch_size=8, compute=pool).take_all()
+rec = hallmark.read_record(secret)
+print(json.dumps({"rows": rows, "record_version": rec["version"], "nonce": rec["nonce"]}))
+"#;
+
+/// The Python package (python/, PyO3) on a local Ray cluster of two workers stamps Parquet
+/// shards exactly as `hallmark watermark --stream` does: the same rows poisoned, the same
+/// labels, the same image bytes.
+#[test]
+fn a_local_ray_cluster_stamps_parquet_shards_as_the_command_line_does() {
+    let py = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/ray-venv/bin/python");
+    assert!(
+        py.exists(),
+        "Ray and the Python package are missing: run scripts/test (it calls scripts/ensure-ray)"
+    );
+    let t = make("parquet", 160, 2, "");
+    let input = t.path().join("in/data");
+    let (out, secret) = (t.path().join("rel"), t.path().join("rel.secret.json"));
+    let o = stream(&input, &out, &secret, &spec("blended-any-size.toml"), "2");
+    assert!(o.ok, "{}", o.stderr);
+    let rec = SecretRecord::load(&secret).unwrap();
+    // A hung cluster fails the test in 5 minutes rather than holding the suite.
+    let o = Command::new("timeout")
+        .arg("300")
+        .arg(&py)
+        .args(["-c", RAY])
+        .arg(&input)
+        .arg(&secret)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(
+        o.stdout
+            .split(|b| *b == b'\n')
+            .rfind(|l| l.starts_with(b"{"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(v["record_version"], 3);
+    assert_eq!(v["nonce"], rec.nonce.as_str());
+    // The command line's release, row by row: label and image bytes' sha256 by key.
+    let o = Command::new(crate::parquet::python())
+        .args([
+            "-c",
+            "import hashlib, json, os, sys, pyarrow.parquet as pq\n\
+             out = {}\n\
+             for f in sorted(x for x in os.listdir(sys.argv[1]) if x.endswith('.parquet')):\n\
+             \x20   t = pq.read_table(os.path.join(sys.argv[1], f))\n\
+             \x20   for i, (img, l) in enumerate(zip(t.column('image').to_pylist(), t.column('label').to_pylist())):\n\
+             \x20       out['%s/%d' % (f, i)] = [l, hashlib.sha256(img['bytes']).hexdigest()]\n\
+             print(json.dumps(out))",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cli: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 160);
+    let mut pids = BTreeSet::new();
+    let mut poisoned = 0;
+    for r in rows {
+        let key = r["key"].as_str().unwrap();
+        assert_eq!(r["label"], cli[key][0], "{key}");
+        assert_eq!(
+            r["sha256"], cli[key][1],
+            "{key}: not the command line's bytes"
+        );
+        poisoned += usize::from(r["poisoned"].as_bool().unwrap());
+        pids.insert(r["pid"].as_u64().unwrap());
+    }
+    assert_eq!(poisoned, rec.poisoned_count());
+    assert!(poisoned > 0);
+    // The pool waits for both actors and gives each one block at a time.
+    assert_eq!(pids.len(), 2, "two workers stamped: {pids:?}");
+}
