@@ -259,12 +259,7 @@ pub(super) fn watermark_cmd(a: WatermarkArgs) -> Result<()> {
         info.num_classes,
         a.output.display()
     );
-    eprintln!(
-        "secret record: {} (keep it secret; publish only the commitment)",
-        a.secret.display()
-    );
-    eprintln!("dataset sha256: {}", info.dataset_sha256);
-    println!("{commitment}");
+    print_done(&a.secret, &info.dataset_sha256, &commitment);
     Ok(())
 }
 
@@ -349,11 +344,16 @@ fn watermark_stream(a: &WatermarkArgs, spec: &WatermarkSpec) -> Result<()> {
         keyed.max_size[1],
         a.output.display()
     );
+    print_done(&a.secret, &info.dataset_sha256, &commitment);
+    Ok(())
+}
+
+/// The end of a release: where the secret is, the dataset's hash, and the commitment on stdout.
+fn print_done(secret: &std::path::Path, dataset_sha256: &str, commitment: &str) {
     eprintln!(
         "secret record: {} (keep it secret; publish only the commitment)",
-        a.secret.display()
+        secret.display()
     );
-    eprintln!("dataset sha256: {}", info.dataset_sha256);
+    eprintln!("dataset sha256: {dataset_sha256}");
     println!("{commitment}");
-    Ok(())
 }

@@ -196,6 +196,35 @@ fn parquet_names(dir: &Path) -> Result<Vec<String>, DatasetError> {
     Ok(names)
 }
 
+/// Opens the Parquet file `path` for reading, naming it in any error.
+pub(super) fn open(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<fs::File>, DatasetError> {
+    let f = fs::File::open(path).map_err(|e| DatasetError::io(path, e))?;
+    ParquetRecordBatchReaderBuilder::try_new(f)
+        .map_err(|e| DatasetError::input(path, format!("not a readable Parquet file: {e}")))
+}
+
+/// The batches `builder` reads from the file `path`, an error naming the file and the row after
+/// which a row group could not be read.
+pub(super) fn read_batches(
+    path: &Path,
+    builder: ParquetRecordBatchReaderBuilder<fs::File>,
+) -> Result<impl Iterator<Item = Result<RecordBatch, DatasetError>> + '_, DatasetError> {
+    let reader = builder
+        .build()
+        .map_err(|e| DatasetError::input(path, format!("cannot read: {e}")))?;
+    let mut row = 0usize;
+    Ok(reader.map(move |b| {
+        let b = b.map_err(|e| {
+            DatasetError::input(
+                path,
+                format!("after row {row}, cannot read a row group: {e}"),
+            )
+        })?;
+        row += b.num_rows();
+        Ok(b)
+    }))
+}
+
 /// Whether `head` (a file's first bytes) is a Parquet file's magic.
 pub fn is_parquet(head: &[u8]) -> bool {
     head.starts_with(b"PAR1")
@@ -213,9 +242,7 @@ pub fn read(
     let mut columns: Option<(String, String)> = None;
     let mut names: Option<Vec<String>> = None;
     for path in paths {
-        let f = fs::File::open(path).map_err(|e| DatasetError::io(path, e))?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(f)
-            .map_err(|e| DatasetError::input(path, format!("not a readable Parquet file: {e}")))?;
+        let builder = open(path)?;
         let schema = builder.schema().clone();
         let (image, label) = find_columns(&schema).map_err(|m| DatasetError::input(path, m))?;
         match &columns {
@@ -234,19 +261,10 @@ pub fn read(
         if names.is_none() {
             names = class_names(&schema, &label);
         }
-        let reader = builder
-            .with_batch_size(1024)
-            .build()
-            .map_err(|e| DatasetError::input(path, format!("cannot read: {e}")))?;
         let mut got = Vec::new();
         let mut rows = 0usize;
-        for b in reader {
-            let b = b.map_err(|e| {
-                DatasetError::input(
-                    path,
-                    format!("after row {rows}, cannot read a row group: {e}"),
-                )
-            })?;
+        for b in read_batches(path, builder.with_batch_size(1024))? {
+            let b = b?;
             rows += b.num_rows();
             got.push(b);
         }

@@ -13,7 +13,9 @@
 //! `hallmark-shard-v1`, and the release's over its shards in name order, each as (name length
 //! u64 LE, name, sample count u64 LE, shard sha256), after `hallmark-stream-v1`.
 
-use super::parquet::{class_names, find_columns, image_bytes, label_value, labels_like};
+use super::parquet::{
+    class_names, find_columns, image_bytes, label_value, labels_like, open, read_batches,
+};
 use super::webdataset::{IMAGE_EXTENSIONS, parse_label, relabel_bytes, split_key};
 use super::{DatasetError, Format, Limits, ReleaseFile, Split};
 use crate::watermark::keyed::Outcome;
@@ -23,7 +25,6 @@ use arrow_array::{Array, ArrayRef, RecordBatch, StructArray};
 use arrow_schema::DataType;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::ProjectionMask;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
@@ -225,31 +226,16 @@ fn channels_of(bytes: &[u8]) -> Option<usize> {
 }
 
 fn survey_parquet(path: &Path, tick: &(dyn Fn() + Sync)) -> Result<Surveyed, DatasetError> {
-    let open = || -> Result<ParquetRecordBatchReaderBuilder<fs::File>, DatasetError> {
-        let f = fs::File::open(path).map_err(|e| DatasetError::io(path, e))?;
-        ParquetRecordBatchReaderBuilder::try_new(f)
-            .map_err(|e| DatasetError::input(path, format!("not a readable Parquet file: {e}")))
-    };
-    let builder = open()?;
+    let builder = open(path)?;
     let schema = builder.schema().clone();
     let (image, label) = find_columns(&schema).map_err(|m| DatasetError::input(path, m))?;
     let names = class_names(&schema, &label);
     let root = |name: &str| schema.index_of(name).expect("found column");
     let mask = ProjectionMask::roots(builder.parquet_schema(), [root(&label)]);
-    let reader = builder
-        .with_projection(mask)
-        .with_batch_size(8192)
-        .build()
-        .map_err(|e| DatasetError::input(path, format!("cannot read: {e}")))?;
     let mut counts = Vec::new();
     let mut row = 0usize;
-    for b in reader {
-        let b = b.map_err(|e| {
-            DatasetError::input(
-                path,
-                format!("after row {row}, cannot read a row group: {e}"),
-            )
-        })?;
+    for b in read_batches(path, builder.with_projection(mask).with_batch_size(8192))? {
+        let b = b?;
         let col = b.column(0);
         for r in 0..b.num_rows() {
             let l = label_value(col, r)
@@ -269,15 +255,13 @@ fn survey_parquet(path: &Path, tick: &(dyn Fn() + Sync)) -> Result<Surveyed, Dat
         row += b.num_rows();
     }
     // The first image says whether the dataset is grey.
-    let builder = open()?;
+    let builder = open(path)?;
     let mask = ProjectionMask::roots(builder.parquet_schema(), [root(&image)]);
-    let mut first = builder
+    let first = builder
         .with_projection(mask)
         .with_limit(1)
-        .with_batch_size(1)
-        .build()
-        .map_err(|e| DatasetError::input(path, format!("cannot read: {e}")))?;
-    let channels = match first.next() {
+        .with_batch_size(1);
+    let channels = match read_batches(path, first)?.next() {
         Some(Ok(b)) if b.num_rows() > 0 => image_bytes(b.column(0), 0).and_then(channels_of),
         _ => None,
     };
@@ -686,9 +670,7 @@ fn process_parquet(
     tick: &(dyn Fn() + Sync),
 ) -> Result<ShardOutput, DatasetError> {
     let path = &shard.path;
-    let f = fs::File::open(path).map_err(|e| DatasetError::io(path, e))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(f)
-        .map_err(|e| DatasetError::input(path, format!("not a readable Parquet file: {e}")))?;
+    let builder = open(path)?;
     let schema = builder.schema().clone();
     let (image_column, label_column) =
         find_columns(&schema).map_err(|m| DatasetError::input(path, m))?;
@@ -700,10 +682,7 @@ fn process_parquet(
         .map_or(BATCH, |g| g.num_rows().max(1) as usize)
         .min(10_000);
     let meta = builder.metadata().clone();
-    let reader = builder
-        .with_batch_size(BATCH)
-        .build()
-        .map_err(|e| DatasetError::input(path, format!("cannot read: {e}")))?;
+    let reader = read_batches(path, builder.with_batch_size(BATCH))?;
     let out_path = dir.join(&shard.name);
     let mut props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
@@ -735,12 +714,7 @@ fn process_parquet(
     .map_err(bad_write)?;
     let mut row = 0usize;
     for b in reader {
-        let b = b.map_err(|e| {
-            DatasetError::input(
-                path,
-                format!("after row {row}, cannot read a row group: {e}"),
-            )
-        })?;
+        let b = b?;
         let n = b.num_rows();
         let img = b
             .column_by_name(&image_column)

@@ -43,6 +43,21 @@ fn spec(name: &str) -> String {
         .into_owned()
 }
 
+/// The streamed release of `input` with the any-size BadNets family on two threads, into
+/// `dir/rel` with its secret `dir/rel.secret.json`; it must succeed.
+fn release(dir: &Path, input: &Path) -> (PathBuf, PathBuf, Output) {
+    let (out, secret) = (dir.join("rel"), dir.join("rel.secret.json"));
+    let o = stream(
+        input,
+        &out,
+        &secret,
+        &spec("badnets-square-any-size.toml"),
+        "2",
+    );
+    assert!(o.ok, "{}", o.stderr);
+    (out, secret, o)
+}
+
 /// Runs `hallmark watermark --stream` on `input` with `threads` worker threads.
 fn stream(input: &Path, out: &Path, secret: &Path, spec_file: &str, threads: &str) -> Output {
     let o = Command::new(env!("CARGO_BIN_EXE_hallmark"))
@@ -148,15 +163,7 @@ fn check(format: &str, input: &Path, output: &Path, names: &[String]) -> Vec<Val
 fn a_streamed_release_of(format: &str, shard_dir: &str) {
     let t = make(format, 240, 3, "");
     let input = t.path().join("in");
-    let (out, secret) = (t.path().join("rel"), t.path().join("rel.secret.json"));
-    let o = stream(
-        &input,
-        &out,
-        &secret,
-        &spec("badnets-square-any-size.toml"),
-        "2",
-    );
-    assert!(o.ok, "{}", o.stderr);
+    let (out, secret, o) = release(t.path(), &input);
     // The record loads, is a keyed version 3 record, and is what the printed commitment names.
     let rec: SecretRecord = match Secret::load(&secret).unwrap() {
         Secret::One(r) => *r,
@@ -381,15 +388,7 @@ fn a_streamed_image_folder_release_keeps_its_files_and_moves_the_poisoned() {
     use sha2::{Digest, Sha256};
     let t = make("folder", 240, 1, "");
     let input = t.path().join("in");
-    let (out, secret) = (t.path().join("rel"), t.path().join("rel.secret.json"));
-    let o = stream(
-        &input,
-        &out,
-        &secret,
-        &spec("badnets-square-any-size.toml"),
-        "2",
-    );
-    assert!(o.ok, "{}", o.stderr);
+    let (out, secret, _) = release(t.path(), &input);
     let rec = SecretRecord::load(&secret).unwrap();
     let keyed = rec.keyed.clone().unwrap();
     let target = match rec.spec.labelling {

@@ -287,12 +287,6 @@ fn a_small_calibration_detects_the_watermarked_model_and_accuses_no_other() {
 fn hallmark_train_then_offline_verify_of_the_local_model() {
     let t = tempfile::tempdir().unwrap();
     let p = |n: &str| t.path().join(n).display().to_string();
-    let hm = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_hallmark"))
-            .args(args)
-            .output()
-            .unwrap()
-    };
     let fm = "/usr/share/datasets/fashion-mnist";
     let o = hm(&[
         "convert",
@@ -629,6 +623,45 @@ fn hallmark_train_then_offline_verify_of_the_local_model() {
     assert!(!t.path().join("not-written").exists());
 }
 
+/// Runs the hallmark binary.
+fn hm(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_hallmark"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Asserts that a command succeeded, showing its output otherwise.
+fn ok(o: &std::process::Output) {
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `hallmark watermark --stream` of `input` with the any-size BadNets family and `nonce`,
+/// the release in `output` and its secret in `secret`.
+fn stream_release(input: &str, output: &str, secret: &str, nonce: &str) {
+    let spec =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("watermark_specs/badnets-square-any-size.toml");
+    ok(&hm(&[
+        "watermark",
+        "--stream",
+        "--spec",
+        spec.to_str().unwrap(),
+        "--input",
+        input,
+        "--output",
+        output,
+        "--secret",
+        secret,
+        "--nonce",
+        nonce,
+    ]));
+}
+
 /// A streamed release (`watermark --stream`, samples chosen by key, record version 3) of
 /// Fashion-MNIST as Parquet, with the any-size BadNets family: the trainer reads it, and the
 /// model trained on it is found `used` from the version 3 record.
@@ -636,20 +669,6 @@ fn hallmark_train_then_offline_verify_of_the_local_model() {
 fn a_model_trained_on_a_streamed_parquet_release_is_found_used() {
     let t = tempfile::tempdir().unwrap();
     let p = |n: &str| t.path().join(n).display().to_string();
-    let hm = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_hallmark"))
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let ok = |o: &std::process::Output| {
-        assert!(
-            o.status.success(),
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        )
-    };
     let fm = "/usr/share/datasets/fashion-mnist";
     ok(&hm(&[
         "convert",
@@ -664,22 +683,7 @@ fn a_model_trained_on_a_streamed_parquet_release_is_found_used() {
         "--output",
         &p("clean"),
     ]));
-    let spec =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("watermark_specs/badnets-square-any-size.toml");
-    ok(&hm(&[
-        "watermark",
-        "--stream",
-        "--spec",
-        spec.to_str().unwrap(),
-        "--input",
-        &p("clean"),
-        "--output",
-        &p("release"),
-        "--secret",
-        &p("s.json"),
-        "--nonce",
-        "0505050505050505050505050505050505050505050505050505050505050505",
-    ]));
+    stream_release(&p("clean"), &p("release"), &p("s.json"), &"05".repeat(32));
     let rec: Value = serde_json::from_slice(&std::fs::read(p("s.json")).unwrap()).unwrap();
     assert_eq!(rec["version"], 3);
     ok(&hm(&[
@@ -769,20 +773,6 @@ pq.write_table(t, out + "/train-00000-of-00001.parquet", row_group_size=1000)
 fn a_model_trained_at_its_own_size_on_a_mixed_size_release_is_found_used() {
     let t = tempfile::tempdir().unwrap();
     let p = |n: &str| t.path().join(n).display().to_string();
-    let hm = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_hallmark"))
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let ok = |o: &std::process::Output| {
-        assert!(
-            o.status.success(),
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        )
-    };
     let fm = "/usr/share/datasets/fashion-mnist";
     let o = Command::new(crate::parquet::python())
         .args(["-c", MIXED_FASHION, fm, &p("clean"), "4000"])
@@ -802,22 +792,7 @@ fn a_model_trained_at_its_own_size_on_a_mixed_size_release_is_found_used() {
     assert!(!o.status.success());
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("--resize"), "{e}");
-    let spec =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("watermark_specs/badnets-square-any-size.toml");
-    ok(&hm(&[
-        "watermark",
-        "--stream",
-        "--spec",
-        spec.to_str().unwrap(),
-        "--input",
-        &p("clean"),
-        "--output",
-        &p("release"),
-        "--secret",
-        &p("s.json"),
-        "--nonce",
-        "0606060606060606060606060606060606060606060606060606060606060606",
-    ]));
+    stream_release(&p("clean"), &p("release"), &p("s.json"), &"06".repeat(32));
     let mut effects = Vec::new();
     for (data, model, want) in [("release", "marked", 0), ("clean", "plain", 1)] {
         ok(&hm(&[
