@@ -475,6 +475,58 @@ pub(super) fn labels_like(labels: &[u32], like: &DataType) -> Result<ArrayRef, S
     }
 }
 
+/// `b` with its image column's bytes replaced by `bytes(binary type)` (inside the image struct
+/// or as the column itself) and its label column by `labels` in the column's own type; every
+/// other column, and the struct's other fields, as they were.
+pub(super) fn with_images_and_labels(
+    b: &RecordBatch,
+    image_column: &str,
+    label_column: &str,
+    bytes: &dyn Fn(&DataType) -> ArrayRef,
+    labels: &[u32],
+) -> Result<RecordBatch, String> {
+    let img = b.column_by_name(image_column).expect("read column");
+    let lab = b.column_by_name(label_column).expect("read column");
+    let new_image: ArrayRef = match img.data_type() {
+        DataType::Struct(fields) => {
+            let s = img.as_struct();
+            let cols = fields
+                .iter()
+                .zip(s.columns())
+                .map(|(fd, c)| {
+                    if fd.name() == "bytes" {
+                        bytes(fd.data_type())
+                    } else {
+                        c.clone()
+                    }
+                })
+                .collect();
+            Arc::new(
+                StructArray::try_new(fields.clone(), cols, s.nulls().cloned())
+                    .map_err(|e| e.to_string())?,
+            )
+        }
+        t => bytes(t),
+    };
+    let new_label = labels_like(labels, lab.data_type())?;
+    let schema = b.schema();
+    let cols = schema
+        .fields()
+        .iter()
+        .zip(b.columns())
+        .map(|(fd, c)| {
+            if fd.name() == image_column {
+                new_image.clone()
+            } else if fd.name() == label_column {
+                new_label.clone()
+            } else {
+                c.clone()
+            }
+        })
+        .collect();
+    RecordBatch::try_new(schema, cols).map_err(|e| e.to_string())
+}
+
 /// `bytes` as a binary array of the type `like` (Binary or LargeBinary).
 pub(super) fn binary_like(bytes: &[Vec<u8>], like: &DataType) -> ArrayRef {
     let refs = bytes.iter().map(|b| Some(b.as_slice()));
@@ -545,46 +597,15 @@ pub fn encode(
                             image_of(i, image_bytes(img, i - row), same)
                         })
                         .collect::<Result<Vec<_>, _>>()?;
-                    let new_image: ArrayRef = match img.data_type() {
-                        DataType::Struct(fields) => {
-                            let s = img.as_struct();
-                            let cols = fields
-                                .iter()
-                                .zip(s.columns())
-                                .map(|(fd, c)| {
-                                    if fd.name() == "bytes" {
-                                        binary_like(&bytes, fd.data_type())
-                                    } else {
-                                        c.clone()
-                                    }
-                                })
-                                .collect();
-                            Arc::new(
-                                StructArray::try_new(fields.clone(), cols, s.nulls().cloned())
-                                    .map_err(|e| DatasetError::Invalid(format!("{name}: {e}")))?,
-                            )
-                        }
-                        t => binary_like(&bytes, t),
-                    };
-                    let lab = b.column_by_name(&layout.label_column).expect("read column");
-                    let new_label = labels_like(&dataset.labels()[row..row + n], lab.data_type())
-                        .map_err(|m| DatasetError::Invalid(format!("{name}: {m}")))?;
-                    let cols = schema
-                        .fields()
-                        .iter()
-                        .zip(b.columns())
-                        .map(|(fd, c)| {
-                            if *fd.name() == layout.image_column {
-                                new_image.clone()
-                            } else if *fd.name() == layout.label_column {
-                                new_label.clone()
-                            } else {
-                                c.clone()
-                            }
-                        })
-                        .collect();
-                    let nb = RecordBatch::try_new(schema.clone(), cols)
-                        .map_err(|e| DatasetError::Invalid(format!("{name}: {e}")))?;
+                    let labels = &dataset.labels()[row..row + n];
+                    let nb = with_images_and_labels(
+                        b,
+                        &layout.image_column,
+                        &layout.label_column,
+                        &|t| binary_like(&bytes, t),
+                        labels,
+                    )
+                    .map_err(|m| DatasetError::Invalid(format!("{name}: {m}")))?;
                     w.write(&nb)
                         .map_err(|e| DatasetError::Invalid(format!("{name}: {e}")))?;
                     row += n;

@@ -14,14 +14,13 @@
 //! u64 LE, name, sample count u64 LE, shard sha256), after `hallmark-stream-v1`.
 
 use super::parquet::{
-    class_names, find_columns, image_bytes, label_value, labels_like, open, read_batches,
+    class_names, find_columns, image_bytes, label_value, open, read_batches, with_images_and_labels,
 };
 use super::webdataset::{IMAGE_EXTENSIONS, parse_label, relabel_bytes, split_key};
 use super::{DatasetError, Format, Limits, ReleaseFile, Split};
 use crate::watermark::keyed::Outcome;
 use arrow_array::builder::{BinaryBuilder, LargeBinaryBuilder};
-use arrow_array::cast::AsArray;
-use arrow_array::{Array, ArrayRef, RecordBatch, StructArray};
+use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::DataType;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::ProjectionMask;
@@ -775,7 +774,6 @@ fn replaced(
     done: &[(String, u32, Done)],
 ) -> Result<RecordBatch, String> {
     let img = b.column_by_name(image_column).expect("checked column");
-    let lab = b.column_by_name(label_column).expect("checked column");
     // Each row's bytes copied once, straight into the new array.
     let row = |r: usize| -> &[u8] {
         match &done[r].2.outcome {
@@ -798,45 +796,8 @@ fn replaced(
             }
         }
     };
-    let new_image: ArrayRef = match img.data_type() {
-        DataType::Struct(fields) => {
-            let s = img.as_struct();
-            let cols = fields
-                .iter()
-                .zip(s.columns())
-                .map(|(fd, c)| {
-                    if fd.name() == "bytes" {
-                        binary(fd.data_type())
-                    } else {
-                        c.clone()
-                    }
-                })
-                .collect();
-            Arc::new(
-                StructArray::try_new(fields.clone(), cols, s.nulls().cloned())
-                    .map_err(|e| e.to_string())?,
-            )
-        }
-        t => binary(t),
-    };
     let labels: Vec<u32> = done.iter().map(|(_, _, d)| d.label).collect();
-    let new_label = labels_like(&labels, lab.data_type())?;
-    let schema = b.schema();
-    let cols = schema
-        .fields()
-        .iter()
-        .zip(b.columns())
-        .map(|(fd, c)| {
-            if fd.name() == image_column {
-                new_image.clone()
-            } else if fd.name() == label_column {
-                new_label.clone()
-            } else {
-                c.clone()
-            }
-        })
-        .collect();
-    RecordBatch::try_new(schema, cols).map_err(|e| e.to_string())
+    with_images_and_labels(b, image_column, label_column, &binary, &labels)
 }
 
 fn process_tar(
