@@ -309,21 +309,7 @@ fn watermark_stream(a: &WatermarkArgs, spec: &WatermarkSpec) -> Result<()> {
     let rec = &done.record;
     let keyed = rec.keyed.as_ref().expect("a streamed record is keyed");
     let commitment = rec.commitment();
-    let info = dataset::ReleaseInfo {
-        format: survey.format.as_str().into(),
-        count: rec.dataset.count,
-        shape: rec.dataset.shape,
-        num_classes: rec.dataset.num_classes,
-        dataset_sha256: rec.dataset.sha256_after.clone(),
-        files: done.shards.iter().filter_map(|s| s.file.clone()).collect(),
-        manifest: dataset::MANIFEST.into(),
-        commitment: Some(commitment.clone()),
-        stream: Some(dataset::StreamInfo {
-            min_size: keyed.min_size,
-            max_size: keyed.max_size,
-            hashing: "hallmark-stream-v1".into(),
-        }),
-    };
+    let info = watermark::keyed::stream_release_info(&survey, rec, &done.shards);
     dataset::write_release_info(dir.path(), &info)?;
     // The secret is written before the release is moved into place.
     rec.save(&a.secret, a.force)

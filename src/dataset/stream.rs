@@ -28,6 +28,7 @@ use parquet::basic::Compression;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fs;
 use std::io::{BufWriter, Read, Write};
@@ -38,7 +39,7 @@ use std::sync::Arc;
 const BATCH: usize = 256;
 
 /// One shard of a streamed dataset.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ShardInfo {
     /// Its file.
     pub path: PathBuf,
@@ -49,7 +50,7 @@ pub struct ShardInfo {
 }
 
 /// What the label pass found.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Survey {
     /// Parquet or WebDataset.
     pub format: Format,
@@ -395,7 +396,7 @@ fn survey_tar(path: &Path, tick: &(dyn Fn() + Sync)) -> Result<Surveyed, Dataset
 pub type Decide<'a> = dyn Fn(&str, u32, &[u8]) -> Result<Outcome, String> + Sync + 'a;
 
 /// One shard as released.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ShardOutput {
     /// File name.
     pub name: String,
@@ -484,6 +485,123 @@ impl<W: Write> Hashing<W> {
             sha256: hex::encode(self.hash.finalize()),
         })
     }
+}
+
+/// A streamed dataset as it stands, without writing anything: its sha256 by the module's
+/// definition (what a release of it records as `sha256_before`) and the range of its images'
+/// sizes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fingerprint {
+    /// sha256 of the dataset's samples as stored (`hallmark-stream-v1`).
+    pub sha256: String,
+    /// Smallest (height, width).
+    pub min_size: [usize; 2],
+    /// Largest (height, width).
+    pub max_size: [usize; 2],
+}
+
+/// Reads every sample of `survey` once (image bytes and label; images only to their headers)
+/// and hashes them as a release would before stamping, shards in parallel. An undecodable
+/// image is an error naming its shard and sample, as in [`process`]. `tick` once per sample.
+pub fn fingerprint(
+    survey: &Survey,
+    limits: &Limits,
+    tick: &(dyn Fn() + Sync),
+) -> Result<Fingerprint, DatasetError> {
+    let unchanged = |_: &str, _: u32, _: &[u8]| Ok(Outcome::Unchanged);
+    let shards = (0..survey.shards.len())
+        .into_par_iter()
+        .map(|i| {
+            let s = &survey.shards[i];
+            let mut h = ShardHash::new();
+            let (mut min, mut max) = ([usize::MAX; 2], [0usize; 2]);
+            let mut count = 0usize;
+            let mut add = |key: &str, label: u32, bytes: &[u8]| -> Result<(), String> {
+                let d = settle(&unchanged, limits, key, label, bytes)?;
+                h.add(key, label, &d.before);
+                for k in 0..2 {
+                    min[k] = min[k].min(d.size[k]);
+                    max[k] = max[k].max(d.size[k]);
+                }
+                count += 1;
+                tick();
+                Ok(())
+            };
+            match survey.format {
+                Format::Parquet => {
+                    let path = &s.path;
+                    let builder = open(path)?;
+                    let schema = builder.schema().clone();
+                    let (image, label) =
+                        find_columns(&schema).map_err(|m| DatasetError::input(path, m))?;
+                    let mut row = 0usize;
+                    for b in read_batches(path, builder.with_batch_size(BATCH))? {
+                        let b = b?;
+                        let img = b
+                            .column_by_name(&image)
+                            .expect("the reader keeps the schema");
+                        let lab = b
+                            .column_by_name(&label)
+                            .expect("the reader keeps the schema");
+                        for r in 0..b.num_rows() {
+                            let at = |m: &str| {
+                                DatasetError::input(path, format!("row {}: {m}", row + r))
+                            };
+                            let bytes = image_bytes(img, r).ok_or_else(|| at("no image bytes"))?;
+                            let l = label_value(lab, r)
+                                .and_then(|l| u32::try_from(l).ok())
+                                .ok_or_else(|| at("no class label"))?;
+                            add(&(row + r).to_string(), l, bytes).map_err(|m| at(&m))?;
+                        }
+                        row += b.num_rows();
+                    }
+                }
+                Format::Folder => {
+                    let mut files = Vec::new();
+                    super::folder::collect_images(&s.path, &mut files)?;
+                    for f in &files {
+                        let bytes = fs::read(f).map_err(|e| DatasetError::io(f, e))?;
+                        add(&folder_key(&s.path, f), i as u32, &bytes)
+                            .map_err(|m| DatasetError::input(f, m))?;
+                    }
+                }
+                _ => {
+                    let path = &s.path;
+                    for_each_sample(path, &|_| true, &mut |p| {
+                        let (image, label) = roles(path, &p)?;
+                        let at =
+                            |m: String| DatasetError::input(path, format!("sample {}: {m}", p.key));
+                        let (_, lname, ldata) = &p.members[label];
+                        let l = parse_label(lname, ldata).map_err(at)?;
+                        let (_, iname, idata) = &p.members[image];
+                        add(&p.key, l, idata).map_err(|m| at(format!("{iname}: {m}")))
+                    })?;
+                }
+            }
+            Ok((s.name.clone(), count, h.hex(), min, max))
+        })
+        .collect::<Result<Vec<_>, DatasetError>>()?;
+    let sums: Vec<(String, usize, String)> = shards
+        .iter()
+        .map(|(n, c, h, _, _)| (n.clone(), *c, h.clone()))
+        .collect();
+    let min = |k: usize| shards.iter().map(|s| s.3[k]).min().unwrap_or(0);
+    let max = |k: usize| shards.iter().map(|s| s.4[k]).max().unwrap_or(0);
+    Ok(Fingerprint {
+        sha256: release_sha256(&sums),
+        min_size: [min(0), min(1)],
+        max_size: [max(0), max(1)],
+    })
+}
+
+/// An ImageFolder sample's key: its path within its class folder, `/`-separated.
+fn folder_key(class_dir: &Path, f: &Path) -> String {
+    f.strip_prefix(class_dir)
+        .unwrap_or(f)
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 /// One sample's fate, settled in parallel within a batch.
@@ -605,59 +723,83 @@ pub fn process(
     limits: &Limits,
     tick: &(dyn Fn() + Sync),
 ) -> Result<Vec<ShardOutput>, DatasetError> {
-    let mut starts = Vec::with_capacity(survey.shards.len());
-    let mut n = 0;
-    for s in &survey.shards {
-        starts.push(n);
-        n += s.count;
-    }
-    let names = survey.class_names.clone().unwrap_or_default();
-    if survey.format == Format::Folder {
-        for n in &names {
-            let d = dir.join(n);
-            fs::create_dir_all(&d).map_err(|e| DatasetError::io(&d, e))?;
-        }
-    }
-    let outputs = survey
-        .shards
-        .par_iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let tally = Tally::new(&manifest_part(dir, i), starts[i])?;
-            let out = match survey.format {
-                Format::Parquet => process_parquet(s, dir, decide, limits, tally, tick),
-                Format::Folder => {
-                    let folder = Folder {
-                        label: i as u32,
-                        classes: &names,
-                    };
-                    process_folder(s, dir, decide, limits, tally, tick, &folder)
-                }
-                _ => process_tar(s, dir, decide, limits, tally, tick),
-            }?;
-            if out.count != s.count {
-                return Err(DatasetError::input(
-                    &s.path,
-                    format!(
-                        "held {} samples, then {}: it changed while read",
-                        s.count, out.count
-                    ),
-                ));
-            }
-            Ok(out)
-        })
+    let outputs = (0..survey.shards.len())
+        .into_par_iter()
+        .map(|i| process_shard(survey, i, dir, decide, limits, tick))
         .collect::<Result<Vec<_>, _>>()?;
+    join_manifest(dir, survey.shards.len())?;
+    Ok(outputs)
+}
+
+/// Writes shard `i` of `survey` into `dir` (its file, or for an ImageFolder class its files in
+/// their classes' folders) with each sample as `decide` says, and its part of the manifest.
+/// Shards are independent: any process may write any shard, in any order, into one `dir`;
+/// [`join_manifest`] ends the release once all are written. Writing a shard again (after a
+/// crash) writes the same bytes.
+pub fn process_shard(
+    survey: &Survey,
+    i: usize,
+    dir: &Path,
+    decide: &Decide<'_>,
+    limits: &Limits,
+    tick: &(dyn Fn() + Sync),
+) -> Result<ShardOutput, DatasetError> {
+    let s = survey
+        .shards
+        .get(i)
+        .ok_or_else(|| DatasetError::Invalid(format!("no shard {i}")))?;
+    let start: usize = survey.shards[..i].iter().map(|s| s.count).sum();
+    let tally = Tally::new(&manifest_part(dir, i), start)?;
+    let out = match survey.format {
+        Format::Parquet => process_parquet(s, dir, decide, limits, tally, tick),
+        Format::Folder => {
+            let names = survey.class_names.as_deref().unwrap_or_default();
+            for n in names {
+                let d = dir.join(n);
+                fs::create_dir_all(&d).map_err(|e| DatasetError::io(&d, e))?;
+            }
+            let folder = Folder {
+                label: i as u32,
+                classes: names,
+            };
+            process_folder(s, dir, decide, limits, tally, tick, &folder)
+        }
+        _ => process_tar(s, dir, decide, limits, tally, tick),
+    }?;
+    if out.count != s.count {
+        return Err(DatasetError::input(
+            &s.path,
+            format!(
+                "held {} samples, then {}: it changed while read",
+                s.count, out.count
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+/// Joins the manifest parts of `shards` shards, written into `dir` by [`process_shard`], into
+/// `manifest.jsonl` (each sample's index, `shard#key`, label, sha256 of its image's stored
+/// bytes), and removes the parts.
+pub fn join_manifest(dir: &Path, shards: usize) -> Result<(), DatasetError> {
     let path = dir.join(super::MANIFEST);
+    // Joined already (a retry after the parts were removed).
+    if path.is_file() && (0..shards).all(|i| !manifest_part(dir, i).exists()) {
+        return Ok(());
+    }
     let f = fs::File::create(&path).map_err(|e| DatasetError::io(&path, e))?;
     let mut w = BufWriter::new(f);
-    for i in 0..survey.shards.len() {
+    for i in 0..shards {
         let part = manifest_part(dir, i);
         let mut r = fs::File::open(&part).map_err(|e| DatasetError::io(&part, e))?;
         std::io::copy(&mut r, &mut w).map_err(|e| DatasetError::io(&path, e))?;
-        fs::remove_file(&part).map_err(|e| DatasetError::io(&part, e))?;
     }
     w.flush().map_err(|e| DatasetError::io(&path, e))?;
-    Ok(outputs)
+    for i in 0..shards {
+        let part = manifest_part(dir, i);
+        fs::remove_file(&part).map_err(|e| DatasetError::io(&part, e))?;
+    }
+    Ok(())
 }
 
 fn process_parquet(
@@ -893,13 +1035,7 @@ fn process_folder(
             .par_iter()
             .map(|f| {
                 let bytes = fs::read(f).map_err(|e| DatasetError::io(f, e))?;
-                let key = f
-                    .strip_prefix(&shard.path)
-                    .unwrap_or(f)
-                    .components()
-                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
-                    .collect::<Vec<_>>()
-                    .join("/");
+                let key = folder_key(&shard.path, f);
                 let d = settle(
                     decide,
                     limits,

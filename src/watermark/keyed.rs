@@ -356,7 +356,7 @@ pub fn mark_stream(
     limits: &crate::dataset::Limits,
     tick: &(dyn Fn() + Sync),
 ) -> Result<StreamedRelease, WatermarkError> {
-    use crate::dataset::stream::{process, release_sha256};
+    use crate::dataset::stream::process;
     let marker = KeyedMarker::new(
         spec,
         nonce,
@@ -366,6 +366,19 @@ pub fn mark_stream(
     )?;
     let decide = |key: &str, label: u32, bytes: &[u8]| marker.process(key, label, bytes, limits);
     let shards = process(survey, dir, &decide, limits, tick)?;
+    let record = stream_record(&marker, survey, nonce, &shards);
+    Ok(StreamedRelease { record, shards })
+}
+
+/// The secret record of a streamed release whose shards `marker` stamped (version 3: the
+/// rule, the threshold and each shard's hashes and poisoned keys).
+pub fn stream_record(
+    marker: &KeyedMarker,
+    survey: &crate::dataset::stream::Survey,
+    nonce: [u8; 32],
+    shards: &[crate::dataset::stream::ShardOutput],
+) -> super::SecretRecord {
+    use crate::dataset::stream::release_sha256;
     let sums = |after: bool| {
         let v: Vec<(String, usize, String)> = shards
             .iter()
@@ -382,7 +395,7 @@ pub fn mark_stream(
     };
     let min = |k: usize| shards.iter().map(|s| s.min_size[k]).min().unwrap_or(0);
     let max = |k: usize| shards.iter().map(|s| s.max_size[k]).max().unwrap_or(0);
-    let record = super::SecretRecord {
+    super::SecretRecord {
         version: super::KEYED_VERSION,
         nonce: hex::encode(nonce),
         spec: marker.member.clone(),
@@ -425,8 +438,31 @@ pub fn mark_stream(
                 })
                 .collect(),
         }),
-    };
-    Ok(StreamedRelease { record, shards })
+    }
+}
+
+/// `release.json` of a streamed release with `record`.
+pub fn stream_release_info(
+    survey: &crate::dataset::stream::Survey,
+    record: &super::SecretRecord,
+    shards: &[crate::dataset::stream::ShardOutput],
+) -> crate::dataset::ReleaseInfo {
+    let keyed = record.keyed.as_ref();
+    crate::dataset::ReleaseInfo {
+        format: survey.format.as_str().into(),
+        count: record.dataset.count,
+        shape: record.dataset.shape,
+        num_classes: record.dataset.num_classes,
+        dataset_sha256: record.dataset.sha256_after.clone(),
+        files: shards.iter().filter_map(|s| s.file.clone()).collect(),
+        manifest: crate::dataset::MANIFEST.into(),
+        commitment: Some(record.commitment()),
+        stream: Some(crate::dataset::StreamInfo {
+            min_size: keyed.map_or([0; 2], |k| k.min_size),
+            max_size: keyed.map_or([0; 2], |k| k.max_size),
+            hashing: "hallmark-stream-v1".into(),
+        }),
+    }
 }
 
 #[cfg(test)]
