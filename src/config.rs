@@ -50,6 +50,8 @@ pub struct PartialConfig {
     pub workers: Option<usize>,
     /// Seconds without heartbeat after which a job is given to another worker.
     pub job_lease_secs: Option<f64>,
+    /// Seconds an idle worker waits before it looks for work queued by another process.
+    pub job_poll_secs: Option<f64>,
     /// Attempts before a job whose worker keeps dying is failed.
     pub job_max_attempts: Option<i64>,
     /// Seconds running jobs may take to finish at shutdown before they are parked.
@@ -97,6 +99,8 @@ pub struct ServeConfig {
     pub workers: usize,
     /// Job lease.
     pub job_lease: Duration,
+    /// How often an idle worker looks for work.
+    pub job_poll: Duration,
     /// Attempts per job.
     pub job_max_attempts: i64,
     /// Shutdown grace period.
@@ -167,6 +171,7 @@ impl PartialConfig {
             allow_private_endpoints: parse(&get, "HALLMARK_ALLOW_PRIVATE_ENDPOINTS")?,
             workers: parse(&get, "HALLMARK_WORKERS")?,
             job_lease_secs: parse(&get, "HALLMARK_JOB_LEASE_SECS")?,
+            job_poll_secs: parse(&get, "HALLMARK_JOB_POLL_SECS")?,
             job_max_attempts: parse(&get, "HALLMARK_JOB_MAX_ATTEMPTS")?,
             shutdown_grace_secs: parse(&get, "HALLMARK_SHUTDOWN_GRACE_SECS")?,
             body_limit: parse(&get, "HALLMARK_BODY_LIMIT")?,
@@ -196,6 +201,7 @@ impl PartialConfig {
                 .or(self.allow_private_endpoints),
             workers: over.workers.or(self.workers),
             job_lease_secs: over.job_lease_secs.or(self.job_lease_secs),
+            job_poll_secs: over.job_poll_secs.or(self.job_poll_secs),
             job_max_attempts: over.job_max_attempts.or(self.job_max_attempts),
             shutdown_grace_secs: over.shutdown_grace_secs.or(self.shutdown_grace_secs),
             body_limit: over.body_limit.or(self.body_limit),
@@ -288,6 +294,7 @@ impl PartialConfig {
             allow_private_endpoints: self.allow_private_endpoints.unwrap_or(false),
             workers,
             job_lease: secs(self.job_lease_secs, 30.0, "job_lease_secs")?,
+            job_poll: secs(self.job_poll_secs, 0.5, "job_poll_secs")?,
             job_max_attempts,
             shutdown_grace: secs(self.shutdown_grace_secs, 20.0, "shutdown_grace_secs")?,
             body_limit: self.body_limit.unwrap_or(1 << 20),

@@ -13,6 +13,9 @@ pub struct AtomicDir {
     dest: PathBuf,
     overwrite: bool,
     committed: bool,
+    /// Whether an uncommitted folder is removed on drop (not one adopted: its writers' work
+    /// stays for a retry).
+    remove_on_drop: bool,
 }
 
 impl AtomicDir {
@@ -31,6 +34,25 @@ impl AtomicDir {
             dest: dest.to_path_buf(),
             overwrite,
             committed: false,
+            remove_on_drop: true,
+        })
+    }
+
+    /// Takes over `tmp`, a folder written elsewhere (a streamed release's shards, written by
+    /// several workers), to be moved into `dest`, replacing what is there.
+    pub fn adopt(tmp: &Path, dest: &Path) -> std::io::Result<Self> {
+        if !tmp.is_dir() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{} is not a folder", tmp.display()),
+            ));
+        }
+        Ok(Self {
+            tmp: tmp.to_path_buf(),
+            dest: dest.to_path_buf(),
+            overwrite: true,
+            committed: false,
+            remove_on_drop: false,
         })
     }
 
@@ -67,7 +89,7 @@ impl AtomicDir {
 
 impl Drop for AtomicDir {
     fn drop(&mut self) {
-        if !self.committed {
+        if !self.committed && self.remove_on_drop {
             let _ = fs::remove_dir_all(&self.tmp);
         }
     }

@@ -35,10 +35,17 @@ pub struct RegisterDatasetRequest {
     pub name: String,
     /// A folder or file below a dataset root (`dataset_roots`).
     pub path: String,
-    /// `idx`, `cifar`, `cifar10`, `cifar100` or `folder`; detected when absent.
+    /// `idx`, `cifar`, `cifar10`, `cifar100`, `folder`, `parquet` or `webdataset`; detected
+    /// when absent.
     pub format: Option<String>,
     /// `train` or `test`, where the folder holds both.
     pub split: Option<String>,
+    /// Read it shard by shard (Parquet or WebDataset shards, or an ImageFolder tree; images of
+    /// any size): registering reads each image's stored bytes once, never the whole dataset
+    /// into memory, and a watermark of it is written by one job per shard, on any worker
+    /// (docs/service.md#streamed-datasets). Default false.
+    #[serde(default)]
+    pub stream: bool,
 }
 
 fn parse_format(f: Option<&str>) -> Result<Option<Format>, ApiError> {
@@ -96,6 +103,42 @@ async fn describe(
             shape: format!("{}x{}x{}", shape.height, shape.width, shape.channels),
             sha256: loaded.dataset.sha256(),
             uploaded,
+            streamed: false,
+        })
+    })
+    .await
+    .map_err(ApiError::internal)?
+}
+
+/// Surveys a streamed dataset (labels, shards) and fingerprints it (each image's stored bytes
+/// hashed, its header read for its size), shard by shard, off the async threads.
+async fn describe_streamed(
+    owner: &str,
+    id: String,
+    name: String,
+    path: PathBuf,
+    format: Option<Format>,
+    split: Option<Split>,
+    limits: dataset::Limits,
+) -> Result<NewDataset, ApiError> {
+    let owner = owner.to_string();
+    tokio::task::spawn_blocking(move || {
+        let bad = |e: dataset::DatasetError| ApiError::invalid(format!("dataset: {e}"));
+        let survey = dataset::stream::survey(&path, format, split, &|| {}).map_err(bad)?;
+        let fp = dataset::stream::fingerprint(&survey, &limits, &|| {}).map_err(bad)?;
+        Ok(NewDataset {
+            id,
+            owner_id: owner,
+            name,
+            path: path.to_string_lossy().into_owned(),
+            format: survey.format,
+            split,
+            count: survey.count() as i64,
+            num_classes: survey.class_counts.len() as i64,
+            shape: format!("{}x{}x{}", fp.max_size[0], fp.max_size[1], survey.channels),
+            sha256: fp.sha256,
+            uploaded: false,
+            streamed: true,
         })
     })
     .await
@@ -189,7 +232,11 @@ pub(super) async fn register_dataset(
     check_dataset_quota(&s, &caller).await?;
     let id = uuid::Uuid::new_v4().to_string();
     let limits = s.cfg.dataset_limits();
-    let new = describe(caller.id(), id, name, path, format, split, false, limits).await?;
+    let new = if req.stream {
+        describe_streamed(caller.id(), id, name, path, format, split, limits).await?
+    } else {
+        describe(caller.id(), id, name, path, format, split, false, limits).await?
+    };
     let info = s.store.insert_dataset(new).await?;
     Ok((StatusCode::CREATED, ApiJson(info)))
 }

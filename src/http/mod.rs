@@ -318,10 +318,11 @@ impl App {
         let runner = Runner::new(
             store.clone(),
             RunnerConfig {
+                job_max_attempts: cfg.job_max_attempts,
                 data_dir: cfg.data_dir.clone(),
                 workers: cfg.workers,
                 lease: cfg.job_lease,
-                poll: std::time::Duration::from_millis(500),
+                poll: cfg.job_poll,
                 shutdown_grace: cfg.shutdown_grace,
                 allow_private_endpoints: cfg.allow_private_endpoints,
                 dataset_roots: cfg

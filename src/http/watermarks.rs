@@ -172,6 +172,35 @@ fn check_secrecy(spec: &WatermarkSpec, ds: &crate::store::DatasetInfo) -> Result
     Ok(())
 }
 
+/// A streamed dataset is stamped sample by sample by the keyed rule, one trigger of an
+/// any-size family: what cannot be is refused before any work, with the reason.
+fn check_streamable(
+    spec: &WatermarkSpec,
+    ds: &crate::store::DatasetInfo,
+    triggers: Option<u32>,
+) -> Result<(), ApiError> {
+    if triggers.unwrap_or(1) > 1 {
+        return Err(ApiError::invalid(
+            "triggers: a streamed dataset's release carries one trigger",
+        ));
+    }
+    let classes = ds.num_classes.max(1) as usize;
+    let counts = vec![(ds.count.max(0) as usize).div_ceil(classes); classes];
+    let channels = match ds.shape.rsplit('x').next() {
+        Some("1") => 1,
+        _ => 3,
+    };
+    crate::watermark::keyed::KeyedMarker::new(
+        spec,
+        [0; 32],
+        &counts,
+        channels,
+        crate::dataset::encoding::MIN_JPEG_QUALITY,
+    )
+    .map(|_| ())
+    .map_err(|e| ApiError::invalid_spec(format!("spec: {e}")))
+}
+
 async fn own_dataset(s: &AppState, caller: &Caller, id: &str, what: &str) -> Result<(), ApiError> {
     match s.store.get_dataset(id).await? {
         Some(d) if d.owner_id == caller.id() => Ok(()),
@@ -215,13 +244,16 @@ pub(super) async fn create_watermark(
         ));
     }
     own_dataset(&s, &caller, &req.dataset_id, "dataset_id").await?;
+    let ds = s
+        .store
+        .get_dataset(&req.dataset_id)
+        .await?
+        .ok_or_else(|| ApiError::invalid("dataset_id: no such dataset of yours"))?;
     if !req.public_trigger {
-        let ds = s
-            .store
-            .get_dataset(&req.dataset_id)
-            .await?
-            .ok_or_else(|| ApiError::invalid("dataset_id: no such dataset of yours"))?;
         check_secrecy(&spec, &ds)?;
+    }
+    if ds.streamed {
+        check_streamable(&spec, &ds, req.triggers)?;
     }
     if let Some(h) = &req.holdout_dataset_id {
         own_dataset(&s, &caller, h, "holdout_dataset_id").await?;
@@ -241,6 +273,7 @@ pub(super) async fn create_watermark(
     }
     let plan = WatermarkPlan {
         triggers,
+        survey: None,
         spec: serde_json::to_value(&spec).map_err(ApiError::internal)?,
         nonce: match &req.nonce {
             Some(n) if hex::decode(n).is_ok_and(|b| b.len() == 32) => n.to_lowercase(),

@@ -28,6 +28,8 @@ use crate::store::{
 use crate::verify::{self, VerifyConfig};
 use crate::watermark::{self, Secret};
 
+mod stream;
+
 /// What a watermark job applies: the spec and the nonce, fixed when the job is created so that
 /// every attempt writes the same release. Stored sealed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,6 +41,21 @@ pub struct WatermarkPlan {
     /// How many independent triggers the release carries.
     #[serde(default = "one")]
     pub triggers: usize,
+    /// A streamed release's label pass, stored once its job has handed the shards out (each
+    /// shard job reads it, and the job assembles the release from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub survey: Option<dataset::stream::Survey>,
+}
+
+/// How a job's run ended, when it did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// Its result is stored and it succeeded.
+    Finished,
+    /// Another worker holds it now: nothing was written.
+    Lost,
+    /// A streamed release's job handed its shards to shard jobs and waits for them.
+    HandedOut,
 }
 
 fn one() -> usize {
@@ -74,6 +91,8 @@ pub struct RunnerConfig {
     pub dataset_roots: Vec<PathBuf>,
     /// Bounds on the datasets read.
     pub dataset_limits: dataset::Limits,
+    /// Most starts of a job (the shard jobs a streamed release hands out get as many).
+    pub job_max_attempts: i64,
 }
 
 /// Why a job failed: a stable code and a message for the client.
@@ -253,8 +272,9 @@ impl Runner {
             tokio::select! {
                 result = &mut work => {
                     match result {
-                        Ok(true) => tracing::info!("succeeded"),
-                        Ok(false) => tracing::warn!("lost its lease before finishing; result discarded"),
+                        Ok(Ended::Finished) => tracing::info!("succeeded"),
+                        Ok(Ended::Lost) => tracing::warn!("lost its lease before finishing; result discarded"),
+                        Ok(Ended::HandedOut) => tracing::info!("handed out one job per shard; waits for them"),
                         Err(e) => {
                             tracing::warn!(code = %e.code, message = %e.message, "failed");
                             if let Err(se) = self.store.end_job(&job.id, worker, JobState::Failed, e.code, &e.message).await {
@@ -298,10 +318,11 @@ impl Runner {
         worker: &str,
         job: &Claimed,
         progress: Arc<Progress>,
-    ) -> Result<bool, JobError> {
+    ) -> Result<Ended, JobError> {
         match job.kind {
             JobKind::Watermark => self.watermark(worker, job, progress).await,
             JobKind::Verify => self.verify(worker, job, progress).await,
+            JobKind::WatermarkShard => self.watermark_shard(worker, job, progress).await,
         }
     }
 
@@ -315,7 +336,7 @@ impl Runner {
         worker: &str,
         job: &Claimed,
         progress: Arc<Progress>,
-    ) -> Result<bool, JobError> {
+    ) -> Result<Ended, JobError> {
         let id = &job.resource_id;
         let wm = self
             .store
@@ -329,12 +350,7 @@ impl Runner {
             .ok_or_else(|| JobError::new(ErrorCode::Invalid, "the watermark has no plan"))?;
         let plan: WatermarkPlan = serde_json::from_slice(&plan)
             .map_err(|e| JobError::new(ErrorCode::Internal, format!("stored plan: {e}")))?;
-        let spec = WatermarkSpec::from_json_value(plan.spec)
-            .map_err(|e| JobError::new(ErrorCode::InvalidSpec, e.to_string()))?;
-        let nonce: [u8; 32] = hex::decode(&plan.nonce)
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| JobError::new(ErrorCode::Internal, "stored nonce is not 32 bytes"))?;
+        let (spec, nonce) = spec_and_nonce(&plan)?;
         let ds_id = wm
             .dataset_id
             .ok_or_else(|| JobError::new(ErrorCode::Invalid, "the watermark names no dataset"))?;
@@ -343,6 +359,16 @@ impl Runner {
             .get_dataset(&ds_id)
             .await?
             .ok_or_else(|| JobError::new(ErrorCode::NotFound, "the dataset was deleted"))?;
+        if ds.streamed {
+            let w = stream::Streamed {
+                worker,
+                job,
+                spec,
+                nonce,
+                ds,
+            };
+            return self.watermark_streamed(w, plan, progress).await;
+        }
         let dest = Self::release_dir(&self.cfg.data_dir, id);
         let triggers = plan.triggers;
         progress.total.store(4, Ordering::Relaxed);
@@ -413,20 +439,21 @@ impl Runner {
             .map_err(|e| JobError::new(ErrorCode::Io, format!("{}: {e}", dest.display())))?;
         progress.done.store(4, Ordering::Relaxed);
         self.store.heartbeat(&job.id, worker, 4, 4).await?;
-        Ok(self
-            .store
-            .finish_watermark(
-                &job.id,
-                worker,
-                id,
-                &ReleaseFacts {
-                    commitment,
-                    dataset_sha256: sha_after,
-                    release_path: Some(dest.to_string_lossy().into_owned()),
-                    poisoned: secret.poisoned_count() as i64,
-                },
-            )
-            .await?)
+        Ok(ended(
+            self.store
+                .finish_watermark(
+                    &job.id,
+                    worker,
+                    id,
+                    &ReleaseFacts {
+                        commitment,
+                        dataset_sha256: sha_after,
+                        release_path: Some(dest.to_string_lossy().into_owned()),
+                        poisoned: secret.poisoned_count() as i64,
+                    },
+                )
+                .await?,
+        ))
     }
 
     async fn verify(
@@ -434,7 +461,7 @@ impl Runner {
         worker: &str,
         job: &Claimed,
         progress: Arc<Progress>,
-    ) -> Result<bool, JobError> {
+    ) -> Result<Ended, JobError> {
         let v = self
             .store
             .get_verification(&job.resource_id)
@@ -502,17 +529,18 @@ impl Runner {
             .await?;
         let json = serde_json::to_value(&verdict)
             .map_err(|e| JobError::new(ErrorCode::Internal, format!("verdict: {e}")))?;
-        Ok(self
-            .store
-            .finish_verification(
-                &job.id,
-                worker,
-                &job.resource_id,
-                &json,
-                decision,
-                verdict.p_value(),
-            )
-            .await?)
+        Ok(ended(
+            self.store
+                .finish_verification(
+                    &job.id,
+                    worker,
+                    &job.resource_id,
+                    &json,
+                    decision,
+                    verdict.p_value(),
+                )
+                .await?,
+        ))
     }
 }
 
@@ -523,7 +551,14 @@ fn read_registered(
     roots: &[PathBuf],
     limits: &dataset::Limits,
 ) -> Result<dataset::Loaded, JobError> {
-    let (format, split) = (ds.format, ds.split);
+    let path = check_roots(ds, roots)?;
+    dataset::read_limited(path, Some(ds.format), ds.split, &|| {}, limits)
+        .map_err(|e| JobError::new(ErrorCode::DatasetUnreadable, e.to_string()))
+}
+
+/// A registered dataset's path, after checking that it is still below `roots` and that no link
+/// inside it leads out of them.
+fn check_roots<'a>(ds: &'a DatasetInfo, roots: &[PathBuf]) -> Result<&'a Path, JobError> {
     let path = Path::new(&ds.path);
     match crate::fsutil::escapes_roots(path, roots, 4) {
         Ok(None) => {}
@@ -544,8 +579,27 @@ fn read_registered(
         }
         Err(e) => return Err(JobError::new(ErrorCode::DatasetUnreadable, e.to_string())),
     }
-    dataset::read_limited(path, Some(format), split, &|| {}, limits)
-        .map_err(|e| JobError::new(ErrorCode::DatasetUnreadable, e.to_string()))
+    Ok(path)
+}
+
+/// A plan's spec and nonce.
+fn spec_and_nonce(plan: &WatermarkPlan) -> Result<(WatermarkSpec, [u8; 32]), JobError> {
+    let spec = WatermarkSpec::from_json_value(plan.spec.clone())
+        .map_err(|e| JobError::new(ErrorCode::InvalidSpec, e.to_string()))?;
+    let nonce: [u8; 32] = hex::decode(&plan.nonce)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| JobError::new(ErrorCode::Internal, "stored nonce is not 32 bytes"))?;
+    Ok((spec, nonce))
+}
+
+/// A finishing transaction's answer: whether the job was still this worker's.
+fn ended(still_ours: bool) -> Ended {
+    if still_ours {
+        Ended::Finished
+    } else {
+        Ended::Lost
+    }
 }
 
 fn hostname() -> String {

@@ -28,12 +28,16 @@ pub struct DatasetInfo {
     pub sha256: String,
     /// Whether the files were uploaded (else registered by server path).
     pub uploaded: bool,
+    /// Whether it is read shard by shard (its sha256 is then over its images' stored bytes,
+    /// `hallmark-stream-v1`, and `shape` is its largest image's) and released by one job per
+    /// shard.
+    pub streamed: bool,
     /// Unix milliseconds.
     pub created_at: i64,
 }
 
 const DATASET_COLUMNS: &str = "id, owner_id, name, path, format, split, count, num_classes, shape, \
-     sha256, uploaded, created_at";
+     sha256, uploaded, streamed, created_at";
 
 fn dataset_from(r: &AnyRow) -> Result<DatasetInfo, StoreError> {
     Ok(DatasetInfo {
@@ -57,6 +61,7 @@ fn dataset_from(r: &AnyRow) -> Result<DatasetInfo, StoreError> {
         shape: r.try_get("shape")?,
         sha256: r.try_get("sha256")?,
         uploaded: r.try_get::<i64, _>("uploaded")? != 0,
+        streamed: r.try_get::<i64, _>("streamed")? != 0,
         created_at: r.try_get("created_at")?,
     })
 }
@@ -86,6 +91,8 @@ pub struct NewDataset {
     pub sha256: String,
     /// Uploaded rather than registered by path.
     pub uploaded: bool,
+    /// Read shard by shard.
+    pub streamed: bool,
 }
 
 impl Store {
@@ -93,7 +100,7 @@ impl Store {
     pub async fn insert_dataset(&self, d: NewDataset) -> Result<DatasetInfo, StoreError> {
         let created_at = now_ms();
         sqlx::query(&format!(
-            "INSERT INTO datasets ({DATASET_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+            "INSERT INTO datasets ({DATASET_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
         ))
         .bind(&d.id)
         .bind(&d.owner_id)
@@ -106,6 +113,7 @@ impl Store {
         .bind(&d.shape)
         .bind(&d.sha256)
         .bind(i64::from(d.uploaded))
+        .bind(i64::from(d.streamed))
         .bind(created_at)
         .execute(&self.pool)
         .await?;
@@ -121,6 +129,7 @@ impl Store {
             shape: d.shape,
             sha256: d.sha256,
             uploaded: d.uploaded,
+            streamed: d.streamed,
             created_at,
         })
     }

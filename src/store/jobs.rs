@@ -10,6 +10,9 @@ pub enum JobKind {
     Watermark,
     /// Runs a verification.
     Verify,
+    /// Writes one shard of a streamed release (the watermark's own job assembles them).
+    #[serde(rename = "watermark_shard")]
+    WatermarkShard,
 }
 
 impl JobKind {
@@ -17,12 +20,14 @@ impl JobKind {
         match self {
             JobKind::Watermark => "watermark",
             JobKind::Verify => "verify",
+            JobKind::WatermarkShard => "watermark_shard",
         }
     }
     fn parse(s: &str) -> Result<Self, StoreError> {
         match s {
             "watermark" => Ok(JobKind::Watermark),
             "verify" => Ok(JobKind::Verify),
+            "watermark_shard" => Ok(JobKind::WatermarkShard),
             _ => Err(corrupt("jobs.kind", s)),
         }
     }
@@ -134,6 +139,23 @@ pub enum Beat {
     Lost,
 }
 
+/// One shard job of a streamed release.
+#[derive(Debug, Clone)]
+pub struct ShardJob {
+    /// Its shard's place in the survey.
+    pub shard: usize,
+    /// The job.
+    pub job_id: String,
+    /// Where it is.
+    pub state: JobState,
+    /// Why it failed.
+    pub error_code: Option<ErrorCode>,
+    /// Its message.
+    pub error: Option<String>,
+    /// What it wrote (its `ShardOutput` as JSON), once it succeeded.
+    pub output: Option<Vec<u8>>,
+}
+
 /// What the reaper did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Reaped {
@@ -142,6 +164,13 @@ pub struct Reaped {
     /// Jobs failed after their last attempt.
     pub failed: u64,
 }
+
+/// A job a worker may claim: a queued one, or a streamed release's own job that waits for its
+/// shards (running, held by no worker) once none of them is queued or running.
+const CLAIMABLE: &str = "(state = 'queued' OR (state = 'running' AND worker IS NULL))";
+const CLAIMABLE_Q: &str = "(q.state = 'queued' OR (q.state = 'running' AND q.worker IS NULL \
+     AND NOT EXISTS (SELECT 1 FROM watermark_shards s JOIN jobs j ON j.id = s.job_id \
+     WHERE s.watermark_id = q.resource_id AND j.state IN ('queued', 'running'))))";
 
 const JOB_COLUMNS: &str = "id, kind, owner_id, resource_id, state, progress_done, progress_total, \
      attempts, max_attempts, cancel_requested, error_code, error, created_at, started_at, finished_at";
@@ -229,7 +258,7 @@ impl Store {
         let row = sqlx::query(&format!(
             "UPDATE jobs SET state = 'running', worker = $1, attempts = attempts + 1, \
              heartbeat_at = $2, started_at = COALESCE(started_at, $2) \
-             WHERE state = 'queued' AND id = (SELECT id FROM jobs WHERE state = 'queued' \
+             WHERE {CLAIMABLE} AND id = (SELECT id FROM jobs q WHERE {CLAIMABLE_Q} \
              ORDER BY created_at, id LIMIT 1{lock}) \
              RETURNING id, kind, resource_id, attempts"
         ))
@@ -336,25 +365,194 @@ impl Store {
         Ok(r.rows_affected() == 1)
     }
 
-    /// Asks a job to stop: a queued job is cancelled at once, a running one when its worker next
-    /// beats. Returns the job as it now stands.
+    /// Asks a job to stop: a queued job (or a streamed release's job waiting for its shards) is
+    /// cancelled at once, a running one when its worker next beats; so are the shard jobs of a
+    /// streamed release's job. Returns the job as it now stands.
     pub async fn cancel_job(&self, id: &str) -> Result<Option<Job>, StoreError> {
         let now = now_ms();
-        sqlx::query(
+        // The shard jobs of the job whose id is parameter `n`, if it is a streamed release's.
+        let shards = |n: usize| {
+            format!(
+                "SELECT s.job_id FROM watermark_shards s JOIN jobs m \
+                 ON m.resource_id = s.watermark_id WHERE m.id = ${n} AND m.kind = 'watermark'"
+            )
+        };
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(&format!(
             "UPDATE jobs SET state = 'cancelled', cancel_requested = 1, finished_at = $1, \
              error_code = $2, error = 'cancelled by a client' \
-             WHERE id = $3 AND state = 'queued'",
-        )
+             WHERE (id = $3 OR id IN ({})) \
+             AND (state = 'queued' OR (state = 'running' AND worker IS NULL))",
+            shards(3)
+        ))
         .bind(now)
         .bind(ErrorCode::Cancelled.as_str())
         .bind(id)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        sqlx::query("UPDATE jobs SET cancel_requested = 1 WHERE id = $1 AND state = 'running'")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(&format!(
+            "UPDATE jobs SET cancel_requested = 1 WHERE (id = $1 OR id IN ({})) \
+             AND state = 'running'",
+            shards(1)
+        ))
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
         self.get_job(id).await
+    }
+
+    /// Hands a streamed release's job over to its shards: the job (still `worker`'s) waits,
+    /// running and held by no worker, until every shard job has ended, and then any worker may
+    /// claim it again to assemble the release; `plan` (now with the survey) is stored sealed,
+    /// and one job per shard is queued. False when the job was no longer `worker`'s.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn fan_out(
+        &self,
+        job_id: &str,
+        worker: &str,
+        watermark_id: &str,
+        plan: &[u8],
+        shards: usize,
+        max_attempts: i64,
+    ) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "UPDATE jobs SET worker = NULL, heartbeat_at = NULL, progress_done = 1, \
+             progress_total = $1 WHERE id = $2 AND worker = $3 AND state = 'running' \
+             RETURNING owner_id",
+        )
+        .bind(shards as i64 + 2)
+        .bind(job_id)
+        .bind(worker)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            return Ok(false);
+        };
+        let owner: String = row.try_get("owner_id")?;
+        let sealed = self
+            .sealer
+            .seal(plan, &format!("watermarks/{watermark_id}/plan"));
+        sqlx::query("UPDATE watermarks SET spec_sealed = $1 WHERE id = $2")
+            .bind(sealed)
+            .bind(watermark_id)
+            .execute(&mut *tx)
+            .await?;
+        // An earlier attempt that died between fanning out and its commit left nothing; one
+        // that committed is not this job's any more.
+        for shard in 0..shards {
+            let id = new_id();
+            Self::insert_job(
+                &mut tx,
+                &id,
+                JobKind::WatermarkShard,
+                &owner,
+                watermark_id,
+                max_attempts,
+                now,
+            )
+            .await?;
+            sqlx::query(
+                "INSERT INTO watermark_shards (watermark_id, shard, job_id) VALUES ($1, $2, $3)",
+            )
+            .bind(watermark_id)
+            .bind(shard as i64)
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// The watermark and the shard a shard job writes.
+    pub async fn shard_of(&self, job_id: &str) -> Result<Option<(String, usize)>, StoreError> {
+        let row = sqlx::query("SELECT watermark_id, shard FROM watermark_shards WHERE job_id = $1")
+            .bind(job_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok((
+                r.try_get("watermark_id")?,
+                r.try_get::<i64, _>("shard")? as usize,
+            ))
+        })
+        .transpose()
+    }
+
+    /// Ends `worker`'s shard job as succeeded and stores what it wrote (`output`, secret:
+    /// sealed) in one transaction; the watermark's job counts one more shard done. False when
+    /// the job was no longer `worker`'s.
+    pub async fn finish_shard(
+        &self,
+        job_id: &str,
+        worker: &str,
+        watermark_id: &str,
+        shard: usize,
+        output: &[u8],
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if !Self::finish(&mut tx, job_id, worker, JobState::Succeeded, None, None).await? {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        let sealed = self
+            .sealer
+            .seal(output, &format!("watermarks/{watermark_id}/shards/{shard}"));
+        sqlx::query(
+            "UPDATE watermark_shards SET output_sealed = $1 WHERE watermark_id = $2 AND shard = $3",
+        )
+        .bind(sealed)
+        .bind(watermark_id)
+        .bind(shard as i64)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE jobs SET progress_done = progress_done + 1 \
+             WHERE id = (SELECT job_id FROM watermarks WHERE id = $1)",
+        )
+        .bind(watermark_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// The shard jobs of a streamed release, in shard order, with what each wrote (opened).
+    pub async fn watermark_shards(&self, watermark_id: &str) -> Result<Vec<ShardJob>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT s.shard, s.job_id, s.output_sealed, j.state, j.error_code, j.error \
+             FROM watermark_shards s JOIN jobs j ON j.id = s.job_id \
+             WHERE s.watermark_id = $1 ORDER BY s.shard",
+        )
+        .bind(watermark_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let shard = r.try_get::<i64, _>("shard")? as usize;
+                let output = r
+                    .try_get::<Option<String>, _>("output_sealed")?
+                    .map(|s| {
+                        self.sealer
+                            .open(&s, &format!("watermarks/{watermark_id}/shards/{shard}"))
+                    })
+                    .transpose()?;
+                Ok(ShardJob {
+                    shard,
+                    job_id: r.try_get("job_id")?,
+                    state: JobState::parse(&r.try_get::<String, _>("state")?)?,
+                    error_code: r
+                        .try_get::<Option<String>, _>("error_code")?
+                        .and_then(|c| ErrorCode::parse(&c)),
+                    error: r.try_get("error")?,
+                    output,
+                })
+            })
+            .collect()
     }
 
     /// Requeues running jobs whose lease ran out before `stale_before` (their worker died), or

@@ -17,7 +17,7 @@ mod verifications;
 mod watermarks;
 
 pub use datasets::{DatasetInfo, NewDataset};
-pub use jobs::{Beat, Claimed, Job, JobKind, JobState, Reaped};
+pub use jobs::{Beat, Claimed, Job, JobKind, JobState, Reaped, ShardJob};
 pub use keys::{ApiKey, Role};
 pub use verifications::VerificationInfo;
 pub use watermarks::{NewWatermark, ReleaseFacts, WatermarkInfo};

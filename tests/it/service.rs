@@ -68,13 +68,34 @@ impl TestApp {
     pub async fn spawn_with(db: Db, tweak: impl FnOnce(&mut PartialConfig)) -> TestApp {
         let dir = tempfile::tempdir().unwrap();
         let database_url = fresh_database(db, dir.path()).await;
-        std::fs::create_dir_all(dir.path().join("imports")).unwrap();
+        Self::start(dir, database_url, None, tweak).await
+    }
+
+    /// A second process of the same service: another app, with its own workers, on this one's
+    /// database, data folder and key (as a second host of a deployment runs). Its `admin` is
+    /// this one's.
+    pub async fn join(&self, tweak: impl FnOnce(&mut PartialConfig)) -> TestApp {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = self.dir.path().to_path_buf();
+        let mut app = Self::start(dir, self.database_url.clone(), Some(shared), tweak).await;
+        app.admin = self.admin.clone();
+        app
+    }
+
+    async fn start(
+        dir: tempfile::TempDir,
+        database_url: String,
+        shared: Option<PathBuf>,
+        tweak: impl FnOnce(&mut PartialConfig),
+    ) -> TestApp {
+        let data = shared.unwrap_or_else(|| dir.path().to_path_buf());
+        std::fs::create_dir_all(data.join("imports")).unwrap();
         let mut p = PartialConfig {
             bind: Some("127.0.0.1:0".into()),
             database_url: Some(database_url.clone()),
-            data_dir: Some(dir.path().to_path_buf()),
+            data_dir: Some(data.clone()),
             secret_key: Some(hex::encode(key())),
-            dataset_roots: Some(vec![dir.path().join("imports"), PathBuf::from(FASHION)]),
+            dataset_roots: Some(vec![data.join("imports"), PathBuf::from(FASHION)]),
             allow_private_endpoints: Some(true),
             job_lease_secs: Some(2.0),
             shutdown_grace_secs: Some(5.0),
@@ -85,7 +106,7 @@ impl TestApp {
         let cfg: ServeConfig = p.resolve().unwrap();
         let app = App::build(cfg).await.unwrap();
         let url = format!("http://127.0.0.1:{}", app.port());
-        let admin = app.bootstrap_admin_key.clone().unwrap();
+        let admin = app.bootstrap_admin_key.clone().unwrap_or_default();
         let worker_id = app.worker_id.clone();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -285,6 +306,7 @@ async fn dataset_row(store: &Store, owner: &str) -> String {
             shape: "28x28x1".into(),
             sha256: "00".into(),
             uploaded: false,
+            streamed: false,
         })
         .await
         .unwrap();
@@ -405,6 +427,94 @@ async fn concurrent_claimers_never_share_a_job(db: Db) {
 on_both!(
     concurrent_claimers_never_share_a_job_on,
     concurrent_claimers_never_share_a_job
+);
+
+/// A streamed release's job, once it has handed out its shards, is claimed by nobody until
+/// every shard job has ended; then once, by one worker. Cancelling it cancels its shards.
+async fn a_streamed_releases_job_waits_for_its_shards(db: Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store_for(db, dir.path()).await;
+    let (k, _) = s.create_key("p", Role::Publisher).await.unwrap();
+    let ds = dataset_row(&s, &k.id).await;
+    // A release's job, claimed and handed out to three shard jobs.
+    let release = |name: &'static str| {
+        let (s, k, ds) = (s.clone(), k.id.clone(), ds.clone());
+        async move {
+            let (w, job) = s
+                .create_watermark(
+                    NewWatermark {
+                        owner: &k,
+                        name,
+                        dataset_id: &ds,
+                        holdout_dataset_id: None,
+                        plan: b"{}",
+                        triggers: 1,
+                    },
+                    2,
+                )
+                .await
+                .unwrap();
+            let c = s.claim("w0").await.unwrap().unwrap();
+            assert_eq!(c.id, job.id);
+            // Only the worker holding the job may hand it out.
+            assert!(!s.fan_out(&job.id, "w9", &w.id, b"{}", 3, 2).await.unwrap());
+            assert!(s.fan_out(&job.id, "w0", &w.id, b"{}", 3, 2).await.unwrap());
+            let j = s.get_job(&job.id).await.unwrap().unwrap();
+            assert_eq!(j.state, JobState::Running);
+            assert_eq!((j.progress_done, j.progress_total), (1, 5));
+            (w.id, job.id)
+        }
+    };
+    let (w, main) = release("done").await;
+    let mut shards = Vec::new();
+    for n in 0..3 {
+        let c = s.claim(&format!("w{n}")).await.unwrap().unwrap();
+        assert_eq!(c.kind, hallmark::store::JobKind::WatermarkShard);
+        assert_eq!(c.resource_id, w);
+        let (of, shard) = s.shard_of(&c.id).await.unwrap().unwrap();
+        assert_eq!(of, w);
+        shards.push((shard, c.id, format!("w{n}")));
+    }
+    // Never claimed while a shard is unfinished.
+    for (shard, id, worker) in &shards {
+        assert!(s.claim("w7").await.unwrap().is_none());
+        assert!(!s.finish_shard(id, "w9", &w, *shard, b"{}").await.unwrap());
+        assert!(
+            s.finish_shard(id, worker, &w, *shard, br#"{"n": 1}"#)
+                .await
+                .unwrap()
+        );
+    }
+    assert_eq!(s.get_job(&main).await.unwrap().unwrap().progress_done, 4);
+    let outs = s.watermark_shards(&w).await.unwrap();
+    assert_eq!(outs.iter().map(|o| o.shard).collect::<Vec<_>>(), [0, 1, 2]);
+    assert!(outs.iter().all(
+        |o| o.state == JobState::Succeeded && o.output.as_deref() == Some(&br#"{"n": 1}"#[..])
+    ));
+    // Then claimed, once.
+    assert_eq!(s.claim("w8").await.unwrap().unwrap().id, main);
+    assert!(s.claim("w8").await.unwrap().is_none());
+    // Cancelling a waiting job cancels it and its queued shards at once, and asks its running
+    // shard to stop.
+    let (w2, main2) = release("cancelled").await;
+    let running = s.claim("w1").await.unwrap().unwrap();
+    assert_eq!(running.resource_id, w2);
+    let j = s.cancel_job(&main2).await.unwrap().unwrap();
+    assert_eq!(j.state, JobState::Cancelled);
+    for o in s.watermark_shards(&w2).await.unwrap() {
+        let j = s.get_job(&o.job_id).await.unwrap().unwrap();
+        if o.job_id == running.id {
+            assert_eq!(j.state, JobState::Running);
+            assert!(j.cancel_requested);
+        } else {
+            assert_eq!(j.state, JobState::Cancelled);
+        }
+    }
+    assert!(s.claim("w8").await.unwrap().is_none());
+}
+on_both!(
+    a_streamed_releases_job_waits_on,
+    a_streamed_releases_job_waits_for_its_shards
 );
 
 /// Twelve verifications asked for at once of a watermark with three triggers: exactly three are

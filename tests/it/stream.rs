@@ -16,23 +16,36 @@ const NONCE: &str = "00000000000000000000000000000000000000000000000000000000000
 
 fn make(format: &str, count: usize, shards: usize, spoil: &str) -> tempfile::TempDir {
     let t = tempfile::tempdir().unwrap();
+    generate(format, count, shards, spoil, 200, 0, &t.path().join("in"));
+    t
+}
+
+/// Writes `count` generated samples of 40 to `max_side` px (half JPEG, half PNG) as `shards`
+/// shards of `format` into `out`.
+fn generate(
+    format: &str,
+    count: usize,
+    shards: usize,
+    spoil: &str,
+    max_side: usize,
+    seed: u64,
+    out: &Path,
+) {
     let o = Command::new(crate::parquet::python())
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make-mixed-dataset.py"))
         .args(["--format", format, "--count", &count.to_string()])
+        .args(["--shards", &shards.to_string(), "--min-side", "40"])
         .args([
-            "--shards",
-            &shards.to_string(),
-            "--min-side",
-            "40",
             "--max-side",
-            "200",
+            &max_side.to_string(),
+            "--seed",
+            &seed.to_string(),
         ])
         .args(["--spoil", spoil, "--png-share", "0.5", "--out"])
-        .arg(t.path().join("in"))
+        .arg(out)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    t
 }
 
 fn spec(name: &str) -> String {
@@ -569,4 +582,202 @@ fn a_local_ray_cluster_stamps_parquet_shards_as_the_command_line_does() {
     assert!(poisoned > 0);
     // The pool waits for both actors and gives each one block at a time.
     assert_eq!(pids.len(), 2, "two workers stamped: {pids:?}");
+}
+
+// ------------------------------------------------------------ the service, one job per shard
+
+use crate::service::{Db, TestApp, spec_text};
+use hallmark::config::PartialConfig;
+use reqwest::StatusCode;
+use serde_json::json;
+use std::time::Duration;
+
+/// Every file below `dir`, by its path relative to it.
+fn files_below(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// The service takes a streamed Parquet dataset (registered with `stream`: fingerprinted by
+/// its stored bytes, never loaded whole) and writes its release as one job per shard, spread
+/// over the workers of every process on the database (on PostgreSQL two processes of one
+/// worker each, on SQLite one of two); the release and its secret record are the command
+/// line's with the same nonce, byte for byte. A shard changed after registration fails the
+/// next release with `dataset_changed`, and nothing of it becomes visible.
+async fn the_service_writes_a_streamed_release_one_job_per_shard(db: Db) {
+    let shards = 6;
+    let a = TestApp::spawn_with(db, |p: &mut PartialConfig| {
+        p.workers = Some(if db == Db::Sqlite { 2 } else { 1 });
+        p.job_poll_secs = Some(0.02);
+    })
+    .await;
+    let b = match db {
+        Db::Postgres => Some(
+            a.join(|p: &mut PartialConfig| {
+                p.workers = Some(1);
+                p.job_poll_secs = Some(0.02);
+            })
+            .await,
+        ),
+        Db::Sqlite => None,
+    };
+    let input = a.dir.path().join("imports").join("pq");
+    generate("parquet", 900, shards, "", 300, 0, &input);
+    let (_, publisher) = a.new_key("publisher", "pub").await;
+    let (s, ds) = a
+        .post(
+            "/v1/datasets",
+            &publisher,
+            json!({"name": "hub", "path": input.to_str().unwrap(), "stream": true}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{ds}");
+    assert_eq!(ds["streamed"], true);
+    assert_eq!(ds["format"], "parquet");
+    assert_eq!(ds["count"], 900);
+    let dims: Vec<usize> = ds["shape"]
+        .as_str()
+        .unwrap()
+        .split('x')
+        .map(|d| d.parse().unwrap())
+        .collect();
+    assert!(dims[0] <= 300 && dims[1] <= 300 && dims[2] == 3, "{ds}");
+    let ds_id = ds["id"].as_str().unwrap().to_string();
+    // A spec the keyed rule cannot stamp is refused before any work.
+    let (s, v) = a
+        .post(
+            "/v1/watermarks",
+            &publisher,
+            json!({"name": "fixed", "dataset_id": ds_id, "public_trigger": true,
+                   "spec": spec_text("badnets-square-28x28-grey.toml")}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(v.to_string().contains("any-size"), "{v}");
+
+    let body = json!({"name": "hub release", "dataset_id": ds_id, "nonce": NONCE,
+                      "spec": spec_text("badnets-square-any-size.toml")});
+    let (wm, job) = a.publish(&publisher, body.clone()).await;
+    assert_eq!(job["progress_done"], job["progress_total"]);
+    assert_eq!(job["progress_total"], shards + 2, "{job}");
+    // One job per shard, every one succeeded, spread over more than one worker (and, on
+    // PostgreSQL, over both processes).
+    let (_, jobs) = a.get("/v1/jobs", &publisher).await;
+    let shard_jobs: Vec<&Value> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["kind"] == "watermark_shard" && j["resource_id"] == wm.as_str())
+        .collect();
+    assert_eq!(shard_jobs.len(), shards, "{jobs}");
+    let store = a.store().await;
+    let mut workers = std::collections::BTreeMap::<String, usize>::new();
+    for j in &shard_jobs {
+        assert_eq!(j["state"], "succeeded", "{j}");
+        for (_, w) in store.job_runs(j["id"].as_str().unwrap()).await.unwrap() {
+            *workers.entry(w).or_default() += 1;
+        }
+    }
+    eprintln!("shard jobs per worker: {workers:?}");
+    assert!(
+        workers.len() >= 2,
+        "one worker wrote every shard: {workers:?}"
+    );
+    if let Some(b) = &b {
+        assert!(
+            workers.keys().any(|w| w.starts_with(&a.worker_id))
+                && workers.keys().any(|w| w.starts_with(&b.worker_id)),
+            "both processes wrote shards: {workers:?}"
+        );
+    }
+    let (s, w) = a.get(&format!("/v1/watermarks/{wm}"), &publisher).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(w["state"], "succeeded");
+
+    // The command line's release of the same dataset with the same nonce.
+    let cli = tempfile::tempdir().unwrap();
+    let (out, secret, o) = release(cli.path(), &input);
+    assert_eq!(w["commitment"].as_str().unwrap(), o.stdout);
+    let served = a.dir.path().join("releases").join(&wm);
+    let (ours, theirs) = (files_below(&served), files_below(&out));
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        theirs.keys().collect::<Vec<_>>()
+    );
+    for (name, bytes) in &theirs {
+        assert!(
+            ours[name] == *bytes,
+            "{name} differs from the command line's"
+        );
+    }
+    let (s, rec) = a
+        .get(&format!("/v1/watermarks/{wm}/secret"), &publisher)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let cli_rec: Value = serde_json::from_slice(&std::fs::read(&secret).unwrap()).unwrap();
+    assert_eq!(rec, cli_rec);
+    let rec = SecretRecord::from_json(&rec.to_string()).unwrap();
+    assert_eq!(rec.dataset.sha256_before, ds["sha256"].as_str().unwrap());
+    assert!(rec.poisoned_count() > 0);
+    assert!(
+        !a.dir
+            .path()
+            .join("releases")
+            .join(format!(".{wm}.shards"))
+            .exists()
+    );
+
+    // A shard replaced after registration (same name and count, other images).
+    let other = tempfile::tempdir().unwrap();
+    generate("parquet", 900, shards, "", 300, 1, other.path());
+    let first = "data/train-00000-of-00006.parquet";
+    std::fs::copy(other.path().join(first), input.join(first)).unwrap();
+    let (s, v) = a.post("/v1/watermarks", &publisher, body).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let job = a
+        .wait_job(
+            v["job"]["id"].as_str().unwrap(),
+            &publisher,
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["error_code"], "dataset_changed", "{job}");
+    let wm2 = v["watermark"]["id"].as_str().unwrap();
+    assert!(!a.dir.path().join("releases").join(wm2).exists());
+    assert!(
+        !a.dir
+            .path()
+            .join("releases")
+            .join(format!(".{wm2}.shards"))
+            .exists()
+    );
+    let (s, _) = a
+        .get(&format!("/v1/watermarks/{wm2}/secret"), &publisher)
+        .await;
+    assert_ne!(s, StatusCode::OK);
+    drop(b);
+}
+
+mod the_service_writes_a_streamed_release_one_job_per_shard {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        super::the_service_writes_a_streamed_release_one_job_per_shard(super::Db::Sqlite).await;
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        super::the_service_writes_a_streamed_release_one_job_per_shard(super::Db::Postgres).await;
+    }
 }
