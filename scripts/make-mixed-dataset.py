@@ -101,7 +101,9 @@ def parquet(args):
             }).replace_schema_metadata({"huggingface": json.dumps(meta)})
             if writer is None:
                 writer = pq.ParquetWriter(name, t.schema)
-            writer.write_table(t, row_group_size=1000)
+            # Row groups of 100 rows, as Hugging Face `datasets` writes a dataset with an Image
+            # feature (its PARQUET_ROW_GROUP_SIZE_FOR_IMAGE_DATASETS).
+            writer.write_table(t, row_group_size=100)
             batch.clear()
 
         for _ in rows:
