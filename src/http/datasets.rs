@@ -64,9 +64,21 @@ fn parse_split(s: Option<&str>) -> Result<Option<Split>, ApiError> {
     .transpose()
 }
 
+/// How a dataset is read when it is registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    /// Registered by path, read whole.
+    Whole,
+    /// Uploaded, read whole; errors name files relative to the upload's own folder (whose
+    /// name on the server is nobody's business).
+    Upload,
+    /// Read shard by shard: the labels surveyed and each image's stored bytes hashed (its
+    /// header read for its size), never the whole dataset in memory.
+    Streamed,
+}
+
 /// Reads the dataset (off the async threads) within the service's limits and describes it for
-/// the store. Errors name files relative to `shown_root` (an upload's own folder, whose name on
-/// the server is nobody's business).
+/// the store.
 #[allow(clippy::too_many_arguments)]
 async fn describe(
     owner: &str,
@@ -75,70 +87,53 @@ async fn describe(
     path: PathBuf,
     format: Option<Format>,
     split: Option<Split>,
-    uploaded: bool,
+    reading: Reading,
     limits: dataset::Limits,
 ) -> Result<NewDataset, ApiError> {
     let owner = owner.to_string();
     tokio::task::spawn_blocking(move || {
-        let loaded = dataset::read_limited(&path, format, split, &|| {}, &limits).map_err(|e| {
+        let bad = |e: dataset::DatasetError| {
             let mut m = e.to_string();
-            if uploaded {
+            if reading == Reading::Upload {
                 let root = path.to_string_lossy();
                 m = m
                     .replace(&format!("{root}/"), "")
                     .replace(&*root, "the upload");
             }
             ApiError::invalid(format!("dataset: {m}"))
-        })?;
-        let shape = loaded.dataset.shape();
+        };
+        let (format, count, num_classes, shape, sha256) = if reading == Reading::Streamed {
+            let survey = dataset::stream::survey(&path, format, split, &|| {}).map_err(bad)?;
+            let fp = dataset::stream::fingerprint(&survey, &limits, &|| {}).map_err(bad)?;
+            let shape = [fp.max_size[0], fp.max_size[1], survey.channels];
+            let classes = survey.class_counts.len();
+            (survey.format, survey.count(), classes, shape, fp.sha256)
+        } else {
+            let loaded =
+                dataset::read_limited(&path, format, split, &|| {}, &limits).map_err(bad)?;
+            let (d, s) = (&loaded.dataset, loaded.dataset.shape());
+            let shape = [s.height, s.width, s.channels];
+            (
+                loaded.layout.format(),
+                d.len(),
+                d.num_classes(),
+                shape,
+                d.sha256(),
+            )
+        };
         Ok(NewDataset {
             id,
             owner_id: owner,
             name,
             path: path.to_string_lossy().into_owned(),
-            format: loaded.layout.format(),
+            format,
             split,
-            count: loaded.dataset.len() as i64,
-            num_classes: loaded.dataset.num_classes() as i64,
-            shape: format!("{}x{}x{}", shape.height, shape.width, shape.channels),
-            sha256: loaded.dataset.sha256(),
-            uploaded,
-            streamed: false,
-        })
-    })
-    .await
-    .map_err(ApiError::internal)?
-}
-
-/// Surveys a streamed dataset (labels, shards) and fingerprints it (each image's stored bytes
-/// hashed, its header read for its size), shard by shard, off the async threads.
-async fn describe_streamed(
-    owner: &str,
-    id: String,
-    name: String,
-    path: PathBuf,
-    format: Option<Format>,
-    split: Option<Split>,
-    limits: dataset::Limits,
-) -> Result<NewDataset, ApiError> {
-    let owner = owner.to_string();
-    tokio::task::spawn_blocking(move || {
-        let bad = |e: dataset::DatasetError| ApiError::invalid(format!("dataset: {e}"));
-        let survey = dataset::stream::survey(&path, format, split, &|| {}).map_err(bad)?;
-        let fp = dataset::stream::fingerprint(&survey, &limits, &|| {}).map_err(bad)?;
-        Ok(NewDataset {
-            id,
-            owner_id: owner,
-            name,
-            path: path.to_string_lossy().into_owned(),
-            format: survey.format,
-            split,
-            count: survey.count() as i64,
-            num_classes: survey.class_counts.len() as i64,
-            shape: format!("{}x{}x{}", fp.max_size[0], fp.max_size[1], survey.channels),
-            sha256: fp.sha256,
-            uploaded: false,
-            streamed: true,
+            count: count as i64,
+            num_classes: num_classes as i64,
+            shape: format!("{}x{}x{}", shape[0], shape[1], shape[2]),
+            sha256,
+            uploaded: reading == Reading::Upload,
+            streamed: reading == Reading::Streamed,
         })
     })
     .await
@@ -232,11 +227,12 @@ pub(super) async fn register_dataset(
     check_dataset_quota(&s, &caller).await?;
     let id = uuid::Uuid::new_v4().to_string();
     let limits = s.cfg.dataset_limits();
-    let new = if req.stream {
-        describe_streamed(caller.id(), id, name, path, format, split, limits).await?
+    let reading = if req.stream {
+        Reading::Streamed
     } else {
-        describe(caller.id(), id, name, path, format, split, false, limits).await?
+        Reading::Whole
     };
+    let new = describe(caller.id(), id, name, path, format, split, reading, limits).await?;
     let info = s.store.insert_dataset(new).await?;
     Ok((StatusCode::CREATED, ApiJson(info)))
 }
@@ -387,7 +383,17 @@ pub(super) async fn upload_dataset(
     // Describe the files where they will stay, so the stored path is the final one.
     let tmp = dir.path().to_path_buf();
     let limits = s.cfg.dataset_limits();
-    let mut new = describe(caller.id(), id, name, tmp, format, split, true, limits).await?;
+    let mut new = describe(
+        caller.id(),
+        id,
+        name,
+        tmp,
+        format,
+        split,
+        Reading::Upload,
+        limits,
+    )
+    .await?;
     tokio::task::spawn_blocking(move || dir.commit())
         .await
         .map_err(ApiError::internal)?

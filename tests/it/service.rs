@@ -291,6 +291,30 @@ async fn store_for(db: Db, dir: &Path) -> Store {
         .unwrap()
 }
 
+/// A watermark row of `owner` on dataset `ds` with an empty plan, and its queued job.
+async fn queued_watermark(
+    s: &Store,
+    owner: &str,
+    name: &str,
+    ds: &str,
+    triggers: i64,
+    max_attempts: i64,
+) -> (hallmark::store::WatermarkInfo, hallmark::store::Job) {
+    s.create_watermark(
+        NewWatermark {
+            owner,
+            name,
+            dataset_id: ds,
+            holdout_dataset_id: None,
+            plan: b"{}",
+            triggers,
+        },
+        max_attempts,
+    )
+    .await
+    .unwrap()
+}
+
 async fn dataset_row(store: &Store, owner: &str) -> String {
     let id = uuid::Uuid::new_v4().to_string();
     store
@@ -382,20 +406,7 @@ async fn concurrent_claimers_never_share_a_job(db: Db) {
     let ds = dataset_row(&s, &k.id).await;
     let mut ids = Vec::new();
     for i in 0..40 {
-        let (_, job) = s
-            .create_watermark(
-                NewWatermark {
-                    owner: &k.id,
-                    name: &format!("w{i}"),
-                    dataset_id: &ds,
-                    holdout_dataset_id: None,
-                    plan: b"{}",
-                    triggers: 1,
-                },
-                3,
-            )
-            .await
-            .unwrap();
+        let (_, job) = queued_watermark(&s, &k.id, &format!("w{i}"), &ds, 1, 3).await;
         ids.push(job.id);
     }
     let mut tasks = Vec::new();
@@ -440,20 +451,7 @@ async fn a_streamed_releases_job_waits_for_its_shards(db: Db) {
     let release = |name: &'static str| {
         let (s, k, ds) = (s.clone(), k.id.clone(), ds.clone());
         async move {
-            let (w, job) = s
-                .create_watermark(
-                    NewWatermark {
-                        owner: &k,
-                        name,
-                        dataset_id: &ds,
-                        holdout_dataset_id: None,
-                        plan: b"{}",
-                        triggers: 1,
-                    },
-                    2,
-                )
-                .await
-                .unwrap();
+            let (w, job) = queued_watermark(&s, &k, name, &ds, 1, 2).await;
             let c = s.claim("w0").await.unwrap().unwrap();
             assert_eq!(c.id, job.id);
             // Only the worker holding the job may hand it out.
@@ -524,20 +522,7 @@ async fn concurrent_verifications_never_spend_one_trigger_twice(db: Db) {
     let s = store_for(db, dir.path()).await;
     let (k, _) = s.create_key("p", Role::Publisher).await.unwrap();
     let ds = dataset_row(&s, &k.id).await;
-    let (w, _) = s
-        .create_watermark(
-            NewWatermark {
-                owner: &k.id,
-                name: "three",
-                dataset_id: &ds,
-                holdout_dataset_id: None,
-                plan: b"{}",
-                triggers: 3,
-            },
-            3,
-        )
-        .await
-        .unwrap();
+    let (w, _) = queued_watermark(&s, &k.id, "three", &ds, 3, 3).await;
     let jobs_before = s.list_jobs(None, 1000).await.unwrap().len();
     let tasks: Vec<_> = (0..12)
         .map(|_| {
@@ -563,20 +548,7 @@ async fn concurrent_verifications_never_spend_one_trigger_twice(db: Db) {
         jobs_before + 3
     );
     // A watermark with one trigger is verified with it every time.
-    let (one, _) = s
-        .create_watermark(
-            NewWatermark {
-                owner: &k.id,
-                name: "one",
-                dataset_id: &ds,
-                holdout_dataset_id: None,
-                plan: b"{}",
-                triggers: 1,
-            },
-            3,
-        )
-        .await
-        .unwrap();
+    let (one, _) = queued_watermark(&s, &k.id, "one", &ds, 1, 3).await;
     for _ in 0..3 {
         let (v, _) = s
             .create_verification(&k.id, &one.id, &ds, &serde_json::json!({}), 1, 3)
@@ -596,20 +568,7 @@ async fn dead_workers_jobs_are_requeued_then_failed(db: Db) {
     let s = store_for(db, dir.path()).await;
     let (k, _) = s.create_key("p", Role::Publisher).await.unwrap();
     let ds = dataset_row(&s, &k.id).await;
-    let (_, job) = s
-        .create_watermark(
-            NewWatermark {
-                owner: &k.id,
-                name: "w",
-                dataset_id: &ds,
-                holdout_dataset_id: None,
-                plan: b"{}",
-                triggers: 1,
-            },
-            2,
-        )
-        .await
-        .unwrap();
+    let (_, job) = queued_watermark(&s, &k.id, "w", &ds, 1, 2).await;
     let c = s.claim("a").await.unwrap().unwrap();
     assert_eq!((c.id.as_str(), c.attempt), (job.id.as_str(), 1));
     assert_eq!(
@@ -660,40 +619,14 @@ async fn cancelling_and_parking(db: Db) {
     let s = store_for(db, dir.path()).await;
     let (k, _) = s.create_key("p", Role::Publisher).await.unwrap();
     let ds = dataset_row(&s, &k.id).await;
-    let (_, queued) = s
-        .create_watermark(
-            NewWatermark {
-                owner: &k.id,
-                name: "q",
-                dataset_id: &ds,
-                holdout_dataset_id: None,
-                plan: b"{}",
-                triggers: 1,
-            },
-            3,
-        )
-        .await
-        .unwrap();
+    let (_, queued) = queued_watermark(&s, &k.id, "q", &ds, 1, 3).await;
     let j = s.cancel_job(&queued.id).await.unwrap().unwrap();
     assert_eq!(j.state, JobState::Cancelled);
     assert!(
         s.claim("a").await.unwrap().is_none(),
         "a cancelled job is not claimed"
     );
-    let (_, running) = s
-        .create_watermark(
-            NewWatermark {
-                owner: &k.id,
-                name: "r",
-                dataset_id: &ds,
-                holdout_dataset_id: None,
-                plan: b"{}",
-                triggers: 1,
-            },
-            3,
-        )
-        .await
-        .unwrap();
+    let (_, running) = queued_watermark(&s, &k.id, "r", &ds, 1, 3).await;
     s.claim("a").await.unwrap().unwrap();
     let j = s.cancel_job(&running.id).await.unwrap().unwrap();
     assert_eq!((j.state, j.cancel_requested), (JobState::Running, true));
@@ -701,20 +634,7 @@ async fn cancelling_and_parking(db: Db) {
         s.heartbeat(&running.id, "a", 0, 0).await.unwrap(),
         Beat::Cancel
     );
-    let (_, parked) = s
-        .create_watermark(
-            NewWatermark {
-                owner: &k.id,
-                name: "p",
-                dataset_id: &ds,
-                holdout_dataset_id: None,
-                plan: b"{}",
-                triggers: 1,
-            },
-            3,
-        )
-        .await
-        .unwrap();
+    let (_, parked) = queued_watermark(&s, &k.id, "p", &ds, 1, 3).await;
     let c = s.claim("a").await.unwrap().unwrap();
     assert_eq!(c.id, parked.id);
     assert!(s.park(&parked.id, "a").await.unwrap());
