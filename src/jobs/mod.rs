@@ -343,14 +343,7 @@ impl Runner {
             .get_watermark(id)
             .await?
             .ok_or_else(|| JobError::new(ErrorCode::NotFound, "the watermark was deleted"))?;
-        let plan = self
-            .store
-            .watermark_plan(id)
-            .await?
-            .ok_or_else(|| JobError::new(ErrorCode::Invalid, "the watermark has no plan"))?;
-        let plan: WatermarkPlan = serde_json::from_slice(&plan)
-            .map_err(|e| JobError::new(ErrorCode::Internal, format!("stored plan: {e}")))?;
-        let (spec, nonce) = spec_and_nonce(&plan)?;
+        let (plan, spec, nonce) = self.plan(id).await?;
         let ds_id = wm
             .dataset_id
             .ok_or_else(|| JobError::new(ErrorCode::Invalid, "the watermark names no dataset"))?;
@@ -454,6 +447,19 @@ impl Runner {
                 )
                 .await?,
         ))
+    }
+
+    /// A watermark's stored plan (opened), with its spec and nonce.
+    async fn plan(&self, id: &str) -> Result<(WatermarkPlan, WatermarkSpec, [u8; 32]), JobError> {
+        let plan = self
+            .store
+            .watermark_plan(id)
+            .await?
+            .ok_or_else(|| JobError::new(ErrorCode::Invalid, "the watermark has no plan"))?;
+        let plan: WatermarkPlan = serde_json::from_slice(&plan)
+            .map_err(|e| JobError::new(ErrorCode::Internal, format!("stored plan: {e}")))?;
+        let (spec, nonce) = spec_and_nonce(&plan)?;
+        Ok((plan, spec, nonce))
     }
 
     async fn verify(

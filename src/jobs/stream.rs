@@ -167,14 +167,7 @@ impl Runner {
             .shard_of(&job.id)
             .await?
             .ok_or_else(|| JobError::new(ErrorCode::Internal, "a shard job without a shard"))?;
-        let plan = self
-            .store
-            .watermark_plan(&id)
-            .await?
-            .ok_or_else(|| JobError::new(ErrorCode::Invalid, "the watermark has no plan"))?;
-        let plan: WatermarkPlan = serde_json::from_slice(&plan)
-            .map_err(|e| JobError::new(ErrorCode::Internal, format!("stored plan: {e}")))?;
-        let (spec, nonce) = super::spec_and_nonce(&plan)?;
+        let (plan, spec, nonce) = self.plan(&id).await?;
         let survey = plan
             .survey
             .ok_or_else(|| JobError::new(ErrorCode::Internal, "a shard job before its survey"))?;
