@@ -277,7 +277,11 @@ impl Store {
             attempt: row.try_get("attempts")?,
         };
         sqlx::query(
-            "INSERT INTO job_runs (job_id, attempt, worker, started_at) VALUES ($1, $2, $3, $4)",
+            // A start that did not count (parked at shutdown) is followed by one with the same
+            // number: it replaces it.
+            "INSERT INTO job_runs (job_id, attempt, worker, started_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (job_id, attempt) DO UPDATE SET worker = excluded.worker, \
+             started_at = excluded.started_at",
         )
         .bind(&claimed.id)
         .bind(claimed.attempt)

@@ -644,6 +644,13 @@ async fn cancelling_and_parking(db: Db) {
         (JobState::Queued, 0),
         "parking does not use an attempt"
     );
+    // A parked job runs again (its first counted start replaces the parked one's record).
+    let c = s.claim("b").await.unwrap().unwrap();
+    assert_eq!((c.id.as_str(), c.attempt), (parked.id.as_str(), 1));
+    assert_eq!(
+        s.job_runs(&parked.id).await.unwrap(),
+        vec![(1, "b".to_string())]
+    );
 }
 on_both!(cancelling_and_parking_on, cancelling_and_parking);
 
