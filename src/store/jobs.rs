@@ -277,8 +277,8 @@ impl Store {
             attempt: row.try_get("attempts")?,
         };
         sqlx::query(
-            // A start that did not count (parked at shutdown) is followed by one with the same
-            // number: it replaces it.
+            // A start that did not count (parked at shutdown, or a streamed release's job that
+            // handed out its shards) is followed by one with the same number: it replaces it.
             "INSERT INTO job_runs (job_id, attempt, worker, started_at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (job_id, attempt) DO UPDATE SET worker = excluded.worker, \
              started_at = excluded.started_at",
@@ -408,7 +408,7 @@ impl Store {
 
     /// Hands a streamed release's job over to its shards: the job (still `worker`'s) waits,
     /// running and held by no worker, until every shard job has ended, and then any worker may
-    /// claim it again to assemble the release; `plan` (now with the survey) is stored sealed,
+    /// claim it again to assemble the release (handing out does not use an attempt); `plan` (now with the survey) is stored sealed,
     /// and one job per shard is queued. False when the job was no longer `worker`'s.
     #[allow(clippy::too_many_arguments)]
     pub async fn fan_out(
@@ -423,9 +423,9 @@ impl Store {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
-            "UPDATE jobs SET worker = NULL, heartbeat_at = NULL, progress_done = 1, \
-             progress_total = $1 WHERE id = $2 AND worker = $3 AND state = 'running' \
-             RETURNING owner_id",
+            "UPDATE jobs SET worker = NULL, heartbeat_at = NULL, attempts = attempts - 1, \
+             progress_done = 1, progress_total = $1 \
+             WHERE id = $2 AND worker = $3 AND state = 'running' RETURNING owner_id",
         )
         .bind(shards as i64 + 2)
         .bind(job_id)

@@ -489,8 +489,9 @@ async fn a_streamed_releases_job_waits_for_its_shards(db: Db) {
     assert!(outs.iter().all(
         |o| o.state == JobState::Succeeded && o.output.as_deref() == Some(&br#"{"n": 1}"#[..])
     ));
-    // Then claimed, once.
-    assert_eq!(s.claim("w8").await.unwrap().unwrap().id, main);
+    // Then claimed, once, and handing out did not use an attempt.
+    let c = s.claim("w8").await.unwrap().unwrap();
+    assert_eq!((c.id.as_str(), c.attempt), (main.as_str(), 1));
     assert!(s.claim("w8").await.unwrap().is_none());
     // Cancelling a waiting job cancels it and its queued shards at once, and asks its running
     // shard to stop.
