@@ -378,6 +378,23 @@ fn publisher_and_auditor_walk_the_console_in_a_real_browser() {
         b.click("form[action='/console/datasets'] button");
         b.wait_for(name, 60);
     }
+    // A streamed dataset: WebDataset shards of mixed-size colour images, registered with the
+    // form's stream box (read shard by shard).
+    let shards = ml.dir.path().join("shards");
+    let o = std::process::Command::new(crate::parquet::python())
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make-mixed-dataset.py"))
+        .args(["--format", "webdataset", "--count", "30", "--shards", "2"])
+        .args(["--min-side", "40", "--max-side", "90", "--out"])
+        .arg(&shards)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    b.type_into("#f-name", "Hub shards");
+    b.type_into("#f-path", shards.to_str().unwrap());
+    b.click("#f-stream");
+    b.click("form[action='/console/datasets'] button");
+    let text = b.wait_for("Hub shards", 60);
+    assert!(text.contains("registered, streamed"), "{text}");
     // An upload from the browser: Fashion-MNIST's test split as two IDX files.
     b.type_into("#u-name", "Uploaded test split");
     let files = ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]

@@ -366,7 +366,11 @@ pub(super) async fn datasets(State(s): State<AppState>, session: Session) -> Pag
                 escape(&format!("{:?}", d.format).to_lowercase()),
                 d.count,
                 escape(&d.shape),
-                if d.uploaded { "uploaded" } else { "registered" },
+                match (d.uploaded, d.streamed) {
+                    (true, _) => "uploaded",
+                    (false, true) => "registered, streamed",
+                    (false, false) => "registered",
+                },
                 utc(d.created_at)
             )
         })
@@ -385,7 +389,7 @@ pub(super) async fn datasets(State(s): State<AppState>, session: Session) -> Pag
         .map(|(a, b)| (a.to_string(), b.to_string()));
     let body = format!(
         "{}<section aria-labelledby=\"register\"><h2 id=\"register\">Register a dataset on the server</h2>\
-         <form method=\"post\" action=\"/console/datasets\">{}{}{}{}{}<button type=\"submit\">Register</button></form></section>\
+         <form method=\"post\" action=\"/console/datasets\">{}{}{}{}{}{}<button type=\"submit\">Register</button></form></section>\
          <section aria-labelledby=\"upload\"><h2 id=\"upload\">Upload a dataset</h2>\
          <form method=\"post\" action=\"/console/datasets/upload?csrf={}\" enctype=\"multipart/form-data\">{}{}{}\
          <div class=\"field\"><label for=\"u-files\">Files</label><input id=\"u-files\" name=\"files\" type=\"file\" multiple required></div>\
@@ -416,6 +420,13 @@ pub(super) async fn datasets(State(s): State<AppState>, session: Session) -> Pag
         ),
         select("Format", "format", &formats, ""),
         select("Split", "split", &splits, "Where the folder holds both."),
+        checkbox(
+            "Stream",
+            "stream",
+            false,
+            "Parquet or WebDataset shards, or an image folder, of any size and mixed image sizes: \
+             read shard by shard, never whole, and released by one job per shard."
+        ),
         session.csrf(),
         scoped("u", input("Name", "name", "text", true, "", "")),
         scoped("u", select("Format", "format", &formats, "")),
@@ -444,6 +455,7 @@ pub(super) async fn register_dataset(
             "path": field(&f, "path").unwrap_or(""),
             "format": field(&f, "format"),
             "split": field(&f, "split"),
+            "stream": field(&f, "stream").is_some(),
         }),
         back,
     )?;
