@@ -381,14 +381,7 @@ fn publisher_and_auditor_walk_the_console_in_a_real_browser() {
     // A streamed dataset: WebDataset shards of mixed-size colour images, registered with the
     // form's stream box (read shard by shard).
     let shards = ml.dir.path().join("shards");
-    let o = std::process::Command::new(crate::parquet::python())
-        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make-mixed-dataset.py"))
-        .args(["--format", "webdataset", "--count", "30", "--shards", "2"])
-        .args(["--min-side", "40", "--max-side", "90", "--out"])
-        .arg(&shards)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    crate::stream::generate("webdataset", 30, 2, "", 90, 0, &shards);
     b.type_into("#f-name", "Hub shards");
     b.type_into("#f-path", shards.to_str().unwrap());
     b.click("#f-stream");

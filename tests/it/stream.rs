@@ -22,7 +22,7 @@ fn make(format: &str, count: usize, shards: usize, spoil: &str) -> tempfile::Tem
 
 /// Writes `count` generated samples of 40 to `max_side` px (half JPEG, half PNG) as `shards`
 /// shards of `format` into `out`.
-fn generate(
+pub fn generate(
     format: &str,
     count: usize,
     shards: usize,
