@@ -348,8 +348,8 @@ fn for_each_sample(
     Ok(())
 }
 
-/// Which member of a sample is its image and which its label.
-fn roles(path: &Path, p: &Pending) -> Result<(usize, usize), DatasetError> {
+/// Which member of a sample is its image and which its label, and the label's class.
+fn roles(path: &Path, p: &Pending) -> Result<(usize, usize, u32), DatasetError> {
     let ext = |i: usize| split_key(&p.members[i].1).1;
     let at = |m: &str| DatasetError::input(path, format!("sample {}: {m}", p.key));
     let image = (0..p.members.len())
@@ -359,7 +359,22 @@ fn roles(path: &Path, p: &Pending) -> Result<(usize, usize), DatasetError> {
         .find(|&i| ext(i) == "cls")
         .or_else(|| (0..p.members.len()).find(|&i| ext(i) == "json"))
         .ok_or_else(|| at("no label member (.cls or .json)"))?;
-    Ok((image, label))
+    let (_, name, data) = &p.members[label];
+    let class = parse_label(name, data).map_err(|m| at(&m))?;
+    Ok((image, label, class))
+}
+
+/// Row `r`'s image bytes and class, or what is missing.
+fn row_parts<'a>(
+    img: &'a ArrayRef,
+    lab: &ArrayRef,
+    r: usize,
+) -> Result<(&'a [u8], u32), &'static str> {
+    let bytes = image_bytes(img, r).ok_or("no image bytes")?;
+    let label = label_value(lab, r)
+        .and_then(|l| u32::try_from(l).ok())
+        .ok_or("no class label")?;
+    Ok((bytes, label))
 }
 
 fn survey_tar(path: &Path, tick: &(dyn Fn() + Sync)) -> Result<Surveyed, DatasetError> {
@@ -371,10 +386,7 @@ fn survey_tar(path: &Path, tick: &(dyn Fn() + Sync)) -> Result<Surveyed, Dataset
         ext == "cls" || ext == "json" || (first_image.get() && IMAGE_EXTENSIONS.contains(&ext))
     };
     for_each_sample(path, &want, &mut |p| {
-        let (image, label) = roles(path, &p)?;
-        let (_, name, data) = &p.members[label];
-        let l = parse_label(name, data)
-            .map_err(|m| DatasetError::input(path, format!("sample {}: {m}", p.key)))?;
+        let (image, _, l) = roles(path, &p)?;
         if first_image.get() {
             channels = channels_of(&p.members[image].2);
             first_image.set(false);
@@ -547,10 +559,7 @@ pub fn fingerprint(
                             let at = |m: &str| {
                                 DatasetError::input(path, format!("row {}: {m}", row + r))
                             };
-                            let bytes = image_bytes(img, r).ok_or_else(|| at("no image bytes"))?;
-                            let l = label_value(lab, r)
-                                .and_then(|l| u32::try_from(l).ok())
-                                .ok_or_else(|| at("no class label"))?;
+                            let (bytes, l) = row_parts(img, lab, r).map_err(at)?;
                             add(&(row + r).to_string(), l, bytes).map_err(|m| at(&m))?;
                         }
                         row += b.num_rows();
@@ -568,13 +577,11 @@ pub fn fingerprint(
                 _ => {
                     let path = &s.path;
                     for_each_sample(path, &|_| true, &mut |p| {
-                        let (image, label) = roles(path, &p)?;
-                        let at =
-                            |m: String| DatasetError::input(path, format!("sample {}: {m}", p.key));
-                        let (_, lname, ldata) = &p.members[label];
-                        let l = parse_label(lname, ldata).map_err(at)?;
+                        let (image, _, l) = roles(path, &p)?;
                         let (_, iname, idata) = &p.members[image];
-                        add(&p.key, l, idata).map_err(|m| at(format!("{iname}: {m}")))
+                        add(&p.key, l, idata).map_err(|m| {
+                            DatasetError::input(path, format!("sample {}: {iname}: {m}", p.key))
+                        })
                     })?;
                 }
             }
@@ -867,10 +874,7 @@ fn process_parquet(
         let done = (0..n)
             .into_par_iter()
             .map(|r| {
-                let bytes = image_bytes(img, r).ok_or_else(|| at(r, "no image bytes".into()))?;
-                let label = label_value(lab, r)
-                    .and_then(|l| u32::try_from(l).ok())
-                    .ok_or_else(|| at(r, "no class label".into()))?;
+                let (bytes, label) = row_parts(img, lab, r).map_err(|m| at(r, m.into()))?;
                 let key = (row + r).to_string();
                 let d = settle(
                     decide,
@@ -960,10 +964,8 @@ fn process_tar(
         let done = pending
             .par_iter()
             .map(|p| {
-                let (image, label) = roles(path, p)?;
+                let (image, label, l) = roles(path, p)?;
                 let at = |m: String| DatasetError::input(path, format!("sample {}: {m}", p.key));
-                let (_, lname, ldata) = &p.members[label];
-                let l = parse_label(lname, ldata).map_err(at)?;
                 let (_, iname, idata) = &p.members[image];
                 let d = settle(
                     decide,

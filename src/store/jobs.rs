@@ -408,9 +408,9 @@ impl Store {
 
     /// Hands a streamed release's job over to its shards: the job (still `worker`'s) waits,
     /// running and held by no worker, until every shard job has ended, and then any worker may
-    /// claim it again to assemble the release (handing out does not use an attempt); `plan` (now with the survey) is stored sealed,
-    /// and one job per shard is queued. False when the job was no longer `worker`'s.
-    #[allow(clippy::too_many_arguments)]
+    /// claim it again to assemble the release (handing out does not use an attempt); `plan`
+    /// (now with the survey) is stored sealed, and one job per shard is queued. False when the
+    /// job was no longer `worker`'s.
     pub async fn fan_out(
         &self,
         job_id: &str,
@@ -439,7 +439,7 @@ impl Store {
         let owner: String = row.try_get("owner_id")?;
         let sealed = self
             .sealer
-            .seal(plan, &format!("watermarks/{watermark_id}/plan"));
+            .seal(plan, &super::watermarks::plan_context(watermark_id));
         sqlx::query("UPDATE watermarks SET spec_sealed = $1 WHERE id = $2")
             .bind(sealed)
             .bind(watermark_id)

@@ -83,6 +83,11 @@ pub struct ReleaseFacts {
     pub poisoned: i64,
 }
 
+/// What a watermark's sealed plan is bound to.
+pub(super) fn plan_context(id: &str) -> String {
+    format!("watermarks/{id}/plan")
+}
+
 impl Store {
     /// Creates a watermark to be written by a new job; `plan` (the spec and nonce, secret) is
     /// sealed. Returns the watermark and its job.
@@ -100,7 +105,7 @@ impl Store {
             plan,
             triggers,
         } = w;
-        let sealed = self.sealer.seal(plan, &format!("watermarks/{id}/plan"));
+        let sealed = self.sealer.seal(plan, &plan_context(&id));
         let mut tx = self.pool.begin().await?;
         Self::insert_job(
             &mut tx,
@@ -229,7 +234,7 @@ impl Store {
         let Some(row) = row else { return Ok(None) };
         let sealed: Option<String> = row.try_get("spec_sealed")?;
         sealed
-            .map(|s| self.sealer.open(&s, &format!("watermarks/{id}/plan")))
+            .map(|s| self.sealer.open(&s, &plan_context(id)))
             .transpose()
             .map_err(Into::into)
     }
