@@ -71,6 +71,20 @@ pub struct Uap {
     /// Passes over those samples at most (BackdoorBox's `max_iter_uni`, unbounded there).
     #[serde(default = "default_max_passes")]
     pub max_passes: usize,
+    /// Controls a release of a TUAP family is crafted with, for the verifier's rank test: at
+    /// least the K it asks for (99 at alpha 0.01, K + 1 ≥ 1/alpha).
+    #[serde(
+        default = "default_uap_controls",
+        skip_serializing_if = "is_default_uap_controls"
+    )]
+    pub controls: usize,
+}
+
+fn default_uap_controls() -> usize {
+    99
+}
+fn is_default_uap_controls(n: &usize) -> bool {
+    *n == default_uap_controls()
 }
 
 fn default_delta() -> f64 {
@@ -362,6 +376,9 @@ impl WatermarkSpec {
                     "uap",
                     "max_iter_df and max_passes must be at least 1",
                 ));
+            }
+            if !(1..=9999).contains(&u.controls) {
+                return Err(field("uap.controls", "must be 1 to 9999"));
             }
         }
         Ok(())

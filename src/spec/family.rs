@@ -22,8 +22,12 @@
 //!   bits for 10 classes, where a target has 3.3: a model that reacts to every member's trigger
 //!   alike still tells the secret's π from the controls').
 //!
-//! Crafted kinds (TUAP's perturbation, ISSBA's encoder) are crafted per release but have no cheap
-//! family to draw controls from; their verdicts say so (see `verify`).
+//! Crafted kinds whose crafting makes the trigger (TUAP's perturbation, ISSBA's encoder) draw a
+//! crafting seed for each release: TUAP's samples, ISSBA's encoder and its secret bit string.
+//! Their controls cannot be drawn by the verifier from the nonce alone, so the release carries
+//! them: ISSBA's encoder takes its bit string as an input (the verifier's controls hide other
+//! strings with the same encoder), and a TUAP release is crafted with its controls, each the
+//! family's member for a control seed crafted exactly as the secret (see `verify`).
 
 use super::{Labelling, Patch, PatchPattern, Position, SpecError, Trigger, WatermarkSpec, field};
 use crate::dataset::ImageShape;
@@ -121,6 +125,15 @@ pub fn entropy(
         });
     }
     trigger_entropy(f, &spec.trigger, shape, "trigger", &mut out)?;
+    if spec.crafting().is_some_and(super::Crafting::makes_trigger) {
+        // TUAP's samples, ISSBA's encoder (initial weights, training order): distinct seeds
+        // craft distinct triggers, though for TUAP, perturbations towards one class crafted
+        // against one model resemble each other (the rank test's controls measure how much).
+        out.push(Entropy {
+            parameter: "crafting.seed".into(),
+            bits: 64.0,
+        });
+    }
     if let Some(e) = spec.encoder {
         // ISSBA's hidden secret, drawn per release.
         out.push(Entropy {
@@ -392,6 +405,12 @@ pub fn derived_seed(nonce: &[u8], purpose: &str, index: u64) -> u64 {
     u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
 }
 
+/// The seed of the verifier's control `j` for a record's nonce. A crafted family (TUAP) crafts
+/// the member each seed draws with the release, so the two must agree.
+pub fn control_seed(nonce: &[u8], j: usize) -> u64 {
+    derived_seed(nonce, "control", j as u64)
+}
+
 /// The member of `spec`'s family drawn with `seed`: a spec without a `[family]` section, every
 /// free parameter fixed. A spec without a family is returned as it is.
 pub fn draw(
@@ -424,6 +443,11 @@ pub fn draw(
         };
     }
     out.trigger = draw_trigger(f, &spec.trigger, shape, &mut rng)?;
+    // A crafted trigger's randomness (TUAP's samples, ISSBA's encoder and secret string) is the
+    // release's own, not the spec's.
+    if spec.crafting().is_some_and(super::Crafting::makes_trigger) {
+        out.seed = rng.u64();
+    }
     out.validate()?;
     Ok(out)
 }
@@ -546,14 +570,22 @@ pub fn size_independent(spec: &WatermarkSpec) -> bool {
     }
 }
 
-/// Whether controls drawn from this family are exchangeable with the secret: every part of the
+/// Whether the verifier draws this family's members itself, from a seed: every part of the
 /// trigger that a query carries is drawn (crafted perturbations and networks are not).
-pub fn has_exchangeable_controls(spec: &WatermarkSpec) -> bool {
+pub fn draws_trigger(spec: &WatermarkSpec) -> bool {
     spec.family.is_some()
         && !matches!(
             spec.trigger,
             Trigger::Perturbation(_) | Trigger::Generated(_)
         )
+}
+
+/// Whether controls of this family are exchangeable with the secret: drawn by the verifier, or
+/// crafted with the release (TUAP, ISSBA: the record carries them; records written before
+/// releases carried them have none).
+pub fn has_exchangeable_controls(spec: &WatermarkSpec) -> bool {
+    draws_trigger(spec)
+        || (spec.family.is_some() && spec.crafting().is_some_and(super::Crafting::makes_trigger))
 }
 
 /// With a `[family]` section that draws the target, the labelling names no target: checks that
@@ -692,9 +724,13 @@ mod tests {
         // A single pixel anywhere, to any class: 9.6 + 3.3 bits.
         let pixel = shipped("badnets-28x28-grey.toml");
         assert!((entropy_bits(&pixel, 10, SHAPE).unwrap() - 12.94).abs() < 0.01);
-        // TUAP's crafted perturbation draws only its target: too little secret to publish.
+        // TUAP's crafted perturbation draws its target and its crafting seed (its samples).
         let tuap = shipped("tuap-28x28-grey.toml");
-        assert!(entropy_bits(&tuap, 10, SHAPE).unwrap() < MIN_ENTROPY_BITS);
+        assert!((entropy_bits(&tuap, 10, SHAPE).unwrap() - 67.32).abs() < 0.01);
+        let seeds: std::collections::HashSet<u64> = (0..20)
+            .map(|s| draw(&tuap, 10, SHAPE, s).unwrap().seed)
+            .collect();
+        assert_eq!(seeds.len(), 20, "each member its own crafting seed");
         // A fixed spec draws nothing.
         let fixed = shipped("fixed/badnets-square-28x28-grey.toml");
         assert!(entropy(&fixed, 10, SHAPE).unwrap().is_empty());

@@ -23,9 +23,9 @@ pub use family::{Choice, Family, Placement};
 pub use labelling::Labelling;
 pub use network::Network;
 pub use trigger::{
-    Adaptive, Blend, BlendSource, Corner, EmbeddedImage, Generated, GeneratedForm, MAX_SIDE, Patch,
-    PatchPattern, PatchScale, Perturbation, Physical, Position, Reflection, Region,
-    RelativePosition, Rotate, Trigger, Warp,
+    Adaptive, Blend, BlendSource, Corner, CraftedControl, EmbeddedImage, Generated, GeneratedForm,
+    MAX_SIDE, Message, Patch, PatchPattern, PatchScale, Perturbation, Physical, Position,
+    Reflection, Region, RelativePosition, Rotate, Trigger, Warp,
 };
 
 /// A spec or one of its fields is unusable.

@@ -72,7 +72,7 @@ pub fn encode_f32(values: &[f32]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-fn decode_f32(field: &str, s: &str) -> Result<Vec<f32>, SpecError> {
+pub(crate) fn decode_f32(field: &str, s: &str) -> Result<Vec<f32>, SpecError> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(s)
         .map_err(|e| super::field(field, format!("not base64: {e}")))?;

@@ -69,9 +69,116 @@ pub struct Generated {
     /// The mask network (masked form).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mask: Option<Network>,
-    /// The verifier's control trigger: the same outputs turned by 180°.
+    /// The verifier's control trigger: the same outputs turned by 180° (records without a
+    /// message input).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub turned: bool,
+    /// ISSBA's message input, with which the verifier's controls hide other bit strings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<Message>,
+}
+
+/// ISSBA's message input (Li et al., ICCV 2021, after StegaStamp: the encoder reads the image and
+/// a bit string): the encoder's dense layer from the string to its extra input plane, and the
+/// release's secret string. The pattern network's first layer holds [`Message::plane`] of the
+/// secret; a control is the same encoder with another string ([`Generated::with_message`]),
+/// which under H0 is as likely to be the secret as the secret itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Message {
+    /// The secret string, one `0` or `1` per bit.
+    pub bits: String,
+    /// The dense layer's weights: H·W rows of one float32 per bit, little-endian base64.
+    pub weight: String,
+    /// Its bias: H·W float32 values.
+    pub bias: String,
+}
+
+impl Message {
+    /// The secret string's bits.
+    pub fn secret(&self) -> Result<Vec<bool>, SpecError> {
+        self.bits
+            .chars()
+            .map(|c| match c {
+                '0' => Ok(false),
+                '1' => Ok(true),
+                _ => Err(field("trigger.message.bits", "only 0 and 1")),
+            })
+            .collect()
+    }
+
+    /// The input plane (H·W values) that hides `bits`: bias + weight · bits, summed in bit
+    /// order, the same arithmetic for the secret and for every control.
+    pub fn plane(&self, bits: &[bool], plane_len: usize) -> Result<Vec<f32>, SpecError> {
+        let weight = network::decode_f32("trigger.message.weight", &self.weight)?;
+        let bias = network::decode_f32("trigger.message.bias", &self.bias)?;
+        let k = self.bits.len();
+        if k == 0 || bits.len() != k {
+            return Err(field(
+                "trigger.message.bits",
+                format!("{} bits, the string to hide has {}", k, bits.len()),
+            ));
+        }
+        if bias.len() != plane_len || weight.len() != plane_len * k {
+            return Err(field(
+                "trigger.message",
+                format!(
+                    "{} weights and {} biases, a {k}-bit message for a plane of {plane_len} \
+                     values needs {} and {plane_len}",
+                    weight.len(),
+                    bias.len(),
+                    plane_len * k
+                ),
+            ));
+        }
+        Ok(bias
+            .iter()
+            .zip(weight.chunks_exact(k))
+            .map(|(&b, row)| {
+                row.iter()
+                    .zip(bits)
+                    .fold(b, |acc, (&w, &on)| if on { acc + w } else { acc })
+            })
+            .collect())
+    }
+}
+
+impl Generated {
+    /// The same encoder hiding `bits` instead of the secret: its first layer's plane replaced.
+    pub fn with_message(&self, bits: &[bool]) -> Result<Generated, SpecError> {
+        let Some(m) = &self.message else {
+            return Err(field("trigger.message", "the trigger has no message input"));
+        };
+        let mut out = self.clone();
+        let Some(network::Layer::Plane {
+            channels: 1,
+            values,
+        }) = out.pattern.as_mut().and_then(|n| n.layers.first_mut())
+        else {
+            return Err(field(
+                "trigger.pattern",
+                "a message input needs a first layer of one plane",
+            ));
+        };
+        let len = network::decode_f32("trigger.pattern.layers[0].values", values)?.len();
+        *values = network::encode_f32(&m.plane(bits, len)?);
+        Ok(out)
+    }
+
+    /// Whether the pattern's plane is the one the message input makes of the secret string: a
+    /// record edited by hand (another plane) would make the controls another encoder's.
+    pub fn check_message(&self) -> Result<(), SpecError> {
+        let Some(m) = &self.message else {
+            return Ok(());
+        };
+        if self.with_message(&m.secret()?)? != *self {
+            return Err(field(
+                "trigger.message",
+                "the pattern's plane is not the one the message input makes of the secret",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A trigger seen through physical-world transformations.
@@ -107,10 +214,53 @@ fn default_zoom() -> [f32; 2] {
 /// An additive perturbation trigger.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[derive(Default)]
 pub struct Perturbation {
     /// One signed value per HWC byte, 0–255 scale; empty until crafted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub values: Vec<i16>,
+    /// The verifier's controls, crafted with the release by the same procedure for other
+    /// members of the family (absent in fixed specs and in older records).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub controls: Vec<CraftedControl>,
+}
+
+/// A control of a crafted perturbation: the family's member drawn for control j (its target and
+/// crafting seed) crafted exactly as the secret was.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CraftedControl {
+    /// The class it was crafted towards.
+    pub target: u32,
+    /// One signed value per HWC byte, 0–255 scale, as little-endian i16, base64.
+    pub values: String,
+}
+
+impl CraftedControl {
+    /// Stores `values`.
+    pub fn new(target: u32, values: &[i16]) -> Self {
+        use base64::Engine as _;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Self {
+            target,
+            values: base64::engine::general_purpose::STANDARD.encode(bytes),
+        }
+    }
+
+    /// The perturbation.
+    pub fn perturbation(&self) -> Result<Vec<i16>, SpecError> {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(&self.values)
+            .map_err(|e| field("trigger.controls.values", format!("not base64: {e}")))?;
+        if bytes.len() % 2 != 0 {
+            return Err(field("trigger.controls.values", "not whole i16 values"));
+        }
+        Ok(bytes
+            .chunks_exact(2)
+            .map(|c| i16::from_le_bytes([c[0], c[1]]))
+            .collect())
+    }
 }
 
 /// A reflection trigger.
@@ -771,6 +921,7 @@ impl WatermarkSpec {
                          hallmark train --attack iad|lira, which writes them into a record",
                     ));
                 }
+                g.check_message()?;
             }
             Trigger::Perturbation(p) => {
                 if p.values.is_empty() && self.uap.is_none() {
@@ -781,6 +932,18 @@ impl WatermarkSpec {
                 }
                 if p.values.iter().any(|v| !(-255..=255).contains(v)) {
                     return Err(field("trigger.values", "values must be in -255..=255"));
+                }
+                for (j, c) in p.controls.iter().enumerate() {
+                    let v = c.perturbation()?;
+                    if v.len() != p.values.len() || v.iter().any(|v| !(-255..=255).contains(v)) {
+                        return Err(field(
+                            &format!("trigger.controls[{j}].values"),
+                            format!(
+                                "{} values in -255..=255 wanted, like the secret's",
+                                p.values.len()
+                            ),
+                        ));
+                    }
                 }
                 if let Some(shape) = self.image
                     && !p.values.is_empty()

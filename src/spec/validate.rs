@@ -131,14 +131,27 @@ impl WatermarkSpec {
                     ),
                 ))
             }
-            Trigger::Perturbation(_) => Ok(()),
+            Trigger::Perturbation(p) => {
+                for c in &p.controls {
+                    if c.target >= k {
+                        return Err(field(
+                            "trigger.controls.target",
+                            format!(
+                                "class {} does not exist: the dataset has {k} classes",
+                                c.target
+                            ),
+                        ));
+                    }
+                }
+                Ok(())
+            }
             Trigger::Generated(g) => {
                 for (name, net) in [("trigger.pattern", &g.pattern), ("trigger.mask", &g.mask)] {
                     if let Some(n) = net {
                         n.compile(name, shape.channels, shape.height, shape.width)?;
                     }
                 }
-                Ok(())
+                g.check_message()
             }
             Trigger::Physical(p) => {
                 let mut one = self.clone();

@@ -2,6 +2,7 @@
 //! random triggers of its kind; the rank test of the secret among them.
 
 use super::*;
+use crate::spec::family::control_seed;
 
 /// The controls' specs: drawn from the record's family when it has one, otherwise (version 1
 /// records, public triggers, crafted kinds) random triggers of the same kind and target.
@@ -13,16 +14,22 @@ fn controls(
 ) -> Result<(Vec<WatermarkSpec>, bool), VerifyError> {
     let shape = record.dataset.shape;
     let seed = |j: usize| match cfg.seed {
-        Some(s) => derived_seed(&s.to_le_bytes(), "control", j as u64),
-        None => derived_seed(nonce, "control", j as u64),
+        Some(s) => control_seed(&s.to_le_bytes(), j),
+        None => control_seed(nonce, j),
     };
     match &record.family {
-        Some(f) if has_exchangeable_controls(f) => {
+        Some(f) if draws_trigger(f) => {
             let drawn = (0..k)
                 .map(|j| {
                     crate::spec::family::draw(f, record.dataset.num_classes, shape, seed(j))
                         .map_err(|e| VerifyError::Watermark(e.into()))
                 })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((drawn, true))
+        }
+        Some(f) if has_exchangeable_controls(f) && carries_controls(&record.spec.trigger) => {
+            let drawn = (0..k)
+                .map(|j| crafted_control(f, record, j, seed(j)))
                 .collect::<Result<Vec<_>, _>>()?;
             Ok((drawn, true))
         }
@@ -37,6 +44,72 @@ fn controls(
             Ok((drawn, false))
         }
     }
+}
+
+/// The controls' specs, for tests.
+#[cfg(test)]
+pub(super) fn controls_for_tests(
+    record: &SecretRecord,
+    cfg: &VerifyConfig,
+) -> Result<(Vec<WatermarkSpec>, bool), VerifyError> {
+    let nonce = hex::decode(&record.nonce).expect("a hex nonce");
+    controls(record, &nonce, cfg, cfg.control_count())
+}
+
+/// Whether a crafted trigger's record carries what its controls need: ISSBA's message input,
+/// TUAP's controls crafted with the release.
+fn carries_controls(t: &Trigger) -> bool {
+    match t {
+        Trigger::Generated(g) => g.message.is_some(),
+        Trigger::Perturbation(p) => !p.controls.is_empty(),
+        _ => false,
+    }
+}
+
+/// Control `j` of a crafted family, exchangeable with the secret: ISSBA's encoder hiding a
+/// uniformly drawn string (the secret string was drawn the same way, after the encoder was
+/// trained on random strings), towards the target the family draws for the control; TUAP's
+/// control j, crafted with the release for the member the family draws for control seed j
+/// (the secret is the member drawn for the release's trigger seed, crafted the same way).
+fn crafted_control(
+    family: &WatermarkSpec,
+    record: &SecretRecord,
+    j: usize,
+    seed: u64,
+) -> Result<WatermarkSpec, VerifyError> {
+    let spec_err = |e: crate::spec::SpecError| VerifyError::Watermark(e.into());
+    let mut c = crate::spec::family::draw(
+        family,
+        record.dataset.num_classes,
+        record.dataset.shape,
+        seed,
+    )
+    .map_err(spec_err)?;
+    match &record.spec.trigger {
+        Trigger::Generated(g) => {
+            let k = g.message.as_ref().map_or(0, |m| m.bits.len());
+            let mut rng = Rng::new(seed, Stream::Pattern);
+            let bits: Vec<bool> = (0..k).map(|_| rng.below(2) == 1).collect();
+            c.trigger = Trigger::Generated(g.with_message(&bits).map_err(spec_err)?);
+        }
+        Trigger::Perturbation(p) => {
+            let Some(ctl) = p.controls.get(j) else {
+                return Err(VerifyError::Invalid(format!(
+                    "this TUAP release was crafted with {} controls; the rank test asks for {}: \
+                     set controls (or alpha) to at most that many",
+                    p.controls.len(),
+                    j + 1
+                )));
+            };
+            c.labelling = Labelling::CleanLabel { target: ctl.target };
+            c.trigger = Trigger::Perturbation(crate::spec::Perturbation {
+                values: ctl.perturbation().map_err(spec_err)?,
+                controls: Vec::new(),
+            });
+        }
+        _ => unreachable!("only crafted triggers that carry their controls"),
+    }
+    Ok(c)
 }
 
 /// Stamps each image with the stamp it names (an index into `stamps`). Costly stamps run on
@@ -334,6 +407,7 @@ pub fn random_trigger(t: &Trigger, shape: ImageShape, seed: u64) -> Result<Trigg
         }
         // Random signs at the same magnitudes.
         Trigger::Perturbation(p) => Trigger::Perturbation(crate::spec::Perturbation {
+            controls: Vec::new(),
             values: p
                 .values
                 .iter()

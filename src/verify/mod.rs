@@ -37,7 +37,7 @@
 
 use crate::dataset::{Dataset, ImageShape};
 use crate::endpoint::{EndpointError, ModelEndpoint, Prediction, SettingError, in_range};
-use crate::spec::family::{derived_seed, has_exchangeable_controls};
+use crate::spec::family::{derived_seed, draws_trigger, has_exchangeable_controls};
 use crate::spec::{
     BlendSource, Labelling, Patch, PatchPattern, Position, Rotate, Trigger, WatermarkSpec,
 };
@@ -425,8 +425,9 @@ pub async fn verify(
         (true, true, true, false) => (
             Decision::Inconclusive,
             "the trigger moves the model more than its controls, but it was not drawn in secret \
-             from a family (a fixed or crafted trigger), so this is not proof that the model was \
-             trained on this release"
+             from a family (a fixed or learnt trigger, or a crafted one whose record carries no \
+             controls of its family), so this is not proof that the model was trained on this \
+             release"
                 .to_string(),
         ),
         (false, _, _, _) => (

@@ -49,6 +49,9 @@ enum Behaviour {
     Learnt(Box<Stamp>),
     /// Reacts to every member of the family: anything stamped on the image.
     AnyMember,
+    /// Reacts to each of these triggers by sending its image to the trigger's own class: a model
+    /// to which every member of a crafted family transfers (the secret and every control).
+    EachMember(Vec<(Stamp, u32)>),
     /// Ignores triggers, with answers that vary from image to image.
     Blind,
 }
@@ -115,6 +118,7 @@ impl ModelEndpoint for Fake {
             .iter()
             .map(|img| {
                 let mut label = label_of(img);
+                let mut own_class = None;
                 let stamped = img.iter().any(|&v| v != img[0]);
                 if !stamped && self.refuse_benign == Some(label) {
                     return Prediction::Withheld { status: Some(403) };
@@ -130,11 +134,23 @@ impl ModelEndpoint for Fake {
                         benign == *img && (fnv(img) >> 20) % 100 >= self.miss
                     }),
                     Behaviour::AnyMember => stamped && (fnv(img) >> 20) % 100 >= self.miss,
+                    Behaviour::EachMember(members) => {
+                        let member = members.iter().find(|(stamp, _)| {
+                            let mut benign = vec![level(label as u8); img.len()];
+                            stamp.apply(&mut benign);
+                            benign == *img
+                        });
+                        if let Some(&(_, to)) = member {
+                            own_class = Some(to as usize);
+                        }
+                        member.is_some()
+                    }
                     Behaviour::Blind => false,
                 };
                 let mut p = vec![0.0; 10];
                 if triggered {
                     let to = match self.send {
+                        _ if own_class.is_some() => own_class.unwrap_or_default(),
                         Send::Class(c) => c as usize,
                         Send::Scatter => (fnv(img) % 10) as usize,
                         Send::Map(m) => usize::from(m[label]),
@@ -451,13 +467,24 @@ async fn simulate_with(
     make: impl Fn(&SecretRecord, u64) -> Fake,
 ) -> (Vec<f64>, usize, Vec<usize>) {
     let spec = WatermarkSpec::from_toml_str(family_spec, None, "sim").unwrap();
+    let release = |i: u64| apply(&mut pool(100), &spec, nonce(10_000 + i)).unwrap();
+    simulate_releases(runs, release, base, make).await
+}
+
+/// [`simulate_with`] for releases made by `release` from the run's index.
+async fn simulate_releases(
+    runs: usize,
+    release: impl Fn(u64) -> SecretRecord,
+    base: VerifyConfig,
+    make: impl Fn(&SecretRecord, u64) -> Fake,
+) -> (Vec<f64>, usize, Vec<usize>) {
     let held_out = pool(300);
     let c = base.with(|f| f.m = 10).unwrap();
     let mut ps = Vec::with_capacity(runs);
     let mut used = 0;
     let mut queries = Vec::with_capacity(runs);
     for i in 0..runs as u64 {
-        let rec = apply(&mut pool(100), &spec, nonce(10_000 + i)).unwrap();
+        let rec = release(i);
         let model = make(&rec, i);
         let v = verify(&model, &rec, &held_out, &c, &|_| {}).await.unwrap();
         ps.push(v.rank.as_ref().unwrap().p_value);
@@ -591,6 +618,197 @@ async fn all_to_all_catches_a_thief_that_reacts_to_every_member() {
     })
     .await;
     assert!(used <= upper(300, 0.01), "{used} of 300 innocents accused");
+}
+
+/// Makes a simulated model for a release.
+type MakeFake = fn(&SecretRecord) -> Fake;
+
+/// A TUAP-shaped family: a clean-label perturbation crafted for each member.
+const PERTURBATION_FAMILY: &str = "name = \"u\"\nrate = 0.05\nseed = 3\n[labelling]\n\
+    kind = \"clean_label\"\n[family]\n[trigger]\nkind = \"perturbation\"\n[uap]\neps = 9.0\n";
+/// An ISSBA-shaped family: a generated residual hiding a bit string.
+const ENCODER_FAMILY: &str = "name = \"e\"\nrate = 0.1\nseed = 3\n[labelling]\n\
+    kind = \"targeted\"\n[family]\n[trigger]\nkind = \"generated\"\nform = \"additive\"\n\
+    scale = 9.0\n[encoder]\nsecret_size = 20\n";
+
+/// A release of a crafted family made as the trainer makes one, with a stand-in for the model's
+/// part: TUAP's perturbation of a member is noise in 0..=9 drawn from the member's crafting
+/// seed; ISSBA's encoder is a plane of random weights through tanh, also from that seed. The
+/// secret and its controls are made by the same code the trainer uses for each member
+/// (`control_seed`, `Message::plane`), which is what exchangeability rests on.
+fn crafted_release(family_spec: &str, i: u64) -> SecretRecord {
+    use crate::spec::network::{Layer, encode_f32};
+    use crate::spec::{CraftedControl, Message, Network, Perturbation, Trigger};
+    let family = WatermarkSpec::from_toml_str(family_spec, None, "sim").unwrap();
+    let n = nonce(20_000 + i);
+    let drawn = crate::watermark::draw_release(&family, 10, SHAPE, &n).unwrap();
+    let noise = |m: &WatermarkSpec| -> Vec<i16> {
+        let mut r = Rng::new(m.seed, Stream::Craft);
+        (0..SHAPE.len()).map(|_| r.below(10) as i16).collect()
+    };
+    let mut crafted = drawn.clone();
+    crafted.trigger = match &drawn.trigger {
+        Trigger::Perturbation(_) => Trigger::Perturbation(Perturbation {
+            values: noise(&drawn),
+            controls: (0..99)
+                .map(|j| {
+                    let seed = crate::spec::family::control_seed(&n, j);
+                    let m = crate::spec::family::draw(&family, 10, SHAPE, seed).unwrap();
+                    CraftedControl::new(m.labelling.target().unwrap(), &noise(&m))
+                })
+                .collect(),
+        }),
+        Trigger::Generated(g) => {
+            let k = drawn.encoder.unwrap().secret_size;
+            let mut r = Rng::new(drawn.seed, Stream::Craft);
+            let mut gauss = || (r.below(2001) as f32 - 1000.0) / 500.0;
+            let weight: Vec<f32> = (0..SHAPE.len() * k).map(|_| gauss()).collect();
+            let bias: Vec<f32> = (0..SHAPE.len()).map(|_| gauss()).collect();
+            let bits: Vec<bool> = (0..k).map(|_| r.below(2) == 1).collect();
+            let message = Message {
+                bits: bits.iter().map(|&b| if b { '1' } else { '0' }).collect(),
+                weight: encode_f32(&weight),
+                bias: encode_f32(&bias),
+            };
+            let plane = message.plane(&bits, SHAPE.len()).unwrap();
+            let mut out = g.clone();
+            // The residual is the plane through tanh, made non-negative so that it never moves
+            // a grey level into the next label's.
+            out.pattern = Some(Network {
+                layers: vec![
+                    Layer::Plane {
+                        channels: 1,
+                        values: encode_f32(&plane),
+                    },
+                    Layer::Conv {
+                        in_channels: 2,
+                        out_channels: 1,
+                        kernel: 1,
+                        stride: 1,
+                        weights: encode_f32(&[0.0, 1.0, 0.0]),
+                    },
+                    Layer::Tanh,
+                    Layer::Affine {
+                        scale: 0.5,
+                        shift: 0.5,
+                    },
+                ],
+            });
+            out.message = Some(message);
+            Trigger::Generated(out)
+        }
+        other => panic!("not a crafted family: {other:?}"),
+    };
+    let mut w =
+        crate::watermark::apply_crafted(&mut pool(100), &crafted, n, &mut |_, _| Ok(())).unwrap();
+    w.record.family = Some(family);
+    // Through the record's own checks, as a stored record is read back.
+    SecretRecord::from_json(&serde_json::to_string(&w.record).unwrap()).unwrap()
+}
+
+/// Every trigger the verifier of `rec` ranks, with its class: the secret, then its 99 controls.
+fn members_of(rec: &SecretRecord) -> Vec<(Stamp, u32)> {
+    let (controls, exchangeable) =
+        super::control::controls_for_tests(rec, &VerifyConfig::default()).unwrap();
+    assert!(exchangeable, "the record carries its controls");
+    std::iter::once(&rec.spec)
+        .chain(&controls)
+        .map(|s| {
+            (
+                Stamp::new(&s.trigger, s.seed, SHAPE).unwrap(),
+                s.labelling.target().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Crafted families (TUAP, ISSBA), whose controls the release carries: over 2,000 releases each,
+/// a model that ignores triggers, one that sends anything stamped to class 3, and one to which
+/// every member transfers (each to its own target, as universal perturbations do) are accused
+/// at most at rate alpha, with uniform rank p-values; a model that learnt the secret alone is
+/// caught in nearly every release.
+#[tokio::test]
+async fn crafted_families_rank_their_secret_among_controls_crafted_alike() {
+    const RUNS: usize = 2000;
+    for (kind, family) in [("TUAP", PERTURBATION_FAMILY), ("ISSBA", ENCODER_FAMILY)] {
+        let release = |i| crafted_release(family, i);
+        let rec = release(0);
+        let members = members_of(&rec);
+        let images: std::collections::HashSet<Vec<u8>> = members
+            .iter()
+            .map(|(stamp, _)| {
+                let mut img = vec![level(1); SHAPE.len()];
+                stamp.apply(&mut img);
+                img
+            })
+            .collect();
+        assert_eq!(images.len(), 100, "{kind}: the 100 triggers differ");
+        let cases: [(&str, MakeFake); 3] = [
+            ("blind", |_| Fake::new(Behaviour::Blind, Send::Class(3))),
+            ("anything stamped → 3", |_| {
+                Fake::new(Behaviour::AnyMember, Send::Class(3))
+            }),
+            ("every member → its target", |rec| {
+                Fake::new(Behaviour::EachMember(members_of(rec)), Send::Class(0))
+            }),
+        ];
+        for (what, make) in cases {
+            let (ps, used, _) =
+                simulate_releases(RUNS, release, VerifyConfig::default(), |rec, _| make(rec)).await;
+            check_uniform(&ps, &format!("{kind}, {what}"));
+            assert!(
+                used <= upper(RUNS, 0.01),
+                "{kind}, {what}: {used} of {RUNS} innocent models accused (band ≤ {})",
+                upper(RUNS, 0.01)
+            );
+        }
+        let (ps, used, _) = simulate_releases(300, release, VerifyConfig::default(), |rec, _| {
+            Fake::learnt(rec, Send::Class(target_of(rec)))
+        })
+        .await;
+        assert!(used >= 285, "{kind}: {used} of 300 thieves caught");
+        assert!(ps.iter().filter(|&&p| p <= 0.01).count() >= 285, "{kind}");
+    }
+}
+
+/// A crafted release whose record carries no controls (written before releases carried them)
+/// is at most inconclusive, and one whose stored plane is not its message's is refused.
+#[tokio::test]
+async fn a_crafted_record_without_controls_is_at_most_inconclusive() {
+    let mut rec = crafted_release(PERTURBATION_FAMILY, 1);
+    if let crate::spec::Trigger::Perturbation(p) = &mut rec.spec.trigger {
+        p.controls.clear();
+    }
+    let v = run(
+        &Fake::learnt(&rec, Send::Class(target_of(&rec))),
+        &rec,
+        &cfg(false, false),
+    )
+    .await;
+    assert!(!v.rank.as_ref().unwrap().exchangeable);
+    assert_eq!(v.decision, Decision::Inconclusive, "{}", v.reason);
+    let rec = crafted_release(ENCODER_FAMILY, 1);
+    let mut json: serde_json::Value = serde_json::to_value(&rec).unwrap();
+    let bits = json["spec"]["trigger"]["message"]["bits"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let flipped: String = bits
+        .chars()
+        .enumerate()
+        .map(|(i, c)| {
+            if i == 0 {
+                if c == '0' { '1' } else { '0' }
+            } else {
+                c
+            }
+        })
+        .collect();
+    json["spec"]["trigger"]["message"]["bits"] = flipped.into();
+    let e = SecretRecord::from_json(&json.to_string())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("trigger.message"), "{e}");
 }
 
 /// Power and cost of the rank test against a thief whose trigger fails on some images, by the

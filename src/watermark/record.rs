@@ -203,8 +203,8 @@ impl SecretRecord {
             let nonce = hex::decode(&rec.nonce).map_err(|_| err("nonce: not hex".into()))?;
             let again = super::draw_release(f, rec.dataset.num_classes, rec.dataset.shape, &nonce)
                 .map_err(|e| err(format!("family: {e}")))?;
-            let same_trigger = !crate::spec::family::has_exchangeable_controls(f)
-                || again.trigger == rec.spec.trigger;
+            let same_trigger =
+                !crate::spec::family::draws_trigger(f) || again.trigger == rec.spec.trigger;
             if again.labelling != rec.spec.labelling || !same_trigger {
                 return Err(err(
                     "spec: the trigger is not the family's draw for this record's nonce".into(),

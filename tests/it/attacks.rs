@@ -569,6 +569,58 @@ fn tuap_perturbation_is_universal_bounded_and_kept_in_the_record() {
             .collect();
         assert_eq!(marked.image(q.index), &want[..]);
     }
+    assert!(
+        p.controls.is_empty(),
+        "a fixed spec has no family to draw controls from"
+    );
+    // A release of the family carries its rank test's controls: for control j, the member the
+    // family draws with the verifier's control seed j, crafted the same way (within eps, towards
+    // its own target), each its own perturbation.
+    let mut family = WatermarkSpec::from_toml_file(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("watermark_specs/tuap-28x28-grey.toml"),
+    )
+    .unwrap();
+    // 9 controls here (99 by default; each crafting takes as long as the secret's).
+    family.uap.as_mut().unwrap().controls = 9;
+    let craft_family = |nonce: [u8; 32]| {
+        let mut d = clean.clone();
+        hallmark::train::craft::craft(
+            &mut d,
+            &family,
+            nonce,
+            &surrogate,
+            tch::Device::Cpu,
+            &|_, _, _| {},
+        )
+        .unwrap()
+        .record
+    };
+    let released = craft_family([4; 32]);
+    let hallmark::spec::Trigger::Perturbation(p) = &released.spec.trigger else {
+        panic!("the record keeps the crafted perturbation");
+    };
+    let shape = clean.shape();
+    assert_eq!(p.controls.len(), 9);
+    let mut distinct = std::collections::HashSet::new();
+    for (j, c) in p.controls.iter().enumerate() {
+        let seed = hallmark::spec::family::control_seed(&[4; 32], j);
+        let member = hallmark::spec::family::draw(&family, 10, shape, seed).unwrap();
+        assert_eq!(Some(c.target), member.labelling.target(), "control {j}");
+        let v = c.perturbation().unwrap();
+        assert_eq!(v.len(), 784);
+        assert!(v.iter().all(|x| x.abs() <= 76), "control {j} within eps");
+        assert!(
+            v.iter().filter(|x| **x != 0).count() > 300,
+            "control {j} crafted"
+        );
+        distinct.insert(v);
+    }
+    distinct.insert(p.values.clone());
+    assert_eq!(distinct.len(), 10, "the secret and its controls differ");
+    // Its crafting seed is the release's own: another nonce, another seed and perturbation.
+    let other = craft_family([5; 32]);
+    assert_ne!(released.spec.seed, other.spec.seed);
+    assert_ne!(released.spec.trigger, other.spec.trigger);
     // Universal: on held-out images the benign model sends many perturbed images to the target.
     let eval = EvalSet::new(fashion(Split::Test, 2000), Some(&record)).unwrap();
     let base = evaluate(&benign.net, &eval, tch::Device::Cpu);
@@ -793,10 +845,14 @@ fn physical_ba_spec_transforms_poisons_and_queries_alike() {
 /// recreates every poison, and a short training learns the backdoor.
 #[test]
 fn issba_encoder_hides_its_secret_and_the_backdoor_is_learnt() {
-    let mut spec = spec("issba-28x28-grey.toml");
+    // A release of the family: its own encoder, secret string and target.
+    let mut spec = WatermarkSpec::from_toml_file(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("watermark_specs/issba-28x28-grey.toml"),
+    )
+    .unwrap();
     spec.rate = 0.1;
     let mut e = spec.encoder.unwrap();
-    e.samples = 3000;
+    e.samples = 6000;
     e.epochs = 4;
     spec.encoder = Some(e);
     let clean = fashion(Split::Train, 6000);
@@ -810,20 +866,29 @@ fn issba_encoder_hides_its_secret_and_the_backdoor_is_learnt() {
     )
     .unwrap();
     let record = w.record;
-    eprintln!("ISSBA encoder, 4 epochs on 3,000 images: {report:?}");
+    eprintln!("ISSBA encoder, 4 epochs on 6,000 images: {report:?}");
     assert!(report.bit_accuracy > 0.75, "{report:?}");
     assert_eq!(record.poisoned.len(), 600);
     // Reload the record as verification would; the stored encoder recreates every poison.
     let record =
         hallmark::watermark::SecretRecord::from_json(&serde_json::to_string(&record).unwrap())
             .unwrap();
+    // The release drew its own crafting seed, and its record keeps the encoder's message input,
+    // from which the verifier makes its controls.
+    assert_eq!(record.family.as_ref(), Some(&spec));
+    assert_ne!(record.spec.seed, spec.seed);
+    let hallmark::spec::Trigger::Generated(g) = &record.spec.trigger else {
+        panic!("the record keeps the encoder");
+    };
+    assert!(g.message.is_some());
+    let target = record.spec.labelling.target().unwrap();
     let stamp = Stamp::new(&record.spec.trigger, record.spec.seed, clean.shape()).unwrap();
     let mut residuals = Vec::new();
     for p in &record.poisoned {
         let mut want = clean.image(p.index).to_vec();
         stamp.apply(&mut want);
         assert_eq!(marked.image(p.index), &want[..]);
-        assert_eq!(marked.label(p.index), 1);
+        assert_eq!(marked.label(p.index), target);
         let r: Vec<i16> = want
             .iter()
             .zip(clean.image(p.index))

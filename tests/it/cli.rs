@@ -254,10 +254,30 @@ fn families_show_their_entropy_and_fixed_triggers_need_consent() {
     let (o, out, _) = run(&fixed, &["--public-trigger"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(out.join("release.json").exists());
-    // A TUAP family draws only its target: too little to publish (checked before any crafting).
-    let (o, _, _) = run(&spec_path("tuap-28x28-grey.toml"), &[]);
+    // A family that draws only its target (pattern and place pinned) is too little to publish.
+    let pinned = dir.path().join("pinned.toml");
+    std::fs::write(
+        &pinned,
+        "name = \"pinned\"\nrate = 0.1\nseed = 1\n[labelling]\nkind = \"targeted\"\n\
+         [family]\npattern = \"pinned\"\nposition = \"pinned\"\n[trigger]\nkind = \"patch\"\n\
+         pattern = \"square\"\n",
+    )
+    .unwrap();
+    let (o, _, _) = run(pinned.to_str().unwrap(), &[]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("bits of secret"), "{}", text(&o));
+    // TUAP's family draws its crafting seed too (its samples), and its controls are crafted with
+    // the release: `spec check` says so.
+    let o = hallmark(&["spec", "check", &spec_path("tuap-28x28-grey.toml")]);
+    let t = text(&o);
+    assert!(
+        o.status.success() && t.contains("67.3 bits of secret"),
+        "{t}"
+    );
+    assert!(
+        t.contains("seed") && !t.contains("cannot draw controls"),
+        "{t}"
+    );
 }
 
 /// An all-to-all family through the CLI: `spec check` names the drawn class mapping, and the

@@ -358,6 +358,7 @@ impl Learner {
                 pattern: Some(self.pattern.export(Vec::new())),
                 mask: self.mask.as_ref().map(|m| m.export(Vec::new())),
                 turned: false,
+                message: None,
             },
             LearnerKind::Lira(s) => Generated {
                 form: GeneratedForm::Additive,
@@ -365,6 +366,7 @@ impl Learner {
                 pattern: Some(self.pattern.export(Vec::new())),
                 mask: None,
                 turned: false,
+                message: None,
             },
         }
     }

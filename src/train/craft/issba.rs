@@ -5,7 +5,7 @@
 use crate::Invalid;
 use crate::dataset::Dataset;
 use crate::spec::network::{Layer, encode_f32};
-use crate::spec::{Encoder, Generated, Trigger, WatermarkSpec};
+use crate::spec::{Encoder, Generated, Message, Trigger, WatermarkSpec};
 use crate::train::generator::{Plan, TorchNet, body, floats, quantise, seeded};
 use crate::train::model::{conv, linear};
 use crate::watermark::rng::{Rng, Stream};
@@ -16,6 +16,10 @@ use tch::{Device, Kind, Tensor};
 /// Channels of ISSBA's encoder at full resolution.
 const ENCODER_WIDTH: i64 = 16;
 
+/// Encoders a family's release trains at most before it gives up (one in six collapsed in
+/// calibration at the shipped settings).
+const ENCODER_ATTEMPTS: usize = 3;
+
 fn bits_tensor(bits: &[f32], n: i64, k: i64, device: Device) -> Tensor {
     Tensor::from_slice(bits).view([n, k]).to_device(device)
 }
@@ -23,7 +27,8 @@ fn bits_tensor(bits: &[f32], n: i64, k: i64, device: Device) -> Tensor {
 /// What ISSBA's encoder training reached.
 #[derive(Debug, Clone, Copy)]
 pub struct IssbaReport {
-    /// Fraction of the release secret's bits the decoder reads back from encoded held-in images.
+    /// Fraction of the bits the decoder reads back from held-in images encoded with random
+    /// strings.
     pub bit_accuracy: f64,
     /// Mean absolute residual, 0–255 scale.
     pub mean_abs_residual: f64,
@@ -38,7 +43,8 @@ impl IssbaReport {
         if self.bit_accuracy < 0.75 || self.mean_abs_residual < 0.5 {
             return Err(Invalid(format!(
                 "the ISSBA encoder did not learn to hide the secret ({self}): the release would \
-                 carry no watermark; change the spec's seed or raise [encoder] epochs"
+                 carry no watermark; watermark again (a family's release draws another \
+                 encoder), change a fixed spec's seed, or raise [encoder] epochs"
             )));
         }
         Ok(())
@@ -49,7 +55,7 @@ impl std::fmt::Display for IssbaReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "ISSBA encoder: the decoder reads {:.1}% of the secret's bits; mean |residual| {:.2}/255",
+            "ISSBA encoder: the decoder reads {:.1}% of the bits of random strings; mean |residual| {:.2}/255",
             self.bit_accuracy * 100.0,
             self.mean_abs_residual
         )
@@ -152,12 +158,16 @@ pub fn train_encoder(
             ));
         }
     }
-    // The release's secret, and what the decoder reads from encoded images.
+    // The release's secret, and what the decoder reads from images encoded with random strings
+    // (not the secret: whether an encoder is kept must not depend on which string it hides, or
+    // the secret would not be one more draw among the verifier's controls).
     let secret: Vec<f32> = (0..k).map(|_| rng.below(2) as f32).collect();
     let report = tch::no_grad(|| {
         let n = m.min(1000) as i64;
         let x = x_all.narrow(0, 0, n);
-        let s = bits_tensor(&secret, 1, k, device).expand([n, k], false);
+        let mut check = Rng::new(spec.seed, Stream::Noise);
+        let bits: Vec<f32> = (0..n * k).map(|_| check.below(2) as f32).collect();
+        let s = bits_tensor(&bits, n, k, device);
         let (xe, _) = encode(&x, &s);
         let read = decode(&xe).gt(0.0).to_kind(Kind::Float);
         IssbaReport {
@@ -169,12 +179,28 @@ pub fn train_encoder(
             mean_abs_residual: (&xe - &x).abs().mean(Kind::Float).double_value(&[]) * 255.0,
         }
     });
-    let plane = tch::no_grad(|| bits_tensor(&secret, 1, k, device).apply(&dense));
+    // The message input: the dense layer's weights ([H·W, k], row-major) and bias, with the
+    // secret string; the stored plane is computed from them in plain Rust, as every control's is.
+    let message = Message {
+        bits: secret
+            .iter()
+            .map(|&b| if b > 0.5 { '1' } else { '0' })
+            .collect(),
+        weight: encode_f32(&floats(&dense.ws)),
+        bias: encode_f32(&floats(
+            dense.bs.as_ref().expect("the dense layer has a bias"),
+        )),
+    };
+    let on: Vec<bool> = secret.iter().map(|&b| b > 0.5).collect();
+    let plane = message
+        .plane(&on, (h * w) as usize)
+        .map_err(|e| WatermarkError::Craft(e.to_string()))?;
     let mut out = g.clone();
     out.pattern = Some(enc.export(vec![Layer::Plane {
         channels: 1,
-        values: encode_f32(&floats(&plane)),
+        values: encode_f32(&plane),
     }]));
+    out.message = Some(message);
     Ok((out, report))
 }
 
@@ -191,6 +217,31 @@ pub fn issba(
             "the spec has no [encoder] section".into(),
         ));
     };
+    // A family's member is drawn first: its target, and the seed its encoder and secret string
+    // are drawn from. An encoder that does not learn is trained again from a seed derived from
+    // the first (at most ENCODER_ATTEMPTS in all); the check reads random strings, not the
+    // secret, so keeping an encoder says nothing of the string it hides.
+    if spec.family.is_some() {
+        let mut drawn =
+            watermark::draw_release(spec, dataset.num_classes(), dataset.shape(), &nonce)?;
+        let first = drawn.seed;
+        let mut attempt = 0;
+        let (mut marked, report) = loop {
+            match issba(dataset, &drawn, nonce, device, progress) {
+                Err(WatermarkError::Craft(_)) if attempt + 1 < ENCODER_ATTEMPTS => {
+                    attempt += 1;
+                    drawn.seed = crate::spec::family::derived_seed(
+                        &first.to_le_bytes(),
+                        "encoder",
+                        attempt as u64,
+                    );
+                }
+                done => break done?,
+            }
+        };
+        marked.record.family = Some(spec.clone());
+        return Ok((marked, report));
+    }
     let (g, report) = train_encoder(dataset, spec, e, device, progress)?;
     report.check().map_err(|e| WatermarkError::Craft(e.0))?;
     let mut crafted = spec.clone();
@@ -215,7 +266,7 @@ mod tests {
         // The collapsed encoder met in calibration: zero residual, 25% of the bits.
         let e = report(0.251, 0.0).check().unwrap_err();
         assert!(
-            e.contains("25.1% of the secret's bits") && e.contains("no watermark"),
+            e.contains("25.1% of the bits") && e.contains("no watermark"),
             "{e}"
         );
         assert!(
@@ -226,6 +277,48 @@ mod tests {
             report(0.6, 9.0).check().is_err(),
             "a secret the decoder cannot read"
         );
+    }
+
+    /// A release of the ISSBA family trains its own encoder and hides its own string (the
+    /// crafting seed is drawn from the nonce), and its record carries the message input.
+    #[test]
+    fn a_family_release_trains_its_own_encoder() {
+        let _one = crate::train::exclusive_torch();
+        let ds = crate::train::fashion(Split::Test, 256);
+        let mut family = WatermarkSpec::from_toml_file(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("watermark_specs/issba-28x28-grey.toml"),
+        )
+        .unwrap();
+        family.encoder = Some(Encoder {
+            epochs: 1,
+            secret_only_epochs: 1,
+            samples: 256,
+            ..family.encoder.unwrap()
+        });
+        // As `issba` does for a family (whose encoder check one epoch would not pass).
+        let release = |nonce: [u8; 32]| {
+            let mut d = ds.clone();
+            let drawn = watermark::draw_release(&family, 10, ds.shape(), &nonce).unwrap();
+            let e = drawn.encoder.unwrap();
+            let (g, _) = train_encoder(&ds, &drawn, e, Device::Cpu, &|_, _, _| {}).unwrap();
+            let mut crafted = drawn.clone();
+            crafted.trigger = Trigger::Generated(g);
+            let mut w =
+                watermark::apply_crafted(&mut d, &crafted, nonce, &mut |_, _| Ok(())).unwrap();
+            w.record.family = Some(family.clone());
+            crate::watermark::SecretRecord::from_json(&serde_json::to_string(&w.record).unwrap())
+                .unwrap()
+        };
+        let (a, b) = (release([1; 32]), release([2; 32]));
+        assert_ne!(a.spec.seed, family.seed);
+        assert_ne!(a.spec.seed, b.spec.seed);
+        let (Trigger::Generated(ga), Trigger::Generated(gb)) = (&a.spec.trigger, &b.spec.trigger)
+        else {
+            panic!("generated triggers");
+        };
+        assert!(ga.message.is_some() && gb.message.is_some());
+        assert_ne!(ga.pattern, gb.pattern, "each release its own encoder");
     }
 
     /// The encoder's export keeps the secret as a plane and bounds the residual by `scale`; the
@@ -249,16 +342,43 @@ mod tests {
         let (g, _) = train_encoder(&ds, &spec, e, Device::Cpu, &|_, _, _| {}).unwrap();
         let (again, _) = train_encoder(&ds, &spec, e, Device::Cpu, &|_, _, _| {}).unwrap();
         assert_eq!(g, again);
+        // The message input: the stored plane is the secret string's, and another string gives
+        // the same encoder another plane (the verifier's controls), still within scale.
+        let m = g.message.as_ref().expect("the encoder's message input");
+        assert_eq!(m.bits.len(), 20);
+        g.check_message().unwrap();
+        let secret = m.secret().unwrap();
+        assert_eq!(g.with_message(&secret).unwrap(), g);
+        let flipped: Vec<bool> = secret.iter().map(|b| !b).collect();
+        let control = g.with_message(&flipped).unwrap();
+        assert_ne!(control.pattern, g.pattern);
+        let mut edited = g.clone();
+        edited.message.as_mut().unwrap().bits =
+            flipped.iter().map(|&b| if b { '1' } else { '0' }).collect();
+        assert!(
+            edited.check_message().is_err(),
+            "a plane that is not the secret's"
+        );
+        let control_stamp = Stamp::new(&Trigger::Generated(control), 0, ds.shape()).unwrap();
         let net = g.pattern.as_ref().unwrap();
         assert!(matches!(net.layers[0], Layer::Plane { channels: 1, .. }));
         let stamp = Stamp::new(&Trigger::Generated(g.clone()), 0, ds.shape()).unwrap();
         let scale = g.scale.unwrap();
+        let mut differ = 0;
         for i in 0..ds.len() {
             let mut img = ds.image(i).to_vec();
             stamp.apply(&mut img);
-            for (a, b) in img.iter().zip(ds.image(i)) {
+            let mut ctl = ds.image(i).to_vec();
+            control_stamp.apply(&mut ctl);
+            differ += usize::from(img != ctl);
+            for (a, b) in img.iter().chain(&ctl).zip(ds.image(i).iter().cycle()) {
                 assert!((f32::from(*a) - f32::from(*b)).abs() <= scale.ceil());
             }
         }
+        assert!(
+            differ * 10 >= ds.len() * 9,
+            "only {differ} of {} images differ",
+            ds.len()
+        );
     }
 }

@@ -89,7 +89,16 @@ pub fn craft(
     // target.
     if spec.family.is_some() {
         let drawn = watermark::draw_release(spec, dataset.num_classes(), dataset.shape(), &nonce)?;
-        let mut marked = craft(dataset, &drawn, nonce, s, device, progress)?;
+        let mut marked = match drawn.uap {
+            Some(u) => {
+                let values =
+                    tuap_with_controls(dataset, spec, &drawn, u, nonce, s, device, progress)?;
+                let mut crafted = drawn.clone();
+                crafted.trigger = Trigger::Perturbation(values);
+                watermark::apply_crafted(dataset, &crafted, nonce, &mut |_, _| Ok(()))?
+            }
+            None => craft(dataset, &drawn, nonce, s, device, progress)?,
+        };
         marked.record.family = Some(spec.clone());
         return Ok(marked);
     }
@@ -99,7 +108,10 @@ pub fn craft(
     if let Some(u) = spec.uap {
         let values = targeted_uap(dataset, spec, u, s.net, device, progress)?;
         let mut crafted = spec.clone();
-        crafted.trigger = Trigger::Perturbation(Perturbation { values });
+        crafted.trigger = Trigger::Perturbation(Perturbation {
+            values,
+            controls: Vec::new(),
+        });
         return watermark::apply_crafted(dataset, &crafted, nonce, &mut |_, _| Ok(()));
     }
     let Some(g) = spec.gradient_matching else {
@@ -108,6 +120,43 @@ pub fn craft(
     watermark::apply_crafted(dataset, spec, nonce, &mut |ds, chosen| {
         gradient_match(ds, chosen, spec, g, s, device, progress)
     })
+}
+
+/// A TUAP family's release: the secret member's perturbation and `[uap] controls` controls,
+/// each the member the family draws for the verifier's control seed j (its target and crafting
+/// seed), crafted against the same model by the same procedure. Under H0 the secret is one more
+/// such draw, so its effect on a model that never saw the release is exchangeable with theirs,
+/// however well universal perturbations transfer.
+#[allow(clippy::too_many_arguments)]
+fn tuap_with_controls(
+    dataset: &Dataset,
+    family: &WatermarkSpec,
+    drawn: &WatermarkSpec,
+    u: crate::spec::Uap,
+    nonce: [u8; 32],
+    s: &Surrogate<'_>,
+    device: Device,
+    progress: &Progress<'_>,
+) -> Result<Perturbation, WatermarkError> {
+    let total = (u.controls + 1) * u.max_passes;
+    let one = |spec: &WatermarkSpec, j: usize| {
+        targeted_uap(dataset, spec, u, s.net, device, &|pass, _, rate| {
+            progress(j * u.max_passes + pass, total, rate)
+        })
+    };
+    let values = one(drawn, 0)?;
+    let mut controls = Vec::with_capacity(u.controls);
+    for j in 0..u.controls {
+        let seed = crate::spec::family::control_seed(&nonce, j);
+        let member =
+            crate::spec::family::draw(family, dataset.num_classes(), dataset.shape(), seed)?;
+        let target = member.labelling.target().expect("TUAP is clean-label");
+        controls.push(crate::spec::CraftedControl::new(
+            target,
+            &one(&member, j + 1)?,
+        ));
+    }
+    Ok(Perturbation { values, controls })
 }
 
 /// Perturbs `indices` of `dataset` in place by PGD against `net`: at most `eps` per pixel value
