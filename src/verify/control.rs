@@ -28,6 +28,16 @@ fn controls(
             Ok((drawn, true))
         }
         Some(f) if has_exchangeable_controls(f) && carries_controls(&record.spec.trigger) => {
+            if let Trigger::Perturbation(p) = &record.spec.trigger
+                && p.controls.len() < k
+            {
+                return Err(VerifyError::Invalid(format!(
+                    "this TUAP release was crafted with {} controls and the rank test asks for \
+                     {k}: set controls to at most {0}, or alpha to at least 1/{}",
+                    p.controls.len(),
+                    p.controls.len() + 1
+                )));
+            }
             let drawn = (0..k)
                 .map(|j| crafted_control(f, record, j, seed(j)))
                 .collect::<Result<Vec<_>, _>>()?;
@@ -93,14 +103,7 @@ fn crafted_control(
             c.trigger = Trigger::Generated(g.with_message(&bits).map_err(spec_err)?);
         }
         Trigger::Perturbation(p) => {
-            let Some(ctl) = p.controls.get(j) else {
-                return Err(VerifyError::Invalid(format!(
-                    "this TUAP release was crafted with {} controls; the rank test asks for {}: \
-                     set controls (or alpha) to at most that many",
-                    p.controls.len(),
-                    j + 1
-                )));
-            };
+            let ctl = &p.controls[j];
             c.labelling = Labelling::CleanLabel { target: ctl.target };
             c.trigger = Trigger::Perturbation(crate::spec::Perturbation {
                 values: ctl.perturbation().map_err(spec_err)?,

@@ -771,6 +771,23 @@ async fn crafted_families_rank_their_secret_among_controls_crafted_alike() {
     }
 }
 
+/// A verification that asks for more controls than a TUAP release was crafted with is refused,
+/// naming both counts.
+#[tokio::test]
+async fn more_controls_than_a_tuap_release_carries_are_refused() {
+    let rec = crafted_release(PERTURBATION_FAMILY, 2);
+    let c = VerifyConfig::default().with(|f| f.alpha = 0.001).unwrap();
+    let model = Fake::learnt(&rec, Send::Class(target_of(&rec)));
+    let e = verify(&model, &rec, &pool(500), &c, &|_| {})
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("crafted with 99 controls") && e.contains("asks for 999"),
+        "{e}"
+    );
+}
+
 /// A crafted release whose record carries no controls (written before releases carried them)
 /// is at most inconclusive, and one whose stored plane is not its message's is refused.
 #[tokio::test]
