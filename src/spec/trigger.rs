@@ -95,6 +95,16 @@ pub struct Message {
 }
 
 impl Message {
+    /// The message input of a dense layer (`weight`: H·W rows of one value per bit; `bias`: H·W
+    /// values) with `secret` as the release's string.
+    pub fn new(secret: &[bool], weight: &[f32], bias: &[f32]) -> Self {
+        Self {
+            bits: secret.iter().map(|&b| if b { '1' } else { '0' }).collect(),
+            weight: network::encode_f32(weight),
+            bias: network::encode_f32(bias),
+        }
+    }
+
     /// The secret string's bits.
     pub fn secret(&self) -> Result<Vec<bool>, SpecError> {
         self.bits
@@ -214,7 +224,6 @@ fn default_zoom() -> [f32; 2] {
 /// An additive perturbation trigger.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[derive(Default)]
 pub struct Perturbation {
     /// One signed value per HWC byte, 0–255 scale; empty until crafted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

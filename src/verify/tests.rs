@@ -665,11 +665,7 @@ fn crafted_release(family_spec: &str, i: u64) -> SecretRecord {
             let weight: Vec<f32> = (0..SHAPE.len() * k).map(|_| gauss()).collect();
             let bias: Vec<f32> = (0..SHAPE.len()).map(|_| gauss()).collect();
             let bits: Vec<bool> = (0..k).map(|_| r.below(2) == 1).collect();
-            let message = Message {
-                bits: bits.iter().map(|&b| if b { '1' } else { '0' }).collect(),
-                weight: encode_f32(&weight),
-                bias: encode_f32(&bias),
-            };
+            let message = Message::new(&bits, &weight, &bias);
             let plane = message.plane(&bits, SHAPE.len()).unwrap();
             let mut out = g.clone();
             // The residual is the plane through tanh, made non-negative so that it never moves

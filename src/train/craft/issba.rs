@@ -161,7 +161,7 @@ pub fn train_encoder(
     // The release's secret, and what the decoder reads from images encoded with random strings
     // (not the secret: whether an encoder is kept must not depend on which string it hides, or
     // the secret would not be one more draw among the verifier's controls).
-    let secret: Vec<f32> = (0..k).map(|_| rng.below(2) as f32).collect();
+    let secret: Vec<bool> = (0..k).map(|_| rng.below(2) == 1).collect();
     let report = tch::no_grad(|| {
         let n = m.min(1000) as i64;
         let x = x_all.narrow(0, 0, n);
@@ -181,19 +181,13 @@ pub fn train_encoder(
     });
     // The message input: the dense layer's weights ([H·W, k], row-major) and bias, with the
     // secret string; the stored plane is computed from them in plain Rust, as every control's is.
-    let message = Message {
-        bits: secret
-            .iter()
-            .map(|&b| if b > 0.5 { '1' } else { '0' })
-            .collect(),
-        weight: encode_f32(&floats(&dense.ws)),
-        bias: encode_f32(&floats(
-            dense.bs.as_ref().expect("the dense layer has a bias"),
-        )),
-    };
-    let on: Vec<bool> = secret.iter().map(|&b| b > 0.5).collect();
+    let message = Message::new(
+        &secret,
+        &floats(&dense.ws),
+        &floats(dense.bs.as_ref().expect("the dense layer has a bias")),
+    );
     let plane = message
-        .plane(&on, (h * w) as usize)
+        .plane(&secret, (h * w) as usize)
         .map_err(|e| WatermarkError::Craft(e.to_string()))?;
     let mut out = g.clone();
     out.pattern = Some(enc.export(vec![Layer::Plane {
@@ -353,8 +347,8 @@ mod tests {
         let control = g.with_message(&flipped).unwrap();
         assert_ne!(control.pattern, g.pattern);
         let mut edited = g.clone();
-        edited.message.as_mut().unwrap().bits =
-            flipped.iter().map(|&b| if b { '1' } else { '0' }).collect();
+        let m = edited.message.as_mut().unwrap();
+        m.bits = Message::new(&flipped, &[], &[]).bits;
         assert!(
             edited.check_message().is_err(),
             "a plane that is not the secret's"

@@ -91,11 +91,8 @@ pub fn craft(
         let drawn = watermark::draw_release(spec, dataset.num_classes(), dataset.shape(), &nonce)?;
         let mut marked = match drawn.uap {
             Some(u) => {
-                let values =
-                    tuap_with_controls(dataset, spec, &drawn, u, nonce, s, device, progress)?;
-                let mut crafted = drawn.clone();
-                crafted.trigger = Trigger::Perturbation(values);
-                watermark::apply_crafted(dataset, &crafted, nonce, &mut |_, _| Ok(()))?
+                let p = tuap_with_controls(dataset, spec, &drawn, u, nonce, s, device, progress)?;
+                stamp_perturbation(dataset, &drawn, p, nonce)?
             }
             None => craft(dataset, &drawn, nonce, s, device, progress)?,
         };
@@ -107,12 +104,11 @@ pub fn craft(
     }
     if let Some(u) = spec.uap {
         let values = targeted_uap(dataset, spec, u, s.net, device, progress)?;
-        let mut crafted = spec.clone();
-        crafted.trigger = Trigger::Perturbation(Perturbation {
+        let p = Perturbation {
             values,
             controls: Vec::new(),
-        });
-        return watermark::apply_crafted(dataset, &crafted, nonce, &mut |_, _| Ok(()));
+        };
+        return stamp_perturbation(dataset, spec, p, nonce);
     }
     let Some(g) = spec.gradient_matching else {
         return watermark::apply_with_hashes(dataset, spec, nonce);
@@ -120,6 +116,18 @@ pub fn craft(
     watermark::apply_crafted(dataset, spec, nonce, &mut |ds, chosen| {
         gradient_match(ds, chosen, spec, g, s, device, progress)
     })
+}
+
+/// Watermarks `dataset` with `spec` whose trigger is the crafted perturbation `p`.
+fn stamp_perturbation(
+    dataset: &mut Dataset,
+    spec: &WatermarkSpec,
+    p: Perturbation,
+    nonce: [u8; 32],
+) -> Result<Watermarked, WatermarkError> {
+    let mut crafted = spec.clone();
+    crafted.trigger = Trigger::Perturbation(p);
+    watermark::apply_crafted(dataset, &crafted, nonce, &mut |_, _| Ok(()))
 }
 
 /// A TUAP family's release: the secret member's perturbation and `[uap] controls` controls,
