@@ -155,8 +155,7 @@ pub(super) async fn rank_test(
     queries: &mut usize,
     progress: &(dyn Fn(usize) + Sync),
 ) -> Result<RankTest, VerifyError> {
-    let pool = benign.pool;
-    let shape = pool.shape();
+    let shape = benign.pool.shape();
     let k = cfg.control_count();
     let (specs, exchangeable) = controls(record, nonce, cfg, k)?;
     // Trigger 0 is the secret; the procedure below never treats it apart from the others (its
@@ -176,110 +175,83 @@ pub(super) async fn rank_test(
     })
     .await
     .map_err(|e| VerifyError::Invalid(format!("making the controls failed: {e}")))??;
-    let stamps = Arc::new(stamps);
     let total = k + 1;
     let mut ties = Rng::new(base, Stream::Ties);
     let tie: Vec<u64> = (0..total).map(|_| ties.u64()).collect();
-    // Each trigger's images: the first of the shared order its target allows.
-    let mut next = vec![0usize; total];
-    let mut sums = vec![0f64; total];
-    let mut counts = vec![0usize; total];
-    let mut reached = vec![0usize; total];
+    let mut s = Scoring {
+        endpoint,
+        order,
+        secret_answers,
+        label_only: cfg.label_only,
+        kinds,
+        stamps: Arc::new(stamps),
+        next: vec![0; total],
+        sums: vec![0.0; total],
+        counts: vec![0; total],
+        reached: vec![0; total],
+        own_queries: 0,
+    };
     let mut alive: Vec<usize> = (0..total).collect();
-    let mut own_queries = 0usize;
     let mut round = 0usize;
     let first = cfg.first_image_count();
     let reduction = cfg.reduction_factor();
     loop {
-        // More images for every remaining trigger: `first` in the first round, then one. An
-        // image whose benign answer was withheld (a gate refused or flattened it) is passed over
-        // for the next one its target allows: its pair would say nothing about any trigger, and
-        // where every trigger's first image is the same (untargeted kinds) one refused benign
-        // answer would tie them all. Which images are passed over depends on the benign answers
-        // alone, the same for every trigger, so the triggers stay exchangeable.
-        let mut picks: Vec<(usize, usize)> = Vec::with_capacity(alive.len());
-        let mut wanted: Vec<(usize, usize)> = alive
+        // More images for every remaining trigger: `first` in the first round, then one.
+        let wanted = alive
             .iter()
             .map(|&j| (j, if round == 0 { first } else { 1 }))
             .collect();
-        while !wanted.is_empty() {
-            let mut candidates = Vec::new();
-            for &(j, n) in &wanted {
-                let kind = &kinds[j];
-                for _ in 0..n {
-                    let pos = (next[j]..order.len()).find(|&p| kind.allows(pool.label(order[p])));
-                    if let Some(p) = pos {
-                        next[j] = p + 1;
-                        candidates.push((j, order[p]));
-                    }
-                }
-            }
-            let needed: Vec<usize> = candidates.iter().map(|&(_, i)| i).collect();
-            let sent = benign.fetch(endpoint, &needed).await?;
-            *queries += sent;
-            own_queries += sent;
-            wanted.clear();
-            for (j, i) in candidates {
-                if benign.answers[&i].is_withheld() {
-                    wanted.push((j, 1));
-                } else {
-                    picks.push((j, i));
-                }
-            }
-        }
-        if picks.is_empty() {
+        if !s.score(benign, wanted, round, queries, progress).await? {
             break;
-        }
-        let to_ask: Vec<(usize, usize)> = picks
-            .iter()
-            .copied()
-            .filter(|&(j, i)| !(j == 0 && secret_answers.contains_key(&i)))
-            .collect();
-        let work = to_ask
-            .iter()
-            .map(|&(j, i)| (j, pool.image(i).to_vec()))
-            .collect();
-        let images = stamp_all(&stamps, work).await?;
-        let mut answers: HashMap<(usize, usize), Prediction> = HashMap::new();
-        for (chunk_pairs, chunk_images) in to_ask.chunks(256).zip(images.chunks(256)) {
-            let a = endpoint.predict(chunk_images, shape).await?;
-            check_count(&a, chunk_images.len())?;
-            own_queries += chunk_images.len();
-            *queries += chunk_images.len();
-            progress(*queries);
-            for (&(j, i), w) in chunk_pairs.iter().zip(a) {
-                answers.insert((j, i), w);
-            }
-        }
-        for &(j, i) in &picks {
-            let w = match answers.get(&(j, i)) {
-                Some(w) => w,
-                None => &secret_answers[&i].1,
-            };
-            let d = difference(
-                &kinds[j],
-                pool.label(i),
-                &benign.answers[&i],
-                w,
-                cfg.label_only,
-            )?;
-            sums[j] += d;
-            counts[j] += 1;
-            reached[j] = round;
         }
         if alive.len() <= 1 {
             break;
         }
         // Keep the better 1/reduction: by mean effect, then by the drawn tie-break.
-        let mean = |j: usize| sums[j] / counts[j].max(1) as f64;
-        alive.sort_by(|&a, &b| {
-            mean(b)
-                .total_cmp(&mean(a))
-                .then_with(|| tie[b].cmp(&tie[a]))
-        });
-        alive.truncate(alive.len().div_ceil(reduction));
+        let sort = |alive: &mut Vec<usize>, s: &Scoring<'_>| {
+            alive.sort_by(|&a, &b| {
+                s.mean(b)
+                    .total_cmp(&s.mean(a))
+                    .then_with(|| tie[b].cmp(&tie[a]))
+            });
+        };
+        sort(&mut alive, &s);
+        let keep = alive.len().div_ceil(reduction);
+        // Where the cut falls inside the group of triggers that share the lead with an effect
+        // above tau (a gate that refuses the triggered queries of the secret and of some
+        // controls scores them all 1; labels give equal hits), every trigger of the group is
+        // asked one more image, until the cut falls between two different effects or
+        // TIE_IMAGES more have been asked; only then does the drawn tie-break decide. Ties below
+        // the lead cannot decide whether the secret ranks first, and a lead at most tau moves
+        // the model too little for a `used` verdict: both are left to the tie-break. Whether a
+        // group is asked more depends on the scores alone, never on which trigger is the
+        // secret, so the triggers stay exchangeable.
+        for _ in 0..TIE_IMAGES {
+            let at = s.mean(alive[keep - 1]);
+            let tied = |j: usize| s.mean(j).total_cmp(&at).is_eq();
+            if at <= cfg.tau || !tied(alive[0]) || !tied(alive[keep]) {
+                break;
+            }
+            let group: Vec<(usize, usize)> = alive
+                .iter()
+                .filter(|&&j| tied(j))
+                .map(|&j| (j, 1))
+                .collect();
+            if !s.score(benign, group, round, queries, progress).await? {
+                break;
+            }
+            sort(&mut alive, &s);
+        }
+        alive.truncate(keep);
         round += 1;
     }
+    let Scoring {
+        sums,
+        counts,
+        reached,
+        own_queries,
+        ..
+    } = s;
     let score = |j: usize| TriggerScore {
         round: reached[j],
         effect: sums[j] / counts[j].max(1) as f64,
@@ -308,6 +280,122 @@ pub(super) async fn rank_test(
         rejected: p_value <= cfg.alpha + 1e-12,
         queries: own_queries,
     })
+}
+
+/// The most images each trigger tied for the lead at a cut of the rank test is asked to break
+/// the tie.
+const TIE_IMAGES: usize = 4;
+
+/// The rank test's running scores of the K + 1 triggers (index 0 is the secret).
+struct Scoring<'a> {
+    endpoint: &'a dyn ModelEndpoint,
+    /// The shared image order: each trigger takes the next image of it that its target allows.
+    order: &'a [usize],
+    /// The secret's triggered answers that the margin test already asked for.
+    secret_answers: &'a HashMap<usize, (String, Prediction)>,
+    label_only: bool,
+    kinds: Vec<Kind>,
+    stamps: Arc<Vec<Stamp>>,
+    /// Each trigger's next position in `order`.
+    next: Vec<usize>,
+    sums: Vec<f64>,
+    counts: Vec<usize>,
+    /// The last round each trigger was scored in.
+    reached: Vec<usize>,
+    own_queries: usize,
+}
+
+impl Scoring<'_> {
+    fn mean(&self, j: usize) -> f64 {
+        self.sums[j] / self.counts[j].max(1) as f64
+    }
+
+    /// Scores trigger j on its next n images for each (j, n) of `wanted`, in round `round`;
+    /// returns whether any image was left to score.
+    async fn score(
+        &mut self,
+        benign: &mut Benign<'_>,
+        mut wanted: Vec<(usize, usize)>,
+        round: usize,
+        queries: &mut usize,
+        progress: &(dyn Fn(usize) + Sync),
+    ) -> Result<bool, VerifyError> {
+        let pool = benign.pool;
+        let shape = pool.shape();
+        // An image whose benign answer was withheld (a gate refused or flattened it) is passed
+        // over for the next one its target allows: its pair would say nothing about any trigger,
+        // and where every trigger's first image is the same (untargeted kinds) one refused
+        // benign answer would tie them all. Which images are passed over depends on the benign
+        // answers alone, the same for every trigger, so the triggers stay exchangeable.
+        let mut picks: Vec<(usize, usize)> = Vec::with_capacity(wanted.len());
+        while !wanted.is_empty() {
+            let mut candidates = Vec::new();
+            for &(j, n) in &wanted {
+                let kind = &self.kinds[j];
+                for _ in 0..n {
+                    let pos = (self.next[j]..self.order.len())
+                        .find(|&p| kind.allows(pool.label(self.order[p])));
+                    if let Some(p) = pos {
+                        self.next[j] = p + 1;
+                        candidates.push((j, self.order[p]));
+                    }
+                }
+            }
+            let needed: Vec<usize> = candidates.iter().map(|&(_, i)| i).collect();
+            let sent = benign.fetch(self.endpoint, &needed).await?;
+            *queries += sent;
+            self.own_queries += sent;
+            wanted.clear();
+            for (j, i) in candidates {
+                if benign.answers[&i].is_withheld() {
+                    wanted.push((j, 1));
+                } else {
+                    picks.push((j, i));
+                }
+            }
+        }
+        if picks.is_empty() {
+            return Ok(false);
+        }
+        let to_ask: Vec<(usize, usize)> = picks
+            .iter()
+            .copied()
+            .filter(|&(j, i)| !(j == 0 && self.secret_answers.contains_key(&i)))
+            .collect();
+        let work = to_ask
+            .iter()
+            .map(|&(j, i)| (j, pool.image(i).to_vec()))
+            .collect();
+        let images = stamp_all(&self.stamps, work).await?;
+        let mut answers: HashMap<(usize, usize), Prediction> = HashMap::new();
+        for (chunk_pairs, chunk_images) in to_ask.chunks(256).zip(images.chunks(256)) {
+            let a = self.endpoint.predict(chunk_images, shape).await?;
+            check_count(&a, chunk_images.len())?;
+            self.own_queries += chunk_images.len();
+            *queries += chunk_images.len();
+            progress(*queries);
+            for (&(j, i), w) in chunk_pairs.iter().zip(a) {
+                answers.insert((j, i), w);
+            }
+        }
+        for &(j, i) in &picks {
+            let w = match answers.get(&(j, i)) {
+                Some(w) => w,
+                None => &self.secret_answers[&i].1,
+            };
+            let d = difference(
+                &self.kinds[j],
+                pool.label(i),
+                &benign.answers[&i],
+                w,
+                self.label_only,
+            )?;
+            self.sums[j] += d;
+            self.counts[j] += 1;
+            self.reached[j] = round;
+        }
+        Ok(true)
+    }
 }
 
 /// UBW's prediction dispersibility (Li et al., NeurIPS 2022) over the secret's pairs: the entropy

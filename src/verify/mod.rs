@@ -22,7 +22,8 @@
 //!    first round queries every trigger on `first_images` images (the first of a shared order
 //!    that its target allows), each later round queries the survivors on one more image, and
 //!    every round keeps the better third (`reduction`); a trigger's score is the round it
-//!    reached, then its mean effect, then a tie-break drawn from the record. Because the
+//!    reached, then its mean effect, then a tie-break drawn from the record; a tie for the lead
+//!    (above tau) at a round's cut is first asked up to four more images. Because the
 //!    procedure never looks at which trigger is the secret, the scores stay exchangeable. With
 //!    K = 99 that is 100 + 34 + 12 + 4 + 2 + 1 triggered queries, about as many as DVBW spends
 //!    on the secret alone.
