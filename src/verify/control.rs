@@ -245,21 +245,14 @@ pub(super) async fn rank_test(
         alive.truncate(keep);
         round += 1;
     }
-    let Scoring {
-        sums,
-        counts,
-        reached,
-        own_queries,
-        ..
-    } = s;
     let score = |j: usize| TriggerScore {
-        round: reached[j],
-        effect: sums[j] / counts[j].max(1) as f64,
-        images: counts[j],
+        round: s.reached[j],
+        effect: s.mean(j),
+        images: s.counts[j],
     };
     // A control ranks above the secret when it reached a later round, or the same round with a
     // higher mean effect, or the same effect with a higher tie-break.
-    let key = |j: usize| (reached[j], sums[j] / counts[j].max(1) as f64, tie[j]);
+    let key = |j: usize| (s.reached[j], s.mean(j), tie[j]);
     let better = |j: usize| {
         let (a, b) = (key(j), key(0));
         a.0.cmp(&b.0)
@@ -278,7 +271,7 @@ pub(super) async fn rank_test(
         rank: 1 + above,
         p_value,
         rejected: p_value <= cfg.alpha + 1e-12,
-        queries: own_queries,
+        queries: s.own_queries,
     })
 }
 

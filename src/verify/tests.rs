@@ -4,7 +4,7 @@ use super::*;
 use crate::endpoint::{EndpointError, ModelEndpoint, Prediction};
 use crate::spec::WatermarkSpec;
 use crate::watermark::apply;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 const SHAPE: ImageShape = ImageShape {
     height: 8,
@@ -85,7 +85,7 @@ struct Fake {
     /// model reacts to as to a trigger, and this percent of the other stamped images, drawn
     /// afresh for each query (STRIP superimposes randomly drawn images on each).
     refuse_stamped: Option<u64>,
-    gate_draws: AtomicU64,
+    gate_draws: std::sync::Mutex<Rng>,
     calls: AtomicUsize,
 }
 
@@ -98,19 +98,14 @@ impl Fake {
             miss: 0,
             refuse_benign: None,
             refuse_stamped: None,
-            gate_draws: AtomicU64::new(0),
+            gate_draws: std::sync::Mutex::new(Rng::new(0, Stream::Noise)),
             calls: AtomicUsize::new(0),
         }
     }
 
     /// The gate's next draw.
     fn gate_draw(&self) -> u64 {
-        // SplitMix64 of the draw's number.
-        let n = self.gate_draws.fetch_add(1, Ordering::Relaxed);
-        let mut z = n.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.gate_draws.lock().unwrap().u64()
     }
 
     fn learnt(rec: &SecretRecord, send: Send) -> Self {
@@ -366,10 +361,10 @@ async fn a_refused_benign_answer_does_not_tie_the_rank_test() {
 /// model behind it is accused at most at rate alpha, with uniform rank p-values.
 #[tokio::test]
 async fn a_gate_that_refuses_triggered_queries_neither_hides_a_thief_nor_accuses_an_innocent() {
-    // Each model's gate draws its own sequence (run i starts at draw 2^32 i).
+    // Each model's gate draws its own sequence, seeded by the run.
     let gated = |mut m: Fake, i: u64| {
         m.refuse_stamped = Some(50);
-        m.gate_draws = AtomicU64::new(i << 32);
+        m.gate_draws = std::sync::Mutex::new(Rng::new(i, Stream::Noise));
         m
     };
     let (ps, used) = simulate(300, PATCH_FAMILY, |rec, i| {
