@@ -201,9 +201,15 @@ fn check_streamable(
     .map_err(|e| ApiError::invalid_spec(format!("spec: {e}")))
 }
 
-async fn own_dataset(s: &AppState, caller: &Caller, id: &str, what: &str) -> Result<(), ApiError> {
+/// The caller's dataset `id`; `what` names the request field in the error.
+async fn own_dataset(
+    s: &AppState,
+    caller: &Caller,
+    id: &str,
+    what: &str,
+) -> Result<crate::store::DatasetInfo, ApiError> {
     match s.store.get_dataset(id).await? {
-        Some(d) if d.owner_id == caller.id() => Ok(()),
+        Some(d) if d.owner_id == caller.id() => Ok(d),
         _ => Err(ApiError::invalid(format!(
             "{what}: no such dataset of yours"
         ))),
@@ -243,12 +249,7 @@ pub(super) async fn create_watermark(
              `hallmark watermark` built with the train feature and import its secret record",
         ));
     }
-    own_dataset(&s, &caller, &req.dataset_id, "dataset_id").await?;
-    let ds = s
-        .store
-        .get_dataset(&req.dataset_id)
-        .await?
-        .ok_or_else(|| ApiError::invalid("dataset_id: no such dataset of yours"))?;
+    let ds = own_dataset(&s, &caller, &req.dataset_id, "dataset_id").await?;
     if !req.public_trigger {
         check_secrecy(&spec, &ds)?;
     }

@@ -769,6 +769,27 @@ async fn publisher_watermarks_and_auditor_sees_only_what_is_granted(db: Db) {
     let rec = hallmark::watermark::SecretRecord::from_json(&rec.to_string()).unwrap();
     assert_eq!(rec.commitment(), commitment);
     assert_eq!(rec.spec.seed, 5);
+    // Another publisher cannot watermark this publisher's dataset, nor use it as a holdout.
+    let (_, rival) = app.new_key("publisher", "rival").await;
+    let own = register_subset(&app, &rival, 600).await;
+    for (body, field) in [
+        (json!({"dataset_id": ds}), "dataset_id"),
+        (
+            json!({"dataset_id": own, "holdout_dataset_id": ds}),
+            "holdout_dataset_id",
+        ),
+    ] {
+        let mut body = body;
+        body["name"] = json!("not mine");
+        body["spec"] = json!(spec_text("badnets-square-28x28-grey.toml"));
+        let (s, v) = app.post("/v1/watermarks", &rival, body).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(
+            v.to_string()
+                .contains(&format!("{field}: no such dataset of yours")),
+            "{v}"
+        );
+    }
 
     // Before a grant the auditor sees nothing.
     let (s, _) = app.get(&format!("/v1/watermarks/{wm}"), &auditor).await;
