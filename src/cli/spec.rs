@@ -74,13 +74,13 @@ pub(super) fn spec_cmd(command: SpecCommand) -> Result<()> {
                     };
                     let images = match named {
                         Some(s) => format!("{s} images"),
-                        // An any-size family draws the same whatever the size.
-                        None if crate::spec::family::entropy_bits(&spec, 10, large)
-                            .is_ok_and(|b| b == total) =>
-                        {
-                            "images of any size".to_string()
-                        }
-                        None => format!("{shape} images"),
+                        None => match crate::spec::family::entropy_bits(&spec, 10, large) {
+                            // An any-size family draws the same whatever the size...
+                            Ok(b) if b == total => "images of any size".to_string(),
+                            // ...but for a patch's place, which counts the distinct pixel places.
+                            Ok(b) => format!("{shape} images; {b:.1} bits on {large} images"),
+                            Err(_) => format!("{shape} images"),
+                        },
                     };
                     println!(
                         "  family     {total:.1} bits of secret per release ({images}, 10 classes){}",

@@ -177,7 +177,17 @@ fn trigger_entropy(
                 push("pattern", log2_patterns(ph * pw));
             }
             if f.position != Placement::Pinned && p.scale.is_some() {
-                push("position", (RelativePlaces(f.position).len() as f64).log2());
+                // A scaled patch is drawn at a relative place; on a small image several places
+                // round to the same pixels, so count the distinct ones at this shape.
+                let all = RelativePlaces(f.position);
+                let mut at = std::collections::HashSet::new();
+                for k in 0..all.len() {
+                    let mut q = p.clone();
+                    q.position = Position::Relative(all.nth(k));
+                    let (_, r, c) = q.grid(shape.height, shape.width)?;
+                    at.insert((r, c));
+                }
+                push("position", (at.len() as f64).log2());
             } else if f.position != Placement::Pinned && ph <= shape.height && pw <= shape.width {
                 let places = places(f.position, shape, ph, pw).len();
                 push("position", (places as f64).log2());
@@ -731,6 +741,20 @@ mod tests {
             .map(|s| draw(&tuap, 10, SHAPE, s).unwrap().seed)
             .collect();
         assert_eq!(seeds.len(), 20, "each member its own crafting seed");
+        // A patch of 2-pixel blocks (6 × 6) drawn along the border of a 28 × 28 image: its
+        // relative places round to the 88 border positions of a 6 × 6 patch, whatever the grid.
+        let block = shipped("physical-block-28x28-grey.toml");
+        let position = entropy(&block, 10, SHAPE).unwrap();
+        let position = position.iter().find(|e| e.parameter.ends_with("position"));
+        assert!((position.unwrap().bits - 88f64.log2()).abs() < 1e-9, "{position:?}");
+        let large = ImageShape {
+            height: 1024,
+            width: 768,
+            channels: 1,
+        };
+        let position = entropy(&block, 10, large).unwrap();
+        let position = position.iter().find(|e| e.parameter.ends_with("position"));
+        assert_eq!(position.unwrap().bits, 8.0, "256 distinct places on a large image");
         // A fixed spec draws nothing.
         let fixed = shipped("fixed/badnets-square-28x28-grey.toml");
         assert!(entropy(&fixed, 10, SHAPE).unwrap().is_empty());
