@@ -76,7 +76,16 @@ pub enum GateKind {
 impl GateKind {
     /// Whether the gate changes every query instead of flagging some.
     pub fn transforms(self) -> bool {
-        matches!(self, Self::Shrinkpad | Self::Jpeg)
+        self.transform().is_some()
+    }
+
+    /// What a transforming gate does to every query before the model sees it.
+    pub fn transform(self) -> Option<fn(&Tensor) -> Tensor> {
+        match self {
+            Self::Shrinkpad => Some(shrink_pad),
+            Self::Jpeg => Some(jpeg),
+            _ => None,
+        }
     }
 }
 
@@ -485,10 +494,9 @@ impl Gate {
     /// were flagged (already answered as [`OnFlag`] says, except `Refuse`, which the server
     /// answers for the whole request).
     pub fn answer(&self, model: &LoadedModel, x: &Tensor) -> (Tensor, Vec<bool>) {
-        let probs = match self.kind {
-            GateKind::Shrinkpad => model.probabilities(&shrink_pad(x)),
-            GateKind::Jpeg => model.probabilities(&jpeg(x)),
-            _ => model.probabilities(x),
+        let probs = match self.kind.transform() {
+            Some(f) => model.probabilities(&f(x)),
+            None => model.probabilities(x),
         };
         let flags = self.flags(model, x);
         let (n, k) = (probs.size()[0], probs.size()[1]);

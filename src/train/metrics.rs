@@ -29,6 +29,9 @@ pub struct EvalSet {
     pub watermark: Option<(Stamp, Labelling, u32)>,
     /// The spec's source classes: only their triggered images count (all classes when `None`).
     pub sources: Option<Vec<u32>>,
+    /// What every input goes through before the network (a gate that transforms queries, such
+    /// as ShrinkPad): its accuracy is then the one the thief's users get.
+    pub through: Option<fn(&Tensor) -> Tensor>,
 }
 
 impl EvalSet {
@@ -55,6 +58,7 @@ impl EvalSet {
             test,
             watermark,
             sources,
+            through: None,
         })
     }
 }
@@ -78,8 +82,15 @@ pub struct Metrics {
     pub dispersibility: Option<f64>,
 }
 
-/// Predicted labels of every image of `ds`, optionally stamped first.
-pub fn predict_labels(net: &Net, ds: &Dataset, stamp: Option<&Stamp>, device: Device) -> Vec<u32> {
+/// Predicted labels of every image of `ds`, optionally stamped first, each batch passed through
+/// `through` (when given) before the network.
+pub fn predict_labels(
+    net: &Net,
+    ds: &Dataset,
+    stamp: Option<&Stamp>,
+    through: Option<fn(&Tensor) -> Tensor>,
+    device: Device,
+) -> Vec<u32> {
     let mut out = Vec::with_capacity(ds.len());
     for start in (0..ds.len()).step_by(512) {
         let idx: Vec<usize> = (start..(start + 512).min(ds.len())).collect();
@@ -92,6 +103,10 @@ pub fn predict_labels(net: &Net, ds: &Dataset, stamp: Option<&Stamp>, device: De
                 }
                 to_tensor(&copy, &(0..copy.len()).collect::<Vec<_>>(), device)
             }
+        };
+        let x = match through {
+            Some(f) => f(&x).to_device(device),
+            None => x,
         };
         let pred = tch::no_grad(|| net.forward_t(&x, false).argmax(1, false));
         out.extend(
@@ -112,7 +127,7 @@ pub fn probabilities(net: &Net, x: &Tensor) -> Tensor {
 /// Evaluates `net` on `eval`.
 pub fn evaluate(net: &Net, eval: &EvalSet, device: Device) -> Metrics {
     let ds = &eval.test;
-    let clean = predict_labels(net, ds, None, device);
+    let clean = predict_labels(net, ds, None, eval.through, device);
     let correct: Vec<bool> = clean.iter().zip(ds.labels()).map(|(p, y)| p == y).collect();
     let benign_accuracy = correct.iter().filter(|c| **c).count() as f64 / ds.len().max(1) as f64;
     let mut m = Metrics {
@@ -125,7 +140,7 @@ pub fn evaluate(net: &Net, eval: &EvalSet, device: Device) -> Metrics {
     let Some((stamp, labelling, dp_class)) = &eval.watermark else {
         return m;
     };
-    let triggered = predict_labels(net, ds, Some(stamp), device);
+    let triggered = predict_labels(net, ds, Some(stamp), eval.through, device);
     let in_source = |i: usize| {
         eval.sources
             .as_ref()

@@ -220,9 +220,9 @@ fn a_small_calibration_detects_the_watermarked_model_and_accuses_no_other() {
     assert_eq!(rows(&out), second, "a refused resume changes nothing");
 
     // Another calibration loads the clean models from the cache instead of training them; this
-    // one also puts every model through three of a thief's defences (fine-pruning, a STRIP gate
-    // that refuses what it flags, and MixUp, for which the model is trained again) and verifies
-    // it again.
+    // one also puts every model through four of a thief's defences (fine-pruning, a STRIP gate
+    // that refuses what it flags, a ShrinkPad gate that shifts every query, and MixUp, for which
+    // the model is trained again) and verifies it again.
     let other = t.path().join("other");
     let o = calibrate(
         &other,
@@ -230,7 +230,7 @@ fn a_small_calibration_detects_the_watermarked_model_and_accuses_no_other() {
         "3",
         &[
             "--defence",
-            "fine-pruning,gate-strip,mixup",
+            "fine-pruning,gate-strip,gate-shrinkpad,mixup",
             "--defence-data",
             "/usr/share/datasets/fashion-mnist",
             "--defence-split",
@@ -254,11 +254,11 @@ fn a_small_calibration_detects_the_watermarked_model_and_accuses_no_other() {
     assert_eq!(clean(&defended), clean(&first));
     assert_eq!(
         defended.len(),
-        12,
-        "3 models, each as trained and after 3 defences"
+        15,
+        "3 models, each as trained and after 4 defences"
     );
     assert!(err.contains("Watermarked #0 after mixup: "), "{err}");
-    for d in ["fine-pruning", "gate-strip", "mixup"] {
+    for d in ["fine-pruning", "gate-strip", "gate-shrinkpad", "mixup"] {
         let rs: Vec<&Value> = defended.iter().filter(|r| r["defence"] == d).collect();
         assert_eq!(rs.len(), 3, "{d}: {defended:?}");
         // The gate refused some queries, and only the gate: 5% of the defender's clean images
@@ -274,6 +274,21 @@ fn a_small_calibration_detects_the_watermarked_model_and_accuses_no_other() {
             // A defence never makes an independent model look guilty.
             if r["kind"] != "watermarked" {
                 assert_eq!(r["decision"], "not_shown", "{r}");
+            }
+            // A flagging gate's accuracy is the model's own; a transforming gate's is measured
+            // through it, on 10,000 shifted test images.
+            let trained = defended
+                .iter()
+                .find(|t| t["kind"] == r["kind"] && t["defence"].is_null())
+                .unwrap();
+            let (gated, own) = (
+                r["metrics"]["benign_accuracy"].as_f64().unwrap(),
+                trained["metrics"]["benign_accuracy"].as_f64().unwrap(),
+            );
+            match d {
+                "gate-strip" => assert_eq!(gated, own, "{r}"),
+                "gate-shrinkpad" => assert_ne!(gated, own, "{r}"),
+                _ => {}
             }
         }
     }

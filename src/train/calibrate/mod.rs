@@ -509,7 +509,11 @@ pub fn run(plan: &Plan, observer: &dyn Observer) -> Result<Calibration, Calibrat
             let verdict = serve_and_verify(&rt, model, None, &record, test, &plan.verify)?;
             let mut rows = vec![Row::new(kind, i, seed, metrics, &verdict)];
             for (name, m, gate) in defended {
+                // Behind a gate that transforms every query, the accuracy and ASR its users
+                // get; behind a flagging gate, the model's own.
+                eval.through = gate.as_ref().and_then(|g| g.kind.transform());
                 let metrics = m.evaluate(&eval);
+                eval.through = None;
                 let verdict = serve_and_verify(&rt, m, gate, &record, test, &plan.verify)?;
                 rows.push(Row::new(kind, i, seed, metrics, &verdict).defended(&name));
             }
