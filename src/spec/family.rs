@@ -746,7 +746,10 @@ mod tests {
         let block = shipped("physical-block-28x28-grey.toml");
         let position = entropy(&block, 10, SHAPE).unwrap();
         let position = position.iter().find(|e| e.parameter.ends_with("position"));
-        assert!((position.unwrap().bits - 88f64.log2()).abs() < 1e-9, "{position:?}");
+        assert!(
+            (position.unwrap().bits - 88f64.log2()).abs() < 1e-9,
+            "{position:?}"
+        );
         let large = ImageShape {
             height: 1024,
             width: 768,
@@ -754,7 +757,11 @@ mod tests {
         };
         let position = entropy(&block, 10, large).unwrap();
         let position = position.iter().find(|e| e.parameter.ends_with("position"));
-        assert_eq!(position.unwrap().bits, 8.0, "256 distinct places on a large image");
+        assert_eq!(
+            position.unwrap().bits,
+            8.0,
+            "256 distinct places on a large image"
+        );
         // A fixed spec draws nothing.
         let fixed = shipped("fixed/badnets-square-28x28-grey.toml");
         assert!(entropy(&fixed, 10, SHAPE).unwrap().is_empty());
