@@ -580,8 +580,9 @@ fn tuap_perturbation_is_universal_bounded_and_kept_in_the_record() {
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("watermark_specs/tuap-28x28-grey.toml"),
     )
     .unwrap();
-    // 9 controls here (99 by default; each crafting takes as long as the secret's).
-    family.uap.as_mut().unwrap().controls = 9;
+    // 3 controls here (99 by default; each crafting takes as long as the secret's, and the
+    // family is crafted twice below).
+    family.uap.as_mut().unwrap().controls = 3;
     let craft_family = |nonce: [u8; 32]| {
         let mut d = clean.clone();
         hallmark::train::craft::craft(
@@ -600,7 +601,7 @@ fn tuap_perturbation_is_universal_bounded_and_kept_in_the_record() {
         panic!("the record keeps the crafted perturbation");
     };
     let shape = clean.shape();
-    assert_eq!(p.controls.len(), 9);
+    assert_eq!(p.controls.len(), 3);
     let mut distinct = std::collections::HashSet::new();
     for (j, c) in p.controls.iter().enumerate() {
         let seed = hallmark::spec::family::control_seed(&[4; 32], j);
@@ -616,7 +617,7 @@ fn tuap_perturbation_is_universal_bounded_and_kept_in_the_record() {
         distinct.insert(v);
     }
     distinct.insert(p.values.clone());
-    assert_eq!(distinct.len(), 10, "the secret and its controls differ");
+    assert_eq!(distinct.len(), 4, "the secret and its controls differ");
     // Its crafting seed is the release's own: another nonce, another seed and perturbation.
     let other = craft_family([5; 32]);
     assert_ne!(released.spec.seed, other.spec.seed);
@@ -655,7 +656,7 @@ fn crafting_and_malicious_training_from_the_command_line() {
         "--split",
         "train",
         "--limit",
-        "3000",
+        "1000",
         "--to",
         "idx",
         "--output",
@@ -667,7 +668,7 @@ fn crafting_and_malicious_training_from_the_command_line() {
             "--data",
             data,
             "--epochs",
-            "2",
+            "1",
             "--threads",
             "2",
             "--device",
@@ -788,7 +789,21 @@ fn crafting_and_malicious_training_from_the_command_line() {
     };
     assert_eq!(g.form, hallmark::spec::GeneratedForm::Additive);
     assert_eq!(learned.spec.labelling.target(), Some(1));
-    // ISSBA trains its encoder on the data, without a model.
+    // ISSBA trains its encoder on the data, without a model (on 1,000 images it does not learn
+    // to hide its secret, and the release is refused: 3,000 here).
+    ok(hm(&[
+        "convert",
+        "--input",
+        fm,
+        "--split",
+        "train",
+        "--limit",
+        "3000",
+        "--to",
+        "idx",
+        "--output",
+        &p("clean3k"),
+    ]));
     let issba =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("watermark_specs/fixed/issba-28x28-grey.toml");
     let o = hm(&[
@@ -796,7 +811,7 @@ fn crafting_and_malicious_training_from_the_command_line() {
         "--spec",
         issba.to_str().unwrap(),
         "--input",
-        &p("clean"),
+        &p("clean3k"),
         "--output",
         &p("issba"),
         "--secret",
@@ -959,7 +974,10 @@ fn iad_learns_sparse_input_aware_masks_from_clean_data() {
             ..Default::default()
         },
     };
-    let iad = train_with(&clean, &short_training(2), &attack);
+    // One classifier epoch: the mask is trained and frozen before it, and what is asserted is the
+    // mask's density and that each image gets its own trigger (0.36% to 3.0% of the pixels moved
+    // under `default`, `avx2` and this machine's kernels, seeds 1 and 2).
+    let iad = train_with(&clean, &short_training(1), &attack);
     assert_eq!(clean.sha256(), before);
     let (record, g) = learnt_record(&iad);
     assert!(g.mask.is_some());
