@@ -11,6 +11,7 @@
 mod datasets;
 mod jobs;
 mod keys;
+mod migrations;
 mod seal;
 mod sessions;
 mod verifications;
@@ -33,9 +34,6 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor as _, Row};
 
 pub use seal::{OpenError, Sealer};
-
-static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
-static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
 /// Storage failures.
 #[derive(Debug, thiserror::Error)]
@@ -161,8 +159,8 @@ impl Store {
         .connect(url)
         .await?;
         match backend {
-            Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
-            Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
+            Backend::Sqlite => migrations::sqlite().await?.run(&pool).await?,
+            Backend::Postgres => migrations::postgres().await?.run(&pool).await?,
         }
         Ok(Self {
             pool,
