@@ -649,19 +649,23 @@ fn crafting_and_malicious_training_from_the_command_line() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     };
     let fm = "/usr/share/datasets/fashion-mnist";
-    ok(hm(&[
-        "convert",
-        "--input",
-        fm,
-        "--split",
-        "train",
-        "--limit",
-        "1000",
-        "--to",
-        "idx",
-        "--output",
-        &p("clean"),
-    ]));
+    // The first `limit` training images as an IDX dataset `out`.
+    let convert = |limit: &str, out: &str| {
+        ok(hm(&[
+            "convert",
+            "--input",
+            fm,
+            "--split",
+            "train",
+            "--limit",
+            limit,
+            "--to",
+            "idx",
+            "--output",
+            &p(out),
+        ]))
+    };
+    convert("1000", "clean");
     let train_args = |data: &str, out: &str, extra: &[&str]| {
         let mut v: Vec<String> = [
             "train",
@@ -791,19 +795,7 @@ fn crafting_and_malicious_training_from_the_command_line() {
     assert_eq!(learned.spec.labelling.target(), Some(1));
     // ISSBA trains its encoder on the data, without a model (on 1,000 images it does not learn
     // to hide its secret, and the release is refused: 3,000 here).
-    ok(hm(&[
-        "convert",
-        "--input",
-        fm,
-        "--split",
-        "train",
-        "--limit",
-        "3000",
-        "--to",
-        "idx",
-        "--output",
-        &p("clean3k"),
-    ]));
+    convert("3000", "clean3k");
     let issba =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("watermark_specs/fixed/issba-28x28-grey.toml");
     let o = hm(&[
