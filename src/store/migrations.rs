@@ -12,51 +12,23 @@ use sqlx::migrate::{MigrateError, Migration, MigrationSource, MigrationType, Mig
 /// One backend's migration files: (file name, text).
 type Files = &'static [(&'static str, &'static str)];
 
-const SQLITE: Files = &[
-    (
-        "0001_initial.sql",
-        include_str!("../../migrations/sqlite/0001_initial.sql"),
-    ),
-    (
-        "0002_grant_endpoints.sql",
-        include_str!("../../migrations/sqlite/0002_grant_endpoints.sql"),
-    ),
-    (
-        "0003_trigger_sets.sql",
-        include_str!("../../migrations/sqlite/0003_trigger_sets.sql"),
-    ),
-    (
-        "0004_console_sessions.sql",
-        include_str!("../../migrations/sqlite/0004_console_sessions.sql"),
-    ),
-    (
-        "0005_streamed_shards.sql",
-        include_str!("../../migrations/sqlite/0005_streamed_shards.sql"),
-    ),
-];
+/// `SQLITE` and `POSTGRES`: the files of one list of names, each from its backend's folder.
+macro_rules! embed {
+    ($($name:literal),* $(,)?) => {
+        const SQLITE: Files =
+            &[$(($name, include_str!(concat!("../../migrations/sqlite/", $name)))),*];
+        const POSTGRES: Files =
+            &[$(($name, include_str!(concat!("../../migrations/postgres/", $name)))),*];
+    };
+}
 
-const POSTGRES: Files = &[
-    (
-        "0001_initial.sql",
-        include_str!("../../migrations/postgres/0001_initial.sql"),
-    ),
-    (
-        "0002_grant_endpoints.sql",
-        include_str!("../../migrations/postgres/0002_grant_endpoints.sql"),
-    ),
-    (
-        "0003_trigger_sets.sql",
-        include_str!("../../migrations/postgres/0003_trigger_sets.sql"),
-    ),
-    (
-        "0004_console_sessions.sql",
-        include_str!("../../migrations/postgres/0004_console_sessions.sql"),
-    ),
-    (
-        "0005_streamed_shards.sql",
-        include_str!("../../migrations/postgres/0005_streamed_shards.sql"),
-    ),
-];
+embed!(
+    "0001_initial.sql",
+    "0002_grant_endpoints.sql",
+    "0003_trigger_sets.sql",
+    "0004_console_sessions.sql",
+    "0005_streamed_shards.sql",
+);
 
 /// The embedded files of one backend as a migration source.
 #[derive(Debug, Clone, Copy)]
