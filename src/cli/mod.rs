@@ -228,6 +228,37 @@ pub fn run(cli: Cli) -> Result<u8> {
 #[derive(Default)]
 struct BarObserver {
     bar: std::sync::Mutex<Option<indicatif::ProgressBar>>,
+    /// Without a terminal: when the current task last wrote its progress to the log.
+    logged: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+/// Without a terminal, a long task (a crafting's 250 steps, a full-length training) writes its
+/// progress to the log at most this often.
+#[cfg(feature = "train")]
+const LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// The line a log gets for a task's progress, if one is due: the task's first message when it
+/// begins, then its position once `every` has passed since the last line.
+#[cfg(feature = "train")]
+fn log_line(
+    last: &mut Option<std::time::Instant>,
+    now: std::time::Instant,
+    every: Duration,
+    done: u64,
+    total: u64,
+    message: &str,
+) -> Option<String> {
+    match *last {
+        None => {
+            *last = Some(now);
+            Some(message.to_string())
+        }
+        Some(t) if now.duration_since(t) >= every => {
+            *last = Some(now);
+            Some(format!("{message} ({done}/{total})"))
+        }
+        Some(_) => None,
+    }
 }
 
 #[cfg(feature = "train")]
@@ -242,14 +273,16 @@ impl crate::train::calibrate::Observer for BarObserver {
 
     fn progress(&self, done: u64, total: u64, message: &str) {
         let mut current = self.bar.lock().unwrap_or_else(|e| e.into_inner());
-        let pb = current.get_or_insert_with(|| {
-            let pb = bar(total, "");
-            if pb.is_hidden() {
-                // Without a terminal, a log still shows when each task began.
-                eprintln!("{message}");
+        let pb = current.get_or_insert_with(|| bar(total, ""));
+        if pb.is_hidden() {
+            // Without a terminal, a log still shows when each task began and, now and then,
+            // how far a long one has come.
+            let mut last = self.logged.lock().unwrap_or_else(|e| e.into_inner());
+            let now = std::time::Instant::now();
+            if let Some(line) = log_line(&mut last, now, LOG_EVERY, done, total, message) {
+                eprintln!("{line}");
             }
-            pb
-        });
+        }
         pb.set_length(total);
         pb.set_position(done);
         pb.set_message(message.to_string());
@@ -259,6 +292,7 @@ impl crate::train::calibrate::Observer for BarObserver {
         if let Some(pb) = self.bar.lock().unwrap_or_else(|e| e.into_inner()).take() {
             pb.finish_and_clear();
         }
+        *self.logged.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }
 
@@ -344,4 +378,44 @@ fn absolute(p: &Path) -> PathBuf {
     let mut out = existing.canonicalize().unwrap_or(existing);
     out.extend(rest.into_iter().rev());
     out
+}
+
+#[cfg(all(test, feature = "train"))]
+mod tests {
+    use super::log_line;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_log_gets_a_tasks_first_message_then_its_position_once_a_minute() {
+        let every = Duration::from_secs(60);
+        let t0 = Instant::now();
+        let mut last = None;
+        let at = |s| t0 + Duration::from_secs(s);
+        let first = log_line(
+            &mut last,
+            at(0),
+            every,
+            1,
+            250,
+            "gradient matching, loss 0.6",
+        );
+        assert_eq!(first.as_deref(), Some("gradient matching, loss 0.6"));
+        // Within the minute: nothing; after it, the step reached.
+        assert_eq!(log_line(&mut last, at(59), every, 40, 250, "m"), None);
+        let later = log_line(
+            &mut last,
+            at(61),
+            every,
+            41,
+            250,
+            "gradient matching, loss 0.4",
+        );
+        assert_eq!(
+            later.as_deref(),
+            Some("gradient matching, loss 0.4 (41/250)")
+        );
+        // The minute counts from the last line written, not from the task's start.
+        assert_eq!(log_line(&mut last, at(100), every, 60, 250, "m"), None);
+        assert!(log_line(&mut last, at(121), every, 80, 250, "m").is_some());
+    }
 }
