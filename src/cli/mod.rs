@@ -227,9 +227,14 @@ pub fn run(cli: Cli) -> Result<u8> {
 #[cfg(feature = "train")]
 #[derive(Default)]
 struct BarObserver {
-    bar: std::sync::Mutex<Option<indicatif::ProgressBar>>,
-    /// Without a terminal: when the current task last wrote its progress to the log.
-    logged: std::sync::Mutex<Option<std::time::Instant>>,
+    task: std::sync::Mutex<Option<Task>>,
+}
+
+/// The task under way: its bar and, without a terminal, when it last wrote to the log.
+#[cfg(feature = "train")]
+struct Task {
+    bar: ProgressBar,
+    logged: Option<std::time::Instant>,
 }
 
 /// Without a terminal, a long task (a crafting's 250 steps, a full-length training) writes its
@@ -264,35 +269,36 @@ fn log_line(
 #[cfg(feature = "train")]
 impl crate::train::calibrate::Observer for BarObserver {
     fn note(&self, line: &str) {
-        match &*self.bar.lock().unwrap_or_else(|e| e.into_inner()) {
+        match &*self.task.lock().unwrap_or_else(|e| e.into_inner()) {
             // A hidden bar (stderr is not a terminal: a log, CI) drops its println.
-            Some(pb) if !pb.is_hidden() => pb.println(line),
+            Some(t) if !t.bar.is_hidden() => t.bar.println(line),
             _ => eprintln!("{line}"),
         }
     }
 
     fn progress(&self, done: u64, total: u64, message: &str) {
-        let mut current = self.bar.lock().unwrap_or_else(|e| e.into_inner());
-        let pb = current.get_or_insert_with(|| bar(total, ""));
-        if pb.is_hidden() {
+        let mut current = self.task.lock().unwrap_or_else(|e| e.into_inner());
+        let task = current.get_or_insert_with(|| Task {
+            bar: bar(total, ""),
+            logged: None,
+        });
+        if task.bar.is_hidden() {
             // Without a terminal, a log still shows when each task began and, now and then,
             // how far a long one has come.
-            let mut last = self.logged.lock().unwrap_or_else(|e| e.into_inner());
             let now = std::time::Instant::now();
-            if let Some(line) = log_line(&mut last, now, LOG_EVERY, done, total, message) {
+            if let Some(line) = log_line(&mut task.logged, now, LOG_EVERY, done, total, message) {
                 eprintln!("{line}");
             }
         }
-        pb.set_length(total);
-        pb.set_position(done);
-        pb.set_message(message.to_string());
+        task.bar.set_length(total);
+        task.bar.set_position(done);
+        task.bar.set_message(message.to_string());
     }
 
     fn task_done(&self) {
-        if let Some(pb) = self.bar.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            pb.finish_and_clear();
+        if let Some(t) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            t.bar.finish_and_clear();
         }
-        *self.logged.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }
 
