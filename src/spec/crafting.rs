@@ -235,7 +235,7 @@ impl WatermarkSpec {
             }
         }
         if let Some(g) = self.gradient_matching {
-            if self.labelling.poison_class().is_none() {
+            if !self.labelling.keeps_labels() {
                 return Err(field(
                     "gradient_matching",
                     "gradient matching keeps labels: labelling.kind must be \"clean_label\" \

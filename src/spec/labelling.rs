@@ -34,9 +34,15 @@ pub enum Labelling {
     },
     /// UBW-C (Li et al., NeurIPS 2022): samples of `poison_class` are perturbed by gradient
     /// matching and keep their labels; verification is untargeted, on the source classes.
+    /// Without `poison_class` the poisons are drawn from every class but the source classes,
+    /// so that the perturbations pull triggered source images towards many classes rather
+    /// than towards one (the UBW code's single target class teaches a targeted backdoor on
+    /// Fashion-MNIST: docs/calibration.md).
     UntargetedCleanLabel {
-        /// The class whose training images are perturbed.
-        poison_class: u32,
+        /// The one class whose training images are perturbed (absent: every class but the
+        /// source classes).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        poison_class: Option<u32>,
     },
 }
 
@@ -62,12 +68,33 @@ impl Labelling {
         })
     }
 
-    /// The only class whose samples may be poisoned, for clean-label kinds.
+    /// The only class whose samples may be poisoned, for clean-label kinds that name one.
     pub fn poison_class(&self) -> Option<u32> {
         match self {
             Self::CleanLabel { target } => Some(*target),
-            Self::UntargetedCleanLabel { poison_class } => Some(*poison_class),
+            Self::UntargetedCleanLabel { poison_class } => *poison_class,
             Self::Targeted { .. } | Self::AllToAll { .. } | Self::Untargeted => None,
+        }
+    }
+
+    /// Whether poisoned samples keep their labels (clean-label kinds).
+    pub fn keeps_labels(&self) -> bool {
+        matches!(
+            self,
+            Self::CleanLabel { .. } | Self::UntargetedCleanLabel { .. }
+        )
+    }
+
+    /// Whether samples of `class` may be poisoned, given the spec's source classes: a
+    /// clean-label kind's one class; for UBW-C without one, every class but the sources;
+    /// otherwise the source classes, or every class.
+    pub fn may_poison(&self, class: u32, source_classes: Option<&[u32]>) -> bool {
+        match (self, self.poison_class()) {
+            (_, Some(c)) => class == c,
+            (Self::UntargetedCleanLabel { .. }, None) => {
+                !source_classes.is_some_and(|s| s.contains(&class))
+            }
+            (_, None) => source_classes.is_none_or(|s| s.contains(&class)),
         }
     }
 

@@ -369,6 +369,25 @@ fn gradient_matching_specs_are_checked_as_a_whole() {
     )
     .unwrap_err();
     assert_eq!(field_of(e), "gradient_matching.eps");
+    // Without a poison class, UBW-C poisons every class but the sources; the canonical form
+    // of a spec with one is unchanged (its commitments stay pinned).
+    let spread = gm(
+        "kind = \"untargeted_clean_label\"",
+        "source_classes = [0, 3]",
+        "[gradient_matching]\neps = 16.0",
+    )
+    .unwrap();
+    assert_eq!(spread.labelling.poison_class(), None);
+    let may: Vec<u32> = (0..5)
+        .filter(|&c| {
+            spread
+                .labelling
+                .may_poison(c, spread.source_classes.as_deref())
+        })
+        .collect();
+    assert_eq!(may, [1, 2, 4]);
+    assert!(!canonical_json(&spread).contains("poison_class"));
+    assert!(canonical_json(&ok).contains("\"poison_class\":6"));
     // A release cannot be stamped without the model.
     let mut ds = crate::dataset::Dataset::new(
         crate::dataset::ImageShape {

@@ -305,21 +305,10 @@ fn eligible_classes(
     member: &WatermarkSpec,
     num_classes: usize,
 ) -> Result<Vec<bool>, WatermarkError> {
-    let mut eligible = vec![true; num_classes];
-    match (member.labelling.poison_class(), &member.source_classes) {
-        (Some(c), _) => {
-            eligible.iter_mut().for_each(|e| *e = false);
-            if let Some(e) = eligible.get_mut(c as usize) {
-                *e = true;
-            }
-        }
-        (None, Some(src)) => {
-            for (c, e) in eligible.iter_mut().enumerate() {
-                *e = src.contains(&(c as u32));
-            }
-        }
-        (None, None) => {}
-    }
+    let source = member.source_classes.as_deref();
+    let eligible = (0..num_classes as u32)
+        .map(|c| member.labelling.may_poison(c, source))
+        .collect();
     if let Labelling::Targeted { target } = member.labelling
         && target as usize >= num_classes
     {

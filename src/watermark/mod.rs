@@ -301,17 +301,10 @@ fn apply_member(
     let mut hashes = image_sha256s(dataset);
     let sha256_before = dataset_sha256(dataset, &hashes);
 
-    let mut eligible: Vec<usize> = match (&spec.labelling, &spec.source_classes) {
-        (
-            Labelling::CleanLabel { target: c }
-            | Labelling::UntargetedCleanLabel { poison_class: c },
-            _,
-        ) => (0..n).filter(|&i| dataset.label(i) == *c).collect(),
-        (_, Some(src)) => (0..n)
-            .filter(|&i| src.contains(&dataset.label(i)))
-            .collect(),
-        (_, None) => (0..n).collect(),
-    };
+    let source = spec.source_classes.as_deref();
+    let mut eligible: Vec<usize> = (0..n)
+        .filter(|&i| spec.labelling.may_poison(dataset.label(i), source))
+        .collect();
     eligible.retain(free);
     let k = poison_count(spec.rate, n);
     if k == 0 {
@@ -325,10 +318,10 @@ fn apply_member(
             "rate {} of {n} samples asks for {k} poisoned samples, but only {} are eligible{}",
             spec.rate,
             eligible.len(),
-            match spec.labelling {
-                Labelling::CleanLabel { target: c }
-                | Labelling::UntargetedCleanLabel { poison_class: c } => {
-                    format!(" (clean-label: class {c} only)")
+            match (spec.labelling.poison_class(), spec.labelling) {
+                (Some(c), _) => format!(" (clean-label: class {c} only)"),
+                (None, Labelling::UntargetedCleanLabel { .. }) => {
+                    " (clean-label: classes other than the source classes only)".to_string()
                 }
                 _ if spec.source_classes.is_some() => " (source classes only)".to_string(),
                 _ => String::new(),

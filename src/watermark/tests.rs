@@ -150,6 +150,62 @@ fn source_classes_restrict_the_choice() {
     assert!(rec.poisoned.iter().all(|p| p.original_label == 3));
 }
 
+/// UBW-C poisons come from its one poison class or, without one, from every class but the
+/// source classes; they keep their labels, and the crafter gets exactly the chosen samples.
+#[test]
+fn ubw_c_poisons_come_from_the_poison_class_or_every_class_but_the_sources() {
+    let ubw = |labelling: &str, rate: f64| {
+        let text = format!(
+            "name = \"t\"\nrate = {rate}\nseed = 1\nsource_classes = [0]\n[labelling]\n\
+             kind = \"untargeted_clean_label\"\n{labelling}\n[trigger]\n{SQUARE}\n\
+             [gradient_matching]\neps = 16.0\n"
+        );
+        WatermarkSpec::from_toml_str(&text, None, "t").unwrap()
+    };
+    let chosen_classes = |spec: &WatermarkSpec| {
+        let mut ds = data(200, GREY, 5, 0);
+        let mut seen = Vec::new();
+        let w = apply_crafted(&mut ds, spec, [0; 32], &mut |d, chosen| {
+            seen = chosen.iter().map(|&i| d.label(i)).collect();
+            Ok(())
+        })
+        .unwrap();
+        assert!(
+            w.record
+                .poisoned
+                .iter()
+                .all(|p| p.new_label == p.original_label)
+        );
+        let recorded: Vec<u32> = w.record.poisoned.iter().map(|p| p.original_label).collect();
+        assert_eq!(recorded, seen, "the crafter gets the recorded samples");
+        seen
+    };
+    let one = chosen_classes(&ubw("poison_class = 2", 0.1));
+    assert!(one.len() == 20 && one.iter().all(|&c| c == 2), "{one:?}");
+    let spread = chosen_classes(&ubw("", 0.3));
+    assert_eq!(spread.len(), 60);
+    assert!(
+        spread.iter().all(|&c| c != 0),
+        "a source class was poisoned: {spread:?}"
+    );
+    for c in 1..5 {
+        assert!(spread.contains(&c), "class {c} never poisoned: {spread:?}");
+    }
+    // 160 images are outside the source class; 0.9 of 200 asks for more.
+    let e = apply_crafted(
+        &mut data(200, GREY, 5, 0),
+        &ubw("", 0.9),
+        [0; 32],
+        &mut |_, _| Ok(()),
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("only 160 are eligible (clean-label: classes other than the source classes"),
+        "{e}"
+    );
+}
+
 #[test]
 fn blend_noise_and_warp_change_exactly_the_recorded_samples() {
     let blend = "kind = \"blend\"\nsource = \"noise\"\nalpha = 0.2";
