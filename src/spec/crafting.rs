@@ -302,10 +302,13 @@ impl WatermarkSpec {
                      form = \"additive\"",
                 ));
             }
-            if !matches!(self.labelling, Labelling::Targeted { .. }) {
+            if !matches!(
+                self.labelling,
+                Labelling::Targeted { .. } | Labelling::AllToAll { .. }
+            ) {
                 return Err(field(
                     "labelling.kind",
-                    "ISSBA is poison-label: labelling.kind must be \"targeted\"",
+                    "ISSBA is poison-label: labelling.kind must be \"targeted\" or \"all_to_all\"",
                 ));
             }
             if self.adversarial.is_some() || self.gradient_matching.is_some() || self.uap.is_some()
