@@ -89,12 +89,17 @@ impl Labelling {
     /// clean-label kind's one class; for UBW-C without one, every class but the sources;
     /// otherwise the source classes, or every class.
     pub fn may_poison(&self, class: u32, source_classes: Option<&[u32]>) -> bool {
-        match (self, self.poison_class()) {
-            (_, Some(c)) => class == c,
-            (Self::UntargetedCleanLabel { .. }, None) => {
+        match self {
+            Self::CleanLabel { target: c }
+            | Self::UntargetedCleanLabel {
+                poison_class: Some(c),
+            } => class == *c,
+            Self::UntargetedCleanLabel { poison_class: None } => {
                 !source_classes.is_some_and(|s| s.contains(&class))
             }
-            (_, None) => source_classes.is_none_or(|s| s.contains(&class)),
+            Self::Targeted { .. } | Self::AllToAll { .. } | Self::Untargeted => {
+                source_classes.is_none_or(|s| s.contains(&class))
+            }
         }
     }
 

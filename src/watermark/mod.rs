@@ -318,9 +318,12 @@ fn apply_member(
             "rate {} of {n} samples asks for {k} poisoned samples, but only {} are eligible{}",
             spec.rate,
             eligible.len(),
-            match (spec.labelling.poison_class(), spec.labelling) {
-                (Some(c), _) => format!(" (clean-label: class {c} only)"),
-                (None, Labelling::UntargetedCleanLabel { .. }) => {
+            match spec.labelling {
+                Labelling::CleanLabel { target: c }
+                | Labelling::UntargetedCleanLabel {
+                    poison_class: Some(c),
+                } => format!(" (clean-label: class {c} only)"),
+                Labelling::UntargetedCleanLabel { poison_class: None } => {
                     " (clean-label: classes other than the source classes only)".to_string()
                 }
                 _ if spec.source_classes.is_some() => " (source classes only)".to_string(),
