@@ -14,6 +14,8 @@
 //!   patch, Adaptive-Patch's pieces): the pattern, each pixel black or white with at least half of
 //!   them white, of the template's size, and its position anywhere it fits;
 //! - noise blends (Blended, Adaptive-Blend's pieces): the noise;
+//! - image blends (Blended with a pattern image): which image of the spec's folder, and a cyclic
+//!   shift of it (where its features fall);
 //! - warps (WaNet): the random field;
 //! - rotations (BATT): the angle, uniform in a range of magnitudes, either direction;
 //! - reflections (Refool): which of the candidate photographs are used;
@@ -68,11 +70,12 @@ pub struct Family {
     /// drawn, the spec's labelling names no target and no `mapping_seed`.
     #[serde(default)]
     pub target: Choice,
-    /// A patch's pattern: black and white pixels of the spec's pattern size, at least half white.
+    /// A patch's pattern: black and white pixels of the spec's pattern size, at least half white;
+    /// a blend's pattern image: one of the spec's folder.
     #[serde(default)]
     pub pattern: Choice,
     /// A patch's position: anywhere it fits (`drawn`), along the border (`edge`) or as written
-    /// (`pinned`).
+    /// (`pinned`); a blend's pattern image is shifted cyclically by a drawn offset unless pinned.
     #[serde(default)]
     pub position: Placement,
     /// Rotations: the angle's magnitude is drawn from this range of degrees, its direction at
@@ -194,6 +197,22 @@ fn trigger_entropy(
             }
         }
         Trigger::Blend(b) if b.source == super::BlendSource::Noise => push("noise", 64.0),
+        Trigger::Blend(b) => {
+            if f.pattern == Choice::Drawn && b.candidates.len() > 1 {
+                push("image", (b.candidates.len() as f64).log2());
+            }
+            if f.position != Placement::Pinned {
+                // At most: a pattern that repeats itself has fewer distinct shifts.
+                let size = b
+                    .pattern
+                    .as_ref()
+                    .or(b.candidates.first())
+                    .map_or(shape.height * shape.width, |p| {
+                        p.shape.height * p.shape.width
+                    });
+                push("shift", (size as f64).log2());
+            }
+        }
         Trigger::Warp(_) => push("field", 64.0),
         Trigger::Rotate(_) => {
             if let Some([lo, hi]) = f.angle {
@@ -215,7 +234,7 @@ fn trigger_entropy(
             }
         }
         Trigger::Physical(p) => trigger_entropy(f, &p.inner, shape, &format!("{at}.inner"), out)?,
-        Trigger::Blend(_) | Trigger::Perturbation(_) | Trigger::Generated(_) => {}
+        Trigger::Perturbation(_) | Trigger::Generated(_) => {}
     }
     Ok(())
 }
@@ -373,6 +392,16 @@ pub(super) fn validate(spec: &WatermarkSpec) -> Result<(), SpecError> {
             ));
         }
     }
+    if let Trigger::Blend(b) = &spec.trigger
+        && !b.candidates.is_empty()
+        && f.pattern == Choice::Pinned
+    {
+        return Err(field(
+            "family.pattern",
+            "a folder of blend images is drawn from: leave family.pattern drawn, or name one \
+             image with `image`",
+        ));
+    }
     if let Some(k) = f.reflections {
         let Trigger::Reflection(r) = &spec.trigger else {
             return Err(field(
@@ -522,6 +551,27 @@ fn draw_trigger(
             c.noise_seed = Some(rng.u64());
             Trigger::Blend(c)
         }
+        Trigger::Blend(b) => {
+            // A pattern image: one of the folder's (Blended's image choice) …
+            let mut c = b.clone();
+            if !b.candidates.is_empty() {
+                let i = rng.below(b.candidates.len() as u64) as usize;
+                c.pattern = Some(b.candidates[i].clone());
+                c.candidates.clear();
+                c.images = None;
+            }
+            // … shifted cyclically by a drawn offset: where its features fall (its position).
+            if f.position != Placement::Pinned
+                && let Some(p) = &c.pattern
+            {
+                let (dr, dc) = (
+                    rng.below(p.shape.height as u64) as usize,
+                    rng.below(p.shape.width as u64) as usize,
+                );
+                c.pattern = Some(roll(p, dr, dc)?);
+            }
+            Trigger::Blend(c)
+        }
         Trigger::Warp(w) => {
             let mut c = w.clone();
             c.field_seed = Some(rng.u64());
@@ -562,6 +612,25 @@ fn draw_trigger(
             Trigger::Physical(c)
         }
         other => other.clone(),
+    })
+}
+
+/// `p` shifted cyclically `dr` rows down and `dc` columns right.
+fn roll(p: &super::EmbeddedImage, dr: usize, dc: usize) -> Result<super::EmbeddedImage, SpecError> {
+    use base64::Engine as _;
+    let px = p.pixels()?;
+    let (h, w, ch) = (p.shape.height, p.shape.width, p.shape.channels);
+    let mut out = vec![0u8; px.len()];
+    for r in 0..h {
+        for col in 0..w {
+            let to = (((r + dr) % h) * w + (col + dc) % w) * ch;
+            let from = (r * w + col) * ch;
+            out[to..to + ch].copy_from_slice(&px[from..from + ch]);
+        }
+    }
+    Ok(super::EmbeddedImage {
+        shape: p.shape,
+        pixels_b64: base64::engine::general_purpose::STANDARD.encode(out),
     })
 }
 
@@ -704,6 +773,118 @@ mod tests {
         // log2(256 patterns with 5 to 9 white pixels) + log2(100 places on the edge) + log2(10).
         let bits = entropy_bits(&f, 10, SHAPE).unwrap();
         assert!((bits - 17.97).abs() < 0.01, "{bits}");
+    }
+
+    #[test]
+    fn an_image_blend_family_draws_one_image_of_its_folder_shifted() {
+        let f = shipped("blended-image-28x28-grey.toml");
+        let Trigger::Blend(t) = &f.trigger else {
+            panic!("a blend")
+        };
+        assert_eq!(t.candidates.len(), 19, "the folder's 19 scenes");
+        let candidates: Vec<Vec<u8>> = t.candidates.iter().map(|c| c.pixels().unwrap()).collect();
+        let sorted = |v: &[u8]| {
+            let mut v = v.to_vec();
+            v.sort_unstable();
+            v
+        };
+        let at = |v: &[u8], r: usize, c: usize| v[(r % 28) * 28 + c % 28];
+        let (mut images, mut shifts) = (
+            std::collections::BTreeSet::new(),
+            std::collections::BTreeSet::new(),
+        );
+        for seed in 0..60 {
+            let m = draw(&f, 10, SHAPE, seed).unwrap();
+            let Trigger::Blend(b) = &m.trigger else {
+                panic!("a blend")
+            };
+            assert!(b.candidates.is_empty() && b.images.is_none(), "one image");
+            let px = b.pattern.as_ref().unwrap().pixels().unwrap();
+            // Which image: a shift keeps its pixel values; where: the shift that maps it on px.
+            let i = (0..candidates.len())
+                .find(|&i| sorted(&candidates[i]) == sorted(&px))
+                .expect("one of the folder's images");
+            let shift = (0..28 * 28)
+                .map(|k| (k / 28, k % 28))
+                .find(|&(dr, dc)| {
+                    (0..28 * 28).all(|k| {
+                        let (r, c) = (k / 28, k % 28);
+                        at(&px, r + dr, c + dc) == candidates[i][k]
+                    })
+                })
+                .expect("the image shifted cyclically");
+            images.insert(i);
+            shifts.insert(shift);
+        }
+        assert!(
+            images.len() >= 12,
+            "{} of 19 images in 60 draws",
+            images.len()
+        );
+        assert!(shifts.len() >= 50, "{} shifts in 60 draws", shifts.len());
+        // log2(19 images) + log2(784 shifts) + log2(10 targets).
+        let e = entropy(&f, 10, SHAPE).unwrap();
+        let bits = |p: &str| e.iter().find(|x| x.parameter == p).unwrap().bits;
+        assert!((bits("trigger.image") - 19f64.log2()).abs() < 1e-9);
+        assert!((bits("trigger.shift") - 784f64.log2()).abs() < 1e-9);
+        let total = entropy_bits(&f, 10, SHAPE).unwrap();
+        assert!(
+            (total - 17.18).abs() < 0.01 && total >= MIN_ENTROPY_BITS,
+            "{total}"
+        );
+    }
+
+    #[test]
+    fn a_folder_of_blend_images_is_drawn_from_by_a_family_only() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("watermark_specs");
+        let text = std::fs::read_to_string(dir.join("blended-image-28x28-grey.toml")).unwrap();
+        let load = |t: &str| WatermarkSpec::from_toml_str(t, Some(&dir), "test");
+        let err = |t: &str| load(t).unwrap_err().to_string();
+        let fixed = text
+            .replace("[family]\n", "")
+            .replace("kind = \"targeted\"", "kind = \"targeted\"\ntarget = 1");
+        assert!(err(&fixed).contains("a family's"), "{}", err(&fixed));
+        let both = text.replace(
+            "alpha = 0.2",
+            "alpha = 0.2\nimage = \"reflections/scene-00.png\"",
+        );
+        assert!(err(&both).contains("not both"), "{}", err(&both));
+        let pinned = text.replace("[family]\n", "[family]\npattern = \"pinned\"\n");
+        assert!(err(&pinned).contains("family.pattern"), "{}", err(&pinned));
+        let missing = text.replace("\"reflections\"", "\"no-such-folder\"");
+        assert!(
+            err(&missing).contains("no-such-folder"),
+            "{}",
+            err(&missing)
+        );
+        // One image file in a family: its shift is drawn, nothing else about it.
+        let one = text.replace(
+            "images = \"reflections\"",
+            "image = \"reflections/scene-00.png\"",
+        );
+        let spec = load(&one).unwrap();
+        let e = entropy(&spec, 10, SHAPE).unwrap();
+        assert!(e.iter().all(|x| x.parameter != "trigger.image"));
+        assert!(e.iter().any(|x| x.parameter == "trigger.shift"));
+    }
+
+    #[test]
+    fn roll_shifts_rows_down_and_columns_right_cyclically() {
+        use base64::Engine as _;
+        let enc = |v: &[u8]| base64::engine::general_purpose::STANDARD.encode(v);
+        let p = super::super::EmbeddedImage {
+            shape: ImageShape {
+                height: 2,
+                width: 3,
+                channels: 1,
+            },
+            pixels_b64: enc(&[1, 2, 3, 4, 5, 6]),
+        };
+        assert_eq!(
+            roll(&p, 1, 1).unwrap().pixels().unwrap(),
+            [6, 4, 5, 3, 1, 2]
+        );
+        assert_eq!(roll(&p, 0, 0).unwrap(), p);
     }
 
     #[test]

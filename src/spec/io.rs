@@ -66,11 +66,25 @@ impl WatermarkSpec {
                     "a reflection trigger needs a folder of images and the spec's image shape",
                 ));
             };
-            r.candidates = load_reflections(&base.join(name), shape, r.max_candidates)?;
+            r.candidates = load_images(&base.join(name), shape, r.max_candidates)?;
+        }
+        if let Trigger::Blend(b) = &mut self.trigger
+            && b.source == BlendSource::Image
+            && b.candidates.is_empty()
+            && let Some(name) = &b.images
+        {
+            let Some(shape) = self.image else {
+                return Err(field(
+                    "trigger.images",
+                    "a folder of blend images needs the spec's image shape",
+                ));
+            };
+            b.candidates = load_images(&base.join(name), shape, MAX_BLEND_IMAGES)?;
         }
         if let Trigger::Blend(b) = &mut self.trigger
             && b.source == BlendSource::Image
             && b.pattern.is_none()
+            && b.images.is_none()
         {
             let Some(name) = &b.image else {
                 return Err(field(
@@ -100,13 +114,13 @@ impl WatermarkSpec {
     }
 }
 
-/// Reads up to `max` images of `dir` in name order, converted to `shape`'s channels and resized
-/// to its size (Catmull-Rom, close to the OpenCV cubic resize BackdoorBox uses).
-fn load_reflections(
-    dir: &Path,
-    shape: ImageShape,
-    max: usize,
-) -> Result<Vec<EmbeddedImage>, SpecError> {
+/// At most this many images of a blend family's folder are read (each is kept in the record).
+const MAX_BLEND_IMAGES: usize = 1024;
+
+/// Reads up to `max` images of `dir` in name order (Refool's reflections, a blend family's
+/// patterns), converted to `shape`'s channels and resized to its size (Catmull-Rom, close to the
+/// OpenCV cubic resize BackdoorBox uses).
+fn load_images(dir: &Path, shape: ImageShape, max: usize) -> Result<Vec<EmbeddedImage>, SpecError> {
     let bad = |m: String| field("trigger.images", m);
     let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| bad(format!("{}: {e}", dir.display())))?

@@ -464,6 +464,14 @@ pub struct Blend {
     /// The pattern's pixels, inlined from `image` when the spec is loaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pattern: Option<EmbeddedImage>,
+    /// Folder of pattern images (PNG, JPEG, BMP), read in name order, relative to the spec
+    /// (`source = "image"` in a family, instead of `image`: each release blends one of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<String>,
+    /// The folder's images, resized to the spec's image shape when the spec is loaded; a family
+    /// draws one of them for each release (see `family`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub candidates: Vec<EmbeddedImage>,
     /// Blend weight in (0, 1].
     pub alpha: f32,
     /// Only this region is blended (the whole image when absent).
@@ -801,7 +809,12 @@ impl WatermarkSpec {
                     }
                 }
                 match b.source {
-                    BlendSource::Noise if b.image.is_some() || b.pattern.is_some() => {
+                    BlendSource::Noise
+                        if b.image.is_some()
+                            || b.pattern.is_some()
+                            || b.images.is_some()
+                            || !b.candidates.is_empty() =>
+                    {
                         return Err(field("trigger.image", "source = \"noise\" takes no image"));
                     }
                     BlendSource::Image if b.noise_seed.is_some() => {
@@ -809,6 +822,35 @@ impl WatermarkSpec {
                             "trigger.noise_seed",
                             "only source = \"noise\" has a noise seed",
                         ));
+                    }
+                    BlendSource::Image
+                        if (b.image.is_some() || b.pattern.is_some())
+                            && (b.images.is_some() || !b.candidates.is_empty()) =>
+                    {
+                        return Err(field(
+                            "trigger.images",
+                            "one pattern image (`image`) or a folder of them (`images`), not both",
+                        ));
+                    }
+                    BlendSource::Image if !b.candidates.is_empty() => {
+                        if self.family.is_none() {
+                            return Err(field(
+                                "trigger.images",
+                                "a folder of blend images is a family's: add a [family] section, \
+                                 or name one image with `image`",
+                            ));
+                        }
+                        if let Some(shape) = self.image
+                            && b.candidates.iter().any(|c| c.shape != shape)
+                        {
+                            return Err(field(
+                                "trigger.candidates",
+                                format!("pattern images must be {shape} like the spec's images"),
+                            ));
+                        }
+                        for c in &b.candidates {
+                            c.pixels()?;
+                        }
                     }
                     BlendSource::Image => {
                         let p = b
