@@ -497,6 +497,27 @@ pub enum BlendSource {
     Image,
 }
 
+/// Checks a spec's inlined images (Refool's reflections, a blend family's patterns): each of
+/// the spec's image shape, where it names one, and each decodes.
+fn check_candidates(
+    candidates: &[EmbeddedImage],
+    shape: Option<ImageShape>,
+    what: &str,
+) -> Result<(), SpecError> {
+    if let Some(shape) = shape
+        && candidates.iter().any(|c| c.shape != shape)
+    {
+        return Err(field(
+            "trigger.candidates",
+            format!("{what} must be {shape} like the spec's images"),
+        ));
+    }
+    for c in candidates {
+        c.pixels()?;
+    }
+    Ok(())
+}
+
 /// Raw HWC pixels of a pattern image, base64 in JSON.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -840,17 +861,7 @@ impl WatermarkSpec {
                                  or name one image with `image`",
                             ));
                         }
-                        if let Some(shape) = self.image
-                            && b.candidates.iter().any(|c| c.shape != shape)
-                        {
-                            return Err(field(
-                                "trigger.candidates",
-                                format!("pattern images must be {shape} like the spec's images"),
-                            ));
-                        }
-                        for c in &b.candidates {
-                            c.pixels()?;
-                        }
+                        check_candidates(&b.candidates, self.image, "pattern images")?;
                     }
                     BlendSource::Image => {
                         let p = b
@@ -1033,17 +1044,7 @@ impl WatermarkSpec {
                         format!("must be in (0, 1], got {a}"),
                     ));
                 }
-                if let Some(shape) = self.image
-                    && r.candidates.iter().any(|c| c.shape != shape)
-                {
-                    return Err(field(
-                        "trigger.candidates",
-                        format!("reflections must be {shape} like the spec's images"),
-                    ));
-                }
-                for c in &r.candidates {
-                    c.pixels()?;
-                }
+                check_candidates(&r.candidates, self.image, "reflections")?;
             }
             Trigger::Rotate(r) => {
                 if !(r.angle.is_finite() && r.angle.abs() >= 1.0 && r.angle.abs() <= 180.0) {
