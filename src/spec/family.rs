@@ -617,7 +617,6 @@ fn draw_trigger(
 
 /// `p` shifted cyclically `dr` rows down and `dc` columns right.
 fn roll(p: &super::EmbeddedImage, dr: usize, dc: usize) -> Result<super::EmbeddedImage, SpecError> {
-    use base64::Engine as _;
     let px = p.pixels()?;
     let (h, w, ch) = (p.shape.height, p.shape.width, p.shape.channels);
     let mut out = vec![0u8; px.len()];
@@ -628,10 +627,7 @@ fn roll(p: &super::EmbeddedImage, dr: usize, dc: usize) -> Result<super::Embedde
             out[to..to + ch].copy_from_slice(&px[from..from + ch]);
         }
     }
-    Ok(super::EmbeddedImage {
-        shape: p.shape,
-        pixels_b64: base64::engine::general_purpose::STANDARD.encode(out),
-    })
+    Ok(super::EmbeddedImage::from_pixels(p.shape, &out))
 }
 
 /// Whether `spec`'s trigger means the same at every image size (an any-size spec: a scaled

@@ -101,14 +101,14 @@ impl WatermarkSpec {
             } else {
                 (1, img.to_luma8().into_raw())
             };
-            b.pattern = Some(EmbeddedImage {
-                shape: ImageShape {
+            b.pattern = Some(EmbeddedImage::from_pixels(
+                ImageShape {
                     height: h,
                     width: w,
                     channels,
                 },
-                pixels_b64: base64::engine::general_purpose::STANDARD.encode(raw),
-            });
+                &raw,
+            ));
         }
         Ok(())
     }
@@ -156,10 +156,7 @@ fn load_images(dir: &Path, shape: ImageShape, max: usize) -> Result<Vec<Embedded
             } else {
                 img.to_luma8().into_raw()
             };
-            Ok(EmbeddedImage {
-                shape,
-                pixels_b64: base64::engine::general_purpose::STANDARD.encode(raw),
-            })
+            Ok(EmbeddedImage::from_pixels(shape, &raw))
         })
         .collect()
 }

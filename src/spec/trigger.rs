@@ -529,6 +529,14 @@ pub struct EmbeddedImage {
 }
 
 impl EmbeddedImage {
+    /// `raw` HWC pixels of `shape`, encoded.
+    pub fn from_pixels(shape: ImageShape, raw: &[u8]) -> Self {
+        EmbeddedImage {
+            shape,
+            pixels_b64: base64::engine::general_purpose::STANDARD.encode(raw),
+        }
+    }
+
     /// Decoded pixels.
     pub fn pixels(&self) -> Result<Vec<u8>, SpecError> {
         check_shape("trigger.pattern.shape", self.shape)?;
