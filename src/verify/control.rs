@@ -500,7 +500,6 @@ pub fn random_trigger(t: &Trigger, shape: ImageShape, seed: u64) -> Result<Trigg
         }),
         // The same images turned by 180°, drawn with the control's own seed.
         Trigger::Reflection(r) => {
-            use base64::Engine as _;
             let mut c = r.clone();
             for e in &mut c.candidates {
                 let px = e.pixels().map_err(WatermarkError::from)?;
@@ -510,7 +509,7 @@ pub fn random_trigger(t: &Trigger, shape: ImageShape, seed: u64) -> Result<Trigg
                     .flatten()
                     .copied()
                     .collect();
-                e.pixels_b64 = base64::engine::general_purpose::STANDARD.encode(turned);
+                *e = crate::spec::EmbeddedImage::from_pixels(e.shape, &turned);
             }
             Trigger::Reflection(c)
         }
