@@ -1,9 +1,10 @@
-//! `hallmark spec check` and `hallmark spec commitment`.
+//! `hallmark spec check`, `hallmark spec commitment` and `hallmark spec controls`.
 
 use crate::spec::WatermarkSpec;
 use crate::watermark;
 use anyhow::Result;
 use clap::Subcommand;
+use std::io::Write;
 use std::path::PathBuf;
 
 /// `hallmark spec …`.
@@ -19,6 +20,27 @@ pub enum SpecCommand {
     Commitment {
         /// The secret record file.
         secret: PathBuf,
+    },
+    /// List the controls a verification ranks the secret trigger among, drawn again from the
+    /// record as `hallmark verify` draws them: one JSON object per line (control j, its
+    /// labelling and trigger), in draw order. The secret trigger is not printed; the controls
+    /// are what a verification shows the model besides it, so keep the list as private as the
+    /// trigger until that trigger is spent.
+    Controls {
+        /// The secret record file.
+        secret: PathBuf,
+        /// Which trigger of a release with several, 1 to N (as `hallmark verify --trigger`).
+        #[arg(long)]
+        trigger: Option<u64>,
+        /// The verification's significance level (default 0.01), which sets the default K.
+        #[arg(long)]
+        alpha: Option<f64>,
+        /// The verification's number of controls K (default ⌈1/alpha⌉ − 1).
+        #[arg(long)]
+        controls: Option<usize>,
+        /// The verification's research seed, if it was given one.
+        #[arg(long)]
+        seed: Option<u64>,
     },
 }
 
@@ -119,6 +141,48 @@ pub(super) fn spec_cmd(command: SpecCommand) -> Result<()> {
                 }
             }
             println!("{}", secret.commitment());
+            Ok(())
+        }
+        SpecCommand::Controls {
+            secret,
+            trigger,
+            alpha,
+            controls,
+            seed,
+        } => {
+            let all = watermark::Secret::load(&secret)?;
+            let (record, _) = all
+                .trigger(trigger.map(|n| n as usize))
+                .map_err(|m| anyhow::anyhow!("{}: {m}", secret.display()))?;
+            let cfg = crate::verify::VerifySettings {
+                alpha,
+                controls,
+                seed,
+                ..Default::default()
+            }
+            .into_config()
+            .map_err(|e| anyhow::anyhow!("{}: {}", e.flag(), e.message))?;
+            let (specs, exchangeable) = crate::verify::control_specs(record, &cfg)?;
+            eprintln!(
+                "{} controls of {}{}",
+                specs.len(),
+                record.spec.name,
+                if exchangeable {
+                    ", drawn from the secret's family"
+                } else {
+                    ": random triggers of its kind, not exchangeable with the secret (a \
+                     verdict is at most inconclusive)"
+                }
+            );
+            let mut out = std::io::stdout().lock();
+            for (j, c) in specs.iter().enumerate() {
+                let line = serde_json::json!({
+                    "control": j,
+                    "labelling": c.labelling,
+                    "trigger": c.trigger,
+                });
+                writeln!(out, "{line}")?;
+            }
             Ok(())
         }
     }

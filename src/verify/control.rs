@@ -56,13 +56,16 @@ fn controls(
     }
 }
 
-/// The controls' specs, for tests.
-#[cfg(test)]
-pub(super) fn controls_for_tests(
+/// The K controls a verification of `record` under `cfg` ranks the secret among, in draw order
+/// (control j is drawn with the j-th control seed of the record's nonce, or of the research
+/// seed), and whether they are exchangeable with the secret: what `hallmark spec controls`
+/// lists, so that an auditor can show which triggers a verdict compared the secret with.
+pub fn control_specs(
     record: &SecretRecord,
     cfg: &VerifyConfig,
 ) -> Result<(Vec<WatermarkSpec>, bool), VerifyError> {
-    let nonce = hex::decode(&record.nonce).expect("a hex nonce");
+    let nonce = hex::decode(&record.nonce)
+        .map_err(|_| VerifyError::Invalid("the record's nonce is not hex".into()))?;
     controls(record, &nonce, cfg, cfg.control_count())
 }
 

@@ -56,7 +56,7 @@ pub mod hygiene;
 mod verdict;
 
 pub use config::{VerifyConfig, VerifyFields, VerifySettings};
-pub use control::random_trigger;
+pub use control::{control_specs, random_trigger};
 use control::{dispersion, rank_test, stamp_all};
 pub use verdict::{
     Control, Decision, Dispersion, PairRecord, RankTest, TriggerScore, Verdict, Withheld,

@@ -774,7 +774,7 @@ fn crafted_release(family_spec: &str, i: u64) -> SecretRecord {
 /// Every trigger the verifier of `rec` ranks, with its class: the secret, then its 99 controls.
 fn members_of(rec: &SecretRecord) -> Vec<(Stamp, u32)> {
     let (controls, exchangeable) =
-        super::control::controls_for_tests(rec, &VerifyConfig::default()).unwrap();
+        super::control::control_specs(rec, &VerifyConfig::default()).unwrap();
     assert!(exchangeable, "the record carries its controls");
     std::iter::once(&rec.spec)
         .chain(&controls)
@@ -819,7 +819,7 @@ fn an_all_to_all_encoder_family_draws_a_mapping_for_each_control() {
         .mapping(10)
         .expect("an all-to-all secret");
     let (controls, exchangeable) =
-        super::control::controls_for_tests(&rec, &VerifyConfig::default()).unwrap();
+        super::control::control_specs(&rec, &VerifyConfig::default()).unwrap();
     assert!(exchangeable && controls.len() == 99);
     let mut mappings = std::collections::HashSet::new();
     let mut agree = 0usize;

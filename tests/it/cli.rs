@@ -334,6 +334,82 @@ fn an_all_to_all_release_sends_each_class_where_its_secret_mapping_does() {
 }
 
 #[test]
+fn spec_controls_lists_the_verifiers_controls_but_not_the_secret() {
+    let t = tempfile::tempdir().unwrap();
+    let input = small_idx(&t.path().join("in"), 200);
+    let secret = t.path().join("secret.json");
+    let o = hallmark(&[
+        "watermark",
+        "--spec",
+        &spec_path("badnets-square-28x28-grey.toml"),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        t.path().join("rel").to_str().unwrap(),
+        "--secret",
+        secret.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let list = |extra: &[&str]| {
+        let mut args = vec!["spec", "controls", secret.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        hallmark(&args)
+    };
+    let lines = |o: &Output| -> Vec<serde_json::Value> {
+        assert!(o.status.success(), "{}", text(o));
+        String::from_utf8(o.stdout.clone())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let o = list(&[]);
+    let all = lines(&o);
+    assert_eq!(all.len(), 99, "⌈1/alpha⌉ − 1 at alpha 0.01");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("drawn from the secret's family"));
+    // Control j is the family's member drawn with the record's j-th control seed: the triggers
+    // `hallmark verify` ranks the secret among.
+    let rec = hallmark::watermark::SecretRecord::load(&secret).unwrap();
+    let nonce = hex::decode(&rec.nonce).unwrap();
+    let family = rec.family.as_ref().unwrap();
+    for (j, line) in all.iter().enumerate() {
+        let c = hallmark::spec::family::draw(
+            family,
+            rec.dataset.num_classes,
+            rec.dataset.shape,
+            hallmark::spec::family::control_seed(&nonce, j),
+        )
+        .unwrap();
+        assert_eq!(line["control"], j);
+        assert_eq!(line["trigger"], serde_json::to_value(&c.trigger).unwrap());
+        assert_eq!(
+            line["labelling"],
+            serde_json::to_value(c.labelling).unwrap()
+        );
+    }
+    // Neither the secret trigger nor the record's nonce is printed.
+    let printed = text(&o);
+    assert!(!printed.contains(&rec.nonce));
+    let secret_trigger = serde_json::to_value(&rec.spec.trigger).unwrap();
+    assert!(all.iter().all(|l| l["trigger"] != secret_trigger));
+    // The list is the record's: the same on a re-run; K and a research seed change it as they
+    // change a verification's.
+    assert_eq!(list(&[]).stdout, o.stdout);
+    assert_eq!(
+        lines(&list(&["--alpha", "0.2", "--controls", "5"]))[..],
+        all[..5]
+    );
+    assert_eq!(lines(&list(&["--alpha", "0.05"])).len(), 19);
+    let seeded = lines(&list(&["--seed", "7"]));
+    assert_eq!(seeded.len(), 99);
+    assert_ne!(seeded, all);
+    // Too few controls for alpha are refused by name.
+    let o = list(&["--controls", "3"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("controls"), "{}", text(&o));
+}
+
+#[test]
 fn a_tampered_secret_record_is_refused() {
     let t = tempfile::tempdir().unwrap();
     let p = t.path().join("s.json");
