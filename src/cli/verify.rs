@@ -206,6 +206,14 @@ fn print_verdict(verdict: &verify::Verdict, alpha: f64) {
             r.secret.effect,
             r.secret.images
         );
+        if !r.above.is_empty() && r.above.len() <= 5 {
+            let list: Vec<String> = r.above.iter().map(|j| j.to_string()).collect();
+            println!(
+                "          below control{} {} (`hallmark spec controls` lists them)",
+                if list.len() == 1 { "" } else { "s" },
+                list.join(", ")
+            );
+        }
     }
     if let Some(d) = &verdict.dispersion {
         println!(

@@ -263,7 +263,14 @@ pub(super) async fn rank_test(
             .then_with(|| a.2.cmp(&b.2))
             .is_ge()
     };
-    let above = (1..total).filter(|&j| better(j)).count();
+    let mut ahead: Vec<usize> = (1..total).filter(|&j| better(j)).collect();
+    ahead.sort_by(|&a, &b| {
+        let (a, b) = (key(a), key(b));
+        b.0.cmp(&a.0)
+            .then_with(|| b.1.total_cmp(&a.1))
+            .then_with(|| b.2.cmp(&a.2))
+    });
+    let above = ahead.len();
     let p_value = (1 + above) as f64 / total as f64;
     Ok(RankTest {
         kind: record.spec.trigger.kind().to_string(),
@@ -272,6 +279,7 @@ pub(super) async fn rank_test(
         secret: score(0),
         control_scores: (1..total).map(score).collect(),
         rank: 1 + above,
+        above: ahead.iter().map(|j| j - 1).collect(),
         p_value,
         rejected: p_value <= cfg.alpha + 1e-12,
         queries: s.own_queries,

@@ -272,7 +272,20 @@ async fn a_model_that_reacts_to_every_member_is_not_accused() {
     // about one control in ten shares the target and moves it just as much.
     assert!(v.primary.rejects(0.01));
     assert_eq!(v.decision, Decision::NotShown, "{}", v.reason);
-    assert!(v.rank.unwrap().p_value > 0.01);
+    let r = v.rank.unwrap();
+    assert!(r.p_value > 0.01);
+    // The report names the controls ahead of the secret, best first: members with its target.
+    assert_eq!(r.above.len(), r.rank - 1, "{r:?}");
+    let (specs, _) = super::control::control_specs(&rec, &cfg(false, false)).unwrap();
+    for &j in &r.above {
+        assert_eq!(specs[j].labelling.target(), Some(t), "control {j}");
+    }
+    let key = |j: usize| (r.control_scores[j].round, r.control_scores[j].effect);
+    assert!(
+        r.above.windows(2).all(|w| key(w[0]) >= key(w[1])),
+        "{:?}",
+        r.above.iter().map(|&j| key(j)).collect::<Vec<_>>()
+    );
 }
 
 #[tokio::test]

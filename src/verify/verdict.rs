@@ -95,6 +95,10 @@ pub struct RankTest {
     pub control_scores: Vec<TriggerScore>,
     /// The secret's rank among the K + 1 (1 = first).
     pub rank: usize,
+    /// The controls that rank at or above the secret, best first, by their draw index (control
+    /// j of `hallmark spec controls`): which members of the family moved the model as far.
+    #[serde(default)]
+    pub above: Vec<usize>,
     /// (1 + controls scoring at least as high) / (K + 1).
     pub p_value: f64,
     /// Whether p ≤ alpha.

@@ -55,6 +55,9 @@ pub struct Row {
     /// Its rank among the K + 1 triggers.
     #[serde(default)]
     pub rank: Option<usize>,
+    /// The best controls (at most three, by draw index) that ranked at or above the secret.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub above: Vec<usize>,
     /// The thief's defence the model went through before it was verified (none: as trained).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub defence: Option<String>,
@@ -78,6 +81,10 @@ impl Row {
             pairs: v.pairs,
             rank_p: v.rank.as_ref().map(|r| r.p_value),
             rank: v.rank.as_ref().map(|r| r.rank),
+            above: v
+                .rank
+                .as_ref()
+                .map_or_else(Vec::new, |r| r.above.iter().take(3).copied().collect()),
             defence: None,
             withheld: v.withheld.as_ref().map(|w| (w.benign, w.triggered)),
         }
@@ -274,6 +281,11 @@ impl Calibration {
                 r.p_value,
                 r.effect,
                 match (r.rank, r.rank_p) {
+                    // A secret just behind the lead names the controls ahead of it.
+                    (Some(k), Some(p)) if k > 1 && k <= 4 && !r.above.is_empty() => {
+                        let list: Vec<String> = r.above.iter().map(|j| j.to_string()).collect();
+                        format!("{k} ({p:.3}; below {})", list.join(", "))
+                    }
                     (Some(k), Some(p)) => format!("{k} ({p:.3})"),
                     _ => "–".into(),
                 },
@@ -438,6 +450,7 @@ mod tests {
             pairs: 100,
             rank_p: None,
             rank: None,
+            above: Vec::new(),
             defence: None,
             withheld: None,
         }
@@ -489,6 +502,28 @@ mod tests {
         std::fs::write(&path, b"{").unwrap();
         let err = Calibration::resumable(&path, "badnets", &more).unwrap_err();
         assert!(err.contains("not a calibration"), "{err}");
+    }
+
+    #[test]
+    fn a_secret_just_behind_the_lead_names_the_controls_ahead_of_it() {
+        let mut second = row(ModelKind::Watermarked, 0);
+        (second.rank, second.rank_p, second.above) = (Some(2), Some(0.02), vec![65]);
+        let mut far = row(ModelKind::Clean, 0);
+        (far.rank, far.rank_p, far.above) = (Some(40), Some(0.4), vec![3, 7, 9]);
+        let cal = Calibration {
+            spec: "s".into(),
+            settings: json!({"models": 1}),
+            rows: vec![second, far],
+        };
+        let md = cal.markdown();
+        assert!(md.contains("| 2 (0.020; below 65) |"), "{md}");
+        assert!(md.contains("| 40 (0.400) |"), "{md}");
+        // Older calibrations, without the list, still read.
+        let mut v = serde_json::to_value(&cal).unwrap();
+        v["rows"][0].as_object_mut().unwrap().remove("above");
+        let old: Calibration = serde_json::from_value(v).unwrap();
+        assert!(old.rows[0].above.is_empty());
+        assert!(old.markdown().contains("| 2 (0.020) |"));
     }
 
     #[test]
