@@ -64,9 +64,13 @@ pub fn control_specs(
     record: &SecretRecord,
     cfg: &VerifyConfig,
 ) -> Result<(Vec<WatermarkSpec>, bool), VerifyError> {
-    let nonce = hex::decode(&record.nonce)
-        .map_err(|_| VerifyError::Invalid("the record's nonce is not hex".into()))?;
-    controls(record, &nonce, cfg, cfg.control_count())
+    controls(record, &record_nonce(record)?, cfg, cfg.control_count())
+}
+
+/// The record's nonce as bytes, which the verification's seeds derive from.
+pub(super) fn record_nonce(record: &SecretRecord) -> Result<Vec<u8>, VerifyError> {
+    hex::decode(&record.nonce)
+        .map_err(|_| VerifyError::Invalid("the record's nonce is not hex".into()))
 }
 
 /// Whether a crafted trigger's record carries what its controls need: ISSBA's message input,
@@ -256,20 +260,14 @@ pub(super) async fn rank_test(
     // A control ranks above the secret when it reached a later round, or the same round with a
     // higher mean effect, or the same effect with a higher tie-break.
     let key = |j: usize| (s.reached[j], s.mean(j), tie[j]);
-    let better = |j: usize| {
-        let (a, b) = (key(j), key(0));
+    let order = |i: usize, j: usize| {
+        let (a, b) = (key(i), key(j));
         a.0.cmp(&b.0)
             .then_with(|| a.1.total_cmp(&b.1))
             .then_with(|| a.2.cmp(&b.2))
-            .is_ge()
     };
-    let mut ahead: Vec<usize> = (1..total).filter(|&j| better(j)).collect();
-    ahead.sort_by(|&a, &b| {
-        let (a, b) = (key(a), key(b));
-        b.0.cmp(&a.0)
-            .then_with(|| b.1.total_cmp(&a.1))
-            .then_with(|| b.2.cmp(&a.2))
-    });
+    let mut ahead: Vec<usize> = (1..total).filter(|&j| order(j, 0).is_ge()).collect();
+    ahead.sort_by(|&i, &j| order(j, i));
     let above = ahead.len();
     let p_value = (1 + above) as f64 / total as f64;
     Ok(RankTest {

@@ -258,8 +258,7 @@ pub async fn verify(
             shape.channels, record.dataset.shape.channels
         )));
     }
-    let nonce = hex::decode(&record.nonce)
-        .map_err(|_| VerifyError::Invalid("the record's nonce is not hex".into()))?;
+    let nonce = control::record_nonce(record)?;
     let base = cfg
         .seed
         .unwrap_or_else(|| derived_seed(&nonce, "verify", 0));
