@@ -64,19 +64,30 @@ impl Browser {
         let driver_bin = which("chromedriver").expect(
             "chromedriver is missing: run the tests with scripts/test (scripts/ensure-chromium)",
         );
-        let port = free_port();
-        let driver = Command::new(driver_bin)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let root = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while curl("GET", &format!("{root}/status"), None)["ready"] != json!(true) {
-            assert!(Instant::now() < deadline, "chromedriver did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        // A port found free can be taken by another test before chromedriver binds it; the
+        // driver then exits, and it is started again on another port.
+        let (driver, root) = (1..=5)
+            .find_map(|attempt| {
+                let port = free_port();
+                let mut driver = Command::new(&driver_bin)
+                    .arg(format!("--port={port}"))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap();
+                let root = format!("http://127.0.0.1:{port}");
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while curl("GET", &format!("{root}/status"), None)["ready"] != json!(true) {
+                    if driver.try_wait().ok().flatten().is_some() {
+                        eprintln!("chromedriver exited (attempt {attempt}); trying another port");
+                        return None;
+                    }
+                    assert!(Instant::now() < deadline, "chromedriver did not start");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Some((driver, root))
+            })
+            .expect("chromedriver exited five times before it was ready");
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
             "goog:chromeOptions": {

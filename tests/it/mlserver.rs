@@ -32,6 +32,8 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Starts MLServer on three free ports. A port found free can be taken by another test before
+/// MLServer binds it; MLServer then fails to bind, and the start is tried again on new ports.
 pub fn start() -> Server {
     let venv = root().join("target/mlserver-venv/bin/mlserver");
     assert!(
@@ -51,42 +53,81 @@ pub fn start() -> Server {
         .status()
         .unwrap();
     assert!(status.success(), "preparing the models failed");
-    let log = std::fs::File::create(dir.path().join("mlserver.log")).unwrap();
-    let child = Command::new(venv)
-        .args(["start", dir.path().join("repo").to_str().unwrap()])
-        .stdout(Stdio::from(log.try_clone().unwrap()))
-        .stderr(Stdio::from(log))
-        .spawn()
+    let mut ports = (http, grpc, metrics);
+    let mut dir = Some(dir);
+    for attempt in 1..=5 {
+        let (http, grpc, metrics) = ports;
+        let d = dir.take().unwrap();
+        std::fs::write(
+            d.path().join("repo/settings.json"),
+            serde_json::json!({
+                "debug": false, "host": "127.0.0.1", "http_port": http, "grpc_port": grpc,
+                "metrics_port": metrics, "parallel_workers": 0, "metrics_endpoint": null
+            })
+            .to_string(),
+        )
         .unwrap();
-    let server = Server {
-        child,
-        port: http,
-        dir,
-    };
+        let log_path = d.path().join("mlserver.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut child = Command::new(&venv)
+            .args(["start", d.path().join("repo").to_str().unwrap()])
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        match wait_ready(&mut child, http, &log_path) {
+            Ok(()) => {
+                return Server {
+                    child,
+                    port: http,
+                    dir: d,
+                };
+            }
+            Err(port_taken) => {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let _ = child.kill();
+                let _ = child.wait();
+                assert!(
+                    port_taken && attempt < 5,
+                    "MLServer did not get ready: {log}"
+                );
+                eprintln!(
+                    "MLServer lost a port to another process (attempt {attempt}); trying other ports"
+                );
+                dir = Some(d);
+                ports = (free_port(), free_port(), free_port());
+            }
+        }
+    }
+    unreachable!("the fifth attempt returns or panics")
+}
+
+/// Waits until the three models answer ready. `Err(true)` when MLServer could not bind a port
+/// (another process took it after `free_port` found it free), `Err(false)` when it exited for
+/// another reason or was not ready after 90 seconds.
+fn wait_ready(child: &mut Child, http: u16, log: &Path) -> Result<(), bool> {
     let deadline = Instant::now() + Duration::from_secs(90);
     for model in ["badnets", "ubw", "clean"] {
         let url = format!("http://127.0.0.1:{http}/v2/models/{model}/ready");
         while !ureq_ok(&url) {
-            assert!(
-                Instant::now() < deadline,
-                "MLServer did not get ready: {}",
-                log_of(&server)
-            );
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            if text.contains("address already in use") {
+                return Err(true);
+            }
+            if child.try_wait().ok().flatten().is_some() || Instant::now() >= deadline {
+                return Err(false);
+            }
             std::thread::sleep(Duration::from_millis(250));
         }
     }
-    server
+    Ok(())
 }
 
 fn ureq_ok(url: &str) -> bool {
     Command::new("curl")
-        .args(["-sf", "-o", "/dev/null", url])
+        .args(["-sf", "--max-time", "5", "-o", "/dev/null", url])
         .status()
         .is_ok_and(|s| s.success())
-}
-
-fn log_of(s: &Server) -> String {
-    std::fs::read_to_string(s.dir.path().join("mlserver.log")).unwrap_or_default()
 }
 
 fn verify(
