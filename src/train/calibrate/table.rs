@@ -260,9 +260,36 @@ impl Calibration {
             .collect()
     }
 
-    /// A Markdown report: one line per model, then the rates.
+    /// How every model was verified, from the recorded settings: `None` for a calibration
+    /// that recorded none.
+    fn verification_line(&self) -> Option<String> {
+        let v = self.settings.get("verify")?;
+        let (alpha, tau, m) = (
+            v.get("alpha")?.as_f64()?,
+            v.get("tau")?.as_f64()?,
+            v.get("m")?.as_u64()?,
+        );
+        let design = if v.get("sequential") == Some(&serde_json::Value::Bool(true)) {
+            format!("sequential design of at most {m} pairs")
+        } else {
+            format!("fixed design of {m} pairs")
+        };
+        let answers = if v.get("label_only") == Some(&serde_json::Value::Bool(true)) {
+            "labels only"
+        } else {
+            "probabilities"
+        };
+        Some(format!(
+            "Verified at alpha {alpha}, tau {tau}, {design}, on {answers}.\n\n"
+        ))
+    }
+
+    /// A Markdown report: how the models were verified, one line per model, then the rates.
     pub fn markdown(&self) -> String {
         let mut s = format!("## Calibration of `{}`\n\n", self.spec);
+        if let Some(line) = self.verification_line() {
+            s.push_str(&line);
+        }
         s.push_str("| model | defence | seed | benign acc. | ASR | ASR-A | ASR-C | D_p | p-value | effect | rank (p) | queries | withheld (benign / triggered) | verdict |\n");
         s.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
         let opt = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.4}"));
@@ -505,6 +532,38 @@ mod tests {
     }
 
     #[test]
+    fn the_table_says_how_its_models_were_verified() {
+        let cal = |verify: serde_json::Value| Calibration {
+            spec: "s".into(),
+            settings: json!({ "models": 1, "verify": verify }),
+            rows: vec![row(ModelKind::Watermarked, 0)],
+        };
+        let md = cal(
+            json!({"alpha": 0.01, "tau": 0.1, "m": 100, "sequential": true,
+            "label_only": false, "batch_pairs": 4}),
+        )
+        .markdown();
+        assert!(
+            md.contains(
+                "Verified at alpha 0.01, tau 0.1, sequential design of at most 100 pairs, \
+                 on probabilities."
+            ),
+            "{md}"
+        );
+        let md = cal(
+            json!({"alpha": 0.05, "tau": 0.2, "m": 60, "sequential": false,
+            "label_only": true}),
+        )
+        .markdown();
+        assert!(
+            md.contains(
+                "Verified at alpha 0.05, tau 0.2, fixed design of 60 pairs, on labels only."
+            ),
+            "{md}"
+        );
+    }
+
+    #[test]
     fn a_secret_just_behind_the_lead_names_the_controls_ahead_of_it() {
         let mut second = row(ModelKind::Watermarked, 0);
         (second.rank, second.rank_p, second.above) = (Some(2), Some(0.02), vec![65]);
@@ -517,6 +576,7 @@ mod tests {
         };
         let md = cal.markdown();
         assert!(md.contains("| 2 (0.020; below 65) |"), "{md}");
+        assert!(!md.contains("Verified at"), "{md}");
         assert!(md.contains("| 40 (0.400) |"), "{md}");
         // Older calibrations, without the list, still read.
         let mut v = serde_json::to_value(&cal).unwrap();
