@@ -54,12 +54,11 @@ pub fn start() -> Server {
         .unwrap();
     assert!(status.success(), "preparing the models failed");
     let mut ports = (http, grpc, metrics);
-    let mut dir = Some(dir);
     for attempt in 1..=5 {
         let (http, grpc, metrics) = ports;
-        let d = dir.take().unwrap();
+        let d = dir.path();
         std::fs::write(
-            d.path().join("repo/settings.json"),
+            d.join("repo/settings.json"),
             serde_json::json!({
                 "debug": false, "host": "127.0.0.1", "http_port": http, "grpc_port": grpc,
                 "metrics_port": metrics, "parallel_workers": 0, "metrics_endpoint": null
@@ -67,10 +66,10 @@ pub fn start() -> Server {
             .to_string(),
         )
         .unwrap();
-        let log_path = d.path().join("mlserver.log");
+        let log_path = d.join("mlserver.log");
         let log = std::fs::File::create(&log_path).unwrap();
         let mut child = Command::new(&venv)
-            .args(["start", d.path().join("repo").to_str().unwrap()])
+            .args(["start", d.join("repo").to_str().unwrap()])
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
@@ -80,7 +79,7 @@ pub fn start() -> Server {
                 return Server {
                     child,
                     port: http,
-                    dir: d,
+                    dir,
                 };
             }
             Err(port_taken) => {
@@ -94,7 +93,6 @@ pub fn start() -> Server {
                 eprintln!(
                     "MLServer lost a port to another process (attempt {attempt}); trying other ports"
                 );
-                dir = Some(d);
                 ports = (free_port(), free_port(), free_port());
             }
         }
