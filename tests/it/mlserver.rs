@@ -41,7 +41,7 @@ pub fn start() -> Server {
         "MLServer is missing: run scripts/test (it calls scripts/ensure-mlserver)"
     );
     let dir = tempfile::tempdir().unwrap();
-    let (http, grpc, metrics) = (free_port(), free_port(), free_port());
+    let (mut http, grpc, metrics) = (free_port(), free_port(), free_port());
     let status = Command::new(root().join("scripts/prepare-mlserver-models"))
         .args([
             dir.path().to_str().unwrap(),
@@ -53,19 +53,8 @@ pub fn start() -> Server {
         .status()
         .unwrap();
     assert!(status.success(), "preparing the models failed");
-    let mut ports = (http, grpc, metrics);
     for attempt in 1..=5 {
-        let (http, grpc, metrics) = ports;
         let d = dir.path();
-        std::fs::write(
-            d.join("repo/settings.json"),
-            serde_json::json!({
-                "debug": false, "host": "127.0.0.1", "http_port": http, "grpc_port": grpc,
-                "metrics_port": metrics, "parallel_workers": 0, "metrics_endpoint": null
-            })
-            .to_string(),
-        )
-        .unwrap();
         let log_path = d.join("mlserver.log");
         let log = std::fs::File::create(&log_path).unwrap();
         let mut child = Command::new(&venv)
@@ -93,11 +82,23 @@ pub fn start() -> Server {
                 eprintln!(
                     "MLServer lost a port to another process (attempt {attempt}); trying other ports"
                 );
-                ports = (free_port(), free_port(), free_port());
+                http = free_port();
+                move_to_ports(&d.join("repo/settings.json"), http);
             }
         }
     }
     unreachable!("the fifth attempt returns or panics")
+}
+
+/// Points the settings that scripts/prepare-mlserver-models wrote at `http` and two other free
+/// ports.
+fn move_to_ports(settings: &Path, http: u16) {
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(settings).unwrap()).unwrap();
+    v["http_port"] = http.into();
+    v["grpc_port"] = free_port().into();
+    v["metrics_port"] = free_port().into();
+    std::fs::write(settings, v.to_string()).unwrap();
 }
 
 /// Waits until the three models answer ready. `Err(true)` when MLServer could not bind a port
