@@ -56,6 +56,14 @@ pub struct WatermarkArgs {
     /// secret file then holds one record per trigger; `hallmark verify --trigger N` picks one.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
     pub triggers: u64,
+    /// Also stamp one secret trigger of this other family spec (repeatable), on samples of its
+    /// own: a release with triggers of two families, so that a defence that removes one may
+    /// leave the other (docs/robustness.md). The secret file holds one record per trigger, the
+    /// spec's first; verifying a model with k of them at alpha / k each (Bonferroni) keeps the
+    /// chance of accusing an innocent at most alpha (docs/verification.md). --seed and --rate
+    /// change the first spec only.
+    #[arg(long)]
+    pub also_spec: Vec<PathBuf>,
     /// Compression of IDX outputs.
     #[arg(long, value_enum, default_value_t = Compress::Auto)]
     pub compress: Compress,
@@ -149,23 +157,51 @@ pub(super) fn watermark_cmd(a: WatermarkArgs) -> Result<()> {
              several triggers need a family to draw them from"
         );
     }
+    let also = a
+        .also_spec
+        .iter()
+        .map(|path| {
+            WatermarkSpec::from_toml_file(path)
+                .with_context(|| format!("--also-spec {}", path.display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if !also.is_empty() && spec.family.is_none() {
+        bail!(
+            "--also-spec: the spec `{}` has no [family] section; a release with several \
+             triggers needs a family for each",
+            spec.name
+        );
+    }
     if a.stream {
+        if !also.is_empty() {
+            bail!("--stream stamps one trigger; --also-spec needs the in-memory release");
+        }
         return watermark_stream(&a, &spec);
     }
     let mut loaded = read_input(&a.input)?;
     let ds = &loaded.dataset;
     check_secrecy(&spec, ds.num_classes(), ds.shape(), a.public_trigger)?;
+    for (other, path) in also.iter().zip(&a.also_spec) {
+        check_secrecy(other, ds.num_classes(), ds.shape(), a.public_trigger)
+            .with_context(|| format!("--also-spec {}", path.display()))?;
+    }
+    let triggers = triggers + also.len();
     let nonce = a.nonce.unwrap_or_else(watermark::random_nonce);
     if let (2.., Some(crafting)) = (triggers, spec.crafting()) {
         bail!(
-            "--triggers {triggers}: a release with several triggers needs a spec without \
+            "a release with {triggers} triggers (--triggers, --also-spec) needs specs without \
              crafting ([{}] crafts one trigger's poisons)",
             crafting.section()
         );
     }
     let pb = spinner("watermarking");
+    let specs: Vec<&WatermarkSpec> = std::iter::repeat_n(&spec, a.triggers as usize)
+        .chain(&also)
+        .collect();
     #[cfg(feature = "train")]
-    let marked = {
+    let marked = if !also.is_empty() {
+        watermark::apply_trigger_specs(&mut loaded.dataset, &specs, nonce)
+    } else {
         if a.craft_model.is_some() && !spec.needs_model() {
             bail!(
                 "--craft-model is for specs whose poisons are crafted with a model ([adversarial] \
@@ -208,7 +244,11 @@ pub(super) fn watermark_cmd(a: WatermarkArgs) -> Result<()> {
         }
     };
     #[cfg(not(feature = "train"))]
-    let marked = watermark::mark(&mut loaded.dataset, &spec, nonce, triggers, None);
+    let marked = if also.is_empty() {
+        watermark::mark(&mut loaded.dataset, &spec, nonce, triggers, None)
+    } else {
+        watermark::apply_trigger_specs(&mut loaded.dataset, &specs, nonce)
+    };
     pb.finish_and_clear();
     let mut marked = marked?;
     loaded.layout.set_min_jpeg_quality(a.min_jpeg_quality);
@@ -244,7 +284,11 @@ pub(super) fn watermark_cmd(a: WatermarkArgs) -> Result<()> {
     eprintln!(
         "watermarked {} samples ({}): {} poisoned{}{}, {} classes, release in {}",
         info.count,
-        spec.name,
+        specs
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(" + "),
         secret.poisoned_count(),
         if triggers > 1 {
             format!(" by {triggers} independent triggers")

@@ -224,24 +224,52 @@ pub fn apply_triggers(
             record::MAX_TRIGGERS
         )));
     }
-    if spec.family.is_none() {
-        return Err(WatermarkError::Spec(SpecError::Field {
-            field: "family".into(),
-            message: "a spec without a [family] section has one fixed trigger; several \
-                      triggers need a family to draw them from"
-                .into(),
-        }));
+    apply_trigger_specs(dataset, &vec![spec; count], nonce)
+}
+
+/// Stamps `dataset` with one independent trigger of each spec of `specs` (2 to
+/// [`record::MAX_TRIGGERS`] of them; the same family may repeat, and families may differ: a
+/// patch and a blend, say, so that a defence that removes one need not remove the other).
+/// Trigger `i` draws its member of `specs[i]`'s family from its own nonce ([`trigger_nonce`])
+/// and poisons that spec's `rate` of the samples, disjoint from the other triggers'. Every spec
+/// must be a family without crafting and fit the dataset.
+pub fn apply_trigger_specs(
+    dataset: &mut Dataset,
+    specs: &[&WatermarkSpec],
+    nonce: [u8; 32],
+) -> Result<WatermarkedRelease, WatermarkError> {
+    let count = specs.len();
+    if !(2..=record::MAX_TRIGGERS).contains(&count) {
+        return Err(WatermarkError::Selection(format!(
+            "triggers: 2 to {} in a set, got {count}",
+            record::MAX_TRIGGERS
+        )));
     }
-    if let Some(crafting) = spec.crafting() {
-        return Err(WatermarkError::Spec(SpecError::Field {
-            field: crafting.section().into(),
-            message: "a release with several triggers needs a spec without crafting".into(),
-        }));
+    for spec in specs {
+        if spec.family.is_none() {
+            return Err(WatermarkError::Spec(SpecError::Field {
+                field: "family".into(),
+                message: format!(
+                    "`{}`: a spec without a [family] section has one fixed trigger; a release \
+                     with several triggers needs a family to draw each from",
+                    spec.name
+                ),
+            }));
+        }
+        if let Some(crafting) = spec.crafting() {
+            return Err(WatermarkError::Spec(SpecError::Field {
+                field: crafting.section().into(),
+                message: format!(
+                    "`{}`: a release with several triggers needs specs without crafting",
+                    spec.name
+                ),
+            }));
+        }
     }
     let mut taken = vec![false; dataset.len()];
     let mut records: Vec<SecretRecord> = Vec::with_capacity(count);
     let mut hashes = Vec::new();
-    for i in 0..count {
+    for (i, spec) in specs.iter().enumerate() {
         let w = apply_member(
             dataset,
             spec,

@@ -412,6 +412,51 @@ fn a_release_with_several_triggers_stamps_each_on_its_own_samples() {
     );
 }
 
+#[test]
+fn a_release_may_carry_triggers_of_different_families() {
+    let blend = WatermarkSpec::from_toml_str(
+        "name = \"b\"\nrate = 0.2\nseed = 5\n[labelling]\nkind = \"all_to_all\"\n\
+         [family]\n[trigger]\nkind = \"blend\"\nsource = \"noise\"\nalpha = 0.2\n",
+        None,
+        "b",
+    )
+    .unwrap();
+    let patch = patch_family();
+    let mut ds = data(100, GREY, 4, 2);
+    let before = ds.clone();
+    let marked = apply_trigger_specs(&mut ds, &[&patch, &blend], [7; 32]).unwrap();
+    let Secret::Set(set) = &marked.secret else {
+        panic!("two triggers make a set")
+    };
+    // Each trigger is a member of its own family, on its own rate of samples, none shared.
+    assert_eq!(set.triggers[0].family.as_ref().unwrap().name, "f");
+    assert_eq!(set.triggers[1].family.as_ref().unwrap().name, "b");
+    assert_eq!(set.triggers[0].poisoned.len(), 10);
+    assert_eq!(set.triggers[1].poisoned.len(), 20);
+    let mut seen = std::collections::HashSet::new();
+    for (i, rec) in set.triggers.iter().enumerate() {
+        assert_eq!(rec.nonce, hex::encode(trigger_nonce(&[7; 32], i)));
+        assert!(rec.poisoned.iter().all(|p| seen.insert(p.index)));
+        let one = record_alone(&before, rec);
+        for p in &rec.poisoned {
+            assert_eq!(ds.image(p.index), one.image(p.index), "trigger {i}");
+            assert_eq!(ds.label(p.index), p.new_label);
+        }
+    }
+    // The set reads back as one release, and either trigger can be spent.
+    let read =
+        Secret::from_json(&String::from_utf8(marked.secret.to_json_pretty()).unwrap()).unwrap();
+    assert_eq!(read, marked.secret);
+    assert_eq!(read.trigger(Some(2)).unwrap().0, &set.triggers[1]);
+    // A fixed spec among them is refused by name; so is a set of one.
+    let fixed = spec(SQUARE, TARGETED, 0.1, 1);
+    let e = apply_trigger_specs(&mut before.clone(), &[&patch, &fixed], [7; 32])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("one fixed trigger"), "{e}");
+    assert!(apply_trigger_specs(&mut before.clone(), &[&patch], [7; 32]).is_err());
+}
+
 /// The images `rec`'s trigger alone makes of `before`.
 fn record_alone(before: &Dataset, rec: &SecretRecord) -> Dataset {
     let mut ds = before.clone();

@@ -503,6 +503,90 @@ fn a_release_with_several_triggers_needs_one_chosen_to_verify() {
     assert!(text(&o).contains("one fixed trigger"), "{}", text(&o));
 }
 
+/// `--also-spec` stamps a trigger of another family beside the spec's, each on its own samples,
+/// into one set whose triggers verify one by one.
+#[test]
+fn a_release_may_carry_watermarks_of_two_families() {
+    let t = tempfile::tempdir().unwrap();
+    let input = small_idx(&t.path().join("in"), 300);
+    let (out, secret) = (t.path().join("rel"), t.path().join("secret.json"));
+    let args = |spec: &str, also: &str, extra: &[&str]| {
+        let (input, out, secret) = (
+            input.to_str().unwrap(),
+            out.to_str().unwrap(),
+            secret.to_str().unwrap(),
+        );
+        let (spec, also) = (spec_path(spec), spec_path(also));
+        let mut a = vec![
+            "watermark",
+            "--spec",
+            &spec,
+            "--also-spec",
+            &also,
+            "--input",
+            input,
+            "--output",
+            out,
+            "--secret",
+            secret,
+            "--force",
+        ];
+        a.extend(extra);
+        hallmark(&a)
+    };
+    let o = args(
+        "badnets-square-all-to-all-28x28-grey.toml",
+        "blended-image-all-to-all-28x28-grey.toml",
+        &["--triggers", "2"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains(
+            "badnets-square-all-to-all-28x28-grey + badnets-square-all-to-all-28x28-grey + \
+             blended-image-all-to-all-28x28-grey): 90 poisoned by 3 independent triggers"
+        ),
+        "{}",
+        text(&o)
+    );
+    let set = hallmark::watermark::Secret::load(&secret).unwrap();
+    let families: Vec<String> = set
+        .records()
+        .map(|r| r.family.as_ref().unwrap().name.clone())
+        .collect();
+    assert_eq!(
+        families[1..],
+        [
+            "badnets-square-all-to-all-28x28-grey",
+            "blended-image-all-to-all-28x28-grey"
+        ]
+    );
+    let mut seen = std::collections::HashSet::new();
+    assert!(
+        set.records()
+            .flat_map(|r| &r.poisoned)
+            .all(|p| seen.insert(p.index)),
+        "the triggers share no sample"
+    );
+    // The blend trigger is spent like any other of the set.
+    let (blend, spent) = set.trigger(Some(3)).unwrap();
+    assert_eq!(blend.spec.trigger.kind(), "blend");
+    assert_eq!(spent.unwrap().release_commitment, set.commitment());
+    // A fixed spec beside a family is refused by name, and nothing is written.
+    fs::remove_file(&secret).unwrap();
+    let o = args(
+        "badnets-square-all-to-all-28x28-grey.toml",
+        "fixed/badnets-square-28x28-grey.toml",
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        text(&o).contains("--also-spec") && text(&o).contains("no [family] section"),
+        "{}",
+        text(&o)
+    );
+    assert!(!secret.exists());
+}
+
 /// `hallmark verify` checks its endpoint and test settings as the HTTP API does (the same ranges,
 /// the same words, the flag's name in place of the field's) before it contacts anything: a zero
 /// standard deviation would otherwise divide every pixel by zero and send infinities.
