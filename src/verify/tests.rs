@@ -660,6 +660,87 @@ async fn innocent_models_are_accused_at_most_at_rate_alpha_over_2000_releases() 
     }
 }
 
+/// A release with triggers of two families (a patch and a noise blend, `apply_trigger_specs`),
+/// each verified at alpha / 2 with its own 199 controls and the model accused when either says
+/// `used` (Bonferroni): over 2,000 releases, an innocent model that reacts to every member of
+/// both families is accused at most at rate alpha (and by each trigger at most at alpha / 2),
+/// and over 300 a thief of whose two watermarks a defence removed the patch is still caught by
+/// the blend.
+#[tokio::test]
+async fn two_watermarks_verified_at_half_alpha_each_accuse_no_innocent_and_catch_the_thief() {
+    let patch = WatermarkSpec::from_toml_str(PATCH_FAMILY, None, "p").unwrap();
+    let noise = WatermarkSpec::from_toml_str(NOISE_FAMILY, None, "n").unwrap();
+    let half = VerifyConfig::default()
+        .with(|f| {
+            f.alpha = 0.005;
+            f.m = 10;
+        })
+        .unwrap();
+    assert_eq!(half.control_count(), 199);
+    let held_out = pool(300);
+    // For each release, whether each trigger's verdict is `used`.
+    let simulate = |runs: u64, make: &(dyn Fn(&[SecretRecord]) -> Fake + Sync)| {
+        let some = |range: std::ops::Range<u64>| -> Vec<[bool; 2]> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            range
+                .map(|i| {
+                    let recs: Vec<SecretRecord> = crate::watermark::apply_trigger_specs(
+                        &mut pool(100),
+                        &[&patch, &noise],
+                        nonce(20_000 + i),
+                    )
+                    .unwrap()
+                    .secret
+                    .records()
+                    .cloned()
+                    .collect();
+                    let model = make(&recs);
+                    std::array::from_fn(|j| {
+                        let v = rt
+                            .block_on(verify(&model, &recs[j], &held_out, &half, &|_| {}))
+                            .unwrap();
+                        v.decision == Decision::Used
+                    })
+                })
+                .collect()
+        };
+        std::thread::scope(|s| {
+            let first = s.spawn(|| some(0..runs / 2));
+            let second = s.spawn(|| some(runs / 2..runs));
+            let mut all = first.join().unwrap();
+            all.extend(second.join().unwrap());
+            all
+        })
+    };
+    let innocent = simulate(2000, &|_| Fake::new(Behaviour::AnyMember, Send::Class(3)));
+    let either = innocent.iter().filter(|u| u[0] || u[1]).count();
+    assert!(
+        either <= upper(2000, 0.01),
+        "{either} of 2000 innocents accused by either trigger"
+    );
+    for j in 0..2 {
+        let by = innocent.iter().filter(|u| u[j]).count();
+        assert!(by <= upper(2000, 0.005), "trigger {j}: {by} of 2000");
+    }
+    let thief = simulate(300, &|recs| {
+        Fake::learnt(&recs[1], Send::Class(target_of(&recs[1])))
+    });
+    let caught = thief.iter().filter(|u| u[0] || u[1]).count();
+    eprintln!(
+        "innocent accused by either trigger: {either} of 2000 (patch {}, blend {}); thief caught: {caught} of 300",
+        innocent.iter().filter(|u| u[0]).count(),
+        innocent.iter().filter(|u| u[1]).count()
+    );
+    assert!(caught >= 285, "{caught} of 300 caught");
+    assert!(
+        thief.iter().filter(|u| u[0]).count() <= upper(300, 0.005),
+        "the removed patch accuses only by chance"
+    );
+}
+
 /// The other side: a model that learnt its release's secret is caught nearly always, over 300
 /// releases of each family.
 #[tokio::test]
