@@ -64,6 +64,11 @@ pub struct CalibrateArgs {
     /// backdoor that is not this release's, which must not be accused.
     #[arg(long)]
     pub other_family: Option<PathBuf>,
+    /// Stamp every release with one more secret trigger of this other family spec too
+    /// (repeatable; `hallmark watermark --also-spec`): every model is verified with each of
+    /// its release's k triggers at alpha / k and accused when any is `used` (Bonferroni).
+    #[arg(long)]
+    pub also_spec: Vec<PathBuf>,
     /// Robustness: put every model through each of these defences (comma-separated) and verify
     /// it again: fine-tuning, fine-pruning, nad, mcr, distillation, anp (repairs, see `hallmark
     /// repair`), gate-strip, gate-median, gate-scale-up, gate-ibd-psc (gates that refuse
@@ -178,6 +183,14 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
         clean_cache: a.clean_cache.clone(),
         other_family,
         defences: defences(&a)?,
+        also_specs: a
+            .also_spec
+            .iter()
+            .map(|path| {
+                crate::spec::WatermarkSpec::from_toml_file(path)
+                    .with_context(|| format!("--also-spec {}", path.display()))
+            })
+            .collect::<Result<_>>()?,
     };
     let observer = super::BarObserver::default();
     let cal = calibrate::run(&plan, &observer)?;

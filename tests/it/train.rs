@@ -301,6 +301,47 @@ fn a_small_calibration_detects_the_watermarked_model_and_accuses_no_other() {
     // Defences are settings: a resume with others is refused.
     let o = calibrate(&other, "1", "3", &["--resume"]);
     assert!(!o.status.success());
+
+    // Releases with a second watermark of another family: every model is verified with both
+    // triggers at alpha / 2 (199 controls each) and accused when either is `used`.
+    let two = t.path().join("two");
+    let blend = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("watermark_specs/blended-image-all-to-all-28x28-grey.toml");
+    let o = calibrate(&two, "1", "3", &["--also-spec", blend.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let both = rows(&two);
+    assert_eq!(both.len(), 3);
+    assert!(err.contains("Clean #0: loaded from"), "{err}");
+    for r in &both {
+        let triggers = r["triggers"].as_array().unwrap();
+        assert_eq!(triggers.len(), 2, "{r}");
+        assert_eq!(triggers[1]["spec"], "blended-image-all-to-all-28x28-grey");
+        let used = triggers.iter().any(|t| t["decision"] == "used");
+        assert_eq!(r["decision"] == "used", used, "{r}");
+        let queries: u64 = triggers
+            .iter()
+            .map(|t| t["queries"].as_u64().unwrap())
+            .sum();
+        assert_eq!(r["queries"].as_u64(), Some(queries), "{r}");
+        if r["kind"] == "watermarked" {
+            // The patch is learnt as with one watermark; each rank is among 200 triggers.
+            assert!(triggers[0]["effect"].as_f64().unwrap() > 0.2, "{r}");
+            assert!(triggers[0]["rank"].as_u64().unwrap() <= 20, "{r}");
+        } else {
+            assert_eq!(r["decision"], "not_shown", "{r}");
+        }
+    }
+    let secret =
+        hallmark::watermark::Secret::load(&two.join("secrets/watermarked-0.secret.json")).unwrap();
+    assert_eq!(secret.trigger_count(), 2);
+    let md = std::fs::read_to_string(two.join("calibration.md")).unwrap();
+    assert!(
+        md.contains(
+            "Verified at alpha 0.01 for the model (0.005 for each of the release's 2 triggers"
+        ) && md.contains("| blended-image-all-to-all-28x28-grey |"),
+        "{md}"
+    );
 }
 
 /// The whole path through a Parquet release in the Hugging Face layout: converted, watermarked,

@@ -87,6 +87,11 @@ pub struct Plan {
     pub other_family: Option<WatermarkSpec>,
     /// Put every model through each of these defences and verify it again.
     pub defences: Option<DefencePlan>,
+    /// Stamp every release (the watermarked one and the other release) with one more trigger of
+    /// each of these family specs too, on samples of its own
+    /// ([`watermark::apply_trigger_specs`]); every model is then verified with each of its
+    /// release's k triggers at alpha / k and accused when any is `used` ([`Row::combine`]).
+    pub also_specs: Vec<WatermarkSpec>,
 }
 
 /// A thief's countermeasure every calibrated model goes through (one at a time), then verified
@@ -213,6 +218,14 @@ fn settings(plan: &Plan) -> serde_json::Value {
     if let Some(o) = &plan.other_family {
         s["other_family"] = o.name.clone().into();
     }
+    if !plan.also_specs.is_empty() {
+        s["also_specs"] = plan
+            .also_specs
+            .iter()
+            .map(|a| a.name.clone())
+            .collect::<Vec<_>>()
+            .into();
+    }
     if let Some(d) = &plan.defences {
         s["defences"] = serde_json::json!({
             "list": d.list.iter().map(|c| c.name()).collect::<Vec<_>>(),
@@ -260,6 +273,38 @@ pub fn run(plan: &Plan, observer: &dyn Observer) -> Result<Calibration, Calibrat
             }
         }
     }
+    let also = &plan.also_specs;
+    if !also.is_empty() {
+        if plan.attack != AttackKind::None {
+            return Err(CalibrateError::Config(format!(
+                "a release with several triggers is calibrated with plain training, not the \
+                 attack {:?}",
+                plan.attack
+            )));
+        }
+        if let Some(s) = std::iter::once(spec)
+            .chain(also)
+            .find(|s| s.family.is_none() || s.crafting().is_some())
+        {
+            return Err(CalibrateError::Config(format!(
+                "`{}`: a release with several triggers needs family specs without crafting",
+                s.name
+            )));
+        }
+    }
+    // Each of a release's k triggers is verified at alpha / k (Bonferroni), with the controls
+    // that lets the rank test reach it.
+    let per_trigger = if also.is_empty() {
+        plan.verify.clone()
+    } else {
+        plan.verify
+            .with(|f| f.alpha /= (also.len() + 1) as f64)
+            .map_err(|e| CalibrateError::Config(format!("{}: {}", e.flag(), e.message)))?
+    };
+    let names: Vec<String> = std::iter::once(spec)
+        .chain(also)
+        .map(|s| s.name.clone())
+        .collect();
     let secrets = out.join("secrets");
     std::fs::create_dir_all(&secrets).map_err(io(&secrets))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -268,13 +313,14 @@ pub fn run(plan: &Plan, observer: &dyn Observer) -> Result<Calibration, Calibrat
         .map_err(io(Path::new("the tokio runtime")))?;
     let settings = settings(plan);
     let json_path = out.join("calibration.json");
+    let name = names.join(" + ");
     let mut cal = Calibration {
-        spec: spec.name.clone(),
+        spec: name.clone(),
         settings: settings.clone(),
         rows: Vec::new(),
     };
     if plan.resume
-        && let Some(old) = Calibration::resumable(&json_path, &spec.name, &settings)
+        && let Some(old) = Calibration::resumable(&json_path, &name, &settings)
             .map_err(|e| CalibrateError::Resume(e.0))?
     {
         cal.rows = old
@@ -344,6 +390,29 @@ pub fn run(plan: &Plan, observer: &dyn Observer) -> Result<Calibration, Calibrat
             )),
         }
     };
+    // A release of `s` and one trigger of each of `more` (seeded as `s` is: its own seed plus
+    // `offset`): its records in order, and the secret as a file holds it.
+    let mark_all = |ds: &mut Dataset,
+                    s: &WatermarkSpec,
+                    offset: u64,
+                    nonce: [u8; 32]|
+     -> Result<(Vec<SecretRecord>, watermark::Secret), CalibrateError> {
+        if also.is_empty() {
+            let r = mark(ds, s, nonce)?;
+            return Ok((vec![r.clone()], watermark::Secret::One(Box::new(r))));
+        }
+        let more: Vec<WatermarkSpec> = also
+            .iter()
+            .map(|a| {
+                let mut a = a.clone();
+                a.seed = a.seed.wrapping_add(offset);
+                a
+            })
+            .collect();
+        let specs: Vec<&WatermarkSpec> = std::iter::once(s).chain(&more).collect();
+        let secret = watermark::apply_trigger_specs(ds, &specs, nonce)?.secret;
+        Ok((secret.records().cloned().collect(), secret))
+    };
     let save = |cal: &mut Calibration| -> Result<(), CalibrateError> {
         // Rows in (index, kind) order; a resumed run may fill an index that lies before kept ones.
         cal.rows.sort_by_key(|r| (r.index, r.kind as u8));
@@ -376,9 +445,17 @@ pub fn run(plan: &Plan, observer: &dyn Observer) -> Result<Calibration, Calibrat
         let mut wspec = spec.clone();
         wspec.seed = spec.seed.wrapping_add(i as u64);
         let mut marked = clean.clone();
-        let mut record = mark(&mut marked, &wspec, nonce(i, "watermarked"))?;
-        record.save(&secret_path, true).map_err(io(&secret_path))?;
+        let (mut records, secret) =
+            mark_all(&mut marked, &wspec, i as u64, nonce(i, "watermarked"))?;
+        secret.save(&secret_path, true).map_err(io(&secret_path))?;
+        let mut record = records.remove(0);
+        // The release's other triggers (several: `also`), each with its own evaluation set.
+        let extra = records;
         let mut eval = EvalSet::new(test.clone(), Some(&record))?;
+        let mut extra_evals = extra
+            .iter()
+            .map(|r| EvalSet::new(test.clone(), Some(r)))
+            .collect::<Result<Vec<_>, _>>()?;
         // Another release: of the same family, a member of its own; of a fixed spec, a random
         // trigger of the same kind.
         let mut other_spec = wspec.clone();
@@ -391,7 +468,13 @@ pub fn run(plan: &Plan, observer: &dyn Observer) -> Result<Calibration, Calibrat
             )?;
         }
         let mut other = clean.clone();
-        let other_record = mark(&mut other, &other_spec, nonce(i, "other"))?;
+        let (other_records, _) = mark_all(
+            &mut other,
+            &other_spec,
+            seeds::OTHER_RELEASE + i as u64,
+            nonce(i, "other"),
+        )?;
+        let other_record = &other_records[0];
         // A release of another family, trained plainly (poison only).
         let family_data = match &plan.other_family {
             Some(s) => {
@@ -430,7 +513,7 @@ pub fn run(plan: &Plan, observer: &dyn Observer) -> Result<Calibration, Calibrat
                 other_data,
                 plan.seed + seeds::OTHER_TRIGGER + i as u64,
                 plan.attack
-                    .attack(Some(&other_record), clean.shape(), options)?,
+                    .attack(Some(other_record), clean.shape(), options)?,
             ),
         ];
         if let Some(data) = &family_data {
@@ -505,17 +588,33 @@ pub fn run(plan: &Plan, observer: &dyn Observer) -> Result<Calibration, Calibrat
                 };
                 defended.push((c.name(), m, gate));
             }
-            let metrics = model.evaluate(&eval);
-            let verdict = serve_and_verify(&rt, model, None, &record, test, &plan.verify)?;
-            let mut rows = vec![Row::new(kind, i, seed, metrics, &verdict)];
-            for (name, m, gate) in defended {
+            let all: Vec<&SecretRecord> = std::iter::once(&record).chain(&extra).collect();
+            let mut evals: Vec<&mut EvalSet> =
+                std::iter::once(&mut eval).chain(&mut extra_evals).collect();
+            let mut check = |m: LoadedModel, gate: Option<Gate>| {
                 // Behind a gate that transforms every query, the accuracy and ASR its users
                 // get; behind a flagging gate, the model's own.
-                eval.through = gate.as_ref().and_then(|g| g.kind.transform());
-                let metrics = m.evaluate(&eval);
-                eval.through = None;
-                let verdict = serve_and_verify(&rt, m, gate, &record, test, &plan.verify)?;
-                rows.push(Row::new(kind, i, seed, metrics, &verdict).defended(&name));
+                let through = gate.as_ref().and_then(|g| g.kind.transform());
+                let metrics: Vec<Metrics> = evals
+                    .iter_mut()
+                    .map(|e| {
+                        e.through = through;
+                        let m = m.evaluate(e);
+                        e.through = None;
+                        m
+                    })
+                    .collect();
+                let verdicts = serve_and_verify(&rt, m, gate, &all, test, &per_trigger)?;
+                let rows = metrics
+                    .into_iter()
+                    .zip(&verdicts)
+                    .map(|(metrics, v)| Row::new(kind, i, seed, metrics, v))
+                    .collect();
+                Ok::<_, CalibrateError>(Row::combine(&names, rows))
+            };
+            let mut rows = vec![check(model, None)?];
+            for (name, m, gate) in defended {
+                rows.push(check(m, gate)?.defended(&name));
             }
             for row in rows {
                 observer.note(&format!(
@@ -653,15 +752,15 @@ fn defend(
 }
 
 /// Serves `model` (behind `gate` when given) over the V2 protocol on a local port and verifies it
-/// with `record`, through the same HTTP path as `hallmark verify`.
+/// with each of `records` in turn, through the same HTTP path as `hallmark verify`.
 fn serve_and_verify(
     rt: &tokio::runtime::Runtime,
     model: LoadedModel,
     gate: Option<Gate>,
-    record: &SecretRecord,
+    records: &[&SecretRecord],
     test: &Dataset,
     cfg: &VerifyConfig,
-) -> Result<Verdict, CalibrateError> {
+) -> Result<Vec<Verdict>, CalibrateError> {
     use crate::endpoint::{EndpointConfig, HttpEndpoint, OutputKind, Protocol};
     let local = Path::new("the local model server");
     rt.block_on(async {
@@ -680,9 +779,11 @@ fn serve_and_verify(
         }
         let verdict = async {
             let endpoint = HttpEndpoint::connect(ep, cfg.seed.unwrap_or(0)).await?;
-            Ok::<_, CalibrateError>(
-                crate::verify::verify(&endpoint, record, test, cfg, &|_| {}).await?,
-            )
+            let mut verdicts = Vec::with_capacity(records.len());
+            for record in records {
+                verdicts.push(crate::verify::verify(&endpoint, record, test, cfg, &|_| {}).await?);
+            }
+            Ok::<_, CalibrateError>(verdicts)
         }
         .await;
         let _ = stop.send(());

@@ -64,6 +64,33 @@ pub struct Row {
     /// Answers withheld (refused or flattened) for benign and for triggered queries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub withheld: Option<(usize, usize)>,
+    /// For a release with several triggers, each trigger's own verdict (each verified at
+    /// alpha / k); the row's decision is `used` when any is, its p-value the smallest times k
+    /// (Bonferroni), its effect and rank those of that trigger, its queries the sum. Empty for a
+    /// release of one trigger.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub triggers: Vec<TriggerResult>,
+}
+
+/// One trigger's verdict of a model verified with each trigger of a release of several.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TriggerResult {
+    /// The trigger's family (its spec's name).
+    pub spec: String,
+    /// Its attack success rate (targeted) or triggered misclassification (untargeted).
+    pub asr: Option<f64>,
+    /// Its decision at alpha / k.
+    pub decision: Decision,
+    /// Its p-value (unadjusted).
+    pub p_value: f64,
+    /// Its effect size.
+    pub effect: f64,
+    /// Its rank among the K + 1 triggers.
+    pub rank: Option<usize>,
+    /// Its rank p-value.
+    pub rank_p: Option<f64>,
+    /// Images sent to the model for it.
+    pub queries: usize,
 }
 
 impl Row {
@@ -87,6 +114,62 @@ impl Row {
                 .map_or_else(Vec::new, |r| r.above.iter().take(3).copied().collect()),
             defence: None,
             withheld: v.withheld.as_ref().map(|w| (w.benign, w.triggered)),
+            triggers: Vec::new(),
+        }
+    }
+
+    /// The row of a model verified with every trigger of its release: `rows[j]` is its row for
+    /// trigger `j` alone (verified at alpha / k, k the number of triggers), `specs[j]` names that
+    /// trigger's family. One trigger gives its row unchanged. The model is accused when any
+    /// trigger's verdict is `used`: with each at alpha / k, the chance that an innocent model is
+    /// accused by any is at most alpha (Bonferroni), whatever the dependence between them.
+    pub fn combine(specs: &[String], rows: Vec<Row>) -> Self {
+        assert!(
+            !rows.is_empty() && rows.len() == specs.len(),
+            "one row and one spec name per trigger"
+        );
+        if rows.len() == 1 {
+            return rows.into_iter().next().expect("one row");
+        }
+        let k = rows.len() as f64;
+        let lead = (0..rows.len())
+            .min_by(|&a, &b| rows[a].p_value.total_cmp(&rows[b].p_value))
+            .expect("not empty");
+        let any = |d: Decision| rows.iter().any(|r| r.decision == d);
+        let decision = if any(Decision::Used) {
+            Decision::Used
+        } else if any(Decision::Inconclusive) {
+            Decision::Inconclusive
+        } else {
+            Decision::NotShown
+        };
+        let triggers = rows
+            .iter()
+            .zip(specs)
+            .map(|(r, spec)| TriggerResult {
+                spec: spec.clone(),
+                asr: r.metrics.asr.or(r.metrics.asr_a),
+                decision: r.decision,
+                p_value: r.p_value,
+                effect: r.effect,
+                rank: r.rank,
+                rank_p: r.rank_p,
+                queries: r.queries,
+            })
+            .collect();
+        let withheld = rows
+            .iter()
+            .filter_map(|r| r.withheld)
+            .reduce(|a, b| (a.0 + b.0, a.1 + b.1));
+        Self {
+            metrics: rows[0].metrics.clone(),
+            decision,
+            p_value: (rows[lead].p_value * k).min(1.0),
+            queries: rows.iter().map(|r| r.queries).sum(),
+            pairs: rows.iter().map(|r| r.pairs).sum(),
+            withheld,
+            triggers,
+            ..rows[lead].clone()
         }
     }
 
@@ -279,6 +362,17 @@ impl Calibration {
         } else {
             "probabilities"
         };
+        let alpha = match self.settings.get("also_specs").and_then(|v| v.as_array()) {
+            Some(more) if !more.is_empty() => {
+                let k = more.len() + 1;
+                format!(
+                    "{alpha} for the model ({} for each of the release's {k} triggers, \
+                     Bonferroni: accused when any trigger's verdict is `used`)",
+                    alpha / k as f64
+                )
+            }
+            _ => alpha.to_string(),
+        };
         Some(format!(
             "Verified at alpha {alpha}, tau {tau}, {design}, on {answers}.\n\n"
         ))
@@ -334,6 +428,29 @@ impl Calibration {
                 .filter(|r| !r.kind.should_detect() && r.defence.is_none())
                 .count()
         ));
+        if self.rows.iter().any(|r| !r.triggers.is_empty()) {
+            s.push_str("\nEach trigger of a release of several (the model's p-value above is the smallest times their number, its effect and rank that trigger's, its ASR the first trigger's):\n\n| model | defence | trigger | ASR | p-value | effect | rank (p) | queries | verdict |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+            for r in &self.rows {
+                for t in &r.triggers {
+                    s.push_str(&format!(
+                        "| {:?} #{} | {} | {} | {} | {:.2e} | {:.4} | {} | {} | {:?} |\n",
+                        r.kind,
+                        r.index,
+                        r.defence.as_deref().unwrap_or("–"),
+                        t.spec,
+                        opt(t.asr),
+                        t.p_value,
+                        t.effect,
+                        match (t.rank, t.rank_p) {
+                            (Some(k), Some(p)) => format!("{k} ({p:.3})"),
+                            _ => "–".into(),
+                        },
+                        t.queries,
+                        t.decision,
+                    ));
+                }
+            }
+        }
         let summary = self.defence_summary();
         if !summary.is_empty() {
             s.push_str("\n| defence | watermarked detected | independent accused | benign acc. change | ASR after |\n| --- | --- | --- | --- | --- |\n");
@@ -480,6 +597,7 @@ mod tests {
             above: Vec::new(),
             defence: None,
             withheld: None,
+            triggers: Vec::new(),
         }
     }
 
@@ -611,6 +729,58 @@ mod tests {
         // It counts among the independent models.
         with.rows.last_mut().unwrap().decision = Decision::Used;
         assert!((with.false_positive_rate() - 1.0 / 3.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_model_verified_with_two_triggers_is_accused_when_either_is_used_at_half_alpha() {
+        let specs = ["patch".to_string(), "blend".to_string()];
+        let mut patch = row(ModelKind::Watermarked, 0);
+        (patch.p_value, patch.effect, patch.rank, patch.rank_p) = (0.2, 0.05, Some(40), Some(0.2));
+        patch.queries = 359;
+        let mut blend = row(ModelKind::Watermarked, 0);
+        (blend.p_value, blend.effect, blend.rank, blend.rank_p) =
+            (0.004, 0.6, Some(1), Some(0.005));
+        (blend.decision, blend.queries, blend.withheld) = (Decision::Used, 250, Some((1, 2)));
+        blend.metrics.asr = Some(0.9);
+        let both = Row::combine(&specs, vec![patch.clone(), blend.clone()]);
+        assert_eq!(both.decision, Decision::Used);
+        assert!((both.p_value - 0.008).abs() < 1e-12, "{}", both.p_value);
+        assert_eq!((both.effect, both.rank), (0.6, Some(1)));
+        assert_eq!((both.queries, both.withheld), (609, Some((1, 2))));
+        // The model's rates are the first trigger's; each trigger keeps its own.
+        assert_eq!(both.metrics.asr, Some(0.5));
+        assert_eq!(both.triggers[1].asr, Some(0.9));
+        assert_eq!(both.triggers[0].decision, Decision::NotShown);
+        // Neither used: not shown, and the adjusted p-value is capped at 1.
+        blend.decision = Decision::NotShown;
+        blend.p_value = 0.7;
+        let neither = Row::combine(&specs, vec![patch.clone(), blend]);
+        assert_eq!(neither.decision, Decision::NotShown);
+        assert_eq!(neither.p_value, 0.4);
+        // One trigger: its row, unchanged.
+        let one = Row::combine(&specs[..1], vec![patch.clone()]);
+        assert!(one.triggers.is_empty());
+        assert_eq!(one.p_value, 0.2);
+        let cal = Calibration {
+            spec: "patch + blend".into(),
+            settings: json!({"models": 1, "also_specs": ["blend"], "verify": {"alpha": 0.01,
+                "tau": 0.1, "m": 100, "sequential": true, "label_only": false}}),
+            rows: vec![both],
+        };
+        let md = cal.markdown();
+        assert!(
+            md.contains(
+                "Verified at alpha 0.01 for the model (0.005 for each of the release's 2 triggers"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| Watermarked #0 | – | blend | 0.9000 | 4.00e-3 | 0.6000 | 1 (0.005) | 250 | Used |"),
+            "{md}"
+        );
+        // A calibration without triggers reads back without the list.
+        let v = serde_json::to_value(row(ModelKind::Clean, 0)).unwrap();
+        assert!(v.get("triggers").is_none());
     }
 
     #[test]
