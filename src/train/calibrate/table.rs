@@ -173,6 +173,16 @@ impl Row {
         }
     }
 
+    /// The first two cells of its lines in a table: the model (kind and index) and the defence.
+    fn model_and_defence(&self) -> String {
+        format!(
+            "{:?} #{} | {}",
+            self.kind,
+            self.index,
+            self.defence.as_deref().unwrap_or("–")
+        )
+    }
+
     /// The same row for a model that went through `defence`.
     pub fn defended(self, defence: &str) -> Self {
         Self {
@@ -389,10 +399,8 @@ impl Calibration {
         let opt = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.4}"));
         for r in &self.rows {
             s.push_str(&format!(
-                "| {:?} #{} | {} | {} | {:.4} | {} | {} | {} | {} | {:.2e} | {:.4} | {} | {} | {} | {:?} |\n",
-                r.kind,
-                r.index,
-                r.defence.as_deref().unwrap_or("–"),
+                "| {} | {} | {:.4} | {} | {} | {} | {} | {:.2e} | {:.4} | {} | {} | {} | {:?} |\n",
+                r.model_and_defence(),
                 r.seed,
                 r.metrics.benign_accuracy,
                 opt(r.metrics.asr),
@@ -433,10 +441,8 @@ impl Calibration {
             for r in &self.rows {
                 for t in &r.triggers {
                     s.push_str(&format!(
-                        "| {:?} #{} | {} | {} | {} | {:.2e} | {:.4} | {} | {} | {:?} |\n",
-                        r.kind,
-                        r.index,
-                        r.defence.as_deref().unwrap_or("–"),
+                        "| {} | {} | {} | {:.2e} | {:.4} | {} | {} | {:?} |\n",
+                        r.model_and_defence(),
                         t.spec,
                         opt(t.asr),
                         t.p_value,
