@@ -55,6 +55,15 @@ pub struct CreateWatermarkRequest {
     /// spends one, so a trigger shown to one endpoint is never used again
     /// (docs/threat-model.md).
     pub triggers: Option<u32>,
+    /// Other family specs (each TOML text or a JSON object, like `spec`) of which the release
+    /// also carries one secret trigger, on samples of its own, after the spec's `triggers`: a
+    /// release with triggers of several families, so that a defence that removes one may leave
+    /// another (docs/robustness.md). `seed` and `rate` change `spec` only. A suspect verified
+    /// with k of the release's triggers is accused at alpha only if each was verified at
+    /// alpha / k (docs/verification.md).
+    #[serde(default)]
+    #[schema(value_type = Vec<Object>)]
+    pub also_specs: Vec<serde_json::Value>,
 }
 
 /// A watermark and its state.
@@ -114,27 +123,28 @@ pub(super) fn origin(url: &str) -> Result<String, Invalid> {
     Ok(u.origin().ascii_serialization())
 }
 
-/// Parses a spec given as TOML text or a JSON object, refusing references to server files.
-fn parse_spec(v: serde_json::Value) -> Result<WatermarkSpec, ApiError> {
+/// Parses a spec given as TOML text or a JSON object, refusing references to server files;
+/// `what` names the request field in errors.
+fn parse_spec(v: serde_json::Value, what: &str) -> Result<WatermarkSpec, ApiError> {
     let value = match v {
         serde_json::Value::String(text) => {
-            let t: toml::Value =
-                toml::from_str(&text).map_err(|e| ApiError::invalid_spec(format!("spec: {e}")))?;
-            serde_json::to_value(t).map_err(|e| ApiError::invalid_spec(format!("spec: {e}")))?
+            let t: toml::Value = toml::from_str(&text)
+                .map_err(|e| ApiError::invalid_spec(format!("{what}: {e}")))?;
+            serde_json::to_value(t).map_err(|e| ApiError::invalid_spec(format!("{what}: {e}")))?
         }
         serde_json::Value::Object(_) => v,
         _ => {
-            return Err(ApiError::invalid_spec(
-                "spec: expected TOML text or a JSON object",
-            ));
+            return Err(ApiError::invalid_spec(format!(
+                "{what}: expected TOML text or a JSON object"
+            )));
         }
     };
-    let spec =
-        WatermarkSpec::from_user_json(value).map_err(|e| ApiError::invalid_spec(e.to_string()))?;
+    let spec = WatermarkSpec::from_user_json(value)
+        .map_err(|e| ApiError::invalid_spec(format!("{what}: {e}")))?;
     if matches!(spec.trigger, Trigger::Blend(ref b) if b.pattern.is_none() && b.image.is_some()) {
-        return Err(ApiError::invalid_spec(
-            "spec: the blend pattern must be inline",
-        ));
+        return Err(ApiError::invalid_spec(format!(
+            "{what}: the blend pattern must be inline"
+        )));
     }
     Ok(spec)
 }
@@ -142,14 +152,18 @@ fn parse_spec(v: serde_json::Value) -> Result<WatermarkSpec, ApiError> {
 /// Refuses a trigger that is not drawn in secret from a family of at least
 /// [`MIN_ENTROPY_BITS`](crate::spec::family::MIN_ENTROPY_BITS) bits, unless the request says it
 /// may be public.
-fn check_secrecy(spec: &WatermarkSpec, ds: &crate::store::DatasetInfo) -> Result<(), ApiError> {
+fn check_secrecy(
+    spec: &WatermarkSpec,
+    ds: &crate::store::DatasetInfo,
+    what: &str,
+) -> Result<(), ApiError> {
     use crate::spec::family::{MIN_ENTROPY_BITS, entropy_bits};
     if spec.family.is_none() {
-        return Err(ApiError::invalid_spec(
-            "spec: no [family] section: the trigger is fixed and public, so a model reacting to \
-             it proves nothing about this release; use a family spec, or set public_trigger \
-             (its verdicts are then at most inconclusive)",
-        ));
+        return Err(ApiError::invalid_spec(format!(
+            "{what}: no [family] section: the trigger is fixed and public, so a model reacting \
+             to it proves nothing about this release; use a family spec, or set public_trigger \
+             (its verdicts are then at most inconclusive)"
+        )));
     }
     let dims: Vec<usize> = ds.shape.split('x').filter_map(|d| d.parse().ok()).collect();
     let shape = match (spec.image, dims.as_slice()) {
@@ -162,10 +176,10 @@ fn check_secrecy(spec: &WatermarkSpec, ds: &crate::store::DatasetInfo) -> Result
         _ => return Err(ApiError::internal("a registered dataset without a shape")),
     };
     let bits = entropy_bits(spec, ds.num_classes.max(1) as usize, shape)
-        .map_err(|e| ApiError::invalid_spec(e.to_string()))?;
+        .map_err(|e| ApiError::invalid_spec(format!("{what}: {e}")))?;
     if bits < MIN_ENTROPY_BITS {
         return Err(ApiError::invalid_spec(format!(
-            "spec: the family draws only {bits:.1} bits of secret (fewer than {MIN_ENTROPY_BITS}): \
+            "{what}: the family draws only {bits:.1} bits of secret (fewer than {MIN_ENTROPY_BITS}): \
              releases would share triggers; let it draw more, or set public_trigger"
         )));
     }
@@ -201,6 +215,59 @@ fn check_streamable(
     .map_err(|e| ApiError::invalid_spec(format!("spec: {e}")))
 }
 
+/// A release with triggers of several families (`also_specs`): every spec must be a family
+/// (the main one included) whose poisons need no crafting, each secret enough unless the
+/// request says the triggers may be public, and the dataset held in memory (a streamed release
+/// is stamped by one keyed trigger).
+fn check_also_specs(
+    spec: &WatermarkSpec,
+    also: &[WatermarkSpec],
+    ds: &crate::store::DatasetInfo,
+    public_trigger: bool,
+) -> Result<(), ApiError> {
+    if also.is_empty() {
+        return Ok(());
+    }
+    if ds.streamed {
+        return Err(ApiError::invalid(
+            "also_specs: a streamed dataset's release carries one trigger",
+        ));
+    }
+    let named = std::iter::once(("spec".to_string(), spec)).chain(
+        also.iter()
+            .enumerate()
+            .map(|(i, s)| (format!("also_specs[{i}]"), s)),
+    );
+    for (what, s) in named {
+        if s.family.is_none() {
+            return Err(ApiError::invalid_spec(format!(
+                "{what}: `{}` has no [family] section; a release with several triggers needs a \
+                 family to draw each from",
+                s.name
+            )));
+        }
+        if let Some(crafting) = s.crafting() {
+            return Err(ApiError::invalid_spec(format!(
+                "{what}: `{}` crafts its poisons ([{}]); a release with several triggers needs \
+                 specs without crafting",
+                s.name,
+                crafting.section()
+            )));
+        }
+        if s.encoder.is_some() {
+            return Err(ApiError::invalid_spec(format!(
+                "{what}: `{}` trains an ISSBA encoder first; craft such a release with `hallmark \
+                 watermark` and import its secret record",
+                s.name
+            )));
+        }
+        if what != "spec" && !public_trigger {
+            check_secrecy(s, ds, &what)?;
+        }
+    }
+    Ok(())
+}
+
 /// The caller's dataset `id`; `what` names the request field in the error.
 async fn own_dataset(
     s: &AppState,
@@ -227,7 +294,7 @@ pub(super) async fn create_watermark(
 ) -> Result<(StatusCode, ApiJson<CreateWatermarkResponse>), ApiError> {
     caller.require(&[Role::Publisher], "watermarking")?;
     let name = super::check_name(&req.name)?;
-    let mut spec = parse_spec(req.spec)?;
+    let mut spec = parse_spec(req.spec, "spec")?;
     if let Some(seed) = req.seed {
         spec.seed = seed;
     }
@@ -236,6 +303,12 @@ pub(super) async fn create_watermark(
     }
     spec.validate()
         .map_err(|e| ApiError::invalid_spec(format!("after seed/rate: {e}")))?;
+    let also = req
+        .also_specs
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| parse_spec(v, &format!("also_specs[{i}]")))
+        .collect::<Result<Vec<_>, _>>()?;
     if spec.needs_model() {
         return Err(ApiError::invalid_spec(
             "crafting this spec's poisons (label-consistent or gradient matching) needs a benign \
@@ -251,8 +324,9 @@ pub(super) async fn create_watermark(
     }
     let ds = own_dataset(&s, &caller, &req.dataset_id, "dataset_id").await?;
     if !req.public_trigger {
-        check_secrecy(&spec, &ds)?;
+        check_secrecy(&spec, &ds, "spec")?;
     }
+    check_also_specs(&spec, &also, &ds, req.public_trigger)?;
     if ds.streamed {
         check_streamable(&spec, &ds, req.triggers)?;
     }
@@ -266,6 +340,14 @@ pub(super) async fn create_watermark(
             crate::watermark::MAX_TRIGGERS
         )));
     }
+    if triggers + also.len() > crate::watermark::MAX_TRIGGERS {
+        return Err(ApiError::invalid(format!(
+            "triggers and also_specs: a release carries at most {} triggers, asked for {} + {}",
+            crate::watermark::MAX_TRIGGERS,
+            triggers,
+            also.len()
+        )));
+    }
     if triggers > 1 && spec.family.is_none() {
         return Err(ApiError::invalid_spec(
             "triggers: a spec without a [family] section has one fixed trigger; several \
@@ -276,6 +358,11 @@ pub(super) async fn create_watermark(
         triggers,
         survey: None,
         spec: serde_json::to_value(&spec).map_err(ApiError::internal)?,
+        also_specs: also
+            .iter()
+            .map(serde_json::to_value)
+            .collect::<Result<_, _>>()
+            .map_err(ApiError::internal)?,
         nonce: match &req.nonce {
             Some(n) if hex::decode(n).is_ok_and(|b| b.len() == 32) => n.to_lowercase(),
             Some(_) => return Err(ApiError::invalid("nonce: 64 hex digits")),
@@ -292,7 +379,7 @@ pub(super) async fn create_watermark(
                 dataset_id: &req.dataset_id,
                 holdout_dataset_id: req.holdout_dataset_id.as_deref(),
                 plan: &plan,
-                triggers: triggers as i64,
+                triggers: (triggers + also.len()) as i64,
             },
             s.cfg.job_max_attempts,
         )

@@ -41,6 +41,10 @@ pub struct WatermarkPlan {
     /// How many independent triggers the release carries.
     #[serde(default = "one")]
     pub triggers: usize,
+    /// Specs of other families of which the release also carries one trigger each, after the
+    /// spec's `triggers` (`watermark::apply_trigger_specs`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub also_specs: Vec<serde_json::Value>,
     /// A streamed release's label pass, stored once its job has handed the shards out (each
     /// shard job reads it, and the job assembles the release from it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -364,6 +368,12 @@ impl Runner {
         }
         let dest = Self::release_dir(&self.cfg.data_dir, id);
         let triggers = plan.triggers;
+        let also = plan
+            .also_specs
+            .iter()
+            .map(|v| WatermarkSpec::from_json_value(v.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| JobError::new(ErrorCode::InvalidSpec, e.to_string()))?;
         progress.total.store(4, Ordering::Relaxed);
         let p = progress.clone();
         let (roots, limits) = (self.cfg.dataset_roots.clone(), self.cfg.dataset_limits);
@@ -376,8 +386,15 @@ impl Runner {
                 ));
             }
             p.done.store(1, Ordering::Relaxed);
-            let mut marked = watermark::mark(&mut loaded.dataset, &spec, nonce, triggers, None)
-                .map_err(|e| JobError::new(ErrorCode::InvalidSpec, e.to_string()))?;
+            let marked = if also.is_empty() {
+                watermark::mark(&mut loaded.dataset, &spec, nonce, triggers, None)
+            } else {
+                let specs: Vec<&WatermarkSpec> =
+                    std::iter::repeat_n(&spec, triggers).chain(&also).collect();
+                watermark::apply_trigger_specs(&mut loaded.dataset, &specs, nonce)
+            };
+            let mut marked =
+                marked.map_err(|e| JobError::new(ErrorCode::InvalidSpec, e.to_string()))?;
             // Poisoned JPEG images are encoded again now, so that the record names what the
             // release decodes to.
             marked

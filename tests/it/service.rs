@@ -976,6 +976,112 @@ on_both!(
     each_verification_spends_its_own_trigger
 );
 
+/// A release with triggers of two families (`also_specs`): one set of two records, a patch and
+/// a noise blend, on samples of their own; specs that cannot join such a release are refused
+/// by their field before any job is queued.
+async fn a_release_carries_triggers_of_two_families(db: Db) {
+    let app = TestApp::spawn(db).await;
+    let (_, publisher) = app.new_key("publisher", "pub").await;
+    let ds = register_subset(&app, &publisher, 600).await;
+    let (wm, _) = app
+        .publish(
+            &publisher,
+            json!({"name": "two families", "dataset_id": ds, "holdout_dataset_id": ds,
+                   "spec": spec_text("badnets-square-28x28-grey.toml"),
+                   "also_specs": [spec_text("blended-28x28-grey.toml")]}),
+        )
+        .await;
+    let (_, w) = app.get(&format!("/v1/watermarks/{wm}"), &publisher).await;
+    assert_eq!(
+        (w["triggers"].as_i64(), w["triggers_spent"].as_i64()),
+        (Some(2), Some(0)),
+        "{w}"
+    );
+    // Each family poisons its own rate (0.1) of the 600 samples.
+    assert_eq!(w["poisoned"], 120, "{w}");
+    let (_, rec) = app
+        .get(&format!("/v1/watermarks/{wm}/secret"), &publisher)
+        .await;
+    let secret = hallmark::watermark::Secret::from_json(&rec.to_string()).unwrap();
+    assert_eq!(secret.trigger_count(), 2);
+    assert_eq!(secret.commitment(), w["commitment"].as_str().unwrap());
+    let records: Vec<_> = secret.records().collect();
+    assert_eq!(
+        (records[0].spec.name.as_str(), records[1].spec.name.as_str()),
+        ("badnets-square-28x28-grey", "blended-28x28-grey")
+    );
+    let indices = |r: &hallmark::watermark::SecretRecord| -> std::collections::BTreeSet<usize> {
+        r.poisoned.iter().map(|p| p.index).collect()
+    };
+    assert!(indices(records[0]).is_disjoint(&indices(records[1])));
+    let release = app.dir.path().join("releases").join(&wm);
+    let reread = dataset::read(&release, None, None, &|| {}).unwrap();
+    assert_eq!(reread.dataset.sha256(), secret.dataset().sha256_after);
+
+    let refused = [
+        // A fixed (public) trigger cannot join.
+        (
+            json!([spec_text("fixed/blended-28x28-grey.toml")]),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "also_specs[0]: `blended-28x28-grey-fixed` has no [family]",
+        ),
+        // Neither can a spec whose poisons are crafted.
+        (
+            json!([
+                spec_text("blended-28x28-grey.toml"),
+                spec_text("label-consistent-28x28-grey.toml")
+            ]),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "also_specs[1]: `label-consistent-28x28-grey` crafts its poisons",
+        ),
+        (
+            json!([17]),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "also_specs[0]: expected TOML text",
+        ),
+    ];
+    for (also, status, field) in refused {
+        let (s, v) = app
+            .post(
+                "/v1/watermarks",
+                &publisher,
+                json!({"name": "x", "dataset_id": ds,
+                       "spec": spec_text("badnets-square-28x28-grey.toml"), "also_specs": also}),
+            )
+            .await;
+        assert_eq!(s, status, "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().starts_with(field),
+            "{v}"
+        );
+    }
+    // At most 16 triggers in all.
+    let (s, v) = app
+        .post(
+            "/v1/watermarks",
+            &publisher,
+            json!({"name": "x", "dataset_id": ds, "triggers": 16,
+                   "spec": spec_text("badnets-square-28x28-grey.toml"),
+                   "also_specs": [spec_text("blended-28x28-grey.toml")]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 16"),
+        "{v}"
+    );
+    let (_, list) = app.get("/v1/watermarks", &publisher).await;
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    app.stop().await;
+}
+on_both!(
+    a_release_carries_triggers_of_two_families_on,
+    a_release_carries_triggers_of_two_families
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishers_are_isolated_from_each_other() {
     let app = TestApp::spawn(Db::Sqlite).await;
