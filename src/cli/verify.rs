@@ -19,8 +19,11 @@ pub struct VerifyArgs {
     pub secret: PathBuf,
     /// Which trigger of a release with several (`hallmark watermark --triggers N`) this
     /// verification spends, 1 to N. Spend each once: the endpoint sees the triggered queries.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=16))]
-    pub trigger: Option<u64>,
+    /// Several (`--trigger 1,2`: the families of a release made with `--also-spec`, say),
+    /// chosen before verifying, test the model with each at alpha / k and accuse it when any
+    /// says `used` (Bonferroni: an innocent model is accused with probability at most alpha).
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1..=16))]
+    pub trigger: Vec<u64>,
     /// Held-out benign images (never training images), e.g. the test split's IDX files.
     #[command(flatten)]
     pub held_out: DataArgs,
@@ -256,10 +259,19 @@ pub(super) fn verify_cmd(a: VerifyArgs) -> Result<u8> {
     check_writable(&a.report, a.force)?;
     // The record and the held-out images load while the endpoint is contacted.
     let (secret, held_out) = (a.secret.clone(), a.held_out.clone());
-    let number = a.trigger.map(|n| n as usize);
+    let numbers: Vec<Option<usize>> = if a.trigger.is_empty() {
+        vec![None]
+    } else {
+        a.trigger.iter().map(|&n| Some(n as usize)).collect()
+    };
+    for (i, n) in a.trigger.iter().enumerate() {
+        if a.trigger[..i].contains(n) {
+            anyhow::bail!("--trigger {n} is given twice: each trigger is verified once");
+        }
+    }
+    let k = numbers.len();
     type Loaded = (
-        SecretRecord,
-        Option<watermark::SpentTrigger>,
+        Vec<(SecretRecord, Option<watermark::SpentTrigger>)>,
         dataset::Dataset,
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -267,10 +279,15 @@ pub(super) fn verify_cmd(a: VerifyArgs) -> Result<u8> {
         .build()?;
     let loading = runtime.spawn_blocking(move || -> Result<Loaded> {
         let all = watermark::Secret::load(&secret)?;
-        let (record, spent) = all
-            .trigger(number)
-            .map_err(|m| anyhow::anyhow!("{}: {m}", secret.display()))?;
-        Ok((record.clone(), spent, held_out.load()?))
+        let records = numbers
+            .iter()
+            .map(|&number| {
+                all.trigger(number)
+                    .map(|(record, spent)| (record.clone(), spent))
+                    .map_err(|m| anyhow::anyhow!("{}: {m}", secret.display()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((records, held_out.load()?))
     });
     // Only the retries' jitter is random; the verification itself derives from the record.
     let jitter = a.seed.unwrap_or_else(|| {
@@ -326,48 +343,107 @@ pub(super) fn verify_cmd(a: VerifyArgs) -> Result<u8> {
         rate: a.rate,
     }
     .into_config()
-    .and_then(|c| c.with(|f| f.trigger_then_resize = a.trigger_then_resize))
+    .and_then(|c| {
+        // With k triggers, each is verified at alpha / k (and its controls follow that level).
+        c.with(|f| {
+            f.trigger_then_resize = a.trigger_then_resize;
+            f.alpha /= k as f64;
+        })
+    })
     .map_err(flag)?;
     let pb = bar(
-        (2 * cfg.m + (cfg.first_image_count() + 1) * (cfg.control_count() + 1)) as u64,
+        (k * (2 * cfg.m + (cfg.first_image_count() + 1) * (cfg.control_count() + 1))) as u64,
         "querying",
     );
     let local = a.local_model.clone();
-    let verdict = runtime.block_on(async {
-        let progress = |q: usize| pb.set_position(q as u64);
+    let verdicts = runtime.block_on(async {
+        let done = std::sync::atomic::AtomicUsize::new(0);
         let loaded = async {
             loading
                 .await
                 .map_err(|_| anyhow::anyhow!("loading the inputs panicked"))?
         };
-        if let Some(dir) = local {
-            let (record, spent, pool) = loaded.await?;
-            let endpoint = tokio::task::spawn_blocking(move || local_endpoint(&dir))
-                .await
-                .map_err(|_| anyhow::anyhow!("loading the model panicked"))??;
-            let mut v = verify::verify(endpoint.as_ref(), &record, &pool, &cfg, &progress).await?;
-            v.trigger = spent;
-            return anyhow::Ok(v);
+        let (endpoint, (records, pool)): (Box<dyn crate::endpoint::ModelEndpoint>, _) =
+            if let Some(dir) = local {
+                let loaded = loaded.await?;
+                let endpoint = tokio::task::spawn_blocking(move || local_endpoint(&dir))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("loading the model panicked"))??;
+                (endpoint, loaded)
+            } else {
+                let endpoint = HttpEndpoint::connect(ep, jitter).await;
+                let loaded = loaded.await?;
+                let mut endpoint = endpoint?;
+                endpoint.set_class_names(loaded.1.class_names().map(<[String]>::to_vec));
+                (Box::new(endpoint), loaded)
+            };
+        let mut verdicts = Vec::with_capacity(records.len());
+        for (record, spent) in &records {
+            let before = done.load(std::sync::atomic::Ordering::Relaxed);
+            let progress = |q: usize| pb.set_position((before + q) as u64);
+            let mut v = verify::verify(endpoint.as_ref(), record, &pool, &cfg, &progress).await?;
+            done.fetch_add(v.queries + v.decoys, std::sync::atomic::Ordering::Relaxed);
+            v.trigger = spent.clone();
+            verdicts.push(v);
         }
-        let endpoint = HttpEndpoint::connect(ep, jitter).await;
-        let (record, spent, pool) = loaded.await?;
-        let mut endpoint = endpoint?;
-        endpoint.set_class_names(pool.class_names().map(<[String]>::to_vec));
-        let mut v = verify::verify(&endpoint, &record, &pool, &cfg, &progress).await?;
-        v.trigger = spent;
-        anyhow::Ok(v)
+        anyhow::Ok(verdicts)
     });
     pb.finish_and_clear();
-    let verdict = verdict?;
-    let mut json = serde_json::to_vec_pretty(&verdict)?;
+    let mut verdicts = verdicts?;
+    if k == 1 {
+        let verdict = verdicts.pop().expect("one verdict");
+        write_report(&a, &verdict)?;
+        print_verdict(&verdict, cfg.alpha);
+        println!("report:   {}", a.report.display());
+        return Ok(u8::from(verdict.decision != Decision::Used));
+    }
+    let combined = verify::CombinedVerdict::new(cfg.alpha * k as f64, verdicts);
+    write_report(&a, &combined)?;
+    for v in &combined.verdicts {
+        println!();
+        print_verdict(v, cfg.alpha);
+    }
+    println!();
+    print_combined(&combined);
+    println!("report:   {}", a.report.display());
+    Ok(u8::from(combined.decision != Decision::Used))
+}
+
+/// Writes the JSON report atomically.
+fn write_report(a: &VerifyArgs, report: &impl serde::Serialize) -> Result<()> {
+    let mut json = serde_json::to_vec_pretty(report)?;
     json.push(b'\n');
     crate::fsutil::write_file_atomic(&a.report, &json, 0o644, a.force)
-        .with_context(|| format!("cannot write {}", a.report.display()))?;
-    print_verdict(&verdict, cfg.alpha);
-    println!("report:   {}", a.report.display());
-    Ok(if verdict.decision == Decision::Used {
-        0
-    } else {
-        1
-    })
+        .with_context(|| format!("cannot write {}", a.report.display()))
+}
+
+/// Prints the decision about a model verified with several triggers.
+fn print_combined(c: &verify::CombinedVerdict) {
+    let k = c.verdicts.len();
+    let said: Vec<String> = c
+        .verdicts
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let n = v.trigger.as_ref().map_or(i + 1, |t| t.number);
+            format!("trigger {n}: {}", v.decision.as_str())
+        })
+        .collect();
+    println!(
+        "model:    {} with {k} triggers, each at alpha {} ({}): {}, p = {:.3e} (Bonferroni, alpha {})",
+        match c.decision {
+            Decision::Used => "USED",
+            Decision::NotShown => "NOT SHOWN",
+            Decision::Inconclusive => "INCONCLUSIVE",
+        },
+        c.alpha / k as f64,
+        said.join(", "),
+        match c.decision {
+            Decision::Used => "accused, since one trigger is enough",
+            _ => "no trigger says used",
+        },
+        c.p_value,
+        c.alpha
+    );
+    println!("queries:  {} images in all", c.queries);
 }

@@ -59,7 +59,8 @@ pub use config::{VerifyConfig, VerifyFields, VerifySettings};
 pub use control::{control_specs, random_trigger};
 use control::{dispersion, rank_test, stamp_all};
 pub use verdict::{
-    Control, Decision, Dispersion, PairRecord, RankTest, TriggerScore, Verdict, Withheld,
+    CombinedVerdict, Control, Decision, Dispersion, PairRecord, RankTest, TriggerScore, Verdict,
+    Withheld, bonferroni,
 };
 
 /// Why a verification could not be completed.

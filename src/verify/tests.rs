@@ -1262,3 +1262,18 @@ async fn queries_of_an_any_size_trigger_go_at_the_models_input_size() {
     assert_eq!(v.decision, Decision::NotShown);
     assert!(model.seen.lock().unwrap().iter().all(|&s| s == SHAPE));
 }
+
+/// k triggers of one release verified at alpha / k: the model is `used` when any trigger says
+/// so, `inconclusive` only when none does and one is; the adjusted p-value is the smallest times
+/// k, capped at 1.
+#[test]
+fn a_model_verified_with_several_triggers_takes_the_strongest_verdict() {
+    use Decision::{Inconclusive, NotShown, Used};
+    assert_eq!(Decision::of_any([NotShown, Used, Inconclusive]), Used);
+    assert_eq!(Decision::of_any([NotShown, Inconclusive]), Inconclusive);
+    assert_eq!(Decision::of_any([NotShown, NotShown]), NotShown);
+    assert_eq!(bonferroni(&[0.004, 0.3]), 0.008);
+    assert_eq!(bonferroni(&[0.6, 0.7, 0.9]), 1.0);
+    // Used at alpha / 2 = 0.005 is exactly an adjusted p-value at most alpha = 0.01.
+    assert!(bonferroni(&[0.005, 1.0]) <= 0.01);
+}

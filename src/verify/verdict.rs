@@ -31,6 +31,60 @@ impl Decision {
             .into_iter()
             .find(|d| d.as_str() == s)
     }
+
+    /// The decision about a model verified with several triggers of one release, each at
+    /// alpha / k: `used` when any trigger's is, else `inconclusive` when any is, else
+    /// `not_shown` (see [`CombinedVerdict`]).
+    pub fn of_any(decisions: impl IntoIterator<Item = Self>) -> Self {
+        decisions
+            .into_iter()
+            .fold(Self::NotShown, |acc, d| match (acc, d) {
+                (Self::Used, _) | (_, Self::Used) => Self::Used,
+                (Self::Inconclusive, _) | (_, Self::Inconclusive) => Self::Inconclusive,
+                _ => Self::NotShown,
+            })
+    }
+}
+
+/// The Bonferroni-adjusted p-value of k tests of one hypothesis: the smallest p-value times k,
+/// at most 1 (at most alpha exactly when some test rejected at alpha / k).
+pub fn bonferroni(p_values: &[f64]) -> f64 {
+    let k = p_values.len() as f64;
+    (p_values.iter().copied().fold(1.0_f64, f64::min) * k).min(1.0)
+}
+
+/// A model verified on one endpoint with k triggers of one release (chosen before verifying),
+/// each at alpha / k: it is accused when any trigger's verdict is `used`, so an innocent model
+/// is accused with probability at most alpha whatever the dependence between the triggers'
+/// verdicts (Bonferroni's inequality). A release with triggers of several families
+/// (`hallmark watermark --also-spec`) is verified this way, so that a defence that removed one
+/// watermark does not decide the verdict.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CombinedVerdict {
+    /// The conclusion about the model ([`Decision::of_any`]).
+    pub decision: Decision,
+    /// The smallest of the triggers' p-values times k, at most 1 ([`bonferroni`]).
+    pub p_value: f64,
+    /// The model's significance level; each trigger was verified at alpha / k.
+    pub alpha: f64,
+    /// Images sent to the model, every trigger's together.
+    pub queries: usize,
+    /// Each trigger's verdict, in the order verified.
+    pub verdicts: Vec<Verdict>,
+}
+
+impl CombinedVerdict {
+    /// Combines the verdicts of the triggers chosen for one model, verified at alpha / k each.
+    pub fn new(alpha: f64, verdicts: Vec<Verdict>) -> Self {
+        let p: Vec<f64> = verdicts.iter().map(Verdict::p_value).collect();
+        Self {
+            decision: Decision::of_any(verdicts.iter().map(|v| v.decision)),
+            p_value: bonferroni(&p),
+            alpha,
+            queries: verdicts.iter().map(|v| v.queries + v.decoys).sum(),
+            verdicts,
+        }
+    }
 }
 
 /// One queried pair, for the audit trail.

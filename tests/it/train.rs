@@ -909,3 +909,150 @@ fn a_model_trained_at_its_own_size_on_a_mixed_size_release_is_found_used() {
     // under this machine's kernels, `ATEN_CPU_CAPABILITY=default` and `avx2`.
     assert!(effects[0] > 0.5 && effects[1] < 0.2, "{effects:?}");
 }
+
+/// A release with triggers of two families (BadNets square and a noise blend, `--also-spec`):
+/// the model trained on it is verified with both triggers at once (`verify --trigger 1,2`),
+/// each at alpha / 2 with its own 199 controls, and accused; the same model verified with the
+/// two triggers of another release of the same families is not.
+#[test]
+fn a_model_verified_with_both_triggers_of_a_two_family_release() {
+    let t = tempfile::tempdir().unwrap();
+    let p = |n: &str| t.path().join(n).display().to_string();
+    let fm = "/usr/share/datasets/fashion-mnist";
+    ok(&hm(&[
+        "convert",
+        "--input",
+        fm,
+        "--split",
+        "train",
+        "--limit",
+        "4000",
+        "--to",
+        "idx",
+        "--output",
+        &p("clean"),
+    ]));
+    let spec = |name: &str| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("watermark_specs")
+            .join(name)
+            .display()
+            .to_string()
+    };
+    let (badnets, blend) = (
+        spec("badnets-square-28x28-grey.toml"),
+        spec("blended-28x28-grey.toml"),
+    );
+    // Fixed nonces: every run draws the same members of the two families.
+    for (release, secret, nonce) in [("release", "s.json", "05"), ("other", "o.json", "06")] {
+        ok(&hm(&[
+            "watermark",
+            "--spec",
+            &badnets,
+            "--also-spec",
+            &blend,
+            "--input",
+            &p("clean"),
+            "--output",
+            &p(release),
+            "--secret",
+            &p(secret),
+            "--nonce",
+            &nonce.repeat(32),
+        ]));
+    }
+    ok(&hm(&[
+        "train",
+        "--data",
+        &p("release"),
+        "--epochs",
+        "5",
+        "--threads",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        &p("marked"),
+    ]));
+    for (secret, want) in [("s.json", 0), ("o.json", 1)] {
+        let report = p(&format!("{secret}.verdict"));
+        let o = hm(&[
+            "verify",
+            "--secret",
+            &p(secret),
+            "--trigger",
+            "1,2",
+            "--data",
+            fm,
+            "--split",
+            "test",
+            "--local-model",
+            &p("marked"),
+            "--sequential",
+            "--report",
+            &report,
+        ]);
+        let out = format!(
+            "{secret}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        eprintln!("{out}");
+        assert_eq!(o.status.code(), Some(want), "{out}");
+        let v: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        let verdicts = v["verdicts"].as_array().unwrap();
+        assert_eq!(verdicts.len(), 2, "{out}");
+        for (i, each) in verdicts.iter().enumerate() {
+            assert_eq!(each["trigger"]["number"], i + 1, "{out}");
+            assert_eq!(each["config"]["alpha"], 0.005, "{out}");
+            assert_eq!(each["rank"]["controls"], 199, "{out}");
+        }
+        let decisions: Vec<&str> = verdicts
+            .iter()
+            .map(|each| each["decision"].as_str().unwrap())
+            .collect();
+        let p_min = verdicts
+            .iter()
+            .map(|each| {
+                let primary = each["primary"]["p_value"].as_f64().unwrap();
+                primary.max(each["rank"]["p_value"].as_f64().unwrap())
+            })
+            .fold(1.0, f64::min);
+        assert_eq!(v["alpha"], 0.01, "{out}");
+        assert_eq!(
+            v["p_value"].as_f64().unwrap(),
+            (2.0 * p_min).min(1.0),
+            "{out}"
+        );
+        if want == 0 {
+            assert_eq!(v["decision"], "used", "{out}");
+            assert!(decisions.contains(&"used"), "{out}");
+            assert!(
+                out.contains("USED with 2 triggers, each at alpha 0.005"),
+                "{out}"
+            );
+        } else {
+            assert_eq!(v["decision"], "not_shown", "{out}");
+            assert!(!decisions.contains(&"used"), "{out}");
+        }
+    }
+    // The choice is made once: a trigger named twice is refused before any query.
+    let o = hm(&[
+        "verify",
+        "--secret",
+        &p("s.json"),
+        "--trigger",
+        "2,2",
+        "--data",
+        fm,
+        "--split",
+        "test",
+        "--local-model",
+        &p("marked"),
+        "--report",
+        &p("twice.json"),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--trigger 2 is given twice"));
+    assert!(!t.path().join("twice.json").exists());
+}

@@ -131,18 +131,12 @@ impl Row {
         if rows.len() == 1 {
             return rows.into_iter().next().expect("one row");
         }
-        let k = rows.len() as f64;
+        let decision = Decision::of_any(rows.iter().map(|r| r.decision));
+        let p: Vec<f64> = rows.iter().map(|r| r.p_value).collect();
+        // The other cells (effect, rank) are the most significant trigger's.
         let lead = (0..rows.len())
-            .min_by(|&a, &b| rows[a].p_value.total_cmp(&rows[b].p_value))
+            .min_by(|&a, &b| p[a].total_cmp(&p[b]))
             .expect("not empty");
-        let any = |d: Decision| rows.iter().any(|r| r.decision == d);
-        let decision = if any(Decision::Used) {
-            Decision::Used
-        } else if any(Decision::Inconclusive) {
-            Decision::Inconclusive
-        } else {
-            Decision::NotShown
-        };
         let triggers = rows
             .iter()
             .zip(specs)
@@ -164,7 +158,7 @@ impl Row {
         Self {
             metrics: rows[0].metrics.clone(),
             decision,
-            p_value: (rows[lead].p_value * k).min(1.0),
+            p_value: crate::verify::bonferroni(&p),
             queries: rows.iter().map(|r| r.queries).sum(),
             pairs: rows.iter().map(|r| r.pairs).sum(),
             withheld,
