@@ -11,7 +11,7 @@ mod plot;
 mod svg;
 
 use crate::stats::{Betting, TestResult};
-use crate::verify::{Decision, Verdict};
+use crate::verify::{CombinedVerdict, Decision, Verdict};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::fmt::Write;
@@ -231,15 +231,129 @@ figure{margin:1rem 0}figcaption{font-size:.9rem;color:#333}\
 /// The report of a verdict (its JSON as the reader holds it) as one self-contained HTML
 /// document.
 pub fn html(verdict: &serde_json::Value, ctx: &Context) -> Result<String, NotAVerdict> {
-    let v = Verdict::deserialize(verdict)?;
-    Ok(render_html(&document(&v, &verdict_sha256(verdict), ctx)))
+    Ok(render_html(&any_document(verdict, ctx)?))
 }
 
 /// The report of a verdict as a PDF document: the same content as [`html`], laid out on A4
 /// pages by [`pdf`]'s writer (no browser).
 pub fn pdf(verdict: &serde_json::Value, ctx: &Context) -> Result<Vec<u8>, NotAVerdict> {
-    let v = Verdict::deserialize(verdict)?;
-    Ok(pdf::render(&document(&v, &verdict_sha256(verdict), ctx)))
+    Ok(pdf::render(&any_document(verdict, ctx)?))
+}
+
+/// The document of a verdict JSON: one trigger's ([`Verdict`]), or a model's tested with
+/// several triggers of one release ([`CombinedVerdict`], which holds `verdicts`).
+fn any_document(verdict: &serde_json::Value, ctx: &Context) -> Result<Document, NotAVerdict> {
+    let sha256 = verdict_sha256(verdict);
+    Ok(if verdict.get("verdicts").is_some() {
+        combined_document(&CombinedVerdict::deserialize(verdict)?, &sha256, ctx)
+    } else {
+        document(&Verdict::deserialize(verdict)?, &sha256, ctx)
+    })
+}
+
+/// The report's title for a decision.
+fn title(decision: Decision) -> &'static str {
+    match decision {
+        Decision::Used => "Used: evidence of training on the release",
+        Decision::NotShown => "Not shown: no evidence of training on the release",
+        Decision::Inconclusive => "Inconclusive",
+    }
+}
+
+/// The document of a model tested with k triggers of one release, each at alpha / k: the
+/// model's decision and why one trigger suffices (Bonferroni), a table of the triggers, then
+/// each trigger's own report.
+fn combined_document(c: &CombinedVerdict, sha256: &str, ctx: &Context) -> Document {
+    let k = c.verdicts.len();
+    let each = c.alpha / k as f64;
+    let number = |i: usize, v: &Verdict| v.trigger.as_ref().map_or(i + 1, |t| t.number);
+    let said: Vec<usize> = c
+        .verdicts
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.decision == Decision::Used)
+        .map(|(i, v)| number(i, v))
+        .collect();
+    let headline = match c.decision {
+        Decision::Used => format!(
+            "The model was tested with {k} secret triggers of the release, chosen before \
+             verifying, each at alpha {} = {} / {k}; trigger {} found evidence that it was \
+             trained on the watermarked release. The chance that a model not trained on it is \
+             accused by any of the {k} is at most {} (adjusted p-value {}).",
+            num(each),
+            num(c.alpha),
+            said.iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(" and "),
+            num(c.alpha),
+            num(c.p_value)
+        ),
+        Decision::NotShown => format!(
+            "The model was tested with {k} secret triggers of the release, each at alpha {}: \
+             none found evidence that it was trained on the watermarked release.",
+            num(each)
+        ),
+        Decision::Inconclusive => format!(
+            "The model was tested with {k} triggers of the release, each at alpha {}: none \
+             singles out this release, and one reacts as a public or crafted trigger does, so \
+             the result is inconclusive.",
+            num(each)
+        ),
+    };
+    let mut b = vec![
+        Block::Heading("Several triggers".into()),
+        Block::Para(format!(
+            "A release may carry secret triggers of several families, so that a defence that \
+             removes one watermark may leave another. Each trigger was verified at alpha / {k} \
+             and the model is accused when any one says used: by Bonferroni's inequality the \
+             chance of accusing a model not trained on the release is then at most alpha = {}, \
+             however the triggers' results depend on each other. The adjusted p-value is the \
+             smallest trigger's times {k}. The {k} triggers must have been chosen before \
+             verifying; testing another because one said not shown is a re-run that raises \
+             that chance.",
+            num(c.alpha)
+        )),
+        Block::Table(
+            ["trigger", "kind", "decision", "p-value", "rank", "queries"]
+                .map(String::from)
+                .to_vec(),
+            c.verdicts
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    vec![
+                        number(i, v).to_string(),
+                        v.rank.as_ref().map_or("–".into(), |r| escape(&r.kind)),
+                        v.decision.as_str().into(),
+                        num(v.p_value()),
+                        v.rank.as_ref().map_or("–".into(), |r| {
+                            format!("{} of {}", r.rank, r.controls + 1)
+                        }),
+                        v.queries.to_string(),
+                    ]
+                })
+                .collect(),
+        ),
+        Block::Para(format!("Queries in all: {} images.", c.queries)),
+    ];
+    for (i, v) in c.verdicts.iter().enumerate() {
+        let d = document(v, sha256, ctx);
+        b.push(Block::Heading(format!(
+            "Trigger {}: {}",
+            number(i, v),
+            d.title
+        )));
+        b.push(Block::Para(d.headline));
+        b.extend(d.blocks);
+    }
+    Document {
+        decision: c.decision.as_str(),
+        title: title(c.decision),
+        headline,
+        blocks: b,
+        sha256: sha256.to_string(),
+    }
 }
 
 /// A plot of the report.
@@ -332,11 +446,7 @@ fn test_cells(name: &str, t: &TestResult, alpha: f64) -> Vec<String> {
 fn document(v: &Verdict, sha256: &str, ctx: &Context) -> Document {
     let alpha = v.config.alpha;
     let mut b = Vec::new();
-    let title = match v.decision {
-        Decision::Used => "Used: evidence of training on the release",
-        Decision::NotShown => "Not shown: no evidence of training on the release",
-        Decision::Inconclusive => "Inconclusive",
-    };
+    let title = title(v.decision);
     let (proves, not) = meaning(v);
     b.push(Block::Heading("What this shows".into()));
     b.push(Block::Bullets(proves));

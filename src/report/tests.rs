@@ -203,3 +203,41 @@ fn a_verdict_as_pdf_is_a_well_formed_file_with_its_hash_on_every_page() {
     // Four plots' worth of drawing: the rank strip's 99 controls are circles.
     assert!(text.matches(" c f").count() >= 99);
 }
+
+/// A model tested with two triggers of one release (`verify --trigger 1,2`): the report leads
+/// with the model's decision, says why one trigger suffices at alpha / 2, tables both, and
+/// carries each trigger's own report; the PDF renders the same.
+#[test]
+fn a_model_tested_with_two_triggers_is_reported_with_each() {
+    let diffs: Vec<f64> = (0..24)
+        .map(|i| 0.6 + 0.3 * ((i % 5) as f64 / 4.0))
+        .collect();
+    let mut first = verdict("used", &diffs, 1, "e");
+    first["trigger"] = json!({"number": 1, "of": 2, "release_commitment": "ab", "commitments": []});
+    let mut second = verdict("not_shown", &[0.01; 30], 13, "e");
+    second["trigger"] =
+        json!({"number": 2, "of": 2, "release_commitment": "ab", "commitments": []});
+    for v in [&mut first, &mut second] {
+        v["config"]["alpha"] = json!(0.005);
+    }
+    let combined = json!({"decision": "used", "p_value": 0.01, "alpha": 0.01, "queries": 400,
+                          "verdicts": [first, second]});
+    let h = report(&combined);
+    assert!(h.contains("class=\"decision used\""), "{h}");
+    assert!(
+        h.contains("tested with 2 secret triggers of the release, chosen before verifying, each at alpha 0.005 = 0.01 / 2; trigger 1 found evidence"),
+        "{h}"
+    );
+    assert!(h.contains("<h2>Trigger 1: Used: evidence of training on the release</h2>"));
+    assert!(h.contains("<h2>Trigger 2: Not shown: no evidence of training on the release</h2>"));
+    assert!(h.contains("<td>13 of 100</td>"), "{h}");
+    // Both triggers' plots.
+    assert_eq!(h.matches("<svg").count(), 8);
+    assert!(h.contains(&verdict_sha256(&combined)));
+    let doc = pdf(&combined, &Context::default()).unwrap();
+    assert!(doc.ends_with(b"%%EOF\n"));
+    // Neither kind of verdict is taken for the other.
+    let mut broken = combined.clone();
+    broken["verdicts"] = json!("none");
+    assert!(html(&broken, &Context::default()).is_err());
+}

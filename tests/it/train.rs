@@ -1031,6 +1031,10 @@ fn a_model_verified_with_both_triggers_of_a_two_family_release() {
                 out.contains("USED with 2 triggers, each at alpha 0.005"),
                 "{out}"
             );
+            // `hallmark report` reads the model's verdict with each trigger's.
+            ok(&hm(&["report", &report, "--out", &p("report.html")]));
+            let html = std::fs::read_to_string(t.path().join("report.html")).unwrap();
+            assert!(html.contains("<h2>Trigger 2: "), "{html}");
         } else {
             assert_eq!(v["decision"], "not_shown", "{out}");
             assert!(!decisions.contains(&"used"), "{out}");
