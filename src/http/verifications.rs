@@ -67,6 +67,12 @@ pub struct CreateVerificationRequest {
     /// At most this many images a second (0.01 to 100000), decoys included, in requests of 8
     /// (default: no pacing).
     pub rate: Option<f64>,
+    /// How many of the watermark's unspent triggers this verification tests the model with
+    /// (1 to 16, default 1; at most the release's): with k, each at alpha / k, the model
+    /// accused when any says `used` (Bonferroni), the verdict the model's with each trigger's
+    /// under `verdicts`. For a release with triggers of several families (`also_specs`),
+    /// chosen before the first verification.
+    pub triggers: Option<u32>,
 }
 
 /// A queued verification and its job.
@@ -92,6 +98,20 @@ pub(super) async fn create_verification(
     let w = super::watermarks::visible(&s, &caller, &req.watermark_id).await?;
     if caller.role() == Role::Publisher && w.owner_id != caller.id() {
         return Err(ApiError::not_found("watermark"));
+    }
+    let spend = i64::from(req.triggers.unwrap_or(1));
+    if !(1..=crate::watermark::MAX_TRIGGERS as i64).contains(&spend) {
+        return Err(ApiError::invalid(format!(
+            "triggers: 1 to {}, got {spend}",
+            crate::watermark::MAX_TRIGGERS
+        )));
+    }
+    if spend > w.triggers {
+        return Err(ApiError::invalid(format!(
+            "triggers: the watermark's release carries {} trigger{}, fewer than {spend}",
+            w.triggers,
+            if w.triggers == 1 { "" } else { "s" }
+        )));
     }
     if w.commitment.is_none() {
         return Err(ApiError::conflict(
@@ -155,6 +175,8 @@ pub(super) async fn create_verification(
         rate: req.rate,
     }
     .into_config()
+    // With k triggers, each is verified at alpha / k (its controls follow that level).
+    .and_then(|c| c.with(|f| f.alpha /= spend as f64))
     .map_err(|e| ApiError::invalid(e.to_string()))?;
     if config.label_only {
         let mut e = endpoint;
@@ -162,7 +184,7 @@ pub(super) async fn create_verification(
         return queue(
             s,
             caller,
-            (w.id, w.triggers),
+            (w.id, w.triggers, spend),
             holdout,
             VerifyPlan {
                 endpoint: e,
@@ -174,7 +196,7 @@ pub(super) async fn create_verification(
     queue(
         s,
         caller,
-        (w.id, w.triggers),
+        (w.id, w.triggers, spend),
         holdout,
         VerifyPlan { endpoint, config },
     )
@@ -184,28 +206,37 @@ pub(super) async fn create_verification(
 async fn queue(
     s: AppState,
     caller: Caller,
-    (watermark, triggers): (String, i64),
+    (watermark, triggers, spend): (String, i64, i64),
     holdout: String,
     plan: VerifyPlan,
 ) -> Result<(StatusCode, ApiJson<CreateVerificationResponse>), ApiError> {
     let request = serde_json::to_value(&plan).map_err(ApiError::internal)?;
-    let (verification, job) = s
+    let created = s
         .store
         .create_verification(
             caller.id(),
             &watermark,
             &holdout,
             &request,
-            triggers,
+            (triggers, spend),
             s.cfg.job_max_attempts,
         )
-        .await?
-        .ok_or_else(|| {
-            ApiError::triggers_spent(format!(
+        .await?;
+    let Some((verification, job)) = created else {
+        let left = triggers - s.store.spent_triggers(&watermark).await?;
+        return Err(ApiError::triggers_spent(if left <= 0 {
+            format!(
                 "every one of the watermark's {triggers} triggers has been spent by a \
                  verification; a spent trigger was shown to its endpoint, so it is not used again"
-            ))
-        })?;
+            )
+        } else {
+            format!(
+                "{left} of the watermark's {triggers} triggers are left unspent, fewer than the \
+                 {spend} asked for; a spent trigger was shown to its endpoint, so it is not used \
+                 again"
+            )
+        }));
+    };
     s.wake.notify_one();
     Ok((
         StatusCode::ACCEPTED,
@@ -245,6 +276,19 @@ fn redact_verdict(verdict: &serde_json::Value) -> serde_json::Value {
                 .map(|a| a.iter().map(|p| Value::Object(pick(p, &keep))).collect())
                 .unwrap_or_default(),
         )
+    }
+    // A model tested with several triggers: its decision, and each trigger's verdict redacted.
+    if let Some(each) = verdict.get("verdicts") {
+        let mut out = pick(verdict, &["decision", "p_value", "alpha", "queries"]);
+        out.insert(
+            "verdicts".into(),
+            Value::Array(
+                each.as_array()
+                    .map(|a| a.iter().map(redact_verdict).collect())
+                    .unwrap_or_default(),
+            ),
+        );
+        return Value::Object(out);
     }
     let mut out = pick(
         verdict,
@@ -469,5 +513,15 @@ mod tests {
             protocol_without_target("untargeted, labels"),
             "untargeted, labels"
         );
+        // A model tested with two triggers: each trigger's verdict is redacted alike.
+        let combined = serde_json::json!({"decision": "used", "p_value": 0.01, "alpha": 0.01,
+            "queries": 700, "added_later": 1, "verdicts": [verdict.clone(), verdict]});
+        let shown = redact_verdict(&combined);
+        assert_eq!(shown["p_value"], 0.01);
+        assert_eq!(shown["verdicts"][1]["trail"][0]["benign_sha256"], "bb");
+        let text = shown.to_string();
+        for hidden in ["pattern", "triggered_sha256", "added_later", "target 3"] {
+            assert!(!text.contains(hidden), "{hidden} in {text}");
+        }
     }
 }

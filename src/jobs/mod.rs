@@ -508,9 +508,19 @@ impl Runner {
                 .map_err(|_| JobError::new(ErrorCode::Internal, "secret record is not UTF-8"))?,
         )
         .map_err(|e| JobError::new(ErrorCode::Internal, format!("secret record: {e}")))?;
-        let (record, spent) = secret
-            .trigger(v.spent_trigger.map(|n| n as usize))
+        // The triggers this verification spent: one, or several that test the model together.
+        let numbers: Vec<Option<usize>> = match v.spent_trigger {
+            None => vec![None],
+            Some(first) => (first..first + v.spent_count.unwrap_or(1))
+                .map(|n| Some(n as usize))
+                .collect(),
+        };
+        let records = numbers
+            .iter()
+            .map(|&n| secret.trigger(n).map(|(r, spent)| (r.clone(), spent)))
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| JobError::new(ErrorCode::Internal, format!("secret record: {e}")))?;
+        let k = records.len();
         let ds = self
             .store
             .get_dataset(&v.holdout_dataset_id)
@@ -525,43 +535,57 @@ impl Runner {
         .await
         .map_err(|e| JobError::new(ErrorCode::Internal, format!("reading task panicked: {e}")))??;
         progress.total.store(
-            (2 * plan.config.m + 2 * (plan.config.control_count() + 1)) as i64,
+            (k * (2 * plan.config.m + 2 * (plan.config.control_count() + 1))) as i64,
             Ordering::Relaxed,
         );
         // The seed only spreads the retries' jitter.
-        let jitter = plan.config.seed.unwrap_or(plan_jitter(record));
+        let jitter = plan.config.seed.unwrap_or(plan_jitter(&records[0].0));
         let mut endpoint = HttpEndpoint::connect(plan.endpoint.clone(), jitter)
             .await
             .map_err(|e| JobError::new(ErrorCode::Endpoint, e.to_string()))?;
         endpoint.set_class_names(pool.class_names().map(<[String]>::to_vec));
-        let p = progress.clone();
-        let report = move |q: usize| p.done.store(q as i64, Ordering::Relaxed);
-        let mut verdict = verify::verify(&endpoint, record, &pool, &plan.config, &report)
-            .await
-            .map_err(|e| match e {
-                verify::VerifyError::Endpoint(e) => {
-                    JobError::new(ErrorCode::Endpoint, e.to_string())
-                }
-                other => JobError::new(ErrorCode::Invalid, other.to_string()),
-            })?;
-        verdict.trigger = spent;
-        let decision = verdict.decision;
-        let queried = verdict.queries as i64;
+        let mut verdicts = Vec::with_capacity(k);
+        let mut before = 0;
+        for (record, spent) in records {
+            let p = progress.clone();
+            let report = move |q: usize| p.done.store((before + q) as i64, Ordering::Relaxed);
+            let mut verdict = verify::verify(&endpoint, &record, &pool, &plan.config, &report)
+                .await
+                .map_err(|e| match e {
+                    verify::VerifyError::Endpoint(e) => {
+                        JobError::new(ErrorCode::Endpoint, e.to_string())
+                    }
+                    other => JobError::new(ErrorCode::Invalid, other.to_string()),
+                })?;
+            verdict.trigger = spent;
+            before += verdict.queries + verdict.decoys;
+            verdicts.push(verdict);
+        }
+        // One trigger: its verdict. Several: the model's, each verified at alpha / k.
+        let (json, decision, p_value, queried) = if k == 1 {
+            let v = &verdicts[0];
+            (
+                serde_json::to_value(v),
+                v.decision,
+                v.p_value(),
+                v.queries as i64,
+            )
+        } else {
+            let c = verify::CombinedVerdict::new(plan.config.alpha * k as f64, verdicts);
+            (
+                serde_json::to_value(&c),
+                c.decision,
+                c.p_value,
+                c.queries as i64,
+            )
+        };
+        let json = json.map_err(|e| JobError::new(ErrorCode::Internal, format!("verdict: {e}")))?;
         self.store
             .heartbeat(&job.id, worker, queried, queried)
             .await?;
-        let json = serde_json::to_value(&verdict)
-            .map_err(|e| JobError::new(ErrorCode::Internal, format!("verdict: {e}")))?;
         Ok(ended(
             self.store
-                .finish_verification(
-                    &job.id,
-                    worker,
-                    &job.resource_id,
-                    &json,
-                    decision,
-                    verdict.p_value(),
-                )
+                .finish_verification(&job.id, worker, &job.resource_id, &json, decision, p_value)
                 .await?,
         ))
     }

@@ -260,32 +260,31 @@ fn title(decision: Decision) -> &'static str {
     }
 }
 
-/// The document of a model tested with k triggers of one release, each at alpha / k: the
-/// model's decision and why one trigger suffices (Bonferroni), a table of the triggers, then
-/// each trigger's own report.
-fn combined_document(c: &CombinedVerdict, sha256: &str, ctx: &Context) -> Document {
+/// The decision about a model tested with several triggers, in one sentence.
+pub fn combined_headline(c: &CombinedVerdict) -> String {
     let k = c.verdicts.len();
     let each = c.alpha / k as f64;
-    let number = |i: usize, v: &Verdict| v.trigger.as_ref().map_or(i + 1, |t| t.number);
-    let said: Vec<usize> = c
+    let said: Vec<String> = c
         .verdicts
         .iter()
         .enumerate()
         .filter(|(_, v)| v.decision == Decision::Used)
-        .map(|(i, v)| number(i, v))
+        .map(|(i, v)| trigger_number(i, v).to_string())
         .collect();
-    let headline = match c.decision {
+    match c.decision {
         Decision::Used => format!(
             "The model was tested with {k} secret triggers of the release, chosen before \
-             verifying, each at alpha {} = {} / {k}; trigger {} found evidence that it was \
+             verifying, each at alpha {} = {} / {k}; {} {} found evidence that it was \
              trained on the watermarked release. The chance that a model not trained on it is \
              accused by any of the {k} is at most {} (adjusted p-value {}).",
             num(each),
             num(c.alpha),
-            said.iter()
-                .map(usize::to_string)
-                .collect::<Vec<_>>()
-                .join(" and "),
+            if said.len() == 1 {
+                "trigger"
+            } else {
+                "triggers"
+            },
+            said.join(" and "),
             num(c.alpha),
             num(c.p_value)
         ),
@@ -300,7 +299,20 @@ fn combined_document(c: &CombinedVerdict, sha256: &str, ctx: &Context) -> Docume
              the result is inconclusive.",
             num(each)
         ),
-    };
+    }
+}
+
+/// The number of the `i`th trigger a combined verdict tested, within its release.
+fn trigger_number(i: usize, v: &Verdict) -> usize {
+    v.trigger.as_ref().map_or(i + 1, |t| t.number)
+}
+
+/// The document of a model tested with k triggers of one release, each at alpha / k: the
+/// model's decision and why one trigger suffices (Bonferroni), a table of the triggers, then
+/// each trigger's own report.
+fn combined_document(c: &CombinedVerdict, sha256: &str, ctx: &Context) -> Document {
+    let k = c.verdicts.len();
+    let number = trigger_number;
     let mut b = vec![
         Block::Heading("Several triggers".into()),
         Block::Para(format!(
@@ -350,7 +362,7 @@ fn combined_document(c: &CombinedVerdict, sha256: &str, ctx: &Context) -> Docume
     Document {
         decision: c.decision.as_str(),
         title: title(c.decision),
-        headline,
+        headline: combined_headline(c),
         blocks: b,
         sha256: sha256.to_string(),
     }

@@ -28,6 +28,7 @@ embed!(
     "0003_trigger_sets.sql",
     "0004_console_sessions.sql",
     "0005_streamed_shards.sql",
+    "0006_combined_verifications.sql",
 );
 
 /// The embedded files of one backend as a migration source.
@@ -149,6 +150,11 @@ mod tests {
             "streamed shards",
             "cd3612822d0c8aee746432d7370b385c63d926de5cdc2c379444b0fbc3903e686e9a8a845862a6eacc751501a268edb9",
         ),
+        (
+            6,
+            "combined verifications",
+            "bcecf8574378793cc3f7a31cff189724b7411b440df8aa29866c3ae9293fc709722e73122a1037a920891868c82a9eb4",
+        ),
     ];
     const GOLDEN_POSTGRES: &[(i64, &str, &str)] = &[
         (
@@ -175,6 +181,11 @@ mod tests {
             5,
             "streamed shards",
             "cd3612822d0c8aee746432d7370b385c63d926de5cdc2c379444b0fbc3903e686e9a8a845862a6eacc751501a268edb9",
+        ),
+        (
+            6,
+            "combined verifications",
+            "bcecf8574378793cc3f7a31cff189724b7411b440df8aa29866c3ae9293fc709722e73122a1037a920891868c82a9eb4",
         ),
     ];
 }

@@ -26,14 +26,17 @@ pub struct VerificationInfo {
     #[schema(value_type = Option<Object>)]
     pub verdict: Option<serde_json::Value>,
     /// Which trigger of the watermark this verification spent (1-based), where its release
-    /// carries several.
+    /// carries several; the first of them, where it spent several.
     pub spent_trigger: Option<i64>,
+    /// How many triggers from `spent_trigger` on this verification spent, where it tested the
+    /// model with several (each at alpha / k); absent: one.
+    pub spent_count: Option<i64>,
     /// Unix milliseconds.
     pub created_at: i64,
 }
 
 const VERIFICATION_COLUMNS: &str = "id, owner_id, watermark_id, holdout_dataset_id, job_id, \
-     request, decision, p_value, verdict, spent_trigger, created_at";
+     request, decision, p_value, verdict, spent_trigger, spent_count, created_at";
 
 fn json_column(r: &AnyRow, col: &str) -> Result<Option<serde_json::Value>, StoreError> {
     let text: Option<String> = r.try_get(col)?;
@@ -73,34 +76,39 @@ fn verification_from(r: &AnyRow, sealer: &Sealer) -> Result<VerificationInfo, St
         p_value: r.try_get("p_value")?,
         verdict,
         spent_trigger: r.try_get("spent_trigger")?,
+        spent_count: r.try_get("spent_count")?,
         created_at: r.try_get("created_at")?,
         id,
     })
 }
 
+/// The last trigger a watermark's verifications spent, which is how many they spent: each
+/// spends the next ones in order.
+const SPENT_TRIGGERS: &str = "SELECT CAST(COALESCE(MAX(spent_trigger + COALESCE(spent_count, 1) - 1), 0) \
+     AS BIGINT) AS n FROM verifications WHERE watermark_id = $1 AND spent_trigger IS NOT NULL";
+
 impl Store {
     /// How many of a watermark's triggers verifications have spent.
     pub async fn spent_triggers(&self, watermark: &str) -> Result<i64, StoreError> {
-        Ok(sqlx::query(
-            "SELECT COUNT(*) AS n FROM verifications \
-             WHERE watermark_id = $1 AND spent_trigger IS NOT NULL",
-        )
-        .bind(watermark)
-        .fetch_one(&self.pool)
-        .await?
-        .try_get("n")?)
+        Ok(sqlx::query(SPENT_TRIGGERS)
+            .bind(watermark)
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")?)
     }
 
     /// Creates a verification and its job. With `triggers` > 1 it spends the watermark's next
-    /// unspent trigger, and answers `None` when every one is spent; concurrent requests never
-    /// spend the same trigger (a unique index; the loser takes the next).
+    /// `spend` unspent triggers (one, or several that test one model together), and answers
+    /// `None` when fewer are left; concurrent requests never spend the same trigger (a unique
+    /// index on the first of each verification's triggers, which every request that read the
+    /// same spent count collides on; the loser takes the next).
     pub async fn create_verification(
         &self,
         owner: &str,
         watermark: &str,
         holdout: &str,
         request: &serde_json::Value,
-        triggers: i64,
+        (triggers, spend): (i64, i64),
         max_attempts: i64,
     ) -> Result<Option<(VerificationInfo, Job)>, StoreError> {
         let (id, job_id, now) = (new_id(), new_id(), now_ms());
@@ -121,15 +129,12 @@ impl Store {
             )
             .await?;
             let spent = if triggers > 1 {
-                let n: i64 = sqlx::query(
-                    "SELECT COUNT(*) AS n FROM verifications \
-                     WHERE watermark_id = $1 AND spent_trigger IS NOT NULL",
-                )
-                .bind(watermark)
-                .fetch_one(&mut *tx)
-                .await?
-                .try_get("n")?;
-                if n >= triggers {
+                let n: i64 = sqlx::query(SPENT_TRIGGERS)
+                    .bind(watermark)
+                    .fetch_one(&mut *tx)
+                    .await?
+                    .try_get("n")?;
+                if n + spend > triggers {
                     tx.rollback().await?;
                     return Ok(None);
                 }
@@ -139,8 +144,8 @@ impl Store {
             };
             let inserted = sqlx::query(
                 "INSERT INTO verifications (id, owner_id, watermark_id, holdout_dataset_id, \
-                 job_id, request, spent_trigger, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                 job_id, request, spent_trigger, spent_count, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             )
             .bind(&id)
             .bind(owner)
@@ -149,6 +154,7 @@ impl Store {
             .bind(&job_id)
             .bind(request.to_string())
             .bind(spent)
+            .bind((spent.is_some() && spend > 1).then_some(spend))
             .bind(now)
             .execute(&mut *tx)
             .await;

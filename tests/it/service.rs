@@ -529,7 +529,7 @@ async fn concurrent_verifications_never_spend_one_trigger_twice(db: Db) {
         .map(|_| {
             let (s, w, ds, owner) = (s.clone(), w.id.clone(), ds.clone(), k.id.clone());
             tokio::spawn(async move {
-                s.create_verification(&owner, &w, &ds, &serde_json::json!({}), 3, 3)
+                s.create_verification(&owner, &w, &ds, &serde_json::json!({}), (3, 1), 3)
                     .await
                     .unwrap()
             })
@@ -552,12 +552,44 @@ async fn concurrent_verifications_never_spend_one_trigger_twice(db: Db) {
     let (one, _) = queued_watermark(&s, &k.id, "one", &ds, 1, 3).await;
     for _ in 0..3 {
         let (v, _) = s
-            .create_verification(&k.id, &one.id, &ds, &serde_json::json!({}), 1, 3)
+            .create_verification(&k.id, &one.id, &ds, &serde_json::json!({}), (1, 1), 3)
             .await
             .unwrap()
             .unwrap();
         assert_eq!(v.spent_trigger, None);
     }
+    // Verifications that test one model with two triggers, raced against ones that spend one,
+    // on a watermark with seven: the triggers spent are 1 to n with none spent twice.
+    let (seven, _) = queued_watermark(&s, &k.id, "seven", &ds, 7, 3).await;
+    let tasks: Vec<_> = (0..12)
+        .map(|i| {
+            let (s, w, ds, owner) = (s.clone(), seven.id.clone(), ds.clone(), k.id.clone());
+            let spend = 1 + i % 2;
+            tokio::spawn(async move {
+                s.create_verification(&owner, &w, &ds, &serde_json::json!({}), (7, spend), 3)
+                    .await
+                    .unwrap()
+                    .map(|(v, _)| (v.spent_trigger.unwrap(), v.spent_count))
+            })
+        })
+        .collect();
+    let mut spent = Vec::new();
+    for t in tasks {
+        if let Some((first, count)) = t.await.unwrap() {
+            assert_ne!(count, Some(1), "one trigger is stored as no count");
+            spent.extend(first..first + count.unwrap_or(1));
+        }
+    }
+    spent.sort_unstable();
+    let n = spent.len() as i64;
+    assert_eq!(spent, (1..=n).collect::<Vec<_>>());
+    assert!(n >= 6, "{spent:?}");
+    assert_eq!(s.spent_triggers(&seven.id).await.unwrap(), n);
+    let two_more = s
+        .create_verification(&k.id, &seven.id, &ds, &serde_json::json!({}), (7, 2), 3)
+        .await
+        .unwrap();
+    assert!(two_more.is_none(), "at most one trigger is left");
 }
 on_both!(
     concurrent_verifications_never_spend_one_trigger_twice_on,

@@ -1040,6 +1040,107 @@ fn a_model_verified_with_both_triggers_of_a_two_family_release() {
             assert!(!decisions.contains(&"used"), "{out}");
         }
     }
+    // The same through the service: the release's two triggers spent by one verification
+    // (`"triggers": 2`) of the model served over HTTP; the other release's, `not_shown`.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use crate::service::{Db, FASHION, TestApp};
+        use reqwest::StatusCode;
+        let loaded = LoadedModel::load(&t.path().join("marked"), tch::Device::Cpu).unwrap();
+        let server = ModelServer::bind("127.0.0.1:0", "m", loaded).await.unwrap();
+        let port = server.port();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(server.run_until_stopped(async {
+            let _ = stopped.await;
+        }));
+        let app = TestApp::spawn(Db::Sqlite).await;
+        let (_, publisher) = app.new_key("publisher", "pub").await;
+        let (auditor_id, auditor) = app.new_key("auditor", "aud").await;
+        let (_, holdout) = app
+            .post(
+                "/v1/datasets",
+                &publisher,
+                json!({"name": "test", "path": FASHION, "format": "idx", "split": "test"}),
+            )
+            .await;
+        for (secret, want) in [("s.json", "used"), ("o.json", "not_shown")] {
+            let record: Value =
+                serde_json::from_slice(&std::fs::read(t.path().join(secret)).unwrap()).unwrap();
+            let (s, w) = app
+                .post(
+                    "/v1/watermarks/import",
+                    &publisher,
+                    json!({"name": secret, "holdout_dataset_id": holdout["id"],
+                           "secret_record": record}),
+                )
+                .await;
+            assert_eq!(s, StatusCode::CREATED, "{w}");
+            let wm = w["id"].as_str().unwrap().to_string();
+            app.post(
+                &format!("/v1/watermarks/{wm}/grants"),
+                &publisher,
+                json!({"auditor_id": auditor_id}),
+            )
+            .await;
+            let body = |triggers: u32| {
+                json!({"watermark_id": wm, "sequential": true, "triggers": triggers,
+                       "endpoint": {"url": format!("http://127.0.0.1:{port}"),
+                                    "protocol": "v2", "model": "m"}})
+            };
+            let (s, v) = app.post("/v1/verifications", &auditor, body(3)).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+            let (s, v) = app.post("/v1/verifications", &auditor, body(2)).await;
+            assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+            assert_eq!(
+                (
+                    &v["verification"]["spent_trigger"],
+                    &v["verification"]["spent_count"]
+                ),
+                (&json!(1), &json!(2)),
+                "{v}"
+            );
+            let id = v["verification"]["id"].as_str().unwrap().to_string();
+            let job = app
+                .wait_job(
+                    v["job"]["id"].as_str().unwrap(),
+                    &auditor,
+                    std::time::Duration::from_secs(300),
+                )
+                .await;
+            assert_eq!(job["state"], "succeeded", "{job}");
+            let (_, full) = app
+                .get(&format!("/v1/verifications/{id}"), &publisher)
+                .await;
+            let (_, seen) = app.get(&format!("/v1/verifications/{id}"), &auditor).await;
+            eprintln!(
+                "service, {secret}: {} p={}",
+                full["decision"], full["p_value"]
+            );
+            assert_eq!(full["decision"], want, "{full}");
+            let verdicts = full["verdict"]["verdicts"].as_array().unwrap();
+            assert_eq!(verdicts.len(), 2);
+            for (i, each) in verdicts.iter().enumerate() {
+                assert_eq!(each["trigger"]["number"], i + 1);
+                assert_eq!(each["config"]["alpha"], 0.005);
+            }
+            assert_eq!(full["verdict"]["alpha"], 0.01);
+            // The auditor sees each trigger's statistics, not what the secret gave.
+            assert_eq!(seen["verdict"]["verdicts"].as_array().unwrap().len(), 2);
+            assert!(!seen["verdict"].to_string().contains("triggered_sha256"));
+            assert!(full["verdict"].to_string().contains("triggered_sha256"));
+            let (s, _, doc) = app
+                .get_text(&format!("/v1/verifications/{id}/report"), &auditor)
+                .await;
+            assert_eq!(s, StatusCode::OK);
+            assert!(doc.contains("<h2>Trigger 2: "), "{doc}");
+            // Both triggers are spent.
+            let (s, v) = app.post("/v1/verifications", &auditor, body(1)).await;
+            assert_eq!(s, StatusCode::CONFLICT, "{v}");
+        }
+        app.stop().await;
+        let _ = stop.send(());
+        served.await.unwrap().unwrap();
+    });
     // The choice is made once: a trigger named twice is refused before any query.
     let o = hm(&[
         "verify",

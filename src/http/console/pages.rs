@@ -967,7 +967,7 @@ pub(super) async fn verifications(
         .map(|(a, b)| (a.to_string(), b.to_string()));
         body.push_str(&format!(
             "<section aria-labelledby=\"start\"><h2 id=\"start\">Verify a model</h2>\
-             <form method=\"post\" action=\"/console/verifications\">{}{}{}{}{}{}{}{}{}{}\
+             <form method=\"post\" action=\"/console/verifications\">{}{}{}{}{}{}{}{}{}{}{}\
              <button type=\"submit\">Start the verification</button></form></section>",
             csrf_input(&session),
             select("Watermark", "watermark_id", &ready, ""),
@@ -1003,6 +1003,16 @@ pub(super) async fn verifications(
             ),
             input("Significance level", "alpha", "text", false, "0.01", ""),
             input("Margin (tau)", "tau", "text", false, "0.2", ""),
+            input(
+                "Triggers",
+                "triggers",
+                "number",
+                false,
+                "1",
+                "How many of the release's unspent triggers test this model together, each at \
+                 the significance level divided by their number (a release with triggers of \
+                 several families)."
+            ),
         ));
     }
     Ok(layout(
@@ -1022,6 +1032,50 @@ fn decision_badge(d: crate::verify::Decision) -> String {
         Decision::Inconclusive => ("inconclusive", "inconclusive"),
     };
     format!("<span class=\"decision {class}\">{word}</span>")
+}
+
+/// A verdict's decision, its sentence and what follows it on the page: what it shows and what
+/// not, or, for a model tested with several triggers, each trigger's decision and sentence.
+fn verdict_summary(
+    verdict: &serde_json::Value,
+) -> Result<(crate::verify::Decision, String, String), serde_json::Error> {
+    let li = |xs: &[String]| {
+        xs.iter()
+            .map(|x| format!("<li>{x}</li>"))
+            .collect::<String>()
+    };
+    if verdict.get("verdicts").is_some() {
+        let c = serde_json::from_value::<crate::verify::CombinedVerdict>(verdict.clone())?;
+        let each: Vec<String> = c
+            .verdicts
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                format!(
+                    "Trigger {}: {} {}",
+                    v.trigger.as_ref().map_or(i + 1, |t| t.number),
+                    decision_badge(v.decision),
+                    crate::report::headline(v)
+                )
+            })
+            .collect();
+        return Ok((
+            c.decision,
+            crate::report::combined_headline(&c),
+            format!("<h3>Each trigger</h3><ul>{}</ul>", li(&each)),
+        ));
+    }
+    let parsed = serde_json::from_value::<Verdict>(verdict.clone())?;
+    let (proves, not) = crate::report::meaning(&parsed);
+    Ok((
+        parsed.decision,
+        crate::report::headline(&parsed),
+        format!(
+            "<h3>What it shows</h3><ul>{}</ul><h3>What it does not show</h3><ul>{}</ul>",
+            li(&proves),
+            li(&not)
+        ),
+    ))
 }
 
 pub(super) async fn create_verification(
@@ -1045,6 +1099,7 @@ pub(super) async fn create_verification(
             "label_only": field(&f, "label_only").is_some(),
             "alpha": number::<f64>(&f, "alpha", back)?,
             "tau": number::<f64>(&f, "tau", back)?,
+            "triggers": number::<u32>(&f, "triggers", back)?,
         }),
         back,
     )?;
@@ -1101,24 +1156,17 @@ pub(super) async fn verification(
         ));
     }
     if let Some(verdict) = &v.verdict {
-        match serde_json::from_value::<Verdict>(verdict.clone()) {
-            Ok(parsed) => {
-                let (proves, not) = crate::report::meaning(&parsed);
-                let li = |xs: &[String]| {
-                    xs.iter()
-                        .map(|x| format!("<li>{x}</li>"))
-                        .collect::<String>()
-                };
+        match verdict_summary(verdict) {
+            Ok((decision, headline, details)) => {
                 body.push_str(&format!(
                     "<section aria-labelledby=\"verdict\" class=\"verdict\"><h2 id=\"verdict\">Verdict: {}</h2>\
-                     <p class=\"headline\">{}</p><h3>What it shows</h3><ul>{}</ul><h3>What it does not show</h3><ul>{}</ul>\
+                     <p class=\"headline\">{}</p>{}\
                      <p><a class=\"button\" href=\"/console/verifications/{id}/report\">Open the report</a> \
                      <a href=\"/console/verifications/{id}/report?format=pdf\">the report as PDF</a> · \
                      <a href=\"/console/verifications/{id}/verdict.json\">the verdict as JSON</a> (every query's hashes)</p></section>",
-                    decision_badge(parsed.decision),
-                    crate::report::headline(&parsed),
-                    li(&proves),
-                    li(&not),
+                    decision_badge(decision),
+                    headline,
+                    details,
                     id = escape(&v.id),
                 ));
             }
