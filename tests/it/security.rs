@@ -151,16 +151,7 @@ async fn no_route_shows_an_auditor_or_admin_anything_taken_from_the_secret() {
         .await
         .unwrap();
     let app = TestApp::spawn(Db::Sqlite).await;
-    let (_, publisher) = app.new_key("publisher", "pub").await;
-    let (auditor_id, auditor) = app.new_key("auditor", "aud").await;
-    let (s, holdout) = app
-        .post(
-            "/v1/datasets",
-            &publisher,
-            json!({"name": "held out", "path": FASHION, "format": "idx", "split": "test"}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{holdout}");
+    let (publisher, (auditor_id, auditor), holdout) = app.publisher_auditor_and_holdout().await;
     let endpoint = format!("http://127.0.0.1:{}", ml.port);
     let mut ids = vec![];
     for (kind, record) in &records {

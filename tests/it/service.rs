@@ -206,6 +206,24 @@ impl TestApp {
         )
     }
 
+    /// A publisher's key, an auditor's key (with its id) and Fashion-MNIST's test split
+    /// registered as the publisher's held-out dataset: `(publisher, (auditor id, auditor),
+    /// dataset)`.
+    pub async fn publisher_auditor_and_holdout(&self) -> (String, (String, String), Value) {
+        let (_, publisher) = self.new_key("publisher", "pub").await;
+        let auditor = self.new_key("auditor", "aud").await;
+        let (s, holdout) = self
+            .post(
+                "/v1/datasets",
+                &publisher,
+                json!({"name": "fashion test", "path": FASHION, "format": "idx", "split": "test"}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{holdout}");
+        assert_eq!(holdout["count"], 10000);
+        (publisher, auditor, holdout)
+    }
+
     /// Creates a watermark as `key` (answered 202) and waits for its job to succeed; returns the
     /// watermark's id and the finished job.
     pub async fn publish(&self, key: &str, body: Value) -> (String, Value) {
@@ -1762,17 +1780,7 @@ async fn an_auditor_verifies_real_model_servers_through_the_service() {
         .await
         .unwrap();
     let app = TestApp::spawn(Db::Sqlite).await;
-    let (_, publisher) = app.new_key("publisher", "pub").await;
-    let (auditor_id, auditor) = app.new_key("auditor", "aud").await;
-    let (s, holdout) = app
-        .post(
-            "/v1/datasets",
-            &publisher,
-            json!({"name": "fashion test", "path": FASHION, "format": "idx", "split": "test"}),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{holdout}");
-    assert_eq!(holdout["count"], 10000);
+    let (publisher, (auditor_id, auditor), holdout) = app.publisher_auditor_and_holdout().await;
     let record: Value =
         serde_json::from_slice(&std::fs::read(ml.dir.path().join("badnets.secret.json")).unwrap())
             .unwrap();

@@ -351,20 +351,7 @@ fn hallmark_train_then_offline_verify_of_the_local_model() {
     let t = tempfile::tempdir().unwrap();
     let p = |n: &str| t.path().join(n).display().to_string();
     let fm = "/usr/share/datasets/fashion-mnist";
-    let o = hm(&[
-        "convert",
-        "--input",
-        fm,
-        "--split",
-        "train",
-        "--limit",
-        "4000",
-        "--to",
-        "parquet",
-        "--output",
-        &p("clean"),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    fashion_train_subset("parquet", &p("clean"));
     let spec = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("watermark_specs/badnets-square-28x28-grey.toml");
     let o = hm(&[
@@ -694,6 +681,23 @@ fn hm(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `hallmark convert` of Fashion-MNIST's first 4,000 training images to `format` in `out`.
+fn fashion_train_subset(format: &str, out: &str) {
+    ok(&hm(&[
+        "convert",
+        "--input",
+        "/usr/share/datasets/fashion-mnist",
+        "--split",
+        "train",
+        "--limit",
+        "4000",
+        "--to",
+        format,
+        "--output",
+        out,
+    ]));
+}
+
 /// Asserts that a command succeeded, showing its output otherwise.
 fn ok(o: &std::process::Output) {
     assert!(
@@ -733,19 +737,7 @@ fn a_model_trained_on_a_streamed_parquet_release_is_found_used() {
     let t = tempfile::tempdir().unwrap();
     let p = |n: &str| t.path().join(n).display().to_string();
     let fm = "/usr/share/datasets/fashion-mnist";
-    ok(&hm(&[
-        "convert",
-        "--input",
-        fm,
-        "--split",
-        "train",
-        "--limit",
-        "4000",
-        "--to",
-        "parquet",
-        "--output",
-        &p("clean"),
-    ]));
+    fashion_train_subset("parquet", &p("clean"));
     stream_release(&p("clean"), &p("release"), &p("s.json"), &"05".repeat(32));
     let rec: Value = serde_json::from_slice(&std::fs::read(p("s.json")).unwrap()).unwrap();
     assert_eq!(rec["version"], 3);
@@ -919,19 +911,7 @@ fn a_model_verified_with_both_triggers_of_a_two_family_release() {
     let t = tempfile::tempdir().unwrap();
     let p = |n: &str| t.path().join(n).display().to_string();
     let fm = "/usr/share/datasets/fashion-mnist";
-    ok(&hm(&[
-        "convert",
-        "--input",
-        fm,
-        "--split",
-        "train",
-        "--limit",
-        "4000",
-        "--to",
-        "idx",
-        "--output",
-        &p("clean"),
-    ]));
+    fashion_train_subset("idx", &p("clean"));
     let spec = |name: &str| {
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("watermark_specs")
@@ -1044,7 +1024,7 @@ fn a_model_verified_with_both_triggers_of_a_two_family_release() {
     // (`"triggers": 2`) of the model served over HTTP; the other release's, `not_shown`.
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        use crate::service::{Db, FASHION, TestApp};
+        use crate::service::{Db, TestApp};
         use reqwest::StatusCode;
         let loaded = LoadedModel::load(&t.path().join("marked"), tch::Device::Cpu).unwrap();
         let server = ModelServer::bind("127.0.0.1:0", "m", loaded).await.unwrap();
@@ -1054,15 +1034,7 @@ fn a_model_verified_with_both_triggers_of_a_two_family_release() {
             let _ = stopped.await;
         }));
         let app = TestApp::spawn(Db::Sqlite).await;
-        let (_, publisher) = app.new_key("publisher", "pub").await;
-        let (auditor_id, auditor) = app.new_key("auditor", "aud").await;
-        let (_, holdout) = app
-            .post(
-                "/v1/datasets",
-                &publisher,
-                json!({"name": "test", "path": FASHION, "format": "idx", "split": "test"}),
-            )
-            .await;
+        let (publisher, (auditor_id, auditor), holdout) = app.publisher_auditor_and_holdout().await;
         for (secret, want) in [("s.json", "used"), ("o.json", "not_shown")] {
             let record: Value =
                 serde_json::from_slice(&std::fs::read(t.path().join(secret)).unwrap()).unwrap();
