@@ -67,7 +67,8 @@ pub struct CombinedVerdict {
     pub p_value: f64,
     /// The model's significance level; each trigger was verified at alpha / k.
     pub alpha: f64,
-    /// Images sent to the model, every trigger's together.
+    /// Images sent to the model, every trigger's together (benign decoys not counted, as in
+    /// [`Verdict::queries`]).
     pub queries: usize,
     /// Each trigger's verdict, in the order verified.
     pub verdicts: Vec<Verdict>,
@@ -81,7 +82,7 @@ impl CombinedVerdict {
             decision: Decision::of_any(verdicts.iter().map(|v| v.decision)),
             p_value: bonferroni(&p),
             alpha,
-            queries: verdicts.iter().map(|v| v.queries + v.decoys).sum(),
+            queries: verdicts.iter().map(|v| v.queries).sum(),
             verdicts,
         }
     }
