@@ -357,7 +357,6 @@ pub(super) fn verify_cmd(a: VerifyArgs) -> Result<u8> {
     );
     let local = a.local_model.clone();
     let verdicts = runtime.block_on(async {
-        let done = std::sync::atomic::AtomicUsize::new(0);
         let loaded = async {
             loading
                 .await
@@ -378,11 +377,11 @@ pub(super) fn verify_cmd(a: VerifyArgs) -> Result<u8> {
                 (Box::new(endpoint), loaded)
             };
         let mut verdicts = Vec::with_capacity(records.len());
+        let mut before = 0;
         for (record, spent) in &records {
-            let before = done.load(std::sync::atomic::Ordering::Relaxed);
             let progress = |q: usize| pb.set_position((before + q) as u64);
             let mut v = verify::verify(endpoint.as_ref(), record, &pool, &cfg, &progress).await?;
-            done.fetch_add(v.queries + v.decoys, std::sync::atomic::Ordering::Relaxed);
+            before += v.queries;
             v.trigger = spent.clone();
             verdicts.push(v);
         }

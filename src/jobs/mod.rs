@@ -558,7 +558,7 @@ impl Runner {
                     other => JobError::new(ErrorCode::Invalid, other.to_string()),
                 })?;
             verdict.trigger = spent;
-            before += verdict.queries + verdict.decoys;
+            before += verdict.queries;
             verdicts.push(verdict);
         }
         // One trigger: its verdict. Several: the model's, each verified at alpha / k.
