@@ -155,22 +155,10 @@ async fn no_route_shows_an_auditor_or_admin_anything_taken_from_the_secret() {
     let endpoint = format!("http://127.0.0.1:{}", ml.port);
     let mut ids = vec![];
     for (kind, record) in &records {
-        let (s, w) = app
-            .post(
-                "/v1/watermarks/import",
-                &publisher,
-                json!({"name": kind, "holdout_dataset_id": holdout["id"],
-                       "secret_record": serde_json::to_value(record).unwrap()}),
-            )
+        let record = serde_json::to_value(record).unwrap();
+        let wm = app
+            .import_and_grant(&publisher, kind, &holdout, record, &auditor_id)
             .await;
-        assert_eq!(s, StatusCode::CREATED, "{kind}: {w}");
-        let wm = w["id"].as_str().unwrap().to_string();
-        app.post(
-            &format!("/v1/watermarks/{wm}/grants"),
-            &publisher,
-            json!({"auditor_id": auditor_id}),
-        )
-        .await;
         let (s, v) = app
             .post(
                 "/v1/verifications",

@@ -224,6 +224,36 @@ impl TestApp {
         (publisher, auditor, holdout)
     }
 
+    /// Imports `record` as `publisher`'s watermark `name` with `holdout` as its held-out set,
+    /// grants it to `auditor_id`, and returns the watermark's id.
+    pub async fn import_and_grant(
+        &self,
+        publisher: &str,
+        name: &str,
+        holdout: &Value,
+        record: Value,
+        auditor_id: &str,
+    ) -> String {
+        let (s, w) = self
+            .post(
+                "/v1/watermarks/import",
+                publisher,
+                json!({"name": name, "holdout_dataset_id": holdout["id"], "secret_record": record}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{name}: {w}");
+        let wm = w["id"].as_str().unwrap().to_string();
+        let (s, v) = self
+            .post(
+                &format!("/v1/watermarks/{wm}/grants"),
+                publisher,
+                json!({"auditor_id": auditor_id}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+        wm
+    }
+
     /// Creates a watermark as `key` (answered 202) and waits for its job to succeed; returns the
     /// watermark's id and the finished job.
     pub async fn publish(&self, key: &str, body: Value) -> (String, Value) {

@@ -1038,22 +1038,9 @@ fn a_model_verified_with_both_triggers_of_a_two_family_release() {
         for (secret, want) in [("s.json", "used"), ("o.json", "not_shown")] {
             let record: Value =
                 serde_json::from_slice(&std::fs::read(t.path().join(secret)).unwrap()).unwrap();
-            let (s, w) = app
-                .post(
-                    "/v1/watermarks/import",
-                    &publisher,
-                    json!({"name": secret, "holdout_dataset_id": holdout["id"],
-                           "secret_record": record}),
-                )
+            let wm = app
+                .import_and_grant(&publisher, secret, &holdout, record, &auditor_id)
                 .await;
-            assert_eq!(s, StatusCode::CREATED, "{w}");
-            let wm = w["id"].as_str().unwrap().to_string();
-            app.post(
-                &format!("/v1/watermarks/{wm}/grants"),
-                &publisher,
-                json!({"auditor_id": auditor_id}),
-            )
-            .await;
             let body = |triggers: u32| {
                 json!({"watermark_id": wm, "sequential": true, "triggers": triggers,
                        "endpoint": {"url": format!("http://127.0.0.1:{port}"),
