@@ -376,15 +376,9 @@ pub(super) fn verify_cmd(a: VerifyArgs) -> Result<u8> {
                 endpoint.set_class_names(loaded.1.class_names().map(<[String]>::to_vec));
                 (Box::new(endpoint), loaded)
             };
-        let mut verdicts = Vec::with_capacity(records.len());
-        let mut before = 0;
-        for (record, spent) in &records {
-            let progress = |q: usize| pb.set_position((before + q) as u64);
-            let mut v = verify::verify(endpoint.as_ref(), record, &pool, &cfg, &progress).await?;
-            before += v.queries;
-            v.trigger = spent.clone();
-            verdicts.push(v);
-        }
+        let progress = |q: usize| pb.set_position(q as u64);
+        let verdicts =
+            verify::verify_each(endpoint.as_ref(), &records, &pool, &cfg, &progress).await?;
         anyhow::Ok(verdicts)
     });
     pb.finish_and_clear();

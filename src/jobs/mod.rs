@@ -544,23 +544,16 @@ impl Runner {
             .await
             .map_err(|e| JobError::new(ErrorCode::Endpoint, e.to_string()))?;
         endpoint.set_class_names(pool.class_names().map(<[String]>::to_vec));
-        let mut verdicts = Vec::with_capacity(k);
-        let mut before = 0;
-        for (record, spent) in records {
-            let p = progress.clone();
-            let report = move |q: usize| p.done.store((before + q) as i64, Ordering::Relaxed);
-            let mut verdict = verify::verify(&endpoint, &record, &pool, &plan.config, &report)
-                .await
-                .map_err(|e| match e {
-                    verify::VerifyError::Endpoint(e) => {
-                        JobError::new(ErrorCode::Endpoint, e.to_string())
-                    }
-                    other => JobError::new(ErrorCode::Invalid, other.to_string()),
-                })?;
-            verdict.trigger = spent;
-            before += verdict.queries;
-            verdicts.push(verdict);
-        }
+        let p = progress.clone();
+        let report = move |q: usize| p.done.store(q as i64, Ordering::Relaxed);
+        let verdicts = verify::verify_each(&endpoint, &records, &pool, &plan.config, &report)
+            .await
+            .map_err(|e| match e {
+                verify::VerifyError::Endpoint(e) => {
+                    JobError::new(ErrorCode::Endpoint, e.to_string())
+                }
+                other => JobError::new(ErrorCode::Invalid, other.to_string()),
+            })?;
         // One trigger: its verdict. Several: the model's, each verified at alpha / k.
         let (json, decision, p_value, queried) = if k == 1 {
             let v = &verdicts[0];

@@ -202,6 +202,29 @@ impl ModelEndpoint for Resizing<'_> {
     }
 }
 
+/// Verifies the model behind `endpoint` with each trigger a verification spent, in turn: one,
+/// or several that test one model together (each at the alpha of `cfg`, alpha / k, for a
+/// [`CombinedVerdict`]). Each verdict carries its trigger's place in the release; `progress`
+/// counts the queries of all.
+pub async fn verify_each(
+    endpoint: &dyn ModelEndpoint,
+    records: &[(SecretRecord, Option<crate::watermark::SpentTrigger>)],
+    pool: &Dataset,
+    cfg: &VerifyConfig,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<Vec<Verdict>, VerifyError> {
+    let mut verdicts = Vec::with_capacity(records.len());
+    let mut before = 0;
+    for (record, spent) in records {
+        let offset = |q: usize| progress(before + q);
+        let mut v = verify(endpoint, record, pool, cfg, &offset).await?;
+        before += v.queries;
+        v.trigger = spent.clone();
+        verdicts.push(v);
+    }
+    Ok(verdicts)
+}
+
 /// Verifies `record` against `endpoint` with images from `pool`. `progress` is told the number
 /// of images queried so far.
 pub async fn verify(
