@@ -27,6 +27,12 @@ pub struct CalibrateArgs {
     /// Watermarked models, and independent models of each kind.
     #[arg(long, default_value_t = 3)]
     pub models: usize,
+    /// Train and verify only watermarked indices N to --models − 1 (and their independent
+    /// models): one share of a calibration split over machines. Each index's seeds and secrets
+    /// depend only on --seed and the index, so a share trains what a whole run would; shares
+    /// run into one --out with --resume add up to it.
+    #[arg(long, default_value_t = 0)]
+    pub first_index: usize,
     /// Base seed of training.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -172,6 +178,7 @@ pub(super) fn calibrate_cmd(a: CalibrateArgs) -> Result<()> {
         clean: a.train_data.load()?,
         test: load_test(&a.test_data, a.test_split)?,
         models: a.models,
+        first_index: a.first_index,
         seed: a.seed,
         train: a.settings.config(a.seed),
         attack: a.settings.attack,

@@ -219,6 +219,24 @@ fn a_small_calibration_detects_the_watermarked_model_and_accuses_no_other() {
     assert!(err.contains("`/train/epochs` (3 there, 2 now)"), "{err}");
     assert_eq!(rows(&out), second, "a refused resume changes nothing");
 
+    // A share of the run, index 1 alone in a folder of its own, trains the models the whole run
+    // trained for that index (its seeds and secrets depend on the index only).
+    let share = t.path().join("share");
+    let o = calibrate(&share, "2", "3", &["--first-index", "1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        rows(&share),
+        second[3..],
+        "a share is the run's rows of its indices"
+    );
+    let o = calibrate(&share, "2", "3", &["--first-index", "2"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("the first index 2 leaves no model to train"),
+        "{err}"
+    );
+
     // Another calibration loads the clean models from the cache instead of training them; this
     // one also puts every model through four of a thief's defences (fine-pruning, a STRIP gate
     // that refuses what it flags, a ShrinkPad gate that shifts every query, and MixUp, for which

@@ -64,6 +64,11 @@ pub struct Plan {
     pub test: Dataset,
     /// Watermarked models, and independent models of each kind.
     pub models: usize,
+    /// Train and verify only indices `first_index..models`: one share of a calibration split
+    /// over machines or sessions. Every index's seeds and secrets depend only on the base seed
+    /// and the index ([`seeds`]), so a share trains the models one whole run would, and shares
+    /// run into one output folder with `resume` add up to it.
+    pub first_index: usize,
     /// Base seed (see [`seeds`]).
     pub seed: u64,
     /// Training settings (their seed is replaced per model).
@@ -246,6 +251,12 @@ pub fn run(plan: &Plan, observer: &dyn Observer) -> Result<Calibration, Calibrat
         spec, clean, test, ..
     } = plan;
     let out = &plan.out;
+    if plan.first_index >= plan.models {
+        return Err(CalibrateError::Config(format!(
+            "the first index {} leaves no model to train: it must be below the number of models ({})",
+            plan.first_index, plan.models
+        )));
+    }
     if let Some(s) = &plan.other_family
         && s.crafting().is_some()
     {
@@ -347,7 +358,8 @@ pub fn run(plan: &Plan, observer: &dyn Observer) -> Result<Calibration, Calibrat
     // Label-consistent and gradient-matching specs are crafted against a benign model trained
     // first on the clean data (unless a resumed run has nothing left to craft).
     let benign_cfg = plan.train.with_seed(plan.seed + seeds::BENIGN);
-    let benign = if spec.needs_model() && (0..plan.models).any(|i| !cal.has_index(i)) {
+    let benign = if spec.needs_model() && (plan.first_index..plan.models).any(|i| !cal.has_index(i))
+    {
         Some(train_observed(
             &super::Run::new(clean, &benign_cfg, plan.device),
             "benign model for crafting",
@@ -437,7 +449,7 @@ pub fn run(plan: &Plan, observer: &dyn Observer) -> Result<Calibration, Calibrat
         .map(|dir| CleanCache::new(dir, clean, plan.device))
         .transpose()?;
     let options = plan.attack_options;
-    for i in 0..plan.models {
+    for i in plan.first_index..plan.models {
         if cal.has_index(i) {
             continue;
         }
