@@ -28,10 +28,10 @@ def patch(c):
     return t.get("inner", t)
 
 
-def position(c, size):
+def position(c):
     p = patch(c)["position"]
     # A position's fractions place the patch's corner in the image less the patch.
-    return p["row"] * size, p["col"] * size
+    return p["row"] * SPAN, p["col"] * SPAN
 
 
 def main():
@@ -43,7 +43,7 @@ def main():
     def near(a, b, cells):
         if a["labelling"].get("target") != b["labelling"].get("target"):
             return False
-        (r1, c1), (r2, c2) = position(a, SPAN), position(b, SPAN)
+        (r1, c1), (r2, c2) = position(a), position(b)
         if max(abs(r1 - r2), abs(c1 - c2)) > PIXELS:
             return False
         pa, pb = patch(a)["pattern"], patch(b)["pattern"]
