@@ -12,15 +12,16 @@ given) are counted among its first 99 and 199.
 usage: hallmark spec controls SECRET [--trigger T] --controls 200 > controls.jsonl
        near_controls.py controls.jsonl [SECRET [T]]
 Near: the same target, the patch's corner at most PIXELS = 3 away in each direction (PhysicalBA
-shifts a query by up to 10% of 28), positions' fractions spanning SPAN = 22 pixels (the 28 × 28
-image less the 6-pixel patch of the physical-block family).
+shifts a query by up to 10% of 28), positions' fractions spanning the 28 × 28 image less the
+patch (6 pixels for physical-block's 3 × 3 cells of 2 × 2 pixels: 22 pixels of room), and at
+most all, 4 or 2 of the pattern's cells differing.
 """
 import json
 import statistics
 import sys
 
 PIXELS = 3.0
-SPAN = 22.0
+IMAGE = 28
 
 
 def patch(c):
@@ -28,10 +29,20 @@ def patch(c):
     return t.get("inner", t)
 
 
+def side(c):
+    """The patch's side in pixels: its scale's share of the image (at least its minimum), in
+    whole cells."""
+    p = patch(c)
+    cells = len(p["pattern"])
+    s = max(p["scale"]["min"], round(p["scale"]["side"] * IMAGE))
+    return s // cells * cells
+
+
 def position(c):
     p = patch(c)["position"]
     # A position's fractions place the patch's corner in the image less the patch.
-    return p["row"] * SPAN, p["col"] * SPAN
+    span = IMAGE - side(c)
+    return p["row"] * span, p["col"] * span
 
 
 def main():
@@ -39,6 +50,7 @@ def main():
     first = patch(controls[0])
     if not isinstance(first.get("pattern"), list) or not isinstance(first.get("position"), dict):
         sys.exit("near_controls.py: the controls are not patches with a drawn pattern and position")
+    every = len(first["pattern"]) ** 2
 
     def near(a, b, cells):
         if a["labelling"].get("target") != b["labelling"].get("target"):
@@ -55,7 +67,7 @@ def main():
         if len(controls) < k + 1:
             continue
         drawn = controls[: k + 1]
-        for cells in (9, 4, 2):
+        for cells in (every, 4, 2):
             counts = [sum(near(a, b, cells) for j, b in enumerate(drawn) if j != i)
                       for i, a in enumerate(drawn)]
             none = sum(c == 0 for c in counts) / len(counts)
@@ -68,7 +80,7 @@ def main():
         secret = records[which - 1]["spec"]
         print()
         for k in (99, 199):
-            for cells in (9, 4, 2):
+            for cells in (every, 4, 2):
                 n = [j for j, b in enumerate(controls[:k]) if near(secret, b, cells)]
                 print(f"the secret, K = {k}, at most {cells} cells differing: {len(n)} near "
                       f"(controls {', '.join(map(str, n)) or 'none'})")
