@@ -73,6 +73,12 @@ pub struct VerifyArgs {
     /// trigger that fails on one image, at the price of K + 1 more queries).
     #[arg(long)]
     pub first_images: Option<usize>,
+    /// What the rank test scores a trigger with a target by: `target` (default), its target's
+    /// gain; `scattered`, also the triggered answers sent off the true class to scattered
+    /// classes (against a gate that answers flagged queries with a random class; with
+    /// `--first-images 8`).
+    #[arg(long)]
+    pub rank_effect: Option<crate::verify::RankEffect>,
     /// Send this many benign decoys per image the tests ask for (0 to 10; their answers are
     /// dropped), shuffled in, so that the audit's traffic looks like use.
     #[arg(long)]
@@ -341,6 +347,7 @@ pub(super) fn verify_cmd(a: VerifyArgs) -> Result<u8> {
         first_images: a.first_images,
         decoys: a.decoys,
         rate: a.rate,
+        rank_effect: a.rank_effect,
     }
     .into_config()
     .and_then(|c| {

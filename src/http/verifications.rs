@@ -13,7 +13,7 @@ use super::{AppState, Caller, owns};
 use crate::endpoint::{AddressPolicy, EndpointSettings, OutputKind, check_address};
 use crate::jobs::VerifyPlan;
 use crate::store::{Job, Role, VerificationInfo};
-use crate::verify::VerifySettings;
+use crate::verify::{RankEffect, VerifySettings};
 
 pub(super) fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -61,6 +61,10 @@ pub struct CreateVerificationRequest {
     pub controls: Option<usize>,
     /// Images each trigger is queried on in the rank test's first round (1 to 100, default 1).
     pub first_images: Option<usize>,
+    /// What the rank test scores a trigger with a target by: `target` (default), its target's
+    /// gain; `scattered`, also the triggered answers sent off the true class to scattered
+    /// classes (against a gate that answers flagged queries with a random class).
+    pub rank_effect: Option<RankEffect>,
     /// Benign decoys sent per image the tests ask for (0 to 10, default 0; their answers are
     /// dropped), so that the audit's traffic looks like use.
     pub decoys: Option<f64>,
@@ -173,6 +177,7 @@ pub(super) async fn create_verification(
         first_images: req.first_images,
         decoys: req.decoys,
         rate: req.rate,
+        rank_effect: req.rank_effect,
     }
     .into_config()
     // With k triggers, each is verified at alpha / k (its controls follow that level).

@@ -11,7 +11,7 @@ mod plot;
 mod svg;
 
 use crate::stats::{Betting, TestResult};
-use crate::verify::{CombinedVerdict, Decision, Verdict};
+use crate::verify::{CombinedVerdict, Decision, RankEffect, Verdict};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::fmt::Write;
@@ -549,6 +549,12 @@ fn document(v: &Verdict, sha256: &str, ctx: &Context) -> Document {
             },
         ),
     ];
+    if c.rank_effect == RankEffect::Scattered {
+        facts.push((
+            "Rank test's score".into(),
+            "the target's gain, plus triggered answers scattered off the true class".into(),
+        ));
+    }
     if let Some(seed) = c.seed {
         facts.push(("Seed".into(), seed.to_string()));
     }

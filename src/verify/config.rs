@@ -47,6 +47,44 @@ pub struct VerifyFields {
     /// (the default resizes the held-out images, then stamps).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub trigger_then_resize: bool,
+    /// What the rank test scores a trigger with a target (or an all-to-all mapping) by: its
+    /// target's gain (default), or `scattered`, which also counts the triggered answers sent off
+    /// the true class to scattered classes (docs/verification.md).
+    #[serde(default, skip_serializing_if = "RankEffect::is_target")]
+    pub rank_effect: RankEffect,
+}
+
+/// What the rank test scores a trigger with a target by (an untargeted trigger always scores the
+/// true class's loss, UBW's measure).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RankEffect {
+    /// The mean gain of the trigger's target, p(t | x') − p(t | x) (DVBW).
+    #[default]
+    Target,
+    /// The target's gain, plus the triggered answers of rightly answered images that went to
+    /// neither the true class nor the target, all but those to their most frequent class: a
+    /// gate that answers the queries it flags with a random class scatters them and they count;
+    /// a model that sends a trigger to another trigger's target sends them to one class and
+    /// they do not.
+    Scattered,
+}
+
+impl RankEffect {
+    fn is_target(&self) -> bool {
+        *self == RankEffect::Target
+    }
+}
+
+impl std::str::FromStr for RankEffect {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "target" => Ok(RankEffect::Target),
+            "scattered" => Ok(RankEffect::Scattered),
+            _ => Err(format!("expected target or scattered, got {s:?}")),
+        }
+    }
 }
 
 impl Default for VerifyFields {
@@ -65,6 +103,7 @@ impl Default for VerifyFields {
             decoys: None,
             rate: None,
             trigger_then_resize: false,
+            rank_effect: RankEffect::Target,
         }
     }
 }
@@ -206,6 +245,8 @@ pub struct VerifySettings {
     pub decoys: Option<f64>,
     /// At most this many images a second.
     pub rate: Option<f64>,
+    /// What the rank test scores a trigger with a target by (default: its target's gain).
+    pub rank_effect: Option<RankEffect>,
 }
 
 impl VerifySettings {
@@ -226,6 +267,7 @@ impl VerifySettings {
             decoys: self.decoys,
             rate: self.rate,
             trigger_then_resize: false,
+            rank_effect: self.rank_effect.unwrap_or_default(),
         })
     }
 }

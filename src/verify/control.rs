@@ -190,6 +190,8 @@ pub(super) async fn rank_test(
         order,
         secret_answers,
         label_only: cfg.label_only,
+        scattered: cfg.rank_effect == RankEffect::Scattered,
+        moves: vec![vec![0; classes]; total],
         kinds,
         stamps: Arc::new(stamps),
         next: vec![0; total],
@@ -296,6 +298,11 @@ struct Scoring<'a> {
     /// The secret's triggered answers that the margin test already asked for.
     secret_answers: &'a HashMap<usize, (String, Prediction)>,
     label_only: bool,
+    /// Whether a trigger's scattered answers count (`RankEffect::Scattered`).
+    scattered: bool,
+    /// Per trigger and class: the rightly answered images whose triggered answer went to this
+    /// class, neither the true class nor the trigger's target.
+    moves: Vec<Vec<usize>>,
     kinds: Vec<Kind>,
     stamps: Arc<Vec<Stamp>>,
     /// Each trigger's next position in `order`.
@@ -309,7 +316,17 @@ struct Scoring<'a> {
 
 impl Scoring<'_> {
     fn mean(&self, j: usize) -> f64 {
-        self.sums[j] / self.counts[j].max(1) as f64
+        (self.sums[j] + self.scattered_moves(j) as f64) / self.counts[j].max(1) as f64
+    }
+
+    /// The trigger's answers sent elsewhere, all but the second and later to their most
+    /// frequent class (0 unless scattered answers count): a gate's random answers spread over
+    /// the classes and count, the first one too; a model that sends the trigger to one other
+    /// class (another trigger's target) gains one answer, however many it sends there.
+    fn scattered_moves(&self, j: usize) -> usize {
+        let m = &self.moves[j];
+        let most = m.iter().copied().max().unwrap_or(0);
+        m.iter().sum::<usize>() - most.saturating_sub(1)
     }
 
     /// Scores trigger j on its next n images for each (j, n) of `wanted`, in round `round`;
@@ -392,6 +409,16 @@ impl Scoring<'_> {
                 w,
                 self.label_only,
             )?;
+            if self.scattered
+                && let Some(t) = self.kinds[j].sends(pool.label(i))
+                && let (Some(b), Some(w)) = (benign.answers[&i].label(), w.label())
+                && b == pool.label(i)
+                && w != b
+                && w != t
+                && let Some(m) = self.moves[j].get_mut(w as usize)
+            {
+                *m += 1;
+            }
             self.sums[j] += d;
             self.counts[j] += 1;
             self.reached[j] = round;

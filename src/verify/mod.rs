@@ -55,7 +55,7 @@ mod control;
 pub mod hygiene;
 mod verdict;
 
-pub use config::{VerifyConfig, VerifyFields, VerifySettings};
+pub use config::{RankEffect, VerifyConfig, VerifyFields, VerifySettings};
 pub use control::{control_specs, random_trigger};
 use control::{dispersion, rank_test, stamp_all};
 pub use verdict::{

@@ -415,10 +415,11 @@ async fn a_gate_that_refuses_triggered_queries_neither_hides_a_thief_nor_accuses
 /// p-values. A thief whose gate lies about some of the secret's queries (here each with
 /// probability 0.6, and about 10% of the other triggered queries) still moves the model by more
 /// than tau, but the rank test's first round judges each trigger by one image, and where that
-/// one is a lie the secret looks like a control and is often cut; more first images per trigger
-/// (`first_images`) keep it in the race, at K + 1 queries each.
+/// one is a lie the secret looks like a control and is often cut. More first images per trigger
+/// (`first_images`) keep it in the race, at K + 1 queries each; counting the answers the lies
+/// scatter over the classes (`RankEffect::Scattered`) keeps it there at one.
 #[tokio::test]
-async fn a_gate_that_lies_is_outrun_by_more_first_images() {
+async fn a_gate_that_lies_cuts_the_secret_unless_its_scattered_answers_count() {
     let lying = |mut m: Fake, i: u64| {
         m.refuse_stamped = Some(10);
         m.lie = true;
@@ -427,30 +428,69 @@ async fn a_gate_that_lies_is_outrun_by_more_first_images() {
         m
     };
     let thief = |rec: &SecretRecord, i| lying(Fake::learnt(rec, Send::Class(target_of(rec))), i);
-    let first = |n| {
+    let with = |n, effect| {
         VerifyConfig::default()
-            .with(|f| f.first_images = Some(n))
+            .with(|f| {
+                f.first_images = Some(n);
+                f.rank_effect = effect;
+            })
             .unwrap()
     };
     // The rank test's rejections (the margin test over the simulation's 10 pairs has little
-    // power at an effect of 0.4).
+    // power at an effect of 0.4), at 1, 4 and 8 first images.
     let mut ranked = Vec::new();
-    for n in [1, 4, 8] {
-        let (ps, _, _) = simulate_with(300, PATCH_FAMILY, first(n), thief).await;
-        ranked.push(ps.iter().filter(|&&p| p <= 0.01).count());
+    for effect in [RankEffect::Target, RankEffect::Scattered] {
+        for n in [1, 4, 8] {
+            let (ps, _, _) = simulate_with(300, PATCH_FAMILY, with(n, effect), thief).await;
+            ranked.push(ps.iter().filter(|&&p| p <= 0.01).count());
+        }
     }
-    // Measured: 103, 230 and 283 of 300.
-    assert!(ranked[0] <= 150, "{ranked:?}");
-    assert!(ranked[1] >= 200 && ranked[2] >= 265, "{ranked:?}");
-    let (ps, used, _) = simulate_with(2000, PATCH_FAMILY, first(8), |_, i| {
-        lying(Fake::new(Behaviour::Blind, Send::Class(0)), i)
+    // Measured: the target's gain 103, 230 and 283 of 300; scattered answers counted 250, 293
+    // and 299.
+    let (target, scattered) = ranked.split_at(3);
+    assert!(target[0] <= 150, "{ranked:?}");
+    assert!(target[1] >= 200 && target[2] >= 265, "{ranked:?}");
+    assert!(scattered[0] >= 225 && scattered[2] >= 285, "{ranked:?}");
+    for cfg in [
+        with(1, RankEffect::Scattered),
+        with(8, RankEffect::Target),
+        with(8, RankEffect::Scattered),
+    ] {
+        let (ps, used, _) = simulate_with(2000, PATCH_FAMILY, cfg, |_, i| {
+            lying(Fake::new(Behaviour::Blind, Send::Class(0)), i)
+        })
+        .await;
+        check_uniform(&ps, "blind behind the lying gate");
+        assert!(
+            used <= upper(2000, 0.01),
+            "{used} of 2000 innocents accused"
+        );
+    }
+}
+
+/// Counting scattered answers keeps the rank test exact for a model that reacts to every member
+/// of the family and sends it to one class (so every control of another target moves off its
+/// true class), and costs a thief without a gate nothing.
+#[tokio::test]
+async fn scattered_answers_neither_accuse_a_model_that_reacts_to_every_member_nor_lose_a_thief() {
+    let scattered = VerifyConfig::default()
+        .with(|f| f.rank_effect = RankEffect::Scattered)
+        .unwrap();
+    let (ps, used, _) = simulate_with(2000, PATCH_FAMILY, scattered.clone(), |_, _| {
+        Fake::new(Behaviour::AnyMember, Send::Class(3))
     })
     .await;
-    check_uniform(&ps, "blind behind the lying gate");
+    check_uniform(&ps, "any member to class 3, scattered");
     assert!(
         used <= upper(2000, 0.01),
         "{used} of 2000 innocents accused"
     );
+    let (ps, _, _) = simulate_with(300, PATCH_FAMILY, scattered, |rec, _| {
+        Fake::learnt(rec, Send::Class(target_of(rec)))
+    })
+    .await;
+    let caught = ps.iter().filter(|&&p| p <= 0.01).count();
+    assert!(caught >= 295, "{caught} of 300 ranked first");
 }
 
 #[tokio::test]
