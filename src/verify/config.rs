@@ -62,11 +62,11 @@ pub enum RankEffect {
     /// The mean gain of the trigger's target, p(t | x') − p(t | x) (DVBW).
     #[default]
     Target,
-    /// The target's gain, plus the triggered answers of rightly answered images that went to
-    /// neither the true class nor the target, all but those to their most frequent class: a
-    /// gate that answers the queries it flags with a random class scatters them and they count;
-    /// a model that sends a trigger to another trigger's target sends them to one class and
-    /// they do not.
+    /// The target's gain, plus one for each triggered answer of a rightly answered image that
+    /// went to neither the true class nor the target, but the second and later to their most
+    /// frequent class: a gate that answers the queries it flags with a random class scatters
+    /// them and they count; a model that sends a trigger to another trigger's target sends them
+    /// to one class and gains one answer.
     Scattered,
 }
 
