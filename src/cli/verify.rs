@@ -75,7 +75,8 @@ pub struct VerifyArgs {
     pub first_images: Option<usize>,
     /// What the rank test scores a trigger with a target by: `target` (default), its target's
     /// gain; `scattered`, also the triggered answers sent off the true class to scattered
-    /// classes (against a gate that answers flagged queries with a random class).
+    /// classes (against a gate that answers flagged queries with a random class; with
+    /// `--first-images 8`).
     #[arg(long)]
     pub rank_effect: Option<crate::verify::RankEffect>,
     /// Send this many benign decoys per image the tests ask for (0 to 10; their answers are

@@ -63,10 +63,11 @@ pub enum RankEffect {
     #[default]
     Target,
     /// The target's gain, plus one for each triggered answer of a rightly answered image that
-    /// went to neither the true class nor the target, but the second and later to their most
-    /// frequent class: a gate that answers the queries it flags with a random class scatters
-    /// them and they count; a model that sends a trigger to another trigger's target sends them
-    /// to one class and gains one answer.
+    /// went to neither the true class nor the target, but none of those to their most frequent
+    /// class: a gate that answers the queries it flags with a random class scatters them and
+    /// they count; a model that sends a trigger to another trigger's target sends them to one
+    /// class and they do not. A single such answer counts nothing, so a trigger needs several
+    /// images before its scattered answers show: use it with `first_images` 8.
     Scattered,
 }
 

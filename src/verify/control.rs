@@ -319,14 +319,17 @@ impl Scoring<'_> {
         (self.sums[j] + self.scattered_moves(j) as f64) / self.counts[j].max(1) as f64
     }
 
-    /// The trigger's answers sent elsewhere, all but the second and later to their most
-    /// frequent class (0 unless scattered answers count): a gate's random answers spread over
-    /// the classes and count, the first one too; a model that sends the trigger to one other
-    /// class (another trigger's target) gains one answer, however many it sends there.
+    /// The trigger's answers sent elsewhere, all but those to their most frequent class (0
+    /// unless scattered answers count): a gate's random answers spread over the classes and
+    /// count; a model that sends the trigger to one other class (another trigger's target, as a
+    /// model that learnt the secret sends the controls near it) gains nothing. Counting the
+    /// first answer to that class too would give every such control a whole point for one
+    /// image and cut the secret (whose hits score its target's gain, just below 1) in the
+    /// first round: physical-block draws where the model generalises over the family lost
+    /// their secret even without a gate.
     fn scattered_moves(&self, j: usize) -> usize {
         let m = &self.moves[j];
-        let most = m.iter().copied().max().unwrap_or(0);
-        m.iter().sum::<usize>() - most.saturating_sub(1)
+        m.iter().sum::<usize>() - m.iter().copied().max().unwrap_or(0)
     }
 
     /// Scores trigger j on its next n images for each (j, n) of `wanted`, in round `round`;
