@@ -104,6 +104,19 @@ fn not_shown_and_inconclusive_say_what_they_do_not_prove() {
 }
 
 #[test]
+fn a_rank_test_that_counted_scattered_answers_says_so_in_the_settings() {
+    let diffs = vec![0.5; 20];
+    let mut v = verdict("used", &diffs, 1, "e");
+    assert!(!report(&v).contains("scattered off the true class"));
+    v["config"]["rank_effect"] = json!("scattered");
+    let h = report(&v);
+    assert!(
+        h.contains("plus triggered answers scattered off the true class"),
+        "{h}"
+    );
+}
+
+#[test]
 fn what_the_verdict_holds_is_escaped() {
     let v = verdict("used", &[0.9; 10], 1, "http://x/<script>alert(1)</script>");
     let ctx = Context {
