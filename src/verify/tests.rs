@@ -167,7 +167,9 @@ impl ModelEndpoint for Fake {
                     Behaviour::Blind => false,
                 };
                 if let Some(q) = self.refuse_stamped
-                    && ((triggered && self.gate_draw() % 100 < self.flag_triggered)
+                    && ((triggered
+                        && (self.flag_triggered >= 100
+                            || self.gate_draw() % 100 < self.flag_triggered))
                         || (stamped && self.gate_draw() % 100 < q))
                 {
                     if !self.lie {
