@@ -79,6 +79,11 @@ pub struct VerifyArgs {
     /// `--first-images 8`).
     #[arg(long)]
     pub rank_effect: Option<crate::verify::RankEffect>,
+    /// What the margin test scores a pair by: `target` (default), its target's gain;
+    /// `true-class`, the true class's loss, so that triggered answers a gate sent to a random
+    /// class count (with `--rank-effect scattered`; docs/verification.md).
+    #[arg(long)]
+    pub margin_effect: Option<crate::verify::MarginEffect>,
     /// Send this many benign decoys per image the tests ask for (0 to 10; their answers are
     /// dropped), shuffled in, so that the audit's traffic looks like use.
     #[arg(long)]
@@ -348,6 +353,7 @@ pub(super) fn verify_cmd(a: VerifyArgs) -> Result<u8> {
         decoys: a.decoys,
         rate: a.rate,
         rank_effect: a.rank_effect,
+        margin_effect: a.margin_effect,
     }
     .into_config()
     .and_then(|c| {

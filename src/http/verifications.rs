@@ -13,7 +13,7 @@ use super::{AppState, Caller, owns};
 use crate::endpoint::{AddressPolicy, EndpointSettings, OutputKind, check_address};
 use crate::jobs::VerifyPlan;
 use crate::store::{Job, Role, VerificationInfo};
-use crate::verify::{RankEffect, VerifySettings};
+use crate::verify::{MarginEffect, RankEffect, VerifySettings};
 
 pub(super) fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -65,6 +65,10 @@ pub struct CreateVerificationRequest {
     /// gain; `scattered`, also the triggered answers sent off the true class to scattered
     /// classes (against a gate that answers flagged queries with a random class).
     pub rank_effect: Option<RankEffect>,
+    /// What the margin test scores a pair by: `target` (default), its target's gain;
+    /// `true-class`, the true class's loss, so that triggered answers a gate sent to a random
+    /// class count.
+    pub margin_effect: Option<MarginEffect>,
     /// Benign decoys sent per image the tests ask for (0 to 10, default 0; their answers are
     /// dropped), so that the audit's traffic looks like use.
     pub decoys: Option<f64>,
@@ -178,6 +182,7 @@ pub(super) async fn create_verification(
         decoys: req.decoys,
         rate: req.rate,
         rank_effect: req.rank_effect,
+        margin_effect: req.margin_effect,
     }
     .into_config()
     // With k triggers, each is verified at alpha / k (its controls follow that level).

@@ -11,7 +11,7 @@ mod plot;
 mod svg;
 
 use crate::stats::{Betting, TestResult};
-use crate::verify::{CombinedVerdict, Decision, RankEffect, Verdict};
+use crate::verify::{CombinedVerdict, Decision, MarginEffect, RankEffect, Verdict};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::fmt::Write;
@@ -553,6 +553,12 @@ fn document(v: &Verdict, sha256: &str, ctx: &Context) -> Document {
         facts.push((
             "Rank test's score".into(),
             "the target's gain, plus triggered answers scattered off the true class".into(),
+        ));
+    }
+    if c.margin_effect == MarginEffect::TrueClass {
+        facts.push((
+            "Margin test's score".into(),
+            "the true class's loss (wherever the triggered answer went)".into(),
         ));
     }
     if let Some(seed) = c.seed {

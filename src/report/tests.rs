@@ -117,6 +117,19 @@ fn a_rank_test_that_counted_scattered_answers_says_so_in_the_settings() {
 }
 
 #[test]
+fn a_margin_test_that_scored_the_true_class_says_so_in_the_settings() {
+    let mut v = verdict("used", &[0.5; 20], 1, "e");
+    assert!(!report(&v).contains("wherever the triggered answer went"));
+    v["config"]["margin_effect"] = json!("true-class");
+    let h = report(&v);
+    assert!(h.contains("Margin test"), "{h}");
+    assert!(
+        h.contains("s loss (wherever the triggered answer went)"),
+        "{h}"
+    );
+}
+
+#[test]
 fn what_the_verdict_holds_is_escaped() {
     let v = verdict("used", &[0.9; 10], 1, "http://x/<script>alert(1)</script>");
     let ctx = Context {

@@ -52,6 +52,10 @@ pub struct VerifyFields {
     /// the true class to scattered classes (docs/verification.md).
     #[serde(default, skip_serializing_if = "RankEffect::is_target")]
     pub rank_effect: RankEffect,
+    /// What the margin test scores a pair of a trigger with a target (or an all-to-all mapping)
+    /// by: its target's gain (default), or `true-class`, the true class's loss (docs/verification.md).
+    #[serde(default, skip_serializing_if = "MarginEffect::is_target")]
+    pub margin_effect: MarginEffect,
 }
 
 /// What the rank test scores a trigger with a target by (an untargeted trigger always scores the
@@ -88,6 +92,39 @@ impl std::str::FromStr for RankEffect {
     }
 }
 
+/// What the margin test scores a pair of a trigger with a target by (an untargeted trigger always
+/// scores the true class's loss).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum MarginEffect {
+    /// The target's gain, p(t | x') − p(t | x) (DVBW).
+    #[default]
+    Target,
+    /// The true class's loss, p(y | x) − p(y | x') (UBW's measure): a triggered answer counts
+    /// wherever it went off the true class. A gate that answers most of the secret's queries
+    /// with a random class leaves the target too little gain for the margin, though the answers
+    /// move as much; the rank test alone still keeps an innocent's chance of `used` at most
+    /// alpha, as it scores every trigger alike.
+    TrueClass,
+}
+
+impl MarginEffect {
+    fn is_target(&self) -> bool {
+        *self == MarginEffect::Target
+    }
+}
+
+impl std::str::FromStr for MarginEffect {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "target" => Ok(MarginEffect::Target),
+            "true-class" => Ok(MarginEffect::TrueClass),
+            _ => Err(format!("expected target or true-class, got {s:?}")),
+        }
+    }
+}
+
 impl Default for VerifyFields {
     fn default() -> Self {
         Self {
@@ -105,6 +142,7 @@ impl Default for VerifyFields {
             rate: None,
             trigger_then_resize: false,
             rank_effect: RankEffect::Target,
+            margin_effect: MarginEffect::Target,
         }
     }
 }
@@ -248,6 +286,8 @@ pub struct VerifySettings {
     pub rate: Option<f64>,
     /// What the rank test scores a trigger with a target by (default: its target's gain).
     pub rank_effect: Option<RankEffect>,
+    /// What the margin test scores a pair by (default: the target's gain).
+    pub margin_effect: Option<MarginEffect>,
 }
 
 impl VerifySettings {
@@ -269,6 +309,7 @@ impl VerifySettings {
             rate: self.rate,
             trigger_then_resize: false,
             rank_effect: self.rank_effect.unwrap_or_default(),
+            margin_effect: self.margin_effect.unwrap_or_default(),
         })
     }
 }

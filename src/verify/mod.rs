@@ -55,7 +55,7 @@ mod control;
 pub mod hygiene;
 mod verdict;
 
-pub use config::{RankEffect, VerifyConfig, VerifyFields, VerifySettings};
+pub use config::{MarginEffect, RankEffect, VerifyConfig, VerifyFields, VerifySettings};
 pub use control::{control_specs, random_trigger};
 use control::{dispersion, rank_test, stamp_all};
 pub use verdict::{
@@ -324,7 +324,12 @@ pub async fn verify(
     // Triggered answers of the secret by image, shared with the rank test.
     let mut secret_answers: HashMap<usize, (String, Prediction)> = HashMap::new();
 
-    // 1. The margin test.
+    // 1. The margin test. With `MarginEffect::TrueClass` a targeted trigger's pairs are scored as
+    // an untargeted one's, by the true class's loss; the images stay those its target allows.
+    let margin = match cfg.margin_effect {
+        MarginEffect::Target => kind.clone(),
+        MarginEffect::TrueClass => Kind::Untargeted,
+    };
     let mut draw = Rng::new(base, Stream::Noise);
     let mut betting = Betting::new(cfg.tau, cfg.alpha)?;
     let mut trail: Vec<PairRecord> = Vec::new();
@@ -353,7 +358,7 @@ pub async fn verify(
         progress(queries);
         for ((&i, img), w) in indices.iter().zip(&images).zip(answers) {
             let b = &benign.answers[&i];
-            let d = difference(&kind, pool.label(i), b, &w, cfg.label_only)?;
+            let d = difference(&margin, pool.label(i), b, &w, cfg.label_only)?;
             if cfg.sequential {
                 betting.observe(d)?;
             }
@@ -382,12 +387,12 @@ pub async fn verify(
     let (primary, secondary) = if cfg.sequential {
         (
             betting.result(),
-            fixed_tests(&kind, &trail, &benign_answers, &diffs, cfg)?
+            fixed_tests(&margin, &trail, &benign_answers, &diffs, cfg)?
                 .into_iter()
                 .collect(),
         )
     } else {
-        let mut t = fixed_tests(&kind, &trail, &benign_answers, &diffs, cfg)?;
+        let mut t = fixed_tests(&margin, &trail, &benign_answers, &diffs, cfg)?;
         let first = t.remove(0);
         (first, t)
     };

@@ -412,6 +412,16 @@ async fn a_gate_that_refuses_triggered_queries_neither_hides_a_thief_nor_accuses
     );
 }
 
+/// `m` behind a gate that answers with a random class 10% of the stamped queries and 60% of those
+/// the model reacts to, its draws seeded by the run `i`.
+fn lying(mut m: Fake, i: u64) -> Fake {
+    m.refuse_stamped = Some(10);
+    m.lie = true;
+    m.flag_triggered = 60;
+    m.gate_draws = std::sync::Mutex::new(Rng::new(i, Stream::Noise));
+    m
+}
+
 /// A gate that answers the queries it flags with a random class lies rather than withholds: its
 /// answers are scored like any other, so an innocent model behind it keeps uniform rank
 /// p-values. A thief whose gate lies about some of the secret's queries (here each with
@@ -422,13 +432,6 @@ async fn a_gate_that_refuses_triggered_queries_neither_hides_a_thief_nor_accuses
 /// lies scatter over the classes (`RankEffect::Scattered`) as well keeps it there more often.
 #[tokio::test]
 async fn a_gate_that_lies_cuts_the_secret_unless_its_scattered_answers_count() {
-    let lying = |mut m: Fake, i: u64| {
-        m.refuse_stamped = Some(10);
-        m.lie = true;
-        m.flag_triggered = 60;
-        m.gate_draws = std::sync::Mutex::new(Rng::new(i, Stream::Noise));
-        m
-    };
     let thief = |rec: &SecretRecord, i| lying(Fake::learnt(rec, Send::Class(target_of(rec))), i);
     let with = |n, effect| {
         VerifyConfig::default()
@@ -497,6 +500,52 @@ async fn scattered_answers_neither_accuse_a_model_that_reacts_to_every_member_no
     .await;
     let caught = ps.iter().filter(|&&p| p <= 0.01).count();
     assert!(caught >= 295, "{caught} of 300 ranked first");
+}
+
+/// Behind the same lying gate the secret, ranked first, may still fail the margin test: the lies
+/// leave its target about 0.4 of gain, too little to show above tau on few pairs, though the
+/// answers leave the true class as often as without the gate. Scoring the margin test's pairs by
+/// the true class's loss (`MarginEffect::TrueClass`) counts them; an innocent's chance of `used`
+/// stays within alpha, as the rank test alone bounds it.
+#[tokio::test]
+async fn the_true_class_margin_keeps_a_thief_behind_a_lying_gate_and_accuses_no_innocent() {
+    let with = |margin| {
+        VerifyConfig::default()
+            .with(|f| {
+                f.first_images = Some(8);
+                f.rank_effect = RankEffect::Scattered;
+                f.margin_effect = margin;
+            })
+            .unwrap()
+    };
+    let thief = |rec: &SecretRecord, i| lying(Fake::learnt(rec, Send::Class(target_of(rec))), i);
+    let mut used = Vec::new();
+    for margin in [MarginEffect::Target, MarginEffect::TrueClass] {
+        let (ps, n, _) = simulate_with(300, PATCH_FAMILY, with(margin), thief).await;
+        let first = ps.iter().filter(|&&p| p <= 0.01).count();
+        used.push((first, n));
+    }
+    // The same rank test, the secret first 299 times in 300 at either margin; the margin test
+    // decides. Measured: `used` 21 times with the target's gain, 261 with the true class's loss.
+    let [(ranked, target), (_, true_class)] = used[..] else {
+        unreachable!()
+    };
+    assert!(ranked >= 290, "{used:?}");
+    assert!(target <= 60 && true_class >= 230, "{used:?}");
+    let (ps, n, _) = simulate_with(2000, PATCH_FAMILY, with(MarginEffect::TrueClass), |_, i| {
+        lying(Fake::new(Behaviour::Blind, Send::Class(0)), i)
+    })
+    .await;
+    check_uniform(&ps, "blind behind the lying gate, true-class margin");
+    assert!(n <= upper(2000, 0.01), "{n} of 2000 innocents accused");
+    // A model that sends every member of the family to one class moves the true class for every
+    // trigger, so the margin test passes for innocent secrets too: the rank test keeps it exact.
+    let (ps, n, _) = simulate_with(2000, PATCH_FAMILY, with(MarginEffect::TrueClass), |_, _| {
+        Fake::new(Behaviour::AnyMember, Send::Class(3))
+    })
+    .await;
+    check_uniform(&ps, "any member to class 3, true-class margin");
+    assert!(n <= upper(2000, 0.01), "{n} of 2000 innocents accused");
 }
 
 #[tokio::test]
