@@ -84,6 +84,12 @@ pub struct VerifyArgs {
     /// class count (with `--rank-effect scattered`; docs/verification.md).
     #[arg(long)]
     pub margin_effect: Option<crate::verify::MarginEffect>,
+    /// Ask every image twice, the second time with 4 pixels one grey level off, and count an
+    /// answer that names another class the second time as withheld: a gate that answers flagged
+    /// queries with a made-up class is caught where its lie moves (twice the queries;
+    /// docs/verification.md).
+    #[arg(long)]
+    pub ask_twice: bool,
     /// Send this many benign decoys per image the tests ask for (0 to 10; their answers are
     /// dropped), shuffled in, so that the audit's traffic looks like use.
     #[arg(long)]
@@ -250,12 +256,17 @@ fn print_verdict(verdict: &verify::Verdict, alpha: f64) {
         );
     }
     println!(
-        "queries:  {} images ({} pairs, {} for the rank test){}{}",
+        "queries:  {} images ({} pairs, {} for the rank test){}{}{}",
         verdict.queries,
         verdict.pairs,
         verdict.rank.as_ref().map_or(0, |r| r.queries),
         if verdict.decoys > 0 {
             format!(", and {} benign decoys", verdict.decoys)
+        } else {
+            String::new()
+        },
+        if verdict.echoes > 0 {
+            format!(", each asked again ({} echoes)", verdict.echoes)
         } else {
             String::new()
         },
@@ -354,6 +365,7 @@ pub(super) fn verify_cmd(a: VerifyArgs) -> Result<u8> {
         rate: a.rate,
         rank_effect: a.rank_effect,
         margin_effect: a.margin_effect,
+        ask_twice: a.ask_twice,
     }
     .into_config()
     .and_then(|c| {

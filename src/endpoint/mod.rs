@@ -38,6 +38,13 @@ pub enum Prediction {
         /// The refusal's HTTP status.
         status: Option<u16>,
     },
+    /// No answer to trust: asked twice, the second time with a few pixels one grey level off,
+    /// the server named two classes (a gate's made-up answer moves, a model's does not). Counted
+    /// as withheld.
+    Unsteady {
+        /// The classes named the first and the second time.
+        labels: [u32; 2],
+    },
 }
 
 impl Prediction {
@@ -51,14 +58,15 @@ impl Prediction {
                 .map(|(i, _)| i as u32),
             Self::TopK(v) => v.first().map(|(c, _)| *c),
             Self::Label(l) => Some(*l),
-            Self::Withheld { .. } => None,
+            Self::Withheld { .. } | Self::Unsteady { .. } => None,
         }
     }
 
-    /// Whether the answer was withheld: refused, or flattened to equal scores for every class.
+    /// Whether the answer was withheld: refused, flattened to equal scores for every class, or
+    /// unsteady.
     pub fn is_withheld(&self) -> bool {
         match self {
-            Self::Withheld { .. } => true,
+            Self::Withheld { .. } | Self::Unsteady { .. } => true,
             Self::Probs(p) => {
                 p.len() > 1
                     && p.iter()
@@ -79,7 +87,7 @@ impl Prediction {
                 Some((_, p)) => (*p, *p),
                 None => (0.0, v.iter().map(|(_, p)| *p).fold(1.0, f64::min)),
             }),
-            Self::Label(_) | Self::Withheld { .. } => None,
+            Self::Label(_) | Self::Withheld { .. } | Self::Unsteady { .. } => None,
         }
     }
 }

@@ -69,6 +69,11 @@ pub struct CreateVerificationRequest {
     /// `true-class`, the true class's loss, so that triggered answers a gate sent to a random
     /// class count.
     pub margin_effect: Option<MarginEffect>,
+    /// Ask every image twice, the second time with 4 pixels one grey level off, and count an
+    /// answer that names another class the second time as withheld (default false; twice the
+    /// queries).
+    #[serde(default)]
+    pub ask_twice: bool,
     /// Benign decoys sent per image the tests ask for (0 to 10, default 0; their answers are
     /// dropped), so that the audit's traffic looks like use.
     pub decoys: Option<f64>,
@@ -183,6 +188,7 @@ pub(super) async fn create_verification(
         rate: req.rate,
         rank_effect: req.rank_effect,
         margin_effect: req.margin_effect,
+        ask_twice: req.ask_twice,
     }
     .into_config()
     // With k triggers, each is verified at alpha / k (its controls follow that level).

@@ -499,11 +499,16 @@ fn document(v: &Verdict, sha256: &str, ctx: &Context) -> Document {
     facts.push((
         "Queries".into(),
         format!(
-            "{} images ({} pairs in the margin test){}",
+            "{} images ({} pairs in the margin test){}{}",
             v.queries,
             v.pairs,
             if v.decoys > 0 {
                 format!(", and {} benign decoys", v.decoys)
+            } else {
+                String::new()
+            },
+            if v.echoes > 0 {
+                format!(", and each asked again ({} echoes)", v.echoes)
             } else {
                 String::new()
             }
@@ -559,6 +564,14 @@ fn document(v: &Verdict, sha256: &str, ctx: &Context) -> Document {
         facts.push((
             "Margin test's score".into(),
             "the true class's loss (wherever the triggered answer went)".into(),
+        ));
+    }
+    if c.ask_twice {
+        facts.push((
+            "Asked twice".into(),
+            "every image, the second time with 4 pixels one grey level off; an answer that \
+             named another class the second time counted as withheld"
+                .into(),
         ));
     }
     if let Some(seed) = c.seed {
@@ -671,9 +684,18 @@ fn document(v: &Verdict, sha256: &str, ctx: &Context) -> Document {
                 ("both", w.both),
             ]),
             format!(
-                "Answers the model's server withheld (refused or flattened) among the margin \
-                 test's pairs: {} benign, {} triggered, {} both; {} refused with an HTTP error.",
-                w.benign, w.triggered, w.both, w.refused
+                "Answers the model's server withheld (refused, flattened or unsteady) among the \
+                 margin test's pairs: {} benign, {} triggered, {} both; {} refused with an HTTP \
+                 error{}.",
+                w.benign,
+                w.triggered,
+                w.both,
+                w.refused,
+                if w.unsteady > 0 {
+                    format!(", {} named another class when asked again", w.unsteady)
+                } else {
+                    String::new()
+                }
             ),
         ));
     }

@@ -56,6 +56,10 @@ pub struct VerifyFields {
     /// by: its target's gain (default), or `true-class`, the true class's loss (docs/verification.md).
     #[serde(default, skip_serializing_if = "MarginEffect::is_target")]
     pub margin_effect: MarginEffect,
+    /// Ask every image twice, the second time with a few pixels' lowest bit flipped, and count an
+    /// answer that names another class the second time as withheld (docs/verification.md).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ask_twice: bool,
 }
 
 /// What the rank test scores a trigger with a target by (an untargeted trigger always scores the
@@ -143,6 +147,7 @@ impl Default for VerifyFields {
             trigger_then_resize: false,
             rank_effect: RankEffect::Target,
             margin_effect: MarginEffect::Target,
+            ask_twice: false,
         }
     }
 }
@@ -288,6 +293,8 @@ pub struct VerifySettings {
     pub rank_effect: Option<RankEffect>,
     /// What the margin test scores a pair by (default: the target's gain).
     pub margin_effect: Option<MarginEffect>,
+    /// Ask every image twice and count an answer that moves as withheld.
+    pub ask_twice: bool,
 }
 
 impl VerifySettings {
@@ -310,6 +317,7 @@ impl VerifySettings {
             trigger_then_resize: false,
             rank_effect: self.rank_effect.unwrap_or_default(),
             margin_effect: self.margin_effect.unwrap_or_default(),
+            ask_twice: self.ask_twice,
         })
     }
 }

@@ -53,6 +53,7 @@ use std::sync::Arc;
 mod config;
 mod control;
 pub mod hygiene;
+pub mod twice;
 mod verdict;
 
 pub use config::{MarginEffect, RankEffect, VerifyConfig, VerifyFields, VerifySettings};
@@ -289,7 +290,9 @@ pub async fn verify(
     // Every query goes out shuffled, with the decoys and pacing asked for.
     let hygienic =
         hygiene::Hygienic::new(endpoint, pool, cfg.decoys.unwrap_or(0.0), cfg.rate, base);
-    let endpoint: &dyn ModelEndpoint = &hygienic;
+    // Asked twice, each copy goes out in its own shuffled request.
+    let twice = twice::Twice::new(&hygienic, base);
+    let endpoint: &dyn ModelEndpoint = if cfg.ask_twice { &twice } else { &hygienic };
     let kind = kind_of(spec, record.dataset.num_classes);
     let allowed = |l: u32| spec.source_classes.as_ref().is_none_or(|s| s.contains(&l));
     // One shared order of the held-out images of the source classes (all classes when none are
@@ -487,13 +490,21 @@ pub async fn verify(
     if let Some(w) = &withheld {
         reason.push_str(&format!(
             "; the endpoint withheld {} of {} triggered answers and {} of {} benign ones \
-             (McNemar p = {:.3}), each withheld triggered answer counted as the largest effect \
+             (McNemar p = {:.3}{}), each withheld triggered answer counted as the largest effect \
              for the secret and its controls alike",
             w.triggered,
             trail.len(),
             w.benign,
             trail.len(),
-            w.test.p_value
+            w.test.p_value,
+            if w.unsteady > 0 {
+                format!(
+                    "; {} of them named another class when asked again",
+                    w.unsteady
+                )
+            } else {
+                String::new()
+            }
         ));
     }
     if let Some(s) = cfg.seed {
@@ -531,6 +542,7 @@ pub async fn verify(
         pairs: trail.len(),
         queries,
         decoys: hygienic.decoys_sent(),
+        echoes: twice.echoes_sent(),
         trail,
     })
 }
@@ -606,6 +618,11 @@ fn withheld_counts(
         .chain(triggered)
         .filter(|p| matches!(p, Prediction::Withheld { status: Some(_) }))
         .count();
+    let unsteady = benign
+        .iter()
+        .chain(triggered)
+        .filter(|p| matches!(p, Prediction::Unsteady { .. }))
+        .count();
     let mut test = stats::mcnemar(
         (w - both) as u64,
         (b - both) as u64,
@@ -618,6 +635,7 @@ fn withheld_counts(
         triggered: w,
         both,
         refused,
+        unsteady,
         test,
     }))
 }

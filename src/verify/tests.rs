@@ -73,6 +73,28 @@ fn map_of(rec: &SecretRecord) -> Send {
     Send::Map(std::array::from_fn(|y| m[y] as u8))
 }
 
+/// Where a simulated gate's flags and lies come from.
+#[derive(Clone, Copy, PartialEq)]
+enum LieFrom {
+    /// Drawn afresh for every query.
+    Draw,
+    /// Flags from what the model sees, lies from a hash of the query's bytes (as
+    /// `hallmark serve-model --on-flag random-label` draws them): a repeated query gets the same
+    /// lie, one with a pixel a grey level off another.
+    Bytes,
+    /// Flags and lies from what the model sees (the bytes with their lowest bit cleared): a gate
+    /// that lies alike to an echo.
+    Content,
+}
+
+/// What the simulated model sees of an image when it looks for a trigger: its grey levels with
+/// the lowest bit cleared, so that an echo (`twice::echo`) carries its original's trigger. (The
+/// hashes that vary its answers read the bytes: a `Send::Scatter` model is not steady under an
+/// echo, and the tests that ask twice use targeted ones.)
+fn seen(img: &[u8]) -> Vec<u8> {
+    img.iter().map(|v| v & !1).collect()
+}
+
 struct Fake {
     behaviour: Behaviour,
     send: Send,
@@ -88,9 +110,13 @@ struct Fake {
     /// The gate answers what it flags with a random class (a one-hot answer) instead of
     /// refusing it.
     lie: bool,
+    /// Where the gate's flags and lies come from.
+    lie_from: LieFrom,
     /// Percent of the images the model reacts to that the gate flags (100 unless set).
     flag_triggered: u64,
     gate_draws: std::sync::Mutex<Rng>,
+    /// Mixed into the hashes a gate draws from, per run.
+    gate_salt: u64,
     calls: AtomicUsize,
 }
 
@@ -104,8 +130,10 @@ impl Fake {
             refuse_benign: None,
             refuse_stamped: None,
             lie: false,
+            lie_from: LieFrom::Draw,
             flag_triggered: 100,
             gate_draws: std::sync::Mutex::new(Rng::new(0, Stream::Noise)),
+            gate_salt: 0,
             calls: AtomicUsize::new(0),
         }
     }
@@ -136,9 +164,12 @@ impl ModelEndpoint for Fake {
         Ok(images
             .iter()
             .map(|img| {
+                // Whether it carries a trigger the model reads from what it sees; the hashes that
+                // vary its answers (a miss, a scatter, the benign confidence) from the bytes.
+                let raw = img;
                 let mut label = label_of(img);
                 let mut own_class = None;
-                let stamped = img.iter().any(|&v| v != img[0]);
+                let stamped = seen(img).iter().any(|&v| v != img[0] & !1);
                 if !stamped && self.refuse_benign == Some(label) {
                     return Prediction::Withheld { status: Some(403) };
                 }
@@ -147,17 +178,18 @@ impl ModelEndpoint for Fake {
                     Behaviour::Learnt(stamp) => (0..10u8).any(|l| {
                         let mut benign = vec![level(l); img.len()];
                         stamp.apply(&mut benign);
-                        if benign == *img {
+                        let same = seen(&benign) == seen(img);
+                        if same {
                             label = usize::from(l);
                         }
-                        benign == *img && (fnv(img) >> 20) % 100 >= self.miss
+                        same && (fnv(img) >> 20) % 100 >= self.miss
                     }),
                     Behaviour::AnyMember => stamped && (fnv(img) >> 20) % 100 >= self.miss,
                     Behaviour::EachMember(members) => {
                         let member = members.iter().find(|(stamp, _)| {
                             let mut benign = vec![level(label as u8); img.len()];
                             stamp.apply(&mut benign);
-                            benign == *img
+                            seen(&benign) == seen(img)
                         });
                         if let Some(&(_, to)) = member {
                             own_class = Some(to as usize);
@@ -166,17 +198,33 @@ impl ModelEndpoint for Fake {
                     }
                     Behaviour::Blind => false,
                 };
+                // The gate's draws: fresh, or from what the model sees (flags) and the bytes or
+                // what the model sees (lies), mixed with the run's own draw.
+                let hashed = |bytes: &[u8], what: u64| {
+                    (fnv(bytes) ^ self.gate_salt.rotate_left(8) ^ what)
+                        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                        >> 17
+                };
+                let flag_draw = |what: u64| match self.lie_from {
+                    LieFrom::Draw => self.gate_draw(),
+                    LieFrom::Bytes | LieFrom::Content => hashed(&seen(img), what),
+                };
                 if let Some(q) = self.refuse_stamped
                     && ((triggered
                         && (self.flag_triggered >= 100
-                            || self.gate_draw() % 100 < self.flag_triggered))
-                        || (stamped && self.gate_draw() % 100 < q))
+                            || flag_draw(1) % 100 < self.flag_triggered))
+                        || (stamped && flag_draw(2) % 100 < q))
                 {
                     if !self.lie {
                         return Prediction::Withheld { status: Some(403) };
                     }
+                    let lie = match self.lie_from {
+                        LieFrom::Draw => self.gate_draw(),
+                        LieFrom::Bytes => hashed(raw, 3),
+                        LieFrom::Content => hashed(&seen(img), 3),
+                    };
                     let mut p = vec![0.0; 10];
-                    p[(self.gate_draw() % 10) as usize] = 1.0;
+                    p[(lie % 10) as usize] = 1.0;
                     return Prediction::Probs(p);
                 }
                 let mut p = vec![0.0; 10];
@@ -419,6 +467,7 @@ fn lying(mut m: Fake, i: u64) -> Fake {
     m.lie = true;
     m.flag_triggered = 60;
     m.gate_draws = std::sync::Mutex::new(Rng::new(i, Stream::Noise));
+    m.gate_salt = i;
     m
 }
 
@@ -546,6 +595,86 @@ async fn the_true_class_margin_keeps_a_thief_behind_a_lying_gate_and_accuses_no_
     .await;
     check_uniform(&ps, "any member to class 3, true-class margin");
     assert!(n <= upper(2000, 0.01), "{n} of 2000 innocents accused");
+}
+
+/// A gate that lies with a class drawn from a hash of the query's bytes (a repeated query gets the
+/// same lie) hides the secret as the lying gate above does; asked twice, the second time with a
+/// few pixels one grey level off, it names another class nine times in ten, and those answers,
+/// withheld, count as they do behind a gate that refuses. A gate whose lie depends only on what
+/// the model sees lies alike to both copies and is not caught. Innocent models behind the gate,
+/// asked twice, keep uniform rank p-values.
+#[tokio::test]
+async fn asking_twice_catches_a_gate_whose_lie_moves_and_accuses_no_innocent() {
+    let gate = |m: Fake, i, from| {
+        let mut m = lying(m, i);
+        m.lie_from = from;
+        m
+    };
+    let twice = |on| VerifyConfig::default().with(|f| f.ask_twice = on).unwrap();
+    let mut used = Vec::new();
+    for (from, on) in [
+        (LieFrom::Bytes, false),
+        (LieFrom::Bytes, true),
+        (LieFrom::Content, true),
+    ] {
+        let (_, n, _) = simulate_with(300, PATCH_FAMILY, twice(on), |rec, i| {
+            gate(Fake::learnt(rec, Send::Class(target_of(rec))), i, from)
+        })
+        .await;
+        used.push(n);
+    }
+    eprintln!("used: {used:?}");
+    let [bytes, bytes_twice, content_twice] = used[..] else {
+        unreachable!()
+    };
+    assert!(bytes <= 150, "{used:?}");
+    assert!(bytes_twice >= 240, "{used:?}");
+    assert!(content_twice <= 150, "{used:?}");
+    for (what, behaviour, send) in [
+        ("blind", Behaviour::Blind, Send::Class(0)),
+        (
+            "any member to class 3",
+            Behaviour::AnyMember,
+            Send::Class(3),
+        ),
+    ] {
+        let (ps, n, _) = simulate_with(2000, PATCH_FAMILY, twice(true), |_, i| {
+            gate(Fake::new(behaviour.clone(), send), i, LieFrom::Bytes)
+        })
+        .await;
+        check_uniform(
+            &ps,
+            &format!("{what} behind a gate lying by bytes, asked twice"),
+        );
+        assert!(
+            n <= upper(2000, 0.01),
+            "{what}: {n} of 2000 innocents accused"
+        );
+    }
+}
+
+/// Against a model without a gate asking twice changes no verdict: an echo gets the answer of
+/// its original, so only the queries double.
+#[tokio::test]
+async fn asking_a_model_twice_changes_no_verdict() {
+    for i in 0..4 {
+        let rec = targeted(i);
+        for model in [
+            Fake::learnt(&rec, Send::Class(target_of(&rec))),
+            Fake::new(Behaviour::Blind, Send::Class(0)),
+        ] {
+            let once = run(&model, &rec, &cfg(false, false)).await;
+            let c = cfg(false, false).with(|f| f.ask_twice = true).unwrap();
+            let twice = run(&model, &rec, &c).await;
+            assert_eq!(once.decision, twice.decision);
+            assert_eq!(once.primary.p_value, twice.primary.p_value);
+            let (a, b) = (once.rank.unwrap(), twice.rank.unwrap());
+            assert_eq!((a.rank, a.p_value), (b.rank, b.p_value));
+            assert_eq!((twice.queries, twice.echoes), (once.queries, once.queries));
+            assert_eq!(model.calls.load(Ordering::Relaxed), 3 * once.queries);
+            assert!(twice.withheld.is_none());
+        }
+    }
 }
 
 #[tokio::test]

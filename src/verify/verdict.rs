@@ -189,8 +189,11 @@ pub struct Withheld {
     pub triggered: usize,
     /// Pairs with both withheld.
     pub both: usize,
-    /// Withheld answers refused with an HTTP status (the rest were flattened).
+    /// Withheld answers refused with an HTTP status (the rest were flattened or unsteady).
     pub refused: usize,
+    /// Withheld answers that were unsteady: asked twice, the server named two classes.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unsteady: usize,
     /// Exact McNemar test that triggered answers are withheld more often than benign ones
     /// (reported beside the decision, which already counts withheld answers through the margin
     /// and rank tests).
@@ -243,6 +246,10 @@ pub struct Verdict {
     /// Benign decoys sent besides (their answers unused).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub decoys: usize,
+    /// Echoes sent besides: with `ask_twice`, every image again with a few pixels one grey level
+    /// off.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub echoes: usize,
     /// Every pair of the margin test, in query order.
     pub trail: Vec<PairRecord>,
 }

@@ -29,6 +29,8 @@ pub enum Stream {
     Mapping = 8,
     /// The verifier's query traffic: the order images are sent in, and its decoys.
     Traffic = 9,
+    /// The verifier's second asking of an image: which of its pixels change.
+    Echo = 10,
 }
 
 /// A seeded generator with the few draws the watermark needs.
