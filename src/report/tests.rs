@@ -130,6 +130,20 @@ fn a_margin_test_that_scored_the_true_class_says_so_in_the_settings() {
 }
 
 #[test]
+fn a_verification_that_asked_twice_says_so_and_counts_the_unsteady_answers() {
+    let mut v = verdict("used", &[0.5; 20], 1, "e");
+    assert!(!report(&v).contains("Asked twice"));
+    v["config"]["ask_twice"] = json!(true);
+    v["echoes"] = json!(40);
+    v["withheld"]["refused"] = json!(0);
+    v["withheld"]["unsteady"] = json!(8);
+    let h = report(&v);
+    assert!(h.contains("Asked twice"), "{h}");
+    assert!(h.contains("each asked again (40 echoes)"), "{h}");
+    assert!(h.contains("8 named another class when asked again"), "{h}");
+}
+
+#[test]
 fn what_the_verdict_holds_is_escaped() {
     let v = verdict("used", &[0.9; 10], 1, "http://x/<script>alert(1)</script>");
     let ctx = Context {
