@@ -39,8 +39,8 @@ pub enum Prediction {
         status: Option<u16>,
     },
     /// No answer to trust: asked twice, the second time with a few pixels one grey level off,
-    /// the server named two classes (a gate's made-up answer moves, a model's does not). Counted
-    /// as withheld.
+    /// the server named two classes, at least once decisively (a gate's made-up answer moves, a
+    /// model's does not unless it was a near tie). Counted as withheld.
     Unsteady {
         /// The classes named the first and the second time.
         labels: [u32; 2],

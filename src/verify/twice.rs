@@ -3,9 +3,11 @@
 //! grey level (one in 255); a lie drawn at random, or from a hash of the query's bytes as a gate
 //! that wants a repeated query to get the same lie does, moves nine times in ten over ten
 //! classes. So every image goes out as it is and, in another request, as an echo whose few
-//! pixels have their lowest bit flipped; where the two answers name different classes the answer
-//! is [`Prediction::Unsteady`], withheld like a refusal (the largest effect for a triggered
-//! image, none for a benign one).
+//! pixels have their lowest bit flipped; where the two answers name different classes, either of
+//! them decisively, the answer is [`Prediction::Unsteady`], withheld like a refusal (the largest
+//! effect for a triggered image, none for a benign one). Two near ties that fell apart are the
+//! model's own borderline answer, and the first counts: without that rule a physical-block
+//! control whose answer to one image was a near tie scored 1 there and passed the secret.
 //!
 //! Which pixels change derives from the verification's seed and the image itself, the same rule
 //! for the secret's queries and every control's, so the rank test's scores stay exchangeable and
@@ -20,6 +22,25 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Pixels of the echo whose lowest bit is flipped.
 pub const ECHO_PIXELS: usize = 4;
+
+/// How far an answer's class must lead the next for the answer to be decisive. A model's answer
+/// that flips under an echo was a near tie (an echo moves its probabilities by far less); a made-up
+/// answer is decisive.
+pub const DECISIVE_LEAD: f64 = 0.05;
+
+/// Whether `p` names its class by at least [`DECISIVE_LEAD`] over the next (a label alone says
+/// nothing of a lead and counts as decisive).
+fn decisive(p: &Prediction) -> bool {
+    let lead = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| b.total_cmp(a));
+        v[0] - v.get(1).copied().unwrap_or(0.0) >= DECISIVE_LEAD
+    };
+    match p {
+        Prediction::Probs(v) if !v.is_empty() => lead(v.clone()),
+        Prediction::TopK(v) if !v.is_empty() => lead(v.iter().map(|(_, p)| *p).collect()),
+        _ => true,
+    }
+}
 
 /// An endpoint asked twice for every image.
 pub struct Twice<'a> {
@@ -64,8 +85,9 @@ pub fn echo(image: &[u8], seed: u64) -> Vec<u8> {
     out
 }
 
-/// One answer of two copies: the first when both name one class, withheld when either is, and
-/// [`Prediction::Unsteady`] when they name two.
+/// One answer of two copies: withheld when either is; [`Prediction::Unsteady`] when they name two
+/// classes and either names its own decisively; else the first (two near ties that fell apart
+/// are a model's borderline answer, not a lie).
 fn settle(first: Prediction, second: Prediction) -> Prediction {
     if first.is_withheld() {
         return first;
@@ -74,7 +96,9 @@ fn settle(first: Prediction, second: Prediction) -> Prediction {
         return second;
     }
     match (first.label(), second.label()) {
-        (Some(a), Some(b)) if a != b => Prediction::Unsteady { labels: [a, b] },
+        (Some(a), Some(b)) if a != b && (decisive(&first) || decisive(&second)) => {
+            Prediction::Unsteady { labels: [a, b] }
+        }
         _ => first,
     }
 }
@@ -137,6 +161,16 @@ mod tests {
     fn two_answers_settle_into_one() {
         let p = |v: &[f64]| Prediction::Probs(v.to_vec());
         assert_eq!(settle(p(&[0.7, 0.3]), p(&[0.6, 0.4])), p(&[0.7, 0.3]));
+        // A near tie that fell apart is the model's own answer.
+        assert_eq!(settle(p(&[0.51, 0.49]), p(&[0.49, 0.51])), p(&[0.51, 0.49]));
+        assert_eq!(
+            settle(p(&[0.51, 0.49]), p(&[0.0, 1.0])),
+            Prediction::Unsteady { labels: [0, 1] }
+        );
+        assert_eq!(
+            settle(Prediction::Label(2), Prediction::Label(3)),
+            Prediction::Unsteady { labels: [2, 3] }
+        );
         assert_eq!(
             settle(p(&[0.7, 0.3]), p(&[0.0, 1.0])),
             Prediction::Unsteady { labels: [0, 1] }
