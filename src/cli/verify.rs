@@ -85,9 +85,9 @@ pub struct VerifyArgs {
     #[arg(long)]
     pub margin_effect: Option<crate::verify::MarginEffect>,
     /// Ask every image twice, the second time with 4 pixels one grey level off, and count an
-    /// answer that names another class the second time as withheld: a gate that answers flagged
-    /// queries with a made-up class is caught where its lie moves (twice the queries;
-    /// docs/verification.md).
+    /// answer that names another class the second time (unless both were near ties) as
+    /// withheld: a gate that answers flagged queries with a made-up class is caught where its lie
+    /// moves (twice the queries; docs/verification.md).
     #[arg(long)]
     pub ask_twice: bool,
     /// Send this many benign decoys per image the tests ask for (0 to 10; their answers are

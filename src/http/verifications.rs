@@ -70,8 +70,8 @@ pub struct CreateVerificationRequest {
     /// class count.
     pub margin_effect: Option<MarginEffect>,
     /// Ask every image twice, the second time with 4 pixels one grey level off, and count an
-    /// answer that names another class the second time as withheld (default false; twice the
-    /// queries).
+    /// answer that names another class the second time (unless both were near ties) as withheld
+    /// (default false; twice the queries).
     #[serde(default)]
     pub ask_twice: bool,
     /// Benign decoys sent per image the tests ask for (0 to 10, default 0; their answers are

@@ -57,7 +57,8 @@ pub struct VerifyFields {
     #[serde(default, skip_serializing_if = "MarginEffect::is_target")]
     pub margin_effect: MarginEffect,
     /// Ask every image twice, the second time with a few pixels' lowest bit flipped, and count an
-    /// answer that names another class the second time as withheld (docs/verification.md).
+    /// answer that names another class the second time (unless both were near ties) as withheld
+    /// (docs/verification.md).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub ask_twice: bool,
 }
