@@ -1842,14 +1842,18 @@ async fn an_auditor_verifies_real_model_servers_through_the_service() {
         json!({"auditor_id": auditor_id}),
     )
     .await;
-    for (model, sequential, want) in [
-        ("badnets", false, "used"),
-        ("badnets", true, "used"),
-        ("clean", false, "not_shown"),
+    // The last asks every image twice (`ask_twice`): a model answers an echo as its original.
+    for (model, sequential, want, twice) in [
+        ("badnets", false, "used", false),
+        ("badnets", true, "used", false),
+        ("clean", false, "not_shown", false),
+        ("badnets", true, "used", true),
     ] {
-        let (s, v) = app
-            .post("/v1/verifications", &auditor, body(model, sequential))
-            .await;
+        let mut request = body(model, sequential);
+        if twice {
+            request["ask_twice"] = json!(true);
+        }
+        let (s, v) = app.post("/v1/verifications", &auditor, request).await;
         assert_eq!(s, StatusCode::ACCEPTED, "{v}");
         let id = v["verification"]["id"].as_str().unwrap().to_string();
         let job = app
@@ -1877,6 +1881,15 @@ async fn an_auditor_verifies_real_model_servers_through_the_service() {
         );
         // No seed was chosen: images and controls derive from the record.
         assert!(seen["request"]["config"]["seed"].is_null(), "{seen}");
+        // The auditor sees the counts of echoes and withheld answers (none here): no secret in
+        // them.
+        if twice {
+            assert_eq!(seen["request"]["config"]["ask_twice"], true, "{seen}");
+            assert_eq!(verdict["echoes"], verdict["queries"], "{seen}");
+            assert!(verdict["withheld"].is_null(), "{seen}");
+        } else {
+            assert!(verdict["echoes"].is_null(), "{seen}");
+        }
         if want == "used" {
             // The decision's p-value is the larger of the margin test's and the rank test's,
             // whose smallest value is 1/(K + 1) = 0.01 with the default 99 controls.
