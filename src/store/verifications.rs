@@ -99,9 +99,10 @@ impl Store {
 
     /// Creates a verification and its job. With `triggers` > 1 it spends the watermark's next
     /// `spend` unspent triggers (one, or several that test one model together), and answers
-    /// `None` when fewer are left; concurrent requests never spend the same trigger (a unique
-    /// index on the first of each verification's triggers, which every request that read the
-    /// same spent count collides on; the loser takes the next).
+    /// `None` when fewer are left; concurrent requests never spend the same trigger: on SQLite
+    /// the write lock serialises them, on PostgreSQL they queue on the watermark's row, and a
+    /// unique index on the first of each verification's triggers backs both (a request that
+    /// collides on it reads the count again and takes the next).
     pub async fn create_verification(
         &self,
         owner: &str,
@@ -129,6 +130,15 @@ impl Store {
             )
             .await?;
             let spent = if triggers > 1 {
+                if self.backend == Backend::Postgres {
+                    // Concurrent spenders of one watermark queue on its row here, so each reads
+                    // the count its predecessor committed (READ COMMITTED takes a new snapshot
+                    // per statement) instead of colliding on the index below.
+                    sqlx::query("SELECT id FROM watermarks WHERE id = $1 FOR UPDATE")
+                        .bind(watermark)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                }
                 let n: i64 = sqlx::query(SPENT_TRIGGERS)
                     .bind(watermark)
                     .fetch_one(&mut *tx)
