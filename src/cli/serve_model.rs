@@ -37,7 +37,7 @@ pub struct ServeModelArgs {
     #[arg(long, default_value_t = 0.05)]
     pub false_flag_rate: f64,
     /// What a flagged query gets: an HTTP 403 refusal, equal probabilities for every class, or a
-    /// random class.
+    /// random class (drawn from the query's bytes, or from the model's own answer).
     #[arg(long, value_enum, default_value_t = OnFlag::Refuse)]
     pub on_flag: OnFlag,
 }

@@ -54,6 +54,11 @@ pub enum OnFlag {
     /// Answer a class drawn at random (from the image's hash, so a repeated query gets the same
     /// lie), with probability 1.
     RandomLabel,
+    /// Answer a class drawn from what the model makes of the query rather than from its bytes
+    /// (a hash of the model's probabilities rounded to 0.01), with probability 1: the lies
+    /// differ from image to image, yet a near-identical query, a few pixels one grey level off,
+    /// gets the same lie.
+    StableLabel,
 }
 
 /// How a gate scores a query.
@@ -104,11 +109,37 @@ const PSC_XI: f64 = 0.6;
 /// A number drawn from the pixels of image `i` of `x` (FNV-1a of their bytes).
 fn image_hash(x: &Tensor, i: i64) -> u64 {
     let v = Vec::<f32>::try_from(x.get(i).flatten(0, -1)).unwrap_or_default();
+    fnv(v.iter().flat_map(|f| f.to_le_bytes()))
+}
+
+/// FNV-1a of a byte stream.
+fn fnv(bytes: impl Iterator<Item = u8>) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for b in v.iter().flat_map(|f| f.to_le_bytes()) {
+    for b in bytes {
         h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
     }
     h
+}
+
+/// A hash of row `i` of `probs` rounded to 0.01: what the model makes of a query, without the
+/// last digits a near-identical query may change.
+fn answer_hash(probs: &Tensor, i: i64) -> u64 {
+    let v = Vec::<f32>::try_from(probs.get(i).to_kind(Kind::Float)).unwrap_or_default();
+    fnv(v.iter().map(|p| (p.clamp(0.0, 1.0) * 100.0).round() as u8))
+}
+
+/// The class a lying gate answers for each image of `x`, given the model's probabilities
+/// `probs` [N, K] for them (`None` for gates that do not lie).
+fn lies(on_flag: OnFlag, x: &Tensor, probs: &Tensor) -> Option<Vec<i64>> {
+    let k = probs.size()[1] as u64;
+    let hash = |i| match on_flag {
+        OnFlag::RandomLabel => Some(image_hash(x, i)),
+        OnFlag::StableLabel => Some(answer_hash(probs, i)),
+        OnFlag::Refuse | OnFlag::Uniform => None,
+    };
+    (0..x.size()[0])
+        .map(|i| hash(i).map(|h| (h % k) as i64))
+        .collect()
 }
 
 /// Per image, the share of [`SCALES`]-amplified copies predicted as the image itself.
@@ -504,16 +535,13 @@ impl Gate {
             return (probs, flags);
         }
         let mask = Tensor::from_slice(&flags).view([n, 1]);
-        let probs = match self.on_flag {
-            OnFlag::Refuse => probs,
-            OnFlag::Uniform => probs.full_like(1.0 / k as f64).where_self(&mask, &probs),
-            OnFlag::RandomLabel => {
-                let labels: Vec<i64> = (0..n)
-                    .map(|i| (image_hash(x, i) % k as u64) as i64)
-                    .collect();
+        let probs = match (self.on_flag, lies(self.on_flag, x, &probs)) {
+            (OnFlag::Uniform, _) => probs.full_like(1.0 / k as f64).where_self(&mask, &probs),
+            (_, Some(labels)) => {
                 let lie = Tensor::from_slice(&labels).one_hot(k).to_kind(probs.kind());
                 lie.where_self(&mask, &probs)
             }
+            (_, None) => probs,
         };
         (probs, flags)
     }
@@ -540,6 +568,49 @@ mod tests {
             (1.0, 1.0),
             "single precision saturates"
         );
+    }
+
+    /// A lie drawn from the query's bytes moves when a few pixels of the query are one grey
+    /// level (1/255) off; a lie drawn from the model's answer stays when the answer moves by as
+    /// little as such a query moves it, and differs from image to image; both repeat for the
+    /// same query.
+    #[test]
+    fn a_stable_lie_survives_a_near_identical_query_and_a_byte_lie_does_not() {
+        let n = 40i64;
+        let v: Vec<f32> = (0..n * 784)
+            .map(|j| (j * 7919 % 251) as f32 / 255.0 * 0.5 + 0.02)
+            .collect();
+        let x = Tensor::from_slice(&v).view([n, 1, 28, 28]);
+        let mut w = v.clone();
+        for i in 0..n as usize {
+            for p in [3, 100, 400, 777] {
+                w[i * 784 + p] += 1.0 / 255.0;
+            }
+        }
+        let echo = Tensor::from_slice(&w).view([n, 1, 28, 28]);
+        let logits: Vec<f32> = (0..n * 10).map(|j| (j * 31 % 17) as f32 / 4.0).collect();
+        let probs = Tensor::from_slice(&logits)
+            .view([n, 10])
+            .softmax(1, Kind::Float);
+        let nudged = &probs + Tensor::from_slice(&[1e-5f32]).view([1, 1]);
+        let lie = |on, x: &Tensor, p: &Tensor| lies(on, x, p).unwrap();
+        let bytes = lie(OnFlag::RandomLabel, &x, &probs);
+        assert_eq!(bytes, lie(OnFlag::RandomLabel, &x, &probs));
+        let moved = (bytes.iter())
+            .zip(&lie(OnFlag::RandomLabel, &echo, &nudged))
+            .filter(|(p, q)| p != q)
+            .count();
+        assert!(moved >= 30, "byte lies moved for {moved} of {n}");
+        let stable = lie(OnFlag::StableLabel, &x, &probs);
+        let kept = (stable.iter())
+            .zip(&lie(OnFlag::StableLabel, &echo, &nudged))
+            .filter(|(p, q)| p == q)
+            .count();
+        assert!(kept >= 38, "stable lies kept for {kept} of {n}");
+        let classes: std::collections::HashSet<_> = stable.iter().collect();
+        assert!(classes.len() >= 5 && stable.iter().all(|l| (0..10).contains(l)));
+        assert!(lies(OnFlag::Uniform, &x, &probs).is_none());
+        assert!(lies(OnFlag::Refuse, &x, &probs).is_none());
     }
 
     /// The median filter removes a lone bright pixel and keeps a flat image.
