@@ -601,8 +601,9 @@ async fn the_true_class_margin_keeps_a_thief_behind_a_lying_gate_and_accuses_no_
 /// same lie) hides the secret as the lying gate above does; asked twice, the second time with a
 /// few pixels one grey level off, it names another class nine times in ten, and those answers,
 /// withheld, count as they do behind a gate that refuses. A gate whose lie depends only on what
-/// the model sees lies alike to both copies and is not caught. Innocent models behind the gate,
-/// asked twice, keep uniform rank p-values.
+/// the model sees lies alike to both copies and is not caught that way; the settings that count
+/// a lie that leaves the true class as evidence catch it (as they catch the gates above). Innocent
+/// models behind the gate, asked twice, keep uniform rank p-values.
 #[tokio::test]
 async fn asking_twice_catches_a_gate_whose_lie_moves_and_accuses_no_innocent() {
     let gate = |m: Fake, i, from| {
@@ -611,25 +612,37 @@ async fn asking_twice_catches_a_gate_whose_lie_moves_and_accuses_no_innocent() {
         m
     };
     let twice = |on| VerifyConfig::default().with(|f| f.ask_twice = on).unwrap();
+    // The three settings that count a lie as evidence: eight first images, scattered answers in
+    // the rank test, the true class's loss in the margin test.
+    let counted = VerifyConfig::default()
+        .with(|f| {
+            f.first_images = Some(8);
+            f.rank_effect = RankEffect::Scattered;
+            f.margin_effect = MarginEffect::TrueClass;
+        })
+        .unwrap();
     let mut used = Vec::new();
-    for (from, on) in [
-        (LieFrom::Bytes, false),
-        (LieFrom::Bytes, true),
-        (LieFrom::Content, true),
+    for (from, config) in [
+        (LieFrom::Bytes, twice(false)),
+        (LieFrom::Bytes, twice(true)),
+        (LieFrom::Content, twice(true)),
+        (LieFrom::Content, counted),
     ] {
-        let (_, n, _) = simulate_with(300, PATCH_FAMILY, twice(on), |rec, i| {
+        let (_, n, _) = simulate_with(300, PATCH_FAMILY, config, |rec, i| {
             gate(Fake::learnt(rec, Send::Class(target_of(rec))), i, from)
         })
         .await;
         used.push(n);
     }
     eprintln!("used: {used:?}");
-    let [bytes, bytes_twice, content_twice] = used[..] else {
+    let [bytes, bytes_twice, content_twice, content_counted] = used[..] else {
         unreachable!()
     };
     assert!(bytes <= 150, "{used:?}");
     assert!(bytes_twice >= 240, "{used:?}");
+    // A lie that an echo cannot move is caught only where lies count as evidence.
     assert!(content_twice <= 150, "{used:?}");
+    assert!(content_counted >= 220, "{used:?}");
     for (what, behaviour, send) in [
         ("blind", Behaviour::Blind, Send::Class(0)),
         (
