@@ -535,13 +535,15 @@ impl Gate {
             return (probs, flags);
         }
         let mask = Tensor::from_slice(&flags).view([n, 1]);
-        let probs = match (self.on_flag, lies(self.on_flag, x, &probs)) {
-            (OnFlag::Uniform, _) => probs.full_like(1.0 / k as f64).where_self(&mask, &probs),
-            (_, Some(labels)) => {
+        let probs = match lies(self.on_flag, x, &probs) {
+            Some(labels) => {
                 let lie = Tensor::from_slice(&labels).one_hot(k).to_kind(probs.kind());
                 lie.where_self(&mask, &probs)
             }
-            (_, None) => probs,
+            None if self.on_flag == OnFlag::Uniform => {
+                probs.full_like(1.0 / k as f64).where_self(&mask, &probs)
+            }
+            None => probs,
         };
         (probs, flags)
     }

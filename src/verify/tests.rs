@@ -460,6 +460,19 @@ async fn a_gate_that_refuses_triggered_queries_neither_hides_a_thief_nor_accuses
     );
 }
 
+/// The settings that count a gate's lies as evidence: eight first images per trigger and
+/// scattered answers in the rank test, with the margin test's effect `margin` (the true class's
+/// loss counts a lie that leaves the true class).
+fn counting_lies(margin: MarginEffect) -> VerifyConfig {
+    VerifyConfig::default()
+        .with(|f| {
+            f.first_images = Some(8);
+            f.rank_effect = RankEffect::Scattered;
+            f.margin_effect = margin;
+        })
+        .unwrap()
+}
+
 /// `m` behind a gate that answers with a random class 10% of the stamped queries and 60% of those
 /// the model reacts to, its draws seeded by the run `i`.
 fn lying(mut m: Fake, i: u64) -> Fake {
@@ -558,19 +571,10 @@ async fn scattered_answers_neither_accuse_a_model_that_reacts_to_every_member_no
 /// stays within alpha, as the rank test alone bounds it.
 #[tokio::test]
 async fn the_true_class_margin_keeps_a_thief_behind_a_lying_gate_and_accuses_no_innocent() {
-    let with = |margin| {
-        VerifyConfig::default()
-            .with(|f| {
-                f.first_images = Some(8);
-                f.rank_effect = RankEffect::Scattered;
-                f.margin_effect = margin;
-            })
-            .unwrap()
-    };
     let thief = |rec: &SecretRecord, i| lying(Fake::learnt(rec, Send::Class(target_of(rec))), i);
     let mut used = Vec::new();
     for margin in [MarginEffect::Target, MarginEffect::TrueClass] {
-        let (ps, n, _) = simulate_with(300, PATCH_FAMILY, with(margin), thief).await;
+        let (ps, n, _) = simulate_with(300, PATCH_FAMILY, counting_lies(margin), thief).await;
         let first = ps.iter().filter(|&&p| p <= 0.01).count();
         used.push((first, n));
     }
@@ -581,17 +585,23 @@ async fn the_true_class_margin_keeps_a_thief_behind_a_lying_gate_and_accuses_no_
     };
     assert!(ranked >= 290, "{used:?}");
     assert!(target <= 60 && true_class >= 230, "{used:?}");
-    let (ps, n, _) = simulate_with(2000, PATCH_FAMILY, with(MarginEffect::TrueClass), |_, i| {
-        lying(Fake::new(Behaviour::Blind, Send::Class(0)), i)
-    })
+    let (ps, n, _) = simulate_with(
+        2000,
+        PATCH_FAMILY,
+        counting_lies(MarginEffect::TrueClass),
+        |_, i| lying(Fake::new(Behaviour::Blind, Send::Class(0)), i),
+    )
     .await;
     check_uniform(&ps, "blind behind the lying gate, true-class margin");
     assert!(n <= upper(2000, 0.01), "{n} of 2000 innocents accused");
     // A model that sends every member of the family to one class moves the true class for every
     // trigger, so the margin test passes for innocent secrets too: the rank test keeps it exact.
-    let (ps, n, _) = simulate_with(2000, PATCH_FAMILY, with(MarginEffect::TrueClass), |_, _| {
-        Fake::new(Behaviour::AnyMember, Send::Class(3))
-    })
+    let (ps, n, _) = simulate_with(
+        2000,
+        PATCH_FAMILY,
+        counting_lies(MarginEffect::TrueClass),
+        |_, _| Fake::new(Behaviour::AnyMember, Send::Class(3)),
+    )
     .await;
     check_uniform(&ps, "any member to class 3, true-class margin");
     assert!(n <= upper(2000, 0.01), "{n} of 2000 innocents accused");
@@ -612,15 +622,7 @@ async fn asking_twice_catches_a_gate_whose_lie_moves_and_accuses_no_innocent() {
         m
     };
     let twice = |on| VerifyConfig::default().with(|f| f.ask_twice = on).unwrap();
-    // The three settings that count a lie as evidence: eight first images, scattered answers in
-    // the rank test, the true class's loss in the margin test.
-    let counted = VerifyConfig::default()
-        .with(|f| {
-            f.first_images = Some(8);
-            f.rank_effect = RankEffect::Scattered;
-            f.margin_effect = MarginEffect::TrueClass;
-        })
-        .unwrap();
+    let counted = counting_lies(MarginEffect::TrueClass);
     let mut used = Vec::new();
     for (from, config) in [
         (LieFrom::Bytes, twice(false)),
